@@ -1,0 +1,1 @@
+"""Architecture adapters: one small module per family turns a checkpoint into ``Canonical``."""

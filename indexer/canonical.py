@@ -1,0 +1,127 @@
+"""Canonical weights: every supported architecture is read into these tensors (DESIGN §2).
+
+Row-vector convention throughout: a layer computes ``x @ W``. Shapes use the same
+dimension names everywhere: ``d_model``, ``d_head``, ``d_ff``, ``d_vocab``, ``n_heads``,
+``n_kv_heads``, ``n_ctx``. All tensors are float32 on the CPU unless a caller moves them.
+
+An adapter (``indexer/adapters``) produces one :class:`Embeddings` for the model and one
+:class:`LayerWeights` per layer, lazily, so that memory stays bounded by one layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+NormPosition = Literal["pre", "post"]
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes of a model, named as in the tables."""
+
+    architecture: str  # the family adapter's name, e.g. "gpt2", "bert", "llama"
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_ff: int
+    d_vocab: int
+    n_ctx: Optional[int]  # learned positions only; None for RoPE / relative models
+    tied: bool  # W_U is W_E.T (also True for encoders without an LM head)
+    gated: bool  # SwiGLU-style MLP with W_gate
+    norm_position: NormPosition  # "pre" (GPT-2, Llama, NeoX) or "post" (BERT, MPNet)
+    parallel_attn_mlp: bool = False  # GPT-NeoX: attention and MLP both read the same x
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head that query head ``head`` uses under grouped-query attention."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+
+@dataclass
+class Embeddings:
+    """Model-level tensors."""
+
+    W_E: Tensor  # [d_vocab, d_model] token embeddings
+    W_U: Tensor  # [d_model, d_vocab] unembedding (W_E.T when tied / no LM head)
+    W_pos: Optional[Tensor] = None  # [n_ctx, d_model] learned absolute positions
+    b_U: Optional[Tensor] = None  # [d_vocab] LM-head bias, if any
+    # Pre-LN models: the final norm before W_U. Post-LN encoders: the embedding LayerNorm
+    # (applied to W_E + W_pos before layer 0).
+    ln_final_w: Optional[Tensor] = None  # [d_model]
+    ln_final_b: Optional[Tensor] = None  # [d_model]
+    ln_embed_w: Optional[Tensor] = None  # [d_model] post-LN encoders only
+    ln_embed_b: Optional[Tensor] = None  # [d_model]
+
+
+@dataclass
+class LayerWeights:
+    """One transformer block in canonical form.
+
+    Attention (per head h, with kv = dims.kv_head(h)):
+        q = x @ W_Q[h] + b_Q[h];  k = x @ W_K[kv] + b_K[kv];  v = x @ W_V[kv] + b_V[kv]
+        out = sum_h (pattern_h @ v_h) @ W_O[h] + b_O
+    MLP:
+        pre = x @ W_in + b_in;  (gated: act(x @ W_gate + b_gate) * pre, else act(pre))
+        out = hidden @ W_out + b_out
+    Norms: ``ln_attn`` / ``ln_mlp`` are the norms *before* attention / MLP for pre-LN models
+    and the norms *after* the residual add for post-LN models (see ``Dims.norm_position``).
+    ``*_b`` is None for RMSNorm.
+    """
+
+    W_Q: Tensor  # [n_heads, d_model, d_head]
+    W_K: Tensor  # [n_kv_heads, d_model, d_head]
+    W_V: Tensor  # [n_kv_heads, d_model, d_head]
+    W_O: Tensor  # [n_heads, d_head, d_model]
+    W_in: Tensor  # [d_model, d_ff]   FF keys are its columns
+    W_out: Tensor  # [d_ff, d_model]  FF values are its rows
+    W_gate: Optional[Tensor] = None  # [d_model, d_ff] gated MLPs only
+    b_Q: Optional[Tensor] = None  # [n_heads, d_head]
+    b_K: Optional[Tensor] = None  # [n_kv_heads, d_head]
+    b_V: Optional[Tensor] = None  # [n_kv_heads, d_head]
+    b_O: Optional[Tensor] = None  # [d_model]
+    b_in: Optional[Tensor] = None  # [d_ff]
+    b_gate: Optional[Tensor] = None  # [d_ff]
+    b_out: Optional[Tensor] = None  # [d_model]
+    ln_attn_w: Optional[Tensor] = None  # [d_model]
+    ln_attn_b: Optional[Tensor] = None
+    ln_mlp_w: Optional[Tensor] = None  # [d_model]
+    ln_mlp_b: Optional[Tensor] = None
+    act: str = "gelu"  # name of the MLP activation, as the HF config spells it
+
+
+@dataclass
+class ParamRole:
+    """How one checkpoint tensor is accounted for (the ``parameters`` table)."""
+
+    name: str  # the tensor's name in the checkpoint
+    shape: tuple[int, ...]
+    role: str  # e.g. "W_Q", "W_out", "ln_attn_w", "W_E"
+    covered_by: Optional[str]  # "vectors:ff_value", "pairs:ov", ... or None
+    reason: Optional[str] = None  # why it is not a residual-space direction, when not covered
+    layer: Optional[int] = None
+
+
+@dataclass
+class Canonical:
+    """A whole model in canonical form; layers are produced on demand by ``layer(l)``."""
+
+    dims: Dims
+    embeddings: Embeddings
+    layer_fn: object  # callable(int) -> LayerWeights; lazy so memory is bounded by a layer
+    parameters: list[ParamRole] = field(default_factory=list)
+
+    def layer(self, l: int) -> LayerWeights:
+        return self.layer_fn(l)  # type: ignore[operator]
+
+    def layers(self):
+        for l in range(self.dims.n_layers):
+            yield self.layer(l)
+
+
+def as_f32(t: Tensor) -> Tensor:
+    """Contiguous float32 copy-or-view of a checkpoint tensor."""
+    return t.detach().to(dtype=torch.float32).contiguous()

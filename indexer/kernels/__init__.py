@@ -1,0 +1,1 @@
+"""Projection kernels: vector top-k (vectors.py) and exact factored top-N (pairs.py)."""
