@@ -1,0 +1,271 @@
+"""Writing a dataset directory (layout in schemas/layout.py).
+
+Guarantees (DESIGN §5):
+
+* every partition file is written under a temporary name and renamed into place, so a file
+  that exists is complete;
+* a build records its finished partitions in ``.builds/<slug>.json``; a killed build rerun
+  with the same settings skips them and resumes where it stopped;
+* a model becomes visible only when ``manifest.json`` is atomically replaced by one that lists
+  its files; the previous build's files (re-indexing) are deleted only after that;
+* one writer at a time holds ``DIR/.lock``; other models' files are never touched.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import SCHEMA_VERSION, TABLES
+from schemas.layout import (
+    BUILDS,
+    CATALOG,
+    MANIFEST,
+    empty_manifest,
+    partition_dir,
+    read_manifest,
+    table_files,
+    view_sql,
+    write_json_atomic,
+)
+
+from .errors import DatasetError
+
+ZEROPASS_VERSION = "0.1.0"
+
+
+def _os_error(root: Path, e: OSError) -> DatasetError:
+    if e.errno == errno.ENOSPC:
+        return DatasetError(f"no space left on the device holding {root}: free some space or choose another --db")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DatasetError(f"cannot write to {root} ({e.strerror}): choose a writable --db directory")
+    return DatasetError(f"cannot write to {root}: {e.strerror or e}")
+
+
+def check_writable(root: Path) -> None:
+    """Fail early, before any work, when ``root`` cannot hold a dataset."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"--db {root} is a file, not a directory: give a directory path")
+    if root.exists() and any(root.iterdir()) and read_manifest(root) is None and not (root / BUILDS).exists():
+        raise DatasetError(f"--db {root} is a non-empty directory that is not a zeropass dataset: choose an empty or new directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise _os_error(root, e) from None
+
+
+@contextmanager
+def dataset_lock(root: Path):
+    """Exclusive writer lock on the dataset (a second `zeropass index` waits for it)."""
+    root = Path(root)
+    try:
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _os_error(root, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write_parquet_atomic(root: Path, relpath: str, table: pa.Table) -> None:
+    """Write ``table`` to ``root/relpath`` via a temporary file and a rename."""
+    path = Path(root) / relpath
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=256 * 1024)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(Path(root), e) from None
+
+
+def conform(table_name: str, data: pa.Table) -> pa.Table:
+    """Order and cast ``data`` to the declared schema (dictionary-encoded strings stay encoded)."""
+    declared = TABLES[table_name].schema
+    cols = []
+    fields = []
+    for field in declared:
+        if field.name not in data.column_names:
+            if not field.nullable:
+                raise ValueError(f"{table_name}: missing column {field.name}")
+            col = pa.nulls(data.num_rows, field.type)
+        else:
+            col = data.column(field.name)
+        if pa.types.is_dictionary(col.type) and pa.types.is_string(field.type):
+            fields.append(field.with_type(col.type))  # Parquet stores it as a dictionary-encoded string
+        else:
+            col = col.cast(field.type)
+            fields.append(field)
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=declared.metadata))
+
+
+class Build:
+    """One model being written. Partitions are written as they are produced; ``commit`` publishes."""
+
+    def __init__(self, root: Path, slug: str, fingerprint: dict):
+        self.root = Path(root)
+        self.slug = slug
+        self.fingerprint = fingerprint
+        self.progress_path = self.root / BUILDS / f"{slug}.json"
+        previous = self._read_progress()
+        if previous and previous.get("fingerprint") == fingerprint:
+            self.build_id = previous["build_id"]
+            self.done: dict[str, dict] = previous["done"]
+            self.resumed = True
+        else:
+            if previous:  # settings changed: the old unfinished build's files are garbage
+                self._delete_files(f for parts in previous["done"].values() for f in [parts["file"]])
+            self.build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+            self.done = {}
+            self.resumed = False
+        self._sweep_tmp()
+        self._save_progress()
+
+    def key(self, table: str, **keys) -> str:
+        return partition_dir(table, model=self.slug, **keys)
+
+    def has(self, table: str, **keys) -> bool:
+        return self.key(table, **keys) in self.done
+
+    def write(self, table: str, data: pa.Table, **keys) -> None:
+        """Write one partition of ``table`` (keys beyond ``model``, e.g. ``layer=3``)."""
+        rel_dir = self.key(table, **keys)
+        relpath = f"{rel_dir}/{self.build_id}.parquet"
+        write_parquet_atomic(self.root, relpath, conform(table, data))
+        self.done[rel_dir] = {"table": table, "file": relpath, "rows": data.num_rows}
+        self._save_progress()
+
+    def commit(self, model_row: dict, vocab_id: str, tokens: pa.Table | None) -> dict:
+        """Publish the model atomically; returns its manifest entry."""
+        model_row = dict(model_row, model=self.slug, schema_version=SCHEMA_VERSION,
+                         zeropass_version=ZEROPASS_VERSION, created_at=datetime.now(timezone.utc).replace(microsecond=0))
+        self.write("models", pa.Table.from_pylist([model_row], schema=TABLES["models"].schema))
+        files: dict[str, list[str]] = {}
+        rows: dict[str, int] = {}
+        for part in self.done.values():
+            files.setdefault(part["table"], []).append(part["file"])
+            rows[part["table"]] = rows.get(part["table"], 0) + part["rows"]
+        manifest = read_manifest(self.root) or empty_manifest()
+        if tokens is not None and vocab_id not in manifest["vocabularies"]:
+            rel = f"{partition_dir('tokens', vocab_id=vocab_id)}/{vocab_id}.parquet"
+            write_parquet_atomic(self.root, rel, conform("tokens", tokens))
+            manifest["vocabularies"][vocab_id] = {"files": [rel], "d_vocab": tokens.num_rows}
+        old = manifest["models"].get(self.slug)
+        entry = {
+            "build_id": self.build_id,
+            "files": {t: sorted(f) for t, f in sorted(files.items())},
+            "row_counts": dict(sorted(rows.items())),
+            "committed_at": model_row["created_at"].isoformat(),
+            "source": model_row.get("source"),
+            "variant": model_row.get("variant"),
+            "vocab_id": vocab_id,
+        }
+        manifest["models"][self.slug] = entry
+        manifest["schema_version"] = SCHEMA_VERSION
+        manifest["zeropass_version"] = ZEROPASS_VERSION
+        try:
+            write_json_atomic(self.root / MANIFEST, manifest)  # the commit point
+        except OSError as e:
+            raise _os_error(self.root, e) from None
+        write_catalog(self.root, manifest)
+        if old:
+            new_files = {f for fs in entry["files"].values() for f in fs}
+            self._delete_files(f for fs in old["files"].values() for f in fs if f not in new_files)
+        self.progress_path.unlink(missing_ok=True)
+        return entry
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _read_progress(self) -> dict | None:
+        if not self.progress_path.exists():
+            return None
+        try:
+            return json.loads(self.progress_path.read_text())
+        except ValueError:  # torn by a crash mid-write cannot happen (atomic), but be safe
+            return None
+
+    def _save_progress(self) -> None:
+        try:
+            self.progress_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.progress_path, {"build_id": self.build_id, "fingerprint": self.fingerprint, "done": self.done})
+        except OSError as e:
+            raise _os_error(self.root, e) from None
+
+    def _sweep_tmp(self) -> None:
+        """Remove temporary files a killed build left behind in this model's partitions."""
+        for table in TABLES:
+            base = self.root / partition_dir(table, model=self.slug)
+            if base.exists():
+                for tmp in base.rglob("*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
+    def _delete_files(self, relpaths) -> None:
+        for rel in relpaths:
+            path = self.root / rel
+            path.unlink(missing_ok=True)
+            parent = path.parent
+            while parent != self.root and parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+
+
+def remove_model(root: Path, slug: str) -> None:
+    """Unpublish ``slug`` and delete its files (other models untouched)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if not manifest or slug not in manifest["models"]:
+        return
+    old = manifest["models"].pop(slug)
+    write_json_atomic(root / MANIFEST, manifest)
+    write_catalog(root, manifest)
+    for fs in old["files"].values():
+        for rel in fs:
+            (root / rel).unlink(missing_ok=True)
+    for table in TABLES:
+        shutil.rmtree(root / partition_dir(table, model=slug), ignore_errors=True)
+
+
+def write_catalog(root: Path, manifest: dict) -> None:
+    """Rebuild catalog.duckdb: one view per table over the committed files (relative paths).
+
+    DuckDB resolves relative paths against the working directory, so the catalog is used from
+    inside the dataset: ``cd DIR && duckdb catalog.duckdb`` (documented in the README).
+    """
+    import duckdb
+
+    root = Path(root)
+    tmp = root / f"{CATALOG}.tmp{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            con.execute(f"SET file_search_path = '{str(root.resolve()).replace(chr(39), chr(39) * 2)}'")
+            for name, table in TABLES.items():
+                con.execute(f"CREATE VIEW {name} AS {view_sql(table, table_files(manifest, name))}")
+        finally:
+            con.close()
+        os.replace(tmp, root / CATALOG)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(root, e) from None

@@ -1,0 +1,238 @@
+"""The single declaration of every zeropass table (DESIGN §4).
+
+Everything else is generated from ``TABLES``: Parquet schemas for the writer, DuckDB views
+for the reader, and docs/TABLES.md. A golden test (tests/test_schemas.py) pins the rendered
+declaration so that any change shows up as a reviewed diff.
+
+Imports pyarrow only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+# Bump when a table changes in a way old datasets cannot be read with; datasets record it in
+# their manifest and the query layer refuses a mismatch with a "rebuild" message.
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    doc: str
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    doc: str
+    columns: tuple[Column, ...]
+    # Directory levels under DIR/<table>/ (Hive style, e.g. model=gpt2/layer=3); values are
+    # also stored inside the files, so a Parquet file read alone is self-describing.
+    partition_by: tuple[str, ...]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema(
+            [pa.field(c.name, c.type, nullable=c.nullable, metadata={"doc": c.doc}) for c in self.columns],
+            metadata={"table": self.name, "schema_version": str(SCHEMA_VERSION)},
+        )
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+def _c(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> Column:
+    return Column(name, type_, doc, nullable)
+
+
+_MODEL = _c("model", pa.string(), "Short slug chosen at index time (`--name`), e.g. `minilm`.")
+_LAYER = _c("layer", pa.int16(), "Layer index, 0-based.")
+_HEAD = _c("head", pa.int16(), "Query-head index within the layer, 0-based.")
+_SIDE = _c("side", pa.string(), "`top` (largest scores) or `bottom` (smallest, most negative first).")
+_RANK = _c("rank", pa.int32(), "1-based rank within (unit, side): 1 is the most extreme.")
+
+TABLES: dict[str, Table] = {}
+
+
+def _table(name: str, doc: str, partition_by: tuple[str, ...], *columns: Column) -> Table:
+    t = Table(name, doc, tuple(columns), partition_by)
+    TABLES[name] = t
+    return t
+
+
+MODELS = _table(
+    "models",
+    "One row per indexed model: provenance, dimensions and the settings it was indexed with.",
+    ("model",),
+    _MODEL,
+    _c("source", pa.string(), "What was passed to `zeropass index`: a local path, GGUF file or hub id."),
+    _c("revision", pa.string(), "Hub commit of the checkpoint, when known.", nullable=True),
+    _c("architecture", pa.string(), "Adapter family: gpt2, bert, mpnet, llama, neox."),
+    _c("hf_architecture", pa.string(), "The Hugging Face class named in config.json.", nullable=True),
+    _c("n_layers", pa.int32(), "Number of transformer blocks."),
+    _c("n_heads", pa.int32(), "Query heads per layer."),
+    _c("n_kv_heads", pa.int32(), "Key/value heads per layer (fewer than n_heads under grouped-query attention)."),
+    _c("d_model", pa.int32(), "Width of the residual stream."),
+    _c("d_head", pa.int32(), "Width of one attention head."),
+    _c("d_ff", pa.int32(), "Number of FF neurons per layer."),
+    _c("d_vocab", pa.int32(), "Vocabulary size (rows of W_E)."),
+    _c("n_ctx", pa.int32(), "Learned positions (rows of W_pos); null without learned positions.", nullable=True),
+    _c("tied", pa.bool_(), "True when W_U is W_E transposed (also for encoders without an LM head)."),
+    _c("vocab_id", pa.string(), "Content hash of the vocabulary; joins `tokens`. Models sharing it share token ids."),
+    _c("variant", pa.string(), "`raw` (the paper), `folded` (norm gains folded in) or `diff` (a fine-tuning delta)."),
+    _c("k", pa.int32(), "Tokens kept per side for each vector (`--k`)."),
+    _c("n_pairs", pa.int32(), "Entries kept per side for each head circuit (`--pairs`)."),
+    _c("settings", pa.string(), "All index settings as JSON (layers, device, variant, base model for diffs, ...)."),
+    _c("weights_sha256", pa.string(), "JSON object: weight file name -> sha256 of its bytes."),
+    _c("zeropass_version", pa.string(), "Version of zeropass that wrote the model."),
+    _c("schema_version", pa.int32(), "Schema version of the tables (schemas.SCHEMA_VERSION)."),
+    _c("created_at", pa.timestamp("s", tz="UTC"), "When indexing finished."),
+)
+
+TOKENS = _table(
+    "tokens",
+    "One row per vocabulary entry, shared by every model whose vocabulary has the same content.",
+    ("vocab_id",),
+    _c("vocab_id", pa.string(), "Content hash of the vocabulary (see `models.vocab_id`)."),
+    _c("token_id", pa.int32(), "Token id."),
+    _c("piece", pa.string(), "Raw vocabulary entry, e.g. `Ġthe` (byte-level BPE) or `##ing` (WordPiece)."),
+    _c("token", pa.string(), "Decoded text of the token alone, e.g. ` the`."),
+    _c("norm", pa.string(), "Search form: decoded text, whitespace-stripped, NFKC, lower-cased."),
+    _c("special", pa.bool_(), "True for special tokens ([CLS], <|endoftext|>, ...)."),
+)
+
+VECTORS = _table(
+    "vectors",
+    "Top-k and bottom-k vocabulary tokens of every vector-shaped parameter. Read-side vectors "
+    "(ff_key, ff_gate, q, k, v) are scored as W_E @ r; write-side vectors (ff_value, o, bias_*, pos) as w @ W_U.",
+    ("model", "layer"),
+    _MODEL,
+    _c("layer", pa.int16(), "Layer index, 0-based; null for `pos` (embedding level).", nullable=True),
+    _c("kind", pa.string(), "ff_key, ff_gate, ff_value, q, k, v, o, bias_attn_out, bias_ff_out, pos."),
+    _c("head", pa.int16(), "Head for q/o; key/value head for k/v (equal to the query head without GQA); null otherwise.", nullable=True),
+    _c("idx", pa.int32(), "Neuron index (ff_*), dimension within the head (q/k/v/o), position (pos), 0 for biases."),
+    _c("unit", pa.string(), "Human name: `L5.N123` (FF neuron), `L5.H3.d7` (head dim), `L5.attn_bias`, `L5.ff_bias`, `P12` (position)."),
+    _SIDE,
+    _RANK,
+    _c("token_id", pa.int32(), "Token id in the model's vocabulary."),
+    _c("token", pa.string(), "Decoded token text."),
+    _c("score", pa.float32(), "Projection score (dot product with the token's embedding / unembedding column)."),
+)
+
+PAIRS = _table(
+    "pairs",
+    "Exact global top-N and bottom-N entries of each head's vocabulary x vocabulary circuits "
+    "QK = (W_E W_Q)(W_E W_K)^T and OV = (W_E W_V)(W_O W_U); ties broken by lower row, then lower column.",
+    ("model", "layer"),
+    _MODEL,
+    _LAYER,
+    _HEAD,
+    _c("circuit", pa.string(), "`qk` (rows: query token, columns: key token) or `ov` (rows: source token, columns: promoted token)."),
+    _SIDE,
+    _RANK,
+    _c("src_id", pa.int32(), "Row token id: the query token (qk) or the attended source token (ov)."),
+    _c("src", pa.string(), "Row token text."),
+    _c("dst_id", pa.int32(), "Column token id: the key token (qk) or the promoted output token (ov)."),
+    _c("dst", pa.string(), "Column token text."),
+    _c("score", pa.float64(), "Entry of the circuit matrix, computed in float64."),
+)
+
+HEAD_TOKENS = _table(
+    "head_tokens",
+    "Per head and circuit, the tokens with the most extreme row maximum (roles query / source) and "
+    "column maximum (roles key / output); side `bottom` uses row / column minima.",
+    ("model", "layer"),
+    _MODEL,
+    _LAYER,
+    _HEAD,
+    _c("circuit", pa.string(), "`qk` or `ov`."),
+    _c("role", pa.string(), "`query` / `key` for qk rows / columns; `source` / `output` for ov rows / columns."),
+    _SIDE,
+    _RANK,
+    _c("token_id", pa.int32(), "Token id."),
+    _c("token", pa.string(), "Token text."),
+    _c("score", pa.float64(), "The row or column maximum (top) or minimum (bottom)."),
+)
+
+HEADS = _table(
+    "heads",
+    "One row per attention head with its metrics (definitions in docs/PAIRS.md).",
+    ("model", "layer"),
+    _MODEL,
+    _LAYER,
+    _HEAD,
+    _c("kv_head", pa.int16(), "Key/value head this query head reads (grouped-query attention)."),
+    _c("unit", pa.string(), "Human name, `L5.H3`."),
+    _c("ov_copying_score", pa.float64(), "Sum(lambda)/Sum(|lambda|) over eigenvalues of the reduced OV matrix W_V W_O (Elhage et al. 2021).", nullable=True),
+    _c("ov_copying_score_full", pa.float64(), "The same over the full OV circuit W_E W_V W_O W_U.", nullable=True),
+    _c("qk_copying_score_full", pa.float64(), "The same over the full QK circuit W_E W_Q W_K^T W_E^T (same-token attention).", nullable=True),
+    _c("ov_self_top1_frac", pa.float64(), "Fraction of tokens whose largest OV output is the token itself.", nullable=True),
+    _c("qk_self_top1_frac", pa.float64(), "Fraction of query tokens whose largest QK score is on the same key token.", nullable=True),
+    _c("ov_norm", pa.float64(), "Frobenius norm of W_V W_O.", nullable=True),
+    _c("qk_norm", pa.float64(), "Frobenius norm of W_Q W_K^T.", nullable=True),
+    _c("w_q_norm", pa.float64(), "Frobenius norm of W_Q[h].", nullable=True),
+    _c("w_k_norm", pa.float64(), "Frobenius norm of W_K[kv].", nullable=True),
+    _c("w_v_norm", pa.float64(), "Frobenius norm of W_V[kv].", nullable=True),
+    _c("w_o_norm", pa.float64(), "Frobenius norm of W_O[h].", nullable=True),
+)
+
+PARAMETERS = _table(
+    "parameters",
+    "Coverage: every tensor of the checkpoint, and which table covers it or why none does.",
+    ("model",),
+    _MODEL,
+    _c("name", pa.string(), "Tensor name in the checkpoint."),
+    _c("shape", pa.list_(pa.int64()), "Tensor shape."),
+    _c("layer", pa.int16(), "Layer the tensor belongs to; null for model-level tensors.", nullable=True),
+    _c("role", pa.string(), "Canonical role, e.g. W_Q, W_out, ln_attn_w, W_E."),
+    _c("covered_by", pa.string(), "`table:kind` that projects it (e.g. `vectors:ff_value`), `embedding` for the bases; null if none.", nullable=True),
+    _c("reason", pa.string(), "Why the tensor is not a residual-space direction, when not covered.", nullable=True),
+)
+
+
+def render() -> str:
+    """A stable text rendering of every table, for the golden test and the docs."""
+    lines = [f"schema_version {SCHEMA_VERSION}", ""]
+    for t in TABLES.values():
+        lines.append(f"## {t.name}  (partitioned by {', '.join(t.partition_by)})")
+        lines.append(t.doc)
+        lines.append("")
+        lines.append("| column | type | null | description |")
+        lines.append("|---|---|---|---|")
+        for c in t.columns:
+            lines.append(f"| `{c.name}` | {c.type} | {'yes' if c.nullable else 'no'} | {c.doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def empty_select_sql(table: Table) -> str:
+    """SQL selecting zero rows with the table's columns and types (a view over no files)."""
+    return "SELECT " + ", ".join(f"CAST(NULL AS {duckdb_type(c.type)}) AS {c.name}" for c in table.columns) + " WHERE false"
+
+
+def duckdb_type(t: pa.DataType) -> str:
+    """DuckDB type name for the pyarrow types used above."""
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_int16(t):
+        return "SMALLINT"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_float32(t):
+        return "FLOAT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    if pa.types.is_list(t):
+        return duckdb_type(t.value_type) + "[]"
+    raise TypeError(f"no DuckDB type for {t}")
