@@ -195,6 +195,29 @@ PARAMETERS = _table(
 )
 
 
+ALIGNMENTS = _table(
+    "alignments",
+    "Parameter alignment of two models (Dar et al. 2023, §5): Pearson correlation over the shared "
+    "vocabulary of their parameters projected to embedding space, per layer pair and for matched units "
+    "(definitions in docs/ALIGN.md). Written by `zeropass align A B`.",
+    ("model_a", "model_b"),
+    _c("model_a", pa.string(), "Slug of the first model (the one whose layers and units are matched)."),
+    _c("model_b", pa.string(), "Slug of the second model."),
+    _c("space", pa.string(), "`embedding` (projections over the shared vocabulary) or `raw` (raw parameters, equal d_model only: the baseline)."),
+    _c("kind", pa.string(), "ff_key, ff_gate, ff_value, q, k, v, o (one parameter kind); `layer` (mean of the kinds, level `layer`); `ff` / `head` (neuron / head similarity used for matching, level `unit`)."),
+    _c("level", pa.string(), "`layer`: one row per (layer_a, layer_b, kind), every layer pair; `unit`: one row per unit pair within a matched layer pair."),
+    _c("layer_a", pa.int16(), "Layer of model_a, 0-based."),
+    _c("layer_b", pa.int16(), "Layer of model_b, 0-based."),
+    _c("idx_a", pa.int32(), "Neuron (ff kinds) or query-head (q/k/v/o, head) index in model_a; null at level `layer`.", nullable=True),
+    _c("idx_b", pa.int32(), "Neuron or head index in model_b; null at level `layer`.", nullable=True),
+    _c("unit_a", pa.string(), "Human name of the unit of model_a, `L5.N123` or `L5.H3`; null at level `layer`.", nullable=True),
+    _c("unit_b", pa.string(), "Human name of the unit of model_b; null at level `layer`.", nullable=True),
+    _c("score", pa.float64(), "Level `layer`: mean over model_a's units of the best similarity in layer_b (|Pearson rho| for neurons, mean canonical correlation for heads). Level `unit`: the pair's similarity."),
+    _c("matched", pa.bool_(), "Level `layer`: the layer pair is in the Hungarian layer matching. Level `unit`: the pair is in the Hungarian unit matching (false rows give model_a's unit's best model_b unit when that differs)."),
+    _c("n_tokens", pa.int32(), "Rows the correlations run over: shared vocabulary tokens (`embedding`) or d_model coordinates (`raw`)."),
+)
+
+
 def render() -> str:
     """A stable text rendering of every table, for the golden test and the docs."""
     lines = [f"schema_version {SCHEMA_VERSION}", ""]
@@ -232,7 +255,7 @@ def duckdb_type(t: pa.DataType) -> str:
     if pa.types.is_float64(t):
         return "DOUBLE"
     if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ"
+        return "TIMESTAMP WITH TIME ZONE"
     if pa.types.is_list(t):
         return duckdb_type(t.value_type) + "[]"
     raise TypeError(f"no DuckDB type for {t}")

@@ -82,5 +82,7 @@ def view_sql(table: Table, files: list[str], root: Path | None = None) -> str:
     paths = [str(Path(root) / f) if root is not None else f for f in files]
     quoted = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
     cols = ", ".join(c.name for c in table.columns)
+    # Values of model/layer live inside the files; hive_partitioning=false stops DuckDB from
+    # also deriving (string-typed) columns from the key=value directory names.
     # union_by_name tolerates files written by an older writer that lacked a nullable column.
-    return f"SELECT {cols} FROM read_parquet([{quoted}], union_by_name=true)"
+    return f"SELECT {cols} FROM read_parquet([{quoted}], union_by_name=true, hive_partitioning=false)"

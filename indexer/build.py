@@ -1,0 +1,395 @@
+"""`zeropass index`: canonical weights -> projections -> a model in the dataset.
+
+One layer at a time (memory stays bounded by a layer and its score buffers), each layer's
+partitions written as soon as they are computed, so a killed build resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .canonical import Canonical
+from .dataset import Build, ZEROPASS_VERSION, check_writable, dataset_lock
+from .errors import ZeropassError
+from .kernels.vectors import Projector, TopK
+from .tokens import numbered_vocabulary, vocabulary
+from .variants import VARIANTS, fold
+
+Progress = Callable[[str], None]
+
+
+class BadOption(ZeropassError, ValueError):
+    """An index option has a value that cannot be used."""
+
+
+def stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_layers(spec: Optional[str], n_layers: int) -> list[int]:
+    """``"0-5"``, ``"0,3,7"``, ``"2"`` or None (all) -> sorted layer indices."""
+    if spec is None or str(spec).strip() in ("", "all"):
+        return list(range(n_layers))
+    layers: set[int] = set()
+    for part in str(spec).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise BadOption(f"--layers {spec!r} is not a layer list: use e.g. 0-5 or 0,3,7")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo > hi or hi >= n_layers:
+            raise BadOption(f"--layers {spec!r} is outside 0-{n_layers - 1}: the model has {n_layers} layers")
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)
+
+
+def default_slug(model_ref: str) -> str:
+    """A short model name from a path or hub id: ``/x/SmolLM2-135M.Q4_1.gguf`` -> ``smollm2-135m-q4_1``."""
+    name = Path(str(model_ref).rstrip("/")).name
+    name = re.sub(r"\.gguf$", "", name, flags=re.I)
+    slug = re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-")
+    return slug or "model"
+
+
+def check_slug(slug: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", slug):
+        raise BadOption(f"--name {slug!r} is not a valid model name: use letters, digits, '-', '_' or '.' (at most 64)")
+    return slug
+
+
+def index_model(
+    model_ref: str,
+    db: str | Path,
+    *,
+    name: Optional[str] = None,
+    k: int = 50,
+    n_pairs: int = 200,
+    variant: str = "raw",
+    device: str = "cpu",
+    layers: Optional[str] = None,
+    allow_pickle: bool = False,
+    progress: Optional[Progress] = stderr_progress,
+) -> dict:
+    """Index one checkpoint into the dataset at ``db``; returns its manifest entry.
+
+    >>> index_model("path/to/minilm", "zeropass-db", name="minilm")  # doctest: +SKIP
+    """
+    from .load import load_canonical
+
+    _check_options(k, n_pairs, variant, device)
+    slug = check_slug(name or default_slug(model_ref))
+    check_writable(Path(db))
+    say = progress or (lambda _m: None)
+    say(f"loading {model_ref}")
+    loaded = load_canonical(model_ref, allow_pickle=allow_pickle)
+    return index_canonical(
+        loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
+        k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers, progress=progress,
+    )
+
+
+def index_diff(
+    base_ref: str,
+    tuned_ref: str,
+    db: str | Path,
+    *,
+    name: Optional[str] = None,
+    k: int = 50,
+    n_pairs: int = 200,
+    device: str = "cpu",
+    layers: Optional[str] = None,
+    allow_pickle: bool = False,
+    progress: Optional[Progress] = stderr_progress,
+) -> dict:
+    """Index theta_tuned - theta_base as its own model (variant ``diff``), see indexer/diff.py."""
+    from .diff import diff_canonical
+    from .load import load_canonical
+
+    _check_options(k, n_pairs, "raw", device)
+    slug = check_slug(name or f"{default_slug(tuned_ref)}-diff")
+    check_writable(Path(db))
+    say = progress or (lambda _m: None)
+    say(f"loading {base_ref} and {tuned_ref}")
+    base = load_canonical(base_ref, allow_pickle=allow_pickle)
+    tuned = load_canonical(tuned_ref, allow_pickle=allow_pickle)
+    delta = diff_canonical(base.canonical, tuned.canonical)
+    provenance = dict(tuned.provenance)
+    provenance["base"] = base.provenance
+    provenance["source"] = f"{tuned_ref} - {base_ref}"
+    return index_canonical(
+        delta, tuned.tokenizer, db, slug=slug, provenance=provenance, k=k, n_pairs=n_pairs,
+        variant="diff", device=device, layers=layers, progress=progress,
+    )
+
+
+def _check_options(k: int, n_pairs: int, variant: str, device: str) -> None:
+    if k < 1:
+        raise BadOption(f"--k {k} must be at least 1")
+    if n_pairs < 0:
+        raise BadOption(f"--pairs {n_pairs} must be 0 (no pairs) or more")
+    if variant not in VARIANTS:
+        raise BadOption(f"--variant {variant!r} is unknown: use one of {', '.join(VARIANTS)}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise BadOption(f"--device {device!r} is unknown: use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadOption("--device cuda was asked for but torch sees no GPU here: use --device cpu")
+
+
+def index_canonical(
+    model: Canonical,
+    tokenizer,
+    db: str | Path,
+    *,
+    slug: str,
+    provenance: dict,
+    k: int = 50,
+    n_pairs: int = 200,
+    variant: str = "raw",
+    device: str = "cpu",
+    layers: Optional[str] = None,
+    progress: Optional[Progress] = stderr_progress,
+) -> dict:
+    """Project a canonical model into the dataset at ``db`` under the name ``slug``."""
+    root = Path(db)
+    say = progress or (lambda _m: None)
+    dims = model.dims
+    layer_list = parse_layers(layers, dims.n_layers)
+    if variant == "folded":
+        model = fold(model)
+    if tokenizer is not None:
+        vocab_id, tokens = vocabulary(tokenizer, dims.d_vocab)
+    else:
+        say("no tokenizer found: tokens are named by id (<123>)")
+        vocab_id, tokens = numbered_vocabulary(dims.d_vocab)
+    settings = {
+        "k": k, "n_pairs": n_pairs, "variant": variant, "layers": layer_list, "device": device,
+        "base": provenance.get("base"),
+    }
+    fingerprint = {
+        "settings": {key: v for key, v in settings.items() if key != "device"},
+        "weights": provenance.get("weights_sha256"),
+        "source": provenance.get("source"),
+        "zeropass_version": ZEROPASS_VERSION,
+    }
+    token_text = tokens.column("token").combine_chunks()
+
+    check_writable(root)
+    with dataset_lock(root):
+        build = Build(root, slug, json.loads(json.dumps(fingerprint, default=str)))
+        if build.resumed:
+            say(f"resuming the unfinished build of {slug} ({len(build.done)} partitions already written)")
+        writer = _ModelWriter(model, build, token_text, k=k, n_pairs=n_pairs, device=device)
+        t0 = time.perf_counter()
+        if dims.n_ctx is not None and model.embeddings.W_pos is not None and not build.has("vectors", layer="pos"):
+            build.write("vectors", writer.position_vectors(), layer="pos")
+        if not build.has("parameters"):
+            build.write("parameters", _parameters_table(model, slug))
+        for i, l in enumerate(layer_list):
+            t_layer = time.perf_counter()
+            writer.layer(l)
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / (i + 1) * (len(layer_list) - i - 1)
+            say(f"[{slug}] layer {l} done ({i + 1}/{len(layer_list)}) in {time.perf_counter() - t_layer:.1f}s, "
+                f"elapsed {_hms(elapsed)}, ETA {_hms(eta)}")
+        model_row = {
+            "source": str(provenance.get("source")),
+            "revision": provenance.get("revision"),
+            "architecture": dims.architecture,
+            "hf_architecture": provenance.get("hf_architecture"),
+            "n_layers": dims.n_layers, "n_heads": dims.n_heads, "n_kv_heads": dims.n_kv_heads,
+            "d_model": dims.d_model, "d_head": dims.d_head, "d_ff": dims.d_ff, "d_vocab": dims.d_vocab,
+            "n_ctx": dims.n_ctx, "tied": dims.tied, "vocab_id": vocab_id, "variant": variant,
+            "k": k, "n_pairs": n_pairs,
+            "settings": json.dumps(settings, sort_keys=True, default=str),
+            "weights_sha256": json.dumps(provenance.get("weights_sha256") or {}, sort_keys=True),
+        }
+        entry = build.commit(model_row, vocab_id, tokens)
+    say(f"[{slug}] indexed in {_hms(time.perf_counter() - t0)}: "
+        + ", ".join(f"{t} {n:,}" for t, n in entry["row_counts"].items()))
+    return dict(entry, model=slug)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _parameters_table(model: Canonical, slug: str) -> pa.Table:
+    from schemas import TABLES
+
+    rows = [
+        {"model": slug, "name": p.name, "shape": list(p.shape), "layer": p.layer, "role": p.role,
+         "covered_by": p.covered_by, "reason": p.reason}
+        for p in model.parameters
+    ]
+    return pa.Table.from_pylist(rows, schema=TABLES["parameters"].schema)
+
+
+class _ModelWriter:
+    """Computes and writes one model's partitions; holds the projection bases once."""
+
+    def __init__(self, model: Canonical, build: Build, token_text: pa.Array, *, k: int, n_pairs: int, device: str):
+        self.model, self.build, self.token_text = model, build, token_text
+        self.k, self.n_pairs, self.device = k, n_pairs, device
+        emb = model.embeddings
+        self.read = Projector(emb.W_E.T, k, device)  # scores = W_E @ r
+        self.write_side = Projector(emb.W_U, k, device)  # scores = w @ W_U
+        self._E64: Optional[torch.Tensor] = None
+        self._U64T: Optional[torch.Tensor] = None
+
+    # -- vectors ---------------------------------------------------------------------------
+
+    def position_vectors(self) -> pa.Table:
+        W_pos = self.model.embeddings.W_pos
+        n = W_pos.shape[0]
+        return self._vector_table("pos", None, None, np.arange(n), [f"P{p}" for p in range(n)], self.write_side(W_pos))
+
+    def layer(self, l: int) -> None:
+        if self.build.has("vectors", layer=l) and self.build.has("heads", layer=l):
+            return
+        lw = self.model.layer(l)
+        dims = self.model.dims
+        if not self.build.has("vectors", layer=l):
+            parts = []
+            ff_units = [f"L{l}.N{i}" for i in range(dims.d_ff)]
+            ff_idx = np.arange(dims.d_ff)
+            parts.append(self._vector_table("ff_key", l, None, ff_idx, ff_units, self.read(lw.W_in.T)))
+            if lw.W_gate is not None:
+                parts.append(self._vector_table("ff_gate", l, None, ff_idx, ff_units, self.read(lw.W_gate.T)))
+            parts.append(self._vector_table("ff_value", l, None, ff_idx, ff_units, self.write_side(lw.W_out)))
+            for kind, W, side in (("q", lw.W_Q, "read"), ("k", lw.W_K, "read"), ("v", lw.W_V, "read"), ("o", lw.W_O, "write")):
+                n_h, d_head = W.shape[0], (W.shape[2] if side == "read" else W.shape[1])
+                # read side: columns of W[h] ([d_model, d_head]); write side: rows of W_O[h].
+                X = W.transpose(1, 2).reshape(n_h * d_head, -1) if side == "read" else W.reshape(n_h * d_head, -1)
+                heads = np.repeat(np.arange(n_h), d_head)
+                idx = np.tile(np.arange(d_head), n_h)
+                units = [f"L{l}.H{h}.d{j}" for h, j in zip(heads, idx)]
+                proj = self.read if side == "read" else self.write_side
+                parts.append(self._vector_table(kind, l, heads, idx, units, proj(X)))
+            for kind, b, unit in (("bias_attn_out", lw.b_O, f"L{l}.attn_bias"), ("bias_ff_out", lw.b_out, f"L{l}.ff_bias")):
+                if b is not None:
+                    parts.append(self._vector_table(kind, l, None, np.zeros(1, dtype=np.int64), [unit], self.write_side(b[None, :])))
+            self.build.write("vectors", pa.concat_tables(parts), layer=l)
+        if not self.build.has("heads", layer=l):
+            self._heads(l, lw)
+
+    def _vector_table(self, kind: str, layer, heads, idx, units: list[str], topk: TopK) -> pa.Table:
+        n, k = topk.top_idx.shape
+        rows_per_unit = 2 * k
+        total = n * rows_per_unit
+        unit_of_row = np.repeat(np.arange(n), rows_per_unit)
+        token_ids = np.concatenate([topk.top_idx.cpu().numpy(), topk.bot_idx.cpu().numpy()], axis=1).reshape(-1)
+        scores = np.concatenate([topk.top_val.cpu().numpy(), topk.bot_val.cpu().numpy()], axis=1).reshape(-1)
+        side_idx = np.tile(np.repeat(np.array([0, 1], dtype=np.int32), k), n)
+        rank = np.tile(np.tile(np.arange(1, k + 1, dtype=np.int32), 2), n)
+        cols = {
+            "model": pa.DictionaryArray.from_arrays(pa.array(np.zeros(total, dtype=np.int32)), pa.array([self.build.slug])),
+            "layer": pa.array(np.full(total, layer, dtype=np.int16)) if layer is not None else pa.nulls(total, pa.int16()),
+            "kind": pa.DictionaryArray.from_arrays(pa.array(np.zeros(total, dtype=np.int32)), pa.array([kind])),
+            "head": pa.array(np.asarray(heads, dtype=np.int16)[unit_of_row]) if heads is not None else pa.nulls(total, pa.int16()),
+            "idx": pa.array(np.asarray(idx, dtype=np.int32)[unit_of_row]),
+            "unit": pa.DictionaryArray.from_arrays(pa.array(unit_of_row.astype(np.int32)), pa.array(units)),
+            "side": pa.DictionaryArray.from_arrays(pa.array(side_idx), pa.array(["top", "bottom"])),
+            "rank": pa.array(rank),
+            "token_id": pa.array(token_ids.astype(np.int32)),
+            "token": pa.DictionaryArray.from_arrays(pa.array(token_ids.astype(np.int32)), self.token_text),
+            "score": pa.array(scores.astype(np.float32)),
+        }
+        return pa.table(cols)
+
+    # -- heads -----------------------------------------------------------------------------
+
+    def _factors_base(self):
+        """float64 W_E and W_U^T, built once: the circuits are exact in float64 (DESIGN §3)."""
+        if self._E64 is None:
+            emb = self.model.embeddings
+            self._E64 = emb.W_E.to(self.device, torch.float64)
+            self._U64T = emb.W_U.T.to(self.device, torch.float64).contiguous()
+        return self._E64, self._U64T
+
+    def _heads(self, l: int, lw) -> None:
+        from schemas import TABLES
+
+        from .kernels.head_metrics import head_metrics
+        from .kernels.pairs import top_pairs
+
+        dims = self.model.dims
+        E, UT = self._factors_base()
+        dev = self.device
+        k_fac: dict[int, torch.Tensor] = {}
+        v_fac: dict[int, torch.Tensor] = {}
+        pair_parts, role_parts, head_rows = [], [], []
+        for h in range(dims.n_heads):
+            kv = dims.kv_head(h)
+            if kv not in k_fac:
+                k_fac[kv] = E @ lw.W_K[kv].to(dev, torch.float64)
+                v_fac[kv] = E @ lw.W_V[kv].to(dev, torch.float64)
+            A_qk = E @ lw.W_Q[h].to(dev, torch.float64)
+            B_ov = UT @ lw.W_O[h].to(dev, torch.float64).T  # (W_O W_U)^T: [d_vocab, d_head]
+            results = {}
+            if self.n_pairs > 0:
+                results["qk"] = top_pairs(A_qk, k_fac[kv], self.n_pairs, self.k, square=True, device=dev)
+                results["ov"] = top_pairs(v_fac[kv], B_ov, self.n_pairs, self.k, square=True, device=dev)
+            for circuit, res in results.items():
+                pair_parts.append(self._pair_table(l, h, circuit, res))
+                role_parts.append(self._role_table(l, h, circuit, res))
+            metrics = head_metrics(
+                self.model.embeddings.W_E, self.model.embeddings.W_U, lw.W_Q[h], lw.W_K[kv], lw.W_V[kv], lw.W_O[h],
+                results.get("ov"), results.get("qk"),
+            )
+            head_rows.append(dict(metrics, model=self.build.slug, layer=l, head=h, kv_head=kv, unit=f"L{l}.H{h}"))
+        empty = lambda t: pa.Table.from_pylist([], schema=TABLES[t].schema)  # noqa: E731
+        self.build.write("pairs", pa.concat_tables(pair_parts) if pair_parts else empty("pairs"), layer=l)
+        self.build.write("head_tokens", pa.concat_tables(role_parts) if role_parts else empty("head_tokens"), layer=l)
+        # heads last: its presence marks the layer's head tables as complete (see layer()).
+        self.build.write("heads", pa.Table.from_pylist(head_rows, schema=TABLES["heads"].schema), layer=l)
+
+    def _pair_table(self, l: int, h: int, circuit: str, res) -> pa.Table:
+        sides = [("top", res.top_rows, res.top_cols, res.top_vals), ("bottom", res.bot_rows, res.bot_cols, res.bot_vals)]
+        src = np.concatenate([s[1].cpu().numpy() for s in sides]).astype(np.int32)
+        dst = np.concatenate([s[2].cpu().numpy() for s in sides]).astype(np.int32)
+        score = np.concatenate([s[3].cpu().numpy() for s in sides]).astype(np.float64)
+        side = np.concatenate([np.full(len(s[1]), i, dtype=np.int32) for i, s in enumerate(sides)])
+        rank = np.concatenate([np.arange(1, len(s[1]) + 1, dtype=np.int32) for s in sides])
+        n = len(src)
+        return pa.table({
+            "model": pa.array([self.build.slug] * n, pa.string()),
+            "layer": pa.array(np.full(n, l, dtype=np.int16)),
+            "head": pa.array(np.full(n, h, dtype=np.int16)),
+            "circuit": pa.array([circuit] * n, pa.string()),
+            "side": pa.DictionaryArray.from_arrays(pa.array(side), pa.array(["top", "bottom"])),
+            "rank": pa.array(rank),
+            "src_id": pa.array(src),
+            "src": pa.DictionaryArray.from_arrays(pa.array(src), self.token_text),
+            "dst_id": pa.array(dst),
+            "dst": pa.DictionaryArray.from_arrays(pa.array(dst), self.token_text),
+            "score": pa.array(score),
+        })
+
+    def _role_table(self, l: int, h: int, circuit: str, res) -> pa.Table:
+        row_role, col_role = ("query", "key") if circuit == "qk" else ("source", "output")
+        lists = [
+            (row_role, "top", res.row_top_idx, res.row_top_vals), (row_role, "bottom", res.row_bot_idx, res.row_bot_vals),
+            (col_role, "top", res.col_top_idx, res.col_top_vals), (col_role, "bottom", res.col_bot_idx, res.col_bot_vals),
+        ]
+        ids = np.concatenate([x[2].cpu().numpy() for x in lists]).astype(np.int32)
+        n = len(ids)
+        return pa.table({
+            "model": pa.array([self.build.slug] * n, pa.string()),
+            "layer": pa.array(np.full(n, l, dtype=np.int16)),
+            "head": pa.array(np.full(n, h, dtype=np.int16)),
+            "circuit": pa.array([circuit] * n, pa.string()),
+            "role": pa.array([x[0] for x in lists for _ in range(len(x[2]))], pa.string()),
+            "side": pa.array([x[1] for x in lists for _ in range(len(x[2]))], pa.string()),
+            "rank": pa.array(np.concatenate([np.arange(1, len(x[2]) + 1, dtype=np.int32) for x in lists])),
+            "token_id": pa.array(ids),
+            "token": pa.DictionaryArray.from_arrays(pa.array(ids), self.token_text),
+            "score": pa.array(np.concatenate([x[3].cpu().numpy() for x in lists]).astype(np.float64)),
+        })
