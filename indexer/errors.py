@@ -26,3 +26,7 @@ class MissingDependency(ZeropassError, ImportError):
 
 class DatasetError(ZeropassError, OSError):
     """The dataset directory cannot be written (permissions, full disk, locked)."""
+
+
+class IncompatibleModels(ZeropassError, ValueError):
+    """Two models cannot be compared or subtracted (different architecture, dims or vocabulary)."""
