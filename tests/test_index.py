@@ -1,0 +1,320 @@
+"""`zeropass index`: every stored projection equals an independent dense reference; the dataset
+is deterministic, resumable after SIGKILL, shared by several models, and fails cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from indexer.build import index_model, parse_layers, BadOption
+from indexer.errors import DatasetError
+from indexer.load import load_canonical
+from indexer.variants import fold
+from schemas.layout import read_manifest, table_files
+from tests.tiny_models import save_tiny
+
+K = 5
+N_PAIRS = 12
+REPO = Path(__file__).resolve().parent.parent
+
+
+def read_table(db: Path, table: str, model: str | None = None) -> pa.Table:
+    manifest = read_manifest(db)
+    files = table_files(manifest, table, [model] if model else None)
+    return pa.concat_tables([pq.read_table(db / f) for f in files]).combine_chunks() if files else None
+
+
+def dense_vectors(model) -> dict[tuple, torch.Tensor]:
+    """(kind, layer, head, idx) -> float64 scores over the vocabulary, straight from the definitions."""
+    emb = model.embeddings
+    E = emb.W_E.double()  # [V, d]
+    U = emb.W_U.double()  # [d, V]
+    out = {}
+    if emb.W_pos is not None:
+        for p, w in enumerate(emb.W_pos.double()):
+            out[("pos", None, None, p)] = w @ U
+    for l in range(model.dims.n_layers):
+        lw = model.layer(l)
+        for i in range(model.dims.d_ff):
+            out[("ff_key", l, None, i)] = E @ lw.W_in[:, i].double()
+            out[("ff_value", l, None, i)] = lw.W_out[i].double() @ U
+            if lw.W_gate is not None:
+                out[("ff_gate", l, None, i)] = E @ lw.W_gate[:, i].double()
+        for kind, W in (("q", lw.W_Q), ("k", lw.W_K), ("v", lw.W_V)):
+            for h in range(W.shape[0]):
+                for j in range(W.shape[2]):
+                    out[(kind, l, h, j)] = E @ W[h][:, j].double()
+        for h in range(lw.W_O.shape[0]):
+            for j in range(lw.W_O.shape[1]):
+                out[("o", l, h, j)] = lw.W_O[h][j].double() @ U
+        if lw.b_O is not None:
+            out[("bias_attn_out", l, None, 0)] = lw.b_O.double() @ U
+        if lw.b_out is not None:
+            out[("bias_ff_out", l, None, 0)] = lw.b_out.double() @ U
+    return out
+
+
+def check_vectors_against_dense(db: Path, slug: str, model) -> int:
+    ref = dense_vectors(model)
+    rows = read_table(db, "vectors", slug).to_pylist()
+    grouped: dict[tuple, dict[str, list]] = {}
+    for r in rows:
+        key = (r["kind"], r["layer"], r["head"], r["idx"])
+        grouped.setdefault(key, {"top": [], "bottom": []})[r["side"]].append(r)
+    assert set(grouped) == set(ref), "stored vectors differ from the parameters that should be projected"
+    for key, sides in grouped.items():
+        scores = ref[key]
+        for side, order in (("top", torch.argsort(scores, descending=True, stable=True)),
+                            ("bottom", torch.argsort(scores, stable=True))):
+            got = sorted(sides[side], key=lambda r: r["rank"])
+            assert [r["rank"] for r in got] == list(range(1, K + 1))
+            want_ids = order[:K].tolist()
+            assert [r["token_id"] for r in got] == want_ids, f"{key} {side}"
+            torch.testing.assert_close(torch.tensor([r["score"] for r in got], dtype=torch.float64),
+                                       scores[want_ids], rtol=1e-5, atol=1e-5)
+    return len(grouped)
+
+
+FAMILIES = [
+    pytest.param("gpt2", id="gpt2"),
+    pytest.param("bert", id="bert"),
+    pytest.param("mpnet", id="mpnet"),
+    pytest.param("llama-gqa", id="llama-gqa"),
+    pytest.param("qwen2", id="qwen2-untied-biases"),
+    pytest.param("neox", id="neox"),
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_vector_row_equals_dense_reference(tmp_path, family):
+    path = save_tiny(family, tmp_path / family)
+    db = tmp_path / "db"
+    index_model(str(path), db, name=family, k=K, n_pairs=N_PAIRS, progress=None)
+    n = check_vectors_against_dense(db, family, load_canonical(str(path)).canonical)
+    assert n > 0
+
+
+def test_folded_variant_equals_dense_reference_on_folded_weights(tmp_path):
+    path = save_tiny("gpt2", tmp_path / "m")
+    db = tmp_path / "db"
+    index_model(str(path), db, name="g", k=K, n_pairs=N_PAIRS, variant="folded", progress=None)
+    folded = fold(load_canonical(str(path)).canonical)
+    check_vectors_against_dense(db, "g", folded)
+    assert read_table(db, "models").column("variant").to_pylist() == ["folded"]
+
+
+@pytest.mark.parametrize("family", [pytest.param("gpt2", id="mha"), pytest.param("llama-gqa", id="gqa")])
+def test_pairs_and_roles_equal_dense_circuits(tmp_path, family):
+    path = save_tiny(family, tmp_path / family)
+    db = tmp_path / "db"
+    index_model(str(path), db, name="m", k=K, n_pairs=N_PAIRS, progress=None)
+    model = load_canonical(str(path)).canonical
+    E, U = model.embeddings.W_E.double(), model.embeddings.W_U.double()
+    pairs = read_table(db, "pairs").to_pylist()
+    roles = read_table(db, "head_tokens").to_pylist()
+    heads = read_table(db, "heads").to_pylist()
+    assert len(heads) == model.dims.n_layers * model.dims.n_heads
+    for l in range(model.dims.n_layers):
+        lw = model.layer(l)
+        for h in range(model.dims.n_heads):
+            kv = model.dims.kv_head(h)
+            circuits = {
+                "qk": (E @ lw.W_Q[h].double()) @ (E @ lw.W_K[kv].double()).T,
+                "ov": (E @ lw.W_V[kv].double()) @ (lw.W_O[h].double() @ U),
+            }
+            for circuit, M in circuits.items():
+                V = M.shape[0]
+                flat = M.reshape(-1)
+                for side, desc in (("top", True), ("bottom", False)):
+                    # stable sort of (value, row, col) order: ties by lower row then lower column
+                    order = torch.argsort(flat, descending=desc, stable=True)[:N_PAIRS]
+                    got = sorted((r for r in pairs if (r["layer"], r["head"], r["circuit"], r["side"]) == (l, h, circuit, side)),
+                                 key=lambda r: r["rank"])
+                    assert [(r["src_id"], r["dst_id"]) for r in got] == [(int(i) // V, int(i) % V) for i in order]
+                    np.testing.assert_allclose([r["score"] for r in got], flat[order].numpy(), rtol=1e-12, atol=1e-12)
+                row_role, col_role = ("query", "key") if circuit == "qk" else ("source", "output")
+                for role, vals_top, vals_bot in ((row_role, M.max(1).values, M.min(1).values),
+                                                 (col_role, M.max(0).values, M.min(0).values)):
+                    for side, vals, desc in (("top", vals_top, True), ("bottom", vals_bot, False)):
+                        want = torch.argsort(vals, descending=desc, stable=True)[:K].tolist()
+                        got = sorted((r for r in roles if (r["layer"], r["head"], r["circuit"], r["role"], r["side"]) == (l, h, circuit, role, side)),
+                                     key=lambda r: r["rank"])
+                        assert [r["token_id"] for r in got] == want, (l, h, circuit, role, side)
+            hrow = next(r for r in heads if (r["layer"], r["head"]) == (l, h))
+            assert hrow["kv_head"] == kv and hrow["unit"] == f"L{l}.H{h}"
+
+
+def _contents(db: Path) -> dict[str, list]:
+    out = {}
+    for table in ("vectors", "pairs", "head_tokens", "heads", "parameters", "tokens", "models"):
+        t = read_table(db, table)
+        if t is None:
+            continue
+        if table == "models":
+            t = t.drop_columns(["created_at"])
+        out[table] = t.to_pylist()
+    return out
+
+
+def test_indexing_twice_gives_identical_tables(tmp_path):
+    path = save_tiny("llama-gqa", tmp_path / "m")
+    for name in ("a", "b"):
+        index_model(str(path), tmp_path / name, name="m", k=K, n_pairs=N_PAIRS, progress=None)
+    assert _contents(tmp_path / "a") == _contents(tmp_path / "b")
+
+
+_SLOW_BUILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from indexer.build import index_model
+    def slow(msg):  # a slow consumer of progress stands in for a slow model
+        if "layer" in msg:
+            print(msg, flush=True)
+            time.sleep(0.4)
+    index_model({path!r}, {db!r}, name="m", k={k}, n_pairs={n}, progress=slow)
+""")
+
+
+def test_sigkill_halfway_then_rerun_equals_clean_build(tmp_path):
+    path = save_tiny("gpt2", tmp_path / "m", n_layer=8)
+    db = tmp_path / "db"
+    script = _SLOW_BUILD.format(repo=str(REPO), path=str(path), db=str(db), k=K, n=N_PAIRS)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    seen = 0
+    for line in proc.stdout:  # wait until a few layers are on disk, then kill mid-build
+        seen += "layer" in line
+        if seen >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    manifest = read_manifest(db)
+    assert manifest is None or "m" not in manifest["models"], "a half-written model is visible"
+    assert (db / ".builds" / "m.json").exists()
+    index_model(str(path), db, name="m", k=K, n_pairs=N_PAIRS, progress=None)
+    index_model(str(path), tmp_path / "clean", name="m", k=K, n_pairs=N_PAIRS, progress=None)
+    assert _contents(db) == _contents(tmp_path / "clean")
+    assert not (db / ".builds" / "m.json").exists()
+    leftovers = [p for p in db.rglob("*.parquet") if str(p.relative_to(db)) not in
+                 {f for fs in read_manifest(db)["models"]["m"]["files"].values() for f in fs}
+                 and not p.name.startswith("v")]
+    assert not [p for p in leftovers if "tokens" not in str(p)], leftovers
+    assert not list(db.rglob("*.tmp"))
+
+
+def test_two_models_and_reindexing_one_leaves_the_other_untouched(tmp_path):
+    a = save_tiny("gpt2", tmp_path / "a")
+    b = save_tiny("llama", tmp_path / "b")
+    db = tmp_path / "db"
+    index_model(str(a), db, name="a", k=K, n_pairs=N_PAIRS, progress=None)
+    index_model(str(b), db, name="b", k=K, n_pairs=N_PAIRS, progress=None)
+    b_files = {p: p.read_bytes() for p in (db / "vectors" / "model=b").rglob("*.parquet")}
+    b_entry = read_manifest(db)["models"]["b"]
+    index_model(str(a), db, name="a", k=3, n_pairs=N_PAIRS, progress=None)  # new settings: a rebuild
+    assert read_manifest(db)["models"]["b"] == b_entry
+    assert {p: p.read_bytes() for p in (db / "vectors" / "model=b").rglob("*.parquet")} == b_files
+    assert set(read_manifest(db)["models"]) == {"a", "b"}
+    a_files = {f for fs in read_manifest(db)["models"]["a"]["files"].values() for f in fs}
+    on_disk = {str(p.relative_to(db)) for p in db.glob("*/model=a/**/*.parquet")}
+    assert on_disk == a_files, "the previous build of a was not cleaned up"
+    # both models share the tiny vocabulary: one tokens file
+    assert len(read_manifest(db)["vocabularies"]) == 1
+    import duckdb
+
+    con = duckdb.connect(str(db / "catalog.duckdb"), read_only=True)
+    cwd = os.getcwd()
+    os.chdir(db)  # the catalog's paths are relative to the dataset directory
+    try:
+        counts = dict(con.execute("SELECT model, count(*) FROM vectors GROUP BY model").fetchall())
+    finally:
+        os.chdir(cwd)
+    assert set(counts) == {"a", "b"}
+
+
+def test_dataset_survives_being_moved(tmp_path):
+    path = save_tiny("bert", tmp_path / "m")
+    db = tmp_path / "db"
+    index_model(str(path), db, name="m", k=K, n_pairs=N_PAIRS, progress=None)
+    before = _contents(db)
+    moved = tmp_path / "elsewhere" / "copy"
+    moved.parent.mkdir()
+    db.rename(moved)
+    assert _contents(moved) == before
+    out = subprocess.run([sys.executable, "-c", "import duckdb; c = duckdb.connect('catalog.duckdb', read_only=True);"
+                          "print(c.execute('select count(*) from vectors').fetchone()[0])"],
+                         cwd=moved, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == len(before["vectors"])
+
+
+def test_unwritable_db_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    path = save_tiny("gpt2", tmp_path / "m")
+    with pytest.raises(DatasetError, match="--db"):
+        index_model(str(path), blocker, name="m", progress=None)
+    with pytest.raises(DatasetError, match="cannot write"):
+        index_model(str(path), blocker / "sub", name="m", progress=None)
+    (tmp_path / "notadataset").mkdir()
+    (tmp_path / "notadataset" / "precious.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="not a zeropass dataset"):
+        index_model(str(path), tmp_path / "notadataset", name="m", progress=None)
+    assert (tmp_path / "notadataset" / "precious.txt").read_text() == "keep me"
+
+
+def test_full_disk_is_one_clear_error_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """A real full disk needs a mount this sandbox may not allow; ENOSPC is raised where the
+    Parquet writer would get it, and the dataset must stay as it was."""
+    import errno
+
+    import indexer.dataset as ds
+
+    path = save_tiny("gpt2", tmp_path / "m")
+    db = tmp_path / "db"
+    index_model(str(path), db, name="ok", k=K, n_pairs=N_PAIRS, progress=None)
+    manifest = read_manifest(db)
+    calls = {"n": 0}
+    real = ds.pq.write_table
+
+    def filling_up(table, where, **kw):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(ds.pq, "write_table", filling_up)
+    with pytest.raises(DatasetError, match="no space left"):
+        index_model(str(path), db, name="new", k=K, n_pairs=N_PAIRS, progress=None)
+    assert read_manifest(db) == manifest
+    assert not list(db.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("spec,n,expected", [("0-2", 4, [0, 1, 2]), ("3,1", 4, [1, 3]), (None, 2, [0, 1]), ("2", 3, [2])])
+def test_parse_layers(spec, n, expected):
+    assert parse_layers(spec, n) == expected
+
+
+@pytest.mark.parametrize("spec", ["x", "3-1", "0-9"])
+def test_parse_layers_rejects(spec):
+    with pytest.raises(BadOption, match="--layers"):
+        parse_layers(spec, 4)
+
+
+def test_layers_option_indexes_only_those_layers(tmp_path):
+    path = save_tiny("gpt2", tmp_path / "m", n_layer=3)
+    db = tmp_path / "db"
+    index_model(str(path), db, name="m", k=K, n_pairs=N_PAIRS, layers="1", progress=None)
+    layers = set(read_table(db, "vectors").column("layer").to_pylist())
+    assert layers == {1, None}  # None: positional embeddings
+    settings = json.loads(read_table(db, "models").column("settings")[0].as_py())
+    assert settings["layers"] == [1]
