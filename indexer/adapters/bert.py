@@ -1,0 +1,117 @@
+"""BERT (covers MiniLM and other BertModel checkpoints): post-LN encoder, learned positions.
+
+``nn.Linear`` stores (out, in), so every weight is transposed to the row-vector form.
+There is usually no LM head: W_U = W_E.T. A ``BertForMaskedLM`` checkpoint's decoder
+(``cls.predictions.decoder``, tied to W_E or not) becomes W_U; its transform (dense + GELU +
+LayerNorm, applied before the decoder) is listed but not folded in.
+"""
+from __future__ import annotations
+
+from ..canonical import Canonical, Dims, Embeddings, LayerWeights
+from .base import (
+    HEAD_BIAS, LOGIT_BIAS, NORM, POSITION_IDS, Names, Rule, TensorSource, account, cfg,
+    checked_layer_fn, split_heads_in, split_heads_out,
+)
+
+FAMILY = "bert"
+MODEL_TYPES = ("bert",)
+
+LN = r"LayerNorm\.(weight|bias|gamma|beta)"
+POOLER = "pooler: a map applied to the [CLS] output only, outside the residual stream"
+MLM_TRANSFORM = ("MLM-head transform (dense + GELU + LayerNorm) applied before W_U; "
+                 "W_U is projected on directly, as in the paper")
+TOKEN_TYPE = ("token-type (segment A/B) embeddings: a constant added per segment, not a "
+              "vocabulary item or a unit; not projected")
+
+L = r"encoder\.layer\.(?P<layer>\d+)\."
+RULES = [
+    Rule(r"embeddings\.word_embeddings\.weight", "W_E", "embedding"),
+    Rule(r"embeddings\.position_embeddings\.weight", "W_pos", "vectors:pos"),
+    Rule(r"embeddings\.token_type_embeddings\.weight", "token_type", None, TOKEN_TYPE),
+    Rule(r"embeddings\.position_ids", "buffer", None, POSITION_IDS),
+    Rule(r"embeddings\.token_type_ids", "buffer", None, "token-type-id buffer, not a weight"),
+    Rule(r"embeddings\." + LN, "ln_embed", None, NORM),
+    Rule(L + r"attention\.self\.query\.weight", "W_Q", "vectors:q", "also feeds pairs:qk"),
+    Rule(L + r"attention\.self\.key\.weight", "W_K", "vectors:k", "also feeds pairs:qk"),
+    Rule(L + r"attention\.self\.value\.weight", "W_V", "vectors:v", "also feeds pairs:ov"),
+    Rule(L + r"attention\.self\.(query|key|value)\.bias", "b_QKV", None, HEAD_BIAS),
+    Rule(L + r"attention\.output\.dense\.weight", "W_O", "vectors:o", "also feeds pairs:ov"),
+    Rule(L + r"attention\.output\.dense\.bias", "b_O", "vectors:bias_attn_out"),
+    Rule(L + r"attention\.output\." + LN, "ln_attn", None, NORM),
+    Rule(L + r"intermediate\.dense\.weight", "W_in", "vectors:ff_key"),
+    Rule(L + r"intermediate\.dense\.bias", "b_in", None, HEAD_BIAS),
+    Rule(L + r"output\.dense\.weight", "W_out", "vectors:ff_value"),
+    Rule(L + r"output\.dense\.bias", "b_out", "vectors:bias_ff_out"),
+    Rule(L + r"output\." + LN, "ln_mlp", None, NORM),
+    Rule(r"pooler\.dense\.(weight|bias)", "pooler", None, POOLER),
+    Rule(r"cls\.predictions\.decoder\.weight", "W_U", "embedding"),
+    Rule(r"cls\.predictions\.(decoder\.)?bias", "b_U", None, LOGIT_BIAS),
+    Rule(r"cls\.predictions\.transform\..*", "mlm_transform", None, MLM_TRANSFORM),
+    Rule(r"cls\.seq_relationship\.(weight|bias)", "nsp_head", None,
+         "next-sentence classifier on the [CLS] output, not a vocabulary map"),
+]
+
+
+def linear_in(w, n_heads, d_head):
+    """nn.Linear weight [n_heads * d_head, d_model] -> [n_heads, d_model, d_head]."""
+    return split_heads_in(w.T, n_heads, d_head)
+
+
+def linear_out(w, n_heads, d_head):
+    """nn.Linear weight [d_model, n_heads * d_head] -> [n_heads, d_head, d_model]."""
+    return split_heads_out(w.T, n_heads, d_head)
+
+
+def encoder_dims(config, family, W_E, tied, n_ctx):
+    d_model = cfg(config, "hidden_size")
+    n_heads = cfg(config, "num_attention_heads")
+    return Dims(
+        architecture=family, n_layers=cfg(config, "num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=n_heads, d_model=d_model, d_head=d_model // n_heads,
+        d_ff=cfg(config, "intermediate_size"), d_vocab=W_E.shape[0], n_ctx=n_ctx,
+        tied=tied, gated=False, norm_position="post",
+    )
+
+
+def adapt(source: TensorSource, config, dtype) -> Canonical:
+    names = Names(source.keys(), ["embeddings.word_embeddings.weight"], FAMILY)
+    get = lambda suffix: source.get(names.need(suffix)).to(dtype).contiguous()
+
+    W_E = get("embeddings.word_embeddings.weight")
+    decoder = names.head("cls.predictions.decoder.weight")
+    tied = decoder is None or bool(getattr(config, "tie_word_embeddings", True))
+    W_U = W_E.T if tied else source.get(decoder).to(dtype).T.contiguous()
+    bias = names.head("cls.predictions.bias") or names.head("cls.predictions.decoder.bias")
+    W_pos = get("embeddings.position_embeddings.weight")
+    dims = encoder_dims(config, FAMILY, W_E, tied, W_pos.shape[0])
+    emb = Embeddings(
+        W_E=W_E, W_U=W_U, W_pos=W_pos,
+        b_U=source.get(bias).to(dtype) if bias else None,
+        ln_embed_w=get("embeddings.LayerNorm.weight"), ln_embed_b=get("embeddings.LayerNorm.bias"),
+    )
+    n_heads, d_head, act = dims.n_heads, dims.d_head, cfg(config, "hidden_act", default="gelu")
+
+    def layer(l: int) -> LayerWeights:
+        p = f"encoder.layer.{l}."
+        a = p + "attention.self."
+        return LayerWeights(
+            W_Q=linear_in(get(a + "query.weight"), n_heads, d_head),
+            W_K=linear_in(get(a + "key.weight"), n_heads, d_head),
+            W_V=linear_in(get(a + "value.weight"), n_heads, d_head),
+            b_Q=get(a + "query.bias").reshape(n_heads, d_head),
+            b_K=get(a + "key.bias").reshape(n_heads, d_head),
+            b_V=get(a + "value.bias").reshape(n_heads, d_head),
+            W_O=linear_out(get(p + "attention.output.dense.weight"), n_heads, d_head),
+            b_O=get(p + "attention.output.dense.bias"),
+            ln_attn_w=get(p + "attention.output.LayerNorm.weight"),
+            ln_attn_b=get(p + "attention.output.LayerNorm.bias"),
+            W_in=get(p + "intermediate.dense.weight").T.contiguous(),
+            b_in=get(p + "intermediate.dense.bias"),
+            W_out=get(p + "output.dense.weight").T.contiguous(),
+            b_out=get(p + "output.dense.bias"),
+            ln_mlp_w=get(p + "output.LayerNorm.weight"), ln_mlp_b=get(p + "output.LayerNorm.bias"),
+            act=act,
+        )
+
+    return Canonical(dims=dims, embeddings=emb, layer_fn=checked_layer_fn(layer, dims.n_layers),
+                     parameters=account(source, names, RULES, FAMILY))
