@@ -1,0 +1,24 @@
+"""Querying a zeropass dataset: DuckDB SQL, helper searches and the ``zeropass`` CLI.
+
+>>> from query import Dataset                              # doctest: +SKIP
+>>> ds = Dataset("zeropass-db")
+>>> ds.sql("SELECT model, n_layers FROM models")           # pyarrow.Table
+>>> ds.heads("paris", circuit="ov", limit=5)               # heads whose OV lists hold 'paris'
+>>> ds.neurons("paris", kind="ff_value", max_rank=5)
+>>> ds.show("minilm", "L5.H3")                             # {section: pyarrow.Table}
+>>> ds.tokens("Paris is big")
+>>> ds.similar("minilm", "L3.N17", "mpnet")
+
+Imports duckdb, pyarrow and click only: never torch or transformers (docs/QUERY.md).
+"""
+from .dataset import Dataset, check_read_only, open_dataset
+from .errors import (BadOption, BadSQL, BadToken, BadUnit, ForbiddenSQL, NotADataset, QueryError, SchemaMismatch,
+                     UnknownModel, UnknownToken)
+from .helpers import heads, match_tokens, models, neurons, norm, show, similar, tokens
+from .units import Unit, parse_unit
+
+__all__ = [
+    "Dataset", "open_dataset", "check_read_only", "heads", "neurons", "show", "tokens", "models", "similar",
+    "match_tokens", "norm", "Unit", "parse_unit", "QueryError", "NotADataset", "SchemaMismatch", "UnknownModel",
+    "BadUnit", "UnknownToken", "BadToken", "BadOption", "ForbiddenSQL", "BadSQL",
+]

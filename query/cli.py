@@ -1,0 +1,372 @@
+"""The ``zeropass`` command line: each command parses options, calls the library, prints.
+
+Data goes to stdout, progress and notices to stderr. Typed errors (``query.errors.QueryError``,
+``indexer.errors.ZeropassError``) become one ``Error:`` line and exit code 1. The indexer (torch,
+transformers) is imported only inside the commands that need it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import wraps
+
+import click
+
+from . import output
+from .errors import QueryError
+
+INDEX_DEPS = {"torch", "transformers", "safetensors", "numpy", "scipy", "gguf", "accelerate", "tokenizers"}
+
+
+class _Group(click.Group):
+    """Turns the library's typed errors into one-line ``Error:`` messages."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QueryError as e:
+            raise click.ClickException(str(e)) from None
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] in INDEX_DEPS:
+                raise click.ClickException(
+                    f"this command needs the indexing extra ({e.name} is not installed): pip install 'zeropass[index]'") from None
+            raise
+        except Exception as e:
+            errors = sys.modules.get("indexer.errors")
+            if errors is not None and isinstance(e, errors.ZeropassError):
+                raise click.ClickException(str(e)) from None
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zeropass", message="zeropass %(version)s")
+def cli():
+    """zeropass: every parameter of a transformer projected into vocabulary space, queried with SQL.
+
+    \b
+      zeropass index path/to/model --name minilm
+      zeropass heads paris
+      zeropass sql "SELECT * FROM heads ORDER BY ov_copying_score DESC LIMIT 5"
+    """
+
+
+# -- shared options (declared once) ------------------------------------------------------------
+
+def db_option(f):
+    return click.option("--db", "db", envvar="ZEROPASS_DB", default="zeropass-db", show_default=True,
+                        type=click.Path(file_okay=False),
+                        help="Dataset directory (default $ZEROPASS_DB, else ./zeropass-db).")(f)
+
+
+def format_option(f):
+    return click.option("--format", "fmt", type=click.Choice(output.FORMATS), default="table", show_default=True,
+                        help="table (aligned, cut to the terminal), csv or json (exact and complete).")(f)
+
+
+def model_option(f):
+    return click.option("--model", "-m", "model", multiple=True,
+                        help="Only these models (repeat, or a comma list). Default: all.")(f)
+
+
+def quiet_option(f):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress or notices on stderr.")(f)
+
+
+def output_options(f):
+    return db_option(format_option(quiet_option(f)))
+
+
+def token_options(f):
+    f = click.option("--exact", is_flag=True, help="Match the decoded token text exactly as given (spaces count).")(f)
+    f = click.option("--id", "token_id", type=int, default=None, help="Match this token id instead of TOKEN.")(f)
+    f = click.option("--side", type=click.Choice(["top", "bottom", "both"]), default="top", show_default=True,
+                     help="Search the top (largest) or bottom (most negative) lists.")(f)
+    f = click.option("--limit", "-n", type=int, default=20, show_default=True, help="At most this many rows (0: all).")(f)
+    return f
+
+
+def index_options(f):
+    f = click.option("--k", "k", type=int, default=50, show_default=True, help="Tokens kept per side for each vector.")(f)
+    f = click.option("--pairs", "n_pairs", type=int, default=200, show_default=True,
+                     help="Entries kept per side for each head circuit (QK, OV).")(f)
+    f = click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")(f)
+    f = click.option("--layers", default=None, help="Only these layers, e.g. 0-5 or 0,3,7 (default: all).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) checkpoints: runs code from the file.")(f)
+    return f
+
+
+def _open(db):
+    from .dataset import Dataset
+
+    return Dataset(db)
+
+
+def _progress(quiet: bool):
+    return None if quiet else (lambda msg: click.echo(msg, err=True))
+
+
+def _emit(table, fmt: str, quiet: bool, empty: str | None = None) -> None:
+    if table.num_rows == 0 and empty:
+        if not quiet:
+            click.echo(empty, err=True)
+        if fmt == "table":
+            return
+    text, dropped = output.render(table, fmt)
+    click.echo(text)
+    if dropped and not quiet:
+        click.echo(f"({dropped} more column{'s' if dropped > 1 else ''} not shown: widen the terminal or use --format csv/json)", err=True)
+
+
+def _limit(n: int) -> int | None:
+    return None if n == 0 else n
+
+
+def _token_label(token, token_id) -> str:
+    return f"token id {token_id}" if token_id is not None else repr(token)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("model_ref", metavar="MODEL")
+@db_option
+@click.option("--name", help="Short name (slug) for the model in the dataset; default from MODEL.")
+@click.option("--variant", type=click.Choice(["raw", "folded"]), default="raw", show_default=True,
+              help="raw (the paper) or folded (norm gains folded in).")
+@index_options
+@quiet_option
+def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle, quiet):
+    """Project every parameter of MODEL and add it to the dataset.
+
+    MODEL is a local Hugging Face directory, a GGUF file or a hub id.
+
+    \b
+      zeropass index ./all-MiniLM-L6-v2 --name minilm --db zeropass-db
+    """
+    from indexer.build import index_model
+
+    entry = index_model(model_ref, db, name=name, k=k, n_pairs=n_pairs, variant=variant, device=device,
+                        layers=layers, allow_pickle=allow_pickle, progress=_progress(quiet))
+    if not quiet:
+        rows = ", ".join(f"{t} {n}" for t, n in entry.get("row_counts", {}).items())
+        click.echo(f"indexed {model_ref} into {db} ({rows})", err=True)
+
+
+@cli.command()
+@output_options
+def models(db, fmt, quiet):
+    """The indexed models, their dimensions and index settings.
+
+    \b
+      zeropass models --db zeropass-db
+    """
+    _emit(_open(db).models(), fmt, quiet, empty="No models indexed yet: add one with `zeropass index MODEL`.")
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--param", "-p", "params", nargs=2, multiple=True, metavar="NAME VALUE",
+              help="Bind $NAME to VALUE (a string); repeatable.")
+@output_options
+def sql(query, params, db, fmt, quiet):
+    """Run read-only SQL over the tables (models, tokens, vectors, pairs, head_tokens, heads, parameters).
+
+    \b
+      zeropass sql "SELECT layer, head, ov_copying_score FROM heads ORDER BY 3 DESC LIMIT 5"
+      zeropass sql "SELECT * FROM tokens WHERE norm = \\$w" -p w paris --format csv
+    """
+    table = _open(db).sql(query, dict(params) or None)
+    _emit(table, fmt, quiet, empty="No rows.")
+
+
+@cli.command()
+@click.argument("token", required=False)
+@model_option
+@click.option("--circuit", type=click.Choice(["ov", "qk"]), multiple=True, help="Only this circuit (default both).")
+@token_options
+@output_options
+def heads(token, model, circuit, exact, token_id, side, limit, db, fmt, quiet):
+    """Attention heads whose circuits (top pairs, role lists) contain TOKEN, best first.
+
+    Ranked by relevance = sum of 1/rank over the matching entries; the evidence column lists
+    each (circuit, list, rank, tokens, score).
+
+    \b
+      zeropass heads paris --circuit ov --limit 10
+    """
+    table = _open(db).heads(token, model=model or None, circuit=circuit or None, side=side, limit=_limit(limit),
+                            exact=exact, token_id=token_id)
+    _emit(table, fmt, quiet, empty=f"No head lists {_token_label(token, token_id)} in its {side} entries.")
+
+
+@cli.command()
+@click.argument("token", required=False)
+@model_option
+@click.option("--kind", multiple=True, help="Vector kinds (repeat or comma list): ff_key, ff_gate, ff_value (default), "
+              "q, k, v, o, bias_attn_out, bias_ff_out, pos.")
+@click.option("--max-rank", type=int, default=None, help="Only matches at this rank or better.")
+@token_options
+@output_options
+def neurons(token, model, kind, max_rank, exact, token_id, side, limit, db, fmt, quiet):
+    """FF neurons (or other vectors, --kind) whose top-k tokens contain TOKEN, by rank then score.
+
+    \b
+      zeropass neurons paris --kind ff_value --max-rank 5
+    """
+    table = _open(db).neurons(token, model=model or None, kind=kind or None, max_rank=max_rank, side=side,
+                              limit=_limit(limit), exact=exact, token_id=token_id)
+    _emit(table, fmt, quiet, empty=f"No vector lists {_token_label(token, token_id)} in its {side} tokens.")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("unit")
+@click.option("--limit", "-n", type=int, default=10, show_default=True, help="Ranks shown per list (0: all).")
+@output_options
+def show(model, unit, limit, db, fmt, quiet):
+    """Everything stored about one unit: L5.H3 (head), L5.N123 (neuron), L5.H3.d7, P12.
+
+    \b
+      zeropass show minilm L5.H3
+      zeropass show minilm L2.N100 --format json
+    """
+    sections = _open(db).show(model, unit, limit=_limit(limit))
+    if all(t.num_rows == 0 for t in sections.values()):
+        if not quiet:
+            click.echo(f"Nothing stored for {unit} of {model} (was its layer indexed?).", err=True)
+        if fmt != "json":
+            return
+    if fmt == "json":
+        click.echo(json.dumps({name: json.loads(output.to_json(t)) for name, t in sections.items()}, ensure_ascii=False, indent=1))
+        return
+    first = True
+    for name, table in sections.items():
+        if not first:
+            click.echo("")
+        first = False
+        click.echo(f"# {name}")
+        if table.num_rows:
+            _emit(table, fmt, quiet)
+        elif fmt == "csv":
+            click.echo(output.to_csv(table).rstrip("\n"))
+
+
+@cli.command()
+@click.argument("text")
+@model_option
+@output_options
+def tokens(text, model, db, fmt, quiet):
+    """How TEXT maps to tokens of each model's vocabulary (greedy longest match, no tokenizer).
+
+    \b
+      zeropass tokens "Paris is big"
+    """
+    _emit(_open(db).tokens(text, model=model or None), fmt, quiet)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("unit")
+@click.option("--in", "in_model", required=True, help="The model to search (may be MODEL itself).")
+@click.option("--limit", "-n", type=int, default=10, show_default=True, help="At most this many units (0: all).")
+@output_options
+def similar(model, unit, in_model, limit, db, fmt, quiet):
+    """Units of another model whose top tokens overlap most with UNIT (weighted Jaccard).
+
+    \b
+      zeropass similar minilm L3.N17 --in mpnet
+    """
+    table = _open(db).similar(model, unit, in_model, limit=_limit(limit))
+    _emit(table, fmt, quiet, empty=f"No unit of {in_model} shares a top token with {unit} of {model}.")
+
+
+@cli.command()
+@click.argument("model_ref", metavar="MODEL")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) checkpoints.")
+@format_option
+@quiet_option
+def coverage(model_ref, allow_pickle, fmt, quiet):
+    """Every tensor of MODEL's checkpoint: which table projects it, or why none does.
+
+    \b
+      zeropass coverage ./all-MiniLM-L6-v2 --format json
+    """
+    import pyarrow as pa
+
+    from indexer.coverage import coverage_rows
+
+    rows = coverage_rows(model_ref, allow_pickle=allow_pickle)
+    cols = ["name", "shape", "layer", "role", "covered_by", "reason"]
+    table = pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows])
+    _emit(table, fmt, quiet, empty=f"No tensors found in {model_ref}.")
+
+
+def _model_ref(ref: str, db) -> tuple[str, str | None]:
+    """A dataset slug resolves to the source it was indexed from; anything else is a MODEL."""
+    from schemas.layout import read_manifest
+
+    try:
+        manifest = read_manifest(db) if db and os.path.isdir(db) else None
+    except ValueError:
+        manifest = None
+    entry = (manifest or {}).get("models", {}).get(ref)
+    if entry and entry.get("source") and not os.path.exists(ref):
+        return entry["source"], ref
+    return ref, None
+
+
+@cli.command()
+@click.argument("model_a")
+@click.argument("model_b")
+@output_options
+def align(model_a, model_b, db, fmt, quiet):
+    """Align the layers and units of two models in embedding space (paper §5).
+
+    MODEL_A / MODEL_B are checkpoints, or names of models in --db (their source is loaded).
+
+    \b
+      zeropass align ./all-MiniLM-L6-v2 ./all-mpnet-base-v2
+    """
+    from indexer.align import align_models, format_layer_table
+
+    (ref_a, name_a), (ref_b, name_b) = _model_ref(model_a, db), _model_ref(model_b, db)
+    if not quiet:
+        click.echo(f"aligning {ref_a} and {ref_b}", err=True)
+    result, table = align_models(ref_a, ref_b, name_a=name_a, name_b=name_b)
+    if fmt == "table":
+        click.echo(format_layer_table(result))
+    else:
+        _emit(table, fmt, quiet)
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@db_option
+@click.option("--name", help="Name of the diff model in the dataset (default: TUNED's name + -diff).")
+@index_options
+@quiet_option
+def diff(base, tuned, db, name, k, n_pairs, device, layers, allow_pickle, quiet):
+    """Index the fine-tuning delta TUNED - BASE as its own model (paper §4).
+
+    \b
+      zeropass diff ./base ./tuned --name tuned-diff
+      zeropass neurons paris --model tuned-diff
+    """
+    from indexer.build import index_diff
+
+    entry = index_diff(base, tuned, db, name=name, k=k, n_pairs=n_pairs, device=device, layers=layers,
+                       allow_pickle=allow_pickle, progress=_progress(quiet))
+    if not quiet:
+        rows = ", ".join(f"{t} {n}" for t, n in entry.get("row_counts", {}).items())
+        click.echo(f"indexed {tuned} - {base} into {db} ({rows})", err=True)
+
+
+def main(argv=None):
+    """Console script entry point."""
+    return cli.main(args=argv, prog_name="zeropass")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Typed errors of the query layer. The CLI turns each into one ``Error:`` line (exit 1).
+
+Every message names the bad value and says how to fix it.
+"""
+
+
+class QueryError(Exception):
+    """Base of every query-layer error a user can cause; its message is the whole story."""
+
+
+class NotADataset(QueryError, FileNotFoundError):
+    """The --db directory does not exist or holds no zeropass manifest."""
+
+
+class SchemaMismatch(QueryError, ValueError):
+    """The dataset was written with another schema version than this zeropass reads."""
+
+
+class UnknownModel(QueryError, LookupError):
+    """A model slug that is not indexed in the dataset."""
+
+
+class BadUnit(QueryError, ValueError):
+    """A unit name that is malformed or outside the model (e.g. layer 99)."""
+
+
+class UnknownToken(QueryError, LookupError):
+    """A token that is in none of the selected vocabularies."""
+
+
+class BadToken(QueryError, ValueError):
+    """A token argument that cannot be matched (e.g. only whitespace without --exact)."""
+
+
+class ForbiddenSQL(QueryError, PermissionError):
+    """SQL that would change the dataset or read outside it."""
+
+
+class BadSQL(QueryError, ValueError):
+    """SQL that DuckDB rejects (syntax, unknown column, ...)."""
+
+
+class BadOption(QueryError, ValueError):
+    """An option value outside its accepted set (e.g. --kind foo)."""

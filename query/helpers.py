@@ -1,0 +1,426 @@
+"""Helper queries over a dataset: every one is plain SQL over the tables of DESIGN §4.
+
+All take a :class:`query.dataset.Dataset` and return pyarrow Tables (``show`` returns an ordered
+dict of them). User values are always bound as parameters, never pasted into SQL text.
+
+Token matching (DESIGN §6), the same in every helper:
+
+* default: ``tokens.norm = norm(TOKEN)`` where ``norm(s) = NFKC(s).strip().lower()`` — the
+  indexer's definition — so ``paris`` finds `` Paris``, ``Paris`` and ``paris``;
+* ``exact=True``: ``tokens.token = TOKEN`` (the decoded text as given, spaces included);
+* ``token_id=N``: that id in each selected model's vocabulary.
+
+Tokens are matched per vocabulary by text, so models with different tokenizers are searched for
+the same word at once.
+"""
+from __future__ import annotations
+
+import unicodedata
+from collections import OrderedDict
+
+import pyarrow as pa
+
+from .errors import BadOption, BadToken, UnknownToken
+from .units import BIAS_KIND, Unit, check_unit, parse_unit
+
+FF_KINDS = ("ff_key", "ff_gate", "ff_value")
+HEAD_DIM_KINDS = ("q", "k", "v", "o")
+ALL_KINDS = FF_KINDS + HEAD_DIM_KINDS + ("bias_attn_out", "bias_ff_out", "pos")
+SIDES = {"top": ["top"], "bottom": ["bottom"], "both": ["top", "bottom"]}
+
+
+def norm(text: str) -> str:
+    """The search form of a token (the ``tokens.norm`` column): NFKC, stripped, lower-cased."""
+    return unicodedata.normalize("NFKC", text).strip().lower()
+
+
+def _sides(side: str) -> list[str]:
+    if side not in SIDES:
+        raise BadOption(f"unknown side {side!r}: use top, bottom or both")
+    return SIDES[side]
+
+
+def _list_option(value, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    out = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
+    for s in out:
+        if s not in allowed:
+            raise BadOption(f"unknown {what} {s!r}: use one of {', '.join(allowed)}")
+    return out
+
+
+# -- token matching ----------------------------------------------------------------------------
+
+def match_tokens(ds, token: str | None = None, *, model=None, exact: bool = False, token_id: int | None = None) -> pa.Table:
+    """The vocabulary entries TOKEN matches in each selected model: model, vocab_id, token_id, token, piece.
+
+    Raises UnknownToken (with the nearest tokens as suggestions) when it matches in none.
+    """
+    models = ds.resolve_models(model)
+    if token_id is not None:
+        where, params = "t.token_id = $q", {"q": int(token_id)}
+        shown = f"token id {token_id}"
+    else:
+        if token is None:
+            raise BadToken("give a TOKEN, or a token id with --id")
+        if exact:
+            where, params = "t.token = $q", {"q": token}
+        else:
+            q = norm(token)
+            if not q:
+                raise BadToken(f"token {token!r} is empty or only whitespace: use --exact to match it as given (e.g. --exact ' ')")
+            where, params = "t.norm = $q", {"q": q}
+        shown = repr(token)
+    hits = ds._run(
+        f"""SELECT m.model, m.vocab_id, t.token_id, t.token, t.piece
+            FROM models m JOIN tokens t ON t.vocab_id = m.vocab_id
+            WHERE list_contains($models, m.model) AND {where}
+            ORDER BY m.model, t.token_id""",
+        dict(params, models=models))
+    if hits.num_rows == 0:
+        scope = "the vocabulary of " + ", ".join(models)
+        if token_id is not None:
+            raise UnknownToken(f"{shown} is not in {scope}")
+        hint = suggest(ds, token, models)
+        tail = f"; nearest: {', '.join(repr(s) for s in hint)}" if hint else ""
+        raise UnknownToken(f"token {shown} is in no vocabulary of {', '.join(models)}{tail}")
+    return hits
+
+
+def suggest(ds, token: str, models: list[str], n: int = 5) -> list[str]:
+    """The ``n`` vocabulary entries nearest to ``token`` (Jaro-Winkler, then edit distance)."""
+    q = norm(token) or token
+    rows = ds.rows(
+        """SELECT norm, min(token) AS example
+           FROM tokens WHERE vocab_id IN (SELECT vocab_id FROM models WHERE list_contains($models, model))
+             AND norm <> '' AND NOT special
+           GROUP BY norm
+           ORDER BY jaro_winkler_similarity(norm, $q) DESC, levenshtein(norm, $q), norm
+           LIMIT $n""",
+        {"models": models, "q": q, "n": n})
+    return [r["example"] for r in rows]
+
+
+def _hit_params(hits: pa.Table) -> dict:
+    return {"hit_models": hits.column("model").to_pylist(), "hit_ids": hits.column("token_id").to_pylist()}
+
+
+_HIT_CTE = "hit AS (SELECT unnest($hit_models::VARCHAR[]) AS model, unnest($hit_ids::INTEGER[]) AS token_id)"
+
+
+def _limit(limit: int | None, params: dict) -> str:
+    if limit is None:
+        return ""
+    params["limit"] = int(limit)
+    return "LIMIT $limit"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def models(ds) -> pa.Table:
+    """The ``models`` table, most useful columns first."""
+    return ds._run(
+        """SELECT model, architecture, n_layers, n_heads, n_kv_heads, d_model, d_head, d_ff, d_vocab,
+                  tied, variant, k, n_pairs, source, COLUMNS(lambda c: c NOT IN (
+                    'model', 'architecture', 'n_layers', 'n_heads', 'n_kv_heads', 'd_model', 'd_head',
+                    'd_ff', 'd_vocab', 'tied', 'variant', 'k', 'n_pairs', 'source'))
+           FROM models ORDER BY model""")
+
+
+def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str = "top", limit: int | None = 20,
+          exact: bool = False, token_id: int | None = None) -> pa.Table:
+    """Heads whose stored circuit entries contain TOKEN, best first.
+
+    Evidence is every ``pairs`` row of the head with TOKEN as its source/query (``src``) or
+    promoted/key (``dst``) token, and every ``head_tokens`` row (role lists) with TOKEN.
+    Ranking: ``relevance = sum(1 / rank)`` over the evidence rows (a rank-1 entry counts 1, a
+    rank-10 entry 0.1), ties by best rank, then model, layer, head. One row per head:
+    model, unit, layer, head, relevance, best_rank, hits, evidence (list, best first; each item
+    says circuit, list, side, rank, the token(s) and the score).
+
+    >>> heads(ds, "paris", circuit="ov")   # doctest: +SKIP
+    """
+    circuits = _list_option(circuit or ["ov", "qk"], ("ov", "qk"), "circuit")
+    hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
+    params = dict(_hit_params(hits), models=ds.resolve_models(model), circuits=circuits, sides=_sides(side))
+    lim = _limit(limit, params)
+    return ds._run(
+        f"""WITH {_HIT_CTE},
+        ev AS (
+            SELECT p.model, p.layer, p.head, p.rank, p.score,
+                   p.circuit || ' ' || p.side || ' pair #' || p.rank || ' ' || to_json(p.src) || ' -> '
+                     || to_json(p.dst) || ' (' || printf('%.4g', p.score) || ')' AS evidence
+            FROM pairs p SEMI JOIN hit ON hit.model = p.model AND (hit.token_id = p.src_id OR hit.token_id = p.dst_id)
+            WHERE list_contains($models, p.model) AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
+            UNION ALL
+            SELECT h.model, h.layer, h.head, h.rank, h.score,
+                   h.circuit || ' ' || h.role || ' ' || h.side || ' #' || h.rank || ' ' || to_json(h.token)
+                     || ' (' || printf('%.4g', h.score) || ')' AS evidence
+            FROM head_tokens h SEMI JOIN hit ON hit.model = h.model AND hit.token_id = h.token_id
+            WHERE list_contains($models, h.model) AND list_contains($circuits, h.circuit) AND list_contains($sides, h.side)
+        )
+        SELECT model, 'L' || layer || '.H' || head AS unit, layer, head,
+               sum(1.0 / rank) AS relevance, min(rank) AS best_rank, count(*) AS hits,
+               list(evidence ORDER BY rank, abs(score) DESC, evidence) AS evidence
+        FROM ev GROUP BY model, layer, head
+        ORDER BY relevance DESC, best_rank, model, layer, head
+        {lim}""", params)
+
+
+def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: int | None = None, side: str = "top",
+            limit: int | None = 20, exact: bool = False, token_id: int | None = None) -> pa.Table:
+    """Vectors (FF neurons by default; any ``vectors.kind`` via ``kind``) whose top-k list holds TOKEN.
+
+    One row per (model, unit, kind, side): rank (best rank of a matching token), score (at that
+    rank), hits (how many of the list's tokens match, e.g. `` Paris`` and ``Paris``), evidence
+    (the matching entries: token, rank, score). Ranked by rank, then by score (largest first for
+    ``top``, most negative first for ``bottom``), then model, layer, unit.
+
+    >>> neurons(ds, "paris", kind=["ff_value"], max_rank=5)   # doctest: +SKIP
+    """
+    kinds = _list_option(kind or list(FF_KINDS), ALL_KINDS, "kind")
+    hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
+    params = dict(_hit_params(hits), models=ds.resolve_models(model), kinds=kinds, sides=_sides(side),
+                  max_rank=int(max_rank) if max_rank is not None else 2**31 - 1)
+    lim = _limit(limit, params)
+    return ds._run(
+        f"""WITH {_HIT_CTE},
+        hits AS (
+            SELECT v.model, v.unit, v.layer, v.kind, v.side, min(v.rank) AS rank, arg_min(v.score, v.rank) AS score,
+                   count(*) AS hits, any_value(v.head) AS head, any_value(v.idx) AS idx,
+                   list(to_json(v.token) || ' #' || v.rank || ' (' || printf('%.4g', v.score) || ')' ORDER BY v.rank) AS evidence
+            FROM vectors v SEMI JOIN hit ON hit.model = v.model AND hit.token_id = v.token_id
+            WHERE list_contains($models, v.model) AND list_contains($kinds, v.kind) AND list_contains($sides, v.side)
+              AND v.rank <= $max_rank
+            GROUP BY v.model, v.unit, v.layer, v.kind, v.side)
+        SELECT model, unit, layer, kind, side, rank, score, hits, evidence FROM hits
+        ORDER BY rank, CASE WHEN side = 'top' THEN -score ELSE score END, model, layer, kind, head, idx
+        {lim}""", params)
+
+
+def _kv_head(ds, info: dict, layer: int, head: int) -> int:
+    rows = ds.rows("SELECT kv_head FROM heads WHERE model = $m AND layer = $l AND head = $h", {"m": info["model"], "l": layer, "h": head})
+    if rows and rows[0]["kv_head"] is not None:
+        return int(rows[0]["kv_head"])
+    group = max(1, info["n_heads"] // max(1, info.get("n_kv_heads") or info["n_heads"]))
+    return head // group
+
+
+def _vector_pivot(ds, model: str, where: str, params: dict, limit: int | None) -> pa.Table:
+    """Top and bottom lists side by side, one row per (kind, head, idx, rank)."""
+    params = dict(params, m=model, lim=int(limit) if limit is not None else 2**31 - 1)
+    return ds._run(
+        f"""SELECT kind, unit, rank,
+                   max(token) FILTER (WHERE side = 'top') AS top,
+                   max(score) FILTER (WHERE side = 'top') AS top_score,
+                   max(token) FILTER (WHERE side = 'bottom') AS bottom,
+                   max(score) FILTER (WHERE side = 'bottom') AS bottom_score
+            FROM vectors WHERE model = $m AND ({where}) AND rank <= $lim
+            GROUP BY kind, unit, head, idx, rank
+            ORDER BY array_position(['ff_key', 'ff_gate', 'ff_value', 'q', 'k', 'v', 'o'], kind) NULLS LAST, kind, head, idx, rank""",
+        params)
+
+
+def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[str, pa.Table]":
+    """Everything stored about one unit, as named sections (an ordered dict of Arrow tables).
+
+    * ``L5.H3``: ``metrics`` (the heads row, one metric per row), ``pairs`` (top and bottom
+      ``limit`` entries of both circuits), ``head_tokens_top`` / ``head_tokens_bottom`` (the role
+      lists side by side), ``dims`` (for each of Q/K/V/O: the tokens most often in the top-``limit``
+      lists of the head's dimensions: how many dimensions, best rank, mean score);
+    * ``L5.N123``: ``vectors`` (ff_key / ff_gate / ff_value: top and bottom tokens side by side);
+    * ``L5.H3.d7``: ``vectors`` for q/o of head 3 and k/v of its key/value head, dimension 7;
+    * ``P12``, ``L5.attn_bias``, ``L5.ff_bias``: ``vectors`` for that vector.
+    """
+    (slug,) = ds.resolve_models([model.split(",")[0]] if model else model)
+    info = ds.model_info(slug)
+    u = parse_unit(unit)
+    check_unit(u, info)
+    out: OrderedDict[str, pa.Table] = OrderedDict()
+    if u.kind == "head":
+        p = {"m": slug, "l": u.layer, "h": u.head}
+        row = ds.rows("SELECT * EXCLUDE (model, layer, head, unit) FROM heads WHERE model = $m AND layer = $l AND head = $h", p)
+        metrics = list(row[0].items()) if row else []
+        out["metrics"] = pa.table({"metric": [k for k, _ in metrics],
+                                   "value": pa.array([None if v is None else float(v) for _, v in metrics], pa.float64())})
+        p["lim"] = int(limit) if limit is not None else 2**31 - 1
+        out["pairs"] = ds._run(
+            """SELECT circuit, side, rank, src, dst, score FROM pairs
+               WHERE model = $m AND layer = $l AND head = $h AND rank <= $lim
+               ORDER BY circuit DESC, side DESC, rank""", p)
+        for side in ("top", "bottom"):
+            out[f"head_tokens_{side}"] = ds._run(
+                """SELECT rank,
+                          max(token) FILTER (WHERE circuit = 'ov' AND role = 'source') AS ov_source,
+                          max(token) FILTER (WHERE circuit = 'ov' AND role = 'output') AS ov_output,
+                          max(token) FILTER (WHERE circuit = 'qk' AND role = 'query') AS qk_query,
+                          max(token) FILTER (WHERE circuit = 'qk' AND role = 'key') AS qk_key
+                   FROM head_tokens WHERE model = $m AND layer = $l AND head = $h AND side = $side AND rank <= $lim
+                   GROUP BY rank ORDER BY rank""", dict(p, side=side))
+        kv = _kv_head(ds, info, u.layer, u.head)
+        out["dims"] = ds._run(
+            """WITH d AS (
+                 SELECT kind, token_id, any_value(token) AS token, count(DISTINCT idx) AS dims, min(rank) AS best_rank,
+                        avg(score) AS mean_score
+                 FROM vectors
+                 WHERE model = $m AND layer = $l AND side = 'top' AND rank <= $lim
+                   AND ((kind IN ('q', 'o') AND head = $h) OR (kind IN ('k', 'v') AND head = $kv))
+                 GROUP BY kind, token_id)
+               SELECT kind, token, dims, best_rank, mean_score FROM d
+               QUALIFY row_number() OVER (PARTITION BY kind ORDER BY dims DESC, best_rank, mean_score DESC) <= $lim
+               ORDER BY array_position(['q', 'k', 'v', 'o'], kind), dims DESC, best_rank, mean_score DESC""",
+            dict(p, kv=kv))
+        return out
+    if u.kind == "neuron":
+        where, params = "layer = $l AND idx = $i AND kind IN ('ff_key', 'ff_gate', 'ff_value')", {"l": u.layer, "i": u.index}
+    elif u.kind == "head_dim":
+        kv = _kv_head(ds, info, u.layer, u.head)
+        where = "layer = $l AND idx = $i AND ((kind IN ('q', 'o') AND head = $h) OR (kind IN ('k', 'v') AND head = $kv))"
+        params = {"l": u.layer, "i": u.index, "h": u.head, "kv": kv}
+    elif u.kind == "pos":
+        where, params = "kind = 'pos' AND idx = $i", {"i": u.index}
+    else:
+        where, params = "layer = $l AND kind = $k", {"l": u.layer, "k": BIAS_KIND[u.bias]}
+    out["vectors"] = _vector_pivot(ds, slug, where, params, limit)
+    return out
+
+
+def tokens(ds, text: str, *, model=None) -> pa.Table:
+    """How TEXT maps to tokens of each selected model's vocabulary, without a tokenizer.
+
+    A greedy longest match over the ``tokens`` table, in SQL (a recursive query): at each
+    position take the longest vocabulary entry whose text is a prefix of the rest
+    (case-insensitive, an exact-case match preferred, then the lower id); WordPiece
+    vocabularies (``##`` continuation pieces) use ``##`` pieces inside a word and other pieces
+    at a word start; whitespace no entry starts with is skipped (as pre-tokenizers do); a
+    character no entry covers shows as a null id. This approximates, but is not, the model's
+    tokenizer (BPE merges are not replayed).
+
+    One row per model: model, n_tokens, tokens (decoded texts), token_ids, pieces, and
+    ``matches``: the entries whose ``norm`` equals norm(TEXT) — what ``heads``/``neurons`` match.
+    """
+    if not text:
+        raise BadToken("give a non-empty TEXT")
+    models = ds.resolve_models(model)
+    vocab = {r["model"]: r["vocab_id"] for r in ds.rows(
+        "SELECT model, vocab_id FROM models WHERE list_contains($models, model)", {"models": models})}
+    cache: dict[str, dict] = {}
+    rows = []
+    for m in models:
+        v = vocab.get(m)
+        if v not in cache:
+            cache[v] = _segment(ds, v, text)
+        rows.append(dict(model=m, **cache[v]))
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("model", pa.string()), ("n_tokens", pa.int64()), ("tokens", pa.list_(pa.string())),
+        ("token_ids", pa.list_(pa.int32())), ("pieces", pa.list_(pa.string())), ("matches", pa.list_(pa.string()))]))
+
+
+def _segment(ds, vocab_id: str, text: str) -> dict:
+    steps = ds.rows(
+        """WITH RECURSIVE
+        voc AS MATERIALIZED (
+            SELECT token_id, piece, surface, lower(surface) AS lsurface, length(surface) AS n, cont
+            FROM (SELECT token_id, piece,
+                         CASE WHEN wp AND starts_with(piece, '##') AND length(piece) > 2 THEN substr(piece, 3) ELSE token END AS surface,
+                         wp AND starts_with(piece, '##') AND length(piece) > 2 AS cont
+                  FROM tokens, (SELECT count(*) FILTER (WHERE starts_with(piece, '##') AND length(piece) > 2) > 100 AS wp
+                                FROM tokens WHERE vocab_id = $v) w
+                  WHERE vocab_id = $v AND NOT special)
+            WHERE surface <> ''),
+        steps(i, rest, at_start, token_id, piece, surface, skipped) AS (
+            SELECT 0, $text::VARCHAR, true, NULL::INTEGER, NULL::VARCHAR, NULL::VARCHAR, false
+            UNION ALL
+            SELECT s.i + 1,
+                   CASE WHEN c.token_id IS NULL THEN substr(s.rest, 2) ELSE substr(s.rest, c.n + 1) END,
+                   c.token_id IS NULL AND trim(substr(s.rest, 1, 1)) = '',
+                   c.token_id, c.piece, coalesce(c.surface, substr(s.rest, 1, 1)),
+                   c.token_id IS NULL AND trim(substr(s.rest, 1, 1)) = ''
+            FROM steps s LEFT JOIN LATERAL (
+                SELECT token_id, piece, surface, n FROM voc
+                WHERE starts_with(lower(s.rest), lsurface)
+                ORDER BY (cont = NOT s.at_start) DESC, n DESC, starts_with(s.rest, surface) DESC, token_id
+                LIMIT 1) c ON true
+            WHERE length(s.rest) > 0)
+        SELECT token_id, piece, surface FROM steps WHERE i > 0 AND NOT skipped ORDER BY i""",
+        {"v": vocab_id, "text": text})
+    matches = ds.rows(
+        "SELECT token FROM tokens WHERE vocab_id = $v AND norm = $q ORDER BY token_id",
+        {"v": vocab_id, "q": norm(text)}) if norm(text) else []
+    return {"n_tokens": len(steps), "tokens": [r["surface"] for r in steps], "token_ids": [r["token_id"] for r in steps],
+            "pieces": [r["piece"] for r in steps], "matches": [r["token"] for r in matches]}
+
+
+def _signature_kinds(u: Unit) -> list[str]:
+    if u.kind == "neuron":
+        return list(FF_KINDS)
+    if u.kind == "head_dim":
+        return list(HEAD_DIM_KINDS)
+    if u.kind == "pos":
+        return ["pos"]
+    return [BIAS_KIND[u.bias]]
+
+
+def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10) -> pa.Table:
+    """Units of ``in_model`` whose top token lists overlap most with ``unit`` of ``model``.
+
+    A unit's signature maps (channel, normalised token text) to a weight: channels are the
+    vector kinds (ff_key, ff_gate, ff_value for a neuron; q/k/v/o for a head dimension) or,
+    for a head, the ``head_tokens`` role lists (``ov:source``, ``ov:output``, ``qk:query``,
+    ``qk:key``); only ``top`` lists count, whitespace-only tokens are left out. A token at
+    rank r of a list of K gets weight (K + 1 - r) / K (rank 1 -> 1, rank K -> 1/K); tokens of
+    one list with the same normalised text add up. Similarity is the weighted Jaccard index
+    sum(min(wa, wb)) / sum(max(wa, wb)) over the union of keys, so 1 means identical lists.
+    Candidates are units of the same sort (neurons with neurons, heads with heads, ...);
+    under grouped-query attention K/V head dimensions are named by their key/value head.
+
+    Result: unit, layer, similarity, shared (number of shared token texts), tokens (the shared
+    token texts, heaviest first, at most 10).
+    """
+    (a,) = ds.resolve_models([model])
+    (b,) = ds.resolve_models([in_model])
+    ia, ib = ds.model_info(a), ds.model_info(b)
+    u = parse_unit(unit)
+    check_unit(u, ia)
+    params = {"a": a, "b": b, "va": ia["vocab_id"], "vb": ib["vocab_id"], "unit": u.name}
+    lim = _limit(limit, params)
+    if u.kind == "head":
+        ks = ds.rows("SELECT model, max(rank) AS k FROM head_tokens WHERE model IN ($a, $b) GROUP BY model", params)
+        kmap = {r["model"]: r["k"] for r in ks}
+        params.update(ka=float(kmap.get(a) or 1), kb=float(kmap.get(b) or 1), layer=u.layer, head=u.head)
+        rows_a = """SELECT h.circuit || ':' || h.role AS channel, h.token_id, h.rank FROM head_tokens h
+                    WHERE h.model = $a AND h.layer = $layer AND h.head = $head AND h.side = 'top'"""
+        rows_b = """SELECT 'L' || h.layer || '.H' || h.head AS unit, h.layer, h.circuit || ':' || h.role AS channel,
+                           h.token_id, h.rank FROM head_tokens h WHERE h.model = $b AND h.side = 'top'"""
+    else:
+        params.update(ka=float(ia["k"] or 1), kb=float(ib["k"] or 1), kinds=_signature_kinds(u))
+        if u.layer is not None:
+            params["layer"] = u.layer
+        layer = "v.layer = $layer" if u.layer is not None else "v.layer IS NULL"
+        rows_a = f"""SELECT v.kind AS channel, v.token_id, v.rank FROM vectors v
+                     WHERE v.model = $a AND {layer} AND v.unit = $unit AND v.side = 'top' AND list_contains($kinds, v.kind)"""
+        rows_b = """SELECT v.unit, v.layer, v.kind AS channel, v.token_id, v.rank FROM vectors v
+                    WHERE v.model = $b AND v.side = 'top' AND list_contains($kinds, v.kind)"""
+    same = "WHERE unit <> $unit" if a == b else ""
+    return ds._run(
+        f"""WITH
+        ta AS (SELECT token_id, norm FROM tokens WHERE vocab_id = $va AND norm <> ''),
+        tb AS (SELECT token_id, norm FROM tokens WHERE vocab_id = $vb AND norm <> ''),
+        sa AS (SELECT r.channel, ta.norm, sum(($ka + 1 - r.rank) / $ka) AS w
+               FROM ({rows_a}) r JOIN ta USING (token_id) GROUP BY r.channel, ta.norm),
+        keys_b AS (SELECT DISTINCT tb.token_id FROM tb JOIN sa USING (norm)),
+        rb AS MATERIALIZED (SELECT * FROM ({rows_b}) r),
+        cand AS (SELECT DISTINCT r.unit FROM rb r SEMI JOIN keys_b k ON k.token_id = r.token_id),
+        sb AS (SELECT r.unit, any_value(r.layer) AS layer, r.channel, tb.norm, sum(($kb + 1 - r.rank) / $kb) AS w
+               FROM rb r JOIN tb USING (token_id) SEMI JOIN cand c ON c.unit = r.unit
+               GROUP BY r.unit, r.channel, tb.norm),
+        tot AS (SELECT unit, any_value(layer) AS layer, sum(w) AS w FROM sb GROUP BY unit),
+        inter_n AS (SELECT sb.unit, sa.norm, sum(least(sa.w, sb.w)) AS w
+                    FROM sb JOIN sa USING (channel, norm) GROUP BY sb.unit, sa.norm),
+        inter AS (SELECT unit, sum(w) AS w, count(*) AS shared, list(norm ORDER BY w DESC, norm)[1:10] AS toks
+                  FROM inter_n GROUP BY unit)
+        SELECT unit, layer, inter.w / ((SELECT sum(w) FROM sa) + tot.w - inter.w) AS similarity,
+               shared, toks AS tokens
+        FROM tot JOIN inter USING (unit) {same}
+        ORDER BY similarity DESC, shared DESC, layer, unit
+        {lim}""", params)
