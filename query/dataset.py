@@ -47,7 +47,8 @@ def check_read_only(query: str) -> list[str]:
             inner = _EXPLAIN_PREFIX.sub("", text, count=1)
             check_read_only(inner)
         elif st.type not in _READ_ONLY:
-            kind = st.type.name.replace("_", " ")
+            words = text.split()
+            kind = words[0].upper() if words else st.type.name
             raise ForbiddenSQL(
                 f"{kind} statements are not allowed: the dataset is read-only through zeropass "
                 f"(only SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN, PRAGMA and CALL run)")
@@ -156,6 +157,13 @@ class Dataset:
             raise ForbiddenSQL(
                 f"{_first_line(e).removeprefix('Permission Error: ')}: only the dataset's own files "
                 f"(under {self.root}) can be read") from None
+        except duckdb.CatalogException as e:
+            # With external access off, a quoted path outside the dataset is not scanned but
+            # looked up as a table: say why.
+            m = re.search(r"Table with name (.+?) does not exist", str(e))
+            if m and ("/" in m.group(1) or "." in m.group(1)):
+                raise ForbiddenSQL(f"cannot read {m.group(1)}: only the dataset's own files (under {self.root}) can be read") from None
+            raise BadSQL(_first_line(e)) from None
         except duckdb.Error as e:
             raise BadSQL(_first_line(e)) from None
 

@@ -247,7 +247,7 @@ def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[s
         out["pairs"] = ds._run(
             """SELECT circuit, side, rank, src, dst, score FROM pairs
                WHERE model = $m AND layer = $l AND head = $h AND rank <= $lim
-               ORDER BY circuit DESC, side DESC, rank""", p)
+               ORDER BY circuit, side DESC, rank""", p)
         for side in ("top", "bottom"):
             out[f"head_tokens_{side}"] = ds._run(
                 """SELECT rank,
