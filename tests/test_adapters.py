@@ -61,7 +61,8 @@ def hf_layers(model):
 def hf_qkv(family, layer, x, dims):
     """The module's own query/key/value states before rotary: [B, heads, S, d_head] each."""
     h, kv, e = dims.n_heads, dims.n_kv_heads, dims.d_head
-    split = lambda t, n: t.view(B, S, n, e).transpose(1, 2)
+    b, s = x.shape[:2]
+    split = lambda t, n: t.view(b, s, n, e).transpose(1, 2)
     if family == "gpt2":
         q, k, v = layer.attn.c_attn(x).split(dims.d_model, dim=2)
         return split(q, h), split(k, h), split(v, h)
@@ -73,7 +74,7 @@ def hf_qkv(family, layer, x, dims):
         return split(a.q(x), h), split(a.k(x), h), split(a.v(x), h)
     if family == "neox":
         # exactly HF's layout: (..., n_heads, 3 * d_head), then chunk
-        qkv = layer.attention.query_key_value(x).view(B, S, -1, 3 * e).transpose(1, 2)
+        qkv = layer.attention.query_key_value(x).view(b, s, -1, 3 * e).transpose(1, 2)
         return qkv.chunk(3, dim=-1)
     a = layer.self_attn
     return split(a.q_proj(x), h), split(a.k_proj(x), kv), split(a.v_proj(x), kv)
@@ -143,6 +144,7 @@ def c_norm(x, w, b, eps):
 
 def c_attention(lw, dims, x, causal):
     q, k, v = c_q(lw, x), c_k(lw, x), c_v(lw, x)
+    S = x.shape[1]
     kv = [dims.kv_head(h) for h in range(dims.n_heads)]
     scores = q @ k[:, kv].transpose(-1, -2) / math.sqrt(dims.d_head)
     if causal:
