@@ -84,7 +84,6 @@ class SafetensorsSource:
                     f"{f} is not a readable safetensors file ({_one_line(e)}); "
                     f"re-download or re-save the checkpoint"
                 ) from None
-        self._open: dict[Path, Any] = {}
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -96,13 +95,12 @@ class SafetensorsSource:
         from safetensors import safe_open
 
         f = self._where[name]
-        # Handles stay open (a header parse per tensor would cost more than the read); the
-        # data itself is copied out per tensor, so memory follows what the caller keeps.
-        h = self._open.get(f)
-        if h is None:
-            h = self._open[f] = safe_open(str(f), framework="pt")
+        # Open per tensor: closing unmaps the file, so resident memory follows the tensors the
+        # caller keeps (one layer), not every page of the file touched so far. A header parse
+        # per tensor is cheap next to the read.
         try:
-            return h.get_tensor(name)
+            with safe_open(str(f), framework="pt") as h:
+                return h.get_tensor(name)
         except Exception as e:
             raise BadCheckpoint(f"cannot read tensor {name!r} from {f} ({_one_line(e)}); "
                                 f"the file is truncated or corrupt, re-download it") from None
