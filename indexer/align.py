@@ -25,8 +25,10 @@ Scores (definitions repeated in docs/ALIGN.md):
   correlations are invariant to exactly that.
 * layer score per kind: mean over A's units of the best (max) similarity over B's units in
   the layer (no matching needed, so it is cheap for every layer pair). The layer aggregate
-  (kind ``layer``) is the mean of the per-kind layer scores.
-* layers are matched one-to-one by the Hungarian algorithm on the aggregate; within each
+  (kind ``layer``) is the mean of the per-kind layer scores; ``layer_excess`` is the aggregate
+  double-centred over the layer-pair matrix (minus its row and column means, plus the grand
+  mean): how much better a pair scores than its two layers score against everything.
+* layers are matched one-to-one by the Hungarian algorithm on ``layer_excess``; within each
   matched pair, neurons are matched on the mean of their ff_key/ff_gate/ff_value similarities
   (kind ``ff``) and heads on the mean of their q/k/v/o similarities (kind ``head``).
 """
@@ -196,18 +198,25 @@ def _whiten_heads(W: np.ndarray, G: np.ndarray) -> np.ndarray:
     W: [n_heads, d, d_head] (columns are the head's vectors).
     """
     W = np.asarray(W, dtype=np.float64)
-    S = np.einsum("hdi,de,hej->hij", W, G, W)
+    S = W.transpose(0, 2, 1) @ (G @ W)  # [h, d_head, d_head]
     vals, vecs = np.linalg.eigh(S)
     top = vals.max(axis=1, keepdims=True)
     inv = np.where(vals > _EPS * np.maximum(top, 1e-300), 1.0 / np.sqrt(np.maximum(vals, 1e-300)), 0.0)
-    return np.einsum("hdi,hij,hj->hdj", W, vecs, inv)
+    return (W @ vecs) * inv[:, None, :]
 
 
 def head_similarity(T_a: np.ndarray, T_b: np.ndarray, G_ab: np.ndarray) -> np.ndarray:
     """Mean canonical correlation of every head pair; T_* from :func:`_whiten_heads`. Returns [h_a, h_b]."""
-    h_a, d_a, k_a = T_a.shape
-    h_b, d_b, k_b = T_b.shape
-    M = np.einsum("hdi,de,gej->hgij", T_a, G_ab, T_b)
+    return _canonical_corr(T_a.transpose(0, 2, 1) @ G_ab, T_b)
+
+
+def _canonical_corr(P_a: np.ndarray, T_b: np.ndarray) -> np.ndarray:
+    """Mean canonical correlation per head pair from P_a = T_aᵀ G_ab [h_a, k_a, d_b] and T_b [h_b, d_b, k_b]."""
+    h_a, k_a, d_b = P_a.shape
+    h_b, _, k_b = T_b.shape
+    # One GEMM for all head pairs, then cut into [h_a, h_b, k_a, k_b] blocks.
+    M = (P_a.reshape(h_a * k_a, d_b) @ T_b.transpose(1, 0, 2).reshape(d_b, h_b * k_b))
+    M = M.reshape(h_a, k_a, h_b, k_b).transpose(0, 2, 1, 3)
     sv = np.linalg.svd(M, compute_uv=False)  # [h_a, h_b, min(k_a, k_b)]
     return np.clip(sv, 0.0, 1.0).mean(axis=-1)
 
@@ -254,7 +263,7 @@ def _prepare(vecs: dict[str, np.ndarray], kinds: Sequence[str], g_read: Grams, g
             neurons[kind] = (Xn.T @ g.G_ab).astype(np.float32) if side == "a" else Xn.astype(np.float32)
         else:
             T = _whiten_heads(X, G_self)
-            heads[kind] = np.einsum("hdi,de->hie", T, g.G_ab) if side == "a" else T
+            heads[kind] = T.transpose(0, 2, 1) @ g.G_ab if side == "a" else T
     return _Prepared(neurons, heads)
 
 
@@ -264,9 +273,7 @@ def _similarities(pa_: _Prepared, pb: _Prepared, kinds: Sequence[str]) -> dict[s
         if kind in NEURON_KINDS:
             out[kind] = np.abs(pa_.neurons[kind] @ pb.neurons[kind])
         else:
-            M = np.einsum("hie,gej->hgij", pa_.heads[kind], pb.heads[kind])
-            sv = np.linalg.svd(M, compute_uv=False)
-            out[kind] = np.clip(sv, 0.0, 1.0).mean(axis=-1)
+            out[kind] = _canonical_corr(pa_.heads[kind], pb.heads[kind])
     return out
 
 
@@ -395,11 +402,16 @@ def align(
         for lb in range(Lb):
             for kind, S in _similarities(pa_, prep_b[lb], kinds).items():
                 scores[kind][la, lb] = float(S.max(axis=1).mean())
-    scores["layer"] = np.mean([scores[k] for k in kinds], axis=0)
+    scores["layer"] = agg = np.mean([scores[k] for k in kinds], axis=0)
+    # Some layers of B score high against every layer of A (their vectors lie along the
+    # embedding's dominant directions, which every projection shares). Matching on the
+    # double-centred aggregate asks which pairs score above what their rows and columns score
+    # anyway; for a square matrix this changes nothing, for L_a != L_b it removes the bias.
+    scores["layer_excess"] = agg - agg.mean(0, keepdims=True) - agg.mean(1, keepdims=True) + agg.mean()
 
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(scores["layer"], maximize=True)
+    rows, cols = linear_sum_assignment(scores["layer_excess"], maximize=True)
     layer_match = sorted(zip(rows.tolist(), cols.tolist()))
 
     result = AlignResult(
@@ -474,7 +486,7 @@ def to_table(result: AlignResult, model_a: Optional[str] = None, model_b: Option
         if r is None:
             continue
         matched = set(r.layer_match)
-        for kind in (*r.kinds, "layer"):
+        for kind in (*r.kinds, "layer", "layer_excess"):
             S = r.layer_scores[kind]
             for la in range(r.n_layers_a):
                 for lb in range(r.n_layers_b):
@@ -498,17 +510,18 @@ def format_layer_table(result: AlignResult) -> str:
     head = f"{r.model_a} -> {r.model_b}  ({r.space} space"
     head += f", {r.n_tokens} shared tokens, {r.token_map_how})" if r.space == "embedding" else f", {r.n_tokens} coordinates)"
     lines = [head]
-    hdr = ["layer_a", "layer_b", "score"] + list(kinds) + ["best_b", "ff_match", "head_match"]
+    hdr = ["layer_a", "layer_b", "score", "excess"] + list(kinds) + ["best_b", "ff_match", "head_match"]
     if base is not None:
         hdr += ["raw_b", "raw_score"]
     rows = [hdr]
     for la in range(r.n_layers_a):
         lb = r.matched_b(la)
-        S = r.layer_scores["layer"]
-        best = int(S[la].argmax())
-        row = [str(la), "-" if lb is None else str(lb), "-" if lb is None else f"{S[la, lb]:.3f}"]
+        S, X = r.layer_scores["layer"], r.layer_scores["layer_excess"]
+        best = int(X[la].argmax())
+        row = [str(la), "-" if lb is None else str(lb), "-" if lb is None else f"{S[la, lb]:.3f}",
+               "-" if lb is None else f"{X[la, lb]:+.4f}"]
         row += ["-" if lb is None else f"{r.layer_scores[k][la, lb]:.3f}" for k in kinds]
-        row.append(f"{best} ({S[la, best]:.3f})")
+        row.append(str(best))
         m = r.units.get((la, lb)) if lb is not None else None
         row.append(f"{m['ff'].score.mean():.3f}" if m else "-")
         row.append(f"{m['head'].score.mean():.3f}" if m else "-")
@@ -521,6 +534,7 @@ def format_layer_table(result: AlignResult) -> str:
         lines.append("  ".join(c.rjust(w) for c, w in zip(x, widths)))
     lines.append(
         "score: mean over kinds of (mean over A's units of the best |rho| / head canonical correlation in B's layer); "
+        "excess: score double-centred over all layer pairs (the matching criterion); best_b: argmax of excess; "
         "ff_match/head_match: mean similarity of Hungarian-matched neurons/heads"
     )
     return "\n".join(lines)

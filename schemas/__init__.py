@@ -204,7 +204,7 @@ ALIGNMENTS = _table(
     _c("model_a", pa.string(), "Slug of the first model (the one whose layers and units are matched)."),
     _c("model_b", pa.string(), "Slug of the second model."),
     _c("space", pa.string(), "`embedding` (projections over the shared vocabulary) or `raw` (raw parameters, equal d_model only: the baseline)."),
-    _c("kind", pa.string(), "ff_key, ff_gate, ff_value, q, k, v, o (one parameter kind); `layer` (mean of the kinds, level `layer`); `ff` / `head` (neuron / head similarity used for matching, level `unit`)."),
+    _c("kind", pa.string(), "ff_key, ff_gate, ff_value, q, k, v, o (one parameter kind); `layer` (mean of the kinds, level `layer`); `layer_excess` (`layer` minus its row and column means plus the grand mean: the layer-matching criterion); `ff` / `head` (neuron / head similarity used for matching, level `unit`)."),
     _c("level", pa.string(), "`layer`: one row per (layer_a, layer_b, kind), every layer pair; `unit`: one row per unit pair within a matched layer pair."),
     _c("layer_a", pa.int16(), "Layer of model_a, 0-based."),
     _c("layer_b", pa.int16(), "Layer of model_b, 0-based."),
