@@ -167,6 +167,19 @@ class Dataset:
         except duckdb.Error as e:
             raise BadSQL(_first_line(e)) from None
 
+    def source(self, table: str, models: list[str] | None = None, layers: list[int] | None = None) -> str:
+        """SQL for ``table`` restricted to the files of ``models`` (and ``layers``), as a subquery.
+
+        The same rows as the view with those filters, but DuckDB opens only the files that can
+        hold them (binding a scan over every file of a big dataset costs tens of milliseconds).
+        Paths come from the manifest, never from the user.
+        """
+        files = table_files(self.manifest, table, models)
+        if layers is not None and "layer" in TABLES[table].partition_by:
+            wanted = {f"layer={int(layer)}" for layer in layers}
+            files = [f for f in files if wanted & set(f.split("/"))]
+        return f"({view_sql(TABLES[table], files, self.root)})"
+
     def rows(self, query: str, params: dict | list | None = None) -> list[dict]:
         """Internal SQL -> list of dicts."""
         return self._run(query, params).to_pylist()

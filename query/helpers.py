@@ -101,11 +101,18 @@ def suggest(ds, token: str, models: list[str], n: int = 5) -> list[str]:
     return [r["example"] for r in rows]
 
 
-def _hit_params(hits: pa.Table) -> dict:
-    return {"hit_models": hits.column("model").to_pylist(), "hit_ids": hits.column("token_id").to_pylist()}
+def _ids_by_model(hits: pa.Table) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for m, i in zip(hits.column("model").to_pylist(), hits.column("token_id").to_pylist()):
+        out.setdefault(m, []).append(i)
+    return out
 
 
-_HIT_CTE = "hit AS (SELECT unnest($hit_models::VARCHAR[]) AS model, unnest($hit_ids::INTEGER[]) AS token_id)"
+def _in_list(name: str, values: list, params: dict) -> str:
+    """``($name_0, $name_1, ...)`` with the values bound in ``params`` (never pasted)."""
+    keys = [f"{name}_{j}" for j in range(len(values))]
+    params.update(zip(keys, values))
+    return "(" + ", ".join("$" + k for k in keys) + ")"
 
 
 def _limit(limit: int | None, params: dict) -> str:
@@ -142,23 +149,30 @@ def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str =
     """
     circuits = _list_option(circuit or ["ov", "qk"], ("ov", "qk"), "circuit")
     hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
-    params = dict(_hit_params(hits), models=ds.resolve_models(model), circuits=circuits, sides=_sides(side))
-    lim = _limit(limit, params)
-    return ds._run(
-        f"""WITH {_HIT_CTE},
-        ev AS (
+    params = {"circuits": circuits, "sides": _sides(side)}
+    parts = []
+    # One scan per model over its own files, with the matched ids as a bound IN list: the
+    # filter reaches the Parquet reader (row-group pruning) instead of a join.
+    for i, (m, ids) in enumerate(_ids_by_model(hits).items()):
+        params[f"m{i}"] = m
+        ids_sql = _in_list(f"t{i}", ids, params)
+        parts.append(f"""
             SELECT p.model, p.layer, p.head, p.rank, p.score,
                    p.circuit || ' ' || p.side || ' pair #' || p.rank || ' ' || to_json(p.src) || ' -> '
                      || to_json(p.dst) || ' (' || printf('%.4g', p.score) || ')' AS evidence
-            FROM pairs p SEMI JOIN hit ON hit.model = p.model AND (hit.token_id = p.src_id OR hit.token_id = p.dst_id)
-            WHERE list_contains($models, p.model) AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
+            FROM {ds.source("pairs", [m])} p
+            WHERE p.model = $m{i} AND (p.src_id IN {ids_sql} OR p.dst_id IN {ids_sql})
+              AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
             UNION ALL
             SELECT h.model, h.layer, h.head, h.rank, h.score,
                    h.circuit || ' ' || h.role || ' ' || h.side || ' #' || h.rank || ' ' || to_json(h.token)
                      || ' (' || printf('%.4g', h.score) || ')' AS evidence
-            FROM head_tokens h SEMI JOIN hit ON hit.model = h.model AND hit.token_id = h.token_id
-            WHERE list_contains($models, h.model) AND list_contains($circuits, h.circuit) AND list_contains($sides, h.side)
-        )
+            FROM {ds.source("head_tokens", [m])} h
+            WHERE h.model = $m{i} AND h.token_id IN {ids_sql}
+              AND list_contains($circuits, h.circuit) AND list_contains($sides, h.side)""")
+    lim = _limit(limit, params)
+    return ds._run(
+        f"""WITH ev AS ({" UNION ALL ".join(parts)})
         SELECT model, 'L' || layer || '.H' || head AS unit, layer, head,
                sum(1.0 / rank) AS relevance, min(rank) AS best_rank, count(*) AS hits,
                list(evidence ORDER BY rank, abs(score) DESC, evidence) AS evidence
@@ -180,33 +194,38 @@ def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: in
     """
     kinds = _list_option(kind or list(FF_KINDS), ALL_KINDS, "kind")
     hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
-    params = dict(_hit_params(hits), models=ds.resolve_models(model), kinds=kinds, sides=_sides(side),
-                  max_rank=int(max_rank) if max_rank is not None else 2**31 - 1)
+    params = {"kinds": kinds, "sides": _sides(side), "max_rank": int(max_rank) if max_rank is not None else 2**31 - 1}
+    parts = []
+    for i, (m, ids) in enumerate(_ids_by_model(hits).items()):
+        params[f"m{i}"] = m
+        parts.append(f"""
+            SELECT model, unit, layer, kind, side, head, idx, rank, token, score
+            FROM {ds.source("vectors", [m])} v
+            WHERE v.model = $m{i} AND v.token_id IN {_in_list(f"t{i}", ids, params)}
+              AND list_contains($kinds, v.kind) AND list_contains($sides, v.side) AND v.rank <= $max_rank""")
     lim = _limit(limit, params)
     return ds._run(
-        f"""WITH {_HIT_CTE},
+        f"""WITH v AS ({" UNION ALL ".join(parts)}),
         hits AS (
             SELECT v.model, v.unit, v.layer, v.kind, v.side, min(v.rank) AS rank, arg_min(v.score, v.rank) AS score,
                    count(*) AS hits, any_value(v.head) AS head, any_value(v.idx) AS idx,
                    list(to_json(v.token) || ' #' || v.rank || ' (' || printf('%.4g', v.score) || ')' ORDER BY v.rank) AS evidence
-            FROM vectors v SEMI JOIN hit ON hit.model = v.model AND hit.token_id = v.token_id
-            WHERE list_contains($models, v.model) AND list_contains($kinds, v.kind) AND list_contains($sides, v.side)
-              AND v.rank <= $max_rank
-            GROUP BY v.model, v.unit, v.layer, v.kind, v.side)
+            FROM v GROUP BY v.model, v.unit, v.layer, v.kind, v.side)
         SELECT model, unit, layer, kind, side, rank, score, hits, evidence FROM hits
         ORDER BY rank, CASE WHEN side = 'top' THEN -score ELSE score END, model, layer, kind, head, idx
         {lim}""", params)
 
 
 def _kv_head(ds, info: dict, layer: int, head: int) -> int:
-    rows = ds.rows("SELECT kv_head FROM heads WHERE model = $m AND layer = $l AND head = $h", {"m": info["model"], "l": layer, "h": head})
+    rows = ds.rows(f"SELECT kv_head FROM {ds.source('heads', [info['model']], [layer])} WHERE model = $m AND layer = $l AND head = $h",
+                   {"m": info["model"], "l": layer, "h": head})
     if rows and rows[0]["kv_head"] is not None:
         return int(rows[0]["kv_head"])
     group = max(1, info["n_heads"] // max(1, info.get("n_kv_heads") or info["n_heads"]))
     return head // group
 
 
-def _vector_pivot(ds, model: str, where: str, params: dict, limit: int | None) -> pa.Table:
+def _vector_pivot(ds, model: str, layers: list[int] | None, where: str, params: dict, limit: int | None) -> pa.Table:
     """Top and bottom lists side by side, one row per (kind, head, idx, rank)."""
     params = dict(params, m=model, lim=int(limit) if limit is not None else 2**31 - 1)
     return ds._run(
@@ -215,7 +234,7 @@ def _vector_pivot(ds, model: str, where: str, params: dict, limit: int | None) -
                    max(score) FILTER (WHERE side = 'top') AS top_score,
                    max(token) FILTER (WHERE side = 'bottom') AS bottom,
                    max(score) FILTER (WHERE side = 'bottom') AS bottom_score
-            FROM vectors WHERE model = $m AND ({where}) AND rank <= $lim
+            FROM {ds.source("vectors", [model], layers)} WHERE model = $m AND ({where}) AND rank <= $lim
             GROUP BY kind, unit, head, idx, rank
             ORDER BY array_position(['ff_key', 'ff_gate', 'ff_value', 'q', 'k', 'v', 'o'], kind) NULLS LAST, kind, head, idx, rank""",
         params)
@@ -239,30 +258,31 @@ def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[s
     out: OrderedDict[str, pa.Table] = OrderedDict()
     if u.kind == "head":
         p = {"m": slug, "l": u.layer, "h": u.head}
-        row = ds.rows("SELECT * EXCLUDE (model, layer, head, unit) FROM heads WHERE model = $m AND layer = $l AND head = $h", p)
+        src = {t: ds.source(t, [slug], [u.layer]) for t in ("heads", "pairs", "head_tokens", "vectors")}
+        row = ds.rows(f"SELECT * EXCLUDE (model, layer, head, unit) FROM {src['heads']} WHERE model = $m AND layer = $l AND head = $h", p)
         metrics = list(row[0].items()) if row else []
         out["metrics"] = pa.table({"metric": [k for k, _ in metrics],
                                    "value": pa.array([None if v is None else float(v) for _, v in metrics], pa.float64())})
         p["lim"] = int(limit) if limit is not None else 2**31 - 1
         out["pairs"] = ds._run(
-            """SELECT circuit, side, rank, src, dst, score FROM pairs
+            f"""SELECT circuit, side, rank, src, dst, score FROM {src['pairs']}
                WHERE model = $m AND layer = $l AND head = $h AND rank <= $lim
                ORDER BY circuit, side DESC, rank""", p)
         for side in ("top", "bottom"):
             out[f"head_tokens_{side}"] = ds._run(
-                """SELECT rank,
+                f"""SELECT rank,
                           max(token) FILTER (WHERE circuit = 'ov' AND role = 'source') AS ov_source,
                           max(token) FILTER (WHERE circuit = 'ov' AND role = 'output') AS ov_output,
                           max(token) FILTER (WHERE circuit = 'qk' AND role = 'query') AS qk_query,
                           max(token) FILTER (WHERE circuit = 'qk' AND role = 'key') AS qk_key
-                   FROM head_tokens WHERE model = $m AND layer = $l AND head = $h AND side = $side AND rank <= $lim
+                   FROM {src['head_tokens']} WHERE model = $m AND layer = $l AND head = $h AND side = $side AND rank <= $lim
                    GROUP BY rank ORDER BY rank""", dict(p, side=side))
         kv = _kv_head(ds, info, u.layer, u.head)
         out["dims"] = ds._run(
-            """WITH d AS (
+            f"""WITH d AS (
                  SELECT kind, token_id, any_value(token) AS token, count(DISTINCT idx) AS dims, min(rank) AS best_rank,
                         avg(score) AS mean_score
-                 FROM vectors
+                 FROM {src['vectors']}
                  WHERE model = $m AND layer = $l AND side = 'top' AND rank <= $lim
                    AND ((kind IN ('q', 'o') AND head = $h) OR (kind IN ('k', 'v') AND head = $kv))
                  GROUP BY kind, token_id)
@@ -281,7 +301,7 @@ def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[s
         where, params = "kind = 'pos' AND idx = $i", {"i": u.index}
     else:
         where, params = "layer = $l AND kind = $k", {"l": u.layer, "k": BIAS_KIND[u.bias]}
-    out["vectors"] = _vector_pivot(ds, slug, where, params, limit)
+    out["vectors"] = _vector_pivot(ds, slug, [u.layer] if u.layer is not None else None, where, params, limit)
     return out
 
 
@@ -327,7 +347,8 @@ def _segment(ds, vocab_id: str, text: str) -> dict:
                   FROM tokens, (SELECT count(*) FILTER (WHERE starts_with(piece, '##') AND length(piece) > 2) > 100 AS wp
                                 FROM tokens WHERE vocab_id = $v) w
                   WHERE vocab_id = $v AND NOT special)
-            WHERE surface <> ''),
+            -- only entries that occur somewhere in the text can take part: a few hundred rows
+            WHERE surface <> '' AND contains(lower($text), lower(surface))),
         steps(i, rest, at_start, token_id, piece, surface, skipped) AS (
             SELECT 0, $text::VARCHAR, true, NULL::INTEGER, NULL::VARCHAR, NULL::VARCHAR, false
             UNION ALL
@@ -367,12 +388,14 @@ def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10)
     A unit's signature maps (channel, normalised token text) to a weight: channels are the
     vector kinds (ff_key, ff_gate, ff_value for a neuron; q/k/v/o for a head dimension) or,
     for a head, the ``head_tokens`` role lists (``ov:source``, ``ov:output``, ``qk:query``,
-    ``qk:key``); only ``top`` lists count, whitespace-only tokens are left out. A token at
-    rank r of a list of K gets weight (K + 1 - r) / K (rank 1 -> 1, rank K -> 1/K); tokens of
-    one list with the same normalised text add up. Similarity is the weighted Jaccard index
-    sum(min(wa, wb)) / sum(max(wa, wb)) over the union of keys, so 1 means identical lists.
-    Candidates are units of the same sort (neurons with neurons, heads with heads, ...);
-    under grouped-query attention K/V head dimensions are named by their key/value head.
+    ``qk:key``); only ``top`` lists count. A token at rank r of a list of K gets weight
+    (K + 1 - r) / K (rank 1 -> 1, rank K -> 1/K); tokens of one list with the same normalised
+    text add up. Similarity is the weighted Jaccard index sum(min(wa, wb)) / sum(max(wa, wb))
+    over the union of keys, so 1 means identical lists. A unit's total weight is
+    channels x (K + 1) / 2 (every list holds K entries), so only the entries of the other
+    model that share a token text with the unit are read. Candidates are units of the same
+    sort (neurons with neurons, heads with heads, ...); under grouped-query attention K/V head
+    dimensions are named by their key/value head.
 
     Result: unit, layer, similarity, shared (number of shared token texts), tokens (the shared
     token texts, heaviest first, at most 10).
@@ -382,45 +405,62 @@ def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10)
     ia, ib = ds.model_info(a), ds.model_info(b)
     u = parse_unit(unit)
     check_unit(u, ia)
-    params = {"a": a, "b": b, "va": ia["vocab_id"], "vb": ib["vocab_id"], "unit": u.name}
-    lim = _limit(limit, params)
+    params: dict = {"a": a, "b": b, "va": ia["vocab_id"], "vb": ib["vocab_id"], "unit": u.name}
+    layer_a = [u.layer] if u.layer is not None else None
     if u.kind == "head":
-        ks = ds.rows("SELECT model, max(rank) AS k FROM head_tokens WHERE model IN ($a, $b) GROUP BY model", params)
-        kmap = {r["model"]: r["k"] for r in ks}
-        params.update(ka=float(kmap.get(a) or 1), kb=float(kmap.get(b) or 1), layer=u.layer, head=u.head)
-        rows_a = """SELECT h.circuit || ':' || h.role AS channel, h.token_id, h.rank FROM head_tokens h
-                    WHERE h.model = $a AND h.layer = $layer AND h.head = $head AND h.side = 'top'"""
-        rows_b = """SELECT 'L' || h.layer || '.H' || h.head AS unit, h.layer, h.circuit || ':' || h.role AS channel,
-                           h.token_id, h.rank FROM head_tokens h WHERE h.model = $b AND h.side = 'top'"""
+        ks = {r["model"]: r for r in ds.rows(
+            f"""SELECT model, max(rank) AS k, count(DISTINCT circuit || role) AS channels
+                FROM {ds.source("head_tokens", [a, b])} WHERE side = 'top' GROUP BY model""", params)}
+        params.update(ka=float(ks.get(a, {}).get("k") or 1), kb=float(ks.get(b, {}).get("k") or 1),
+                      layer=u.layer, head=u.head)
+        channels_b = int(ks.get(b, {}).get("channels") or 0)
+        rows_a = f"""SELECT h.circuit || ':' || h.role AS channel, h.token_id, h.rank FROM {ds.source("head_tokens", [a], layer_a)} h
+                     WHERE h.model = $a AND h.layer = $layer AND h.head = $head AND h.side = 'top'"""
+        rows_b = f"""SELECT 'L' || h.layer || '.H' || h.head AS unit, h.layer, h.circuit || ':' || h.role AS channel,
+                            h.token_id, h.rank FROM {ds.source("head_tokens", [b])} h WHERE h.model = $b AND h.side = 'top'"""
     else:
-        params.update(ka=float(ia["k"] or 1), kb=float(ib["k"] or 1), kinds=_signature_kinds(u))
-        if u.layer is not None:
-            params["layer"] = u.layer
+        kinds = _signature_kinds(u)
+        params.update(ka=float(ia["k"] or 1), kb=float(ib["k"] or 1), kinds=kinds, layer=u.layer)
+        if len(kinds) == 1 or u.kind == "head_dim":
+            channels_b = len(kinds)
+        else:  # which FF kinds model b has (gated or not): one layer file tells
+            channels_b = ds.rows(
+                f"""SELECT count(DISTINCT kind) AS n FROM {ds.source("vectors", [b], [0])}
+                    WHERE model = $b AND list_contains($kinds, kind)""", params)[0]["n"]
         layer = "v.layer = $layer" if u.layer is not None else "v.layer IS NULL"
-        rows_a = f"""SELECT v.kind AS channel, v.token_id, v.rank FROM vectors v
+        rows_a = f"""SELECT v.kind AS channel, v.token_id, v.rank FROM {ds.source("vectors", [a], layer_a)} v
                      WHERE v.model = $a AND {layer} AND v.unit = $unit AND v.side = 'top' AND list_contains($kinds, v.kind)"""
-        rows_b = """SELECT v.unit, v.layer, v.kind AS channel, v.token_id, v.rank FROM vectors v
-                    WHERE v.model = $b AND v.side = 'top' AND list_contains($kinds, v.kind)"""
+        rows_b = f"""SELECT v.unit, v.layer, v.kind AS channel, v.token_id, v.rank FROM {ds.source("vectors", [b])} v
+                     WHERE v.model = $b AND v.side = 'top' AND list_contains($kinds, v.kind)"""
+    sig = ds.rows(
+        f"""SELECT r.channel, t.norm, sum(($ka + 1 - r.rank) / $ka) AS w
+            FROM ({rows_a}) r JOIN (SELECT token_id, norm FROM tokens WHERE vocab_id = $va) t USING (token_id)
+            GROUP BY r.channel, t.norm""", params)
+    if not sig:
+        return pa.table({"unit": pa.array([], pa.string()), "layer": pa.array([], pa.int16()),
+                         "similarity": pa.array([], pa.float64()), "shared": pa.array([], pa.int64()),
+                         "tokens": pa.array([], pa.list_(pa.string()))})
+    ids_b = [r["token_id"] for r in ds.rows(
+        "SELECT token_id FROM tokens WHERE vocab_id = $vb AND list_contains($norms, norm) ORDER BY token_id",
+        dict(params, norms=sorted({r["norm"] for r in sig})))]
+    params.update(total=sum(r["w"] for r in sig) + channels_b * (params["kb"] + 1) / 2,
+                  sa_channel=[r["channel"] for r in sig], sa_norm=[r["norm"] for r in sig], sa_w=[r["w"] for r in sig])
+    ids_sql = _in_list("ib", ids_b, params) if ids_b else "(NULL)"
     same = "WHERE unit <> $unit" if a == b else ""
+    lim = _limit(limit, params)
     return ds._run(
         f"""WITH
-        ta AS (SELECT token_id, norm FROM tokens WHERE vocab_id = $va AND norm <> ''),
-        tb AS (SELECT token_id, norm FROM tokens WHERE vocab_id = $vb AND norm <> ''),
-        sa AS (SELECT r.channel, ta.norm, sum(($ka + 1 - r.rank) / $ka) AS w
-               FROM ({rows_a}) r JOIN ta USING (token_id) GROUP BY r.channel, ta.norm),
-        keys_b AS (SELECT DISTINCT tb.token_id FROM tb JOIN sa USING (norm)),
-        rb AS MATERIALIZED (SELECT * FROM ({rows_b}) r),
-        cand AS (SELECT DISTINCT r.unit FROM rb r SEMI JOIN keys_b k ON k.token_id = r.token_id),
-        sb AS (SELECT r.unit, any_value(r.layer) AS layer, r.channel, tb.norm, sum(($kb + 1 - r.rank) / $kb) AS w
-               FROM rb r JOIN tb USING (token_id) SEMI JOIN cand c ON c.unit = r.unit
-               GROUP BY r.unit, r.channel, tb.norm),
-        tot AS (SELECT unit, any_value(layer) AS layer, sum(w) AS w FROM sb GROUP BY unit),
-        inter_n AS (SELECT sb.unit, sa.norm, sum(least(sa.w, sb.w)) AS w
-                    FROM sb JOIN sa USING (channel, norm) GROUP BY sb.unit, sa.norm),
-        inter AS (SELECT unit, sum(w) AS w, count(*) AS shared, list(norm ORDER BY w DESC, norm)[1:10] AS toks
+        sa AS (SELECT unnest($sa_channel::VARCHAR[]) AS channel, unnest($sa_norm::VARCHAR[]) AS norm,
+                      unnest($sa_w::DOUBLE[]) AS w),
+        rb AS (SELECT r.unit, r.layer, r.channel, t.norm, sum(($kb + 1 - r.rank) / $kb) AS w
+               FROM ({rows_b} AND token_id IN {ids_sql}) r
+               JOIN (SELECT token_id, norm FROM tokens WHERE vocab_id = $vb) t USING (token_id)
+               GROUP BY r.unit, r.layer, r.channel, t.norm),
+        inter_n AS (SELECT rb.unit, any_value(rb.layer) AS layer, sa.norm, sum(least(sa.w, rb.w)) AS w
+                    FROM rb JOIN sa USING (channel, norm) GROUP BY rb.unit, sa.norm),
+        inter AS (SELECT unit, any_value(layer) AS layer, sum(w) AS w, count(*) AS shared,
+                         list(norm ORDER BY w DESC, norm)[1:10] AS tokens
                   FROM inter_n GROUP BY unit)
-        SELECT unit, layer, inter.w / ((SELECT sum(w) FROM sa) + tot.w - inter.w) AS similarity,
-               shared, toks AS tokens
-        FROM tot JOIN inter USING (unit) {same}
+        SELECT unit, layer, w / ($total - w) AS similarity, shared, tokens FROM inter {same}
         ORDER BY similarity DESC, shared DESC, layer, unit
         {lim}""", params)
