@@ -28,6 +28,35 @@ if str(ROOT) not in sys.path:
 TARGET_MS = 200.0
 
 
+# -- a stand-in dataset at the real shapes (for when the indexer cannot run) ------------------
+
+_RNG = None
+
+
+def build_synthetic(root: Path, sort_vectors: bool = False) -> None:
+    """Random rows at MiniLM's and SmolLM2's real shapes (k=50, 200 pairs): same row counts,
+    same partitioning, random token ids. ``sort_vectors`` rewrites each vectors file sorted by
+    token_id in 16K-row groups (the layout recommended to the writer in docs/QUERY.md)."""
+    global _RNG, np, pa, Build, normalise
+    import numpy as np
+    import pyarrow as pa
+
+    from indexer.dataset import Build
+    from indexer.tokens import normalise
+
+    _RNG = np.random.default_rng(0)
+    _model(root, "minilm", 30522, 6, 12, 12, 32, 1536, ["ff_key", "ff_value"], "wp")
+    _model(root, "smollm2", 49152, 30, 9, 3, 64, 1536, ["ff_key", "ff_gate", "ff_value"], "bpe")
+    if sort_vectors:
+        import pyarrow.parquet as pq
+
+        for f in sorted(root.glob("vectors/**/*.parquet")):
+            t = pq.read_table(f).sort_by([("token_id", "ascending")])
+            pq.write_table(t, f, compression="zstd", row_group_size=16384)
+
+
+
+
 def ensure_models(db: Path, quiet: bool) -> None:
     from schemas.layout import read_manifest
 
@@ -75,9 +104,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-index", action="store_true", help="Benchmark whatever --db holds; index nothing.")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--synthetic", action="store_true",
+                   help="Build --db from random rows at MiniLM/SmolLM2 shapes instead of indexing (no torch needed).")
+    p.add_argument("--sorted", action="store_true", help="With --synthetic: vectors files sorted by token_id.")
     args = p.parse_args(argv)
     db = Path(args.db)
-    if not args.no_index:
+    if args.synthetic:
+        if not (db / "manifest.json").exists():
+            t = time.perf_counter()
+            build_synthetic(db, sort_vectors=args.sorted)
+            print(f"built synthetic dataset in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    elif not args.no_index:
         ensure_models(db, args.quiet)
 
     from query import Dataset
@@ -109,6 +146,61 @@ def main(argv=None) -> int:
     slow = [r for r in rows if r[3] >= TARGET_MS]
     print(f"{len(rows) - len(slow)}/{len(rows)} warm medians under {TARGET_MS:.0f} ms")
     return 0
+
+
+def _vocab(V, style):
+    base = ["paris", "the", "france", "capital", "of", "is", "city", "london"] + [f"w{i}" for i in range(V)]
+    toks = []
+    for i in range(V):
+        w = base[i // 3] if i // 3 < len(base) else f"t{i}"
+        v = i % 3
+        toks.append((" " + w.capitalize()) if v == 0 and style == "bpe" else (w if v == 1 else (w.upper() if style=="bpe" else "##" + w)))
+    return toks
+def _model(root, slug, V, L, H, KV, dh, dff, kinds, style):
+    toks = _vocab(V, style)
+    vid = f"v{slug}"
+    tokd = pa.array(toks)
+    b = Build(root, slug, {"s": slug})
+    K, NP = 50, 200
+    for l in range(L):
+        units = []
+        kind_l, head_l, idx_l = [], [], []
+        for k in kinds:
+            kind_l += [k]*dff; head_l += [None]*dff; idx_l += list(range(dff))
+        for k in "qkvo":
+            nh = H if k in "qo" else KV
+            for h in range(nh):
+                kind_l += [k]*dh; head_l += [h]*dh; idx_l += list(range(dh))
+        n = len(kind_l)
+        unit_l = [f"L{l}.N{i}" if h is None else f"L{l}.H{h}.d{i}" for h, i in zip(head_l, idx_l)]
+        rep = 2 * K
+        ids = _RNG.integers(0, V, n * rep).astype(np.int32)
+        t = pa.table({
+            "model": pa.array([slug]*(n*rep)), "layer": pa.array(np.full(n*rep, l, np.int16)),
+            "kind": pa.array(np.repeat(kind_l, rep)), "head": pa.array(np.repeat(np.array(head_l, dtype=object), rep), pa.int16()),
+            "idx": pa.array(np.repeat(idx_l, rep).astype(np.int32)), "unit": pa.array(np.repeat(unit_l, rep)),
+            "side": pa.array(np.tile(["top"]*K + ["bottom"]*K, n)), "rank": pa.array(np.tile(np.r_[1:K+1, 1:K+1], n).astype(np.int32)),
+            "token_id": pa.array(ids), "token": pa.DictionaryArray.from_arrays(pa.array(ids), tokd),
+            "score": pa.array(_RNG.standard_normal(n*rep).astype(np.float32))})
+        b.write("vectors", t, layer=l)
+        nrow = H * 2 * 2 * NP
+        s = _RNG.integers(0, V, nrow).astype(np.int32); d = _RNG.integers(0, V, nrow).astype(np.int32)
+        b.write("pairs", pa.table({"model": [slug]*nrow, "layer": np.full(nrow, l, np.int16), "head": np.repeat(np.arange(H), 4*NP).astype(np.int16),
+             "circuit": np.tile(np.repeat(["ov","qk"], 2*NP), H), "side": np.tile(np.repeat(["top","bottom"], NP), 2*H),
+             "rank": np.tile(np.arange(1, NP+1), 4*H).astype(np.int32), "src_id": s, "src": pa.DictionaryArray.from_arrays(pa.array(s), tokd),
+             "dst_id": d, "dst": pa.DictionaryArray.from_arrays(pa.array(d), tokd), "score": _RNG.standard_normal(nrow)}), layer=l)
+        nrow = H * 4 * 2 * K
+        s = _RNG.integers(0, V, nrow).astype(np.int32)
+        b.write("head_tokens", pa.table({"model": [slug]*nrow, "layer": np.full(nrow, l, np.int16), "head": np.repeat(np.arange(H), 8*K).astype(np.int16),
+             "circuit": np.tile(np.repeat(["ov","ov","qk","qk"], 2*K), H), "role": np.tile(np.repeat(["source","output","query","key"], 2*K), H),
+             "side": np.tile(np.repeat(["top","bottom"], K), 4*H), "rank": np.tile(np.arange(1, K+1), 8*H).astype(np.int32),
+             "token_id": s, "token": pa.DictionaryArray.from_arrays(pa.array(s), tokd), "score": _RNG.standard_normal(nrow)}), layer=l)
+        b.write("heads", pa.table({"model": [slug]*H, "layer": np.full(H, l, np.int16), "head": np.arange(H).astype(np.int16),
+             "kv_head": (np.arange(H) // (H // KV)).astype(np.int16), "unit": [f"L{l}.H{h}" for h in range(H)], "ov_copying_score": _RNG.standard_normal(H)}), layer=l)
+    tokt = pa.table({"vocab_id": [vid]*V, "token_id": pa.array(np.arange(V, dtype=np.int32)), "piece": toks, "token": toks,
+                     "norm": [normalise(t) for t in toks], "special": [False]*V})
+    b.commit(dict(source=slug, architecture="x", n_layers=L, n_heads=H, n_kv_heads=KV, d_model=dh*H, d_head=dh, d_ff=dff, d_vocab=V,
+                  n_ctx=None, tied=True, vocab_id=vid, variant="raw", k=K, n_pairs=NP, settings="{}", weights_sha256="{}"), vid, tokt)
 
 
 if __name__ == "__main__":
