@@ -142,14 +142,20 @@ class Grams:
 
 
 def grams(E_a: np.ndarray, E_b: np.ndarray) -> Grams:
-    """``G = EᵀE − V μ μᵀ`` for both bases and across them; E_a [V, d_a], E_b [V, d_b], same rows."""
-    E_a = np.asarray(E_a, dtype=np.float64)
-    E_b = np.asarray(E_b, dtype=np.float64)
+    """``G = EᵀE − V μ μᵀ`` for both bases and across them; E_a [V, d_a], E_b [V, d_b], same rows.
+
+    Computed as ``(E − μ)ᵀ(E' − μ')``, the same matrix: centring first avoids the cancellation of
+    the uncentred form, so the V-long sums can run in float32 (4x faster here); the small
+    results are float64.
+    """
     V = E_a.shape[0]
-    mu_a, mu_b = E_a.mean(0), E_b.mean(0)
-    G_aa = E_a.T @ E_a - V * np.outer(mu_a, mu_a)
-    G_bb = E_b.T @ E_b - V * np.outer(mu_b, mu_b)
-    G_ab = E_a.T @ E_b - V * np.outer(mu_a, mu_b)
+    mu_a = np.asarray(E_a, dtype=np.float64).mean(0)
+    mu_b = np.asarray(E_b, dtype=np.float64).mean(0)
+    C_a = (np.asarray(E_a, dtype=np.float32) - mu_a.astype(np.float32))
+    C_b = (np.asarray(E_b, dtype=np.float32) - mu_b.astype(np.float32))
+    G_aa = (C_a.T @ C_a).astype(np.float64)
+    G_bb = (C_b.T @ C_b).astype(np.float64)
+    G_ab = (C_a.T @ C_b).astype(np.float64)
     return Grams(G_aa, G_bb, G_ab, V)
 
 
@@ -379,11 +385,11 @@ def align(
     elif space == "embedding":
         tm = _check_token_map(A, B, token_map)
         ea, eb = A.embeddings, B.embeddings
-        g_read = grams(ea.W_E.double().numpy()[tm.ids_a], eb.W_E.double().numpy()[tm.ids_b])
+        g_read = grams(ea.W_E.detach().cpu().numpy()[tm.ids_a], eb.W_E.detach().cpu().numpy()[tm.ids_b])
         if A.dims.tied and B.dims.tied:
             g_write = g_read
         else:
-            g_write = grams(ea.W_U.double().numpy()[:, tm.ids_a].T, eb.W_U.double().numpy()[:, tm.ids_b].T)
+            g_write = grams(ea.W_U.detach().cpu().numpy()[:, tm.ids_a].T, eb.W_U.detach().cpu().numpy()[:, tm.ids_b].T)
         n_tokens, how = tm.n_shared, tm.how
     else:
         raise ValueError(f"space must be 'embedding' or 'raw', got {space!r}")
