@@ -252,33 +252,38 @@ class _ModelWriter:
         return self._vector_table("pos", None, None, np.arange(n), [f"P{p}" for p in range(n)], self.write_side(W_pos))
 
     def layer(self, l: int) -> None:
+        """Write layer ``l``'s partitions that are not on disk yet."""
         if self.build.has("vectors", layer=l) and self.build.has("heads", layer=l):
             return
         lw = self.model.layer(l)
-        dims = self.model.dims
         if not self.build.has("vectors", layer=l):
-            parts = []
-            ff_units = [f"L{l}.N{i}" for i in range(dims.d_ff)]
-            ff_idx = np.arange(dims.d_ff)
-            parts.append(self._vector_table("ff_key", l, None, ff_idx, ff_units, self.read(lw.W_in.T)))
-            if lw.W_gate is not None:
-                parts.append(self._vector_table("ff_gate", l, None, ff_idx, ff_units, self.read(lw.W_gate.T)))
-            parts.append(self._vector_table("ff_value", l, None, ff_idx, ff_units, self.write_side(lw.W_out)))
-            for kind, W, side in (("q", lw.W_Q, "read"), ("k", lw.W_K, "read"), ("v", lw.W_V, "read"), ("o", lw.W_O, "write")):
-                n_h, d_head = W.shape[0], (W.shape[2] if side == "read" else W.shape[1])
-                # read side: columns of W[h] ([d_model, d_head]); write side: rows of W_O[h].
-                X = W.transpose(1, 2).reshape(n_h * d_head, -1) if side == "read" else W.reshape(n_h * d_head, -1)
-                heads = np.repeat(np.arange(n_h), d_head)
-                idx = np.tile(np.arange(d_head), n_h)
-                units = [f"L{l}.H{h}.d{j}" for h, j in zip(heads, idx)]
-                proj = self.read if side == "read" else self.write_side
-                parts.append(self._vector_table(kind, l, heads, idx, units, proj(X)))
-            for kind, b, unit in (("bias_attn_out", lw.b_O, f"L{l}.attn_bias"), ("bias_ff_out", lw.b_out, f"L{l}.ff_bias")):
-                if b is not None:
-                    parts.append(self._vector_table(kind, l, None, np.zeros(1, dtype=np.int64), [unit], self.write_side(b[None, :])))
-            self.build.write("vectors", pa.concat_tables(parts), layer=l)
+            self.build.write("vectors", self.vectors(l, lw), layer=l)
         if not self.build.has("heads", layer=l):
             self._heads(l, lw)
+
+    def vectors(self, l: int, lw) -> pa.Table:
+        """Top/bottom-k tokens of every vector-shaped parameter of layer ``l``."""
+        dims = self.model.dims
+        parts = []
+        ff_units = [f"L{l}.N{i}" for i in range(dims.d_ff)]
+        ff_idx = np.arange(dims.d_ff)
+        parts.append(self._vector_table("ff_key", l, None, ff_idx, ff_units, self.read(lw.W_in.T)))
+        if lw.W_gate is not None:
+            parts.append(self._vector_table("ff_gate", l, None, ff_idx, ff_units, self.read(lw.W_gate.T)))
+        parts.append(self._vector_table("ff_value", l, None, ff_idx, ff_units, self.write_side(lw.W_out)))
+        for kind, W, side in (("q", lw.W_Q, "read"), ("k", lw.W_K, "read"), ("v", lw.W_V, "read"), ("o", lw.W_O, "write")):
+            n_h, d_head = W.shape[0], (W.shape[2] if side == "read" else W.shape[1])
+            # read side: columns of W[h] ([d_model, d_head]); write side: rows of W_O[h].
+            X = W.transpose(1, 2).reshape(n_h * d_head, -1) if side == "read" else W.reshape(n_h * d_head, -1)
+            heads = np.repeat(np.arange(n_h), d_head)
+            idx = np.tile(np.arange(d_head), n_h)
+            units = [f"L{l}.H{h}.d{j}" for h, j in zip(heads, idx)]
+            proj = self.read if side == "read" else self.write_side
+            parts.append(self._vector_table(kind, l, heads, idx, units, proj(X)))
+        for kind, b, unit in (("bias_attn_out", lw.b_O, f"L{l}.attn_bias"), ("bias_ff_out", lw.b_out, f"L{l}.ff_bias")):
+            if b is not None:
+                parts.append(self._vector_table(kind, l, None, np.zeros(1, dtype=np.int64), [unit], self.write_side(b[None, :])))
+        return pa.concat_tables(parts)
 
     def _vector_table(self, kind: str, layer, heads, idx, units: list[str], topk: TopK) -> pa.Table:
         n, k = topk.top_idx.shape

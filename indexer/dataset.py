@@ -230,6 +230,27 @@ class Build:
                 parent = parent.parent
 
 
+def store_alignment(root: Path, model_a: str, model_b: str, table: pa.Table) -> str:
+    """Publish the alignment of two models (replacing an earlier one of the same pair)."""
+    root = Path(root)
+    check_writable(root)
+    with dataset_lock(root):
+        rel = f"{partition_dir('alignments', model_a=model_a, model_b=model_b)}/{uuid.uuid4().hex[:12]}.parquet"
+        write_parquet_atomic(root, rel, conform("alignments", table))
+        manifest = read_manifest(root) or empty_manifest()
+        alignments = manifest.setdefault("alignments", {})
+        old = alignments.get(f"{model_a}|{model_b}", {}).get("files", [])
+        alignments[f"{model_a}|{model_b}"] = {"files": [rel], "rows": table.num_rows}
+        try:
+            write_json_atomic(root / MANIFEST, manifest)
+        except OSError as e:
+            raise _os_error(root, e) from None
+        write_catalog(root, manifest)
+        for f in old:
+            (root / f).unlink(missing_ok=True)
+    return rel
+
+
 def remove_model(root: Path, slug: str) -> None:
     """Unpublish ``slug`` and delete its files (other models untouched)."""
     root = Path(root)

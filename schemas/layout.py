@@ -5,6 +5,7 @@
       catalog.duckdb                     views for the plain `duckdb` CLI (run it from DIR)
       <table>/model=<slug>/layer=<L>/<build>.parquet   Hive-style partitions
       tokens/vocab_id=<id>/<id>.parquet  one file per vocabulary, shared by models
+      alignments/model_a=<a>/model_b=<b>/<id>.parquet   results of `zeropass align`
       .builds/<slug>.json                progress of an unfinished build (for resume)
 
 A model is visible to readers only through ``manifest.json``, which lists its files
@@ -29,7 +30,7 @@ FORMAT = "zeropass-dataset"
 
 
 def empty_manifest() -> dict:
-    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "models": {}, "vocabularies": {}}
+    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "models": {}, "vocabularies": {}, "alignments": {}}
 
 
 def read_manifest(root: Path) -> dict | None:
@@ -64,6 +65,9 @@ def table_files(manifest: dict, table: str, models: list[str] | None = None) -> 
     """Relative paths of the committed files of ``table`` (restricted to ``models``)."""
     if table == "tokens":
         return sorted(f for v in manifest.get("vocabularies", {}).values() for f in v.get("files", []))
+    if table == "alignments":  # keyed by the pair of models, listed apart from the models
+        return sorted(f for key, v in manifest.get("alignments", {}).items()
+                      if models is None or set(key.split("|")) & set(models) for f in v.get("files", []))
     files = []
     for slug, entry in sorted(manifest.get("models", {}).items()):
         if models is None or slug in models:
