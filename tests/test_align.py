@@ -98,7 +98,8 @@ def test_head_similarity_is_invariant_within_the_head():
     assert S[0, 0] < 0.9
 
 
-def test_rotation_is_recovered_in_embedding_space_not_in_raw_space(tmp_path):
+def test_rotation_is_recovered_in_embedding_space_not_in_raw_space(record_property):
+    """Numbers: `pytest -rP tests/test_align.py -k rotation` (printed), or in the assertion message."""
     A = random_canonical()
     B, truth_ff, truth_heads = rotate_and_permute(A)
     emb = align(A, B, baseline=True)
@@ -119,7 +120,7 @@ def test_rotation_is_recovered_in_embedding_space_not_in_raw_space(tmp_path):
         f"raw space: layers {raw_layers}/{A.dims.n_layers} (margin {margin(raw):+.3f}), "
         f"neurons {raw_ff:.1%}, heads {raw_heads:.1%}"
     )
-    (tmp_path / "report.txt").write_text(report)
+    record_property("alignment", report)
     assert emb_layers == A.dims.n_layers and emb_ff >= 0.99 and emb_heads >= 0.99, report
     assert raw_ff < 0.1 and raw_heads < 0.75 and margin(raw) < 0.05 < 0.5 < margin(emb), report
     # The matched units are the same vectors in another basis: correlation 1.
