@@ -555,7 +555,10 @@ def align_models(ref_a: str, ref_b: str, *, name_a: Optional[str] = None, name_b
 
     la, lb = load_canonical(ref_a), load_canonical(ref_b)
     A, B = la.canonical, lb.canonical
-    tm = shared_vocabulary(la.tokenizer, lb.tokenizer, A.dims.d_vocab, B.dims.d_vocab)
+    if la.tokenizer is None or lb.tokenizer is None:
+        tm = None  # no tokenizer to match on: same ids, equal vocabulary sizes required
+    else:
+        tm = shared_vocabulary(la.tokenizer, lb.tokenizer, A.dims.d_vocab, B.dims.d_vocab)
     result = align(A, B, token_map=tm, match_units=match_units, baseline=True)
     result.model_a = name_a or _slug(ref_a)
     result.model_b = name_b or _slug(ref_b)

@@ -49,6 +49,12 @@ def check_compatible(base: Canonical, tuned: Canonical) -> None:
         raise IncompatibleModels(f"base and tuned models differ ({detail}); diff needs the same architecture, dims and vocabulary")
 
 
+def check_same_vocabulary(tok_base, tok_tuned, base_ref: str = "base", tuned_ref: str = "tuned") -> None:
+    """Raise IncompatibleModels when both tokenizers are known and map pieces to ids differently."""
+    if tok_base is not None and tok_tuned is not None and tok_base.get_vocab() != tok_tuned.get_vocab():
+        raise IncompatibleModels(f"{base_ref} and {tuned_ref} have different vocabularies; diff needs the same tokenizer")
+
+
 def diff_canonical(base: Canonical, tuned: Canonical) -> Canonical:
     """θ_tuned − θ_base for every vector parameter, on the tuned model's W_E / W_U (see module doc).
 
@@ -85,8 +91,7 @@ def diff_models(base_ref: str, tuned_ref: str):
     from .load import Loaded, load_canonical
 
     lb, lt = load_canonical(base_ref), load_canonical(tuned_ref)
-    if lb.tokenizer is not None and lt.tokenizer is not None and lb.tokenizer.get_vocab() != lt.tokenizer.get_vocab():
-        raise IncompatibleModels(f"{base_ref} and {tuned_ref} have different vocabularies; diff needs the same tokenizer")
+    check_same_vocabulary(lb.tokenizer, lt.tokenizer, base_ref, tuned_ref)
     canonical = diff_canonical(lb.canonical, lt.canonical)
     provenance = {**lt.provenance, "variant": "diff", "base": dict(lb.provenance)}
     return Loaded(canonical=canonical, tokenizer=lt.tokenizer, config=lt.config, provenance=provenance)

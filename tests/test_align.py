@@ -215,3 +215,16 @@ def test_minilm_vs_mpnet_layers_align_by_depth():
     assert rho > 0.8, text
     assert table.num_rows > 6 * 12 * 9
     print(text)
+
+
+def test_align_models_on_tiny_checkpoints(tmp_path):
+    """The loading path end to end: same tokenizer -> same ids; raw baseline present (equal widths)."""
+    from indexer.align import align_models
+    from tests.tiny_models import save_tiny
+
+    a = save_tiny("gpt2", tmp_path / "a", seed=1)
+    b = save_tiny("gpt2", tmp_path / "b", seed=2)
+    r, table = align_models(str(a), str(b))
+    assert r.token_map_how == "same-ids" and r.model_a == "a" and r.baseline is not None
+    assert set(table.column("space").to_pylist()) == {"embedding", "raw"}
+    assert table.column("level").to_pylist().count("layer") == 2 * 2 * 2 * (len(r.kinds) + 2)

@@ -79,3 +79,12 @@ def test_diff_of_different_architectures_is_a_typed_error(tmp_path):
     # Same model: every delta is zero, every layer unchanged.
     same = diff_canonical(a, a)
     assert all(delta_top_tokens(same, l) is None for l in range(2))
+
+
+def test_different_vocabularies_are_refused():
+    from indexer.diff import check_same_vocabulary
+    from tests.test_align import _Tok
+
+    check_same_vocabulary(_Tok(["a", "b"]), _Tok(["a", "b"]))
+    with pytest.raises(IncompatibleModels, match="different vocabularies"):
+        check_same_vocabulary(_Tok(["a", "b"]), _Tok(["b", "a"]))
