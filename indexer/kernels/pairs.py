@@ -128,10 +128,15 @@ def _balanced_basis(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, float]:
     eye = torch.eye(d, dtype=torch.float64, device=A.device)
     if min(A.shape[0], B.shape[0]) <= d:
         return A, B, 0.0
-    _, Ra = torch.linalg.qr(A)
-    _, Rb = torch.linalg.qr(B)
+    # Any invertible R_a, R_b give T S^T = I exactly in real arithmetic; Cholesky factors of the
+    # Gram matrices (A = Q_a R_a with orthonormal Q_a) are cheap, and T S^T - I is measured below.
+    La, info_a = torch.linalg.cholesky_ex(A.T @ A)
+    Lb, info_b = torch.linalg.cholesky_ex(B.T @ B)
+    if int(info_a) or int(info_b):
+        return A, B, 0.0
+    Ra, Rb = La.T, Lb.T
     diag = torch.cat([Ra.diagonal().abs(), Rb.diagonal().abs()])
-    if bool(diag.min() <= 1e-7 * diag.max()):  # (near) rank-deficient: keep the given basis
+    if bool(diag.min() <= 1e-6 * diag.max()):  # (near) rank-deficient: keep the given basis
         return A, B, 0.0
     U, sig, Wh = torch.linalg.svd(Ra @ Rb.T)
     root = sig.sqrt()
@@ -208,6 +213,7 @@ def top_pairs(
     block_cols: int = 8192,
     screen_dtype: torch.dtype = torch.bfloat16,
     basis: str = "svd",
+    first_block_cols: int = 256,
 ) -> PairResult:
     """Exact top/bottom-``n`` entries, top-``k`` role rows/columns and the self-top-1 fraction of
     ``M = A @ B.T`` (``A``: [rows, d], ``B``: [cols, d]), computed without building ``M``.
@@ -226,12 +232,14 @@ def top_pairs(
     dev = torch.device(device)
     t_start = time.perf_counter()
     with _strict_matmul(dev):
-        return _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, basis, t_start)
+        return _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, basis,
+                          first_block_cols, t_start)
 
 
-def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, basis, t_start):
-    A64 = A.to(dev, torch.float64)
-    B64 = B.to(dev, torch.float64)
+def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, basis,
+               first_block_cols, t_start):
+    A64 = A.detach().to(dev, torch.float64)
+    B64 = B.detach().to(dev, torch.float64)
     R, C = A64.shape[0], B64.shape[0]
     d = A64.shape[1]
     n = min(n, R * C)
@@ -301,44 +309,61 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
                square=square, row_marg=row_marg, **(dict(diag=diag, diag_col=diag_col,
                off_hi=off_hi, undecided=undecided) if square else {}))
     n_rb = (R + block_rows - 1) // block_rows
-    n_cb = (C + block_cols - 1) // block_cols
-    stats["blocks"] = n_rb * n_cb
+    # Column blocks grow geometrically (256, 512, ... block_cols): most rows are proven
+    # "not self" and most role/top bounds settle within the first few hundred largest columns,
+    # so later, larger blocks only see the rows that still need them.
+    col_edges = [0]
+    while col_edges[-1] < C:
+        step = min(block_cols, max(first_block_cols, col_edges[-1]))
+        col_edges.append(min(C, col_edges[-1] + step))
+    stats["blocks"] = n_rb * (len(col_edges) - 1)
     for rb in range(n_rb):
         r0 = rb * block_rows
         r1 = min(R, r0 + block_rows)
-        for cb in range(n_cb):
-            c0 = cb * block_cols
-            c1 = min(C, c0 + block_cols)
+        for c0, c1 in zip(col_edges[:-1], col_edges[1:]):
             th = theta()
             b0 = beta_h[c0]
-            # Rows of the block that may matter (sorted by norm, so the global test is a prefix).
-            p = _count_ge(alpha_h, r0, r1, th / b0 if b0 > 0 else _POS_INF) if th > 0 else r1 - r0
-            if square and th > 0:
-                need = undecided[r0:r1] & (alpha_s[r0:r1] * b0 >= diag[r0:r1] - eps_T)
-                nz = torch.nonzero(need)
-                if nz.numel():
-                    p = max(p, int(nz[-1]) + 1)
-            if p == 0:
-                break  # later column blocks have smaller norms: nothing left in this block row
-            a0 = alpha_h[r0]
-            colth = th / a0 if a0 > 0 else _POS_INF
-            if square and th > 0:
-                und = undecided[r0 : r0 + p]
-                if bool(und.any()):
-                    colth = min(colth, float(self_need[r0 : r0 + p][und].min()))
-            q = _count_ge(beta_h, c0, c1, colth) if th > 0 else c1 - c0
+            if th > 0:
+                # Rows of the block that may matter: the global test is a prefix (rows sorted by
+                # norm); undecided self rows add those whose bound reaches their diagonal.
+                p = _count_ge(alpha_h, r0, r1, th / b0 if b0 > 0 else _POS_INF)
+                ridx = None
+                if square:
+                    need = undecided[r0:r1] & (alpha_s[r0:r1] * b0 >= diag[r0:r1] - eps_T)
+                    need[:p] = True
+                    ridx = torch.nonzero(need).squeeze(1) + r0
+                    if ridx.numel() == p:
+                        ridx = None  # just the prefix
+                rows_n = p if ridx is None else int(ridx.numel())
+                if rows_n == 0:
+                    break  # later column blocks have smaller norms: nothing left in this block row
+                colth = th / alpha_h[r0] if alpha_h[r0] > 0 else _POS_INF
+                if square:
+                    und = undecided[r0 : r0 + p] if ridx is None else undecided[ridx]
+                    if bool(und.any()):
+                        sn = self_need[r0 : r0 + p] if ridx is None else self_need[ridx]
+                        colth = min(colth, float(sn[und].min()))
+                q = _count_ge(beta_h, c0, c1, colth)
+            else:  # no useful threshold yet: every entry may matter
+                rows_n, ridx, q = r1 - r0, None, c1 - c0
             if q == 0:
                 continue
+            if ridx is None:
+                ridx = torch.arange(r0, r0 + rows_n, device=dev)
+                lhs = As[r0 : r0 + rows_n]
+            else:
+                lhs = As[ridx]
             stats["blocks_computed"] += 1
-            stats["entries_screened"] += p * q
-            S = torch.mm(As[r0 : r0 + p], Bs_T[:, c0 : c0 + q])  # [p, q] screened values
-            _process_block(S, r0, c0, p, q, ctx)
+            stats["entries_screened"] += rows_n * q
+            S = torch.mm(lhs, Bs_T[:, c0 : c0 + q])  # [rows_n, q] screened values
+            _process_block(S, ridx, c0, q, ctx)
         # Role thresholds: k-th largest lower bound of the row/col maxima (and mirror images).
         thr["rmax"] = max(thr["rmax"], _kth(row_hi - row_marg, k_r, True))
         thr["rmin"] = min(thr["rmin"], _kth(row_lo + row_marg, k_r, False))
         thr["cmax"] = max(thr["cmax"], _kth(col_hi - col_marg, k_c, True))
         thr["cmin"] = min(thr["cmin"], _kth(col_lo + col_marg, k_c, False))
     t_screen = time.perf_counter()
+    stats["thresholds"] = dict(top=top.threshold, bot=bot.threshold, **thr)
 
     res = _finish(A64, B64, R, C, n, k_r, k_c, top, bot, row_hi, row_lo, col_hi, col_lo,
                   row_marg, col_marg, thr, row_order, col_order, square,
@@ -385,18 +410,18 @@ class _Ctx:
     undecided: Optional[Tensor] = None  # rows not yet proven "not self"
 
 
-def _process_block(S: Tensor, r0: int, c0: int, p: int, q: int, ctx: _Ctx) -> None:
-    """Fold one screened block into the running state."""
+def _process_block(S: Tensor, ridx: Tensor, c0: int, q: int, ctx: _Ctx) -> None:
+    """Fold one screened block (sorted rows ``ridx`` × sorted columns ``c0:c0+q``) into the state."""
     dev = S.device
     rmax = S.amax(1).double()
     rmin = S.amin(1).double()
-    rs = slice(r0, r0 + p)
-    torch.maximum(ctx.row_hi[rs], rmax, out=ctx.row_hi[rs])
-    torch.minimum(ctx.row_lo[rs], rmin, out=ctx.row_lo[rs])
-    # Block-wide margin: every entry's screening error is at most this.
-    marg = ctx.c_s * float(ctx.alpha_s[r0]) * float(ctx.beta_s[c0]) + ctx.eps_abs
+    ctx.row_hi[ridx] = torch.maximum(ctx.row_hi[ridx], rmax)
+    ctx.row_lo[ridx] = torch.minimum(ctx.row_lo[ridx], rmin)
+    # Block-wide margin (rows and columns are sorted by norm): bounds every entry's error.
+    marg = ctx.c_s * float(ctx.alpha_s[ridx[0]]) * float(ctx.beta_s[c0]) + ctx.eps_abs
 
-    # Column extremes only matter for entries that could reach a column-role threshold.
+    # Column extremes only matter for entries that could reach a column-role threshold: an
+    # entry below it now stays below the final (higher) threshold.
     hi_need = rmax >= ctx.thr["cmax"] - marg
     lo_need = rmin <= ctx.thr["cmin"] + marg
     cs = slice(c0, c0 + q)
@@ -418,7 +443,7 @@ def _process_block(S: Tensor, r0: int, c0: int, p: int, q: int, ctx: _Ctx) -> No
             # below catches every entry of the block that reaches the threshold, seeds included.
             m = min(pool.n, S.numel())
             flat = torch.topk(S.reshape(-1).float() * sign, m).indices
-            _, _, seed = ctx.rescore(r0 + flat // q, c0 + flat % q)
+            _, _, seed = ctx.rescore(ridx[flat // q], c0 + flat % q)
             known = torch.cat([pool.vals, seed]) * sign
             if known.numel() >= pool.n:
                 t = sign * float(torch.topk(known, pool.n).values[-1])
@@ -428,21 +453,21 @@ def _process_block(S: Tensor, r0: int, c0: int, p: int, q: int, ctx: _Ctx) -> No
         sub = S[rows].float()
         hit = torch.nonzero(sub * sign >= t * sign - marg)
         if hit.numel():
-            pool.add(*ctx.rescore(r0 + rows[hit[:, 0]], c0 + hit[:, 1]))
+            pool.add(*ctx.rescore(ridx[rows[hit[:, 0]]], c0 + hit[:, 1]))
 
     if ctx.square:
         # Off-diagonal row maximum: rows whose diagonal falls in this block need it removed.
-        dc = ctx.diag_col[rs] - c0
+        dc = ctx.diag_col[ridx] - c0
         inb = torch.nonzero((dc >= 0) & (dc < q)).squeeze(1)
         off = rmax.clone()
         if inb.numel():
             sub = S[inb].float()
             sub[torch.arange(inb.numel(), device=dev), dc[inb]] = _NEG_INF
-            off[inb] = sub.amax(1).double() if q > 1 else torch.full_like(off[inb], _NEG_INF)
-        torch.maximum(ctx.off_hi[rs], off, out=ctx.off_hi[rs])
+            off[inb] = sub.amax(1).double()
+        off_hi = torch.maximum(ctx.off_hi[ridx], off)
+        ctx.off_hi[ridx] = off_hi
         # Proven "not self": some off-diagonal entry is certainly above the diagonal.
-        beaten = ctx.off_hi[rs] - ctx.row_marg[rs] > ctx.diag[rs]
-        ctx.undecided[rs] &= ~beaten
+        ctx.undecided[ridx] &= ~(off_hi - ctx.row_marg[ridx] > ctx.diag[ridx])
 
 
 def _exact_rows(A64: Tensor, B64: Tensor, rows: Tensor, chunk: int = 256):
