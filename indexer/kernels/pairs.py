@@ -209,8 +209,8 @@ def top_pairs(
     *,
     square: bool = True,
     device: str = "cpu",
-    block_rows: int = 512,
-    block_cols: int = 8192,
+    block_rows: Optional[int] = None,
+    block_cols: Optional[int] = None,
     screen_dtype: torch.dtype = torch.bfloat16,
     basis: str = "svd",
     first_block_cols: int = 256,
@@ -230,6 +230,10 @@ def top_pairs(
     if n < 1 or k < 1:
         raise ValueError(f"n and k must be positive, got n={n}, k={k}")
     dev = torch.device(device)
+    # CPU: blocks that stay in cache; GPU: few, large blocks (per-block host syncs dominate).
+    gpu = dev.type == "cuda"
+    block_rows = block_rows or (8192 if gpu else 512)
+    block_cols = block_cols or (65536 if gpu else 8192)
     t_start = time.perf_counter()
     with _strict_matmul(dev):
         return _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, basis,
