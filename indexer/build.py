@@ -109,7 +109,7 @@ def index_diff(
     progress: Optional[Progress] = stderr_progress,
 ) -> dict:
     """Index theta_tuned - theta_base as its own model (variant ``diff``), see indexer/diff.py."""
-    from .diff import diff_canonical
+    from .diff import check_same_vocabulary, diff_canonical
     from .load import load_canonical
 
     _check_options(k, n_pairs, "raw", device)
@@ -119,6 +119,7 @@ def index_diff(
     say(f"loading {base_ref} and {tuned_ref}")
     base = load_canonical(base_ref, allow_pickle=allow_pickle)
     tuned = load_canonical(tuned_ref, allow_pickle=allow_pickle)
+    check_same_vocabulary(base.tokenizer, tuned.tokenizer, base_ref, tuned_ref)
     delta = diff_canonical(base.canonical, tuned.canonical)
     provenance = dict(tuned.provenance)
     provenance["base"] = base.provenance

@@ -84,13 +84,13 @@ def dataset_lock(root: Path):
         os.close(fd)
 
 
-def write_parquet_atomic(root: Path, relpath: str, table: pa.Table) -> None:
+def write_parquet_atomic(root: Path, relpath: str, table: pa.Table, row_group_size: int = 256 * 1024) -> None:
     """Write ``table`` to ``root/relpath`` via a temporary file and a rename."""
     path = Path(root) / relpath
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp, compression="zstd", row_group_size=256 * 1024)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -118,6 +118,13 @@ def conform(table_name: str, data: pa.Table) -> pa.Table:
             fields.append(field)
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=declared.metadata))
+
+
+# Row order inside a partition file. Token searches ("which neurons contain ' Paris'") filter
+# vectors by token_id: sorted by it, in small row groups, DuckDB skips almost every row group by
+# its min/max statistics (measured in docs/QUERY.md: `neurons` 672 ms -> 170 ms at real sizes).
+# Arrow's sort is stable, so rows with the same token keep the writer's (deterministic) order.
+_ROW_LAYOUT = {"vectors": (("token_id",), 16 * 1024)}
 
 
 class Build:
@@ -152,7 +159,10 @@ class Build:
         """Write one partition of ``table`` (keys beyond ``model``, e.g. ``layer=3``)."""
         rel_dir = self.key(table, **keys)
         relpath = f"{rel_dir}/{self.build_id}.parquet"
-        write_parquet_atomic(self.root, relpath, conform(table, data))
+        layout = _ROW_LAYOUT.get(table)
+        if layout:
+            data = data.sort_by([(col, "ascending") for col in layout[0]])
+        write_parquet_atomic(self.root, relpath, conform(table, data), **({"row_group_size": layout[1]} if layout else {}))
         self.done[rel_dir] = {"table": table, "file": relpath, "rows": data.num_rows}
         self._save_progress()
 
