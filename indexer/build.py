@@ -87,8 +87,9 @@ def index_model(
     slug = check_slug(name or default_slug(model_ref))
     check_writable(Path(db))
     say = progress or (lambda _m: None)
-    say(f"loading {model_ref}")
+    t = time.perf_counter()
     loaded = load_canonical(model_ref, allow_pickle=allow_pickle)
+    say(f"loaded {model_ref} in {time.perf_counter() - t:.1f}s: {_describe(loaded.canonical.dims)}")
     return index_canonical(
         loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
         k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers, progress=progress,
@@ -116,11 +117,11 @@ def index_diff(
     slug = check_slug(name or f"{default_slug(tuned_ref)}-diff")
     check_writable(Path(db))
     say = progress or (lambda _m: None)
-    say(f"loading {base_ref} and {tuned_ref}")
     base = load_canonical(base_ref, allow_pickle=allow_pickle)
     tuned = load_canonical(tuned_ref, allow_pickle=allow_pickle)
     check_same_vocabulary(base.tokenizer, tuned.tokenizer, base_ref, tuned_ref)
     delta = diff_canonical(base.canonical, tuned.canonical)
+    say(f"loaded {base_ref} and {tuned_ref}: {_describe(delta.dims)}")
     provenance = dict(tuned.provenance)
     provenance["base"] = base.provenance
     provenance["source"] = f"{tuned_ref} - {base_ref}"
@@ -215,6 +216,12 @@ def index_canonical(
     say(f"[{slug}] indexed in {_hms(time.perf_counter() - t0)}: "
         + ", ".join(f"{t} {n:,}" for t, n in entry["row_counts"].items()))
     return dict(entry, model=slug)
+
+
+def _describe(dims) -> str:
+    kv = f"/{dims.n_kv_heads} kv" if dims.n_kv_heads != dims.n_heads else ""
+    return (f"{dims.architecture}, {dims.n_layers} layers x {dims.n_heads}{kv} heads, d_model {dims.d_model}, "
+            f"d_ff {dims.d_ff}, vocabulary {dims.d_vocab}")
 
 
 def _hms(seconds: float) -> str:

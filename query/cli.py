@@ -324,6 +324,8 @@ def align(model_a, model_b, db, fmt, quiet):
     """Align the layers and units of two models in embedding space (paper §5).
 
     MODEL_A / MODEL_B are checkpoints, or names of models in --db (their source is loaded).
+    The results are stored in the `alignments` table of --db (replacing an earlier run for
+    the same pair), so they can be queried with `zeropass sql` afterwards.
 
     \b
       zeropass align ./all-MiniLM-L6-v2 ./all-mpnet-base-v2
@@ -334,6 +336,11 @@ def align(model_a, model_b, db, fmt, quiet):
     if not quiet:
         click.echo(f"aligning {ref_a} and {ref_b}", err=True)
     result, table = align_models(ref_a, ref_b, name_a=name_a, name_b=name_b)
+    from indexer.dataset import store_alignment
+
+    rel = store_alignment(db, result.model_a, result.model_b, table)
+    if not quiet:
+        click.echo(f"stored {table.num_rows:,} rows in the alignments table of {db} ({rel})", err=True)
     if fmt == "table":
         click.echo(format_layer_table(result))
     else:

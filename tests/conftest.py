@@ -212,16 +212,11 @@ def _copying_gpt2(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_db(tmp_path_factory) -> Path:
-    try:
-        from indexer.build import index_model
-        from tests.tiny_models import save_tiny
-    except Exception as e:  # the indexer is not importable here (e.g. torch missing)
-        pytest.skip(f"indexer unavailable: {e}")
+    from indexer.build import index_model
+    from tests.tiny_models import save_tiny
+
     base = tmp_path_factory.mktemp("tiny")
     db = base / "db"
-    try:
-        index_model(str(_copying_gpt2(base / "gpt2")), db, name="tgpt2", k=8, n_pairs=20, progress=None)
-        index_model(str(save_tiny("bert", base / "bert")), db, name="tbert", k=8, n_pairs=20, progress=None)
-    except ImportError as e:
-        pytest.skip(f"indexer incomplete: {e}")
+    index_model(str(_copying_gpt2(base / "gpt2")), db, name="tgpt2", k=8, n_pairs=20, progress=None)
+    index_model(str(save_tiny("bert", base / "bert")), db, name="tbert", k=8, n_pairs=20, progress=None)
     return db
