@@ -356,6 +356,7 @@ class _ModelWriter:
             metrics = head_metrics(
                 self.model.embeddings.W_E, self.model.embeddings.W_U, lw.W_Q[h], lw.W_K[kv], lw.W_V[kv], lw.W_O[h],
                 results.get("ov"), results.get("qk"),
+                factors={"E_Q": A_qk, "E_K": k_fac[kv], "E_V": v_fac[kv], "OU": B_ov},
             )
             head_rows.append(dict(metrics, model=self.build.slug, layer=l, head=h, kv_head=kv, unit=f"L{l}.H{h}"))
         empty = lambda t: pa.Table.from_pylist([], schema=TABLES[t].schema)  # noqa: E731

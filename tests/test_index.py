@@ -19,6 +19,7 @@ import torch
 
 from indexer.build import index_model, parse_layers, BadOption
 from indexer.errors import DatasetError
+from indexer.kernels.head_metrics import head_metrics
 from indexer.load import load_canonical
 from indexer.variants import fold
 from schemas.layout import read_manifest, table_files
@@ -153,6 +154,13 @@ def test_pairs_and_roles_equal_dense_circuits(tmp_path, family):
                         assert [r["token_id"] for r in got] == want, (l, h, circuit, role, side)
             hrow = next(r for r in heads if (r["layer"], r["head"]) == (l, h))
             assert hrow["kv_head"] == kv and hrow["unit"] == f"L{l}.H{h}"
+            # the indexer passes its own circuit factors to head_metrics; same numbers as without
+            plain = head_metrics(model.embeddings.W_E, model.embeddings.W_U, lw.W_Q[h], lw.W_K[kv], lw.W_V[kv], lw.W_O[h], None, None)
+            for key in ("ov_copying_score", "ov_copying_score_full", "qk_copying_score_full", "ov_norm", "qk_norm"):
+                assert hrow[key] == pytest.approx(plain[key], rel=1e-9, abs=1e-12), key
+            diag = lambda M: float((M.diagonal() >= M.max(1).values).double().mean())  # noqa: E731
+            assert hrow["ov_self_top1_frac"] == pytest.approx(diag(circuits["ov"]))
+            assert hrow["qk_self_top1_frac"] == pytest.approx(diag(circuits["qk"]))
 
 
 def _contents(db: Path) -> dict[str, list]:

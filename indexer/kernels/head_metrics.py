@@ -46,6 +46,7 @@ def head_metrics(
     W_O_h: Tensor,  # [d_head, d_model]
     ov: Optional[PairResult],
     qk: Optional[PairResult],
+    factors: Optional[dict] = None,
 ) -> dict:
     """Scalar metrics of one attention head (all floats; NaN where undefined).
 
@@ -55,16 +56,22 @@ def head_metrics(
     >>> sorted(m)[:3]
     ['ov_copying_score', 'ov_copying_score_full', 'ov_norm']
     """
-    W_E, W_U = W_E.double(), W_U.double()
     W_Q, W_K, W_V, W_O = (w.double() for w in (W_Q_h, W_K_kv, W_V_kv, W_O_h))
-    E_V = W_E @ W_V  # [d_vocab, d_head]
+    # The indexer passes the float64 circuit factors it already built (E_Q = W_E W_Q, E_K, E_V
+    # [d_vocab, d_head] and OU = (W_O W_U)^T [d_vocab, d_head]), which saves four V-sized
+    # products per head; without them they are computed here.
+    f = dict(factors or {})
+    if not {"E_Q", "E_K", "E_V", "OU"} <= set(f):
+        W_E, W_U = W_E.double(), W_U.double()
+        f = {"E_Q": W_E @ W_Q, "E_K": W_E @ W_K, "E_V": W_E @ W_V, "OU": (W_O @ W_U).T}
+    f = {key: v.to("cpu", torch.float64) for key, v in f.items()}
     return {
         # non-zero spectrum of W_V W_O (d_model²) = spectrum of W_O W_V (d_head²)
         "ov_copying_score": copying_score(W_O @ W_V),
         # W_E W_V W_O W_U (d_vocab²) ~ W_O W_U W_E W_V (d_head²)
-        "ov_copying_score_full": copying_score((W_O @ W_U) @ E_V),
+        "ov_copying_score_full": copying_score(f["OU"].T @ f["E_V"]),
         # W_E W_Q W_Kᵀ W_Eᵀ (d_vocab²) ~ W_Kᵀ W_Eᵀ W_E W_Q (d_head²)
-        "qk_copying_score_full": copying_score((W_E @ W_K).T @ (W_E @ W_Q)),
+        "qk_copying_score_full": copying_score(f["E_K"].T @ f["E_Q"]),
         "ov_self_top1_frac": _self_frac(ov),
         "qk_self_top1_frac": _self_frac(qk),
         "ov_norm": factored_fro_norm(W_V, W_O),
