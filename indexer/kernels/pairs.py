@@ -270,8 +270,8 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
     As = Ab[row_order].to(screen_dtype)
     Bs_T = Bb[col_order].to(screen_dtype).T.contiguous()  # [d, C]
     alpha_h, beta_h = alpha_s.tolist(), beta_s.tolist()  # host copies for block bookkeeping
-    beta_max = beta_h[0] if C else 0.0
-    alpha_max = alpha_h[0] if R else 0.0
+    beta_max = max(beta_h) if C else 0.0
+    alpha_max = max(alpha_h) if R else 0.0
 
     # Per sorted row / column: extreme screened values over the computed entries.
     row_hi = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)
@@ -291,17 +291,10 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
         diag_col = col_pos[row_order]  # sorted column position of each sorted row's diagonal
         off_hi = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)  # max over j != i
         undecided = torch.ones(R, dtype=torch.bool, device=dev)  # not yet proven "not self"
-        # d_i / ‖a'_i‖: column norms below this (minus slack) cannot beat the diagonal.
-        self_need = ((diag - eps_T) / alpha_s.clamp_min(1e-300))
     thr = dict(rmax=_NEG_INF, rmin=_POS_INF, cmax=_NEG_INF, cmin=_POS_INF)
 
     stats = dict(rows=R, cols=C, d=d, entries_screened=0, blocks=0, blocks_computed=0,
                  rescored=0, basis="svd" if c_T > 0 else "none")
-
-    def theta() -> float:
-        # Skip (i, j) when ‖a'_i‖‖b'_j‖ + eps_T < theta: then M_ij is below every upper threshold
-        # and above every lower threshold, so it can't be a top/bottom entry or change a role.
-        return min(top.threshold, -bot.threshold, thr["rmax"], -thr["rmin"], thr["cmax"], -thr["cmin"]) - eps_T
 
     def rescore(r_pos: Tensor, c_pos: Tensor):
         ri, ci = row_order[r_pos], col_order[c_pos]
@@ -321,46 +314,66 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
         step = min(block_cols, max(first_block_cols, col_edges[-1]))
         col_edges.append(min(C, col_edges[-1] + step))
     stats["blocks"] = n_rb * (len(col_edges) - 1)
+    # Sign-aware bound. In the balanced basis the first coordinate (largest singular value) is
+    # nearly sign-constant on real heads (the embeddings' common direction), so
+    #     a·b = a_1 b_1 + a_rest·b_rest ∈ [min(a_1 b_1) - ‖a_rest‖‖b_rest‖, max(a_1 b_1) + ‖a_rest‖‖b_rest‖]
+    # separates the top side from the bottom side, which Cauchy–Schwarz (|a·b| <= ‖a‖‖b‖) can't.
+    # Both bounds are used; ``slack`` covers the basis error and fp64 rounding of the bounds.
+    a1, ar = Ab[row_order, 0], torch.linalg.norm(Ab[row_order, 1:], dim=1)
+    b1, br = Bb[col_order, 0], torch.linalg.norm(Bb[col_order, 1:], dim=1)
+    slack = eps_T + 1e-12 * alpha_max * beta_max
+    cblk = [(float(b1[c0:c1].min()), float(b1[c0:c1].max()), float(br[c0:c1].max()),
+             float(beta_s[c0:c1].max())) for c0, c1 in zip(col_edges[:-1], col_edges[1:])]
+
+    def bounds(x1, xr, lo, hi, rho, cs):
+        """Upper / lower bounds of x·y for x = (x1, rest ‖xr‖) against y_1 ∈ [lo, hi], ‖y_rest‖ <= rho."""
+        p1, p2 = x1 * lo, x1 * hi
+        ub = torch.minimum(torch.maximum(p1, p2) + xr * rho, cs)
+        lb = torch.maximum(torch.minimum(p1, p2) - xr * rho, -cs)
+        return ub, lb
+
     for rb in range(n_rb):
         r0 = rb * block_rows
         r1 = min(R, r0 + block_rows)
-        for c0, c1 in zip(col_edges[:-1], col_edges[1:]):
-            th = theta()
-            b0 = beta_h[c0]
-            if th > 0:
-                # Rows of the block that may matter: the global test is a prefix (rows sorted by
-                # norm); undecided self rows add those whose bound reaches their diagonal.
-                p = _count_ge(alpha_h, r0, r1, th / b0 if b0 > 0 else _POS_INF)
-                ridx = None
-                if square:
-                    need = undecided[r0:r1] & (alpha_s[r0:r1] * b0 >= diag[r0:r1] - eps_T)
-                    need[:p] = True
-                    ridx = torch.nonzero(need).squeeze(1) + r0
-                    if ridx.numel() == p:
-                        ridx = None  # just the prefix
-                rows_n = p if ridx is None else int(ridx.numel())
-                if rows_n == 0:
-                    break  # later column blocks have smaller norms: nothing left in this block row
-                colth = th / alpha_h[r0] if alpha_h[r0] > 0 else _POS_INF
-                if square:
-                    und = undecided[r0 : r0 + p] if ridx is None else undecided[ridx]
-                    if bool(und.any()):
-                        sn = self_need[r0 : r0 + p] if ridx is None else self_need[ridx]
-                        colth = min(colth, float(sn[und].min()))
-                q = _count_ge(beta_h, c0, c1, colth)
-            else:  # no useful threshold yet: every entry may matter
-                rows_n, ridx, q = r1 - r0, None, c1 - c0
+        for (c0, c1), (lo_b, hi_b, rho_b, beta_blk) in zip(zip(col_edges[:-1], col_edges[1:]), cblk):
+            # An entry matters if it could reach an upper threshold (top-n, row/col maxima), a
+            # lower one (bottom-n, row/col minima), or -- for an undecided self row -- its diagonal.
+            th_hi = min(top.threshold, thr["rmax"], thr["cmax"]) - slack
+            th_lo = max(bot.threshold, thr["rmin"], thr["cmin"]) + slack
+            ub, lb = bounds(a1[r0:r1], ar[r0:r1], lo_b, hi_b, rho_b, alpha_s[r0:r1] * beta_blk)
+            need = (ub >= th_hi) | (lb <= th_lo)
+            if square:
+                need |= undecided[r0:r1] & (ub >= diag[r0:r1] - slack)
+            ridx = torch.nonzero(need).squeeze(1)
+            rows_n = int(ridx.numel())
+            if rows_n == 0:
+                continue
+            # Columns: bound each against the box of the selected rows; keep the prefix up to the
+            # last column that may matter (columns are in norm order, so that prefix is short).
+            x1, xr = a1[r0:r1][ridx], ar[r0:r1][ridx]
+            alpha_sel = float(alpha_s[r0:r1][ridx].max())
+            ubj, lbj = bounds(b1[c0:c1], br[c0:c1], float(x1.min()), float(x1.max()),
+                              float(xr.max()), alpha_sel * beta_s[c0:c1])
+            needc = (ubj >= th_hi) | (lbj <= th_lo)
+            if square:
+                und = undecided[r0:r1][ridx]
+                if bool(und.any()):
+                    needc |= ubj >= float(diag[r0:r1][ridx][und].min()) - slack
+            nzc = torch.nonzero(needc)
+            q = int(nzc[-1]) + 1 if nzc.numel() else 0
             if q == 0:
                 continue
-            if ridx is None:
-                ridx = torch.arange(r0, r0 + rows_n, device=dev)
+            ridx = ridx + r0
+            if int(ridx[-1]) - r0 == rows_n - 1:  # a prefix: no gather needed
                 lhs = As[r0 : r0 + rows_n]
             else:
                 lhs = As[ridx]
             stats["blocks_computed"] += 1
             stats["entries_screened"] += rows_n * q
             S = torch.mm(lhs, Bs_T[:, c0 : c0 + q])  # [rows_n, q] screened values
-            _process_block(S, ridx, c0, q, ctx)
+            # Every screened entry of the block is within this of its exact value.
+            marg = c_s * alpha_sel * float(beta_s[c0 : c0 + q].max()) + eps_abs
+            _process_block(S, ridx, c0, q, marg, ctx)
         # Role thresholds: k-th largest lower bound of the row/col maxima (and mirror images).
         thr["rmax"] = max(thr["rmax"], _kth(row_hi - row_marg, k_r, True))
         thr["rmin"] = min(thr["rmin"], _kth(row_lo + row_marg, k_r, False))
@@ -378,18 +391,6 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
     stats["t_total_s"] = time.perf_counter() - t_start
     res.stats.update(stats)
     return res
-
-
-def _count_ge(sorted_desc: list, lo: int, hi: int, x: float) -> int:
-    """Number of leading items in ``sorted_desc[lo:hi]`` that are ``>= x``."""
-    a, b = lo, hi
-    while a < b:
-        m = (a + b) // 2
-        if sorted_desc[m] >= x:
-            a = m + 1
-        else:
-            b = m
-    return a - lo
 
 
 @dataclass
@@ -414,15 +415,13 @@ class _Ctx:
     undecided: Optional[Tensor] = None  # rows not yet proven "not self"
 
 
-def _process_block(S: Tensor, ridx: Tensor, c0: int, q: int, ctx: _Ctx) -> None:
+def _process_block(S: Tensor, ridx: Tensor, c0: int, q: int, marg: float, ctx: _Ctx) -> None:
     """Fold one screened block (sorted rows ``ridx`` × sorted columns ``c0:c0+q``) into the state."""
     dev = S.device
     rmax = S.amax(1).double()
     rmin = S.amin(1).double()
     ctx.row_hi[ridx] = torch.maximum(ctx.row_hi[ridx], rmax)
     ctx.row_lo[ridx] = torch.minimum(ctx.row_lo[ridx], rmin)
-    # Block-wide margin (rows and columns are sorted by norm): bounds every entry's error.
-    marg = ctx.c_s * float(ctx.alpha_s[ridx[0]]) * float(ctx.beta_s[c0]) + ctx.eps_abs
 
     # Column extremes only matter for entries that could reach a column-role threshold: an
     # entry below it now stays below the final (higher) threshold.
