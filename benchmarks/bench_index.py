@@ -29,10 +29,21 @@ import numpy as np
 import torch
 
 
+# name -> (how to get the checkpoint, --layers): gpt2-small (random weights, real vocabulary) is
+# indexed for two layers only, into its own dataset: memory is bounded by one layer, so two
+# layers show the peak RSS of the whole model at a fraction of the time.
+MODELS = {"minilm": None, "smollm2": None, "mpnet": None, "gpt2-small": "0-1"}
+
+
 def model_ref(name: str) -> str:
     from indexer import packaged
 
-    return str(packaged.minilm_path() if name == "minilm" else packaged.smollm2_gguf_path())
+    if name == "gpt2-small":
+        from benchmarks.shapes import gpt2_shaped
+
+        return str(gpt2_shaped("gpt2-small"))
+    return str({"minilm": packaged.minilm_path, "smollm2": packaged.smollm2_gguf_path,
+                "mpnet": packaged.mpnet_path}[name]())
 
 
 def gemm_rates() -> dict:
@@ -75,12 +86,13 @@ def _child(name: str, db: str) -> None:
     pairs.top_pairs = counting
     ref = model_ref(name)
     t = time.perf_counter()
-    entry = index_model(ref, db, name=name, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    entry = index_model(ref, db, name=name, layers=MODELS[name], progress=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t
     dims = load_canonical(ref).canonical.dims
     n_read = dims.d_ff * (2 if dims.gated else 1) + (dims.n_heads + 2 * dims.n_kv_heads) * dims.d_head
     n_write = dims.d_ff + dims.n_heads * dims.d_head + 2
-    vector_flops = dims.n_layers * (n_read + n_write) * dims.d_model * dims.d_vocab * 2
+    n_layers = 2 if MODELS[name] else dims.n_layers
+    vector_flops = n_layers * (n_read + n_write) * dims.d_model * dims.d_vocab * 2
     from schemas.layout import read_manifest
 
     manifest = read_manifest(Path(db))
@@ -91,14 +103,14 @@ def _child(name: str, db: str) -> None:
         "model": name, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "dataset_mb": size / 2**20, "rows": entry["row_counts"], "vector_gflop": vector_flops / 1e9,
         "pair_screen_gflop": 2 * screened["entries_x_d"] / 1e9, "pair_seconds": screened["seconds"],
-        "pair_calls": screened["calls"],
+        "pair_calls": screened["calls"], "layers": MODELS[name] or "all",
     }))
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "DB"), help=argparse.SUPPRESS)
-    ap.add_argument("--models", nargs="*", default=["minilm", "smollm2"])
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--db", default="bench-out/db")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -110,8 +122,8 @@ def main(argv=None) -> dict:
     results = {"gemm_gflops": rates, "models": []}
     from indexer.dataset import remove_model
 
-    db = Path(args.db)
     for name in args.models:
+        db = Path(args.db) if not MODELS[name] else Path(args.db + "-" + name)
         if db.exists():
             remove_model(db, name)  # a clean build, not a resume
             (db / ".builds" / f"{name}.json").unlink(missing_ok=True)
