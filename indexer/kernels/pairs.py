@@ -214,6 +214,7 @@ def top_pairs(
     screen_dtype: torch.dtype = torch.bfloat16,
     basis: str = "svd",
     first_block_cols: int = 256,
+    cell_cols: int = 256,
 ) -> PairResult:
     """Exact top/bottom-``n`` entries, top-``k`` role rows/columns and the self-top-1 fraction of
     ``M = A @ B.T`` (``A``: [rows, d], ``B``: [cols, d]), computed without building ``M``.
@@ -237,11 +238,11 @@ def top_pairs(
     t_start = time.perf_counter()
     with _strict_matmul(dev):
         return _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, basis,
-                          first_block_cols, t_start)
+                          first_block_cols, min(cell_cols, block_cols), t_start)
 
 
 def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, basis,
-               first_block_cols, t_start):
+               first_block_cols, cell_cols, t_start):
     A64 = A.detach().to(dev, torch.float64)
     B64 = B.detach().to(dev, torch.float64)
     R, C = A64.shape[0], B64.shape[0]
@@ -264,16 +265,66 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
     # |M_ij| <= ‖a'_i‖‖b'_j‖ + eps_T (Cauchy–Schwarz in the new basis plus the basis error).
     eps_T = c_T * float(torch.linalg.norm(A64, dim=1).max()) * float(torch.linalg.norm(B64, dim=1).max())
 
-    row_order = torch.argsort(alpha, descending=True, stable=True)
-    col_order = torch.argsort(beta, descending=True, stable=True)
-    alpha_s, beta_s = alpha[row_order], beta[col_order]
-    As = Ab[row_order].to(screen_dtype)
-    Bs_T = Bb[col_order].to(screen_dtype).T.contiguous()  # [d, C]
-    alpha_h, beta_h = alpha_s.tolist(), beta_s.tolist()  # host copies for block bookkeeping
-    beta_max = max(beta_h) if C else 0.0
-    alpha_max = max(alpha_h) if R else 0.0
+    # ------------------------------------------------------------------------------------------
+    # Layout. Sign-aware bound: in the balanced basis the first coordinate (largest singular
+    # value) is nearly sign-constant on real heads (the embeddings' common direction), so
+    #     a·b = a_1 b_1 + a_rest·b_rest ∈ [min(a_1 b_1) - ‖a_rest‖‖b_rest‖, max(a_1 b_1) + ‖a_rest‖‖b_rest‖]
+    # separates the top side from the bottom side, which Cauchy–Schwarz (|a·b| <= ‖a‖‖b‖) can't.
+    # It is evaluated per (row, column cell), where a cell is a contiguous run of columns with a
+    # narrow range of b_1 and of ‖b‖ (columns are cut into norm bands, each band sorted by b_1 and
+    # cut into cells), so the block bound is close to the per-entry bound. Rows are laid out the
+    # same way (row cells: narrow a_1 and ‖a‖), so the rows of a cell need nearly the same column
+    # cells and the (needed rows) × (needed cells) product screened is close to what is needed.
+    # The first columns of the layout are "seed" columns (largest ‖b‖, largest b_1, smallest
+    # b_1), screened against every row first: they give strong thresholds and decide most
+    # self rows before any pruning decision is taken. Every entry is covered exactly once:
+    # seed columns × all rows, then (row cell) × (column cell) pairs, each screened or skipped.
+    a1_all, b1_all = Ab[:, 0], Bb[:, 0]
+    ar_all = torch.linalg.norm(Ab[:, 1:], dim=1)
+    br_all = torch.linalg.norm(Bb[:, 1:], dim=1)
 
-    # Per sorted row / column: extreme screened values over the computed entries.
+    def layout(norm, rest, first, band, cell, seed_n):
+        """Permutation: seed (top ‖·‖, top first, bottom first coordinate), then bands by the rest
+        norm (largest first; band sizes 4·cell, 8·cell, ... up to ``band``: the largest rest
+        norms matter most), each band sorted by the first coordinate and cut into cells of
+        ``cell``; and the cell edges of the non-seed part."""
+        N = norm.numel()
+        by_norm = torch.argsort(norm, descending=True, stable=True)
+        if seed_n > 0 and N > 3 * seed_n:
+            cand = torch.cat([by_norm[:seed_n], torch.topk(first, seed_n).indices,
+                              torch.topk(-first, seed_n).indices])
+            is_seed = torch.zeros(N, dtype=torch.bool, device=norm.device)
+            is_seed[cand] = True
+            seed = by_norm[is_seed[by_norm]]
+        else:
+            seed = by_norm[:0]
+            is_seed = torch.zeros(N, dtype=torch.bool, device=norm.device)
+        by_rest = torch.argsort(rest, descending=True, stable=True)
+        rest_idx = by_rest[~is_seed[by_rest]]
+        parts, edges = [seed], [seed.numel()]
+        b0, size = 0, 4 * cell
+        while b0 < rest_idx.numel():
+            idx = rest_idx[b0 : b0 + size]
+            b0 += size
+            size = min(band, 2 * size)
+            idx = idx[torch.argsort(first[idx], stable=True)]
+            parts.append(idx)
+            base = edges[-1]
+            for c0 in range(cell, idx.numel(), cell):
+                edges.append(base + c0)
+            edges.append(base + idx.numel())
+        return torch.cat(parts), seed.numel(), edges
+
+    row_order, _, row_edges = layout(alpha, ar_all, a1_all, block_cols, block_rows, 0)
+    col_order, n_seed, col_edges = layout(beta, br_all, b1_all, block_cols, cell_cols, first_block_cols)
+    alpha_s, beta_s = alpha[row_order], beta[col_order]
+    a1, ar, b1, br = a1_all[row_order], ar_all[row_order], b1_all[col_order], br_all[col_order]
+    As = Ab[row_order].to(screen_dtype)
+    Bs = Bb[col_order].to(screen_dtype)  # [C, d]; blocks use Bs[cols].T
+    beta_max = float(beta.max()) if C else 0.0
+    alpha_max = float(alpha.max()) if R else 0.0
+
+    # Per laid-out row / column: extreme screened values over the computed entries.
     row_hi = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)
     row_lo = torch.full((R,), _POS_INF, dtype=torch.float64, device=dev)
     col_hi = torch.full((C,), _NEG_INF, dtype=torch.float64, device=dev)
@@ -285,16 +336,17 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
     bot = _EntryPool(n, C, False, dev)
 
     if square:
-        diag = (A64 * B64).sum(1)[row_order]  # exact M_ii, in sorted row order
+        diag = (A64 * B64).sum(1)[row_order]  # exact M_ii, in laid-out row order
         col_pos = torch.empty(C, dtype=torch.long, device=dev)
         col_pos[col_order] = torch.arange(C, device=dev)
-        diag_col = col_pos[row_order]  # sorted column position of each sorted row's diagonal
+        diag_col = col_pos[row_order]  # laid-out column position of each laid-out row's diagonal
         off_hi = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)  # max over j != i
         undecided = torch.ones(R, dtype=torch.bool, device=dev)  # not yet proven "not self"
+        pos_buf = torch.full((C,), -1, dtype=torch.long, device=dev)  # column -> place in block
     thr = dict(rmax=_NEG_INF, rmin=_POS_INF, cmax=_NEG_INF, cmin=_POS_INF)
 
     stats = dict(rows=R, cols=C, d=d, entries_screened=0, blocks=0, blocks_computed=0,
-                 rescored=0, basis="svd" if c_T > 0 else "none")
+                 rescored=0, seed_cols=n_seed, basis="svd" if c_T > 0 else "none")
 
     def rescore(r_pos: Tensor, c_pos: Tensor):
         ri, ci = row_order[r_pos], col_order[c_pos]
@@ -304,81 +356,125 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
     ctx = _Ctx(top=top, bot=bot, rescore=rescore, row_hi=row_hi, row_lo=row_lo, col_hi=col_hi,
                col_lo=col_lo, c_s=c_s, eps_abs=eps_abs, alpha_s=alpha_s, beta_s=beta_s, thr=thr,
                square=square, row_marg=row_marg, **(dict(diag=diag, diag_col=diag_col,
-               off_hi=off_hi, undecided=undecided) if square else {}))
-    n_rb = (R + block_rows - 1) // block_rows
-    # Column blocks grow geometrically (256, 512, ... block_cols): most rows are proven
-    # "not self" and most role/top bounds settle within the first few hundred largest columns,
-    # so later, larger blocks only see the rows that still need them.
-    col_edges = [0]
-    while col_edges[-1] < C:
-        step = min(block_cols, max(first_block_cols, col_edges[-1]))
-        col_edges.append(min(C, col_edges[-1] + step))
-    stats["blocks"] = n_rb * (len(col_edges) - 1)
-    # Sign-aware bound. In the balanced basis the first coordinate (largest singular value) is
-    # nearly sign-constant on real heads (the embeddings' common direction), so
-    #     a·b = a_1 b_1 + a_rest·b_rest ∈ [min(a_1 b_1) - ‖a_rest‖‖b_rest‖, max(a_1 b_1) + ‖a_rest‖‖b_rest‖]
-    # separates the top side from the bottom side, which Cauchy–Schwarz (|a·b| <= ‖a‖‖b‖) can't.
-    # Both bounds are used; ``slack`` covers the basis error and fp64 rounding of the bounds.
-    a1, ar = Ab[row_order, 0], torch.linalg.norm(Ab[row_order, 1:], dim=1)
-    b1, br = Bb[col_order, 0], torch.linalg.norm(Bb[col_order, 1:], dim=1)
-    slack = eps_T + 1e-12 * alpha_max * beta_max
-    cblk = [(float(b1[c0:c1].min()), float(b1[c0:c1].max()), float(br[c0:c1].max()),
-             float(beta_s[c0:c1].max())) for c0, c1 in zip(col_edges[:-1], col_edges[1:])]
+               off_hi=off_hi, undecided=undecided, pos_buf=pos_buf) if square else {}))
 
-    def bounds(x1, xr, lo, hi, rho, cs):
-        """Upper / lower bounds of x·y for x = (x1, rest ‖xr‖) against y_1 ∈ [lo, hi], ‖y_rest‖ <= rho."""
-        p1, p2 = x1 * lo, x1 * hi
-        ub = torch.minimum(torch.maximum(p1, p2) + xr * rho, cs)
-        lb = torch.maximum(torch.minimum(p1, p2) - xr * rho, -cs)
-        return ub, lb
-
-    for rb in range(n_rb):
-        r0 = rb * block_rows
-        r1 = min(R, r0 + block_rows)
-        for (c0, c1), (lo_b, hi_b, rho_b, beta_blk) in zip(zip(col_edges[:-1], col_edges[1:]), cblk):
-            # An entry matters if it could reach an upper threshold (top-n, row/col maxima), a
-            # lower one (bottom-n, row/col minima), or -- for an undecided self row -- its diagonal.
-            th_hi = min(top.threshold, thr["rmax"], thr["cmax"]) - slack
-            th_lo = max(bot.threshold, thr["rmin"], thr["cmin"]) + slack
-            ub, lb = bounds(a1[r0:r1], ar[r0:r1], lo_b, hi_b, rho_b, alpha_s[r0:r1] * beta_blk)
-            need = (ub >= th_hi) | (lb <= th_lo)
-            if square:
-                need |= undecided[r0:r1] & (ub >= diag[r0:r1] - slack)
-            ridx = torch.nonzero(need).squeeze(1)
-            rows_n = int(ridx.numel())
-            if rows_n == 0:
-                continue
-            # Columns: bound each against the box of the selected rows; keep the prefix up to the
-            # last column that may matter (columns are in norm order, so that prefix is short).
-            x1, xr = a1[r0:r1][ridx], ar[r0:r1][ridx]
-            alpha_sel = float(alpha_s[r0:r1][ridx].max())
-            ubj, lbj = bounds(b1[c0:c1], br[c0:c1], float(x1.min()), float(x1.max()),
-                              float(xr.max()), alpha_sel * beta_s[c0:c1])
-            needc = (ubj >= th_hi) | (lbj <= th_lo)
-            if square:
-                und = undecided[r0:r1][ridx]
-                if bool(und.any()):
-                    needc |= ubj >= float(diag[r0:r1][ridx][und].min()) - slack
-            nzc = torch.nonzero(needc)
-            q = int(nzc[-1]) + 1 if nzc.numel() else 0
-            if q == 0:
-                continue
-            ridx = ridx + r0
-            if int(ridx[-1]) - r0 == rows_n - 1:  # a prefix: no gather needed
-                lhs = As[r0 : r0 + rows_n]
-            else:
-                lhs = As[ridx]
-            stats["blocks_computed"] += 1
-            stats["entries_screened"] += rows_n * q
-            S = torch.mm(lhs, Bs_T[:, c0 : c0 + q])  # [rows_n, q] screened values
-            # Every screened entry of the block is within this of its exact value.
-            marg = c_s * alpha_sel * float(beta_s[c0 : c0 + q].max()) + eps_abs
-            _process_block(S, ridx, c0, q, marg, ctx)
-        # Role thresholds: k-th largest lower bound of the row/col maxima (and mirror images).
+    def update_role_thresholds():
+        # k-th largest lower bound of the row/col maxima (and mirror images); only rise.
         thr["rmax"] = max(thr["rmax"], _kth(row_hi - row_marg, k_r, True))
         thr["rmin"] = min(thr["rmin"], _kth(row_lo + row_marg, k_r, False))
         thr["cmax"] = max(thr["cmax"], _kth(col_hi - col_marg, k_c, True))
         thr["cmin"] = min(thr["cmin"], _kth(col_lo + col_marg, k_c, False))
+
+    def screen(r0, r1, ridx, cols):
+        """Screen laid-out rows ``ridx`` (within r0:r1; None = all) × columns ``cols`` (a slice
+        or an index tensor) and fold the block into the state."""
+        if ridx is None:
+            lhs, rows = As[r0:r1], torch.arange(r0, r1, device=dev)
+            a_sel = float(alpha_s[r0:r1].max())
+        else:
+            rows = ridx + r0
+            lhs = As[rows]
+            a_sel = float(alpha_s[rows].max())
+        if isinstance(cols, slice):
+            rhs, cidx = Bs[cols], torch.arange(cols.start, cols.stop, device=dev)
+        else:
+            rhs, cidx = Bs.index_select(0, cols), cols
+        stats["blocks_computed"] += 1
+        stats["entries_screened"] += int(rows.numel()) * int(cidx.numel())
+        S = torch.mm(lhs, rhs.T)  # [rows, q] screened values
+        # Every screened entry of the block is within this of its exact value.
+        marg = c_s * a_sel * float(beta_s[cidx].max()) + eps_abs
+        _process_block(S, rows, cidx, marg, ctx)
+
+    # 1. Seed columns against every row (no pruning).
+    seed_rows = max(block_rows, 2048)
+    if n_seed:
+        for r0 in range(0, R, seed_rows):
+            screen(r0, min(R, r0 + seed_rows), None, slice(0, n_seed))
+        update_role_thresholds()
+
+    # 2. (row cell) × (column cell) pairs, pruned by the sign-aware bound.
+    slack = eps_T + 1e-12 * alpha_max * beta_max  # basis error and fp64 rounding of the bounds
+    ce = torch.tensor(col_edges, device=dev)
+    n_cells = len(col_edges) - 1
+    if n_cells:
+        lens = ce[1:] - ce[:-1]
+        seg = lambda x, red: torch.segment_reduce(x[n_seed:], red, lengths=lens)  # noqa: E731
+        lo_c, hi_c = seg(b1, "min"), seg(b1, "max")
+        rho_c, bmax_c = seg(br, "max"), seg(beta_s, "max")
+        cell_of = torch.repeat_interleave(torch.arange(n_cells, device=dev), lens)
+    stats["blocks"] = (len(row_edges) - 1) * n_cells + (n_seed > 0) * ((R + seed_rows - 1) // seed_rows)
+
+    def cell_cols_of(sel):
+        """Laid-out columns of the (sorted) cells ``sel``: a slice when they are one run."""
+        c_lo, c_hi = int(sel[0]), int(sel[-1])
+        if c_hi - c_lo + 1 == sel.numel():
+            return slice(col_edges[c_lo], col_edges[c_hi + 1])
+        mark = torch.zeros(n_cells, dtype=torch.bool, device=dev)
+        mark[sel] = True
+        return torch.nonzero(mark[cell_of]).squeeze(1) + n_seed
+
+    def bounds(x1, xr, xn, lo, hi, rho, bm):
+        """Upper / lower bounds of x·y for rows x = (x1, rest norm xr, norm xn) (column vectors)
+        against cells with y_1 ∈ [lo, hi], ‖y_rest‖ <= rho, ‖y‖ <= bm (row vectors)."""
+        p1, p2 = x1 * lo, x1 * hi
+        cs = xn * bm
+        xrr = xr * rho
+        ub = torch.minimum(torch.maximum(p1, p2) + xrr, cs)
+        lb = torch.maximum(torch.minimum(p1, p2) - xrr, -cs)
+        return ub, lb
+
+    for it, (r0, r1) in enumerate(zip(row_edges[:-1], row_edges[1:])):
+        if n_cells == 0:
+            break
+        if it and it % 8 == 0:
+            update_role_thresholds()
+        th_hi = min(top.threshold, thr["rmax"], thr["cmax"]) - slack
+        th_lo = max(bot.threshold, thr["rmin"], thr["cmin"]) + slack
+        x1, xr, xn = a1[r0:r1], ar[r0:r1], alpha_s[r0:r1]
+        # Box of the row cell first (cheap): cells no row of the cell can need.
+        ubb, lbb = bounds(torch.stack([x1.min(), x1.max()])[:, None], xr.max(), xn.max(),
+                          lo_c, hi_c, rho_c, bmax_c)
+        ubb, lbb = ubb.amax(0), lbb.amin(0)
+        cneed = (ubb >= th_hi) | (lbb <= th_lo)
+        if square:
+            und = undecided[r0:r1]
+            if bool(und.any()):
+                cneed |= ubb >= float(diag[r0:r1][und].min()) - slack
+            else:
+                und = None
+        cells = torch.nonzero(cneed).squeeze(1)
+        if cells.numel() == 0:
+            continue
+        # Per row and candidate cell.
+        ub, lb = bounds(x1[:, None], xr[:, None], xn[:, None], lo_c[cells], hi_c[cells],
+                        rho_c[cells], bmax_c[cells])
+        need = (ub >= th_hi) | (lb <= th_lo)
+        ridx = torch.nonzero(need.any(1)).squeeze(1)
+        if ridx.numel():
+            sel = cells[need[ridx].any(0)]
+            screen(r0, r1, None if ridx.numel() == r1 - r0 else ridx, cell_cols_of(sel))
+        if not square or und is None:
+            continue
+        # Self rows: an undecided row also needs every entry whose bound reaches its diagonal,
+        # unless it gets proven "not self" first. Screen those (row, cell) pairs in decreasing
+        # order of the bound, in growing chunks, dropping rows as soon as they are decided.
+        need_s = undecided[r0:r1, None] & (ub >= diag[r0:r1, None] - slack) & ~need
+        step = 4
+        while True:
+            rs = torch.nonzero(need_s.any(1)).squeeze(1)
+            if rs.numel() == 0:
+                break
+            sub_need = need_s[rs]
+            cs_ = torch.nonzero(sub_need.any(0)).squeeze(1)
+            prio = torch.where(sub_need[:, cs_], ub[rs][:, cs_], _NEG_INF).amax(0)
+            take = cs_[torch.topk(prio, min(step, cs_.numel())).indices]
+            take = take.sort().values
+            rows_t = rs[need_s[rs][:, take].any(1)]
+            screen(r0, r1, rows_t, cell_cols_of(cells[take]))
+            need_s[:, take] = False
+            need_s &= undecided[r0:r1, None]
+            step *= 2
     t_screen = time.perf_counter()
     stats["thresholds"] = dict(top=top.threshold, bot=bot.threshold, **thr)
 
@@ -413,11 +509,13 @@ class _Ctx:
     diag_col: Optional[Tensor] = None  # sorted column position of each sorted row's diagonal
     off_hi: Optional[Tensor] = None  # max screened off-diagonal value per sorted row
     undecided: Optional[Tensor] = None  # rows not yet proven "not self"
+    pos_buf: Optional[Tensor] = None  # [C] -1, scratch: column position -> place in the block
 
 
-def _process_block(S: Tensor, ridx: Tensor, c0: int, q: int, marg: float, ctx: _Ctx) -> None:
-    """Fold one screened block (sorted rows ``ridx`` × sorted columns ``c0:c0+q``) into the state."""
+def _process_block(S: Tensor, ridx: Tensor, cidx: Tensor, marg: float, ctx: _Ctx) -> None:
+    """Fold one screened block (laid-out rows ``ridx`` × laid-out columns ``cidx``) into the state."""
     dev = S.device
+    q = int(cidx.numel())
     rmax = S.amax(1).double()
     rmin = S.amin(1).double()
     ctx.row_hi[ridx] = torch.maximum(ctx.row_hi[ridx], rmax)
@@ -427,15 +525,14 @@ def _process_block(S: Tensor, ridx: Tensor, c0: int, q: int, marg: float, ctx: _
     # entry below it now stays below the final (higher) threshold.
     hi_need = rmax >= ctx.thr["cmax"] - marg
     lo_need = rmin <= ctx.thr["cmin"] + marg
-    cs = slice(c0, c0 + q)
     if bool(hi_need.all()):
-        torch.maximum(ctx.col_hi[cs], S.amax(0).double(), out=ctx.col_hi[cs])
+        ctx.col_hi[cidx] = torch.maximum(ctx.col_hi[cidx], S.amax(0).double())
     elif bool(hi_need.any()):
-        torch.maximum(ctx.col_hi[cs], S[hi_need].amax(0).double(), out=ctx.col_hi[cs])
+        ctx.col_hi[cidx] = torch.maximum(ctx.col_hi[cidx], S[hi_need].amax(0).double())
     if bool(lo_need.all()):
-        torch.minimum(ctx.col_lo[cs], S.amin(0).double(), out=ctx.col_lo[cs])
+        ctx.col_lo[cidx] = torch.minimum(ctx.col_lo[cidx], S.amin(0).double())
     elif bool(lo_need.any()):
-        torch.minimum(ctx.col_lo[cs], S[lo_need].amin(0).double(), out=ctx.col_lo[cs])
+        ctx.col_lo[cidx] = torch.minimum(ctx.col_lo[cidx], S[lo_need].amin(0).double())
 
     # Top / bottom entries.
     for pool, ext, sign in ((ctx.top, rmax, 1.0), (ctx.bot, rmin, -1.0)):
@@ -446,7 +543,7 @@ def _process_block(S: Tensor, ridx: Tensor, c0: int, q: int, marg: float, ctx: _
             # below catches every entry of the block that reaches the threshold, seeds included.
             m = min(pool.n, S.numel())
             flat = torch.topk(S.reshape(-1).float() * sign, m).indices
-            _, _, seed = ctx.rescore(ridx[flat // q], c0 + flat % q)
+            _, _, seed = ctx.rescore(ridx[flat // q], cidx[flat % q])
             known = torch.cat([pool.vals, seed]) * sign
             if known.numel() >= pool.n:
                 t = sign * float(torch.topk(known, pool.n).values[-1])
@@ -456,21 +553,32 @@ def _process_block(S: Tensor, ridx: Tensor, c0: int, q: int, marg: float, ctx: _
         sub = S[rows].float()
         hit = torch.nonzero(sub * sign >= t * sign - marg)
         if hit.numel():
-            pool.add(*ctx.rescore(ridx[rows[hit[:, 0]]], c0 + hit[:, 1]))
+            pool.add(*ctx.rescore(ridx[rows[hit[:, 0]]], cidx[hit[:, 1]]))
 
     if ctx.square:
-        # Off-diagonal row maximum: rows whose diagonal falls in this block need it removed.
-        dc = ctx.diag_col[ridx] - c0
-        inb = torch.nonzero((dc >= 0) & (dc < q)).squeeze(1)
-        off = rmax.clone()
-        if inb.numel():
-            sub = S[inb].float()
-            sub[torch.arange(inb.numel(), device=dev), dc[inb]] = _NEG_INF
-            off[inb] = sub.amax(1).double()
-        off_hi = torch.maximum(ctx.off_hi[ridx], off)
-        ctx.off_hi[ridx] = off_hi
-        # Proven "not self": some off-diagonal entry is certainly above the diagonal.
-        ctx.undecided[ridx] &= ~(off_hi - ctx.row_marg[ridx] > ctx.diag[ridx])
+        # Only rows not yet proven "not self" need their off-diagonal maximum (decided rows stay
+        # decided; ``off_hi`` is read only for undecided rows).
+        und = torch.nonzero(ctx.undecided[ridx]).squeeze(1)
+        if und.numel():
+            rows_u = ridx[und]
+            ctx.pos_buf[cidx] = torch.arange(q, device=dev)
+            dc = ctx.pos_buf[ctx.diag_col[rows_u]]
+            ctx.pos_buf[cidx] = -1
+            sub = S[und].float()
+            inb = torch.nonzero(dc >= 0).squeeze(1)
+            if inb.numel():
+                sub[inb, dc[inb]] = _NEG_INF
+            offv, offj = sub.max(1)
+            offv = offv.double()
+            ctx.off_hi[rows_u] = torch.maximum(ctx.off_hi[rows_u], offv)
+            # Proven "not self": the exact value of the row's best screened off-diagonal entry
+            # is above the (exact) diagonal. Only rows where the screen says it could be.
+            dg = ctx.diag[rows_u]
+            cand = torch.nonzero(offv + marg >= dg).squeeze(1)
+            if cand.numel():
+                _, _, ex = ctx.rescore(rows_u[cand], cidx[offj[cand]])
+                beaten = cand[ex > dg[cand]]
+                ctx.undecided[rows_u[beaten]] = False
 
 
 def _exact_rows(A64: Tensor, B64: Tensor, rows: Tensor, chunk: int = 256):
