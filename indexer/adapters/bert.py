@@ -7,6 +7,8 @@ LayerNorm, applied before the decoder) is listed but not folded in.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..canonical import Canonical, Dims, Embeddings, LayerWeights
 from .base import (
     HEAD_BIAS, LOGIT_BIAS, NORM, POSITION_IDS, Names, Rule, TensorSource, account, cfg,
@@ -73,17 +75,47 @@ def encoder_dims(config, family, W_E, tied, n_ctx):
     )
 
 
+@dataclass(frozen=True)
+class EncoderKeys:
+    """Where a post-LN encoder keeps its tensors (suffixes after the checkpoint's prefix).
+
+    BERT and MPNet differ only in these names; ``adapt_encoder`` does the rest for both.
+    """
+
+    decoder: str  # LM-head decoder weight, if the checkpoint has an MLM head
+    logit_bias: tuple[str, ...]  # LM-head bias, first found wins
+    attn: str  # prefix of q/k/v/o inside a layer, e.g. "attention.self."
+    q: str
+    k: str
+    v: str
+    o: str  # output projection, relative to the layer
+    ln_attn: str  # LayerNorm after the attention residual add, relative to the layer
+
+
+BERT_KEYS = EncoderKeys(
+    decoder="cls.predictions.decoder.weight",
+    logit_bias=("cls.predictions.bias", "cls.predictions.decoder.bias"),
+    attn="attention.self.", q="query", k="key", v="value",
+    o="attention.output.dense", ln_attn="attention.output.LayerNorm",
+)
+
+
 def adapt(source: TensorSource, config, dtype) -> Canonical:
-    names = Names(source.keys(), ["embeddings.word_embeddings.weight"], FAMILY)
+    return adapt_encoder(source, config, dtype, FAMILY, RULES, BERT_KEYS)
+
+
+def adapt_encoder(source: TensorSource, config, dtype, family: str, rules, keys: EncoderKeys) -> Canonical:
+    """Canonical weights of a BERT-like post-LN encoder (BERT, MPNet)."""
+    names = Names(source.keys(), ["embeddings.word_embeddings.weight"], family)
     get = lambda suffix: source.get(names.need(suffix)).to(dtype).contiguous()
 
     W_E = get("embeddings.word_embeddings.weight")
-    decoder = names.head("cls.predictions.decoder.weight")
+    decoder = names.head(keys.decoder)
     tied = decoder is None or bool(getattr(config, "tie_word_embeddings", True))
     W_U = W_E.T if tied else source.get(decoder).to(dtype).T.contiguous()
-    bias = names.head("cls.predictions.bias") or names.head("cls.predictions.decoder.bias")
+    bias = next((b for b in map(names.head, keys.logit_bias) if b), None)
     W_pos = get("embeddings.position_embeddings.weight")
-    dims = encoder_dims(config, FAMILY, W_E, tied, W_pos.shape[0])
+    dims = encoder_dims(config, family, W_E, tied, W_pos.shape[0])
     emb = Embeddings(
         W_E=W_E, W_U=W_U, W_pos=W_pos,
         b_U=source.get(bias).to(dtype) if bias else None,
@@ -93,18 +125,19 @@ def adapt(source: TensorSource, config, dtype) -> Canonical:
 
     def layer(l: int) -> LayerWeights:
         p = f"encoder.layer.{l}."
-        a = p + "attention.self."
+        a = p + keys.attn
+        o = p + keys.o
         return LayerWeights(
-            W_Q=linear_in(get(a + "query.weight"), n_heads, d_head),
-            W_K=linear_in(get(a + "key.weight"), n_heads, d_head),
-            W_V=linear_in(get(a + "value.weight"), n_heads, d_head),
-            b_Q=get(a + "query.bias").reshape(n_heads, d_head),
-            b_K=get(a + "key.bias").reshape(n_heads, d_head),
-            b_V=get(a + "value.bias").reshape(n_heads, d_head),
-            W_O=linear_out(get(p + "attention.output.dense.weight"), n_heads, d_head),
-            b_O=get(p + "attention.output.dense.bias"),
-            ln_attn_w=get(p + "attention.output.LayerNorm.weight"),
-            ln_attn_b=get(p + "attention.output.LayerNorm.bias"),
+            W_Q=linear_in(get(a + keys.q + ".weight"), n_heads, d_head),
+            W_K=linear_in(get(a + keys.k + ".weight"), n_heads, d_head),
+            W_V=linear_in(get(a + keys.v + ".weight"), n_heads, d_head),
+            b_Q=get(a + keys.q + ".bias").reshape(n_heads, d_head),
+            b_K=get(a + keys.k + ".bias").reshape(n_heads, d_head),
+            b_V=get(a + keys.v + ".bias").reshape(n_heads, d_head),
+            W_O=linear_out(get(o + ".weight"), n_heads, d_head),
+            b_O=get(o + ".bias"),
+            ln_attn_w=get(p + keys.ln_attn + ".weight"),
+            ln_attn_b=get(p + keys.ln_attn + ".bias"),
             W_in=get(p + "intermediate.dense.weight").T.contiguous(),
             b_in=get(p + "intermediate.dense.bias"),
             W_out=get(p + "output.dense.weight").T.contiguous(),
@@ -114,4 +147,4 @@ def adapt(source: TensorSource, config, dtype) -> Canonical:
         )
 
     return Canonical(dims=dims, embeddings=emb, layer_fn=checked_layer_fn(layer, dims.n_layers),
-                     parameters=account(source, names, RULES, FAMILY))
+                     parameters=account(source, names, rules, family))

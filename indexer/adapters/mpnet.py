@@ -7,12 +7,9 @@ W_pos is position ``p``; we keep the table as stored.
 """
 from __future__ import annotations
 
-from ..canonical import Canonical, Embeddings, LayerWeights
-from .base import (
-    HEAD_BIAS, LOGIT_BIAS, NORM, POSITION_IDS, Names, Rule, TensorSource, account, cfg,
-    checked_layer_fn,
-)
-from .bert import MLM_TRANSFORM, POOLER, encoder_dims, linear_in, linear_out
+from ..canonical import Canonical
+from .base import HEAD_BIAS, LOGIT_BIAS, NORM, POSITION_IDS, Rule, TensorSource
+from .bert import MLM_TRANSFORM, POOLER, EncoderKeys, adapt_encoder
 
 FAMILY = "mpnet"
 MODEL_TYPES = ("mpnet",)
@@ -46,45 +43,12 @@ RULES = [
 ]
 
 
+MPNET_KEYS = EncoderKeys(
+    decoder="lm_head.decoder.weight",
+    logit_bias=("lm_head.bias", "lm_head.decoder.bias"),
+    attn="attention.attn.", q="q", k="k", v="v", o="attention.attn.o", ln_attn="attention.LayerNorm",
+)
+
+
 def adapt(source: TensorSource, config, dtype) -> Canonical:
-    names = Names(source.keys(), ["embeddings.word_embeddings.weight"], FAMILY)
-    get = lambda suffix: source.get(names.need(suffix)).to(dtype).contiguous()
-
-    W_E = get("embeddings.word_embeddings.weight")
-    decoder = names.head("lm_head.decoder.weight")
-    tied = decoder is None or bool(getattr(config, "tie_word_embeddings", True))
-    W_U = W_E.T if tied else source.get(decoder).to(dtype).T.contiguous()
-    bias = names.head("lm_head.bias") or names.head("lm_head.decoder.bias")
-    W_pos = get("embeddings.position_embeddings.weight")
-    dims = encoder_dims(config, FAMILY, W_E, tied, W_pos.shape[0])
-    emb = Embeddings(
-        W_E=W_E, W_U=W_U, W_pos=W_pos,
-        b_U=source.get(bias).to(dtype) if bias else None,
-        ln_embed_w=get("embeddings.LayerNorm.weight"), ln_embed_b=get("embeddings.LayerNorm.bias"),
-    )
-    n_heads, d_head, act = dims.n_heads, dims.d_head, cfg(config, "hidden_act", default="gelu")
-
-    def layer(l: int) -> LayerWeights:
-        p = f"encoder.layer.{l}."
-        a = p + "attention.attn."
-        return LayerWeights(
-            W_Q=linear_in(get(a + "q.weight"), n_heads, d_head),
-            W_K=linear_in(get(a + "k.weight"), n_heads, d_head),
-            W_V=linear_in(get(a + "v.weight"), n_heads, d_head),
-            b_Q=get(a + "q.bias").reshape(n_heads, d_head),
-            b_K=get(a + "k.bias").reshape(n_heads, d_head),
-            b_V=get(a + "v.bias").reshape(n_heads, d_head),
-            W_O=linear_out(get(a + "o.weight"), n_heads, d_head),
-            b_O=get(a + "o.bias"),
-            ln_attn_w=get(p + "attention.LayerNorm.weight"),
-            ln_attn_b=get(p + "attention.LayerNorm.bias"),
-            W_in=get(p + "intermediate.dense.weight").T.contiguous(),
-            b_in=get(p + "intermediate.dense.bias"),
-            W_out=get(p + "output.dense.weight").T.contiguous(),
-            b_out=get(p + "output.dense.bias"),
-            ln_mlp_w=get(p + "output.LayerNorm.weight"), ln_mlp_b=get(p + "output.LayerNorm.bias"),
-            act=act,
-        )
-
-    return Canonical(dims=dims, embeddings=emb, layer_fn=checked_layer_fn(layer, dims.n_layers),
-                     parameters=account(source, names, RULES, FAMILY))
+    return adapt_encoder(source, config, dtype, FAMILY, RULES, MPNET_KEYS)
