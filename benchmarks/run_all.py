@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     repeats = "1" if args.quick else "3"
-    heads = "2" if args.quick else "10"
+    heads = "2" if args.quick else "20"
 
     cmd_vec = [PY, "-m", "benchmarks.bench_vectors", "--repeats", repeats, "--json", str(out / "vectors.json")]
     run(cmd_vec, out / "vectors.log")
