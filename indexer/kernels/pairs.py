@@ -329,8 +329,13 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
     row_lo = torch.full((R,), _POS_INF, dtype=torch.float64, device=dev)
     col_hi = torch.full((C,), _NEG_INF, dtype=torch.float64, device=dev)
     col_lo = torch.full((C,), _POS_INF, dtype=torch.float64, device=dev)
-    row_marg = c_s * alpha_s * beta_max + eps_abs  # margin of any screened entry in the row
-    col_marg = c_s * alpha_max * beta_s + eps_abs
+    # Margin-adjusted bounds of the screened extremes (each block with its own margin, which is
+    # tight since a block's rows / columns have similar norms): row_hi >= max of the screened
+    # exact values (an upper bound), row_hl <= it (a lower bound); row_lo / row_lu mirror them.
+    row_hl = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)
+    row_lu = torch.full((R,), _POS_INF, dtype=torch.float64, device=dev)
+    col_hl = torch.full((C,), _NEG_INF, dtype=torch.float64, device=dev)
+    col_lu = torch.full((C,), _POS_INF, dtype=torch.float64, device=dev)
 
     top = _EntryPool(n, C, True, dev)
     bot = _EntryPool(n, C, False, dev)
@@ -355,15 +360,15 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
 
     ctx = _Ctx(top=top, bot=bot, rescore=rescore, row_hi=row_hi, row_lo=row_lo, col_hi=col_hi,
                col_lo=col_lo, c_s=c_s, eps_abs=eps_abs, alpha_s=alpha_s, beta_s=beta_s, thr=thr,
-               square=square, row_marg=row_marg, **(dict(diag=diag, diag_col=diag_col,
+               square=square, row_hl=row_hl, row_lu=row_lu, col_hl=col_hl, col_lu=col_lu, **(dict(diag=diag, diag_col=diag_col,
                off_hi=off_hi, undecided=undecided, pos_buf=pos_buf) if square else {}))
 
     def update_role_thresholds():
         # k-th largest lower bound of the row/col maxima (and mirror images); only rise.
-        thr["rmax"] = max(thr["rmax"], _kth(row_hi - row_marg, k_r, True))
-        thr["rmin"] = min(thr["rmin"], _kth(row_lo + row_marg, k_r, False))
-        thr["cmax"] = max(thr["cmax"], _kth(col_hi - col_marg, k_c, True))
-        thr["cmin"] = min(thr["cmin"], _kth(col_lo + col_marg, k_c, False))
+        thr["rmax"] = max(thr["rmax"], _kth(row_hl, k_r, True))
+        thr["rmin"] = min(thr["rmin"], _kth(row_lu, k_r, False))
+        thr["cmax"] = max(thr["cmax"], _kth(col_hl, k_c, True))
+        thr["cmin"] = min(thr["cmin"], _kth(col_lu, k_c, False))
 
     def screen(r0, r1, ridx, cols):
         """Screen laid-out rows ``ridx`` (within r0:r1; None = all) × columns ``cols`` (a slice
@@ -478,8 +483,11 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
     t_screen = time.perf_counter()
     stats["thresholds"] = dict(top=top.threshold, bot=bot.threshold, **thr)
 
-    res = _finish(A64, B64, R, C, n, k_r, k_c, top, bot, row_hi, row_lo, col_hi, col_lo,
-                  row_marg, col_marg, thr, row_order, col_order, square,
+    c32, eps32 = _screen_margin(d, torch.float32)
+    fx = _Full(A64=A64, B64=B64, A32=Ab.float(), B32=Bb.float(), an=alpha, bn=beta, c32=c32,
+               eps32=eps32 + eps_T)
+    res = _finish(fx, R, C, n, k_r, k_c, top, bot, row_hi, row_lo, col_hi, col_lo,
+                  row_hl, row_lu, col_hl, col_lu, thr, row_order, col_order, square,
                   (diag, off_hi, undecided) if square else None, dev)
     stats["frac_entries_screened"] = stats["entries_screened"] / max(1, R * C)
     stats["frac_blocks_computed"] = stats["blocks_computed"] / max(1, stats["blocks"])
@@ -504,10 +512,13 @@ class _Ctx:
     beta_s: Tensor
     thr: dict
     square: bool
-    row_marg: Tensor
+    row_hl: Tensor
+    row_lu: Tensor
+    col_hl: Tensor
+    col_lu: Tensor
     diag: Optional[Tensor] = None  # square only: exact M_ii per sorted row
     diag_col: Optional[Tensor] = None  # sorted column position of each sorted row's diagonal
-    off_hi: Optional[Tensor] = None  # max screened off-diagonal value per sorted row
+    off_hi: Optional[Tensor] = None  # upper bound of the screened off-diagonal exact values
     undecided: Optional[Tensor] = None  # rows not yet proven "not self"
     pos_buf: Optional[Tensor] = None  # [C] -1, scratch: column position -> place in the block
 
@@ -518,21 +529,31 @@ def _process_block(S: Tensor, ridx: Tensor, cidx: Tensor, marg: float, ctx: _Ctx
     q = int(cidx.numel())
     rmax = S.amax(1).double()
     rmin = S.amin(1).double()
-    ctx.row_hi[ridx] = torch.maximum(ctx.row_hi[ridx], rmax)
-    ctx.row_lo[ridx] = torch.minimum(ctx.row_lo[ridx], rmin)
+    ctx.row_hi[ridx] = torch.maximum(ctx.row_hi[ridx], rmax + marg)
+    ctx.row_hl[ridx] = torch.maximum(ctx.row_hl[ridx], rmax - marg)
+    ctx.row_lo[ridx] = torch.minimum(ctx.row_lo[ridx], rmin - marg)
+    ctx.row_lu[ridx] = torch.minimum(ctx.row_lu[ridx], rmin + marg)
 
     # Column extremes only matter for entries that could reach a column-role threshold: an
     # entry below it now stays below the final (higher) threshold.
     hi_need = rmax >= ctx.thr["cmax"] - marg
     lo_need = rmin <= ctx.thr["cmin"] + marg
+    cm = None
     if bool(hi_need.all()):
-        ctx.col_hi[cidx] = torch.maximum(ctx.col_hi[cidx], S.amax(0).double())
+        cm = S.amax(0).double()
     elif bool(hi_need.any()):
-        ctx.col_hi[cidx] = torch.maximum(ctx.col_hi[cidx], S[hi_need].amax(0).double())
+        cm = S[hi_need].amax(0).double()
+    if cm is not None:
+        ctx.col_hi[cidx] = torch.maximum(ctx.col_hi[cidx], cm + marg)
+        ctx.col_hl[cidx] = torch.maximum(ctx.col_hl[cidx], cm - marg)
+    cm = None
     if bool(lo_need.all()):
-        ctx.col_lo[cidx] = torch.minimum(ctx.col_lo[cidx], S.amin(0).double())
+        cm = S.amin(0).double()
     elif bool(lo_need.any()):
-        ctx.col_lo[cidx] = torch.minimum(ctx.col_lo[cidx], S[lo_need].amin(0).double())
+        cm = S[lo_need].amin(0).double()
+    if cm is not None:
+        ctx.col_lo[cidx] = torch.minimum(ctx.col_lo[cidx], cm - marg)
+        ctx.col_lu[cidx] = torch.minimum(ctx.col_lu[cidx], cm + marg)
 
     # Top / bottom entries.
     for pool, ext, sign in ((ctx.top, rmax, 1.0), (ctx.bot, rmin, -1.0)):
@@ -570,7 +591,7 @@ def _process_block(S: Tensor, ridx: Tensor, cidx: Tensor, marg: float, ctx: _Ctx
                 sub[inb, dc[inb]] = _NEG_INF
             offv, offj = sub.max(1)
             offv = offv.double()
-            ctx.off_hi[rows_u] = torch.maximum(ctx.off_hi[rows_u], offv)
+            ctx.off_hi[rows_u] = torch.maximum(ctx.off_hi[rows_u], offv + marg)
             # Proven "not self": the exact value of the row's best screened off-diagonal entry
             # is above the (exact) diagonal. Only rows where the screen says it could be.
             dg = ctx.diag[rows_u]
@@ -581,58 +602,111 @@ def _process_block(S: Tensor, ridx: Tensor, cidx: Tensor, marg: float, ctx: _Ctx
                 ctx.undecided[rows_u[beaten]] = False
 
 
-def _exact_rows(A64: Tensor, B64: Tensor, rows: Tensor, chunk: int = 256):
-    """Exact (max, min) of the given rows of ``A B^T`` in float64."""
-    mx, mn = [], []
+@dataclass
+class _Full:
+    """What the full-row passes of ``_finish`` need: original fp64 factors (exact values), the
+    balanced-basis factors in fp32 with their norms (fast full rows), and the fp32 margin
+    ``|fl32(a'·b') - a·b| <= c32 ‖a'‖‖b'‖ + eps32`` (``_screen_margin`` for fp32 plus the basis
+    error, which ``eps32`` includes)."""
+
+    A64: Tensor
+    B64: Tensor
+    A32: Tensor
+    B32: Tensor
+    an: Tensor
+    bn: Tensor
+    c32: float
+    eps32: float
+
+
+def _row_extremes(X64, Y64, X32, Y32, xn, ymax, c32, eps32, rows, largest, chunk=256):
+    """Exact max (largest) or min of the given rows of ``X64 @ Y64.T``: the rows in fp32, then
+    fp64 dot products for the entries whose fp32 value is within twice the row's fp32 margin
+    ``m_i = c32 ‖x_i‖ max‖y‖ + eps32`` of the fp32 extreme. The true extreme entry is among them:
+    with T the fp32 row (sign-flipped for min), T_j* + m_i >= M_j* >= M_k >= T_k - m_i for the
+    fp32 arg-extreme k, so T_j* >= max T - 2 m_i (cut rounded down in fp32)."""
+    out = []
+    sgn = 1.0 if largest else -1.0
     for s in range(0, rows.numel(), chunk):
-        blk = A64[rows[s : s + chunk]] @ B64.T
-        mx.append(blk.amax(1))
-        mn.append(blk.amin(1))
-    z = torch.empty(0, dtype=torch.float64, device=A64.device)
-    return (torch.cat(mx) if mx else z), (torch.cat(mn) if mn else z)
+        r = rows[s : s + chunk]
+        T = torch.mm(X32[r], Y32.T)
+        if not largest:
+            T.neg_()
+        m = c32 * xn[r] * ymax + eps32
+        cut = (T.amax(1).double() - 2 * m - 1e-30).float()
+        cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
+        hit = torch.nonzero(T >= cut[:, None])
+        ex = (X64[r[hit[:, 0]]] * Y64[hit[:, 1]]).sum(1) * sgn
+        v = torch.full((r.numel(),), _NEG_INF, dtype=torch.float64, device=X64.device)
+        v.scatter_reduce_(0, hit[:, 0], ex, "amax")
+        out.append(v * sgn)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=X64.device)
 
 
-def _role_list(A64, B64, cand_pos, order, k, largest):
-    """Exact top-k (by max) or bottom-k (by min) among candidate sorted positions."""
+def _role_list(fx: _Full, cand_pos, order, k, largest, by_cols):
+    """Exact top-k (by max) or bottom-k (by min) among candidate laid-out positions."""
     idx = order[cand_pos]
-    mx, mn = _exact_rows(A64, B64, idx)
-    vals = mx if largest else mn
+    if by_cols:
+        vals = _row_extremes(fx.B64, fx.A64, fx.B32, fx.A32, fx.bn, float(fx.an.max()), fx.c32,
+                             fx.eps32, idx, largest)
+    else:
+        vals = _row_extremes(fx.A64, fx.B64, fx.A32, fx.B32, fx.an, float(fx.bn.max()), fx.c32,
+                             fx.eps32, idx, largest)
     perm = _order_index(vals, idx, descending=largest)[:k]
     return idx[perm], vals[perm]
 
 
-def _finish(A64, B64, R, C, n, k_r, k_c, top, bot, row_hi, row_lo, col_hi, col_lo,
-            row_marg, col_marg, thr, row_order, col_order, square, self_state, dev) -> PairResult:
+def _self_rows(fx: _Full, idx: Tensor, dg: Tensor, chunk=256) -> int:
+    """How many of the rows ``idx`` (original indices, square) have ``M_ii >= max_j M_ij``
+    (``dg`` = exact M_ii). Full rows in fp32; an off-diagonal entry can reach the diagonal only
+    if its fp32 value is >= M_ii - m_i (margin as in ``_row_extremes``); those are recomputed in
+    fp64 and the row is self iff none of them exceeds M_ii."""
+    n_self = 0
+    bmax = float(fx.bn.max())
+    for s in range(0, idx.numel(), chunk):
+        r = idx[s : s + chunk]
+        T = torch.mm(fx.A32[r], fx.B32.T)
+        ar = torch.arange(r.numel(), device=T.device)
+        T[ar, r] = _NEG_INF
+        m = fx.c32 * fx.an[r] * bmax + fx.eps32
+        cut = (dg[s : s + chunk] - m - 1e-30).float()
+        cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
+        hit = torch.nonzero(T >= cut[:, None])
+        ex = (fx.A64[r[hit[:, 0]]] * fx.B64[hit[:, 1]]).sum(1)
+        beaten = torch.zeros(r.numel(), dtype=torch.bool, device=T.device)
+        beaten[hit[:, 0][ex > dg[s : s + chunk][hit[:, 0]]]] = True
+        n_self += int((~beaten).sum())
+    return n_self
+
+
+def _finish(fx, R, C, n, k_r, k_c, top, bot, row_hi, row_lo, col_hi, col_lo,
+            row_hl, row_lu, col_hl, col_lu, thr, row_order, col_order, square, self_state, dev) -> PairResult:
     # Final role thresholds from the final bounds (all lower/upper bounds of the k-th value).
-    t_rmax = max(thr["rmax"], _kth(row_hi - row_marg, k_r, True))
-    t_rmin = min(thr["rmin"], _kth(row_lo + row_marg, k_r, False))
-    t_cmax = max(thr["cmax"], _kth(col_hi - col_marg, k_c, True))
-    t_cmin = min(thr["cmin"], _kth(col_lo + col_marg, k_c, False))
+    t_rmax = max(thr["rmax"], _kth(row_hl, k_r, True))
+    t_rmin = min(thr["rmin"], _kth(row_lu, k_r, False))
+    t_cmax = max(thr["cmax"], _kth(col_hl, k_c, True))
+    t_cmin = min(thr["cmin"], _kth(col_lu, k_c, False))
     # A true top-k row has max >= t_rmax; skipped entries are all below it, so its max was
-    # screened and row_hi + margin >= t_rmax.
-    cr_hi = torch.nonzero(row_hi + row_marg >= t_rmax).squeeze(1)
-    cr_lo = torch.nonzero(row_lo - row_marg <= t_rmin).squeeze(1)
-    cc_hi = torch.nonzero(col_hi + col_marg >= t_cmax).squeeze(1)
-    cc_lo = torch.nonzero(col_lo - col_marg <= t_cmin).squeeze(1)
-    rt_i, rt_v = _role_list(A64, B64, cr_hi, row_order, k_r, True)
-    rb_i, rb_v = _role_list(A64, B64, cr_lo, row_order, k_r, False)
-    ct_i, ct_v = _role_list(B64, A64, cc_hi, col_order, k_c, True)
-    cb_i, cb_v = _role_list(B64, A64, cc_lo, col_order, k_c, False)
+    # screened and row_hi (screened value + its block's margin) >= t_rmax.
+    cr_hi = torch.nonzero(row_hi >= t_rmax).squeeze(1)
+    cr_lo = torch.nonzero(row_lo <= t_rmin).squeeze(1)
+    cc_hi = torch.nonzero(col_hi >= t_cmax).squeeze(1)
+    cc_lo = torch.nonzero(col_lo <= t_cmin).squeeze(1)
+    rt_i, rt_v = _role_list(fx, cr_hi, row_order, k_r, True, False)
+    rb_i, rb_v = _role_list(fx, cr_lo, row_order, k_r, False, False)
+    ct_i, ct_v = _role_list(fx, cc_hi, col_order, k_c, True, True)
+    cb_i, cb_v = _role_list(fx, cc_lo, col_order, k_c, False, True)
 
     self_frac = None
     stats = dict(role_candidates=int(cr_hi.numel() + cr_lo.numel() + cc_hi.numel() + cc_lo.numel()))
     if square:
         diag, off_hi, undecided = self_state
         # Undecided rows: self unless an off-diagonal screened value could reach the diagonal.
-        ambiguous = undecided & (off_hi + row_marg >= diag)
+        ambiguous = undecided & (off_hi >= diag)
         amb = torch.nonzero(ambiguous).squeeze(1)
         n_self = int((undecided & ~ambiguous).sum())
         if amb.numel():
-            idx = row_order[amb]
-            for s in range(0, idx.numel(), 256):
-                blk = A64[idx[s : s + 256]] @ B64.T
-                dg = blk.gather(1, idx[s : s + 256, None]).squeeze(1)
-                n_self += int((dg >= blk.amax(1)).sum())
+            n_self += _self_rows(fx, row_order[amb], diag[amb])
         self_frac = n_self / R if R else 0.0
         stats["self_ambiguous_rows"] = int(amb.numel())
 
