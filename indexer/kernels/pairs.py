@@ -463,9 +463,10 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
             continue
         # Self rows: an undecided row also needs every entry whose bound reaches its diagonal,
         # unless it gets proven "not self" first. Screen those (row, cell) pairs in decreasing
-        # order of the bound, in growing chunks, dropping rows as soon as they are decided.
+        # order of the bound: first the best few cells (which decide most rows), then all the
+        # rest for the rows still undecided.
         need_s = undecided[r0:r1, None] & (ub >= diag[r0:r1, None] - slack) & ~need
-        step = 4
+        step = 8
         while True:
             rs = torch.nonzero(need_s.any(1)).squeeze(1)
             if rs.numel() == 0:
@@ -479,7 +480,7 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
             screen(r0, r1, rows_t, cell_cols_of(cells[take]))
             need_s[:, take] = False
             need_s &= undecided[r0:r1, None]
-            step *= 2
+            step = n_cells  # rows still undecided after the best cells are mostly self: all the rest
     t_screen = time.perf_counter()
     stats["thresholds"] = dict(top=top.threshold, bot=bot.threshold, **thr)
 
@@ -585,11 +586,14 @@ def _process_block(S: Tensor, ridx: Tensor, cidx: Tensor, marg: float, ctx: _Ctx
             ctx.pos_buf[cidx] = torch.arange(q, device=dev)
             dc = ctx.pos_buf[ctx.diag_col[rows_u]]
             ctx.pos_buf[cidx] = -1
-            sub = S[und].float()
             inb = torch.nonzero(dc >= 0).squeeze(1)
-            if inb.numel():
-                sub[inb, dc[inb]] = _NEG_INF
-            offv, offj = sub.max(1)
+            if inb.numel():  # S is not read after this: mask the diagonal in place
+                S[und[inb], dc[inb]] = _NEG_INF
+            if 2 * und.numel() >= S.shape[0]:
+                offv, offj = S.max(1)
+                offv, offj = offv[und], offj[und]
+            else:
+                offv, offj = S[und].max(1)
             offv = offv.double()
             ctx.off_hi[rows_u] = torch.maximum(ctx.off_hi[rows_u], offv + marg)
             # Proven "not self": the exact value of the row's best screened off-diagonal entry
