@@ -137,3 +137,18 @@ def test_real_minilm_heads(minilm, layer, head):
     for A, B in ((W_E @ W_Q, W_E @ W_K), (W_E @ W_V, (W_O @ W_E.T).T)):
         res = top_pairs(A, B, 200, 50, block_rows=512, block_cols=2048)
         assert_matches(res, A, B, 200, 50, True)
+
+
+def test_self_rows_with_small_cells_no_duplicate_entries():
+    # Copying-like square matrix with fine cells: self-row blocks (needed rows × needed cells)
+    # overlap the threshold blocks, so some entries are screened twice; the pools must keep one
+    # copy of each entry (a duplicate would also make the running threshold invalid).
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(3000, 12, generator=g, dtype=torch.float64)
+    A[:, 0] += 3.0
+    B = A + 0.3 * torch.randn(3000, 12, generator=g, dtype=torch.float64)
+    for n in (50, 400):
+        res = top_pairs(A, B, n, 20, block_rows=64, block_cols=512, first_block_cols=16, cell_cols=16)
+        assert_matches(res, A, B, n, 20, True)
+        key = res.top_rows * 3000 + res.top_cols
+        assert torch.unique(key).numel() == key.numel()

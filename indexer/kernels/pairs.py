@@ -16,14 +16,25 @@ Method (docs/PAIRS.md has the long version):
    product (``T = R_a^{-1} U Σ^{1/2}``, ``S = R_b^{-1} W Σ^{1/2}`` from QR of the factors and the
    SVD of ``R_a R_b^T``), which makes the Cauchy–Schwarz bound below tighter on real heads. The
    fp64 transform error is measured and added to every margin.
-2. *Order.* Rows and columns are sorted by norm (largest first) and cut into blocks, so the bound
-   ``|M_ij| <= ‖a_i‖‖b_j‖`` falls monotonically along each block row and whole blocks -- and the
-   tail of a block's rows and columns -- can be skipped once the running thresholds pass it.
-3. *Screen.* Blocks that survive are multiplied in bfloat16 (fp32 accumulation); every screened
-   value carries a proven error margin ``c · ‖a_i‖‖b_j‖ + eps_abs`` (proof at ``_screen_margin``).
+2. *Layout.* Write a' = (a_1, a_rest). Then
+   ``a'·b' ∈ [min(a_1 b_1) - ‖a_rest‖‖b_rest‖, max(a_1 b_1) + ‖a_rest‖‖b_rest‖]`` (and
+   ``|a'·b'| <= ‖a'‖‖b'‖``); on real heads a_1 (largest singular direction) is nearly
+   sign-constant, so this separates the top side from the bottom side. Columns are cut into
+   bands of decreasing ``‖b_rest‖``, each band sorted by b_1 and cut into cells of 256; rows the
+   same way (cells of 512). A cell has a narrow range of b_1 and of ‖b_rest‖, so the bound of a
+   (row, cell) pair is close to the per-entry bound. "Seed" columns (largest ‖b‖, largest and
+   smallest b_1) are screened against every row first: they give strong initial thresholds and
+   prove most rows "not self" before any skip decision.
+3. *Screen.* For every row cell, the (row, column cell) pairs whose bound reaches a threshold
+   are screened as one block (needed rows × needed cells) in bfloat16 (fp32 accumulation);
+   every screened value carries a proven error margin ``c · ‖a_i‖‖b_j‖ + eps_abs`` (proof at
+   ``_screen_margin``). Undecided self rows additionally need the cells whose bound reaches their
+   diagonal: the best cells first, then the rest for the rows still undecided (a row is decided
+   when the fp64 value of its best screened off-diagonal entry beats the diagonal).
 4. *Rescore.* Entries whose screened value could reach a threshold are recomputed in float64
-   from the original factors; rows / columns whose maximum could reach a role threshold, and rows
-   whose self status is ambiguous, are recomputed in float64 in full.
+   from the original factors. Rows / columns whose maximum could reach a role threshold, and
+   rows whose self status is ambiguous, are recomputed in full in fp32 (proven fp32 margin), and
+   in float64 on the few entries that fp32 cannot separate from the extreme / the diagonal.
 
 Every threshold is a *lower bound* of the quantity it guards (the n-th largest entry, the k-th
 largest row maximum, ...) built from exactly computed or provably bounded values, and thresholds
@@ -102,6 +113,14 @@ class _EntryPool:
         rows = torch.cat([self.rows, rows])
         cols = torch.cat([self.cols, cols])
         vals = torch.cat([self.vals, vals])
+        # The same entry may be screened twice (blocks are products of needed rows and needed
+        # cells, and those products can overlap): keep one copy of each (row, col).
+        key = rows * self.n_cols + cols
+        uniq, inv = torch.unique(key, return_inverse=True)
+        if uniq.numel() < key.numel():
+            first = torch.full((uniq.numel(),), key.numel(), dtype=torch.long, device=key.device)
+            first.scatter_reduce_(0, inv, torch.arange(key.numel(), device=key.device), "amin")
+            rows, cols, vals = rows[first], cols[first], vals[first]
         # Truncating to n in the total order is safe: a dropped entry has n entries before it.
         perm = _order_entries(vals, rows, cols, self.n_cols, self.desc)[: self.n]
         self.rows, self.cols, self.vals = rows[perm], cols[perm], vals[perm]
@@ -381,9 +400,19 @@ def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, ba
             lhs = As[rows]
             a_sel = float(alpha_s[rows].max())
         if isinstance(cols, slice):
-            rhs, cidx = Bs[cols], torch.arange(cols.start, cols.stop, device=dev)
+            cidx_all = torch.arange(cols.start, cols.stop, device=dev)
         else:
-            rhs, cidx = Bs.index_select(0, cols), cols
+            cidx_all = cols
+        # Cache-sized pieces: the bookkeeping passes over S are memory-bound.
+        for p0 in range(0, cidx_all.numel(), block_cols):
+            cidx = cidx_all[p0 : p0 + block_cols]
+            if isinstance(cols, slice):
+                rhs = Bs[cols.start + p0 : cols.start + p0 + cidx.numel()]
+            else:
+                rhs = Bs.index_select(0, cidx)
+            _screen_piece(lhs, rows, a_sel, rhs, cidx)
+
+    def _screen_piece(lhs, rows, a_sel, rhs, cidx):
         stats["blocks_computed"] += 1
         stats["entries_screened"] += int(rows.numel()) * int(cidx.numel())
         S = torch.mm(lhs, rhs.T)  # [rows, q] screened values
