@@ -676,15 +676,38 @@ def _row_extremes(X64, Y64, X32, Y32, xn, ymax, c32, eps32, rows, largest, chunk
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=X64.device)
 
 
-def _role_list(fx: _Full, cand_pos, order, k, largest, by_cols):
-    """Exact top-k (by max) or bottom-k (by min) among candidate laid-out positions."""
-    idx = order[cand_pos]
-    if by_cols:
-        vals = _row_extremes(fx.B64, fx.A64, fx.B32, fx.A32, fx.bn, float(fx.an.max()), fx.c32,
-                             fx.eps32, idx, largest)
-    else:
-        vals = _row_extremes(fx.A64, fx.B64, fx.A32, fx.B32, fx.an, float(fx.bn.max()), fx.c32,
-                             fx.eps32, idx, largest)
+def _role_list(fx: _Full, cand_pos, bound, t_floor, order, k, largest, by_cols, chunk=256):
+    """Exact top-k (by max) or bottom-k (by min) among candidate laid-out positions.
+
+    ``bound[p]`` bounds the screened extreme of candidate p (upper for max) and ``t_floor`` bounds
+    every skipped entry, so a candidate's true max is <= max(bound, t_floor). Candidates are
+    done in decreasing bound order; once k exact maxima are known, the k-th of them, t_k, is a
+    lower bound of the true k-th, and a candidate with max(bound, t_floor) < t_k can't be in the
+    list (strictly below: not even a tie), nor can any later one."""
+    sg = 1.0 if largest else -1.0
+    ordp = torch.argsort(bound[cand_pos] * sg, descending=True, stable=True)
+    cand_pos = cand_pos[ordp]
+    bnd = (bound[cand_pos] * sg).tolist()
+    done_i, done_v = [], []
+    for s in range(0, cand_pos.numel(), chunk):
+        if done_v:
+            vv = torch.cat(done_v) * sg
+            if vv.numel() >= k:
+                t_k = float(torch.topk(vv, k).values[-1])
+                if max(bnd[s], t_floor * sg) < t_k:
+                    break
+        idx = order[cand_pos[s : s + chunk]]
+        if by_cols:
+            v = _row_extremes(fx.B64, fx.A64, fx.B32, fx.A32, fx.bn, float(fx.an.max()), fx.c32,
+                              fx.eps32, idx, largest)
+        else:
+            v = _row_extremes(fx.A64, fx.B64, fx.A32, fx.B32, fx.an, float(fx.bn.max()), fx.c32,
+                              fx.eps32, idx, largest)
+        done_i.append(idx)
+        done_v.append(v)
+    z = torch.empty(0, dtype=torch.long, device=cand_pos.device)
+    idx = torch.cat(done_i) if done_i else z
+    vals = torch.cat(done_v) if done_v else z.double()
     perm = _order_index(vals, idx, descending=largest)[:k]
     return idx[perm], vals[perm]
 
@@ -725,10 +748,10 @@ def _finish(fx, R, C, n, k_r, k_c, top, bot, row_hi, row_lo, col_hi, col_lo,
     cr_lo = torch.nonzero(row_lo <= t_rmin).squeeze(1)
     cc_hi = torch.nonzero(col_hi >= t_cmax).squeeze(1)
     cc_lo = torch.nonzero(col_lo <= t_cmin).squeeze(1)
-    rt_i, rt_v = _role_list(fx, cr_hi, row_order, k_r, True, False)
-    rb_i, rb_v = _role_list(fx, cr_lo, row_order, k_r, False, False)
-    ct_i, ct_v = _role_list(fx, cc_hi, col_order, k_c, True, True)
-    cb_i, cb_v = _role_list(fx, cc_lo, col_order, k_c, False, True)
+    rt_i, rt_v = _role_list(fx, cr_hi, row_hi, t_rmax, row_order, k_r, True, False)
+    rb_i, rb_v = _role_list(fx, cr_lo, row_lo, t_rmin, row_order, k_r, False, False)
+    ct_i, ct_v = _role_list(fx, cc_hi, col_hi, t_cmax, col_order, k_c, True, True)
+    cb_i, cb_v = _role_list(fx, cc_lo, col_lo, t_cmin, col_order, k_c, False, True)
 
     self_frac = None
     stats = dict(role_candidates=int(cr_hi.numel() + cr_lo.numel() + cc_hi.numel() + cc_lo.numel()))
