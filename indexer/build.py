@@ -247,8 +247,11 @@ class _ModelWriter:
         self.model, self.build, self.token_text = model, build, token_text
         self.k, self.n_pairs, self.device = k, n_pairs, device
         emb = model.embeddings
+        # Tied embeddings (and the folded variant only when no final gain changed W_U): one basis
+        # serves both sides, which saves a V x d_model copy here and a float64 one for circuits.
+        self.same_basis = emb.W_U.shape == emb.W_E.T.shape and torch.equal(emb.W_U, emb.W_E.T)
         self.read = Projector(emb.W_E.T, k, device)  # scores = W_E @ r
-        self.write_side = Projector(emb.W_U, k, device)  # scores = w @ W_U
+        self.write_side = self.read if self.same_basis else Projector(emb.W_U, k, device)  # scores = w @ W_U
         self._E64: Optional[torch.Tensor] = None
         self._U64T: Optional[torch.Tensor] = None
 
@@ -324,7 +327,7 @@ class _ModelWriter:
         if self._E64 is None:
             emb = self.model.embeddings
             self._E64 = emb.W_E.to(self.device, torch.float64)
-            self._U64T = emb.W_U.T.to(self.device, torch.float64).contiguous()
+            self._U64T = self._E64 if self.same_basis else emb.W_U.T.to(self.device, torch.float64).contiguous()
         return self._E64, self._U64T
 
     def _heads(self, l: int, lw) -> None:
