@@ -196,6 +196,7 @@ def index_canonical(
         for i, l in enumerate(layer_list):
             t_layer = time.perf_counter()
             writer.layer(l)
+            _release_freed_memory()
             elapsed = time.perf_counter() - t0
             eta = elapsed / (i + 1) * (len(layer_list) - i - 1)
             say(f"[{slug}] layer {l} done ({i + 1}/{len(layer_list)}) in {time.perf_counter() - t_layer:.1f}s, "
@@ -216,6 +217,17 @@ def index_canonical(
     say(f"[{slug}] indexed in {_hms(time.perf_counter() - t0)}: "
         + ", ".join(f"{t} {n:,}" for t, n in entry["row_counts"].items()))
     return dict(entry, model=slug)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the OS (glibc keeps it otherwise, and the
+    peak RSS then creeps up layer by layer instead of staying bounded by one layer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _describe(dims) -> str:
