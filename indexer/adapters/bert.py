@@ -26,6 +26,19 @@ TOKEN_TYPE = ("token-type (segment A/B) embeddings: a constant added per segment
               "vocabulary item or a unit; not projected")
 
 L = r"encoder\.layer\.(?P<layer>\d+)\."
+
+
+def mlp_rules(layer: str, ln: str) -> list[Rule]:
+    """The MLP block of a BERT-like encoder layer (BERT and MPNet name it alike)."""
+    return [
+        Rule(layer + r"intermediate\.dense\.weight", "W_in", "vectors:ff_key"),
+        Rule(layer + r"intermediate\.dense\.bias", "b_in", None, HEAD_BIAS),
+        Rule(layer + r"output\.dense\.weight", "W_out", "vectors:ff_value"),
+        Rule(layer + r"output\.dense\.bias", "b_out", "vectors:bias_ff_out"),
+        Rule(layer + r"output\." + ln, "ln_mlp", None, NORM),
+    ]
+
+
 RULES = [
     Rule(r"embeddings\.word_embeddings\.weight", "W_E", "embedding"),
     Rule(r"embeddings\.position_embeddings\.weight", "W_pos", "vectors:pos"),
@@ -40,11 +53,7 @@ RULES = [
     Rule(L + r"attention\.output\.dense\.weight", "W_O", "vectors:o", "also feeds pairs:ov"),
     Rule(L + r"attention\.output\.dense\.bias", "b_O", "vectors:bias_attn_out"),
     Rule(L + r"attention\.output\." + LN, "ln_attn", None, NORM),
-    Rule(L + r"intermediate\.dense\.weight", "W_in", "vectors:ff_key"),
-    Rule(L + r"intermediate\.dense\.bias", "b_in", None, HEAD_BIAS),
-    Rule(L + r"output\.dense\.weight", "W_out", "vectors:ff_value"),
-    Rule(L + r"output\.dense\.bias", "b_out", "vectors:bias_ff_out"),
-    Rule(L + r"output\." + LN, "ln_mlp", None, NORM),
+    *mlp_rules(L, LN),
     Rule(r"pooler\.dense\.(weight|bias)", "pooler", None, POOLER),
     Rule(r"cls\.predictions\.decoder\.weight", "W_U", "embedding"),
     Rule(r"cls\.predictions\.(decoder\.)?bias", "b_U", None, LOGIT_BIAS),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..canonical import Canonical
 from .base import HEAD_BIAS, LOGIT_BIAS, NORM, POSITION_IDS, Rule, TensorSource
-from .bert import MLM_TRANSFORM, POOLER, EncoderKeys, adapt_encoder
+from .bert import MLM_TRANSFORM, POOLER, EncoderKeys, adapt_encoder, mlp_rules
 
 FAMILY = "mpnet"
 MODEL_TYPES = ("mpnet",)
@@ -31,11 +31,7 @@ RULES = [
     Rule(L + r"attention\.attn\.o\.weight", "W_O", "vectors:o", "also feeds pairs:ov"),
     Rule(L + r"attention\.attn\.o\.bias", "b_O", "vectors:bias_attn_out"),
     Rule(L + r"attention\." + LN, "ln_attn", None, NORM),
-    Rule(L + r"intermediate\.dense\.weight", "W_in", "vectors:ff_key"),
-    Rule(L + r"intermediate\.dense\.bias", "b_in", None, HEAD_BIAS),
-    Rule(L + r"output\.dense\.weight", "W_out", "vectors:ff_value"),
-    Rule(L + r"output\.dense\.bias", "b_out", "vectors:bias_ff_out"),
-    Rule(L + r"output\." + LN, "ln_mlp", None, NORM),
+    *mlp_rules(L, LN),
     Rule(r"pooler\.dense\.(weight|bias)", "pooler", None, POOLER),
     Rule(r"lm_head\.decoder\.weight", "W_U", "embedding"),
     Rule(r"lm_head\.(decoder\.)?bias", "b_U", None, LOGIT_BIAS),
