@@ -11,6 +11,13 @@
 
 Imports duckdb, pyarrow and click only: never torch or transformers (docs/QUERY.md).
 """
+import os
+
+# The `zeropass` process starts in this package, and pyarrow loads numpy (and its OpenBLAS) below.
+# OpenBLAS reads this once, at load: its idle threads then sleep after a GEMM instead of spinning
+# ~0.1 s on the cores that `zeropass index` needs next for top-k selection (indexer/kernels/vectors.py).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from .dataset import Dataset, check_read_only, open_dataset
 from .errors import (BadOption, BadSQL, BadToken, BadUnit, ForbiddenSQL, NotADataset, QueryError, SchemaMismatch,
                      UnknownModel, UnknownToken)

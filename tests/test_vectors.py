@@ -38,3 +38,53 @@ def test_projector_reuses_its_buffer(monkeypatch):
     first = p._buf.data_ptr()
     p(torch.randn(10, 8))
     assert p._buf.data_ptr() == first
+
+
+def _stable(scores, k, largest):
+    val, idx = torch.sort(scores, dim=1, descending=largest, stable=True)
+    return val[:, :k], idx[:, :k]
+
+
+def _padded(scores):
+    """``scores`` copied into a buffer padded to whole groups, as `Projector` lays it out."""
+    rows, n = scores.shape
+    width = -(-n // vectors._GROUP) * vectors._GROUP
+    buf = torch.full((rows, width), float("nan"))  # padding is scratch: select must overwrite it
+    buf[:, :n] = scores
+    return buf
+
+
+@pytest.mark.parametrize("n_cols", [16 * 40, 16 * 40 - 7, 1001])
+@pytest.mark.parametrize("largest", [True, False], ids=["top", "bottom"])
+def test_select_equals_stable_sort(n_cols, largest):
+    scores = torch.randn(64, n_cols, generator=torch.Generator().manual_seed(n_cols))
+    got = vectors.select(_padded(scores), n_cols, 10, largest)
+    want = _stable(scores, 10, largest)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("largest", [True, False], ids=["top", "bottom"])
+def test_select_breaks_ties_by_lower_token_id(largest):
+    """Few distinct values: ties inside the k, ties at the k-th place, tied group extremes, and
+    all-equal rows (an all-zero bias vector) all give the stable-sort order."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(-3, 4, (40, 700), generator=g).float()
+    scores[0] = 0.0
+    # ties inside the k only: a unique order except for two equal best entries far apart
+    scores[1] = torch.randperm(700, generator=g).float()
+    scores[1, [650, 9]] = 1000.0 if largest else -1000.0
+    got = vectors.select(_padded(scores), 700, 8, largest)
+    want = _stable(scores, 8, largest)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert got[1][1, :2].tolist() == [9, 650]
+
+
+def test_projector_with_exact_ties_matches_stable_sort():
+    """Integer weights make the fp32 GEMM exact, so many scores tie exactly."""
+    g = torch.Generator().manual_seed(2)
+    basis = torch.randint(-1, 2, (4, 900), generator=g).float()
+    X = torch.randint(-2, 3, (30, 4), generator=g).float()
+    out = Projector(basis, 12)(X)
+    scores = X @ basis
+    assert torch.equal(out.top_idx, _stable(scores, 12, True)[1])
+    assert torch.equal(out.bot_idx, _stable(scores, 12, False)[1])
