@@ -21,7 +21,7 @@ from collections import OrderedDict
 import pyarrow as pa
 
 from .errors import BadOption, BadToken, UnknownToken
-from .units import BIAS_KIND, Unit, check_unit, parse_unit
+from .units import BIAS_KIND, Unit, check_unit, parse_unit, unit_sql
 
 FF_KINDS = ("ff_key", "ff_gate", "ff_value")
 HEAD_DIM_KINDS = ("q", "k", "v", "o")
@@ -102,10 +102,17 @@ def suggest(ds, token: str, models: list[str], n: int = 5) -> list[str]:
 
 
 def _ids_by_model(hits: pa.Table) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for m, i in zip(hits.column("model").to_pylist(), hits.column("token_id").to_pylist()):
-        out.setdefault(m, []).append(i)
-    return out
+    return {m: ids for m, ids, _ in _matches_by_model(hits)}
+
+
+def _matches_by_model(hits: pa.Table) -> list[tuple[str, list[int], list[str]]]:
+    """(model, token ids, token texts) for each model with matches, from `match_tokens`."""
+    out: dict[str, tuple[list[int], list[str]]] = {}
+    for m, i, t in zip(*(hits.column(c).to_pylist() for c in ("model", "token_id", "token"))):
+        ids, texts = out.setdefault(m, ([], []))
+        ids.append(i)
+        texts.append(t)
+    return [(m, ids, texts) for m, (ids, texts) in out.items()]
 
 
 def _in_list(name: str, values: list, params: dict) -> str:
@@ -196,13 +203,15 @@ def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: in
     hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
     params = {"kinds": kinds, "sides": _sides(side), "max_rank": int(max_rank) if max_rank is not None else 2**31 - 1}
     parts = []
-    for i, (m, ids) in enumerate(_ids_by_model(hits).items()):
-        params[f"m{i}"] = m
+    # vectors_by_token holds each token's rows together (one or two row groups per model); the
+    # join with the matched ids lets DuckDB push them into the Parquet scan as a filter.
+    for i, (m, ids, texts) in enumerate(_matches_by_model(hits)):
+        params.update({f"m{i}": m, f"ids{i}": ids, f"texts{i}": texts})
         parts.append(f"""
-            SELECT model, unit, layer, kind, side, head, idx, rank, token, score
-            FROM {ds.source("vectors", [m])} v
-            WHERE v.model = $m{i} AND v.token_id IN {_in_list(f"t{i}", ids, params)}
-              AND list_contains($kinds, v.kind) AND list_contains($sides, v.side) AND v.rank <= $max_rank""")
+            SELECT v.model, {unit_sql("v")} AS unit, v.layer, v.kind, v.side, v.head, v.idx, v.rank, t.token, v.score
+            FROM {ds.source("vectors_by_token", [m])} v
+            JOIN (SELECT unnest($ids{i}::INTEGER[]) AS token_id, unnest($texts{i}::VARCHAR[]) AS token) t USING (token_id)
+            WHERE v.model = $m{i} AND list_contains($kinds, v.kind) AND list_contains($sides, v.side) AND v.rank <= $max_rank""")
     lim = _limit(limit, params)
     return ds._run(
         f"""WITH v AS ({" UNION ALL ".join(parts)}),
@@ -430,7 +439,8 @@ def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10)
         layer = "v.layer = $layer" if u.layer is not None else "v.layer IS NULL"
         rows_a = f"""SELECT v.kind AS channel, v.token_id, v.rank FROM {ds.source("vectors", [a], layer_a)} v
                      WHERE v.model = $a AND {layer} AND v.unit = $unit AND v.side = 'top' AND list_contains($kinds, v.kind)"""
-        rows_b = f"""SELECT v.unit, v.layer, v.kind AS channel, v.token_id, v.rank FROM {ds.source("vectors", [b])} v
+        rows_b = f"""SELECT {unit_sql("v")} AS unit, v.layer, v.kind AS channel, v.token_id, v.rank
+                     FROM {ds.source("vectors_by_token", [b])} v
                      WHERE v.model = $b AND v.side = 'top' AND list_contains($kinds, v.kind)"""
     sig = ds.rows(
         f"""SELECT r.channel, t.norm, sum(($ka + 1 - r.rank) / $ka) AS w
@@ -445,7 +455,7 @@ def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10)
         dict(params, norms=sorted({r["norm"] for r in sig})))]
     params.update(total=sum(r["w"] for r in sig) + channels_b * (params["kb"] + 1) / 2,
                   sa_channel=[r["channel"] for r in sig], sa_norm=[r["norm"] for r in sig], sa_w=[r["w"] for r in sig])
-    ids_sql = _in_list("ib", ids_b, params) if ids_b else "(NULL)"
+    params["ids_b"] = ids_b
     same = "WHERE unit <> $unit" if a == b else ""
     lim = _limit(limit, params)
     return ds._run(
@@ -453,7 +463,7 @@ def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10)
         sa AS (SELECT unnest($sa_channel::VARCHAR[]) AS channel, unnest($sa_norm::VARCHAR[]) AS norm,
                       unnest($sa_w::DOUBLE[]) AS w),
         rb AS (SELECT r.unit, r.layer, r.channel, t.norm, sum(($kb + 1 - r.rank) / $kb) AS w
-               FROM ({rows_b} AND token_id IN {ids_sql}) r
+               FROM ({rows_b} AND token_id IN (SELECT unnest($ids_b::INTEGER[]))) r
                JOIN (SELECT token_id, norm FROM tokens WHERE vocab_id = $vb) t USING (token_id)
                GROUP BY r.unit, r.layer, r.channel, t.norm),
         inter_n AS (SELECT rb.unit, any_value(rb.layer) AS layer, sa.norm, sum(least(sa.w, rb.w)) AS w

@@ -43,6 +43,15 @@ class Unit:
         return f"L{self.layer}.{self.bias}"
 
 
+def unit_sql(v: str) -> str:
+    """SQL for the unit name of a ``vectors_by_token`` row (table alias ``v``), spelled as
+    `Unit.name` and as the ``vectors.unit`` column (tests/test_index.py checks every row)."""
+    bias = " ".join(f"WHEN '{kind}' THEN 'L' || {v}.layer || '.{name}'" for name, kind in BIAS_KIND.items())
+    return (f"CASE {v}.kind WHEN 'pos' THEN 'P' || {v}.idx {bias} "
+            f"ELSE 'L' || {v}.layer || CASE WHEN {v}.head IS NULL THEN '.N' || {v}.idx "
+            f"ELSE '.H' || {v}.head || '.d' || {v}.idx END END")
+
+
 def parse_unit(text: str) -> Unit:
     """Parse a unit name; raises BadUnit naming the accepted forms."""
     s = (text or "").strip()

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 # Bump when a table changes in a way old datasets cannot be read with; datasets record it in
 # their manifest and the query layer refuses a mismatch with a "rebuild" message.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: vectors_by_token
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,17 @@ VECTORS = _table(
     _c("token_id", pa.int32(), "Token id in the model's vocabulary."),
     _c("token", pa.string(), "Decoded token text."),
     _c("score", pa.float32(), "Projection score (dot product with the token's embedding / unembedding column)."),
+)
+
+VECTORS_BY_TOKEN = _table(
+    "vectors_by_token",
+    "The rows of `vectors` again, one file per model sorted by token_id (then layer, kind, head, idx, side, rank), "
+    "for token search: a token's rows sit in one or two row groups instead of one per layer file. Without the "
+    "`unit` and `token` texts, which would cost as much as the rest: join `tokens` for the text; the unit name "
+    "follows from layer, kind, head and idx.",
+    ("model",),
+    *(next(c for c in VECTORS.columns if c.name == name)
+      for name in ("model", "token_id", "layer", "kind", "head", "idx", "side", "rank", "score")),
 )
 
 PAIRS = _table(

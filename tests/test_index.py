@@ -104,6 +104,26 @@ def test_every_vector_row_equals_dense_reference(tmp_path, family):
     index_model(str(path), db, name=family, k=K, n_pairs=N_PAIRS, progress=None)
     n = check_vectors_against_dense(db, family, load_canonical(str(path)).canonical)
     assert n > 0
+    check_vectors_by_token(db, family)
+
+
+def check_vectors_by_token(db: Path, slug: str) -> None:
+    """vectors_by_token holds exactly the vectors rows, sorted by token; the query layer's unit
+    expression gives back every stored unit name."""
+    import duckdb
+
+    from query.units import unit_sql
+
+    con = duckdb.connect()
+    con.register("v", read_table(db, "vectors", slug))
+    con.register("t", read_table(db, "vectors_by_token", slug))
+    cols = "model, token_id, layer, kind, head, idx, side, rank, score"
+    for a, b in (("v", "t"), ("t", "v")):
+        assert con.sql(f"SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b}").fetchall() == []
+    key = lambda r: (r[0], r[1] is not None, r[1] or 0, r[2], r[3] is not None, r[3] or 0, r[4], r[5], r[6])  # noqa: E731
+    rows = con.sql("SELECT token_id, layer, kind, head, idx, side, rank FROM t").fetchall()
+    assert rows == sorted(rows, key=key)
+    assert con.sql(f"SELECT count(*) FROM v WHERE unit <> {unit_sql('v')}").fetchall() == [(0,)]
 
 
 def test_folded_variant_equals_dense_reference_on_folded_weights(tmp_path):
