@@ -57,8 +57,12 @@ def check_writable(root: Path) -> None:
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DatasetError(f"--db {root} is a file, not a directory: give a directory path")
-    if root.exists() and any(root.iterdir()) and read_manifest(root) is None and not (root / BUILDS).exists():
+    manifest = read_manifest(root) if root.is_dir() else None
+    if root.exists() and any(root.iterdir()) and manifest is None and not (root / BUILDS).exists():
         raise DatasetError(f"--db {root} is a non-empty directory that is not a zeropass dataset: choose an empty or new directory")
+    if manifest is not None and manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DatasetError(f"--db {root} holds tables of schema version {manifest.get('schema_version')} and this zeropass "
+                           f"writes version {SCHEMA_VERSION}: index into a new directory (--db NEWDIR), once per model")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".probe{os.getpid()}"

@@ -185,7 +185,7 @@ def test_pairs_and_roles_equal_dense_circuits(tmp_path, family):
 
 def _contents(db: Path) -> dict[str, list]:
     out = {}
-    for table in ("vectors", "pairs", "head_tokens", "heads", "parameters", "tokens", "models"):
+    for table in ("vectors", "vectors_by_token", "pairs", "head_tokens", "heads", "parameters", "tokens", "models"):
         t = read_table(db, table)
         if t is None:
             continue
@@ -310,6 +310,19 @@ def small_disk(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the full-disk test needs root")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_dataset_of_another_schema_version_is_refused_untouched(tmp_path):
+    path = save_tiny("gpt2", tmp_path / "m")
+    db = tmp_path / "db"
+    index_model(str(path), db, name="old", k=K, n_pairs=N_PAIRS, progress=None)
+    manifest = json.loads((db / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    (db / "manifest.json").write_text(json.dumps(manifest))
+    before = _contents(db)
+    with pytest.raises(DatasetError, match="schema version 1 .* new directory"):
+        index_model(str(path), db, name="new", k=K, n_pairs=N_PAIRS, progress=None)
+    assert _contents(db) == before and json.loads((db / "manifest.json").read_text()) == manifest
 
 
 def test_full_disk_is_one_clear_error_and_leaves_nothing_half_written(tmp_path, small_disk):
