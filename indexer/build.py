@@ -213,6 +213,9 @@ def index_canonical(
             "settings": json.dumps(settings, sort_keys=True, default=str),
             "weights_sha256": json.dumps(provenance.get("weights_sha256") or {}, sort_keys=True),
         }
+        t_sort = time.perf_counter()
+        build.write_by_token()
+        say(f"[{slug}] vectors_by_token (all vectors sorted by token) written in {time.perf_counter() - t_sort:.1f}s")
         entry = build.commit(model_row, vocab_id, tokens)
     say(f"[{slug}] indexed in {_hms(time.perf_counter() - t0)}: "
         + ", ".join(f"{t} {n:,}" for t, n in entry["row_counts"].items()))
