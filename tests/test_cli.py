@@ -208,3 +208,13 @@ def test_index_then_query_real_tiny_model(tiny_db):
     from tests.conftest import COPY_HEAD, COPY_LAYER
 
     assert json.loads(r.stdout)[0]["unit"] == f"L{COPY_LAYER}.H{COPY_HEAD}"
+
+
+def test_demo_refuses_a_dataset_of_another_schema_version(tmp_path):
+    from query.demo import main as demo
+
+    old = tmp_path / "old-db"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format": 1, "schema_version": 1, "models": {"minilm": {}}}))
+    r = CliRunner().invoke(demo, ["--db", str(old)])
+    _one_error_line(r, "schema version 1", "rm -rf", "ZEROPASS_DB")
