@@ -214,8 +214,10 @@ class Build:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise _os_error(self.root, e) from None
-        except duckdb.IOException as e:  # DuckDB's own writes: full disk, unwritable spill
+        except duckdb.Error as e:  # DuckDB's own writes: a full disk, spilling that cannot, ...
             tmp.unlink(missing_ok=True)
+            if "No space left" in str(e):
+                raise _os_error(self.root, OSError(errno.ENOSPC, "No space left on device")) from None
             raise DatasetError(f"cannot write to {self.root}: {str(e).splitlines()[0]}") from None
         finally:
             shutil.rmtree(spill, ignore_errors=True)

@@ -338,6 +338,31 @@ def test_full_disk_is_one_clear_error_and_leaves_nothing_half_written(tmp_path, 
     assert not list(db.rglob("*.tmp"))
 
 
+def test_disk_full_while_sorting_by_token_is_one_clear_error(tmp_path, small_disk, monkeypatch):
+    """The disk fills up exactly when DuckDB writes vectors_by_token (its own writer, not ours)."""
+    from indexer.dataset import Build
+
+    db = small_disk / "db"
+    real = Build.write_by_token
+
+    def fill_disk_first(self):
+        fd = os.open(small_disk / "ballast", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        real(self)
+
+    monkeypatch.setattr(Build, "write_by_token", fill_disk_first)
+    with pytest.raises(DatasetError, match="^no space left on the device holding"):
+        index_model(str(save_tiny("gpt2", tmp_path / "m")), db, name="m", k=K, n_pairs=N_PAIRS, progress=None)
+    assert "m" not in (read_manifest(db) or {"models": {}})["models"]
+    assert not list(db.rglob("*.tmp")) and not (db / ".builds" / "m.spill").exists()
+
+
 @pytest.mark.parametrize("spec,n,expected", [("0-2", 4, [0, 1, 2]), ("3,1", 4, [1, 3]), (None, 2, [0, 1]), ("2", 3, [2])])
 def test_parse_layers(spec, n, expected):
     assert parse_layers(spec, n) == expected
