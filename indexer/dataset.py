@@ -88,19 +88,27 @@ def dataset_lock(root: Path):
         os.close(fd)
 
 
-def write_parquet_atomic(root: Path, relpath: str, table: pa.Table, row_group_size: int = 256 * 1024) -> None:
-    """Write ``table`` to ``root/relpath`` via a temporary file and a rename."""
+def write_file_atomic(root: Path, relpath: str, write) -> None:
+    """``write(tmp_path)`` writes the file; it then appears at ``root/relpath`` complete or not at all."""
     path = Path(root) / relpath
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _os_error(Path(root), e) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_parquet_atomic(root: Path, relpath: str, table: pa.Table, row_group_size: int = 256 * 1024) -> None:
+    """Write ``table`` to ``root/relpath`` via a temporary file and a rename."""
+    write_file_atomic(root, relpath, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size))
 
 
 def conform(table_name: str, data: pa.Table) -> pa.Table:
@@ -179,26 +187,30 @@ class Build:
 
     def write_by_token(self) -> None:
         """Write the ``vectors_by_token`` partition from this build's ``vectors`` partitions."""
-        import duckdb
-
         rel_dir = self.key("vectors_by_token")
         if rel_dir in self.done:
             return
         sources = sorted(p["file"] for p in self.done.values() if p["table"] == "vectors")
         relpath = f"{rel_dir}/{self.build_id}.parquet"
-        if not sources:
+        if sources:
+            rows = self._sort_by_token(sources, relpath)
+        else:
             write_parquet_atomic(self.root, relpath, TABLES["vectors_by_token"].schema.empty_table())
-            self.done[rel_dir] = {"table": "vectors_by_token", "file": relpath, "rows": 0}
-            self._save_progress()
-            return
-        path = self.root / relpath
-        tmp = path.with_name(path.name + ".tmp")
+            rows = 0
+        self.done[rel_dir] = {"table": "vectors_by_token", "file": relpath, "rows": rows}
+        self._save_progress()
+
+    def _sort_by_token(self, sources: list[str], relpath: str) -> int:
+        """DuckDB's out-of-core ``COPY ... ORDER BY`` of the ``sources`` files into ``relpath``."""
+        import duckdb
+
         spill = self.root / BUILDS / f"{self.slug}.spill"
         q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731  (paths: ours, quoted anyway)
         files = ", ".join(q(self.root / f) for f in sources)
         cols = ", ".join(TABLES["vectors_by_token"].column_names)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        counted: list[int] = []
+
+        def copy(tmp: Path) -> None:
             con = duckdb.connect()
             try:
                 con.execute(f"SET memory_limit = '{_BY_TOKEN_MEMORY}'")
@@ -206,23 +218,19 @@ class Build:
                 ((rows,),) = con.execute(
                     f"""COPY (SELECT {cols} FROM read_parquet([{files}], hive_partitioning=false) ORDER BY {_BY_TOKEN_ORDER})
                         TO {q(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_LAYOUT["vectors"][1]})""").fetchall()
+                counted.append(int(rows))
             finally:
                 con.close()
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise _os_error(self.root, e) from None
+
+        try:
+            write_file_atomic(self.root, relpath, copy)
         except duckdb.Error as e:  # DuckDB's own writes: a full disk, spilling that cannot, ...
-            tmp.unlink(missing_ok=True)
             if "No space left" in str(e):
                 raise _os_error(self.root, OSError(errno.ENOSPC, "No space left on device")) from None
             raise DatasetError(f"cannot write to {self.root}: {str(e).splitlines()[0]}") from None
         finally:
             shutil.rmtree(spill, ignore_errors=True)
-        self.done[rel_dir] = {"table": "vectors_by_token", "file": relpath, "rows": int(rows)}
-        self._save_progress()
+        return counted[0]
 
     def commit(self, model_row: dict, vocab_id: str, tokens: pa.Table | None) -> dict:
         """Publish the model atomically; returns its manifest entry."""
