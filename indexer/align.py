@@ -34,20 +34,20 @@ Scores (definitions repeated in docs/ALIGN.md):
 """
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 import numpy as np
+
+from schemas.kinds import FF_KINDS, HEAD_DIM_KINDS, READ_KINDS
+from schemas.tokens import normalise
+from schemas.units import head_unit, neuron_unit
 
 from .canonical import Canonical, LayerWeights
 from .errors import IncompatibleModels
 
 Space = Literal["embedding", "raw"]
 
-NEURON_KINDS = ("ff_key", "ff_gate", "ff_value")
-HEAD_KINDS = ("q", "k", "v", "o")
-READ_KINDS = frozenset({"ff_key", "ff_gate", "q", "k", "v"})
 # A vector whose projection has (relative) variance below this is treated as zero.
 _EPS = 1e-10
 
@@ -76,11 +76,6 @@ class TokenMap:
         return cls(ids, ids, "same-ids", n, n)
 
 
-def normalise_token(text: str) -> str:
-    """The search form of a token (as in the `tokens.norm` column): stripped, NFKC, lower-cased."""
-    return unicodedata.normalize("NFKC", text).strip().lower()
-
-
 def _token_texts(tokenizer, n: int) -> list[Optional[str]]:
     """Normalised text of ids 0..n-1; None for special tokens, empty and unknown ids."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -90,7 +85,7 @@ def _token_texts(tokenizer, n: int) -> list[Optional[str]]:
         if piece is None or i in special:
             out.append(None)
             continue
-        text = normalise_token(tokenizer.convert_tokens_to_string([piece]))
+        text = normalise(tokenizer.convert_tokens_to_string([piece]))
         out.append(text or None)
     return out
 
@@ -99,8 +94,8 @@ def shared_vocabulary(tok_a, tok_b, n_vocab_a: int, n_vocab_b: int) -> TokenMap:
     """Match the vocabularies of two tokenizers.
 
     Identical piece → id mappings share ids directly (every row ``< min(n_vocab)`` is used).
-    Otherwise tokens are intersected on their normalised text (see :func:`normalise_token`),
-    special tokens left out; when several ids of one vocabulary share a text, the lowest id
+    Otherwise tokens are intersected on their normalised text (``schemas.tokens.normalise``, as
+    in the ``tokens.norm`` column), special tokens left out; when several ids of one vocabulary share a text, the lowest id
     stands for it. ``n_vocab_*`` are the rows of each W_E (may exceed the tokenizer's size).
     """
     va, vb = tok_a.get_vocab(), tok_b.get_vocab()
@@ -264,7 +259,7 @@ def _prepare(vecs: dict[str, np.ndarray], kinds: Sequence[str], g_read: Grams, g
         g = g_read if kind in READ_KINDS else g_write
         G_self = g.G_aa if side == "a" else g.G_bb
         X = vecs[kind]
-        if kind in NEURON_KINDS:
+        if kind in FF_KINDS:
             Xn = _normalise(X, G_self)
             neurons[kind] = (Xn.T @ g.G_ab).astype(np.float32) if side == "a" else Xn.astype(np.float32)
         else:
@@ -276,7 +271,7 @@ def _prepare(vecs: dict[str, np.ndarray], kinds: Sequence[str], g_read: Grams, g
 def _similarities(pa_: _Prepared, pb: _Prepared, kinds: Sequence[str]) -> dict[str, np.ndarray]:
     out = {}
     for kind in kinds:
-        if kind in NEURON_KINDS:
+        if kind in FF_KINDS:
             out[kind] = np.abs(pa_.neurons[kind] @ pb.neurons[kind])
         else:
             out[kind] = _canonical_corr(pa_.heads[kind], pb.heads[kind])
@@ -394,7 +389,7 @@ def align(
     else:
         raise ValueError(f"space must be 'embedding' or 'raw', got {space!r}")
 
-    kinds = tuple(k for k in ("ff_key", "ff_gate", "ff_value", "q", "k", "v", "o") if not (k == "ff_gate" and not (A.dims.gated and B.dims.gated)))
+    kinds = tuple(k for k in FF_KINDS + HEAD_DIM_KINDS if not (k == "ff_gate" and not (A.dims.gated and B.dims.gated)))
     La, Lb = A.dims.n_layers, B.dims.n_layers
 
     prep_b = [
@@ -428,8 +423,8 @@ def align(
         for la, lb in layer_match:
             S = _similarities(prep_a[la], prep_b[lb], kinds)
             result.units[(la, lb)] = {
-                "ff": _match_units("ff", S, [k for k in kinds if k in NEURON_KINDS]),
-                "head": _match_units("head", S, [k for k in kinds if k in HEAD_KINDS]),
+                "ff": _match_units("ff", S, [k for k in kinds if k in FF_KINDS]),
+                "head": _match_units("head", S, [k for k in kinds if k in HEAD_DIM_KINDS]),
             }
     if baseline and space == "embedding" and da == db:
         result.baseline = align(A, B, space="raw", match_units=match_units)
@@ -458,7 +453,8 @@ def _match_units(kind: str, S: dict[str, np.ndarray], kinds: Sequence[str]) -> U
 
 
 def _unit_name(kind: str, layer: int, idx: int) -> str:
-    return f"L{layer}.N{idx}" if kind in NEURON_KINDS or kind == "ff" else f"L{layer}.H{idx}"
+    """Neuron (ff kinds, matching kind ``ff``) or head (q/k/v/o, matching kind ``head``) unit of an alignment row."""
+    return neuron_unit(layer, idx) if kind in FF_KINDS or kind == "ff" else head_unit(layer, idx)
 
 
 def to_table(result: AlignResult, model_a: Optional[str] = None, model_b: Optional[str] = None):

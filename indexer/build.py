@@ -16,6 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from schemas.kinds import KIND, READ
+from schemas.units import bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit
+
 from .canonical import Canonical
 from .dataset import Build, ZEROPASS_VERSION, check_writable, dataset_lock
 from .errors import ZeropassError
@@ -272,10 +275,15 @@ class _ModelWriter:
 
     # -- vectors ---------------------------------------------------------------------------
 
+    def _projector(self, kind: str) -> Projector:
+        """The basis a kind is scored on (schemas/kinds.py): W_E for read-side kinds, W_U for write-side."""
+        return self.read if KIND[kind].side == READ else self.write_side
+
     def position_vectors(self) -> pa.Table:
         W_pos = self.model.embeddings.W_pos
         n = W_pos.shape[0]
-        return self._vector_table("pos", None, None, np.arange(n), [f"P{p}" for p in range(n)], self.write_side(W_pos))
+        return self._vector_table("pos", None, None, np.arange(n), [position_unit(p) for p in range(n)],
+                                  self._projector("pos")(W_pos))
 
     def layer(self, l: int) -> None:
         """Write layer ``l``'s partitions that are not on disk yet."""
@@ -291,24 +299,25 @@ class _ModelWriter:
         """Top/bottom-k tokens of every vector-shaped parameter of layer ``l``."""
         dims = self.model.dims
         parts = []
-        ff_units = [f"L{l}.N{i}" for i in range(dims.d_ff)]
+        ff_units = [neuron_unit(l, i) for i in range(dims.d_ff)]
         ff_idx = np.arange(dims.d_ff)
-        parts.append(self._vector_table("ff_key", l, None, ff_idx, ff_units, self.read(lw.W_in.T)))
-        if lw.W_gate is not None:
-            parts.append(self._vector_table("ff_gate", l, None, ff_idx, ff_units, self.read(lw.W_gate.T)))
-        parts.append(self._vector_table("ff_value", l, None, ff_idx, ff_units, self.write_side(lw.W_out)))
-        for kind, W, side in (("q", lw.W_Q, "read"), ("k", lw.W_K, "read"), ("v", lw.W_V, "read"), ("o", lw.W_O, "write")):
-            n_h, d_head = W.shape[0], (W.shape[2] if side == "read" else W.shape[1])
+        # FF vectors as rows: keys and gates are columns of W_in / W_gate, values rows of W_out.
+        for kind, X in (("ff_key", lw.W_in.T), ("ff_gate", None if lw.W_gate is None else lw.W_gate.T), ("ff_value", lw.W_out)):
+            if X is not None:
+                parts.append(self._vector_table(kind, l, None, ff_idx, ff_units, self._projector(kind)(X)))
+        for kind, W in (("q", lw.W_Q), ("k", lw.W_K), ("v", lw.W_V), ("o", lw.W_O)):
+            reads = KIND[kind].side == READ
+            n_h, d_head = W.shape[0], (W.shape[2] if reads else W.shape[1])
             # read side: columns of W[h] ([d_model, d_head]); write side: rows of W_O[h].
-            X = W.transpose(1, 2).reshape(n_h * d_head, -1) if side == "read" else W.reshape(n_h * d_head, -1)
+            X = W.transpose(1, 2).reshape(n_h * d_head, -1) if reads else W.reshape(n_h * d_head, -1)
             heads = np.repeat(np.arange(n_h), d_head)
             idx = np.tile(np.arange(d_head), n_h)
-            units = [f"L{l}.H{h}.d{j}" for h, j in zip(heads, idx)]
-            proj = self.read if side == "read" else self.write_side
-            parts.append(self._vector_table(kind, l, heads, idx, units, proj(X)))
-        for kind, b, unit in (("bias_attn_out", lw.b_O, f"L{l}.attn_bias"), ("bias_ff_out", lw.b_out, f"L{l}.ff_bias")):
+            units = [head_dim_unit(l, h, j) for h, j in zip(heads, idx)]
+            parts.append(self._vector_table(kind, l, heads, idx, units, self._projector(kind)(X)))
+        for kind, b in (("bias_attn_out", lw.b_O), ("bias_ff_out", lw.b_out)):
             if b is not None:
-                parts.append(self._vector_table(kind, l, None, np.zeros(1, dtype=np.int64), [unit], self.write_side(b[None, :])))
+                parts.append(self._vector_table(kind, l, None, np.zeros(1, dtype=np.int64), [bias_unit(l, kind)],
+                                                self._projector(kind)(b[None, :])))
         return pa.concat_tables(parts)
 
     def _vector_table(self, kind: str, layer, heads, idx, units: list[str], topk: TopK) -> pa.Table:
@@ -376,7 +385,7 @@ class _ModelWriter:
                 results.get("ov"), results.get("qk"),
                 factors={"E_Q": A_qk, "E_K": k_fac[kv], "E_V": v_fac[kv], "OU": B_ov},
             )
-            head_rows.append(dict(metrics, model=self.build.slug, layer=l, head=h, kv_head=kv, unit=f"L{l}.H{h}"))
+            head_rows.append(dict(metrics, model=self.build.slug, layer=l, head=h, kv_head=kv, unit=head_unit(l, h)))
         empty = lambda t: pa.Table.from_pylist([], schema=TABLES[t].schema)  # noqa: E731
         self.build.write("pairs", pa.concat_tables(pair_parts) if pair_parts else empty("pairs"), layer=l)
         self.build.write("head_tokens", pa.concat_tables(role_parts) if role_parts else empty("head_tokens"), layer=l)

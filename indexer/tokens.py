@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import unicodedata
 
 import pyarrow as pa
 
 from schemas import TABLES
+from schemas.tokens import normalise  # the one definition of tokens.norm, shared with the query layer
 
-
-def normalise(text: str) -> str:
-    """Search form of a token's text: NFKC, surrounding whitespace stripped, lower-cased.
-
-    The query layer applies the same function to what the user types, so ``paris`` finds
-    `` Paris`` and ``Paris``.
-    """
-    return unicodedata.normalize("NFKC", text).strip().lower()
+__all__ = ["normalise", "vocabulary", "numbered_vocabulary"]
 
 
 def vocabulary(tokenizer, d_vocab: int) -> tuple[str, pa.Table]:

@@ -24,6 +24,7 @@ from schemas import SCHEMA_VERSION, TABLES
 from schemas.layout import FORMAT, MANIFEST, read_manifest, table_files, view_sql
 
 from .errors import BadSQL, ForbiddenSQL, NotADataset, SchemaMismatch, UnknownModel
+from .units import quoted
 
 _ST = duckdb.StatementType
 # Statement types that only read. DESCRIBE / SHOW / SUMMARIZE / WITH ... parse as SELECT.
@@ -190,7 +191,10 @@ class Dataset:
         return sorted(self.manifest.get("models", {}))
 
     def resolve_models(self, model: str | list[str] | tuple[str, ...] | None) -> list[str]:
-        """Slugs selected by ``model`` (None: all; a slug, a comma list or a list of either)."""
+        """Slugs selected by ``model`` (None or empty list: all; a slug, a comma list or a list of either).
+
+        Names given but naming nothing (``""``, ``",,"``) are refused rather than read as "all".
+        """
         names = self.model_names()
         if model is None or model == () or model == []:
             if not names:
@@ -204,13 +208,27 @@ class Dataset:
                     continue
                 if slug not in names:
                     have = ", ".join(names) if names else "none"
-                    raise UnknownModel(f"unknown model {slug!r}: indexed models are {have}")
+                    raise UnknownModel(f"unknown model {quoted(slug)}: indexed models are {have}")
                 if slug not in out:
                     out.append(slug)
-        return out or names
+        if not out:
+            have = ", ".join(names) if names else "none"
+            raise UnknownModel(f"no model named in {quoted(model if isinstance(model, str) else ','.join(map(str, model)))}: "
+                               f"give one of {have}")
+        return out
+
+    def resolve_model(self, model: str, what: str = "MODEL") -> str:
+        """The one slug ``model`` names (for helpers about one model: ``show``, ``similar``)."""
+        if not isinstance(model, str):
+            raise UnknownModel(f"{what} must be one model name, got {model!r}")
+        slugs = self.resolve_models(model)
+        if len(slugs) != 1:
+            raise UnknownModel(f"{what} {quoted(model)} names {len(slugs)} models ({', '.join(slugs)}): give one")
+        return slugs[0]
 
     def model_info(self, model: str) -> dict:
-        (slug,) = self.resolve_models(model)
+        """The ``models`` row of one model, as a dict."""
+        slug = self.resolve_model(model)
         rows = self.rows("SELECT * FROM models WHERE model = $m", {"m": slug})
         if not rows:
             raise UnknownModel(f"model {slug!r} is in the manifest but has no models row: re-index it")

@@ -1,38 +1,60 @@
 """Helper queries over a dataset: every one is plain SQL over the tables of DESIGN §4.
 
 All take a :class:`query.dataset.Dataset` and return pyarrow Tables (``show`` returns an ordered
-dict of them). User values are always bound as parameters, never pasted into SQL text.
+dict of them). Each helper is two steps: a ``*_query`` function builds the SQL and exactly the
+parameters it names (a :class:`Query`; nothing runs, so tests can read both), then the helper runs
+it. User values are always bound as parameters; SQL text is assembled only from trusted fragments:
+table sources built from the manifest (``Dataset.source``), column expressions and kind names from
+``schemas``, and fixed clauses.
 
 Token matching (DESIGN §6), the same in every helper:
 
-* default: ``tokens.norm = norm(TOKEN)`` where ``norm(s) = NFKC(s).strip().lower()`` — the
-  indexer's definition — so ``paris`` finds `` Paris``, ``Paris`` and ``paris``;
+* default: ``tokens.norm = normalise(TOKEN)`` (``schemas.tokens``: NFKC, stripped, lower-cased,
+  the indexer's definition), so ``paris`` finds `` Paris``, ``Paris`` and ``paris``;
 * ``exact=True``: ``tokens.token = TOKEN`` (the decoded text as given, spaces included);
 * ``token_id=N``: that id in each selected model's vocabulary.
 
 Tokens are matched per vocabulary by text, so models with different tokenizers are searched for
-the same word at once.
+the same word at once. The matched ids of each model are bound as one ``INTEGER[]`` parameter and
+every scan filters on them the same way, ``token_id IN (SELECT unnest($ids))`` (see
+:func:`_in_ids`).
 """
 from __future__ import annotations
 
-import unicodedata
+import operator
 from collections import OrderedDict
+from typing import NamedTuple
 
 import pyarrow as pa
 
+from schemas.kinds import BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KV_KINDS, POS, POS_KINDS, QUERY_HEAD_KINDS, \
+    ALL_KINDS, order_sql
+from schemas.tokens import normalise
+from schemas.units import head_unit_sql, vector_unit_sql
+
 from .errors import BadOption, BadToken, UnknownToken
-from .units import BIAS_KIND, Unit, check_unit, parse_unit, unit_sql
+from .units import Unit, check_unit, column_max, parse_unit, quoted
 
-FF_KINDS = ("ff_key", "ff_gate", "ff_value")
-HEAD_DIM_KINDS = ("q", "k", "v", "o")
-ALL_KINDS = FF_KINDS + HEAD_DIM_KINDS + ("bias_attn_out", "bias_ff_out", "pos")
+norm = normalise  # the name query has always exported (query.norm)
+
 SIDES = {"top": ["top"], "bottom": ["bottom"], "both": ["top", "bottom"]}
+_MAX_RANK = column_max("vectors", "rank")        # ranks and row counts beyond this bound nothing
+_MAX_TOKEN_ID = column_max("tokens", "token_id")
+# Suggestions compare TOKEN with every vocabulary entry (Jaro-Winkler, Levenshtein: quadratic in
+# the lengths); vocabulary entries are short, so a longer TOKEN gets none rather than a slow query.
+SUGGEST_MAX_CHARS = 200
+# `tokens` segments TEXT with a recursive query, one step per token; a bound keeps it interactive.
+TOKENS_MAX_CHARS = 1000
 
 
-def norm(text: str) -> str:
-    """The search form of a token (the ``tokens.norm`` column): NFKC, stripped, lower-cased."""
-    return unicodedata.normalize("NFKC", text).strip().lower()
+class Query(NamedTuple):
+    """SQL text and the parameters it names (``$name``), exactly."""
 
+    sql: str
+    params: dict
+
+
+# -- checking arguments ------------------------------------------------------------------------
 
 def _sides(side: str) -> list[str]:
     if side not in SIDES:
@@ -43,13 +65,93 @@ def _sides(side: str) -> list[str]:
 def _list_option(value, allowed: tuple[str, ...], what: str) -> list[str]:
     items = [value] if isinstance(value, str) else list(value)
     out = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
+    if not out:
+        raise BadOption(f"no {what} given in {value!r}: use one or more of {', '.join(allowed)}")
     for s in out:
         if s not in allowed:
-            raise BadOption(f"unknown {what} {s!r}: use one of {', '.join(allowed)}")
+            raise BadOption(f"unknown {what} {quoted(s)}: use one of {', '.join(allowed)}")
     return out
 
 
+def _bound(value, what: str, minimum: int) -> int | None:
+    """A limit or rank bound: None (no bound) or a whole number >= ``minimum``.
+
+    Ranks and token ids are int32 columns, so a bound beyond int32 bounds nothing: it is the same
+    as None (and the SQL leaves the predicate out rather than binding a value DuckDB cannot hold).
+    """
+    if value is None:
+        return None
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise BadOption(f"{what} {value!r} is not a whole number") from None
+    if isinstance(value, bool):
+        raise BadOption(f"{what} {value!r} is not a whole number")
+    if n < minimum:
+        raise BadOption(f"{what} {n} is out of range: give {minimum} or more")
+    return None if n > _MAX_RANK else n
+
+
+def _text(value, what: str) -> str:
+    """A str that DuckDB can bind: lone surrogates (from undecodable bytes) are refused."""
+    if not isinstance(value, str):
+        raise BadToken(f"{what} {value!r} is not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadToken(f"{what} {quoted(value)} is not valid Unicode text: lone surrogate U+{ord(value[e.start]):04X} "
+                       f"at position {e.start} (was it read from bytes that are not UTF-8?)") from None
+    return value
+
+
+def _in_ids(column: str, key: str) -> str:
+    """The one token filter: ``column`` is one of the ids bound as the INTEGER[] parameter ``$key``.
+
+    A semi-join on the unnested list: DuckDB pushes its min/max into the Parquet scan, as fast as
+    a join for a few ids and twice as fast as a list of scalar parameters for 150 (docs/QUERY.md),
+    and it also serves an OR of two columns (``heads``), which a join would double-count.
+    """
+    return f"{column} IN (SELECT unnest(${key}::INTEGER[]))"
+
+
+def _limit_clause(limit: int | None, params: dict) -> str:
+    """``LIMIT $limit`` with its parameter, or nothing when there is no limit."""
+    if limit is None:
+        return ""
+    params["limit"] = limit
+    return "LIMIT $limit"
+
+
+def _rank_clause(column: str, max_rank: int | None, params: dict, key: str = "max_rank") -> str:
+    """``AND column <= $key`` with its parameter, or nothing when there is no bound."""
+    if max_rank is None:
+        return ""
+    params[key] = max_rank
+    return f"AND {column} <= ${key}"
+
+
 # -- token matching ----------------------------------------------------------------------------
+
+def match_query(models: list[str], token: str | None = None, *, exact: bool = False, token_id: int | None = None) -> Query:
+    """The SQL of :func:`match_tokens` (raises BadToken for a TOKEN that cannot match anything)."""
+    if token_id is not None:
+        condition, value = "t.token_id = $q", token_id
+    elif token is None:
+        raise BadToken("give a TOKEN, or a token id with --id")
+    elif exact:
+        condition, value = "t.token = $q", _text(token, "token")
+    else:
+        value = normalise(_text(token, "token"))
+        if not value:
+            raise BadToken(f"token {quoted(token)} is empty or only whitespace: use --exact to match it as given (e.g. --exact ' ')")
+        condition = "t.norm = $q"
+    return Query(
+        f"""SELECT m.model, m.vocab_id, t.token_id, t.token, t.piece
+            FROM models m JOIN tokens t ON t.vocab_id = m.vocab_id
+            WHERE list_contains($models, m.model) AND {condition}
+            ORDER BY m.model, t.token_id""",
+        {"models": models, "q": value})
+
 
 def match_tokens(ds, token: str | None = None, *, model=None, exact: bool = False, token_id: int | None = None) -> pa.Table:
     """The vocabulary entries TOKEN matches in each selected model: model, vocab_id, token_id, token, piece.
@@ -57,88 +159,110 @@ def match_tokens(ds, token: str | None = None, *, model=None, exact: bool = Fals
     Raises UnknownToken (with the nearest tokens as suggestions) when it matches in none.
     """
     models = ds.resolve_models(model)
+    scope = ", ".join(models)
     if token_id is not None:
-        where, params = "t.token_id = $q", {"q": int(token_id)}
-        shown = f"token id {token_id}"
-    else:
-        if token is None:
-            raise BadToken("give a TOKEN, or a token id with --id")
-        if exact:
-            where, params = "t.token = $q", {"q": token}
-        else:
-            q = norm(token)
-            if not q:
-                raise BadToken(f"token {token!r} is empty or only whitespace: use --exact to match it as given (e.g. --exact ' ')")
-            where, params = "t.norm = $q", {"q": q}
-        shown = repr(token)
-    hits = ds._run(
-        f"""SELECT m.model, m.vocab_id, t.token_id, t.token, t.piece
-            FROM models m JOIN tokens t ON t.vocab_id = m.vocab_id
-            WHERE list_contains($models, m.model) AND {where}
-            ORDER BY m.model, t.token_id""",
-        dict(params, models=models))
+        try:
+            token_id = operator.index(token_id)
+        except TypeError:
+            raise BadOption(f"token id {token_id!r} is not a whole number") from None
+        if not 0 <= token_id <= _MAX_TOKEN_ID:  # no vocabulary has it (and DuckDB could not bind it)
+            raise UnknownToken(f"token id {token_id} is not in the vocabulary of {scope}")
+    hits = ds._run(*match_query(models, token, exact=exact, token_id=token_id))
     if hits.num_rows == 0:
-        scope = "the vocabulary of " + ", ".join(models)
         if token_id is not None:
-            raise UnknownToken(f"{shown} is not in {scope}")
+            raise UnknownToken(f"token id {token_id} is not in the vocabulary of {scope}")
         hint = suggest(ds, token, models)
         tail = f"; nearest: {', '.join(repr(s) for s in hint)}" if hint else ""
-        raise UnknownToken(f"token {shown} is in no vocabulary of {', '.join(models)}{tail}")
+        raise UnknownToken(f"token {quoted(token)} is in no vocabulary of {scope}{tail}")
     return hits
 
 
-def suggest(ds, token: str, models: list[str], n: int = 5) -> list[str]:
-    """The ``n`` vocabulary entries nearest to ``token`` (Jaro-Winkler, then edit distance)."""
-    q = norm(token) or token
-    rows = ds.rows(
+def suggest_query(token: str, models: list[str], n: int = 5) -> Query:
+    """The SQL of :func:`suggest`."""
+    return Query(
         """SELECT norm, min(token) AS example
            FROM tokens WHERE vocab_id IN (SELECT vocab_id FROM models WHERE list_contains($models, model))
              AND norm <> '' AND NOT special
            GROUP BY norm
            ORDER BY jaro_winkler_similarity(norm, $q) DESC, levenshtein(norm, $q), norm
            LIMIT $n""",
-        {"models": models, "q": q, "n": n})
-    return [r["example"] for r in rows]
+        {"models": models, "q": normalise(token) or token, "n": n})
 
 
-def _ids_by_model(hits: pa.Table) -> dict[str, list[int]]:
-    return {m: ids for m, ids, _ in _matches_by_model(hits)}
+def suggest(ds, token: str, models: list[str], n: int = 5) -> list[str]:
+    """The ``n`` vocabulary entries nearest to ``token`` (Jaro-Winkler, then edit distance); none for a long token."""
+    if len(token) > SUGGEST_MAX_CHARS:
+        return []
+    return [r["example"] for r in ds.rows(*suggest_query(token, models, n))]
 
 
-def _matches_by_model(hits: pa.Table) -> list[tuple[str, list[int], list[str]]]:
-    """(model, token ids, token texts) for each model with matches, from `match_tokens`."""
-    out: dict[str, tuple[list[int], list[str]]] = {}
+class Matches(NamedTuple):
+    """The tokens matched in one model (from :func:`match_tokens`)."""
+
+    model: str
+    ids: list[int]
+    texts: list[str]
+
+
+def matches_by_model(hits: pa.Table) -> list[Matches]:
+    """One :class:`Matches` per model with matches, in the order of ``hits``."""
+    out: dict[str, Matches] = {}
     for m, i, t in zip(*(hits.column(c).to_pylist() for c in ("model", "token_id", "token"))):
-        ids, texts = out.setdefault(m, ([], []))
-        ids.append(i)
-        texts.append(t)
-    return [(m, ids, texts) for m, (ids, texts) in out.items()]
-
-
-def _in_list(name: str, values: list, params: dict) -> str:
-    """``($name_0, $name_1, ...)`` with the values bound in ``params`` (never pasted)."""
-    keys = [f"{name}_{j}" for j in range(len(values))]
-    params.update(zip(keys, values))
-    return "(" + ", ".join("$" + k for k in keys) + ")"
-
-
-def _limit(limit: int | None, params: dict) -> str:
-    if limit is None:
-        return ""
-    params["limit"] = int(limit)
-    return "LIMIT $limit"
+        entry = out.setdefault(m, Matches(m, [], []))
+        entry.ids.append(i)
+        entry.texts.append(t)
+    return list(out.values())
 
 
 # -- helpers -----------------------------------------------------------------------------------
 
+_MODEL_COLUMNS = ("model", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_ff", "d_vocab",
+                  "tied", "variant", "k", "n_pairs", "source")
+
+
+def models_query() -> Query:
+    first = ", ".join(_MODEL_COLUMNS)
+    rest = ", ".join(f"'{c}'" for c in _MODEL_COLUMNS)
+    return Query(f"SELECT {first}, COLUMNS(lambda c: c NOT IN ({rest})) FROM models ORDER BY model", {})
+
+
 def models(ds) -> pa.Table:
     """The ``models`` table, most useful columns first."""
-    return ds._run(
-        """SELECT model, architecture, n_layers, n_heads, n_kv_heads, d_model, d_head, d_ff, d_vocab,
-                  tied, variant, k, n_pairs, source, COLUMNS(lambda c: c NOT IN (
-                    'model', 'architecture', 'n_layers', 'n_heads', 'n_kv_heads', 'd_model', 'd_head',
-                    'd_ff', 'd_vocab', 'tied', 'variant', 'k', 'n_pairs', 'source'))
-           FROM models ORDER BY model""")
+    return ds._run(*models_query())
+
+
+def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[str], limit: int | None) -> Query:
+    """The SQL of :func:`heads` for the tokens matched per model."""
+    params: dict = {"circuits": circuits, "sides": sides}
+    parts = []
+    # One scan per model over its own files (the source holds that model's rows only).
+    for i, match in enumerate(matches):
+        ids = f"ids{i}"
+        params[ids] = match.ids
+        parts.append(f"""
+            SELECT p.model, p.layer, p.head, p.rank, p.score,
+                   p.circuit || ' ' || p.side || ' pair #' || p.rank || ' ' || to_json(p.src) || ' -> '
+                     || to_json(p.dst) || ' (' || printf('%.4g', p.score) || ')' AS evidence
+            FROM {ds.source("pairs", [match.model])} p
+            WHERE ({_in_ids("p.src_id", ids)} OR {_in_ids("p.dst_id", ids)})
+              AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
+            UNION ALL
+            SELECT h.model, h.layer, h.head, h.rank, h.score,
+                   h.circuit || ' ' || h.role || ' ' || h.side || ' #' || h.rank || ' ' || to_json(h.token)
+                     || ' (' || printf('%.4g', h.score) || ')' AS evidence
+            FROM {ds.source("head_tokens", [match.model])} h
+            WHERE {_in_ids("h.token_id", ids)}
+              AND list_contains($circuits, h.circuit) AND list_contains($sides, h.side)""")
+    evidence = " UNION ALL ".join(parts)
+    limit_clause = _limit_clause(limit, params)
+    return Query(
+        f"""WITH ev AS ({evidence})
+        SELECT model, {head_unit_sql("ev")} AS unit, layer, head,
+               sum(1.0 / rank) AS relevance, min(rank) AS best_rank, count(*) AS hits,
+               list(evidence ORDER BY rank, abs(score) DESC, evidence) AS evidence
+        FROM ev GROUP BY model, layer, head
+        ORDER BY relevance DESC, best_rank, model, layer, head
+        {limit_clause}""", params)
 
 
 def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str = "top", limit: int | None = 20,
@@ -150,42 +274,44 @@ def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str =
     Ranking: ``relevance = sum(1 / rank)`` over the evidence rows (a rank-1 entry counts 1, a
     rank-10 entry 0.1), ties by best rank, then model, layer, head. One row per head:
     model, unit, layer, head, relevance, best_rank, hits, evidence (list, best first; each item
-    says circuit, list, side, rank, the token(s) and the score).
+    says circuit, list, side, rank, the token(s) and the score). ``limit=None``: all heads.
 
     >>> heads(ds, "paris", circuit="ov")   # doctest: +SKIP
     """
     circuits = _list_option(circuit or ["ov", "qk"], ("ov", "qk"), "circuit")
+    sides, limit = _sides(side), _bound(limit, "limit", 0)
     hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
-    params = {"circuits": circuits, "sides": _sides(side)}
+    return ds._run(*heads_query(ds, matches_by_model(hits), circuits=circuits, sides=sides, limit=limit))
+
+
+def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[str], max_rank: int | None,
+                  limit: int | None) -> Query:
+    """The SQL of :func:`neurons` for the tokens matched per model."""
+    params: dict = {"kinds": kinds, "sides": sides}
+    rank_clause = _rank_clause("v.rank", max_rank, params)
     parts = []
-    # One scan per model over its own files, with the matched ids as a bound IN list: the
-    # filter reaches the Parquet reader (row-group pruning) instead of a join.
-    for i, (m, ids) in enumerate(_ids_by_model(hits).items()):
-        params[f"m{i}"] = m
-        ids_sql = _in_list(f"t{i}", ids, params)
+    # vectors_by_token holds each token's rows together (one or two row groups per model).
+    for i, match in enumerate(matches):
+        ids, texts = f"ids{i}", f"texts{i}"
+        params.update({ids: match.ids, texts: match.texts})
         parts.append(f"""
-            SELECT p.model, p.layer, p.head, p.rank, p.score,
-                   p.circuit || ' ' || p.side || ' pair #' || p.rank || ' ' || to_json(p.src) || ' -> '
-                     || to_json(p.dst) || ' (' || printf('%.4g', p.score) || ')' AS evidence
-            FROM {ds.source("pairs", [m])} p
-            WHERE p.model = $m{i} AND (p.src_id IN {ids_sql} OR p.dst_id IN {ids_sql})
-              AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
-            UNION ALL
-            SELECT h.model, h.layer, h.head, h.rank, h.score,
-                   h.circuit || ' ' || h.role || ' ' || h.side || ' #' || h.rank || ' ' || to_json(h.token)
-                     || ' (' || printf('%.4g', h.score) || ')' AS evidence
-            FROM {ds.source("head_tokens", [m])} h
-            WHERE h.model = $m{i} AND h.token_id IN {ids_sql}
-              AND list_contains($circuits, h.circuit) AND list_contains($sides, h.side)""")
-    lim = _limit(limit, params)
-    return ds._run(
-        f"""WITH ev AS ({" UNION ALL ".join(parts)})
-        SELECT model, 'L' || layer || '.H' || head AS unit, layer, head,
-               sum(1.0 / rank) AS relevance, min(rank) AS best_rank, count(*) AS hits,
-               list(evidence ORDER BY rank, abs(score) DESC, evidence) AS evidence
-        FROM ev GROUP BY model, layer, head
-        ORDER BY relevance DESC, best_rank, model, layer, head
-        {lim}""", params)
+            SELECT v.model, {vector_unit_sql("v")} AS unit, v.layer, v.kind, v.side, v.head, v.idx, v.rank, v.score,
+                   list_extract(${texts}::VARCHAR[], list_position(${ids}::INTEGER[], v.token_id)) AS token
+            FROM {ds.source("vectors_by_token", [match.model])} v
+            WHERE {_in_ids("v.token_id", ids)}
+              AND list_contains($kinds, v.kind) AND list_contains($sides, v.side) {rank_clause}""")
+    matched_rows = " UNION ALL ".join(parts)
+    limit_clause = _limit_clause(limit, params)
+    return Query(
+        f"""WITH v AS ({matched_rows}),
+        hits AS (
+            SELECT v.model, v.unit, v.layer, v.kind, v.side, min(v.rank) AS rank, arg_min(v.score, v.rank) AS score,
+                   count(*) AS hits, any_value(v.head) AS head, any_value(v.idx) AS idx,
+                   list(to_json(v.token) || ' #' || v.rank || ' (' || printf('%.4g', v.score) || ')' ORDER BY v.rank) AS evidence
+            FROM v GROUP BY v.model, v.unit, v.layer, v.kind, v.side)
+        SELECT model, unit, layer, kind, side, rank, score, hits, evidence FROM hits
+        ORDER BY rank, CASE WHEN side = 'top' THEN -score ELSE score END, model, layer, kind, head, idx
+        {limit_clause}""", params)
 
 
 def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: int | None = None, side: str = "top",
@@ -195,58 +321,102 @@ def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: in
     One row per (model, unit, kind, side): rank (best rank of a matching token), score (at that
     rank), hits (how many of the list's tokens match, e.g. `` Paris`` and ``Paris``), evidence
     (the matching entries: token, rank, score). Ranked by rank, then by score (largest first for
-    ``top``, most negative first for ``bottom``), then model, layer, unit.
+    ``top``, most negative first for ``bottom``), then model, layer, unit. ``max_rank=None`` and
+    ``limit=None``: no bound.
 
     >>> neurons(ds, "paris", kind=["ff_value"], max_rank=5)   # doctest: +SKIP
     """
     kinds = _list_option(kind or list(FF_KINDS), ALL_KINDS, "kind")
+    sides, limit, max_rank = _sides(side), _bound(limit, "limit", 0), _bound(max_rank, "max rank", 1)
     hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
-    params = {"kinds": kinds, "sides": _sides(side), "max_rank": int(max_rank) if max_rank is not None else 2**31 - 1}
-    parts = []
-    # vectors_by_token holds each token's rows together (one or two row groups per model); the
-    # join with the matched ids lets DuckDB push them into the Parquet scan as a filter.
-    for i, (m, ids, texts) in enumerate(_matches_by_model(hits)):
-        params.update({f"m{i}": m, f"ids{i}": ids, f"texts{i}": texts})
-        parts.append(f"""
-            SELECT v.model, {unit_sql("v")} AS unit, v.layer, v.kind, v.side, v.head, v.idx, v.rank, t.token, v.score
-            FROM {ds.source("vectors_by_token", [m])} v
-            JOIN (SELECT unnest($ids{i}::INTEGER[]) AS token_id, unnest($texts{i}::VARCHAR[]) AS token) t USING (token_id)
-            WHERE v.model = $m{i} AND list_contains($kinds, v.kind) AND list_contains($sides, v.side) AND v.rank <= $max_rank""")
-    lim = _limit(limit, params)
-    return ds._run(
-        f"""WITH v AS ({" UNION ALL ".join(parts)}),
-        hits AS (
-            SELECT v.model, v.unit, v.layer, v.kind, v.side, min(v.rank) AS rank, arg_min(v.score, v.rank) AS score,
-                   count(*) AS hits, any_value(v.head) AS head, any_value(v.idx) AS idx,
-                   list(to_json(v.token) || ' #' || v.rank || ' (' || printf('%.4g', v.score) || ')' ORDER BY v.rank) AS evidence
-            FROM v GROUP BY v.model, v.unit, v.layer, v.kind, v.side)
-        SELECT model, unit, layer, kind, side, rank, score, hits, evidence FROM hits
-        ORDER BY rank, CASE WHEN side = 'top' THEN -score ELSE score END, model, layer, kind, head, idx
-        {lim}""", params)
+    return ds._run(*neurons_query(ds, matches_by_model(hits), kinds=kinds, sides=sides, max_rank=max_rank, limit=limit))
+
+
+def kv_head_query(ds, model: str, layer: int, head: int) -> Query:
+    return Query(f"SELECT kv_head FROM {ds.source('heads', [model], [layer])} WHERE layer = $l AND head = $h",
+                 {"l": layer, "h": head})
 
 
 def _kv_head(ds, info: dict, layer: int, head: int) -> int:
-    rows = ds.rows(f"SELECT kv_head FROM {ds.source('heads', [info['model']], [layer])} WHERE model = $m AND layer = $l AND head = $h",
-                   {"m": info["model"], "l": layer, "h": head})
+    rows = ds.rows(*kv_head_query(ds, info["model"], layer, head))
     if rows and rows[0]["kv_head"] is not None:
         return int(rows[0]["kv_head"])
     group = max(1, info["n_heads"] // max(1, info.get("n_kv_heads") or info["n_heads"]))
     return head // group
 
 
-def _vector_pivot(ds, model: str, layers: list[int] | None, where: str, params: dict, limit: int | None) -> pa.Table:
-    """Top and bottom lists side by side, one row per (kind, head, idx, rank)."""
-    params = dict(params, m=model, lim=int(limit) if limit is not None else 2**31 - 1)
-    return ds._run(
+def _head_dims_where(prefix: str = "") -> str:
+    """The head-dimension vectors of query head $h: q/o under $h, k/v under its key/value head $kv."""
+    return (f"((list_contains($query_head_kinds, {prefix}kind) AND {prefix}head = $h)"
+            f" OR (list_contains($kv_kinds, {prefix}kind) AND {prefix}head = $kv))")
+
+
+_HEAD_DIM_PARAMS = {"query_head_kinds": list(QUERY_HEAD_KINDS), "kv_kinds": list(KV_KINDS)}
+
+
+def show_head_queries(ds, model: str, layer: int, head: int, kv: int, limit: int | None) -> "OrderedDict[str, Query]":
+    """The SQL of :func:`show` for a head ``L{layer}.H{head}`` (key/value head ``kv``), by section."""
+    src = {t: ds.source(t, [model], [layer]) for t in ("heads", "pairs", "head_tokens", "vectors")}
+    where = "layer = $l AND head = $h"
+    base = {"l": layer, "h": head}
+    out: OrderedDict[str, Query] = OrderedDict()
+    out["metrics"] = Query(f"SELECT * EXCLUDE (model, layer, head, unit) FROM {src['heads']} WHERE {where}", dict(base))
+    p = dict(base)
+    rank = _rank_clause("rank", limit, p, "lim")
+    out["pairs"] = Query(
+        f"""SELECT circuit, side, rank, src, dst, score FROM {src['pairs']}
+           WHERE {where} {rank}
+           ORDER BY circuit, side DESC, rank""", p)
+    for side in ("top", "bottom"):
+        p = dict(base, side=side)
+        rank = _rank_clause("rank", limit, p, "lim")
+        out[f"head_tokens_{side}"] = Query(
+            f"""SELECT rank,
+                      max(token) FILTER (WHERE circuit = 'ov' AND role = 'source') AS ov_source,
+                      max(token) FILTER (WHERE circuit = 'ov' AND role = 'output') AS ov_output,
+                      max(token) FILTER (WHERE circuit = 'qk' AND role = 'query') AS qk_query,
+                      max(token) FILTER (WHERE circuit = 'qk' AND role = 'key') AS qk_key
+               FROM {src['head_tokens']} WHERE {where} AND side = $side {rank}
+               GROUP BY rank ORDER BY rank""", p)
+    p = dict(_HEAD_DIM_PARAMS, l=layer, h=head, kv=kv)
+    rank = _rank_clause("rank", limit, p, "lim")
+    top_n = "QUALIFY row_number() OVER (PARTITION BY kind ORDER BY dims DESC, best_rank, mean_score DESC) <= $lim" if limit is not None else ""
+    out["dims"] = Query(
+        f"""WITH d AS (
+             SELECT kind, token_id, any_value(token) AS token, count(DISTINCT idx) AS dims, min(rank) AS best_rank,
+                    avg(score) AS mean_score
+             FROM {src['vectors']}
+             WHERE layer = $l AND side = 'top' {rank} AND {_head_dims_where()}
+             GROUP BY kind, token_id)
+           SELECT kind, token, dims, best_rank, mean_score FROM d
+           {top_n}
+           ORDER BY {order_sql("kind")}, dims DESC, best_rank, mean_score DESC""", p)
+    return out
+
+
+def show_vectors_query(ds, model: str, u: Unit, kv: int | None, limit: int | None) -> Query:
+    """The SQL of :func:`show` for a unit made of vectors (neuron, head dimension, position, bias)."""
+    if u.kind == "neuron":
+        where, params = "layer = $l AND idx = $i AND list_contains($kinds, kind)", {"l": u.layer, "i": u.index, "kinds": list(FF_KINDS)}
+    elif u.kind == "head_dim":
+        where = f"layer = $l AND idx = $i AND {_head_dims_where()}"
+        params = dict(_HEAD_DIM_PARAMS, l=u.layer, i=u.index, h=u.head, kv=kv)
+    elif u.kind == "pos":
+        where, params = "idx = $i AND list_contains($kinds, kind)", {"i": u.index, "kinds": list(POS_KINDS)}
+    else:
+        where, params = "layer = $l AND kind = $kind", {"l": u.layer, "kind": u.bias_kind}
+    rank = _rank_clause("rank", limit, params, "lim")
+    layers = [u.layer] if u.layer is not None else None
+    # Top and bottom lists side by side, one row per (kind, head, idx, rank).
+    return Query(
         f"""SELECT kind, unit, rank,
                    max(token) FILTER (WHERE side = 'top') AS top,
                    max(score) FILTER (WHERE side = 'top') AS top_score,
                    max(token) FILTER (WHERE side = 'bottom') AS bottom,
                    max(score) FILTER (WHERE side = 'bottom') AS bottom_score
-            FROM {ds.source("vectors", [model], layers)} WHERE model = $m AND ({where}) AND rank <= $lim
+            FROM {ds.source("vectors", [model], layers)} WHERE {where} {rank}
             GROUP BY kind, unit, head, idx, rank
-            ORDER BY array_position(['ff_key', 'ff_gate', 'ff_value', 'q', 'k', 'v', 'o'], kind) NULLS LAST, kind, head, idx, rank""",
-        params)
+            ORDER BY {order_sql("kind")}, head, idx, rank""", params)
 
 
 def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[str, pa.Table]":
@@ -259,58 +429,26 @@ def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[s
     * ``L5.N123``: ``vectors`` (ff_key / ff_gate / ff_value: top and bottom tokens side by side);
     * ``L5.H3.d7``: ``vectors`` for q/o of head 3 and k/v of its key/value head, dimension 7;
     * ``P12``, ``L5.attn_bias``, ``L5.ff_bias``: ``vectors`` for that vector.
+
+    ``limit=None``: every rank.
     """
-    (slug,) = ds.resolve_models([model.split(",")[0]] if model else model)
+    slug = ds.resolve_model(model)
     info = ds.model_info(slug)
     u = parse_unit(unit)
     check_unit(u, info)
+    limit = _bound(limit, "limit", 0)
+    kv = _kv_head(ds, info, u.layer, u.head) if u.head is not None else None
+    if u.kind != "head":
+        return OrderedDict(vectors=ds._run(*show_vectors_query(ds, slug, u, kv, limit)))
     out: OrderedDict[str, pa.Table] = OrderedDict()
-    if u.kind == "head":
-        p = {"m": slug, "l": u.layer, "h": u.head}
-        src = {t: ds.source(t, [slug], [u.layer]) for t in ("heads", "pairs", "head_tokens", "vectors")}
-        row = ds.rows(f"SELECT * EXCLUDE (model, layer, head, unit) FROM {src['heads']} WHERE model = $m AND layer = $l AND head = $h", p)
-        metrics = list(row[0].items()) if row else []
-        out["metrics"] = pa.table({"metric": [k for k, _ in metrics],
-                                   "value": pa.array([None if v is None else float(v) for _, v in metrics], pa.float64())})
-        p["lim"] = int(limit) if limit is not None else 2**31 - 1
-        out["pairs"] = ds._run(
-            f"""SELECT circuit, side, rank, src, dst, score FROM {src['pairs']}
-               WHERE model = $m AND layer = $l AND head = $h AND rank <= $lim
-               ORDER BY circuit, side DESC, rank""", p)
-        for side in ("top", "bottom"):
-            out[f"head_tokens_{side}"] = ds._run(
-                f"""SELECT rank,
-                          max(token) FILTER (WHERE circuit = 'ov' AND role = 'source') AS ov_source,
-                          max(token) FILTER (WHERE circuit = 'ov' AND role = 'output') AS ov_output,
-                          max(token) FILTER (WHERE circuit = 'qk' AND role = 'query') AS qk_query,
-                          max(token) FILTER (WHERE circuit = 'qk' AND role = 'key') AS qk_key
-                   FROM {src['head_tokens']} WHERE model = $m AND layer = $l AND head = $h AND side = $side AND rank <= $lim
-                   GROUP BY rank ORDER BY rank""", dict(p, side=side))
-        kv = _kv_head(ds, info, u.layer, u.head)
-        out["dims"] = ds._run(
-            f"""WITH d AS (
-                 SELECT kind, token_id, any_value(token) AS token, count(DISTINCT idx) AS dims, min(rank) AS best_rank,
-                        avg(score) AS mean_score
-                 FROM {src['vectors']}
-                 WHERE model = $m AND layer = $l AND side = 'top' AND rank <= $lim
-                   AND ((kind IN ('q', 'o') AND head = $h) OR (kind IN ('k', 'v') AND head = $kv))
-                 GROUP BY kind, token_id)
-               SELECT kind, token, dims, best_rank, mean_score FROM d
-               QUALIFY row_number() OVER (PARTITION BY kind ORDER BY dims DESC, best_rank, mean_score DESC) <= $lim
-               ORDER BY array_position(['q', 'k', 'v', 'o'], kind), dims DESC, best_rank, mean_score DESC""",
-            dict(p, kv=kv))
-        return out
-    if u.kind == "neuron":
-        where, params = "layer = $l AND idx = $i AND kind IN ('ff_key', 'ff_gate', 'ff_value')", {"l": u.layer, "i": u.index}
-    elif u.kind == "head_dim":
-        kv = _kv_head(ds, info, u.layer, u.head)
-        where = "layer = $l AND idx = $i AND ((kind IN ('q', 'o') AND head = $h) OR (kind IN ('k', 'v') AND head = $kv))"
-        params = {"l": u.layer, "i": u.index, "h": u.head, "kv": kv}
-    elif u.kind == "pos":
-        where, params = "kind = 'pos' AND idx = $i", {"i": u.index}
-    else:
-        where, params = "layer = $l AND kind = $k", {"l": u.layer, "k": BIAS_KIND[u.bias]}
-    out["vectors"] = _vector_pivot(ds, slug, [u.layer] if u.layer is not None else None, where, params, limit)
+    for name, query in show_head_queries(ds, slug, u.layer, u.head, kv, limit).items():
+        if name == "metrics":  # one metric per row
+            row = ds.rows(*query)
+            metrics = list(row[0].items()) if row else []
+            out[name] = pa.table({"metric": [k for k, _ in metrics],
+                                  "value": pa.array([None if v is None else float(v) for _, v in metrics], pa.float64())})
+        else:
+            out[name] = ds._run(*query)
     return out
 
 
@@ -327,9 +465,13 @@ def tokens(ds, text: str, *, model=None) -> pa.Table:
 
     One row per model: model, n_tokens, tokens (decoded texts), token_ids, pieces, and
     ``matches``: the entries whose ``norm`` equals norm(TEXT) — what ``heads``/``neurons`` match.
+    TEXT longer than ``TOKENS_MAX_CHARS`` is refused (one recursive step per token).
     """
+    text = _text(text, "TEXT")
     if not text:
         raise BadToken("give a non-empty TEXT")
+    if len(text) > TOKENS_MAX_CHARS:
+        raise BadToken(f"TEXT has {len(text):,} characters; tokens maps at most {TOKENS_MAX_CHARS:,} at a time: split it")
     models = ds.resolve_models(model)
     vocab = {r["model"]: r["vocab_id"] for r in ds.rows(
         "SELECT model, vocab_id FROM models WHERE list_contains($models, model)", {"models": models})}
@@ -345,8 +487,9 @@ def tokens(ds, text: str, *, model=None) -> pa.Table:
         ("token_ids", pa.list_(pa.int32())), ("pieces", pa.list_(pa.string())), ("matches", pa.list_(pa.string()))]))
 
 
-def _segment(ds, vocab_id: str, text: str) -> dict:
-    steps = ds.rows(
+def segment_query(vocab_id: str, text: str) -> Query:
+    """The SQL of :func:`tokens` for one vocabulary: one row per step of the greedy match."""
+    return Query(
         """WITH RECURSIVE
         voc AS MATERIALIZED (
             SELECT token_id, piece, surface, lower(surface) AS lsurface, length(surface) AS n, cont
@@ -374,21 +517,95 @@ def _segment(ds, vocab_id: str, text: str) -> dict:
             WHERE length(s.rest) > 0)
         SELECT token_id, piece, surface FROM steps WHERE i > 0 AND NOT skipped ORDER BY i""",
         {"v": vocab_id, "text": text})
-    matches = ds.rows(
-        "SELECT token FROM tokens WHERE vocab_id = $v AND norm = $q ORDER BY token_id",
-        {"v": vocab_id, "q": norm(text)}) if norm(text) else []
+
+
+def _segment(ds, vocab_id: str, text: str) -> dict:
+    steps = ds.rows(*segment_query(vocab_id, text))
+    q = normalise(text)
+    matches = ds.rows("SELECT token FROM tokens WHERE vocab_id = $v AND norm = $q ORDER BY token_id",
+                      {"v": vocab_id, "q": q}) if q else []
     return {"n_tokens": len(steps), "tokens": [r["surface"] for r in steps], "token_ids": [r["token_id"] for r in steps],
             "pieces": [r["piece"] for r in steps], "matches": [r["token"] for r in matches]}
 
 
+# Unit.kind -> the schemas.kinds group whose kinds are the channels of its signature
+_GROUP_OF_UNIT = {"neuron": FF, "head_dim": HEAD_DIM, "pos": POS, "bias": BIAS}
+
+
 def _signature_kinds(u: Unit) -> list[str]:
-    if u.kind == "neuron":
-        return list(FF_KINDS)
-    if u.kind == "head_dim":
-        return list(HEAD_DIM_KINDS)
-    if u.kind == "pos":
-        return ["pos"]
-    return [BIAS_KIND[u.bias]]
+    if u.kind == "bias":
+        return [u.bias_kind]
+    return {FF: list(FF_KINDS), HEAD_DIM: list(HEAD_DIM_KINDS), POS: list(POS_KINDS)}[_GROUP_OF_UNIT[u.kind]]
+
+
+def _rank_weight(k_param: str) -> str:
+    """Weight (K + 1 - rank) / K of an entry of a list of K (rank 1 -> 1, rank K -> 1/K)."""
+    return f"sum((${k_param} + 1 - r.rank) / ${k_param})"
+
+
+def signature_query(ds, model: str, vocab_id: str, u: Unit, k: float) -> Query:
+    """The signature of ``u``: (channel, norm, w) rows, w the summed rank weights of one list's entries."""
+    layers = [u.layer] if u.layer is not None else None
+    if u.kind == "head":
+        rows = f"""SELECT h.circuit || ':' || h.role AS channel, h.token_id, h.rank FROM {ds.source("head_tokens", [model], layers)} h
+                   WHERE h.layer = $layer AND h.head = $head AND h.side = 'top'"""
+        params = {"layer": u.layer, "head": u.head}
+    else:
+        layer = "v.layer = $layer" if u.layer is not None else "v.layer IS NULL"
+        rows = f"""SELECT v.kind AS channel, v.token_id, v.rank FROM {ds.source("vectors", [model], layers)} v
+                   WHERE {layer} AND v.unit = $unit AND v.side = 'top' AND list_contains($kinds, v.kind)"""
+        params = {"unit": u.name, "kinds": _signature_kinds(u)}
+        if u.layer is not None:
+            params["layer"] = u.layer
+    return Query(
+        f"""SELECT r.channel, t.norm, {_rank_weight("k")} AS w
+            FROM ({rows}) r JOIN (SELECT token_id, norm FROM tokens WHERE vocab_id = $vocab) t USING (token_id)
+            GROUP BY r.channel, t.norm""", dict(params, k=k, vocab=vocab_id))
+
+
+def similar_query(ds, model: str, vocab_id: str, u: Unit, k: float, signature: list[dict], ids: list[int],
+                  total: float, exclude: str | None, limit: int | None) -> Query:
+    """Units of ``model`` scored against ``signature`` (rows of :func:`signature_query`).
+
+    ``ids``: the token ids of ``model``'s vocabulary with a norm of the signature (only their rows can
+    overlap); ``total``: both units' total weight (see :func:`similar`); ``exclude``: a unit to leave out.
+    """
+    params: dict = {"k": k, "vocab": vocab_id, "total": total, "ids": ids,
+                    "sig_channel": [r["channel"] for r in signature], "sig_norm": [r["norm"] for r in signature],
+                    "sig_w": [r["w"] for r in signature]}
+    if u.kind == "head":
+        rows = f"""SELECT {head_unit_sql("h")} AS unit, h.layer, h.circuit || ':' || h.role AS channel, h.token_id, h.rank
+                   FROM {ds.source("head_tokens", [model])} h WHERE h.side = 'top' AND {_in_ids("h.token_id", "ids")}"""
+    else:
+        rows = f"""SELECT {vector_unit_sql("v")} AS unit, v.layer, v.kind AS channel, v.token_id, v.rank
+                   FROM {ds.source("vectors_by_token", [model])} v
+                   WHERE v.side = 'top' AND list_contains($kinds, v.kind) AND {_in_ids("v.token_id", "ids")}"""
+        params["kinds"] = _signature_kinds(u)
+    exclude_clause = ""
+    if exclude is not None:
+        params["exclude"] = exclude
+        exclude_clause = "WHERE unit <> $exclude"
+    limit_clause = _limit_clause(limit, params)
+    return Query(
+        f"""WITH
+        sa AS (SELECT unnest($sig_channel::VARCHAR[]) AS channel, unnest($sig_norm::VARCHAR[]) AS norm,
+                      unnest($sig_w::DOUBLE[]) AS w),
+        rb AS (SELECT r.unit, r.layer, r.channel, t.norm, {_rank_weight("k")} AS w
+               FROM ({rows}) r
+               JOIN (SELECT token_id, norm FROM tokens WHERE vocab_id = $vocab) t USING (token_id)
+               GROUP BY r.unit, r.layer, r.channel, t.norm),
+        inter_n AS (SELECT rb.unit, any_value(rb.layer) AS layer, sa.norm, sum(least(sa.w, rb.w)) AS w
+                    FROM rb JOIN sa USING (channel, norm) GROUP BY rb.unit, sa.norm),
+        inter AS (SELECT unit, any_value(layer) AS layer, sum(w) AS w, count(*) AS shared,
+                         list(norm ORDER BY w DESC, norm)[1:10] AS tokens
+                  FROM inter_n GROUP BY unit)
+        SELECT unit, layer, w / ($total - w) AS similarity, shared, tokens FROM inter {exclude_clause}
+        ORDER BY similarity DESC, shared DESC, layer, unit
+        {limit_clause}""", params)
+
+
+_SIMILAR_SCHEMA = pa.schema([("unit", pa.string()), ("layer", pa.int16()), ("similarity", pa.float64()),
+                             ("shared", pa.int64()), ("tokens", pa.list_(pa.string()))])
 
 
 def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10) -> pa.Table:
@@ -409,68 +626,32 @@ def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10)
     Result: unit, layer, similarity, shared (number of shared token texts), tokens (the shared
     token texts, heaviest first, at most 10).
     """
-    (a,) = ds.resolve_models([model])
-    (b,) = ds.resolve_models([in_model])
+    a, b = ds.resolve_model(model), ds.resolve_model(in_model, what="--in")
     ia, ib = ds.model_info(a), ds.model_info(b)
     u = parse_unit(unit)
     check_unit(u, ia)
-    params: dict = {"a": a, "b": b, "va": ia["vocab_id"], "vb": ib["vocab_id"], "unit": u.name}
-    layer_a = [u.layer] if u.layer is not None else None
+    limit = _bound(limit, "limit", 0)
     if u.kind == "head":
-        ks = {r["model"]: r for r in ds.rows(
+        stats = {r["model"]: r for r in ds.rows(
             f"""SELECT model, max(rank) AS k, count(DISTINCT circuit || role) AS channels
-                FROM {ds.source("head_tokens", [a, b])} WHERE side = 'top' GROUP BY model""", params)}
-        params.update(ka=float(ks.get(a, {}).get("k") or 1), kb=float(ks.get(b, {}).get("k") or 1),
-                      layer=u.layer, head=u.head)
-        channels_b = int(ks.get(b, {}).get("channels") or 0)
-        rows_a = f"""SELECT h.circuit || ':' || h.role AS channel, h.token_id, h.rank FROM {ds.source("head_tokens", [a], layer_a)} h
-                     WHERE h.model = $a AND h.layer = $layer AND h.head = $head AND h.side = 'top'"""
-        rows_b = f"""SELECT 'L' || h.layer || '.H' || h.head AS unit, h.layer, h.circuit || ':' || h.role AS channel,
-                            h.token_id, h.rank FROM {ds.source("head_tokens", [b])} h WHERE h.model = $b AND h.side = 'top'"""
+                FROM {ds.source("head_tokens", [a, b])} WHERE side = 'top' GROUP BY model""", {})}
+        k_a, k_b = (float(stats.get(m, {}).get("k") or 1) for m in (a, b))
+        channels_b = int(stats.get(b, {}).get("channels") or 0)
     else:
         kinds = _signature_kinds(u)
-        params.update(ka=float(ia["k"] or 1), kb=float(ib["k"] or 1), kinds=kinds, layer=u.layer)
+        k_a, k_b = float(ia["k"] or 1), float(ib["k"] or 1)
         if len(kinds) == 1 or u.kind == "head_dim":
             channels_b = len(kinds)
         else:  # which FF kinds model b has (gated or not): one layer file tells
             channels_b = ds.rows(
-                f"""SELECT count(DISTINCT kind) AS n FROM {ds.source("vectors", [b], [0])}
-                    WHERE model = $b AND list_contains($kinds, kind)""", params)[0]["n"]
-        layer = "v.layer = $layer" if u.layer is not None else "v.layer IS NULL"
-        rows_a = f"""SELECT v.kind AS channel, v.token_id, v.rank FROM {ds.source("vectors", [a], layer_a)} v
-                     WHERE v.model = $a AND {layer} AND v.unit = $unit AND v.side = 'top' AND list_contains($kinds, v.kind)"""
-        rows_b = f"""SELECT {unit_sql("v")} AS unit, v.layer, v.kind AS channel, v.token_id, v.rank
-                     FROM {ds.source("vectors_by_token", [b])} v
-                     WHERE v.model = $b AND v.side = 'top' AND list_contains($kinds, v.kind)"""
-    sig = ds.rows(
-        f"""SELECT r.channel, t.norm, sum(($ka + 1 - r.rank) / $ka) AS w
-            FROM ({rows_a}) r JOIN (SELECT token_id, norm FROM tokens WHERE vocab_id = $va) t USING (token_id)
-            GROUP BY r.channel, t.norm""", params)
-    if not sig:
-        return pa.table({"unit": pa.array([], pa.string()), "layer": pa.array([], pa.int16()),
-                         "similarity": pa.array([], pa.float64()), "shared": pa.array([], pa.int64()),
-                         "tokens": pa.array([], pa.list_(pa.string()))})
+                f"SELECT count(DISTINCT kind) AS n FROM {ds.source('vectors', [b], [0])} WHERE list_contains($kinds, kind)",
+                {"kinds": kinds})[0]["n"]
+    signature = ds.rows(*signature_query(ds, a, ia["vocab_id"], u, k_a))
+    if not signature:
+        return _SIMILAR_SCHEMA.empty_table()
     ids_b = [r["token_id"] for r in ds.rows(
-        "SELECT token_id FROM tokens WHERE vocab_id = $vb AND list_contains($norms, norm) ORDER BY token_id",
-        dict(params, norms=sorted({r["norm"] for r in sig})))]
-    params.update(total=sum(r["w"] for r in sig) + channels_b * (params["kb"] + 1) / 2,
-                  sa_channel=[r["channel"] for r in sig], sa_norm=[r["norm"] for r in sig], sa_w=[r["w"] for r in sig])
-    params["ids_b"] = ids_b
-    same = "WHERE unit <> $unit" if a == b else ""
-    lim = _limit(limit, params)
-    return ds._run(
-        f"""WITH
-        sa AS (SELECT unnest($sa_channel::VARCHAR[]) AS channel, unnest($sa_norm::VARCHAR[]) AS norm,
-                      unnest($sa_w::DOUBLE[]) AS w),
-        rb AS (SELECT r.unit, r.layer, r.channel, t.norm, sum(($kb + 1 - r.rank) / $kb) AS w
-               FROM ({rows_b} AND token_id IN (SELECT unnest($ids_b::INTEGER[]))) r
-               JOIN (SELECT token_id, norm FROM tokens WHERE vocab_id = $vb) t USING (token_id)
-               GROUP BY r.unit, r.layer, r.channel, t.norm),
-        inter_n AS (SELECT rb.unit, any_value(rb.layer) AS layer, sa.norm, sum(least(sa.w, rb.w)) AS w
-                    FROM rb JOIN sa USING (channel, norm) GROUP BY rb.unit, sa.norm),
-        inter AS (SELECT unit, any_value(layer) AS layer, sum(w) AS w, count(*) AS shared,
-                         list(norm ORDER BY w DESC, norm)[1:10] AS tokens
-                  FROM inter_n GROUP BY unit)
-        SELECT unit, layer, w / ($total - w) AS similarity, shared, tokens FROM inter {same}
-        ORDER BY similarity DESC, shared DESC, layer, unit
-        {lim}""", params)
+        "SELECT token_id FROM tokens WHERE vocab_id = $vocab AND list_contains($norms, norm) ORDER BY token_id",
+        {"vocab": ib["vocab_id"], "norms": sorted({r["norm"] for r in signature})})]
+    total = sum(r["w"] for r in signature) + channels_b * (k_b + 1) / 2
+    return ds._run(*similar_query(ds, b, ib["vocab_id"], u, k_b, signature, ids_b, total,
+                                  exclude=u.name if a == b else None, limit=limit))

@@ -1,22 +1,38 @@
-"""Unit names as people say them (DESIGN §4): ``L5.H3``, ``L5.N123``, ``L5.H3.d7``, ``P12``."""
+"""Parsing the unit names a user types (``L5.H3``, ``L5.N123``, ``L5.H3.d7``, ``P12``, ``L5.attn_bias``).
+
+The spelling itself, and its SQL twin, are declared once in ``schemas.units``; this module turns
+text into a :class:`Unit` and checks it against a model.
+"""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+from schemas import TABLES
+from schemas.kinds import BIAS_KIND_OF_SUFFIX
+from schemas.units import FORMS, bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit
+
 from .errors import BadUnit
 
-FORMS = "L5.H3 (head), L5.N123 (FF neuron), L5.H3.d7 (dimension of a head's Q/K/V/O), P12 (position), L5.attn_bias, L5.ff_bias"
-
+_BIAS = "|".join(map(re.escape, BIAS_KIND_OF_SUFFIX))
+_L, _H = ("layer", "layer"), ("head", "head")
+# (Unit.kind, pattern, (Unit field, what a user calls it) for each number the pattern captures)
 _PATTERNS = [
-    ("head_dim", re.compile(r"^L(\d+)\.H(\d+)\.D(\d+)$", re.IGNORECASE)),
-    ("head", re.compile(r"^L(\d+)\.H(\d+)$", re.IGNORECASE)),
-    ("neuron", re.compile(r"^L(\d+)\.N(\d+)$", re.IGNORECASE)),
-    ("pos", re.compile(r"^P(\d+)$", re.IGNORECASE)),
-    ("bias", re.compile(r"^L(\d+)\.(attn_bias|ff_bias)$", re.IGNORECASE)),
+    ("head_dim", re.compile(r"^L(\d+)\.H(\d+)\.D(\d+)$", re.IGNORECASE | re.ASCII), (_L, _H, ("index", "dimension"))),
+    ("head", re.compile(r"^L(\d+)\.H(\d+)$", re.IGNORECASE | re.ASCII), (_L, _H)),
+    ("neuron", re.compile(r"^L(\d+)\.N(\d+)$", re.IGNORECASE | re.ASCII), (_L, ("index", "neuron"))),
+    ("pos", re.compile(r"^P(\d+)$", re.IGNORECASE | re.ASCII), (("index", "position"),)),
+    ("bias", re.compile(rf"^L(\d+)\.({_BIAS})$", re.IGNORECASE | re.ASCII), (_L,)),
 ]
 
-BIAS_KIND = {"attn_bias": "bias_attn_out", "ff_bias": "bias_ff_out"}
+
+def column_max(table: str, column: str) -> int:
+    """Largest value the integer column ``table.column`` can hold (its declared width in schemas)."""
+    return 2 ** (next(c for c in TABLES[table].columns if c.name == column).type.bit_width - 1) - 1
+
+
+# A number beyond its column cannot name a stored unit; checked before any SQL sees it.
+_MAX = {"layer": column_max("vectors", "layer"), "head": column_max("vectors", "head"), "index": column_max("vectors", "idx")}
 
 
 @dataclass(frozen=True)
@@ -27,49 +43,60 @@ class Unit:
     layer: int | None = None
     head: int | None = None
     index: int | None = None  # neuron, dimension or position
-    bias: str | None = None   # attn_bias / ff_bias
+    bias: str | None = None   # a bias unit suffix: attn_bias / ff_bias
 
     @property
     def name(self) -> str:
-        """Canonical spelling, as stored in the ``unit`` columns."""
+        """Canonical spelling, as stored in the ``unit`` columns (schemas.units)."""
         if self.kind == "head":
-            return f"L{self.layer}.H{self.head}"
+            return head_unit(self.layer, self.head)
         if self.kind == "head_dim":
-            return f"L{self.layer}.H{self.head}.d{self.index}"
+            return head_dim_unit(self.layer, self.head, self.index)
         if self.kind == "neuron":
-            return f"L{self.layer}.N{self.index}"
+            return neuron_unit(self.layer, self.index)
         if self.kind == "pos":
-            return f"P{self.index}"
-        return f"L{self.layer}.{self.bias}"
+            return position_unit(self.index)
+        return bias_unit(self.layer, self.bias_kind)
 
-
-def unit_sql(v: str) -> str:
-    """SQL for the unit name of a ``vectors_by_token`` row (table alias ``v``), spelled as
-    `Unit.name` and as the ``vectors.unit`` column (tests/test_index.py checks every row)."""
-    bias = " ".join(f"WHEN '{kind}' THEN 'L' || {v}.layer || '.{name}'" for name, kind in BIAS_KIND.items())
-    return (f"CASE {v}.kind WHEN 'pos' THEN 'P' || {v}.idx {bias} "
-            f"ELSE 'L' || {v}.layer || CASE WHEN {v}.head IS NULL THEN '.N' || {v}.idx "
-            f"ELSE '.H' || {v}.head || '.d' || {v}.idx END END")
+    @property
+    def bias_kind(self) -> str | None:
+        """The ``vectors.kind`` of a bias unit (``bias_attn_out`` for ``L5.attn_bias``)."""
+        return BIAS_KIND_OF_SUFFIX[self.bias] if self.bias is not None else None
 
 
 def parse_unit(text: str) -> Unit:
-    """Parse a unit name; raises BadUnit naming the accepted forms."""
+    """Parse a unit name; raises BadUnit naming the accepted forms.
+
+    >>> parse_unit("l5.h3.D7")
+    Unit(kind='head_dim', layer=5, head=3, index=7, bias=None)
+    """
     s = (text or "").strip()
-    for kind, pattern in _PATTERNS:
+    for kind, pattern, numbers in _PATTERNS:
         m = pattern.match(s)
         if not m:
             continue
-        g = m.groups()
-        if kind == "head":
-            return Unit("head", int(g[0]), int(g[1]))
-        if kind == "head_dim":
-            return Unit("head_dim", int(g[0]), int(g[1]), int(g[2]))
-        if kind == "neuron":
-            return Unit("neuron", int(g[0]), index=int(g[1]))
-        if kind == "pos":
-            return Unit("pos", index=int(g[0]))
-        return Unit("bias", int(g[0]), bias=g[1].lower())
-    raise BadUnit(f"malformed unit {text!r}: use one of {FORMS}")
+        values: dict = {field: _number(s, what, digits, _MAX[field]) for (field, what), digits in zip(numbers, m.groups())}
+        if kind == "bias":
+            values["bias"] = m.group(2).lower()
+        return Unit(kind, **values)
+    raise BadUnit(f"malformed unit {quoted(text)}: use one of {FORMS}")
+
+
+def _number(unit: str, what: str, digits: str, limit: int) -> int:
+    # Compare lengths first: int() of a 100k-digit string is slow, and DuckDB would refuse the value.
+    if len(digits.lstrip("0")) > len(str(limit)) or int(digits) > limit:
+        raise BadUnit(f"unit {quoted(unit)}: {what} {_cut(digits)} is larger than any model has (at most {limit})")
+    return int(digits)
+
+
+def _cut(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else f"{text[:n]}…({len(text):,} digits)"
+
+
+def quoted(text, n: int = 60) -> str:
+    """``repr`` of a user's ``text`` for a one-line message, cut after ``n`` characters."""
+    text = str(text)
+    return repr(text) if len(text) <= n else f"{text[:n]!r}…({len(text):,} characters)"
 
 
 def check_unit(unit: Unit, info: dict) -> None:

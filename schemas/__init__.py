@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from .kinds import FF_KINDS, HEAD_DIM_KINDS, KINDS, READ_KINDS, WRITE_KINDS
+
 # Bump when a table changes in a way old datasets cannot be read with; datasets record it in
 # their manifest and the query layer refuses a mismatch with a "rebuild" message.
 SCHEMA_VERSION = 2  # 2: vectors_by_token
@@ -109,11 +111,11 @@ TOKENS = _table(
 VECTORS = _table(
     "vectors",
     "Top-k and bottom-k vocabulary tokens of every vector-shaped parameter. Read-side vectors "
-    "(ff_key, ff_gate, q, k, v) are scored as W_E @ r; write-side vectors (ff_value, o, bias_*, pos) as w @ W_U.",
+    f"({', '.join(READ_KINDS)}) are scored as W_E @ r; write-side vectors ({', '.join(WRITE_KINDS)}) as w @ W_U.",
     ("model", "layer"),
     _MODEL,
     _c("layer", pa.int16(), "Layer index, 0-based; null for `pos` (embedding level).", nullable=True),
-    _c("kind", pa.string(), "ff_key, ff_gate, ff_value, q, k, v, o, bias_attn_out, bias_ff_out, pos."),
+    _c("kind", pa.string(), "; ".join(f"`{k.name}`: {k.doc}, {k.side} side" for k in KINDS) + "."),
     _c("head", pa.int16(), "Head for q/o; key/value head for k/v (equal to the query head without GQA); null otherwise.", nullable=True),
     _c("idx", pa.int32(), "Neuron index (ff_*), dimension within the head (q/k/v/o), position (pos), 0 for biases."),
     _c("unit", pa.string(), "Human name: `L5.N123` (FF neuron), `L5.H3.d7` (head dim), `L5.attn_bias`, `L5.ff_bias`, `P12` (position)."),
@@ -215,7 +217,7 @@ ALIGNMENTS = _table(
     _c("model_a", pa.string(), "Slug of the first model (the one whose layers and units are matched)."),
     _c("model_b", pa.string(), "Slug of the second model."),
     _c("space", pa.string(), "`embedding` (projections over the shared vocabulary) or `raw` (raw parameters, equal d_model only: the baseline)."),
-    _c("kind", pa.string(), "ff_key, ff_gate, ff_value, q, k, v, o (one parameter kind); `layer` (mean of the kinds, level `layer`); `layer_excess` (`layer` minus its row and column means plus the grand mean: the layer-matching criterion); `ff` / `head` (neuron / head similarity used for matching, level `unit`)."),
+    _c("kind", pa.string(), f"{', '.join(FF_KINDS + HEAD_DIM_KINDS)} (one parameter kind); `layer` (mean of the kinds, level `layer`); `layer_excess` (`layer` minus its row and column means plus the grand mean: the layer-matching criterion); `ff` / `head` (neuron / head similarity used for matching, level `unit`)."),
     _c("level", pa.string(), "`layer`: one row per (layer_a, layer_b, kind), every layer pair; `unit`: one row per unit pair within a matched layer pair."),
     _c("layer_a", pa.int16(), "Layer of model_a, 0-based."),
     _c("layer_b", pa.int16(), "Layer of model_b, 0-based."),

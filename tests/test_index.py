@@ -112,7 +112,7 @@ def check_vectors_by_token(db: Path, slug: str) -> None:
     expression gives back every stored unit name."""
     import duckdb
 
-    from query.units import unit_sql
+    from schemas.units import vector_unit_sql
 
     con = duckdb.connect()
     con.register("v", read_table(db, "vectors", slug))
@@ -123,7 +123,7 @@ def check_vectors_by_token(db: Path, slug: str) -> None:
     key = lambda r: (r[0], r[1] is not None, r[1] or 0, r[2], r[3] is not None, r[3] or 0, r[4], r[5], r[6])  # noqa: E731
     rows = con.sql("SELECT token_id, layer, kind, head, idx, side, rank FROM t").fetchall()
     assert rows == sorted(rows, key=key)
-    assert con.sql(f"SELECT count(*) FROM v WHERE unit <> {unit_sql('v')}").fetchall() == [(0,)]
+    assert con.sql(f"SELECT count(*) FROM v WHERE unit IS DISTINCT FROM {vector_unit_sql('v')}").fetchall() == [(0,)]
 
 
 def test_folded_variant_equals_dense_reference_on_folded_weights(tmp_path):
