@@ -449,3 +449,229 @@ def test_real_models_share_words(tiny_db):
         assert sim.num_rows > 0
         s = d.show("tgpt2", "L1.H2")
         assert s["pairs"].num_rows > 0 and s["metrics"].num_rows > 0
+
+
+# -- each helper's SQL names exactly its parameters (issue 11) ---------------------------------
+
+def _named(sql: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", sql))
+
+
+def _all_queries(ds):
+    """Every Query the helpers build, for the synthetic dataset, with and without bounds."""
+    from query import helpers as h
+    from query.units import parse_unit
+
+    hits = h.match_tokens(ds, "paris")
+    matches = h.matches_by_model(hits)
+    out = {
+        "models": h.models_query(),
+        "match-norm": h.match_query(["alpha"], "paris"),
+        "match-exact": h.match_query(["alpha"], " Paris", exact=True),
+        "match-id": h.match_query(["alpha"], token_id=2),
+        "suggest": h.suggest_query("parisx", ["alpha"]),
+        "segment": h.segment_query("vshared", "Paris is big"),
+        "kv_head": h.kv_head_query(ds, "alpha", 0, 1),
+    }
+    for limit in (None, 5):
+        out[f"heads-{limit}"] = h.heads_query(ds, matches, circuits=["ov"], sides=["top"], limit=limit)
+        for max_rank in (None, 3):
+            out[f"neurons-{limit}-{max_rank}"] = h.neurons_query(ds, matches, kinds=["ff_key"], sides=["top"],
+                                                               max_rank=max_rank, limit=limit)
+        for name, q in h.show_head_queries(ds, "alpha", 1, 0, 0, limit).items():
+            out[f"show-{name}-{limit}"] = q
+        for unit in ("L0.N1", "L0.H1.d1", "P2", "L1.attn_bias"):
+            out[f"show-{unit}-{limit}"] = h.show_vectors_query(ds, "alpha", parse_unit(unit), 1, limit)
+        for unit in ("L0.N1", "L1.H0", "P2"):
+            u = parse_unit(unit)
+            sig = h.signature_query(ds, "alpha", "vshared", u, 5.0)
+            out[f"signature-{unit}"] = sig
+            rows = ds.rows(*sig)
+            for exclude in (None, unit):
+                out[f"similar-{unit}-{limit}-{exclude}"] = h.similar_query(ds, "beta", "vshared", u, 5.0, rows, [1, 2], 9.0,
+                                                                         exclude=exclude, limit=limit)
+    return out
+
+
+def test_helper_queries_name_exactly_their_params(ds):
+    for name, q in _all_queries(ds).items():
+        assert _named(q.sql) == set(q.params), name
+        ds._run(*q)  # and DuckDB runs it with exactly those
+
+
+def test_no_sentinel_bounds_in_helper_sql(ds):
+    for name, q in _all_queries(ds).items():
+        assert "2147483647" not in q.sql and str(2**31 - 1) not in map(str, q.params.values()), name
+        if "None" in name.split("-"):
+            assert "LIMIT $limit" not in q.sql or "limit" in q.params, name
+
+
+def test_unbounded_limit_leaves_the_predicate_out(ds):
+    from query import helpers as h
+
+    matches = h.matches_by_model(h.match_tokens(ds, "paris"))
+    q = h.neurons_query(ds, matches, kinds=["ff_key"], sides=["top"], max_rank=None, limit=None)
+    assert "LIMIT" not in q.sql and "max_rank" not in q.sql
+    assert "<= $lim" not in "".join(x.sql for x in h.show_head_queries(ds, "alpha", 1, 0, 0, None).values())
+
+
+# -- hostile arguments: one typed error or a correct result (issue 11) -------------------------
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda d: d.show("", "L0.H0"), id="show-empty"),
+    pytest.param(lambda d: d.show(",,", "L0.H0"), id="show-commas"),
+    pytest.param(lambda d: d.show(" , ", "L0.H0"), id="show-blank-commas"),
+    pytest.param(lambda d: d.similar("alpha", "L0.N1", ","), id="similar-in-comma"),
+    pytest.param(lambda d: d.similar("", "L0.N1", "alpha"), id="similar-empty"),
+    pytest.param(lambda d: d.heads("paris", model=""), id="heads-empty-model"),
+    pytest.param(lambda d: d.neurons("paris", model=[",", ""]), id="neurons-empty-models"),
+    pytest.param(lambda d: d.tokens("paris", model=","), id="tokens-comma-model"),
+])
+def test_empty_model_names_are_refused(ds, call):
+    with pytest.raises(UnknownModel, match="no model named in") as e:
+        call(ds)
+    assert "\n" not in str(e.value) and "alpha, beta, gamma" in str(e.value)
+
+
+def test_show_and_similar_take_one_model(ds):
+    with pytest.raises(UnknownModel, match="'alpha,beta' names 2 models"):
+        ds.show("alpha,beta", "L0.H0")
+    with pytest.raises(UnknownModel, match="--in 'alpha,gamma' names 2 models"):
+        ds.similar("alpha", "L0.N1", "alpha,gamma")
+    assert ds.show(" alpha ,", "L0.N1")["vectors"].num_rows > 0  # one name, with spaces and a trailing comma
+
+
+@pytest.mark.parametrize("unit,match", [
+    ("L99999999999999999999.N1", "layer 99999999999999999999 is larger than any model has"),
+    ("L32768.H0", "layer 32768 is larger"),
+    ("L0.H32768", "head 32768 is larger"),
+    ("L0.N2147483648", "neuron 2147483648 is larger"),
+    ("L0.H0.d99999999999", "dimension 99999999999 is larger"),
+    ("P" + "9" * 100_000, r"position 9{40}…\(100,000 digits\)"),
+    ("L٣.N1", "malformed unit"),  # non-ASCII digits are not unit numbers
+    ("x" * 100_000, r"malformed unit 'x{60}'…\(100,000 characters\)"),
+])
+def test_unit_numbers_beyond_their_columns(unit, match):
+    from query.units import parse_unit
+
+    with pytest.raises(BadUnit, match=match) as e:
+        parse_unit(unit)
+    assert len(str(e.value)) < 400
+
+
+def test_unit_numbers_at_their_column_limits_parse(ds):
+    from query.units import parse_unit
+
+    assert parse_unit("L32767.N2147483647").name == "L32767.N2147483647"
+    with pytest.raises(BadUnit, match="layer 32767 is out of range for alpha"):
+        ds.similar("alpha", "L32767.N2147483647", "beta")
+
+
+@pytest.mark.parametrize("call,match", [
+    pytest.param(lambda d: d.heads("paris", limit=-1), "limit -1 is out of range: give 0 or more", id="heads-limit"),
+    pytest.param(lambda d: d.neurons("paris", limit=-5), "limit -5", id="neurons-limit"),
+    pytest.param(lambda d: d.show("alpha", "L0.H0", limit=-1), "limit -1", id="show-limit"),
+    pytest.param(lambda d: d.similar("alpha", "L0.N1", "beta", limit=-1), "limit -1", id="similar-limit"),
+    pytest.param(lambda d: d.neurons("paris", max_rank=-1), "max rank -1 is out of range: give 1 or more", id="max-rank-neg"),
+    pytest.param(lambda d: d.neurons("paris", max_rank=0), "max rank 0", id="max-rank-0"),
+    pytest.param(lambda d: d.neurons("paris", limit="ten"), "limit 'ten' is not a whole number", id="limit-text"),
+    pytest.param(lambda d: d.neurons("paris", limit=2.5), "not a whole number", id="limit-float"),
+    pytest.param(lambda d: d.neurons("paris", kind=","), "no kind given", id="kind-commas"),
+])
+def test_bad_bounds_are_one_line(ds, call, match):
+    with pytest.raises(BadOption, match=match) as e:
+        call(ds)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("huge", [2**31, 10**30, 10**100])
+def test_bounds_beyond_int32_mean_no_bound(ds, huge):
+    assert ds.heads("paris", limit=huge).equals(ds.heads("paris", limit=None))
+    assert ds.neurons("the", limit=huge, max_rank=huge).equals(ds.neurons("the", limit=None))
+    s, t = ds.show("alpha", "L1.H0", limit=huge), ds.show("alpha", "L1.H0", limit=None)
+    assert all(s[k].equals(t[k]) for k in s)
+    assert ds.similar("alpha", "L0.N1", "gamma", limit=huge).equals(ds.similar("alpha", "L0.N1", "gamma", limit=None))
+
+
+@pytest.mark.parametrize("token_id", [-1, 2**31, 10**30, 10**100])
+def test_token_ids_beyond_int32_are_in_no_vocabulary(ds, token_id):
+    with pytest.raises(UnknownToken, match=f"token id {token_id} is not in the vocabulary of alpha, beta, gamma"):
+        ds.neurons(token_id=token_id)
+    with pytest.raises(UnknownToken):
+        ds.heads(token_id=token_id)
+
+
+@pytest.mark.parametrize("token", ["par\ud800is", "\udcff"])
+@pytest.mark.parametrize("exact", [False, True], ids=["norm", "exact"])
+def test_lone_surrogates_are_refused(ds, token, exact):
+    with pytest.raises(BadToken, match=r"not valid Unicode text: lone surrogate U\+D"):
+        ds.neurons(token, exact=exact)
+    with pytest.raises(BadToken, match="TEXT .* not valid Unicode"):
+        ds.tokens(token)
+
+
+def test_nul_bytes_are_text(ds):
+    with pytest.raises(UnknownToken, match=r"token 'par\\x00is' is in no vocabulary"):
+        ds.heads("par\x00is")
+    rows = ds.tokens("Paris\x00", model="alpha").to_pylist()[0]
+    assert rows["tokens"] == ["Paris", "\x00"] and rows["token_ids"] == [2, None]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["norm", "exact"])
+def test_a_100k_character_token_is_one_short_line(ds, exact):
+    import time
+
+    t = time.perf_counter()
+    with pytest.raises(UnknownToken, match=r"token 'x{60}'…\(100,000 characters\) is in no vocabulary of alpha, beta, gamma$") as e:
+        ds.neurons("x" * 100_000, exact=exact)
+    assert len(str(e.value)) < 200
+    assert time.perf_counter() - t < 5  # no suggestion search over the vocabulary
+
+
+def test_tokens_refuses_text_beyond_its_bound(ds):
+    from query.helpers import TOKENS_MAX_CHARS
+
+    assert ds.tokens("Paris " * (TOKENS_MAX_CHARS // 6), model="alpha").num_rows == 1
+    with pytest.raises(BadToken, match=f"TEXT has 100,000 characters; tokens maps at most {TOKENS_MAX_CHARS:,} at a time"):
+        ds.tokens("x" * 100_000)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    pytest.param(["show", "", "L0.H0"], ["no model named in ''"], id="show-empty"),
+    pytest.param(["show", ",,", "L0.H0"], ["no model named in ',,'"], id="show-commas"),
+    pytest.param(["similar", "alpha", "L0.N1", "--in", ","], ["no model named in ','"], id="similar-in-comma"),
+    pytest.param(["heads", "paris", "--model", ""], ["no model named"], id="heads-model-empty"),
+    pytest.param(["show", "alpha", "L99999999999999999999.N1"], ["layer 99999999999999999999 is larger"], id="huge-layer"),
+    pytest.param(["heads", "paris", "--limit", "-1"], ["limit -1 is out of range"], id="limit-neg"),
+    pytest.param(["neurons", "paris", "--max-rank", "-1"], ["max rank -1"], id="max-rank-neg"),
+    pytest.param(["neurons", "--id", str(10**30)], [f"token id {10**30} is not in"], id="id-huge"),
+    pytest.param(["tokens", "x" * 5000], ["TEXT has 5,000 characters"], id="tokens-huge"),
+])
+def test_hostile_cli_arguments_are_one_line(synthetic_db, args, fragments):
+    from click.testing import CliRunner
+
+    from query.cli import cli
+
+    r = CliRunner().invoke(cli, args + ["--db", str(synthetic_db)], catch_exceptions=False)
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["heads", "paris", "--limit", str(10**30)],
+    ["neurons", "the", "--limit", str(10**30), "--max-rank", str(10**30)],
+    ["show", "alpha", "L1.H0", "--limit", str(10**30)],
+])
+def test_huge_cli_bounds_mean_all(synthetic_db, args):
+    from click.testing import CliRunner
+
+    from query.cli import cli
+
+    r = CliRunner().invoke(cli, args + ["--db", str(synthetic_db), "--format", "json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)
