@@ -13,6 +13,8 @@ from functools import wraps
 
 import click
 
+from schemas.kinds import ALL_KINDS, FF_KINDS
+
 from . import output
 from .errors import QueryError
 
@@ -164,18 +166,34 @@ def models(db, fmt, quiet):
     _emit(_open(db).models(), fmt, quiet, empty="No models indexed yet: add one with `zeropass index MODEL`.")
 
 
-@cli.command()
+def _tables_help(width: int = 72) -> str:
+    """One line per table of schemas.TABLES: its name and columns (cut to ``width``)."""
+    from schemas import TABLES
+
+    pad = max(map(len, TABLES)) + 2
+    lines = []
+    for name, table in TABLES.items():
+        cols = ", ".join(table.column_names)
+        room = width - pad
+        lines.append(f"  {name:<{pad}}{cols if len(cols) <= room else cols[:room - 2].rsplit(', ', 1)[0] + ', …'}")
+    return "\n".join(lines)
+
+
+@cli.command(help=f"""Run read-only SQL over the dataset's tables (columns and types: docs/TABLES.md, or DESCRIBE heads).
+
+\b
+{_tables_help()}
+
+\b
+  zeropass sql "SELECT layer, head, ov_copying_score FROM heads ORDER BY 3 DESC LIMIT 5"
+  zeropass sql "SELECT * FROM tokens WHERE norm = \\$w" -p w paris --format csv
+""")
 @click.argument("query")
 @click.option("--param", "-p", "params", nargs=2, multiple=True, metavar="NAME VALUE",
               help="Bind $NAME to VALUE (a string); repeatable.")
 @output_options
 def sql(query, params, db, fmt, quiet):
-    """Run read-only SQL over the tables (models, tokens, vectors, pairs, head_tokens, heads, parameters).
-
-    \b
-      zeropass sql "SELECT layer, head, ov_copying_score FROM heads ORDER BY 3 DESC LIMIT 5"
-      zeropass sql "SELECT * FROM tokens WHERE norm = \\$w" -p w paris --format csv
-    """
+    # The help text (above) lists the tables from their declarations.
     table = _open(db).sql(query, dict(params) or None)
     _emit(table, fmt, quiet, empty="No rows.")
 
@@ -203,8 +221,8 @@ def heads(token, model, circuit, exact, token_id, side, limit, db, fmt, quiet):
 @cli.command()
 @click.argument("token", required=False)
 @model_option
-@click.option("--kind", multiple=True, help="Vector kinds (repeat or comma list): ff_key, ff_gate, ff_value (default), "
-              "q, k, v, o, bias_attn_out, bias_ff_out, pos.")
+@click.option("--kind", multiple=True, help=f"Vector kinds (repeat or comma list): {', '.join(ALL_KINDS)}. "
+              f"Default: {', '.join(FF_KINDS)}.")
 @click.option("--max-rank", type=int, default=None, help="Only matches at this rank or better.")
 @token_options
 @output_options

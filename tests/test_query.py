@@ -675,3 +675,17 @@ def test_huge_cli_bounds_mean_all(synthetic_db, args):
     r = CliRunner().invoke(cli, args + ["--db", str(synthetic_db), "--format", "json"], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)
+
+
+def test_cli_help_derives_tables_and_kinds_from_their_declarations():
+    from click.testing import CliRunner
+
+    from query.cli import cli
+    from schemas import TABLES
+    from schemas.kinds import ALL_KINDS
+
+    r = CliRunner().invoke(cli, ["sql", "--help"], env={"COLUMNS": "200"})
+    listed = [line.split()[0] for line in r.stdout.splitlines() if line.startswith("    ") and "," in line]
+    assert listed == list(TABLES)
+    r = CliRunner().invoke(cli, ["neurons", "--help"], env={"COLUMNS": "400"})
+    assert f"Vector kinds (repeat or comma list): {', '.join(ALL_KINDS)}." in " ".join(r.stdout.split())

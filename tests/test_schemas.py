@@ -38,3 +38,73 @@ def test_empty_views_have_the_declared_types():
         assert [str(x) for x in rel.types] == [duckdb_type(c.type) for c in t.columns]
         assert rel.fetchall() == []
         assert isinstance(t.schema, pa.Schema)
+
+
+# -- one declaration per idea: kinds, unit names, token normalisation (issue 11) ---------------
+
+def test_kinds_are_declared_once_with_side_and_group():
+    from schemas import kinds
+
+    assert len({k.name for k in kinds.KINDS}) == len(kinds.KINDS)
+    for k in kinds.KINDS:
+        assert k.side in (kinds.READ, kinds.WRITE) and k.group in (kinds.FF, kinds.HEAD_DIM, kinds.BIAS, kinds.POS)
+        assert (k.unit_suffix is not None) == (k.group == kinds.BIAS)
+        assert not k.kv or k.group == kinds.HEAD_DIM
+    # DESIGN §3: read-side vectors are FF keys/gates and Q/K/V columns; the rest write.
+    assert kinds.READ_KINDS == ("ff_key", "ff_gate", "q", "k", "v")
+    assert set(kinds.ALL_KINDS) == set(kinds.READ_KINDS) | set(kinds.WRITE_KINDS)
+    assert kinds.ALL_KINDS == kinds.FF_KINDS + kinds.HEAD_DIM_KINDS + kinds.BIAS_KINDS + kinds.POS_KINDS
+    doc = next(c.doc for c in TABLES["vectors"].columns if c.name == "kind")
+    assert all(f"`{k}`" in doc for k in kinds.ALL_KINDS)
+
+
+def _unit_cases():
+    from schemas.kinds import KINDS
+
+    for k in KINDS:
+        for layer, head, idx in ((0, None if k.group != "head_dim" else 0, 0), (31, 7 if k.group == "head_dim" else None, 123)):
+            if k.group == "pos":
+                layer = None
+            if k.group == "bias":
+                idx = 0
+            yield k.name, layer, head, idx
+
+
+def test_unit_names_and_their_sql_twin_agree():
+    import duckdb
+
+    from schemas.units import head_unit, head_unit_sql, vector_unit, vector_unit_sql
+
+    cases = list(_unit_cases())
+    con = duckdb.connect()
+    rows = con.execute(
+        f"SELECT {vector_unit_sql('v')} FROM (SELECT unnest($kind) AS kind, unnest($layer::SMALLINT[]) AS layer, "
+        f"unnest($head::SMALLINT[]) AS head, unnest($idx::INTEGER[]) AS idx) v",
+        {"kind": [c[0] for c in cases], "layer": [c[1] for c in cases], "head": [c[2] for c in cases],
+         "idx": [c[3] for c in cases]}).fetchall()
+    assert [r[0] for r in rows] == [vector_unit(*c) for c in cases]
+    assert {vector_unit("ff_value", 5, None, 123), vector_unit("q", 5, 3, 7), vector_unit("pos", None, None, 12),
+            vector_unit("bias_attn_out", 5, None, 0), vector_unit("bias_ff_out", 5, None, 0)} == \
+        {"L5.N123", "L5.H3.d7", "P12", "L5.attn_bias", "L5.ff_bias"}
+    assert con.execute(f"SELECT {head_unit_sql('h')} FROM (SELECT 5::SMALLINT AS layer, 3::SMALLINT AS head) h").fetchall() \
+        == [(head_unit(5, 3),)] == [("L5.H3",)]
+
+
+def test_token_normalisation_is_one_function():
+    import indexer.align
+    import indexer.tokens
+    import query
+    from schemas.tokens import normalise
+
+    assert query.norm is normalise and indexer.tokens.normalise is normalise and indexer.align.normalise is normalise
+    assert [normalise(s) for s in (" Paris", "ＰＡＲＩＳ", "\tParis\n", "ﬁ", "  ")] == ["paris", "paris", "paris", "fi", ""]
+
+
+def test_schemas_modules_import_without_duckdb_torch_or_numpy():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfor m in ('duckdb', 'torch', 'transformers', 'numpy', 'click'): sys.modules[m] = None\n"
+            "import schemas.kinds, schemas.units, schemas.tokens\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(DOC.parent.parent), timeout=60)
+    assert r.returncode == 0, r.stderr
