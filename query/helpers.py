@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from schemas.kinds import BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KV_KINDS, POS, POS_KINDS, QUERY_HEAD_KINDS, \
-    ALL_KINDS, order_sql
+from schemas.kinds import (ALL_KINDS, BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KV_KINDS, POS, POS_KINDS,
+                           QUERY_HEAD_KINDS, order_sql)
 from schemas.tokens import normalise
 from schemas.units import head_unit_sql, vector_unit_sql
 

@@ -689,3 +689,32 @@ def test_cli_help_derives_tables_and_kinds_from_their_declarations():
     assert listed == list(TABLES)
     r = CliRunner().invoke(cli, ["neurons", "--help"], env={"COLUMNS": "400"})
     assert f"Vector kinds (repeat or comma list): {', '.join(ALL_KINDS)}." in " ".join(r.stdout.split())
+
+
+def test_every_helper_call_passes_exactly_the_named_parameters(synthetic_db):
+    """Dataset._run is to refuse unknown parameters: no helper may rely on them being dropped."""
+    with Dataset(synthetic_db) as d:
+        run = d._run
+        seen = []
+
+        def strict(query, params=None):
+            if isinstance(params, dict):
+                assert _named(query) == set(params), (query, sorted(params))
+            seen.append(query)
+            return run(query, params)
+
+        d._run = strict
+        d.models()
+        d.heads("paris", limit=None)
+        d.heads("paris", circuit="qk", side="both", limit=3)
+        d.neurons("paris", max_rank=3, limit=2)
+        d.neurons(token_id=2, kind="q,k,v,o,pos,bias_attn_out", side="both")
+        for unit in ("L1.H0", "L0.N1", "L0.H1.d1", "P2", "L1.attn_bias"):
+            d.show("alpha", unit)
+            d.show("alpha", unit, limit=None)
+            d.similar("alpha", unit, "beta")
+            d.similar("alpha", unit, "alpha", limit=None)
+        d.tokens("Paris is big")
+        with pytest.raises(UnknownToken):
+            d.heads("parisx")
+        assert len(seen) > 30
