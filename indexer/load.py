@@ -192,10 +192,12 @@ def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None) ->
     require("safetensors")
     dtype = dtype or torch.float32
 
+    if not str(model_ref).strip():
+        raise ModelNotFound("MODEL is empty; pass a local model directory, a .gguf file or a Hugging Face hub id")
     path = Path(os.path.expanduser(str(model_ref)))
     if path.is_file() and path.suffix.lower() == ".gguf":
         return _load_gguf(model_ref, path, dtype)
-    if path.is_file():
+    if path.exists() and not path.is_dir():
         raise BadCheckpoint(f"{model_ref} is a file; MODEL must be a model directory "
                             f"(with config.json) or a .gguf file")
     if not path.exists():
@@ -211,6 +213,7 @@ def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None) ->
 def _load_dir(model_ref, path: Path, *, allow_pickle, dtype, revision) -> Loaded:
     from .adapters import adapter_for
 
+    _refuse_special_files(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise BadCheckpoint(f"{path} has no config.json, so it is not a Hugging Face model "
@@ -243,6 +246,19 @@ def _load_dir(model_ref, path: Path, *, allow_pickle, dtype, revision) -> Loaded
         hf_architecture=hf_architecture, model_type=model_type,
     )
     return Loaded(canonical=canonical, tokenizer=tokenizer, config=config, provenance=provenance)
+
+
+# What a model directory's readers (ours, transformers', tokenizers') may open.
+_READ_SUFFIXES = {".json", ".safetensors", ".bin", ".pt", ".pth", ".txt", ".model"}
+
+
+def _refuse_special_files(path: Path) -> None:
+    """BadCheckpoint for a checkpoint file that is a FIFO, device or directory: opening a FIFO
+    blocks until someone writes to it, so the load would hang instead of failing."""
+    for f in sorted(path.iterdir()):
+        if f.suffix in _READ_SUFFIXES and not f.is_file():
+            kind = "a directory" if f.is_dir() else "a dangling link" if not f.exists() else "not a regular file"
+            raise BadCheckpoint(f"{f} is {kind}; a checkpoint's files must be regular files: replace or remove it")
 
 
 def _config_identity(raw, config_file: Path) -> tuple[str, Optional[str]]:

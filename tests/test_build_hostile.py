@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -17,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from indexer.build import BadOption, check_slug, default_slug, index_diff, index_model, parse_layers
-from indexer.errors import BadCheckpoint, NonFiniteWeights, UnsupportedArchitecture, ZeropassError
+from indexer.errors import BadCheckpoint, ModelNotFound, NonFiniteWeights, UnsupportedArchitecture, ZeropassError
 from indexer.load import Provenance, load_canonical
 from query.cli import cli
 from schemas.layout import read_manifest, table_files
@@ -358,6 +359,26 @@ def _garbage_tokenizer(p):
     (p / "tokenizer.json").write_text("{not json")
 
 
+def _weights_are_a_fifo(p):
+    (p / "model.safetensors").unlink()
+    os.mkfifo(p / "model.safetensors")  # opening it would block forever
+
+
+def _tokenizer_is_a_fifo(p):
+    (p / "tokenizer.json").unlink()
+    os.mkfifo(p / "tokenizer.json")
+
+
+def _config_is_a_directory(p):
+    (p / "config.json").unlink()
+    (p / "config.json").mkdir()
+
+
+def _weights_are_a_dangling_link(p):
+    (p / "model.safetensors").unlink()
+    (p / "model.safetensors").symlink_to(p / "gone.safetensors")
+
+
 BROKEN = [
     pytest.param(_config_not_an_object, BadCheckpoint, "not a JSON object", id="config-list"),
     pytest.param(_config_a_string, BadCheckpoint, "not a JSON object", id="config-string"),
@@ -373,6 +394,10 @@ BROKEN = [
     pytest.param(_empty_directory, BadCheckpoint, "config.json", id="empty-dir"),
     pytest.param(_weights_without_config, BadCheckpoint, "config.json", id="no-config"),
     pytest.param(_garbage_tokenizer, BadCheckpoint, "tokenizer", id="garbage-tokenizer"),
+    pytest.param(_weights_are_a_fifo, BadCheckpoint, "not a regular file", id="weights-fifo"),
+    pytest.param(_tokenizer_is_a_fifo, BadCheckpoint, "not a regular file", id="tokenizer-fifo"),
+    pytest.param(_config_is_a_directory, BadCheckpoint, "a directory", id="config-dir"),
+    pytest.param(_weights_are_a_dangling_link, BadCheckpoint, "dangling link", id="weights-dangling-link"),
 ]
 
 
@@ -408,7 +433,13 @@ def test_garbage_gguf_is_one_typed_error(tmp_path, content):
 def test_model_that_is_a_plain_file(gpt2, what):
     with pytest.raises(BadCheckpoint) as e:
         index_model(what if what.startswith("/") else str(gpt2 / what), "unused-db", progress=None)
-    assert "MODEL must be a model directory" in one_line(e) or "config.json" in one_line(e)
+    assert "MODEL must be a model directory" in one_line(e)
+
+
+def test_empty_model_argument_is_not_the_current_directory(tmp_path):
+    with pytest.raises(ModelNotFound, match="MODEL is empty"):
+        index_model("", tmp_path / "db", progress=None)
+    assert "MODEL is empty" in cli_error("index", "", "--db", tmp_path / "db")
 
 
 def test_unknown_model_type_still_names_the_supported_ones(gpt2, tmp_path):
