@@ -54,7 +54,8 @@ class Provenance:
     path: str  # the resolved local directory or .gguf file that was read
     format: str  # "safetensors" | "gguf" | "pickle"
     family: str  # the adapter that read it ("gpt2", "llama", ...): models.architecture
-    weights_sha256: Mapping[str, str]  # weight file name -> sha256 of its bytes (read-only)
+    # weight file name -> sha256 of its bytes (read-only; left out of hash(), a mapping has none)
+    weights_sha256: Mapping[str, str] = dataclasses.field(hash=False)
     revision: Optional[str] = None  # hub commit, when read from a hub-cache snapshot
     hf_architecture: Optional[str] = None  # Hugging Face class, e.g. "GPT2LMHeadModel"
     model_type: Optional[str] = None  # config.json's model_type

@@ -134,6 +134,7 @@ def test_provenance_is_typed_and_frozen(gpt2):
         p.source = "x"
     with pytest.raises(TypeError):
         p.weights_sha256["model.safetensors"] = "0"
+    assert hash(p) == hash(dataclasses.replace(p)) and p == dataclasses.replace(p)
     d = p.as_dict()
     assert json.loads(json.dumps(d)) == d and d["hf_architecture"] == "GPT2LMHeadModel" and d["base"] is None
 
