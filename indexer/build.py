@@ -6,6 +6,7 @@ partitions written as soon as they are computed, so a killed build resumes where
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import sys
 import time
@@ -154,10 +155,10 @@ def index_diff(
 
 def _check_options(k: int, n_pairs: int, variant: str, device: str, layers: Optional[str] = None) -> None:
     """Refuse unusable options before anything is loaded (a large model takes minutes to load)."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= INT32_MAX:
+    if not _whole(k) or not 1 <= k <= INT32_MAX:
         raise BadOption(f"--k {k} must be a whole number from 1 to {INT32_MAX} "
                         f"(more than the vocabulary size keeps the whole vocabulary)")
-    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or not 0 <= n_pairs <= INT32_MAX:
+    if not _whole(n_pairs) or not 0 <= n_pairs <= INT32_MAX:
         raise BadOption(f"--pairs {n_pairs} must be a whole number from 0 (no pairs) to {INT32_MAX}")
     if variant not in VARIANTS:
         raise BadOption(f"--variant {variant!r} is unknown: use one of {', '.join(VARIANTS)}")
@@ -171,6 +172,11 @@ def _check_options(k: int, n_pairs: int, variant: str, device: str, layers: Opti
             raise BadOption(f"--device {device} does not exist: torch sees {torch.cuda.device_count()} GPU(s), "
                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     layer_ranges(layers)
+
+
+def _whole(v) -> bool:
+    """An integer (numpy's too), not a bool, a float or a string."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _effective_sizes(k: int, n_pairs: int, d_vocab: int, say: Progress, slug: str) -> tuple[int, int]:
@@ -212,8 +218,8 @@ def index_canonical(
     say = progress or (lambda _m: None)
     dims = model.dims
     layer_list = parse_layers(layers, dims.n_layers)
-    k_asked, n_pairs_asked = k, n_pairs
-    k, n_pairs = _effective_sizes(k, n_pairs, dims.d_vocab, say, slug)
+    k_asked, n_pairs_asked = int(k), int(n_pairs)
+    k, n_pairs = _effective_sizes(k_asked, n_pairs_asked, dims.d_vocab, say, slug)
     if variant == "folded":
         model = fold(model)
     if tokenizer is not None:

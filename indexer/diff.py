@@ -97,6 +97,9 @@ def diff_models(base_ref: str, tuned_ref: str, *, allow_pickle: bool = False):
 
     lb = load_canonical(base_ref, allow_pickle=allow_pickle)
     lt = load_canonical(tuned_ref, allow_pickle=allow_pickle)
+    if lb.provenance.weights_sha256 == lt.provenance.weights_sha256:
+        raise IncompatibleModels(f"{base_ref} and {tuned_ref} have byte-identical weight files: the delta is zero "
+                                 f"everywhere and every ranking would be an arbitrary tie order; pass two different checkpoints")
     check_same_vocabulary(lb.tokenizer, lt.tokenizer, base_ref, tuned_ref)
     canonical = diff_canonical(lb.canonical, lt.canonical)
     return Loaded(canonical=canonical, tokenizer=lt.tokenizer, config=lt.config,

@@ -112,14 +112,21 @@ class SafetensorsSource:
         for f in files:
             try:
                 with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self._where[k] = f
-                        self._shapes[k] = tuple(h.get_slice(k).get_shape())
+                    names = list(h.keys())
+                    shapes = [tuple(h.get_slice(k).get_shape()) for k in names]
             except Exception as e:  # safetensors raises its own SafetensorError; any is corrupt
                 raise BadCheckpoint(
                     f"{f} is not a readable safetensors file ({_one_line(e)}); "
                     f"re-download or re-save the checkpoint"
                 ) from None
+            for k, shape in zip(names, shapes):
+                if k in self._where:
+                    # Two files with the same tensor (e.g. a leftover shard of an older save next
+                    # to model.safetensors): which one is the model is not ours to guess.
+                    raise BadCheckpoint(f"tensor {k!r} is in both {self._where[k].name} and {f.name}; "
+                                        f"remove the file that does not belong to this checkpoint")
+                self._where[k] = f
+                self._shapes[k] = shape
 
     def keys(self) -> list[str]:
         return list(self._where)

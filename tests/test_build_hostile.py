@@ -154,6 +154,16 @@ def test_diff_of_pickle_checkpoints_goes_through_the_diff_module(gpt2, tmp_path)
         index_diff(str(gpt2), str(pick), tmp_path / "db", progress=None)
 
 
+def test_diff_of_a_model_with_itself_is_refused(gpt2, tmp_path):
+    """Identical weight files: a zero delta would be stored as arbitrary tie-order rankings."""
+    from indexer.errors import IncompatibleModels
+
+    same = copy_model(gpt2, tmp_path / "same")
+    with pytest.raises(IncompatibleModels, match="byte-identical"):
+        index_diff(str(gpt2), str(same), tmp_path / "db", progress=None)
+    assert "byte-identical" in cli_error("diff", gpt2, gpt2, "--db", tmp_path / "db")
+
+
 # --- NaN / Inf weights ---------------------------------------------------------------------------
 
 PLANTS = [
@@ -240,6 +250,15 @@ def test_k_and_pairs_above_the_vocabulary_are_clamped_and_recorded(gpt2, tmp_pat
     unit = [r for r in t if r["unit"] == "L0.N0" and r["kind"] == "ff_key"]
     top = sorted(r["rank"] for r in unit if r["side"] == "top")
     assert top == list(range(1, D_VOCAB + 1))  # the whole vocabulary, once per side
+
+
+def test_numpy_integers_are_whole_numbers(gpt2, tmp_path):
+    import numpy as np
+
+    index_model(str(gpt2), tmp_path / "db", name="g", k=np.int64(3), n_pairs=np.int32(2), layers="0", progress=None)
+    assert (models_rows(tmp_path / "db")["g"]["k"], models_rows(tmp_path / "db")["g"]["n_pairs"]) == (3, 2)
+    with pytest.raises(BadOption, match="--k 2.5"):
+        index_model(str(gpt2), tmp_path / "db", k=2.5, progress=None)
 
 
 @pytest.mark.parametrize("option,value,fragment", [
@@ -356,6 +375,11 @@ def _weights_without_config(p):
     (p / "config.json").unlink()
 
 
+def _leftover_shard_with_the_same_tensors(p):
+    edit_weights(p, lambda s: None)
+    shutil.copy(p / "model.safetensors", p / "model-00001-of-00002.safetensors")
+
+
 def _garbage_tokenizer(p):
     (p / "tokenizer.json").write_text("{not json")
 
@@ -394,6 +418,7 @@ BROKEN = [
     pytest.param(_empty_embedding, BadCheckpoint, "0 rows", id="empty-embedding"),
     pytest.param(_empty_directory, BadCheckpoint, "config.json", id="empty-dir"),
     pytest.param(_weights_without_config, BadCheckpoint, "config.json", id="no-config"),
+    pytest.param(_leftover_shard_with_the_same_tensors, BadCheckpoint, "is in both", id="duplicate-tensors"),
     pytest.param(_garbage_tokenizer, BadCheckpoint, "tokenizer", id="garbage-tokenizer"),
     pytest.param(_weights_are_a_fifo, BadCheckpoint, "not a regular file", id="weights-fifo"),
     pytest.param(_tokenizer_is_a_fifo, BadCheckpoint, "not a regular file", id="tokenizer-fifo"),
