@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -204,7 +205,8 @@ def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None) ->
         raise ModelNotFound("MODEL is empty; pass a local model directory, a .gguf file or a Hugging Face hub id")
     path = Path(os.path.expanduser(str(model_ref)))
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return _load_gguf(model_ref, path, dtype)
+        with _transformers_quiet():
+            return _load_gguf(model_ref, path, dtype)
     if path.exists() and not path.is_dir():
         raise BadCheckpoint(f"{model_ref} is a file; MODEL must be a model directory "
                             f"(with config.json) or a .gguf file")
@@ -215,7 +217,26 @@ def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None) ->
         path = _hub_download(str(model_ref), allow_pickle)
     m = _SNAPSHOT.search(str(path.resolve()))
     revision = m.group(1) if m else None
-    return _load_dir(model_ref, path, allow_pickle=allow_pickle, dtype=dtype, revision=revision)
+    with _transformers_quiet():
+        return _load_dir(model_ref, path, allow_pickle=allow_pickle, dtype=dtype, revision=revision)
+
+
+@contextmanager
+def _transformers_quiet():
+    """Keep transformers' warnings and progress bars off stderr while it reads configs, tokenizers
+    and GGUF files: what matters about a checkpoint is raised by our own checks as one line (a
+    config with vocab_size 0 drew three warnings before our error), and ``-q`` must mean quiet."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_dir(model_ref, path: Path, *, allow_pickle, dtype, revision) -> Loaded:

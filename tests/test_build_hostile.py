@@ -444,6 +444,17 @@ def test_broken_checkpoint_through_the_cli(gpt2, tmp_path):
     assert "c_fc" in cli_error("index", bad, "--db", tmp_path / "db", "-q")
 
 
+def test_quiet_means_one_line_even_when_transformers_would_warn(gpt2, tmp_path):
+    """A config with vocab_size 0 made transformers print three warnings before our error."""
+    bad = copy_model(gpt2, tmp_path / "bad")
+    _empty_embedding(bad)
+    edit_config(bad, lambda c: c.update(vocab_size=0))
+    r = subprocess.run([sys.executable, "-m", "query.cli", "index", str(bad), "--db", str(tmp_path / "db"), "-q"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and "0 rows" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("content", [b"", b"GGUF", b"GGUF\x03\x00\x00\x00" + b"\xff" * 64, b"\x00" * 100],
                          ids=["empty", "magic-only", "bad-counts", "zeros"])
 def test_garbage_gguf_is_one_typed_error(tmp_path, content):
