@@ -117,7 +117,7 @@ def index_model(
     check_writable(Path(db))
     say = progress or (lambda _m: None)
     t = time.perf_counter()
-    loaded = load_canonical(model_ref, allow_pickle=allow_pickle)
+    loaded = load_canonical(model_ref, allow_pickle=allow_pickle, quiet=progress is None)
     say(f"loaded {model_ref} in {time.perf_counter() - t:.1f}s: {_describe(loaded.canonical.dims)}")
     return index_canonical(
         loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
@@ -145,7 +145,7 @@ def index_diff(
     slug = check_slug(default_slug(tuned_ref, "-diff") if name is None else name)
     check_writable(Path(db))
     say = progress or (lambda _m: None)
-    delta = diff_models(base_ref, tuned_ref, allow_pickle=allow_pickle)
+    delta = diff_models(base_ref, tuned_ref, allow_pickle=allow_pickle, quiet=progress is None)
     say(f"loaded {base_ref} and {tuned_ref}: {_describe(delta.canonical.dims)}")
     return index_canonical(
         delta.canonical, delta.tokenizer, db, slug=slug, provenance=delta.provenance, k=k, n_pairs=n_pairs,

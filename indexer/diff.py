@@ -86,7 +86,7 @@ def diff_canonical(base: Canonical, tuned: Canonical) -> Canonical:
     return Canonical(dims=tuned.dims, embeddings=emb, layer_fn=layer, parameters=list(tuned.parameters))
 
 
-def diff_models(base_ref: str, tuned_ref: str, *, allow_pickle: bool = False):
+def diff_models(base_ref: str, tuned_ref: str, *, allow_pickle: bool = False, quiet: bool = False):
     """Load two checkpoints and return the delta as a ``Loaded`` (tuned tokenizer and config).
 
     The provenance is ``tuned.diff(base)`` (:class:`indexer.load.Provenance`): the tuned
@@ -95,8 +95,8 @@ def diff_models(base_ref: str, tuned_ref: str, *, allow_pickle: bool = False):
     """
     from .load import Loaded, load_canonical
 
-    lb = load_canonical(base_ref, allow_pickle=allow_pickle)
-    lt = load_canonical(tuned_ref, allow_pickle=allow_pickle)
+    lb = load_canonical(base_ref, allow_pickle=allow_pickle, quiet=quiet)
+    lt = load_canonical(tuned_ref, allow_pickle=allow_pickle, quiet=quiet)
     if lb.provenance.weights_sha256 == lt.provenance.weights_sha256:
         raise IncompatibleModels(f"{base_ref} and {tuned_ref} have byte-identical weight files: the delta is zero "
                                  f"everywhere and every ranking would be an arbitrary tie order; pass two different checkpoints")

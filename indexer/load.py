@@ -15,12 +15,13 @@ is free, and a missing package becomes one MissingDependency line.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -190,10 +191,11 @@ def check_finite(tensor, what: str, fix: str):
 
 # --- entry point ----------------------------------------------------------------------------
 
-def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None) -> Loaded:
+def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None, quiet: bool = False) -> Loaded:
     """Open MODEL (local HF dir, ``.gguf`` file or hub id) as canonical weights.
 
-    ``dtype`` defaults to ``torch.float32``. Raises ModelNotFound, BadCheckpoint,
+    ``dtype`` defaults to ``torch.float32``. ``quiet`` also hides the progress bar transformers
+    draws while it dequantizes a GGUF file (its own tqdm, which its logging settings miss). Raises ModelNotFound, BadCheckpoint,
     UnsupportedArchitecture or MissingDependency with a one-line message.
     """
     torch = require("torch")
@@ -206,7 +208,7 @@ def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None) ->
     path = Path(os.path.expanduser(str(model_ref)))
     if path.is_file() and path.suffix.lower() == ".gguf":
         with _transformers_quiet():
-            return _load_gguf(model_ref, path, dtype)
+            return _load_gguf(model_ref, path, dtype, quiet)
     if path.exists() and not path.is_dir():
         raise BadCheckpoint(f"{model_ref} is a file; MODEL must be a model directory "
                             f"(with config.json) or a .gguf file")
@@ -221,7 +223,7 @@ def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None) ->
         return _load_dir(model_ref, path, allow_pickle=allow_pickle, dtype=dtype, revision=revision)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _transformers_quiet():
     """Keep transformers' warnings and progress bars off stderr while it reads configs, tokenizers
     and GGUF files: what matters about a checkpoint is raised by our own checks as one line (a
@@ -320,12 +322,19 @@ def _adapt(adapter, source, config, dtype, where: str) -> "Canonical":
         canonical = adapter.adapt(source, config, dtype)
     except ZeropassError:
         raise
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
         raise _shape_error(where, "the embeddings", e) from None
     dims = canonical.dims
     if dims.d_vocab < 1 or dims.d_model < 1:
         raise BadCheckpoint(f"{where}: the token embedding has {dims.d_vocab} rows and {dims.d_model} "
                             f"columns; a model needs at least one token and one dimension")
+    # config.json's layer count against the checkpoint's layer tensors: a smaller count would
+    # index part of the model without a word, a larger one (or 10**12) fail deep inside the build.
+    found = {p.layer for p in canonical.parameters if p.layer is not None}
+    if dims.n_layers < 0 or (found and max(found) + 1 != dims.n_layers) or (not found and dims.n_layers > 0):
+        have = f"tensors of layers 0-{max(found)}" if found else "no layer tensors"
+        raise BadCheckpoint(f"{where}: config.json says {dims.n_layers} layers but the checkpoint has {have}; "
+                            f"the weights and config.json do not belong together")
     _check_shapes(canonical.embeddings, _embedding_shapes(dims), canonical, where, layer=None)
     read_layer = canonical.layer_fn
 
@@ -334,7 +343,7 @@ def _adapt(adapter, source, config, dtype, where: str) -> "Canonical":
             lw = read_layer(l)
         except (ZeropassError, IndexError):
             raise
-        except (RuntimeError, ValueError) as e:
+        except (RuntimeError, ValueError, ZeroDivisionError) as e:
             raise _shape_error(where, f"layer {l}", e) from None
         _check_shapes(lw, _layer_shapes(dims), canonical, where, layer=l)
         return lw
@@ -435,7 +444,7 @@ def _pickle_source(files: list[Path]) -> StateDictSource:
     return StateDictSource(state)
 
 
-def _load_gguf(model_ref, path: Path, dtype) -> Loaded:
+def _load_gguf(model_ref, path: Path, dtype, quiet: bool) -> Loaded:
     require("gguf", hint="pip install gguf", why=f"reading the GGUF file {path.name}")
     require("accelerate", hint="pip install accelerate", why=f"reading the GGUF file {path.name}")
     transformers = require("transformers")
@@ -449,7 +458,9 @@ def _load_gguf(model_ref, path: Path, dtype) -> Loaded:
                             f"check the file or that transformers supports its architecture") from None
     adapter = adapter_for(getattr(config, "model_type", None), getattr(config, "architectures", None))
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        # tqdm picks sys.stderr when the bar is created: redirecting it hides the bar and nothing else.
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except Exception as e:
         raise BadCheckpoint(f"{path} could not be dequantized ({_one_line(e)})") from None
     arch = type(model).__name__

@@ -362,6 +362,18 @@ def _config_dims_disagree(p):
     edit_config(p, lambda c: c.update(n_embd=64))
 
 
+def _config_has_fewer_layers(p):
+    edit_config(p, lambda c: c.update(n_layer=0))  # would index the embeddings only, silently
+
+
+def _config_has_negative_layers(p):
+    edit_config(p, lambda c: c.update(n_layer=-1))
+
+
+def _config_has_absurd_layers(p):
+    edit_config(p, lambda c: c.update(n_layer=10**12))  # was a MemoryError
+
+
 def _empty_embedding(p):
     edit_weights(p, lambda s: s.update({"transformer.wte.weight": torch.zeros(0, 32)}))
 
@@ -416,6 +428,10 @@ BROKEN = [
     pytest.param(_truncated, BadCheckpoint, "model.safetensors", id="truncated"),
     pytest.param(_config_dims_disagree, BadCheckpoint, "config.json", id="config-dims-disagree"),
     pytest.param(_empty_embedding, BadCheckpoint, "0 rows", id="empty-embedding"),
+    pytest.param(_config_has_fewer_layers, BadCheckpoint, "says 0 layers", id="config-fewer-layers"),
+    pytest.param(_config_has_negative_layers, BadCheckpoint, "says -1 layers", id="config-negative-layers"),
+    pytest.param(_config_has_absurd_layers, BadCheckpoint, "says 1000000000000 layers", id="config-absurd-layers"),
+    pytest.param(lambda p: edit_config(p, lambda c: c.update(n_head=0)), ZeropassError, "", id="config-zero-heads"),
     pytest.param(_empty_directory, BadCheckpoint, "config.json", id="empty-dir"),
     pytest.param(_weights_without_config, BadCheckpoint, "config.json", id="no-config"),
     pytest.param(_leftover_shard_with_the_same_tensors, BadCheckpoint, "is in both", id="duplicate-tensors"),
@@ -484,3 +500,16 @@ def test_unknown_model_type_still_names_the_supported_ones(gpt2, tmp_path):
     edit_config(bad, lambda c: c.update(model_type="t5"))
     with pytest.raises(UnsupportedArchitecture, match="'t5'"):
         load_canonical(str(bad))
+
+
+@pytest.mark.slow
+def test_quiet_gguf_index_prints_nothing(tmp_path):
+    """transformers draws its own tqdm bar while dequantizing a GGUF file; -q hides it too."""
+    from indexer import packaged
+
+    gguf = packaged.smollm2_gguf_path()
+    r = subprocess.run([sys.executable, "-m", "query.cli", "index", str(gguf), "--db", str(tmp_path / "db"), "-q",
+                        "--layers", "0", "--k", "1", "--pairs", "0"], capture_output=True, text=True, cwd=REPO)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    row = models_rows(tmp_path / "db")["smollm2-135m-instruct-q4_1"]
+    assert (row["hf_architecture"], row["architecture"]) == ("LlamaForCausalLM", "llama")
