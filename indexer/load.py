@@ -28,7 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from .errors import BadCheckpoint, MissingDependency, ModelNotFound, NonFiniteWeights
+from .errors import BadCheckpoint, MissingDependency, ModelNotFound, NonFiniteWeights, ZeropassError
 
 if TYPE_CHECKING:
     from .canonical import Canonical
@@ -195,8 +195,9 @@ def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None, qu
     """Open MODEL (local HF dir, ``.gguf`` file or hub id) as canonical weights.
 
     ``dtype`` defaults to ``torch.float32``. ``quiet`` also hides the progress bar transformers
-    draws while it dequantizes a GGUF file (its own tqdm, which its logging settings miss). Raises ModelNotFound, BadCheckpoint,
-    UnsupportedArchitecture or MissingDependency with a one-line message.
+    draws while it dequantizes a GGUF file (its own tqdm, which its logging settings miss).
+    Raises ModelNotFound, BadCheckpoint (NonFiniteWeights among them), UnsupportedArchitecture
+    or MissingDependency with a one-line message; a layer's tensors are checked when it is read.
     """
     torch = require("torch")
     require("transformers")
@@ -316,14 +317,12 @@ def _adapt(adapter, source, config, dtype, where: str) -> "Canonical":
     not have the shapes config.json gives (a lying safetensors header, a config.json of another
     model). Layers are checked as they are read, like their values (``check_finite``).
     """
-    from .errors import ZeropassError
-
     try:
         canonical = adapter.adapt(source, config, dtype)
     except ZeropassError:
         raise
     except (RuntimeError, ValueError, ZeroDivisionError) as e:
-        raise _shape_error(where, "the embeddings", e) from None
+        raise _shape_error(where, "the model", e) from None
     dims = canonical.dims
     if dims.d_vocab < 1 or dims.d_model < 1:
         raise BadCheckpoint(f"{where}: the token embedding has {dims.d_vocab} rows and {dims.d_model} "
