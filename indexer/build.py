@@ -6,11 +6,12 @@ partitions written as soon as they are computed, so a killed build resumes where
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,9 @@ from .kernels.vectors import Projector, TopK
 from .tokens import numbered_vocabulary, vocabulary
 from .variants import VARIANTS, fold
 
+if TYPE_CHECKING:
+    from .load import Provenance
+
 Progress = Callable[[str], None]
 
 
@@ -37,33 +41,58 @@ def stderr_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# Options land in int32 columns (models.k, models.n_pairs, ranks); anything larger is a typo.
+INT32_MAX = 2**31 - 1
+_LAYER_PART = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", re.ASCII)
+_SLUG_MAX = 64
+
+
+def layer_ranges(spec: Optional[str]) -> Optional[list[tuple[int, int]]]:
+    """The ``--layers`` syntax alone (None or ``all``: every layer), checked before any loading."""
+    if spec is None or str(spec).strip() == "all":
+        return None
+    if not str(spec).strip():
+        raise BadOption(f"--layers {spec!r} is empty: leave it out for every layer, or give e.g. 0-5 or 0,3,7")
+    ranges = []
+    for part in str(spec).split(","):
+        m = _LAYER_PART.fullmatch(part)
+        if not m:
+            raise BadOption(f"--layers {spec!r} is not a layer list: use e.g. 0-5 or 0,3,7 (layers count from 0)")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo > hi:
+            raise BadOption(f"--layers {spec!r} has the reversed range {lo}-{hi}: write {hi}-{lo}")
+        ranges.append((lo, hi))
+    return ranges
+
+
 def parse_layers(spec: Optional[str], n_layers: int) -> list[int]:
-    """``"0-5"``, ``"0,3,7"``, ``"2"`` or None (all) -> sorted layer indices."""
-    if spec is None or str(spec).strip() in ("", "all"):
+    """``"0-5"``, ``"0,3,7"``, ``"2"`` or None / ``"all"`` (every layer) -> sorted layer indices."""
+    ranges = layer_ranges(spec)
+    if ranges is None:
         return list(range(n_layers))
     layers: set[int] = set()
-    for part in str(spec).split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise BadOption(f"--layers {spec!r} is not a layer list: use e.g. 0-5 or 0,3,7")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if lo > hi or hi >= n_layers:
+    for lo, hi in ranges:
+        if hi >= n_layers:
             raise BadOption(f"--layers {spec!r} is outside 0-{n_layers - 1}: the model has {n_layers} layers")
         layers.update(range(lo, hi + 1))
     return sorted(layers)
 
 
-def default_slug(model_ref: str) -> str:
-    """A short model name from a path or hub id: ``/x/SmolLM2-135M.Q4_1.gguf`` -> ``smollm2-135m-q4_1``."""
+def default_slug(model_ref: str, suffix: str = "") -> str:
+    """A valid model name from a path or hub id, ``suffix`` included:
+    ``/x/SmolLM2-135M.Q4_1.gguf`` -> ``smollm2-135m-q4_1``; at most 64 characters."""
     name = Path(str(model_ref).rstrip("/")).name
     name = re.sub(r"\.gguf$", "", name, flags=re.I)
-    slug = re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-")
-    return slug or "model"
+    slug = re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-_")
+    slug = slug[: _SLUG_MAX - len(suffix)].rstrip("-_") or "model"
+    return slug + suffix
 
 
 def check_slug(slug: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", slug):
-        raise BadOption(f"--name {slug!r} is not a valid model name: use letters, digits, '-', '_' or '.' (at most 64)")
+    """``slug`` if it is a valid model name (it names directories: no path, no dots first)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", slug, flags=re.ASCII):
+        raise BadOption(f"--name {slug!r} is not a valid model name: use letters, digits, '-', '_' or '.' "
+                        f"(ASCII, starting with a letter or digit, at most {_SLUG_MAX})")
     return slug
 
 
@@ -86,12 +115,12 @@ def index_model(
     """
     from .load import load_canonical
 
-    _check_options(k, n_pairs, variant, device)
-    slug = check_slug(name or default_slug(model_ref))
+    _check_options(k, n_pairs, variant, device, layers)
+    slug = check_slug(default_slug(model_ref) if name is None else name)
     check_writable(Path(db))
     say = progress or (lambda _m: None)
     t = time.perf_counter()
-    loaded = load_canonical(model_ref, allow_pickle=allow_pickle)
+    loaded = load_canonical(model_ref, allow_pickle=allow_pickle, quiet=progress is None)
     say(f"loaded {model_ref} in {time.perf_counter() - t:.1f}s: {_describe(loaded.canonical.dims)}")
     return index_canonical(
         loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
@@ -113,38 +142,60 @@ def index_diff(
     progress: Optional[Progress] = stderr_progress,
 ) -> dict:
     """Index theta_tuned - theta_base as its own model (variant ``diff``), see indexer/diff.py."""
-    from .diff import check_same_vocabulary, diff_canonical
-    from .load import load_canonical
+    from .diff import diff_models
 
-    _check_options(k, n_pairs, "raw", device)
-    slug = check_slug(name or f"{default_slug(tuned_ref)}-diff")
+    _check_options(k, n_pairs, "raw", device, layers)
+    slug = check_slug(default_slug(tuned_ref, "-diff") if name is None else name)
     check_writable(Path(db))
     say = progress or (lambda _m: None)
-    base = load_canonical(base_ref, allow_pickle=allow_pickle)
-    tuned = load_canonical(tuned_ref, allow_pickle=allow_pickle)
-    check_same_vocabulary(base.tokenizer, tuned.tokenizer, base_ref, tuned_ref)
-    delta = diff_canonical(base.canonical, tuned.canonical)
-    say(f"loaded {base_ref} and {tuned_ref}: {_describe(delta.dims)}")
-    provenance = dict(tuned.provenance)
-    provenance["base"] = base.provenance
-    provenance["source"] = f"{tuned_ref} - {base_ref}"
+    delta = diff_models(base_ref, tuned_ref, allow_pickle=allow_pickle, quiet=progress is None)
+    say(f"loaded {base_ref} and {tuned_ref}: {_describe(delta.canonical.dims)}")
     return index_canonical(
-        delta, tuned.tokenizer, db, slug=slug, provenance=provenance, k=k, n_pairs=n_pairs,
+        delta.canonical, delta.tokenizer, db, slug=slug, provenance=delta.provenance, k=k, n_pairs=n_pairs,
         variant="diff", device=device, layers=layers, progress=progress,
     )
 
 
-def _check_options(k: int, n_pairs: int, variant: str, device: str) -> None:
-    if k < 1:
-        raise BadOption(f"--k {k} must be at least 1")
-    if n_pairs < 0:
-        raise BadOption(f"--pairs {n_pairs} must be 0 (no pairs) or more")
+def _check_options(k: int, n_pairs: int, variant: str, device: str, layers: Optional[str] = None) -> None:
+    """Refuse unusable options before anything is loaded (a large model takes minutes to load)."""
+    if not _whole(k) or not 1 <= k <= INT32_MAX:
+        raise BadOption(f"--k {k} must be a whole number from 1 to {INT32_MAX} "
+                        f"(more than the vocabulary size keeps the whole vocabulary)")
+    if not _whole(n_pairs) or not 0 <= n_pairs <= INT32_MAX:
+        raise BadOption(f"--pairs {n_pairs} must be a whole number from 0 (no pairs) to {INT32_MAX}")
     if variant not in VARIANTS:
         raise BadOption(f"--variant {variant!r} is unknown: use one of {', '.join(VARIANTS)}")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise BadOption(f"--device {device!r} is unknown: use cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadOption("--device cuda was asked for but torch sees no GPU here: use --device cpu")
+    m = re.fullmatch(r"cpu|cuda(?::([0-9]{1,4}))?", device, flags=re.ASCII)
+    if not m:
+        raise BadOption(f"--device {device!r} is unknown: use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadOption("--device cuda was asked for but torch sees no GPU here: use --device cpu")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            raise BadOption(f"--device {device} does not exist: torch sees {torch.cuda.device_count()} GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    layer_ranges(layers)
+
+
+def _whole(v) -> bool:
+    """An integer (numpy's too), not a bool, a float or a string."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _effective_sizes(k: int, n_pairs: int, d_vocab: int, say: Progress, slug: str) -> tuple[int, int]:
+    """``--k`` and ``--pairs`` clamped to what a vocabulary of ``d_vocab`` tokens can fill.
+
+    A top list longer than the vocabulary would only repeat it, so k is clamped to d_vocab (the
+    top and the bottom list then each rank the whole vocabulary, in opposite orders) and n_pairs
+    to d_vocab² (every entry of the V x V circuit). Said once on stderr; settings keep both.
+    """
+    k_eff, pairs_eff = min(k, d_vocab), min(n_pairs, d_vocab * d_vocab)
+    clamped = [f"--{opt} {asked} to {got}" for opt, asked, got in (("k", k, k_eff), ("pairs", n_pairs, pairs_eff))
+               if got != asked]
+    if clamped:
+        say(f"[{slug}] clamped {' and '.join(clamped)}: the vocabulary has {d_vocab} tokens "
+            f"(a list holds at most every token, a circuit {d_vocab}x{d_vocab} entries)")
+    return k_eff, pairs_eff
 
 
 def index_canonical(
@@ -153,7 +204,7 @@ def index_canonical(
     db: str | Path,
     *,
     slug: str,
-    provenance: dict,
+    provenance: "Provenance",
     k: int = 50,
     n_pairs: int = 200,
     variant: str = "raw",
@@ -161,11 +212,17 @@ def index_canonical(
     layers: Optional[str] = None,
     progress: Optional[Progress] = stderr_progress,
 ) -> dict:
-    """Project a canonical model into the dataset at ``db`` under the name ``slug``."""
+    """Project a canonical model into the dataset at ``db`` under the name ``slug``.
+
+    ``k`` and ``n_pairs`` larger than the vocabulary allows are clamped (``_effective_sizes``):
+    ``models.k`` / ``models.n_pairs`` hold what was used, ``settings`` both.
+    """
     root = Path(db)
     say = progress or (lambda _m: None)
     dims = model.dims
     layer_list = parse_layers(layers, dims.n_layers)
+    k_asked, n_pairs_asked = int(k), int(n_pairs)
+    k, n_pairs = _effective_sizes(k_asked, n_pairs_asked, dims.d_vocab, say, slug)
     if variant == "folded":
         model = fold(model)
     if tokenizer is not None:
@@ -174,13 +231,14 @@ def index_canonical(
         say("no tokenizer found: tokens are named by id (<123>)")
         vocab_id, tokens = numbered_vocabulary(dims.d_vocab)
     settings = {
-        "k": k, "n_pairs": n_pairs, "variant": variant, "layers": layer_list, "device": device,
-        "base": provenance.get("base"),
+        "k": k, "k_requested": k_asked, "n_pairs": n_pairs, "n_pairs_requested": n_pairs_asked,
+        "variant": variant, "layers": layer_list, "device": device,
+        "base": provenance.base.as_dict() if provenance.base is not None else None,
     }
     fingerprint = {
         "settings": {key: v for key, v in settings.items() if key != "device"},
-        "weights": provenance.get("weights_sha256"),
-        "source": provenance.get("source"),
+        "weights": dict(provenance.weights_sha256),
+        "source": provenance.source,
         "zeropass_version": ZEROPASS_VERSION,
     }
     token_text = tokens.column("token").combine_chunks()
@@ -205,16 +263,16 @@ def index_canonical(
             say(f"[{slug}] layer {l} done ({i + 1}/{len(layer_list)}) in {time.perf_counter() - t_layer:.1f}s, "
                 f"elapsed {_hms(elapsed)}, ETA {_hms(eta)}")
         model_row = {
-            "source": str(provenance.get("source")),
-            "revision": provenance.get("revision"),
+            "source": provenance.source,
+            "revision": provenance.revision,
             "architecture": dims.architecture,
-            "hf_architecture": provenance.get("hf_architecture"),
+            "hf_architecture": provenance.hf_architecture,
             "n_layers": dims.n_layers, "n_heads": dims.n_heads, "n_kv_heads": dims.n_kv_heads,
             "d_model": dims.d_model, "d_head": dims.d_head, "d_ff": dims.d_ff, "d_vocab": dims.d_vocab,
             "n_ctx": dims.n_ctx, "tied": dims.tied, "vocab_id": vocab_id, "variant": variant,
             "k": k, "n_pairs": n_pairs,
             "settings": json.dumps(settings, sort_keys=True, default=str),
-            "weights_sha256": json.dumps(provenance.get("weights_sha256") or {}, sort_keys=True),
+            "weights_sha256": json.dumps(dict(provenance.weights_sha256), sort_keys=True),
         }
         t_sort = time.perf_counter()
         build.write_by_token()

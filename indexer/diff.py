@@ -7,7 +7,7 @@ paper projects the fine-tuning deltas with the fine-tuned model's embedding matr
 gains and biases are the tuned model's too: they are scalings of the residual stream, not
 directions, so the folded variant folds the tuned gains into the delta's read side.
 
-The lead's indexer stores it like any other model with ``variant = 'diff'``; a layer that
+``zeropass diff`` stores it like any other model with ``variant = 'diff'``; a layer that
 fine-tuning did not touch has an exactly-zero delta, and :func:`delta_top_tokens` reports it as
 unchanged (None) rather than ranking tokens by scores that are all zero.
 
@@ -31,6 +31,8 @@ DELTA_FIELDS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_gate",
 
 
 def _sub(name: str, a: Optional[torch.Tensor], b: Optional[torch.Tensor], where: str) -> Optional[torch.Tensor]:
+    from .load import check_finite
+
     if a is None and b is None:
         return None
     if a is None or b is None:
@@ -38,7 +40,9 @@ def _sub(name: str, a: Optional[torch.Tensor], b: Optional[torch.Tensor], where:
         raise IncompatibleModels(f"{where}{name} exists in only one model (missing in {missing}); diff needs the same architecture")
     if a.shape != b.shape:
         raise IncompatibleModels(f"{where}{name} has shape {tuple(a.shape)} in base but {tuple(b.shape)} in tuned; diff needs the same dimensions")
-    return b.to(torch.float32) - a.to(torch.float32)
+    # Both inputs were checked when read; a difference of two finite float32 values can still overflow.
+    return check_finite(b.to(torch.float32) - a.to(torch.float32), f"{where}{name} of the delta (tuned - base)",
+                        "the two checkpoints differ by more than float32 can hold: one of them is damaged")
 
 
 def check_compatible(base: Canonical, tuned: Canonical) -> None:
@@ -82,19 +86,24 @@ def diff_canonical(base: Canonical, tuned: Canonical) -> Canonical:
     return Canonical(dims=tuned.dims, embeddings=emb, layer_fn=layer, parameters=list(tuned.parameters))
 
 
-def diff_models(base_ref: str, tuned_ref: str):
+def diff_models(base_ref: str, tuned_ref: str, *, allow_pickle: bool = False, quiet: bool = False):
     """Load two checkpoints and return the delta as a ``Loaded`` (tuned tokenizer and config).
 
-    The provenance is the tuned model's, with ``variant: 'diff'`` and ``base`` (the base's
-    provenance) added, so the index records what was subtracted from what.
+    The provenance is ``tuned.diff(base)`` (:class:`indexer.load.Provenance`): the tuned
+    model's, with source ``"TUNED - BASE"`` and ``base`` set, so the index records what was
+    subtracted from what. ``zeropass diff`` (``indexer.build.index_diff``) indexes this.
     """
     from .load import Loaded, load_canonical
 
-    lb, lt = load_canonical(base_ref), load_canonical(tuned_ref)
+    lb = load_canonical(base_ref, allow_pickle=allow_pickle, quiet=quiet)
+    lt = load_canonical(tuned_ref, allow_pickle=allow_pickle, quiet=quiet)
+    if lb.provenance.weights_sha256 == lt.provenance.weights_sha256:
+        raise IncompatibleModels(f"{base_ref} and {tuned_ref} have byte-identical weight files: the delta is zero "
+                                 f"everywhere and every ranking would be an arbitrary tie order; pass two different checkpoints")
     check_same_vocabulary(lb.tokenizer, lt.tokenizer, base_ref, tuned_ref)
     canonical = diff_canonical(lb.canonical, lt.canonical)
-    provenance = {**lt.provenance, "variant": "diff", "base": dict(lb.provenance)}
-    return Loaded(canonical=canonical, tokenizer=lt.tokenizer, config=lt.config, provenance=provenance)
+    return Loaded(canonical=canonical, tokenizer=lt.tokenizer, config=lt.config,
+                  provenance=lt.provenance.diff(lb.provenance))
 
 
 @dataclass

@@ -30,3 +30,7 @@ class DatasetError(ZeropassError, OSError):
 
 class IncompatibleModels(ZeropassError, ValueError):
     """Two models cannot be compared or subtracted (different architecture, dims or vocabulary)."""
+
+
+class NonFiniteWeights(BadCheckpoint):
+    """A weight (or a value computed from the weights) is NaN or infinite: nothing can be ranked."""

@@ -15,16 +15,20 @@ is free, and a missing package becomes one MissingDependency line.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from .errors import BadCheckpoint, MissingDependency, ModelNotFound
+from .errors import BadCheckpoint, MissingDependency, ModelNotFound, NonFiniteWeights, ZeropassError
 
 if TYPE_CHECKING:
     from .canonical import Canonical
@@ -38,6 +42,42 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where a model's weights came from; the ``models`` row and the build fingerprint are read
+    from its attributes (a misspelt one is an AttributeError, not a silent None).
+
+    >>> p = load_canonical("path/to/gpt2").provenance      # doctest: +SKIP
+    >>> p.hf_architecture, p.family, p.format              # doctest: +SKIP
+    ('GPT2LMHeadModel', 'gpt2', 'safetensors')
+    """
+
+    source: str  # MODEL as given (a path, .gguf file or hub id); "TUNED - BASE" for a diff
+    path: str  # the resolved local directory or .gguf file that was read
+    format: str  # "safetensors" | "gguf" | "pickle"
+    family: str  # the adapter that read it ("gpt2", "llama", ...): models.architecture
+    # weight file name -> sha256 of its bytes (read-only; left out of hash(), a mapping has none)
+    weights_sha256: Mapping[str, str] = dataclasses.field(hash=False)
+    revision: Optional[str] = None  # hub commit, when read from a hub-cache snapshot
+    hf_architecture: Optional[str] = None  # Hugging Face class, e.g. "GPT2LMHeadModel"
+    model_type: Optional[str] = None  # config.json's model_type
+    base: Optional["Provenance"] = None  # a diff's base model (what was subtracted)
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights_sha256", MappingProxyType(dict(self.weights_sha256)))
+
+    def diff(self, base: "Provenance") -> "Provenance":
+        """The provenance of ``self - base`` (a fine-tuning delta): this model's, with ``base``."""
+        return dataclasses.replace(self, source=f"{self.source} - {base.source}", base=base)
+
+    def as_dict(self) -> dict:
+        """Plain JSON-ready data (``base`` nested the same way, or None)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["weights_sha256"] = dict(sorted(self.weights_sha256.items()))
+        out["base"] = self.base.as_dict() if self.base is not None else None
+        return out
+
+
 @dataclass
 class Loaded:
     """A model opened for indexing: canonical weights plus what is needed to describe it."""
@@ -45,9 +85,7 @@ class Loaded:
     canonical: "Canonical"
     tokenizer: Any  # a transformers tokenizer, or None when the checkpoint ships none
     config: Any  # the transformers PretrainedConfig
-    provenance: dict = field(default_factory=dict)
-    # source, path, format ("safetensors" | "gguf" | "pickle"), revision, weights_sha256
-    # {file: hex}, architecture (HF class name), model_type, family (adapter name)
+    provenance: Provenance
 
 
 def require(module: str, hint: str = INDEX_EXTRA, why: str = "indexing"):
@@ -76,14 +114,21 @@ class SafetensorsSource:
         for f in files:
             try:
                 with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self._where[k] = f
-                        self._shapes[k] = tuple(h.get_slice(k).get_shape())
+                    names = list(h.keys())
+                    shapes = [tuple(h.get_slice(k).get_shape()) for k in names]
             except Exception as e:  # safetensors raises its own SafetensorError; any is corrupt
                 raise BadCheckpoint(
                     f"{f} is not a readable safetensors file ({_one_line(e)}); "
                     f"re-download or re-save the checkpoint"
                 ) from None
+            for k, shape in zip(names, shapes):
+                if k in self._where:
+                    # Two files with the same tensor (e.g. a leftover shard of an older save next
+                    # to model.safetensors): which one is the model is not ours to guess.
+                    raise BadCheckpoint(f"tensor {k!r} is in both {self._where[k].name} and {f.name}; "
+                                        f"remove the file that does not belong to this checkpoint")
+                self._where[k] = f
+                self._shapes[k] = shape
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -100,10 +145,11 @@ class SafetensorsSource:
         # per tensor is cheap next to the read.
         try:
             with safe_open(str(f), framework="pt") as h:
-                return h.get_tensor(name)
+                tensor = h.get_tensor(name)
         except Exception as e:
             raise BadCheckpoint(f"cannot read tensor {name!r} from {f} ({_one_line(e)}); "
                                 f"the file is truncated or corrupt, re-download it") from None
+        return check_finite(tensor, f"tensor {name!r} in {f.name}", _DAMAGED)
 
 
 class StateDictSource:
@@ -119,27 +165,52 @@ class StateDictSource:
         return tuple(self._state[name].shape)
 
     def get(self, name: str):
-        return self._state[name]
+        return check_finite(self._state[name], f"tensor {name!r}", _DAMAGED)
+
+
+_DAMAGED = "the checkpoint is damaged: re-download it, or fix the run that wrote it"
+
+
+def check_finite(tensor, what: str, fix: str):
+    """``tensor`` unchanged, or NonFiniteWeights naming ``what`` and how many values are NaN/Inf.
+
+    Every tensor read from a checkpoint passes here, one at a time as the adapters read them
+    (memory stays bounded by a layer): a NaN would make every score it touches NaN, rank tokens
+    arbitrarily and, in LAPACK's eigen-solvers, print MKL errors on stdout.
+    """
+    import torch
+
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return tensor
+    n_nan = int(torch.isnan(tensor).sum())
+    n_inf = int(torch.isinf(tensor).sum())
+    counts = " and ".join(f"{n} {word}" for n, word in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
+    plural = "" if n_nan + n_inf == 1 else "s"
+    raise NonFiniteWeights(f"{what} has {counts} value{plural} (of {tensor.numel():,}); {fix}")
 
 
 # --- entry point ----------------------------------------------------------------------------
 
-def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None) -> Loaded:
+def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None, quiet: bool = False) -> Loaded:
     """Open MODEL (local HF dir, ``.gguf`` file or hub id) as canonical weights.
 
-    ``dtype`` defaults to ``torch.float32``. Raises ModelNotFound, BadCheckpoint,
-    UnsupportedArchitecture or MissingDependency with a one-line message.
+    ``dtype`` defaults to ``torch.float32``. ``quiet`` also hides the progress bar transformers
+    draws while it dequantizes a GGUF file (its own tqdm, which its logging settings miss).
+    Raises ModelNotFound, BadCheckpoint (NonFiniteWeights among them), UnsupportedArchitecture
+    or MissingDependency with a one-line message; a layer's tensors are checked when it is read.
     """
     torch = require("torch")
     require("transformers")
     require("safetensors")
     dtype = dtype or torch.float32
 
+    if not str(model_ref).strip():
+        raise ModelNotFound("MODEL is empty; pass a local model directory, a .gguf file or a Hugging Face hub id")
     path = Path(os.path.expanduser(str(model_ref)))
-    revision = None
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return _load_gguf(model_ref, path, dtype)
-    if path.is_file():
+        with _transformers_quiet():
+            return _load_gguf(model_ref, path, dtype, quiet)
+    if path.exists() and not path.is_dir():
         raise BadCheckpoint(f"{model_ref} is a file; MODEL must be a model directory "
                             f"(with config.json) or a .gguf file")
     if not path.exists():
@@ -149,12 +220,32 @@ def load_canonical(model_ref: str, *, allow_pickle: bool = False, dtype=None) ->
         path = _hub_download(str(model_ref), allow_pickle)
     m = _SNAPSHOT.search(str(path.resolve()))
     revision = m.group(1) if m else None
-    return _load_dir(model_ref, path, allow_pickle=allow_pickle, dtype=dtype, revision=revision)
+    with _transformers_quiet():
+        return _load_dir(model_ref, path, allow_pickle=allow_pickle, dtype=dtype, revision=revision)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """Keep transformers' warnings and progress bars off stderr while it reads configs, tokenizers
+    and GGUF files: what matters about a checkpoint is raised by our own checks as one line (a
+    config with vocab_size 0 drew three warnings before our error), and ``-q`` must mean quiet."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_dir(model_ref, path: Path, *, allow_pickle, dtype, revision) -> Loaded:
     from .adapters import adapter_for
 
+    _refuse_special_files(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise BadCheckpoint(f"{path} has no config.json, so it is not a Hugging Face model "
@@ -164,7 +255,8 @@ def _load_dir(model_ref, path: Path, *, allow_pickle, dtype, revision) -> Loaded
     except (ValueError, OSError) as e:
         raise BadCheckpoint(f"{config_file} is not valid JSON ({_one_line(e)}); "
                             f"re-download the checkpoint") from None
-    adapter = adapter_for(raw.get("model_type"), raw.get("architectures"))
+    model_type, hf_architecture = _config_identity(raw, config_file)
+    adapter = adapter_for(model_type, [hf_architecture] if hf_architecture else None)
 
     files, fmt = _weight_files(path, allow_pickle)
     if fmt == "safetensors":
@@ -178,27 +270,137 @@ def _load_dir(model_ref, path: Path, *, allow_pickle, dtype, revision) -> Loaded
     except Exception as e:
         raise BadCheckpoint(f"{config_file} could not be read by transformers "
                             f"({_one_line(e)}); check the file or upgrade transformers") from None
-    canonical = adapter.adapt(source, config, dtype)
+    canonical = _adapt(adapter, source, config, dtype, where=str(path))
     tokenizer = _tokenizer(path)
-    return Loaded(
-        canonical=canonical, tokenizer=tokenizer, config=config,
-        provenance={
-            "source": str(model_ref), "path": str(path.resolve()), "format": fmt,
-            "revision": revision,
-            "weights_sha256": {f.name: _sha256(f) for f in files},
-            "architecture": (raw.get("architectures") or [None])[0],
-            "model_type": raw.get("model_type"), "family": adapter.FAMILY,
-        },
+    provenance = Provenance(
+        source=str(model_ref), path=str(path.resolve()), format=fmt, family=adapter.FAMILY,
+        weights_sha256={f.name: _sha256(f) for f in files}, revision=revision,
+        hf_architecture=hf_architecture, model_type=model_type,
     )
+    return Loaded(canonical=canonical, tokenizer=tokenizer, config=config, provenance=provenance)
+
+
+# What a model directory's readers (ours, transformers', tokenizers') may open.
+_READ_SUFFIXES = {".json", ".safetensors", ".bin", ".pt", ".pth", ".txt", ".model"}
+
+
+def _refuse_special_files(path: Path) -> None:
+    """BadCheckpoint for a checkpoint file that is a FIFO, device or directory: opening a FIFO
+    blocks until someone writes to it, so the load would hang instead of failing."""
+    for f in sorted(path.iterdir()):
+        if f.suffix in _READ_SUFFIXES and not f.is_file():
+            kind = "a directory" if f.is_dir() else "a dangling link" if not f.exists() else "not a regular file"
+            raise BadCheckpoint(f"{f} is {kind}; a checkpoint's files must be regular files: replace or remove it")
+
+
+def _config_identity(raw, config_file: Path) -> tuple[str, Optional[str]]:
+    """(model_type, first of architectures) of a parsed config.json, or BadCheckpoint."""
+    if not isinstance(raw, dict):
+        raise BadCheckpoint(f"{config_file} is not a JSON object (it holds a {type(raw).__name__}); "
+                            f"re-download the checkpoint's config.json")
+    model_type = raw.get("model_type")
+    if model_type is None:
+        raise BadCheckpoint(f"{config_file} has no model_type, so the architecture is unknown; "
+                            f"add it (e.g. \"model_type\": \"gpt2\") or re-download config.json")
+    if not isinstance(model_type, str):
+        raise BadCheckpoint(f"{config_file}: model_type must be a string, not {model_type!r}; "
+                            f"fix config.json")
+    archs = raw.get("architectures")
+    first = archs[0] if isinstance(archs, list) and archs else archs
+    return model_type, first if isinstance(first, str) else None
+
+
+def _adapt(adapter, source, config, dtype, where: str) -> "Canonical":
+    """``adapter.adapt``, with every tensor's shape checked against the dimensions it implies.
+
+    An adapter only reshapes and transposes, so a torch error inside it means the tensors do
+    not have the shapes config.json gives (a lying safetensors header, a config.json of another
+    model). Layers are checked as they are read, like their values (``check_finite``).
+    """
+    try:
+        canonical = adapter.adapt(source, config, dtype)
+    except ZeropassError:
+        raise
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        raise _shape_error(where, "the model", e) from None
+    dims = canonical.dims
+    if dims.d_vocab < 1 or dims.d_model < 1:
+        raise BadCheckpoint(f"{where}: the token embedding has {dims.d_vocab} rows and {dims.d_model} "
+                            f"columns; a model needs at least one token and one dimension")
+    # config.json's layer count against the checkpoint's layer tensors: a smaller count would
+    # index part of the model without a word, a larger one (or 10**12) fail deep inside the build.
+    found = {p.layer for p in canonical.parameters if p.layer is not None}
+    if dims.n_layers < 0 or (found and max(found) + 1 != dims.n_layers) or (not found and dims.n_layers > 0):
+        have = f"tensors of layers 0-{max(found)}" if found else "no layer tensors"
+        raise BadCheckpoint(f"{where}: config.json says {dims.n_layers} layers but the checkpoint has {have}; "
+                            f"the weights and config.json do not belong together")
+    _check_shapes(canonical.embeddings, _embedding_shapes(dims), canonical, where, layer=None)
+    read_layer = canonical.layer_fn
+
+    def layer(l: int):
+        try:
+            lw = read_layer(l)
+        except (ZeropassError, IndexError):
+            raise
+        except (RuntimeError, ValueError, ZeroDivisionError) as e:
+            raise _shape_error(where, f"layer {l}", e) from None
+        _check_shapes(lw, _layer_shapes(dims), canonical, where, layer=l)
+        return lw
+
+    return dataclasses.replace(canonical, layer_fn=layer)
+
+
+def _embedding_shapes(d) -> dict[str, tuple]:
+    return {"W_E": (d.d_vocab, d.d_model), "W_U": (d.d_model, d.d_vocab), "W_pos": (None, d.d_model),
+            "b_U": (d.d_vocab,), "ln_final_w": (d.d_model,), "ln_final_b": (d.d_model,),
+            "ln_embed_w": (d.d_model,), "ln_embed_b": (d.d_model,)}
+
+
+def _layer_shapes(d) -> dict[str, tuple]:
+    H, KV, dm, dh, ff = d.n_heads, d.n_kv_heads, d.d_model, d.d_head, d.d_ff
+    return {"W_Q": (H, dm, dh), "W_K": (KV, dm, dh), "W_V": (KV, dm, dh), "W_O": (H, dh, dm),
+            "W_in": (dm, ff), "W_out": (ff, dm), "W_gate": (dm, ff), "b_Q": (H, dh), "b_K": (KV, dh),
+            "b_V": (KV, dh), "b_O": (dm,), "b_in": (ff,), "b_gate": (ff,), "b_out": (dm,),
+            "ln_attn_w": (dm,), "ln_attn_b": (dm,), "ln_mlp_w": (dm,), "ln_mlp_b": (dm,)}
+
+
+def _check_shapes(obj, expected: dict, canonical, where: str, layer: Optional[int]) -> None:
+    for name, want in expected.items():
+        t = getattr(obj, name)
+        if t is None:
+            continue
+        got = tuple(t.shape)
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+            tensors = [p.name for p in canonical.parameters if p.role == name and p.layer == layer]
+            named = f" (checkpoint tensor {', '.join(tensors)})" if tensors else ""
+            at = f"layer {layer} " if layer is not None else ""
+            want_s = "(" + ", ".join("n" if w is None else str(w) for w in want) + ")"
+            raise BadCheckpoint(f"{where}: {at}{name}{named} has shape {got}, but config.json implies {want_s}; "
+                                f"the weights and config.json do not belong together (or the file's header is wrong)")
+
+
+def _shape_error(where: str, what: str, e: BaseException) -> BadCheckpoint:
+    return BadCheckpoint(f"{where}: {what} cannot be read with the dimensions config.json gives ({_one_line(e)}); "
+                         f"the weights and config.json do not belong together (or the file's header is wrong)")
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, OSError) as e:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError, OSError) as e:
             raise BadCheckpoint(f"{index} is not a valid shard index ({_one_line(e)})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise BadCheckpoint(f"{index} is not a valid shard index (weight_map must map tensor names "
+                                f"to file names); re-download it")
+        shards = sorted(set(weight_map.values()))
+        # A shard is a file of this directory: a name with a path in it could read (and hash)
+        # files elsewhere on the machine, e.g. another model's weights.
+        escaping = [s for s in shards if Path(s).name != s or s in (".", "..")]
+        if escaping:
+            raise BadCheckpoint(f"{index} names shards outside {path} ({escaping[0]!r}); "
+                                f"shards must be plain file names in the model directory")
         files = [path / s for s in shards]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -241,7 +443,7 @@ def _pickle_source(files: list[Path]) -> StateDictSource:
     return StateDictSource(state)
 
 
-def _load_gguf(model_ref, path: Path, dtype) -> Loaded:
+def _load_gguf(model_ref, path: Path, dtype, quiet: bool) -> Loaded:
     require("gguf", hint="pip install gguf", why=f"reading the GGUF file {path.name}")
     require("accelerate", hint="pip install accelerate", why=f"reading the GGUF file {path.name}")
     transformers = require("transformers")
@@ -255,26 +457,25 @@ def _load_gguf(model_ref, path: Path, dtype) -> Loaded:
                             f"check the file or that transformers supports its architecture") from None
     adapter = adapter_for(getattr(config, "model_type", None), getattr(config, "architectures", None))
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        # tqdm picks sys.stderr when the bar is created: redirecting it hides the bar and nothing else.
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except Exception as e:
         raise BadCheckpoint(f"{path} could not be dequantized ({_one_line(e)})") from None
     arch = type(model).__name__
     # The dequantized parameters are the checkpoint now; drop the module graph around them.
     source = StateDictSource({k: v.detach() for k, v in model.state_dict().items()})
     del model
-    canonical = adapter.adapt(source, config, dtype)
+    canonical = _adapt(adapter, source, config, dtype, where=str(path))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as e:
         raise BadCheckpoint(f"the tokenizer in {path} could not be read ({_one_line(e)})") from None
-    return Loaded(
-        canonical=canonical, tokenizer=tokenizer, config=config,
-        provenance={
-            "source": str(model_ref), "path": str(path.resolve()), "format": "gguf",
-            "revision": None, "weights_sha256": {name: _sha256(path)},
-            "architecture": arch, "model_type": config.model_type, "family": adapter.FAMILY,
-        },
+    provenance = Provenance(
+        source=str(model_ref), path=str(path.resolve()), format="gguf", family=adapter.FAMILY,
+        weights_sha256={name: _sha256(path)}, hf_architecture=arch, model_type=config.model_type,
     )
+    return Loaded(canonical=canonical, tokenizer=tokenizer, config=config, provenance=provenance)
 
 
 def _hub_download(repo_id: str, allow_pickle: bool) -> Path:

@@ -88,10 +88,13 @@ def token_options(f):
 
 
 def index_options(f):
-    f = click.option("--k", "k", type=int, default=50, show_default=True, help="Tokens kept per side for each vector.")(f)
+    # Ranges are checked by the library (indexer.build._check_options), before the model is loaded,
+    # so that library callers get the same one-line BadOption as the command line.
+    f = click.option("--k", "k", type=int, default=50, show_default=True,
+                     help="Tokens kept per side for each vector (more than the vocabulary: the whole vocabulary).")(f)
     f = click.option("--pairs", "n_pairs", type=int, default=200, show_default=True,
-                     help="Entries kept per side for each head circuit (QK, OV).")(f)
-    f = click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")(f)
+                     help="Entries kept per side for each head circuit (QK, OV); 0: none.")(f)
+    f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")(f)
     f = click.option("--layers", default=None, help="Only these layers, e.g. 0-5 or 0,3,7 (default: all).")(f)
     f = click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) checkpoints: runs code from the file.")(f)
     return f

@@ -38,7 +38,8 @@ def base_and_tuned(tmp_path_factory):
 def test_trained_layer_delta_promotes_the_target_token(base_and_tuned):
     base, tuned, target = base_and_tuned
     d = diff_models(str(base), str(tuned))
-    assert d.provenance["variant"] == "diff" and d.provenance["base"]["path"].endswith("base")
+    assert d.provenance.base.path.endswith("base") and d.provenance.path.endswith("tuned")
+    assert d.provenance.source == f"{tuned} - {base}"
     delta = d.canonical
 
     top = delta_top_tokens(delta, TRAINED_LAYER, "ff_value", k=5)

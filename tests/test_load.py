@@ -34,11 +34,11 @@ def test_loaded_has_tokenizer_config_and_provenance(gpt2_dir):
     assert loaded.tokenizer("the cat")["input_ids"] == [5, 13]
     assert loaded.config.model_type == "gpt2"
     p = loaded.provenance
-    assert p["source"] == str(gpt2_dir) and p["format"] == "safetensors"
-    assert p["architecture"] == "GPT2LMHeadModel" and p["family"] == "gpt2"
-    assert p["revision"] is None
-    assert set(p["weights_sha256"]) == {"model.safetensors"}
-    assert len(p["weights_sha256"]["model.safetensors"]) == 64
+    assert p.source == str(gpt2_dir) and p.format == "safetensors" and p.path == str(gpt2_dir.resolve())
+    assert p.hf_architecture == "GPT2LMHeadModel" and p.family == "gpt2" and p.model_type == "gpt2"
+    assert p.revision is None and p.base is None
+    assert set(p.weights_sha256) == {"model.safetensors"}
+    assert len(p.weights_sha256["model.safetensors"]) == 64
 
 
 def test_layers_are_read_lazily(gpt2_dir, monkeypatch):
@@ -65,7 +65,7 @@ def test_sharded_checkpoint_equals_single_file(gpt2_dir, tmp_path):
     sharded = save_tiny("gpt2", tmp_path / "sharded", max_shard_size="20KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     a, b = load_canonical(str(gpt2_dir)), load_canonical(str(sharded))
-    assert len(b.provenance["weights_sha256"]) > 1
+    assert len(b.provenance.weights_sha256) > 1
     assert_close(a.canonical.embeddings.W_E, b.canonical.embeddings.W_E)
     for l in range(2):
         la, lb = a.canonical.layer(l), b.canonical.layer(l)
@@ -98,7 +98,7 @@ def test_pickle_only_is_refused_then_allowed(tmp_path):
     msg = one_line_error(e)
     assert "arbitrary code" in msg and "--allow-pickle" in msg and "pytorch_model.bin" in msg
     loaded = load_canonical(str(tmp_path), allow_pickle=True)
-    assert loaded.provenance["format"] == "pickle"
+    assert loaded.provenance.format == "pickle"
     assert_close(loaded.canonical.embeddings.W_E, model.transformer.wte.weight)
     assert_close(loaded.canonical.layer(0).W_out, model.transformer.h[0].mlp.c_proj.weight)
 

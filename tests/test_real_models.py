@@ -72,7 +72,7 @@ def test_minilm_layer0_reproduces_bert_model():
         "bert", 6, 12, 384, 32, 1536, 30522)
     assert d.tied and d.norm_position == "post"
     check_coverage(loaded, 104)
-    assert loaded.provenance["architecture"] == "BertModel"
+    assert loaded.provenance.hf_architecture == "BertModel"
 
     model = BertModel.from_pretrained(str(path)).eval()
     check_components("bert", model, loaded, [0])
@@ -103,7 +103,7 @@ def test_smollm2_gguf_reproduces_llama_model():
     assert (d.architecture, d.n_layers, d.n_heads, d.n_kv_heads, d.d_model, d.d_head, d.d_ff,
             d.d_vocab) == ("llama", 30, 9, 3, 576, 64, 1536, 49152)
     assert d.tied and d.gated and [d.kv_head(h) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert loaded.provenance["format"] == "gguf"
+    assert loaded.provenance.format == "gguf"
     assert loaded.tokenizer("Paris")["input_ids"]
     check_coverage(loaded, len(loaded.canonical.parameters))
 

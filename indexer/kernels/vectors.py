@@ -79,12 +79,29 @@ class Projector:
             _matmul_into(X[start:stop], self.basis, padded[:, : self.d_vocab])
             for largest, val, idx in ((True, out.top_val, out.top_idx), (False, out.bot_val, out.bot_idx)):
                 val[start:stop], idx[start:stop] = select(padded, self.d_vocab, k, largest)
+        _check_scores(out, X, self.basis)
         return out
 
     def _scores(self, rows: int) -> Tensor:
         if self._buf is None or self._buf.shape[0] < rows:
             self._buf = torch.empty(rows, self.width, dtype=torch.float32, device=self.device)
         return self._buf[:rows]
+
+
+def _check_scores(out: TopK, X: Tensor, basis: Tensor) -> None:
+    """NonFiniteWeights when a score is NaN or infinite, from finite weights (the loader refused
+    non-finite ones) whose products overflow float32.
+
+    The selected lists are enough to look at: a row holding +inf (or NaN, which sorts above
+    everything) has it first in its top list, a row holding -inf has it first in its bottom list.
+    """
+    if bool(torch.isfinite(out.top_val).all()) and bool(torch.isfinite(out.bot_val).all()):
+        return
+    from ..errors import NonFiniteWeights
+
+    largest = max(float(X.abs().max()), float(basis.abs().max()))
+    raise NonFiniteWeights(f"projecting {X.shape[0]} vectors gave scores too large for float32 (weights reach "
+                           f"{largest:.3g}); such weights are not a trained model's: the checkpoint is damaged")
 
 
 def select(padded: Tensor, n_cols: int, k: int, largest: bool) -> tuple[Tensor, Tensor]:
@@ -141,6 +158,8 @@ def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> None:
     if out.device.type == "cpu":
         import numpy as np
 
-        np.matmul(a.contiguous().numpy(), b.numpy(), out=out.numpy())
+        # Overflow is reported once, as a typed error, by _check_scores: no numpy warning line.
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.matmul(a.contiguous().numpy(), b.numpy(), out=out.numpy())
     else:
         torch.matmul(a, b, out=out)
