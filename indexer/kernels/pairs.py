@@ -248,7 +248,8 @@ def top_pairs(
     if square and A.shape[0] != B.shape[0]:
         raise ValueError(f"square=True needs as many rows as columns, got {A.shape[0]} and {B.shape[0]}")
     if 0 in A.shape or 0 in B.shape:
-        raise ValueError(f"need at least one row, one column and d >= 1, got {tuple(A.shape)} and {tuple(B.shape)}")
+        raise ValueError(f"need at least one row, one column and d >= 1, "
+                         f"got {tuple(A.shape)} and {tuple(B.shape)}")
     if n < 1 or k < 1:
         raise ValueError(f"n and k must be positive, got n={n}, k={k}")
     if basis not in ("svd", "none"):
@@ -348,9 +349,9 @@ class _Extremes:
     """Bounds of each laid-out row's (or column's) maximum and minimum over its screened
     entries, and the role thresholds derived from them.
 
-    A block folded with margin ``marg`` (every screened value within ``marg`` of its exact
-    value) moves ``max_upper >= `` and ``max_lower <=`` the largest exact value among the row's
-    screened entries; ``min_lower`` / ``min_upper`` mirror them. Each block uses its own margin,
+    Folding a block with margin ``marg`` (every screened value within ``marg`` of its exact
+    value) keeps ``max_upper`` above and ``max_lower`` below the largest exact value among the
+    row's screened entries; ``min_lower`` / ``min_upper`` mirror them. Each block uses its own margin,
     which is tight because a block's rows / columns have similar norms.
     """
 
@@ -434,7 +435,8 @@ class _Screening:
         beta = torch.linalg.norm(Bb, dim=1)  # [C]
         self.Ab, self.Bb, self.alpha, self.beta = Ab, Bb, alpha, beta
         # |a'_i·b'_j - a_i·b_j| <= c_T ‖a_i‖‖b_j‖ <= basis_err, for every entry.
-        self.basis_err = c_T * float(torch.linalg.norm(A64, dim=1).max()) * float(torch.linalg.norm(B64, dim=1).max())
+        a_max, b_max = float(torch.linalg.norm(A64, dim=1).max()), float(torch.linalg.norm(B64, dim=1).max())
+        self.basis_err = c_T * a_max * b_max
         # Screen margin: |S_ij - M_ij| <= c_screen ‖a'_i‖‖b'_j‖ + eps_screen.
         self.c_screen, eps = _screen_margin(d, screen_dtype)
         self.eps_screen = eps + self.basis_err
@@ -456,7 +458,9 @@ class _Screening:
         # seeds are never all the columns).
         lens = torch.tensor(self.col_edges, device=dev).diff()
         n_cells = lens.numel()
-        per_cell = lambda x, red: torch.segment_reduce(x[self.col_order][self.n_seed:], red, lengths=lens)  # noqa: E731
+        def per_cell(x, red):
+            return torch.segment_reduce(x[self.col_order][self.n_seed:], red, lengths=lens)
+
         self.cell_b1_lo, self.cell_b1_hi = per_cell(b1, "min"), per_cell(b1, "max")
         self.cell_rest_max, self.cell_norm_max = per_cell(b_rest, "max"), per_cell(beta, "max")
         self.cell_of = torch.repeat_interleave(torch.arange(n_cells, device=dev), lens)
@@ -478,7 +482,8 @@ class _Screening:
             self.off_diag_upper = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)
             self.undecided = torch.ones(R, dtype=torch.bool, device=dev)
             self.place_in_block = torch.full((C,), -1, dtype=torch.long, device=dev)  # scratch
-        n_blocks = (len(self.row_edges) - 1) * n_cells + (self.n_seed > 0) * ((R + self.seed_rows - 1) // self.seed_rows)
+        n_seed_blocks = (R + self.seed_rows - 1) // self.seed_rows if self.n_seed else 0
+        n_blocks = (len(self.row_edges) - 1) * n_cells + n_seed_blocks
         self.stats = dict(rows=R, cols=C, d=d, entries_screened=0, blocks=n_blocks, blocks_computed=0,
                           rescored=0, seed_cols=self.n_seed, basis="svd" if c_T > 0 else "none")
 
@@ -569,7 +574,8 @@ class _Screening:
         cells = torch.nonzero(cell_needed).squeeze(1)
         if cells.numel() == 0:
             return
-        ub, lb = _dot_bounds(x1[:, None], xr[:, None], xn[:, None], lo[cells], hi[cells], rho[cells], bm[cells])
+        ub, lb = _dot_bounds(x1[:, None], xr[:, None], xn[:, None],
+                             lo[cells], hi[cells], rho[cells], bm[cells])
         need = (ub >= th_hi) | (lb <= th_lo)
         ridx = torch.nonzero(need.any(1)).squeeze(1)
         if ridx.numel():
