@@ -106,11 +106,61 @@ def test_float32_inputs_are_upcast():
     assert_matches(res, A, B, 20, 5, True)
 
 
-def test_bad_input_raises():
+@pytest.mark.parametrize("A,B,kw", [
+    pytest.param(rand(5, 3), rand(6, 3), {}, id="square-shape"),
+    pytest.param(rand(5, 3), rand(5, 4), {}, id="d-mismatch"),
+    pytest.param(rand(5), rand(5, 1), {}, id="1-d"),
+    pytest.param(rand(5, 3), rand(5, 3), dict(n=0), id="n-0"),
+    pytest.param(rand(5, 3), rand(5, 3), dict(k=0), id="k-0"),
+    pytest.param(rand(5, 3), rand(5, 3), dict(basis="qr"), id="unknown-basis"),
+    pytest.param(rand(0, 3), rand(0, 3), {}, id="no-rows"),
+    pytest.param(rand(4, 3), rand(0, 3), dict(square=False), id="no-cols"),
+    pytest.param(rand(5, 0), rand(5, 0), {}, id="d-0"),
+])
+def test_bad_input_raises(A, B, kw):
     with pytest.raises(ValueError):
-        top_pairs(rand(5, 3), rand(6, 3), square=True)
-    with pytest.raises(ValueError):
-        top_pairs(rand(5, 3), rand(5, 4))
+        top_pairs(A, B, **kw)
+
+
+def test_docstring_example():
+    import doctest
+
+    import indexer.kernels.pairs as pairs
+
+    assert doctest.testmod(pairs).failed == 0
+
+
+def scaled_columns(sa, sb):
+    A, B = rand(500, 6), rand(500, 6, seed=1)
+    A[:, 3] *= sa
+    B[:, 2] *= sb
+    return A, B
+
+
+@pytest.mark.parametrize("sa,sb", [
+    # Cholesky succeeds but R's diagonal spans more than 1e6: near rank-deficient.
+    pytest.param(1e-8, 1.0, id="near-rank-deficient"),
+    # R is well enough conditioned, but the transform's measured error c_T exceeds 1e-6.
+    pytest.param(2e-6, 2e-6, id="ill-conditioned-transform"),
+])
+def test_basis_falls_back_to_given_factors(sa, sb):
+    A, B = scaled_columns(sa, sb)
+    res = top_pairs(A, B, 30, 10, **SMALL)
+    assert res.stats["basis"] == "none"
+    assert_matches(res, A, B, 30, 10, True)
+
+
+def test_role_lists_stop_early():
+    # Copying-like head with default blocks: a role list has more than one 256-row chunk of
+    # candidates and the exact k-th maximum of the first chunk rules out the rest (the early
+    # stop of _FullRows.role_list; line coverage checked).
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(3000, 64, generator=g, dtype=torch.float64)
+    A[:, 0] += 2.0
+    B = A + 0.3 * torch.randn(3000, 64, generator=g, dtype=torch.float64)
+    res = top_pairs(A, B, 200, 50)
+    assert res.stats["role_candidates"] > 256
+    assert_matches(res, A, B, 200, 50, True)
 
 
 @pytest.fixture(scope="module")
@@ -151,4 +201,13 @@ def test_self_rows_with_small_cells_no_duplicate_entries():
         res = top_pairs(A, B, n, 20, block_rows=64, block_cols=512, first_block_cols=16, cell_cols=16)
         assert_matches(res, A, B, n, 20, True)
         key = res.top_rows * 3000 + res.top_cols
+        assert torch.unique(key).numel() == key.numel()
+    # With a smaller first coordinate and a long list, an entry does reach a pool twice (the
+    # de-duplication in _EntryPool.add runs here; line coverage checked).
+    A[:, 0] -= 2.0
+    B[:, 0] -= 2.0
+    res = top_pairs(A, B, 2000, 20, block_rows=64, block_cols=512, first_block_cols=16, cell_cols=16)
+    assert_matches(res, A, B, 2000, 20, True)
+    for rows, cols in ((res.top_rows, res.top_cols), (res.bot_rows, res.bot_cols)):
+        key = rows * 3000 + cols
         assert torch.unique(key).numel() == key.numel()

@@ -209,15 +209,7 @@ def _strict_matmul(device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def _kth(x: Tensor, k: int, largest: bool) -> float:
-    """k-th largest (smallest) finite bound in ``x``; -inf (+inf) if fewer than k are finite."""
-    if x.numel() < k:
-        return _NEG_INF if largest else _POS_INF
-    v = float(torch.topk(x, k, largest=largest, sorted=False).values.min() if largest
-              else torch.topk(x, k, largest=largest, sorted=False).values.max())
-    return v
+# entry point
 
 
 def top_pairs(
@@ -238,17 +230,30 @@ def top_pairs(
     """Exact top/bottom-``n`` entries, top-``k`` role rows/columns and the self-top-1 fraction of
     ``M = A @ B.T`` (``A``: [rows, d], ``B``: [cols, d]), computed without building ``M``.
 
-    >>> A = torch.randn(1000, 16, dtype=torch.float64); B = torch.randn(1000, 16, dtype=torch.float64)
+    ``block_rows`` is the row cell size, ``block_cols`` the widest block screened at once (and
+    the largest column band), ``first_block_cols`` the number of seed columns of each kind and
+    ``cell_cols`` the column cell size (capped at ``block_cols``).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> A, B = torch.randn(2, 1000, 16, dtype=torch.float64, generator=g)
     >>> r = top_pairs(A, B, n=5, k=3)
-    >>> M = A @ B.T; bool(r.top_vals[0] == M.max())
+    >>> M = A @ B.T  # the dense matrix, for comparison (its BLAS sums round differently)
+    >>> divmod(int(M.argmax()), 1000) == (int(r.top_rows[0]), int(r.top_cols[0]))
+    True
+    >>> bool(torch.isclose(r.top_vals[0], M.max(), rtol=1e-12, atol=0.0))
     True
     """
     if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
         raise ValueError(f"need A [rows, d] and B [cols, d], got {tuple(A.shape)} and {tuple(B.shape)}")
     if square and A.shape[0] != B.shape[0]:
         raise ValueError(f"square=True needs as many rows as columns, got {A.shape[0]} and {B.shape[0]}")
+    if 0 in A.shape or 0 in B.shape:
+        raise ValueError(f"need at least one row, one column and d >= 1, "
+                         f"got {tuple(A.shape)} and {tuple(B.shape)}")
     if n < 1 or k < 1:
         raise ValueError(f"n and k must be positive, got n={n}, k={k}")
+    if basis not in ("svd", "none"):
+        raise ValueError(f"basis must be 'svd' or 'none', got {basis!r}")
     dev = torch.device(device)
     # CPU: blocks that stay in cache; GPU: few, large blocks (per-block host syncs dominate).
     gpu = dev.type == "cuda"
@@ -256,520 +261,560 @@ def top_pairs(
     block_cols = block_cols or (65536 if gpu else 8192)
     t_start = time.perf_counter()
     with _strict_matmul(dev):
-        return _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, basis,
-                          first_block_cols, min(cell_cols, block_cols), t_start)
+        scan = _Screening(A, B, n, k, square=square, device=dev, screen_dtype=screen_dtype,
+                          basis=basis, row_cell=block_rows, max_block_cols=block_cols,
+                          seed_cols=first_block_cols, cell_cols=min(cell_cols, block_cols))
+        scan.screen_seed_columns()
+        scan.screen_cells()
+        t_screen = time.perf_counter()
+        res = scan.result()
+    res.stats["t_screen_s"] = t_screen - t_start
+    res.stats["t_total_s"] = time.perf_counter() - t_start
+    return res
 
 
-def _top_pairs(A, B, n, k, square, dev, block_rows, block_cols, screen_dtype, basis,
-               first_block_cols, cell_cols, t_start):
-    A64 = A.detach().to(dev, torch.float64)
-    B64 = B.detach().to(dev, torch.float64)
-    R, C = A64.shape[0], B64.shape[0]
-    d = A64.shape[1]
-    n = min(n, R * C)
-    k_r, k_c = min(k, R), min(k, C)
+# ----------------------------------------------------------------------------------------------
+# layout and bounds
 
-    if basis == "svd":
-        Ab, Bb, c_T = _balanced_basis(A64, B64)
-    elif basis == "none":
-        Ab, Bb, c_T = A64, B64, 0.0
+
+def _layout(norm: Tensor, rest: Tensor, first: Tensor, band: int, cell: int,
+            seed_n: int) -> tuple[Tensor, int, list[int]]:
+    """Order of the rows (or columns) for screening: ``(order, n_seed, edges)``.
+
+    ``order`` starts with the seed vectors (the ``seed_n`` largest ``norm``, largest and smallest
+    ``first`` coordinate, without repeats; none unless there are more than ``3 seed_n``), then
+    the rest in bands by decreasing ``rest`` norm (band sizes 4·cell, 8·cell, ... up to ``band``:
+    the largest rest norms matter most), each band sorted by ``first`` and cut into cells of
+    ``cell``. ``edges`` are the cell boundaries in the order, the first being ``n_seed``.
+
+    Why: in the balanced basis the first coordinate (largest singular value) is nearly
+    sign-constant on real heads (the embeddings' common direction), so the bound of
+    ``_dot_bounds`` separates the top side from the bottom side, which Cauchy–Schwarz can't. It is
+    evaluated per (row, column cell); a cell has a narrow range of the first coordinate and of
+    the rest norm, so the cell bound is close to the per-entry bound. Rows are laid out the same
+    way (narrow a_1 and ‖a‖ per row cell), so the rows of a cell need nearly the same column
+    cells and the (needed rows) × (needed cells) product screened is close to what is needed.
+    """
+    N = norm.numel()
+    by_norm = torch.argsort(norm, descending=True, stable=True)
+    if seed_n > 0 and N > 3 * seed_n:
+        cand = torch.cat([by_norm[:seed_n], torch.topk(first, seed_n).indices,
+                          torch.topk(-first, seed_n).indices])
+        is_seed = torch.zeros(N, dtype=torch.bool, device=norm.device)
+        is_seed[cand] = True
+        seed = by_norm[is_seed[by_norm]]
     else:
-        raise ValueError(f"basis must be 'svd' or 'none', got {basis!r}")
-    alpha = torch.linalg.norm(Ab, dim=1)  # [R] ‖a'_i‖
-    beta = torch.linalg.norm(Bb, dim=1)  # [C]
-    # Screen margin: |S_ij - M_ij| <= c ‖a'_i‖‖b'_j‖ + eps_abs, where eps_abs also absorbs the
-    # basis change (c_T ‖a_i‖‖b_j‖ <= c_T max‖a‖ max‖b‖).
-    c_s, eps_abs = _screen_margin(d, screen_dtype)
-    eps_abs += c_T * float(torch.linalg.norm(A64, dim=1).max()) * float(torch.linalg.norm(B64, dim=1).max())
-    # |M_ij| <= ‖a'_i‖‖b'_j‖ + eps_T (Cauchy–Schwarz in the new basis plus the basis error).
-    eps_T = c_T * float(torch.linalg.norm(A64, dim=1).max()) * float(torch.linalg.norm(B64, dim=1).max())
+        seed = by_norm[:0]
+        is_seed = torch.zeros(N, dtype=torch.bool, device=norm.device)
+    by_rest = torch.argsort(rest, descending=True, stable=True)
+    rest_idx = by_rest[~is_seed[by_rest]]
+    parts, edges = [seed], [seed.numel()]
+    b0, size = 0, 4 * cell
+    while b0 < rest_idx.numel():
+        idx = rest_idx[b0 : b0 + size]
+        b0 += size
+        size = min(band, 2 * size)
+        idx = idx[torch.argsort(first[idx], stable=True)]
+        parts.append(idx)
+        base = edges[-1]
+        for c0 in range(cell, idx.numel(), cell):
+            edges.append(base + c0)
+        edges.append(base + idx.numel())
+    return torch.cat(parts), seed.numel(), edges
 
-    # ------------------------------------------------------------------------------------------
-    # Layout. Sign-aware bound: in the balanced basis the first coordinate (largest singular
-    # value) is nearly sign-constant on real heads (the embeddings' common direction), so
-    #     a·b = a_1 b_1 + a_rest·b_rest ∈ [min(a_1 b_1) - ‖a_rest‖‖b_rest‖, max(a_1 b_1) + ‖a_rest‖‖b_rest‖]
-    # separates the top side from the bottom side, which Cauchy–Schwarz (|a·b| <= ‖a‖‖b‖) can't.
-    # It is evaluated per (row, column cell), where a cell is a contiguous run of columns with a
-    # narrow range of b_1 and of ‖b‖ (columns are cut into norm bands, each band sorted by b_1 and
-    # cut into cells), so the block bound is close to the per-entry bound. Rows are laid out the
-    # same way (row cells: narrow a_1 and ‖a‖), so the rows of a cell need nearly the same column
-    # cells and the (needed rows) × (needed cells) product screened is close to what is needed.
-    # The first columns of the layout are "seed" columns (largest ‖b‖, largest b_1, smallest
-    # b_1), screened against every row first: they give strong thresholds and decide most
-    # self rows before any pruning decision is taken. Every entry is covered exactly once:
-    # seed columns × all rows, then (row cell) × (column cell) pairs, each screened or skipped.
-    a1_all, b1_all = Ab[:, 0], Bb[:, 0]
-    ar_all = torch.linalg.norm(Ab[:, 1:], dim=1)
-    br_all = torch.linalg.norm(Bb[:, 1:], dim=1)
 
-    def layout(norm, rest, first, band, cell, seed_n):
-        """Permutation: seed (top ‖·‖, top first, bottom first coordinate), then bands by the rest
-        norm (largest first; band sizes 4·cell, 8·cell, ... up to ``band``: the largest rest
-        norms matter most), each band sorted by the first coordinate and cut into cells of
-        ``cell``; and the cell edges of the non-seed part."""
-        N = norm.numel()
-        by_norm = torch.argsort(norm, descending=True, stable=True)
-        if seed_n > 0 and N > 3 * seed_n:
-            cand = torch.cat([by_norm[:seed_n], torch.topk(first, seed_n).indices,
-                              torch.topk(-first, seed_n).indices])
-            is_seed = torch.zeros(N, dtype=torch.bool, device=norm.device)
-            is_seed[cand] = True
-            seed = by_norm[is_seed[by_norm]]
-        else:
-            seed = by_norm[:0]
-            is_seed = torch.zeros(N, dtype=torch.bool, device=norm.device)
-        by_rest = torch.argsort(rest, descending=True, stable=True)
-        rest_idx = by_rest[~is_seed[by_rest]]
-        parts, edges = [seed], [seed.numel()]
-        b0, size = 0, 4 * cell
-        while b0 < rest_idx.numel():
-            idx = rest_idx[b0 : b0 + size]
-            b0 += size
-            size = min(band, 2 * size)
-            idx = idx[torch.argsort(first[idx], stable=True)]
-            parts.append(idx)
-            base = edges[-1]
-            for c0 in range(cell, idx.numel(), cell):
-                edges.append(base + c0)
-            edges.append(base + idx.numel())
-        return torch.cat(parts), seed.numel(), edges
+def _dot_bounds(x1, xr, xn, lo, hi, rho, bm) -> tuple[Tensor, Tensor]:
+    """Upper / lower bounds of x·y for rows x = (x1, rest norm xr, norm xn) (column vectors)
+    against cells with y_1 ∈ [lo, hi], ‖y_rest‖ <= rho, ‖y‖ <= bm (row vectors).
 
-    row_order, _, row_edges = layout(alpha, ar_all, a1_all, block_cols, block_rows, 0)
-    col_order, n_seed, col_edges = layout(beta, br_all, b1_all, block_cols, cell_cols, first_block_cols)
-    alpha_s, beta_s = alpha[row_order], beta[col_order]
-    a1, ar, b1, br = a1_all[row_order], ar_all[row_order], b1_all[col_order], br_all[col_order]
-    As = Ab[row_order].to(screen_dtype)
-    Bs = Bb[col_order].to(screen_dtype)  # [C, d]; blocks use Bs[cols].T
-    beta_max = float(beta.max()) if C else 0.0
-    alpha_max = float(alpha.max()) if R else 0.0
+    With x = (x_1, x_rest): ``x·y = x_1 y_1 + x_rest·y_rest``, and ``x_1 y_1`` is between the
+    products at the ends of [lo, hi] (linear in y_1), ``|x_rest·y_rest| <= ‖x_rest‖ rho``; also
+    ``|x·y| <= ‖x‖ bm`` (Cauchy–Schwarz). Both bounds hold, so their intersection does.
+    """
+    p1, p2 = x1 * lo, x1 * hi
+    cs = xn * bm
+    xrr = xr * rho
+    ub = torch.minimum(torch.maximum(p1, p2) + xrr, cs)
+    lb = torch.maximum(torch.minimum(p1, p2) - xrr, -cs)
+    return ub, lb
 
-    # Per laid-out row / column: extreme screened values over the computed entries.
-    row_hi = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)
-    row_lo = torch.full((R,), _POS_INF, dtype=torch.float64, device=dev)
-    col_hi = torch.full((C,), _NEG_INF, dtype=torch.float64, device=dev)
-    col_lo = torch.full((C,), _POS_INF, dtype=torch.float64, device=dev)
-    # Margin-adjusted bounds of the screened extremes (each block with its own margin, which is
-    # tight since a block's rows / columns have similar norms): row_hi >= max of the screened
-    # exact values (an upper bound), row_hl <= it (a lower bound); row_lo / row_lu mirror them.
-    row_hl = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)
-    row_lu = torch.full((R,), _POS_INF, dtype=torch.float64, device=dev)
-    col_hl = torch.full((C,), _NEG_INF, dtype=torch.float64, device=dev)
-    col_lu = torch.full((C,), _POS_INF, dtype=torch.float64, device=dev)
 
-    top = _EntryPool(n, C, True, dev)
-    bot = _EntryPool(n, C, False, dev)
+def _kth(x: Tensor, k: int, largest: bool) -> float:
+    """k-th largest (smallest) value of ``x`` (``k <= x.numel()``)."""
+    vals = torch.topk(x, k, largest=largest, sorted=False).values
+    return float(vals.min() if largest else vals.max())
 
-    if square:
-        diag = (A64 * B64).sum(1)[row_order]  # exact M_ii, in laid-out row order
-        col_pos = torch.empty(C, dtype=torch.long, device=dev)
-        col_pos[col_order] = torch.arange(C, device=dev)
-        diag_col = col_pos[row_order]  # laid-out column position of each laid-out row's diagonal
-        off_hi = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)  # max over j != i
-        undecided = torch.ones(R, dtype=torch.bool, device=dev)  # not yet proven "not self"
-        pos_buf = torch.full((C,), -1, dtype=torch.long, device=dev)  # column -> place in block
-    thr = dict(rmax=_NEG_INF, rmin=_POS_INF, cmax=_NEG_INF, cmin=_POS_INF)
 
-    stats = dict(rows=R, cols=C, d=d, entries_screened=0, blocks=0, blocks_computed=0,
-                 rescored=0, seed_cols=n_seed, basis="svd" if c_T > 0 else "none")
+class _Extremes:
+    """Bounds of each laid-out row's (or column's) maximum and minimum over its screened
+    entries, and the role thresholds derived from them.
 
-    def rescore(r_pos: Tensor, c_pos: Tensor):
-        ri, ci = row_order[r_pos], col_order[c_pos]
-        stats["rescored"] += int(ri.numel())
-        return ri, ci, (A64[ri] * B64[ci]).sum(1)
+    Folding a block with margin ``marg`` (every screened value within ``marg`` of its exact
+    value) keeps ``max_upper`` above and ``max_lower`` below the largest exact value among the
+    row's screened entries; ``min_lower`` / ``min_upper`` mirror them. Each block uses its own margin,
+    which is tight because a block's rows / columns have similar norms.
+    """
 
-    ctx = _Ctx(top=top, bot=bot, rescore=rescore, row_hi=row_hi, row_lo=row_lo, col_hi=col_hi,
-               col_lo=col_lo, c_s=c_s, eps_abs=eps_abs, alpha_s=alpha_s, beta_s=beta_s, thr=thr,
-               square=square, row_hl=row_hl, row_lu=row_lu, col_hl=col_hl, col_lu=col_lu, **(dict(diag=diag, diag_col=diag_col,
-               off_hi=off_hi, undecided=undecided, pos_buf=pos_buf) if square else {}))
+    def __init__(self, size: int, k: int, device):
+        full = lambda v: torch.full((size,), v, dtype=torch.float64, device=device)  # noqa: E731
+        self.k = k  # length of the role lists (at most ``size``)
+        self.max_upper, self.max_lower = full(_NEG_INF), full(_NEG_INF)
+        self.min_lower, self.min_upper = full(_POS_INF), full(_POS_INF)
+        self.t_max, self.t_min = _NEG_INF, _POS_INF  # role thresholds
 
-    def update_role_thresholds():
-        # k-th largest lower bound of the row/col maxima (and mirror images); only rise.
-        thr["rmax"] = max(thr["rmax"], _kth(row_hl, k_r, True))
-        thr["rmin"] = min(thr["rmin"], _kth(row_lu, k_r, False))
-        thr["cmax"] = max(thr["cmax"], _kth(col_hl, k_c, True))
-        thr["cmin"] = min(thr["cmin"], _kth(col_lu, k_c, False))
+    def fold_max(self, idx: Tensor, v: Tensor, marg: float) -> None:
+        self.max_upper[idx] = torch.maximum(self.max_upper[idx], v + marg)
+        self.max_lower[idx] = torch.maximum(self.max_lower[idx], v - marg)
 
-    def screen(r0, r1, ridx, cols):
-        """Screen laid-out rows ``ridx`` (within r0:r1; None = all) × columns ``cols`` (a slice
-        or an index tensor) and fold the block into the state."""
-        if ridx is None:
-            lhs, rows = As[r0:r1], torch.arange(r0, r1, device=dev)
-            a_sel = float(alpha_s[r0:r1].max())
-        else:
-            rows = ridx + r0
-            lhs = As[rows]
-            a_sel = float(alpha_s[rows].max())
-        if isinstance(cols, slice):
-            cidx_all = torch.arange(cols.start, cols.stop, device=dev)
-        else:
-            cidx_all = cols
-        # Cache-sized pieces: the bookkeeping passes over S are memory-bound.
-        for p0 in range(0, cidx_all.numel(), block_cols):
-            cidx = cidx_all[p0 : p0 + block_cols]
-            if isinstance(cols, slice):
-                rhs = Bs[cols.start + p0 : cols.start + p0 + cidx.numel()]
-            else:
-                rhs = Bs.index_select(0, cidx)
-            _screen_piece(lhs, rows, a_sel, rhs, cidx)
+    def fold_min(self, idx: Tensor, v: Tensor, marg: float) -> None:
+        self.min_lower[idx] = torch.minimum(self.min_lower[idx], v - marg)
+        self.min_upper[idx] = torch.minimum(self.min_upper[idx], v + marg)
 
-    def _screen_piece(lhs, rows, a_sel, rhs, cidx):
-        stats["blocks_computed"] += 1
-        stats["entries_screened"] += int(rows.numel()) * int(cidx.numel())
-        S = torch.mm(lhs, rhs.T)  # [rows, q] screened values
-        # Every screened entry of the block is within this of its exact value.
-        marg = c_s * a_sel * float(beta_s[cidx].max()) + eps_abs
-        _process_block(S, rows, cidx, marg, ctx)
+    def raise_thresholds(self) -> None:
+        """``t_max`` becomes the k-th largest ``max_lower`` if that is higher (``t_min`` mirrors it).
 
-    # 1. Seed columns against every row (no pruning).
-    seed_rows = max(block_rows, 2048)
-    if n_seed:
-        for r0 in range(0, R, seed_rows):
-            screen(r0, min(R, r0 + seed_rows), None, slice(0, n_seed))
-        update_role_thresholds()
+        Each ``max_lower`` is at most an exact entry of its row, hence at most the row's true
+        maximum; k rows whose true maxima are all >= the k-th largest ``max_lower`` exist, so it
+        is a lower bound of the true k-th largest maximum. Taking the max with the previous value
+        keeps it one and makes the thresholds only rise."""
+        self.t_max = max(self.t_max, _kth(self.max_lower, self.k, True))
+        self.t_min = min(self.t_min, _kth(self.min_upper, self.k, False))
 
-    # 2. (row cell) × (column cell) pairs, pruned by the sign-aware bound.
-    slack = eps_T + 1e-12 * alpha_max * beta_max  # basis error and fp64 rounding of the bounds
-    ce = torch.tensor(col_edges, device=dev)
-    n_cells = len(col_edges) - 1
-    if n_cells:
-        lens = ce[1:] - ce[:-1]
-        seg = lambda x, red: torch.segment_reduce(x[n_seed:], red, lengths=lens)  # noqa: E731
-        lo_c, hi_c = seg(b1, "min"), seg(b1, "max")
-        rho_c, bmax_c = seg(br, "max"), seg(beta_s, "max")
-        cell_of = torch.repeat_interleave(torch.arange(n_cells, device=dev), lens)
-    stats["blocks"] = (len(row_edges) - 1) * n_cells + (n_seed > 0) * ((R + seed_rows - 1) // seed_rows)
+    def role_bound(self, largest: bool) -> tuple[Tensor, float, Tensor]:
+        """``(bound, threshold, candidates)`` of the top-k by maximum (``largest``) or bottom-k by
+        minimum. A true top-k row has max >= ``t_max``; every skipped entry is below the
+        threshold, so the row's maximum was screened and ``max_upper >= t_max``: the positions
+        with ``max_upper >= t_max`` include every row of the list."""
+        if largest:
+            return self.max_upper, self.t_max, torch.nonzero(self.max_upper >= self.t_max).squeeze(1)
+        return self.min_lower, self.t_min, torch.nonzero(self.min_lower <= self.t_min).squeeze(1)
 
-    def cell_cols_of(sel):
-        """Laid-out columns of the (sorted) cells ``sel``: a slice when they are one run."""
-        c_lo, c_hi = int(sel[0]), int(sel[-1])
-        if c_hi - c_lo + 1 == sel.numel():
-            return slice(col_edges[c_lo], col_edges[c_hi + 1])
-        mark = torch.zeros(n_cells, dtype=torch.bool, device=dev)
-        mark[sel] = True
-        return torch.nonzero(mark[cell_of]).squeeze(1) + n_seed
 
-    def bounds(x1, xr, xn, lo, hi, rho, bm):
-        """Upper / lower bounds of x·y for rows x = (x1, rest norm xr, norm xn) (column vectors)
-        against cells with y_1 ∈ [lo, hi], ‖y_rest‖ <= rho, ‖y‖ <= bm (row vectors)."""
-        p1, p2 = x1 * lo, x1 * hi
-        cs = xn * bm
-        xrr = xr * rho
-        ub = torch.minimum(torch.maximum(p1, p2) + xrr, cs)
-        lb = torch.maximum(torch.minimum(p1, p2) - xrr, -cs)
-        return ub, lb
+def _reduce_selected_rows(S: Tensor, keep: Tensor, op) -> Optional[Tensor]:
+    """``op(S[keep], 0)`` as float64, without the copy when every row is kept; None if none."""
+    if bool(keep.all()):
+        return op(S, 0).double()
+    if bool(keep.any()):
+        return op(S[keep], 0).double()
+    return None
 
-    for it, (r0, r1) in enumerate(zip(row_edges[:-1], row_edges[1:])):
-        if n_cells == 0:
-            break
-        if it and it % 8 == 0:
-            update_role_thresholds()
-        th_hi = min(top.threshold, thr["rmax"], thr["cmax"]) - slack
-        th_lo = max(bot.threshold, thr["rmin"], thr["cmin"]) + slack
-        x1, xr, xn = a1[r0:r1], ar[r0:r1], alpha_s[r0:r1]
-        # Box of the row cell first (cheap): cells no row of the cell can need.
-        ubb, lbb = bounds(torch.stack([x1.min(), x1.max()])[:, None], xr.max(), xn.max(),
-                          lo_c, hi_c, rho_c, bmax_c)
-        ubb, lbb = ubb.amax(0), lbb.amin(0)
-        cneed = (ubb >= th_hi) | (lbb <= th_lo)
+
+# ----------------------------------------------------------------------------------------------
+# screening
+
+
+class _Screening:
+    """The screening of one matrix ``M = A Bᵀ``: its layout, margins and running state, with one
+    method per phase (``screen_seed_columns``, ``screen_cells``, ``result``).
+
+    Positions ("laid-out" rows / columns) index the orders of ``_layout``: ``row_order[p]`` is the
+    original row at row position p. Every entry is covered: the seed columns against every row
+    (phase 1), then each (row cell, column cell) pair, screened or skipped (phase 2). Product
+    blocks (needed rows × needed cells) can overlap, so an entry may be screened twice; the
+    pools keep one copy.
+
+    Every threshold (the pools' n-th values, the role thresholds of ``rows`` / ``cols``) is a
+    bound of the quantity it guards built from exact or provably bounded values, and thresholds
+    only move inward, so anything skipped at any time is provably outside the result.
+    """
+
+    def __init__(self, A: Tensor, B: Tensor, n: int, k: int, *, square: bool, device: torch.device,
+                 screen_dtype: torch.dtype, basis: str, row_cell: int, max_block_cols: int,
+                 seed_cols: int, cell_cols: int):
+        dev = self.dev = device
+        self.square = square
+        self.max_block_cols = max_block_cols
+        self.A64 = A64 = A.detach().to(dev, torch.float64)  # originals: exact values
+        self.B64 = B64 = B.detach().to(dev, torch.float64)
+        R, C, d = A64.shape[0], B64.shape[0], A64.shape[1]
+        self.R, self.C = R, C
+
+        # Basis and margins.
+        Ab, Bb, c_T = _balanced_basis(A64, B64) if basis == "svd" else (A64, B64, 0.0)
+        alpha = torch.linalg.norm(Ab, dim=1)  # [R] ‖a'_i‖
+        beta = torch.linalg.norm(Bb, dim=1)  # [C]
+        self.Ab, self.Bb, self.alpha, self.beta = Ab, Bb, alpha, beta
+        # |a'_i·b'_j - a_i·b_j| <= c_T ‖a_i‖‖b_j‖ <= basis_err, for every entry.
+        a_max, b_max = float(torch.linalg.norm(A64, dim=1).max()), float(torch.linalg.norm(B64, dim=1).max())
+        self.basis_err = c_T * a_max * b_max
+        # Screen margin: |S_ij - M_ij| <= c_screen ‖a'_i‖‖b'_j‖ + eps_screen.
+        self.c_screen, eps = _screen_margin(d, screen_dtype)
+        self.eps_screen = eps + self.basis_err
+        # Cell bounds are of a'·b' (so they miss M by up to basis_err) and rounded in fp64.
+        self.slack = self.basis_err + 1e-12 * float(alpha.max()) * float(beta.max())
+
+        # Layout.
+        a1, b1 = Ab[:, 0], Bb[:, 0]
+        a_rest = torch.linalg.norm(Ab[:, 1:], dim=1)
+        b_rest = torch.linalg.norm(Bb[:, 1:], dim=1)
+        self.row_order, _, self.row_edges = _layout(alpha, a_rest, a1, max_block_cols, row_cell, 0)
+        self.col_order, self.n_seed, self.col_edges = _layout(beta, b_rest, b1, max_block_cols,
+                                                              cell_cols, seed_cols)
+        self.alpha_s, self.beta_s = alpha[self.row_order], beta[self.col_order]
+        self.a1_s, self.a_rest_s = a1[self.row_order], a_rest[self.row_order]
+        self.As = Ab[self.row_order].to(screen_dtype)
+        self.Bs = Bb[self.col_order].to(screen_dtype)  # [C, d]; blocks use Bs[cols].T
+        # Per column cell: range of b_1, largest ‖b_rest‖, largest ‖b‖ (at least one cell: the
+        # seeds are never all the columns).
+        lens = torch.tensor(self.col_edges, device=dev).diff()
+        n_cells = lens.numel()
+        def per_cell(x, red):
+            return torch.segment_reduce(x[self.col_order][self.n_seed:], red, lengths=lens)
+
+        self.cell_b1_lo, self.cell_b1_hi = per_cell(b1, "min"), per_cell(b1, "max")
+        self.cell_rest_max, self.cell_norm_max = per_cell(b_rest, "max"), per_cell(beta, "max")
+        self.cell_of = torch.repeat_interleave(torch.arange(n_cells, device=dev), lens)
+        self.seed_rows = max(row_cell, 2048)
+
+        # Running state.
+        n = min(n, R * C)
+        self.top = _EntryPool(n, C, True, dev)
+        self.bottom = _EntryPool(n, C, False, dev)
+        self.rows = _Extremes(R, min(k, R), dev)
+        self.cols = _Extremes(C, min(k, C), dev)
         if square:
-            und = undecided[r0:r1]
-            if bool(und.any()):
-                cneed |= ubb >= float(diag[r0:r1][und].min()) - slack
-            else:
-                und = None
-        cells = torch.nonzero(cneed).squeeze(1)
+            # Row p is "self" iff M_ii >= max_j M_ij; it stays undecided until an off-diagonal
+            # entry is proven to beat its diagonal.
+            self.diag = (A64 * B64).sum(1)[self.row_order]  # exact M_ii, per row position
+            col_pos = torch.empty(C, dtype=torch.long, device=dev)
+            col_pos[self.col_order] = torch.arange(C, device=dev)
+            self.diag_col = col_pos[self.row_order]  # column position of each row's diagonal
+            self.off_diag_upper = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)
+            self.undecided = torch.ones(R, dtype=torch.bool, device=dev)
+            self.place_in_block = torch.full((C,), -1, dtype=torch.long, device=dev)  # scratch
+        n_seed_blocks = (R + self.seed_rows - 1) // self.seed_rows if self.n_seed else 0
+        n_blocks = (len(self.row_edges) - 1) * n_cells + n_seed_blocks
+        self.stats = dict(rows=R, cols=C, d=d, entries_screened=0, blocks=n_blocks, blocks_computed=0,
+                          rescored=0, seed_cols=self.n_seed, basis="svd" if c_T > 0 else "none")
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def screen_seed_columns(self) -> None:
+        """Phase 1: the seed columns against every row, without pruning. They give strong
+        thresholds and decide most self rows before any skip decision."""
+        if not self.n_seed:
+            return
+        for r0 in range(0, self.R, self.seed_rows):
+            self._screen(r0, min(self.R, r0 + self.seed_rows), None, slice(0, self.n_seed))
+        self._raise_role_thresholds()
+
+    def screen_cells(self) -> None:
+        """Phase 2: every row cell against the column cells its bound can't rule out."""
+        for i, (r0, r1) in enumerate(zip(self.row_edges[:-1], self.row_edges[1:])):
+            if i and i % 8 == 0:  # the k-th of thousands of bounds moves slowly: not every cell
+                self._raise_role_thresholds()
+            self._screen_row_cell(r0, r1)
+
+    def result(self) -> PairResult:
+        """Phase 3: exact role lists from full rows / columns, and the self-top-1 fraction."""
+        self.stats["thresholds"] = dict(top=self.top.threshold, bot=self.bottom.threshold,
+                                        rmax=self.rows.t_max, rmin=self.rows.t_min,
+                                        cmax=self.cols.t_max, cmin=self.cols.t_min)
+        self._raise_role_thresholds()
+        full = _FullRows(self.A64, self.B64, self.Ab.float(), self.Bb.float(), self.alpha, self.beta,
+                         *_screen_margin(self.A64.shape[1], torch.float32), self.basis_err)
+        lists, n_candidates = [], 0
+        for ext, order, by_cols in ((self.rows, self.row_order, False), (self.cols, self.col_order, True)):
+            for largest in (True, False):
+                bound, t, cand = ext.role_bound(largest)
+                n_candidates += int(cand.numel())
+                lists.append(full.role_list(cand, bound, t, order, ext.k, largest, by_cols))
+        (rt_i, rt_v), (rb_i, rb_v), (ct_i, ct_v), (cb_i, cb_v) = lists
+        stats = dict(role_candidates=n_candidates)
+        self_frac = None
+        if self.square:
+            # Undecided rows: self unless an off-diagonal screened value could reach the diagonal.
+            ambiguous = self.undecided & (self.off_diag_upper >= self.diag)
+            amb = torch.nonzero(ambiguous).squeeze(1)
+            n_self = int((self.undecided & ~ambiguous).sum())
+            if amb.numel():
+                n_self += full.count_self(self.row_order[amb], self.diag[amb])
+            self_frac = n_self / self.R
+            stats["self_ambiguous_rows"] = int(amb.numel())
+        stats.update(self.stats)
+        stats["frac_entries_screened"] = stats["entries_screened"] / (self.R * self.C)
+        stats["frac_blocks_computed"] = stats["blocks_computed"] / max(1, stats["blocks"])
+        return PairResult(
+            top_rows=self.top.rows, top_cols=self.top.cols, top_vals=self.top.vals,
+            bot_rows=self.bottom.rows, bot_cols=self.bottom.cols, bot_vals=self.bottom.vals,
+            row_top_idx=rt_i, row_top_vals=rt_v, row_bot_idx=rb_i, row_bot_vals=rb_v,
+            col_top_idx=ct_i, col_top_vals=ct_v, col_bot_idx=cb_i, col_bot_vals=cb_v,
+            self_top1_frac=self_frac, stats=stats,
+        )
+
+    # -- phase 2, per row cell -------------------------------------------------------------
+
+    def _raise_role_thresholds(self) -> None:
+        self.rows.raise_thresholds()
+        self.cols.raise_thresholds()
+
+    def _screen_row_cell(self, r0: int, r1: int) -> None:
+        """Screen the row positions r0:r1 against the column cells that can matter.
+
+        An entry matters if its upper bound reaches ``th_hi`` (the lowest of the top pool's n-th
+        value and the row / column role thresholds: it could enter a top list) or its lower
+        bound reaches ``th_lo`` (mirror image), or, for an undecided self row, if its upper bound
+        reaches the row's diagonal. The cells are first filtered with the bound of the whole row
+        cell's box (cheap), then per row; the block screened is (needed rows) × (needed cells).
+        """
+        th_hi = min(self.top.threshold, self.rows.t_max, self.cols.t_max) - self.slack
+        th_lo = max(self.bottom.threshold, self.rows.t_min, self.cols.t_min) + self.slack
+        x1, xr, xn = self.a1_s[r0:r1], self.a_rest_s[r0:r1], self.alpha_s[r0:r1]
+        lo, hi, rho, bm = self.cell_b1_lo, self.cell_b1_hi, self.cell_rest_max, self.cell_norm_max
+        ub_box, lb_box = _dot_bounds(torch.stack([x1.min(), x1.max()])[:, None], xr.max(), xn.max(),
+                                     lo, hi, rho, bm)
+        ub_box, lb_box = ub_box.amax(0), lb_box.amin(0)
+        cell_needed = (ub_box >= th_hi) | (lb_box <= th_lo)
+        self_pending = False
+        if self.square:
+            pending = self.undecided[r0:r1]
+            if bool(pending.any()):
+                self_pending = True
+                cell_needed |= ub_box >= float(self.diag[r0:r1][pending].min()) - self.slack
+        cells = torch.nonzero(cell_needed).squeeze(1)
         if cells.numel() == 0:
-            continue
-        # Per row and candidate cell.
-        ub, lb = bounds(x1[:, None], xr[:, None], xn[:, None], lo_c[cells], hi_c[cells],
-                        rho_c[cells], bmax_c[cells])
+            return
+        ub, lb = _dot_bounds(x1[:, None], xr[:, None], xn[:, None],
+                             lo[cells], hi[cells], rho[cells], bm[cells])
         need = (ub >= th_hi) | (lb <= th_lo)
         ridx = torch.nonzero(need.any(1)).squeeze(1)
         if ridx.numel():
             sel = cells[need[ridx].any(0)]
-            screen(r0, r1, None if ridx.numel() == r1 - r0 else ridx, cell_cols_of(sel))
-        if not square or und is None:
-            continue
-        # Self rows: an undecided row also needs every entry whose bound reaches its diagonal,
-        # unless it gets proven "not self" first. Screen those (row, cell) pairs in decreasing
-        # order of the bound: first the best few cells (which decide most rows), then all the
-        # rest for the rows still undecided.
-        need_s = undecided[r0:r1, None] & (ub >= diag[r0:r1, None] - slack) & ~need
-        step = 8
-        while True:
-            rs = torch.nonzero(need_s.any(1)).squeeze(1)
+            self._screen(r0, r1, None if ridx.numel() == r1 - r0 else ridx, self._cell_columns(sel))
+        if self_pending:
+            self._screen_self_cells(r0, r1, cells, ub, need)
+
+    def _screen_self_cells(self, r0: int, r1: int, cells: Tensor, ub: Tensor, screened: Tensor) -> None:
+        """An undecided row also needs every entry whose bound reaches its diagonal, unless it is
+        proven "not self" first. ``ub`` [rows, cells] bounds the row cell's entries per candidate
+        cell; ``screened`` marks the (row, cell) pairs the threshold block already needed. Screen
+        the best 8 cells (largest bound) first, which decide most rows, then all the rest for the
+        rows still undecided (mostly true self rows)."""
+        need = self.undecided[r0:r1, None] & (ub >= self.diag[r0:r1, None] - self.slack) & ~screened
+        for best_only in (True, False):
+            rs = torch.nonzero(need.any(1)).squeeze(1)
             if rs.numel() == 0:
-                break
-            sub_need = need_s[rs]
-            cs_ = torch.nonzero(sub_need.any(0)).squeeze(1)
-            prio = torch.where(sub_need[:, cs_], ub[rs][:, cs_], _NEG_INF).amax(0)
-            take = cs_[torch.topk(prio, min(step, cs_.numel())).indices]
-            take = take.sort().values
-            rows_t = rs[need_s[rs][:, take].any(1)]
-            screen(r0, r1, rows_t, cell_cols_of(cells[take]))
-            need_s[:, take] = False
-            need_s &= undecided[r0:r1, None]
-            step = n_cells  # rows still undecided after the best cells are mostly self: all the rest
-    t_screen = time.perf_counter()
-    stats["thresholds"] = dict(top=top.threshold, bot=bot.threshold, **thr)
+                return
+            sub = need[rs]
+            take = torch.nonzero(sub.any(0)).squeeze(1)
+            if best_only:
+                prio = torch.where(sub[:, take], ub[rs][:, take], _NEG_INF).amax(0)
+                take = take[torch.topk(prio, min(8, take.numel())).indices].sort().values
+            self._screen(r0, r1, rs[sub[:, take].any(1)], self._cell_columns(cells[take]))
+            if best_only:
+                need[:, take] = False
+                need &= self.undecided[r0:r1, None]
 
-    c32, eps32 = _screen_margin(d, torch.float32)
-    fx = _Full(A64=A64, B64=B64, A32=Ab.float(), B32=Bb.float(), an=alpha, bn=beta, c32=c32,
-               eps32=eps32 + eps_T)
-    res = _finish(fx, R, C, n, k_r, k_c, top, bot, row_hi, row_lo, col_hi, col_lo,
-                  row_hl, row_lu, col_hl, col_lu, thr, row_order, col_order, square,
-                  (diag, off_hi, undecided) if square else None, dev)
-    stats["frac_entries_screened"] = stats["entries_screened"] / max(1, R * C)
-    stats["frac_blocks_computed"] = stats["blocks_computed"] / max(1, stats["blocks"])
-    stats["t_screen_s"] = t_screen - t_start
-    stats["t_total_s"] = time.perf_counter() - t_start
-    res.stats.update(stats)
-    return res
+    def _cell_columns(self, sel: Tensor):
+        """Column positions of the (sorted) cells ``sel``: a slice when they are one run."""
+        c_lo, c_hi = int(sel[0]), int(sel[-1])
+        if c_hi - c_lo + 1 == sel.numel():
+            return slice(self.col_edges[c_lo], self.col_edges[c_hi + 1])
+        mark = torch.zeros(self.cell_b1_lo.numel(), dtype=torch.bool, device=self.dev)
+        mark[sel] = True
+        return torch.nonzero(mark[self.cell_of]).squeeze(1) + self.n_seed
 
+    # -- one block ---------------------------------------------------------------------------
 
-@dataclass
-class _Ctx:
-    top: _EntryPool
-    bot: _EntryPool
-    rescore: object
-    row_hi: Tensor
-    row_lo: Tensor
-    col_hi: Tensor
-    col_lo: Tensor
-    c_s: float
-    eps_abs: float
-    alpha_s: Tensor
-    beta_s: Tensor
-    thr: dict
-    square: bool
-    row_hl: Tensor
-    row_lu: Tensor
-    col_hl: Tensor
-    col_lu: Tensor
-    diag: Optional[Tensor] = None  # square only: exact M_ii per sorted row
-    diag_col: Optional[Tensor] = None  # sorted column position of each sorted row's diagonal
-    off_hi: Optional[Tensor] = None  # upper bound of the screened off-diagonal exact values
-    undecided: Optional[Tensor] = None  # rows not yet proven "not self"
-    pos_buf: Optional[Tensor] = None  # [C] -1, scratch: column position -> place in the block
-
-
-def _process_block(S: Tensor, ridx: Tensor, cidx: Tensor, marg: float, ctx: _Ctx) -> None:
-    """Fold one screened block (laid-out rows ``ridx`` × laid-out columns ``cidx``) into the state."""
-    dev = S.device
-    q = int(cidx.numel())
-    rmax = S.amax(1).double()
-    rmin = S.amin(1).double()
-    ctx.row_hi[ridx] = torch.maximum(ctx.row_hi[ridx], rmax + marg)
-    ctx.row_hl[ridx] = torch.maximum(ctx.row_hl[ridx], rmax - marg)
-    ctx.row_lo[ridx] = torch.minimum(ctx.row_lo[ridx], rmin - marg)
-    ctx.row_lu[ridx] = torch.minimum(ctx.row_lu[ridx], rmin + marg)
-
-    # Column extremes only matter for entries that could reach a column-role threshold: an
-    # entry below it now stays below the final (higher) threshold.
-    hi_need = rmax >= ctx.thr["cmax"] - marg
-    lo_need = rmin <= ctx.thr["cmin"] + marg
-    cm = None
-    if bool(hi_need.all()):
-        cm = S.amax(0).double()
-    elif bool(hi_need.any()):
-        cm = S[hi_need].amax(0).double()
-    if cm is not None:
-        ctx.col_hi[cidx] = torch.maximum(ctx.col_hi[cidx], cm + marg)
-        ctx.col_hl[cidx] = torch.maximum(ctx.col_hl[cidx], cm - marg)
-    cm = None
-    if bool(lo_need.all()):
-        cm = S.amin(0).double()
-    elif bool(lo_need.any()):
-        cm = S[lo_need].amin(0).double()
-    if cm is not None:
-        ctx.col_lo[cidx] = torch.minimum(ctx.col_lo[cidx], cm - marg)
-        ctx.col_lu[cidx] = torch.minimum(ctx.col_lu[cidx], cm + marg)
-
-    # Top / bottom entries.
-    for pool, ext, sign in ((ctx.top, rmax, 1.0), (ctx.bot, rmin, -1.0)):
-        t = pool.threshold
-        if pool.vals.numel() < pool.n:
-            # No threshold yet: the exact values of this block's best screened entries give one
-            # (any n exact entries bound the n-th value). They are not added here: the filter
-            # below catches every entry of the block that reaches the threshold, seeds included.
-            m = min(pool.n, S.numel())
-            flat = torch.topk(S.reshape(-1).float() * sign, m).indices
-            _, _, seed = ctx.rescore(ridx[flat // q], cidx[flat % q])
-            known = torch.cat([pool.vals, seed]) * sign
-            if known.numel() >= pool.n:
-                t = sign * float(torch.topk(known, pool.n).values[-1])
-        rows = torch.nonzero(ext * sign >= t * sign - marg).squeeze(1)
-        if rows.numel() == 0:
-            continue
-        sub = S[rows].float()
-        hit = torch.nonzero(sub * sign >= t * sign - marg)
-        if hit.numel():
-            pool.add(*ctx.rescore(ridx[rows[hit[:, 0]]], cidx[hit[:, 1]]))
-
-    if ctx.square:
-        # Only rows not yet proven "not self" need their off-diagonal maximum (decided rows stay
-        # decided; ``off_hi`` is read only for undecided rows).
-        und = torch.nonzero(ctx.undecided[ridx]).squeeze(1)
-        if und.numel():
-            rows_u = ridx[und]
-            ctx.pos_buf[cidx] = torch.arange(q, device=dev)
-            dc = ctx.pos_buf[ctx.diag_col[rows_u]]
-            ctx.pos_buf[cidx] = -1
-            inb = torch.nonzero(dc >= 0).squeeze(1)
-            if inb.numel():  # S is not read after this: mask the diagonal in place
-                S[und[inb], dc[inb]] = _NEG_INF
-            if 2 * und.numel() >= S.shape[0]:
-                offv, offj = S.max(1)
-                offv, offj = offv[und], offj[und]
-            else:
-                offv, offj = S[und].max(1)
-            offv = offv.double()
-            ctx.off_hi[rows_u] = torch.maximum(ctx.off_hi[rows_u], offv + marg)
-            # Proven "not self": the exact value of the row's best screened off-diagonal entry
-            # is above the (exact) diagonal. Only rows where the screen says it could be.
-            dg = ctx.diag[rows_u]
-            cand = torch.nonzero(offv + marg >= dg).squeeze(1)
-            if cand.numel():
-                _, _, ex = ctx.rescore(rows_u[cand], cidx[offj[cand]])
-                beaten = cand[ex > dg[cand]]
-                ctx.undecided[rows_u[beaten]] = False
-
-
-@dataclass
-class _Full:
-    """What the full-row passes of ``_finish`` need: original fp64 factors (exact values), the
-    balanced-basis factors in fp32 with their norms (fast full rows), and the fp32 margin
-    ``|fl32(a'·b') - a·b| <= c32 ‖a'‖‖b'‖ + eps32`` (``_screen_margin`` for fp32 plus the basis
-    error, which ``eps32`` includes)."""
-
-    A64: Tensor
-    B64: Tensor
-    A32: Tensor
-    B32: Tensor
-    an: Tensor
-    bn: Tensor
-    c32: float
-    eps32: float
-
-
-def _row_extremes(X64, Y64, X32, Y32, xn, ymax, c32, eps32, rows, largest, chunk=256):
-    """Exact max (largest) or min of the given rows of ``X64 @ Y64.T``: the rows in fp32, then
-    fp64 dot products for the entries whose fp32 value is within twice the row's fp32 margin
-    ``m_i = c32 ‖x_i‖ max‖y‖ + eps32`` of the fp32 extreme. The true extreme entry is among them:
-    with T the fp32 row (sign-flipped for min), T_j* + m_i >= M_j* >= M_k >= T_k - m_i for the
-    fp32 arg-extreme k, so T_j* >= max T - 2 m_i (cut rounded down in fp32)."""
-    out = []
-    sgn = 1.0 if largest else -1.0
-    for s in range(0, rows.numel(), chunk):
-        r = rows[s : s + chunk]
-        T = torch.mm(X32[r], Y32.T)
-        if not largest:
-            T.neg_()
-        m = c32 * xn[r] * ymax + eps32
-        cut = (T.amax(1).double() - 2 * m - 1e-30).float()
-        cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
-        hit = torch.nonzero(T >= cut[:, None])
-        ex = (X64[r[hit[:, 0]]] * Y64[hit[:, 1]]).sum(1) * sgn
-        v = torch.full((r.numel(),), _NEG_INF, dtype=torch.float64, device=X64.device)
-        v.scatter_reduce_(0, hit[:, 0], ex, "amax")
-        out.append(v * sgn)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=X64.device)
-
-
-def _role_list(fx: _Full, cand_pos, bound, t_floor, order, k, largest, by_cols, chunk=256):
-    """Exact top-k (by max) or bottom-k (by min) among candidate laid-out positions.
-
-    ``bound[p]`` bounds the screened extreme of candidate p (upper for max) and ``t_floor`` bounds
-    every skipped entry, so a candidate's true max is <= max(bound, t_floor). Candidates are
-    done in decreasing bound order; once k exact maxima are known, the k-th of them, t_k, is a
-    lower bound of the true k-th, and a candidate with max(bound, t_floor) < t_k can't be in the
-    list (strictly below: not even a tie), nor can any later one."""
-    sg = 1.0 if largest else -1.0
-    ordp = torch.argsort(bound[cand_pos] * sg, descending=True, stable=True)
-    cand_pos = cand_pos[ordp]
-    bnd = (bound[cand_pos] * sg).tolist()
-    done_i, done_v = [], []
-    for s in range(0, cand_pos.numel(), chunk):
-        if done_v:
-            vv = torch.cat(done_v) * sg
-            if vv.numel() >= k:
-                t_k = float(torch.topk(vv, k).values[-1])
-                if max(bnd[s], t_floor * sg) < t_k:
-                    break
-        idx = order[cand_pos[s : s + chunk]]
-        if by_cols:
-            v = _row_extremes(fx.B64, fx.A64, fx.B32, fx.A32, fx.bn, float(fx.an.max()), fx.c32,
-                              fx.eps32, idx, largest)
+    def _screen(self, r0: int, r1: int, ridx: Optional[Tensor], cols) -> None:
+        """Screen row positions ``r0 + ridx`` (None: all of r0:r1) × column positions ``cols`` (a
+        slice or an index tensor), in blocks of at most ``max_block_cols`` columns (cache-sized:
+        the bookkeeping passes over a block are memory-bound)."""
+        if ridx is None:
+            lhs, rows = self.As[r0:r1], torch.arange(r0, r1, device=self.dev)
+            a_max = float(self.alpha_s[r0:r1].max())
         else:
-            v = _row_extremes(fx.A64, fx.B64, fx.A32, fx.B32, fx.an, float(fx.bn.max()), fx.c32,
-                              fx.eps32, idx, largest)
-        done_i.append(idx)
-        done_v.append(v)
-    z = torch.empty(0, dtype=torch.long, device=cand_pos.device)
-    idx = torch.cat(done_i) if done_i else z
-    vals = torch.cat(done_v) if done_v else z.double()
-    perm = _order_index(vals, idx, descending=largest)[:k]
-    return idx[perm], vals[perm]
+            rows = ridx + r0
+            lhs = self.As[rows]
+            a_max = float(self.alpha_s[rows].max())
+        if isinstance(cols, slice):
+            cidx_all = torch.arange(cols.start, cols.stop, device=self.dev)
+        else:
+            cidx_all = cols
+        for p0 in range(0, cidx_all.numel(), self.max_block_cols):
+            cidx = cidx_all[p0 : p0 + self.max_block_cols]
+            if isinstance(cols, slice):
+                rhs = self.Bs[cols.start + p0 : cols.start + p0 + cidx.numel()]
+            else:
+                rhs = self.Bs.index_select(0, cidx)
+            self._screen_block(lhs, rows, a_max, rhs, cidx)
+
+    def _screen_block(self, lhs: Tensor, rows: Tensor, a_max: float, rhs: Tensor, cidx: Tensor) -> None:
+        """Multiply one block in the screen dtype and fold it into the state."""
+        self.stats["blocks_computed"] += 1
+        self.stats["entries_screened"] += int(rows.numel()) * int(cidx.numel())
+        S = torch.mm(lhs, rhs.T)  # [rows, q] screened values
+        # Every screened entry of the block is within this of its exact value.
+        marg = self.c_screen * a_max * float(self.beta_s[cidx].max()) + self.eps_screen
+        rmax = S.amax(1).double()
+        rmin = S.amin(1).double()
+        self._fold_extremes(S, rows, cidx, marg, rmax, rmin)
+        self._fold_entries(S, rows, cidx, marg, rmax, rmin)
+        if self.square:
+            self._fold_self(S, rows, cidx, marg)  # last: masks S's diagonal in place
+
+    def _exact(self, r_pos: Tensor, c_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Original indices and exact fp64 values of the entries at the given positions."""
+        ri, ci = self.row_order[r_pos], self.col_order[c_pos]
+        self.stats["rescored"] += int(ri.numel())
+        return ri, ci, (self.A64[ri] * self.B64[ci]).sum(1)
+
+    def _fold_extremes(self, S, ridx, cidx, marg, rmax, rmin) -> None:
+        self.rows.fold_max(ridx, rmax, marg)
+        self.rows.fold_min(ridx, rmin, marg)
+        # Column extremes only matter for entries that could reach a column-role threshold: an
+        # entry below it now stays below the final (higher) threshold.
+        cmax = _reduce_selected_rows(S, rmax >= self.cols.t_max - marg, torch.amax)
+        cmin = _reduce_selected_rows(S, rmin <= self.cols.t_min + marg, torch.amin)
+        if cmax is not None:
+            self.cols.fold_max(cidx, cmax, marg)
+        if cmin is not None:
+            self.cols.fold_min(cidx, cmin, marg)
+
+    def _fold_entries(self, S, ridx, cidx, marg, rmax, rmin) -> None:
+        """Rescore in fp64 the entries whose screened value could reach a pool's threshold."""
+        q = int(cidx.numel())
+        for pool, ext, sign in ((self.top, rmax, 1.0), (self.bottom, rmin, -1.0)):
+            t = pool.threshold
+            if pool.vals.numel() < pool.n:
+                # No threshold yet: the exact values of this block's best screened entries give one
+                # (any n exact entries bound the n-th value). They are not added here: the filter
+                # below catches every entry of the block that reaches the threshold, seeds included.
+                m = min(pool.n, S.numel())
+                flat = torch.topk(S.reshape(-1).float() * sign, m).indices
+                _, _, seed = self._exact(ridx[flat // q], cidx[flat % q])
+                known = torch.cat([pool.vals, seed]) * sign
+                if known.numel() >= pool.n:
+                    t = sign * float(torch.topk(known, pool.n).values[-1])
+            rows = torch.nonzero(ext * sign >= t * sign - marg).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            sub = S[rows].float()
+            hit = torch.nonzero(sub * sign >= t * sign - marg)
+            if hit.numel():
+                pool.add(*self._exact(ridx[rows[hit[:, 0]]], cidx[hit[:, 1]]))
+
+    def _fold_self(self, S, ridx, cidx, marg) -> None:
+        """Off-diagonal maxima of the undecided rows (decided rows stay decided; ``off_diag_upper``
+        is read only for undecided rows). A row is proven "not self" when the exact value of its
+        best screened off-diagonal entry is above the (exact) diagonal; only rows where the screen
+        says it could be are rescored. Overwrites the diagonal entries of ``S``."""
+        und = torch.nonzero(self.undecided[ridx]).squeeze(1)
+        if und.numel() == 0:
+            return
+        rows_u = ridx[und]
+        self.place_in_block[cidx] = torch.arange(int(cidx.numel()), device=self.dev)
+        dc = self.place_in_block[self.diag_col[rows_u]]
+        self.place_in_block[cidx] = -1
+        inb = torch.nonzero(dc >= 0).squeeze(1)
+        if inb.numel():
+            S[und[inb], dc[inb]] = _NEG_INF
+        if 2 * und.numel() >= S.shape[0]:
+            offv, offj = S.max(1)
+            offv, offj = offv[und], offj[und]
+        else:
+            offv, offj = S[und].max(1)
+        offv = offv.double()
+        self.off_diag_upper[rows_u] = torch.maximum(self.off_diag_upper[rows_u], offv + marg)
+        dg = self.diag[rows_u]
+        cand = torch.nonzero(offv + marg >= dg).squeeze(1)
+        if cand.numel():
+            _, _, ex = self._exact(rows_u[cand], cidx[offj[cand]])
+            beaten = cand[ex > dg[cand]]
+            self.undecided[rows_u[beaten]] = False
 
 
-def _self_rows(fx: _Full, idx: Tensor, dg: Tensor, chunk=256) -> int:
-    """How many of the rows ``idx`` (original indices, square) have ``M_ii >= max_j M_ij``
-    (``dg`` = exact M_ii). Full rows in fp32; an off-diagonal entry can reach the diagonal only
-    if its fp32 value is >= M_ii - m_i (margin as in ``_row_extremes``); those are recomputed in
-    fp64 and the row is self iff none of them exceeds M_ii."""
-    n_self = 0
-    bmax = float(fx.bn.max())
-    for s in range(0, idx.numel(), chunk):
-        r = idx[s : s + chunk]
-        T = torch.mm(fx.A32[r], fx.B32.T)
-        ar = torch.arange(r.numel(), device=T.device)
-        T[ar, r] = _NEG_INF
-        m = fx.c32 * fx.an[r] * bmax + fx.eps32
-        cut = (dg[s : s + chunk] - m - 1e-30).float()
-        cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
-        hit = torch.nonzero(T >= cut[:, None])
-        ex = (fx.A64[r[hit[:, 0]]] * fx.B64[hit[:, 1]]).sum(1)
-        beaten = torch.zeros(r.numel(), dtype=torch.bool, device=T.device)
-        beaten[hit[:, 0][ex > dg[s : s + chunk][hit[:, 0]]]] = True
-        n_self += int((~beaten).sum())
-    return n_self
+# ----------------------------------------------------------------------------------------------
+# full rows (phase 3)
 
 
-def _finish(fx, R, C, n, k_r, k_c, top, bot, row_hi, row_lo, col_hi, col_lo,
-            row_hl, row_lu, col_hl, col_lu, thr, row_order, col_order, square, self_state, dev) -> PairResult:
-    # Final role thresholds from the final bounds (all lower/upper bounds of the k-th value).
-    t_rmax = max(thr["rmax"], _kth(row_hl, k_r, True))
-    t_rmin = min(thr["rmin"], _kth(row_lu, k_r, False))
-    t_cmax = max(thr["cmax"], _kth(col_hl, k_c, True))
-    t_cmin = min(thr["cmin"], _kth(col_lu, k_c, False))
-    # A true top-k row has max >= t_rmax; skipped entries are all below it, so its max was
-    # screened and row_hi (screened value + its block's margin) >= t_rmax.
-    cr_hi = torch.nonzero(row_hi >= t_rmax).squeeze(1)
-    cr_lo = torch.nonzero(row_lo <= t_rmin).squeeze(1)
-    cc_hi = torch.nonzero(col_hi >= t_cmax).squeeze(1)
-    cc_lo = torch.nonzero(col_lo <= t_cmin).squeeze(1)
-    rt_i, rt_v = _role_list(fx, cr_hi, row_hi, t_rmax, row_order, k_r, True, False)
-    rb_i, rb_v = _role_list(fx, cr_lo, row_lo, t_rmin, row_order, k_r, False, False)
-    ct_i, ct_v = _role_list(fx, cc_hi, col_hi, t_cmax, col_order, k_c, True, True)
-    cb_i, cb_v = _role_list(fx, cc_lo, col_lo, t_cmin, col_order, k_c, False, True)
+class _FullRows:
+    """Full rows (or columns, ``by_cols``) of ``M`` for the few candidates the screen leaves:
+    fp32 in the balanced basis, and fp64 from the original factors on the entries fp32 can't
+    decide. The fp32 margin ``|fl32(a'·b') - a·b| <= c32 ‖a'‖‖b'‖ + eps32`` is ``_screen_margin``
+    for fp32 plus the basis error (``eps32 = eps + basis_err``)."""
 
-    self_frac = None
-    stats = dict(role_candidates=int(cr_hi.numel() + cr_lo.numel() + cc_hi.numel() + cc_lo.numel()))
-    if square:
-        diag, off_hi, undecided = self_state
-        # Undecided rows: self unless an off-diagonal screened value could reach the diagonal.
-        ambiguous = undecided & (off_hi >= diag)
-        amb = torch.nonzero(ambiguous).squeeze(1)
-        n_self = int((undecided & ~ambiguous).sum())
-        if amb.numel():
-            n_self += _self_rows(fx, row_order[amb], diag[amb])
-        self_frac = n_self / R if R else 0.0
-        stats["self_ambiguous_rows"] = int(amb.numel())
+    CHUNK = 256  # rows per fp32 pass
 
-    return PairResult(
-        top_rows=top.rows, top_cols=top.cols, top_vals=top.vals,
-        bot_rows=bot.rows, bot_cols=bot.cols, bot_vals=bot.vals,
-        row_top_idx=rt_i, row_top_vals=rt_v, row_bot_idx=rb_i, row_bot_vals=rb_v,
-        col_top_idx=ct_i, col_top_vals=ct_v, col_bot_idx=cb_i, col_bot_vals=cb_v,
-        self_top1_frac=self_frac, stats=stats,
-    )
+    def __init__(self, A64, B64, A32, B32, a_norm, b_norm, c32: float, eps: float, basis_err: float):
+        self.A64, self.B64, self.A32, self.B32, self.a_norm = A64, B64, A32, B32, a_norm
+        self.c32, self.eps32 = c32, eps + basis_err
+        # (X64, Y64, X32, Y32, ‖x'‖, max ‖y'‖): rows of X Yᵀ are rows of M, or columns (by_cols).
+        self.sides = {False: (A64, B64, A32, B32, a_norm, float(b_norm.max())),
+                      True: (B64, A64, B32, A32, b_norm, float(a_norm.max()))}
+
+    def extremes(self, idx: Tensor, largest: bool, by_cols: bool) -> Tensor:
+        """Exact max (largest) or min of the rows (columns) ``idx``: the rows in fp32, then fp64
+        dot products for the entries whose fp32 value is within twice the row's fp32 margin
+        ``m_i = c32 ‖x_i‖ max‖y‖ + eps32`` of the fp32 extreme. The true extreme entry is among
+        them: with T the fp32 row (sign-flipped for min), T_j* + m_i >= M_j* >= M_k >= T_k - m_i
+        for the fp32 arg-extreme k, so T_j* >= max T - 2 m_i (cut rounded down in fp32)."""
+        X64, Y64, X32, Y32, xn, ymax = self.sides[by_cols]
+        out = []
+        sgn = 1.0 if largest else -1.0
+        for s in range(0, idx.numel(), self.CHUNK):
+            r = idx[s : s + self.CHUNK]
+            T = torch.mm(X32[r], Y32.T)
+            if not largest:
+                T.neg_()
+            m = self.c32 * xn[r] * ymax + self.eps32
+            cut = (T.amax(1).double() - 2 * m - 1e-30).float()
+            cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
+            hit = torch.nonzero(T >= cut[:, None])
+            ex = (X64[r[hit[:, 0]]] * Y64[hit[:, 1]]).sum(1) * sgn
+            v = torch.full((r.numel(),), _NEG_INF, dtype=torch.float64, device=X64.device)
+            v.scatter_reduce_(0, hit[:, 0], ex, "amax")
+            out.append(v * sgn)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=X64.device)
+
+    def role_list(self, cand_pos: Tensor, bound: Tensor, t_floor: float, order: Tensor, k: int,
+                  largest: bool, by_cols: bool) -> tuple[Tensor, Tensor]:
+        """Exact top-k (by max) or bottom-k (by min) among candidate laid-out positions.
+
+        ``bound[p]`` bounds the screened extreme of candidate p (upper for max) and ``t_floor``
+        bounds every skipped entry, so a candidate's true max is <= max(bound, t_floor).
+        Candidates are done in decreasing bound order; once k exact maxima are known, the k-th of
+        them, t_k, is a lower bound of the true k-th, and a candidate with max(bound, t_floor) <
+        t_k can't be in the list (strictly below: not even a tie), nor can any later one."""
+        sg = 1.0 if largest else -1.0
+        ordp = torch.argsort(bound[cand_pos] * sg, descending=True, stable=True)
+        cand_pos = cand_pos[ordp]
+        bnd = (bound[cand_pos] * sg).tolist()
+        done_i, done_v = [], []
+        for s in range(0, cand_pos.numel(), self.CHUNK):
+            if done_v:
+                vv = torch.cat(done_v) * sg
+                if vv.numel() >= k:
+                    t_k = float(torch.topk(vv, k).values[-1])
+                    if max(bnd[s], t_floor * sg) < t_k:
+                        break
+            idx = order[cand_pos[s : s + self.CHUNK]]
+            done_i.append(idx)
+            done_v.append(self.extremes(idx, largest, by_cols))
+        z = torch.empty(0, dtype=torch.long, device=cand_pos.device)
+        idx = torch.cat(done_i) if done_i else z
+        vals = torch.cat(done_v) if done_v else z.double()
+        perm = _order_index(vals, idx, descending=largest)[:k]
+        return idx[perm], vals[perm]
+
+    def count_self(self, idx: Tensor, dg: Tensor) -> int:
+        """How many of the rows ``idx`` (original indices, square) have ``M_ii >= max_j M_ij``
+        (``dg`` = exact M_ii). Full rows in fp32; an off-diagonal entry can reach the diagonal
+        only if its fp32 value is >= M_ii - m_i (margin as in ``extremes``); those are
+        recomputed in fp64 and the row is self iff none of them exceeds M_ii."""
+        n_self = 0
+        bmax = self.sides[False][5]
+        for s in range(0, idx.numel(), self.CHUNK):
+            r = idx[s : s + self.CHUNK]
+            T = torch.mm(self.A32[r], self.B32.T)
+            ar = torch.arange(r.numel(), device=T.device)
+            T[ar, r] = _NEG_INF
+            m = self.c32 * self.a_norm[r] * bmax + self.eps32
+            cut = (dg[s : s + self.CHUNK] - m - 1e-30).float()
+            cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
+            hit = torch.nonzero(T >= cut[:, None])
+            ex = (self.A64[r[hit[:, 0]]] * self.B64[hit[:, 1]]).sum(1)
+            beaten = torch.zeros(r.numel(), dtype=torch.bool, device=T.device)
+            beaten[hit[:, 0][ex > dg[s : s + self.CHUNK][hit[:, 0]]]] = True
+            n_self += int((~beaten).sum())
+        return n_self
