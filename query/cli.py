@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-from functools import wraps
+import threading
+from contextlib import contextmanager
+from itertools import chain
 
 import click
 
 from . import output
-from .errors import QueryError
+from .errors import Interrupted, QueryError
 
 INDEX_DEPS = {"torch", "transformers", "safetensors", "numpy", "scipy", "gguf", "accelerate", "tokenizers"}
 
@@ -25,6 +28,9 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Interrupted as e:  # Ctrl-C: one line, and the shell's code for SIGINT
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(130)
         except QueryError as e:
             raise click.ClickException(str(e)) from None
         except ModuleNotFoundError as e:
@@ -112,10 +118,19 @@ def _emit(table, fmt: str, quiet: bool, empty: str | None = None) -> None:
             click.echo(empty, err=True)
         if fmt == "table":
             return
-    text, dropped = output.render(table, fmt)
+    text, dropped = output.render(table, fmt, terminal=sys.stdout.isatty())
     click.echo(text)
-    if dropped and not quiet:
-        click.echo(f"({dropped} more column{'s' if dropped > 1 else ''} not shown: widen the terminal or use --format csv/json)", err=True)
+    if not quiet:
+        _notices(dropped, 0)
+
+
+def _notices(dropped_columns: int, hidden_rows: int) -> None:
+    if dropped_columns:
+        click.echo(f"({dropped_columns} more column{'s' if dropped_columns > 1 else ''} not shown: widen the terminal "
+                   f"or use --format csv/json)", err=True)
+    if hidden_rows:
+        click.echo(f"({hidden_rows:,} more row{'s' if hidden_rows > 1 else ''} not shown: use --format csv or json "
+                   f"for every row, or LIMIT)", err=True)
 
 
 def _limit(n: int) -> int | None:
@@ -168,16 +183,69 @@ def models(db, fmt, quiet):
 @click.argument("query")
 @click.option("--param", "-p", "params", nargs=2, multiple=True, metavar="NAME VALUE",
               help="Bind $NAME to VALUE (a string); repeatable.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Stop the query after this many seconds (Ctrl-C stops it any time).")
 @output_options
-def sql(query, params, db, fmt, quiet):
+def sql(query, params, timeout, db, fmt, quiet):
     """Run read-only SQL over the tables (models, tokens, vectors, pairs, head_tokens, heads, parameters).
+
+    Rows are printed as they are computed: csv and json print every row, table shows the first
+    1000 and says how many more there are.
 
     \b
       zeropass sql "SELECT layer, head, ov_copying_score FROM heads ORDER BY 3 DESC LIMIT 5"
       zeropass sql "SELECT * FROM tokens WHERE norm = \\$w" -p w paris --format csv
     """
-    table = _open(db).sql(query, dict(params) or None)
-    _emit(table, fmt, quiet, empty="No rows.")
+    ds = _open(db)
+    out = sys.stdout
+    with _interrupt_on_sigint(ds), ds.stream(query, dict(params) or None, timeout=timeout) as batches:
+        rows = iter(batches)
+        first = next((b for b in rows if b.num_rows), None)
+        if first is None:
+            if not quiet:
+                click.echo("No rows.", err=True)
+            if fmt == "table":
+                return
+        written = output.write(chain([first] if first is not None else [], rows), batches.schema, fmt, out,
+                               terminal=out.isatty(), table_rows=output.TABLE_ROWS)
+    if not quiet:
+        _notices(written.dropped_columns, written.hidden_rows)
+
+
+@contextmanager
+def _interrupt_on_sigint(ds):
+    """Ctrl-C stops the running query: ``Dataset.interrupt`` then one ``Error: interrupted`` line.
+
+    While DuckDB computes, the main thread is inside C++ and Python's signal handler waits for
+    it; the handler's wakeup fd is written at once, so a watcher thread interrupts DuckDB.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+
+    def handler(signum, frame):
+        ds.interrupt()
+        raise Interrupted("interrupted")
+
+    def watch():
+        while data := os.read(r, 64):
+            if signal.SIGINT in data:
+                ds.interrupt()
+
+    old = signal.signal(signal.SIGINT, handler)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old)
+        os.close(w)  # the watcher's read returns b"" and it ends
+        watcher.join(5)
+        os.close(r)
 
 
 @cli.command()

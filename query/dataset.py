@@ -111,7 +111,10 @@ def _check_statement(text: str, kind: "duckdb.StatementType") -> None:
         _check_select(text)
     elif kind == _ST.EXPLAIN:
         m = _EXPLAIN.match(body)
-        inner = duckdb.extract_statements(body[m.end():]) if m else []
+        try:
+            inner = duckdb.extract_statements(body[m.end():]) if m else []
+        except duckdb.Error:
+            inner = []
         # EXPLAIN ANALYZE runs what it explains: that must be one statement that passes itself.
         if len(inner) != 1 or inner[0].type == _ST.EXPLAIN:
             raise _forbidden("this EXPLAIN is")
@@ -178,8 +181,11 @@ def _failing_view_sql(table, rel: str) -> str:
     """A view with the table's columns whose every scan fails naming ``rel`` (a file it cannot open)."""
     from schemas import duckdb_type
 
-    cols = ", ".join(f"CAST(NULL AS {duckdb_type(c.type)}) AS {c.name}" for c in table.columns)
-    return f"SELECT {cols} WHERE error({_quote('zeropass-unreadable:' + rel)}) IS NULL"
+    # error() in every column and in WHERE: no filter or projection the optimizer pushes in can
+    # skip it (a constant NULL column would let `WHERE model = 'x'` fold the scan away).
+    fail = f"error({_quote('zeropass-unreadable:' + rel)})"
+    cols = ", ".join(f"CAST({fail} AS {duckdb_type(c.type)}) AS {c.name}" for c in table.columns)
+    return f"SELECT {cols} FROM range(1) WHERE {fail} IS NULL"
 
 
 # Types that DuckDB's Arrow export gets wrong (UHUGEINT above 2^127 comes out negative) or only
@@ -342,6 +348,7 @@ class Dataset:
         con.execute("SET python_enable_replacements = false")  # a Python variable is not a table
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")
+        con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout, into the data
         # Parquet footers are cached, so repeated queries skip re-reading metadata.
         con.execute("SET parquet_metadata_cache = true")
         con.execute(f"SET allowed_directories = [{_quote(str(self.root) + '/')}]")
