@@ -29,6 +29,7 @@ import uuid
 from typing import IO, Iterable, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 FORMATS = ("table", "csv", "json")
 TABLE_ROWS = 1000  # rows `zeropass sql` shows as a table; csv/json print every row
@@ -95,6 +96,8 @@ def to_json_text(v) -> str:
     """One value as JSON text (exact decimals, non-finite floats as null, controls escaped)."""
     if v is None:
         return "null"
+    if isinstance(v, pa.MonthDayNano):  # a named tuple: before the lists
+        return _json_str(_duration(v))
     if v is True:
         return "true"
     if v is False:
@@ -128,6 +131,8 @@ def _csv_cell(v) -> str:
         return repr(v)
     if isinstance(v, decimal.Decimal):
         return f"{v:f}"
+    if isinstance(v, pa.MonthDayNano):
+        return _duration(v)
     if isinstance(v, (list, tuple, dict)):
         return to_json_text(v)
     text = _scalar_text(v)
@@ -145,6 +150,8 @@ def _table_cell(v) -> str:
         if v != v.strip() or not v.isprintable():
             return _json_str(v)
         return v
+    if isinstance(v, pa.MonthDayNano):
+        return _duration(v)
     if isinstance(v, (list, tuple)) and not _is_map(v) and all(isinstance(x, str) or x is None for x in v):
         return "; ".join(_table_cell(x) if x is not None else "null" for x in v)
     if isinstance(v, (list, tuple, dict)):
@@ -202,15 +209,24 @@ def _write_json(batches, schema, out) -> Written:
     return Written(n, 0, 0)
 
 
+def _csv_column(arr, terminal: bool) -> list:
+    """The CSV cells of one column (None is written as an empty cell)."""
+    t = arr.type
+    if pa.types.is_integer(t):  # the common cases, converted in Arrow rather than per value
+        return pc.cast(arr, pa.string()).to_pylist()
+    if (pa.types.is_string(t) or pa.types.is_large_string(t)) and not terminal:
+        return arr.to_pylist()
+    cells = [None if v is None else _csv_cell(v) for v in arr.to_pylist()]
+    return [None if c is None else _visible(c) for c in cells] if terminal else cells
+
+
 def _write_csv(batches, schema, out, terminal: bool) -> Written:
-    clean = _visible if terminal else (lambda s: s)
     w = csv.writer(out, lineterminator="\n")
-    w.writerow([clean(n) for n in schema.names])
+    w.writerow([_visible(n) if terminal else n for n in schema.names])
     n = 0
     for batch in batches:
-        rows = [[clean(_csv_cell(v)) for v in row] for row in zip(*_columns(batch))]
-        w.writerows(rows)
-        n += len(rows)
+        w.writerows(zip(*(_csv_column(batch.column(i), terminal) for i in range(batch.num_columns))))
+        n += batch.num_rows
     return Written(n, 0, 0)
 
 
