@@ -311,6 +311,7 @@ class Dataset:
         self._sources: dict[tuple, str] = {}   # (table, models, layers) -> view name
         self._unreadable: dict[str, str] = {}  # listed file -> why DuckDB could not bind it
         self._why_stopped: str | None = None   # "timeout" / "interrupt" while a query is stopped
+        self._timeout: float | None = None     # the running query's timeout, for its message
         self._read_manifest()
         # DuckDB spills to, and allows reading from, its temp directory: give it one nobody else controls.
         self._tmp = tempfile.mkdtemp(prefix="zeropass-duckdb-")  # mode 0700
@@ -578,8 +579,6 @@ class Dataset:
             timer.cancel()
             timer.join()  # a timer firing now must not hit the next query
             self._timeout = None
-
-    _timeout: float | None = None
 
     def _run(self, query: str, params: dict | list | None = None) -> pa.Table:
         """Internal SQL (trusted text, values always bound as parameters)."""
