@@ -206,8 +206,13 @@ def sql(query, params, timeout, db, fmt, quiet):
                 click.echo("No rows.", err=True)
             if fmt == "table":
                 return
-        written = output.write(chain([first] if first is not None else [], rows), batches.schema, fmt, out,
-                               terminal=out.isatty(), table_rows=output.TABLE_ROWS)
+        try:
+            written = output.write(chain([first] if first is not None else [], rows), batches.schema, fmt, out,
+                                   terminal=out.isatty(), table_rows=output.TABLE_ROWS)
+            out.flush()
+        except BrokenPipeError:  # `zeropass sql ... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no second error at exit
+            sys.exit(0)
     if not quiet:
         _notices(written.dropped_columns, written.hidden_rows)
 
@@ -378,8 +383,9 @@ def _model_ref(ref: str, db) -> tuple[str, str | None]:
         manifest = read_manifest(db) if db and os.path.isdir(db) else None
     except ValueError:
         manifest = None
-    entry = (manifest or {}).get("models", {}).get(ref)
-    if entry and entry.get("source") and not os.path.exists(ref):
+    models = manifest.get("models") if isinstance(manifest, dict) else None
+    entry = models.get(ref) if isinstance(models, dict) else None  # a malformed manifest names nothing
+    if isinstance(entry, dict) and isinstance(entry.get("source"), str) and not os.path.exists(ref):
         return entry["source"], ref
     return ref, None
 

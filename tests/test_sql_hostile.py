@@ -363,18 +363,30 @@ def test_library_timeout_leaves_the_dataset_usable(ds):
 WIDE = "SELECT i, repeat('x', 100) AS s FROM range({n}) t(i)"
 
 
+# Peak memory from the child's own VmHWM: the rusage of a forked child also counts the
+# parent's pages from before exec (pytest's, over 1 GB when torch is loaded).
+_MEASURED = ("import atexit, sys\n"
+             "def hwm():\n"
+             "    kb = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
+             "    sys.stderr.write('VmHWM ' + kb + '\\n')\n"
+             "atexit.register(hwm)\n"
+             "from query.cli import main\n"
+             "main(sys.argv[1:])\n")
+
+
 def _run_measured(argv, count):
     """Run the CLI, count stdout as it streams; (returncode, stderr, counted, peak RSS in MiB)."""
-    p = subprocess.Popen([sys.executable, "-m", "query.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", _MEASURED, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
     err = []
     t = threading.Thread(target=lambda: err.append(p.stderr.read()))
     t.start()
     counted = count(p.stdout)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    p.wait()
     t.join()
-    return p.returncode, err[0].decode(), counted, usage.ru_maxrss / 1024
+    lines = err[0].decode().splitlines()
+    peak = int(lines[-1].split()[1]) / 1024 if lines and lines[-1].startswith("VmHWM ") else float("inf")
+    return p.returncode, "\n".join(lines[:-1]), counted, peak
 
 
 def _count_lines(stream):
@@ -413,6 +425,13 @@ def test_table_format_caps_rows_and_says_how_many_more(synthetic_db):
 
     assert len(r.stdout.splitlines()) == TABLE_ROWS + 2
     assert f"{5000 - TABLE_ROWS:,} more rows not shown" in r.stderr and "--format csv" in r.stderr
+
+
+def test_a_closed_pipe_ends_quietly(synthetic_db):
+    p = subprocess.run(f"{sys.executable} -m query.cli sql 'SELECT i FROM range(3000000) t(i)' --format csv "
+                       f"--db {synthetic_db} | head -2", shell=True, capture_output=True, text=True, cwd=str(ROOT),
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert p.stdout == "i\n0\n" and p.stderr == "", p.stderr
 
 
 def test_library_stream(ds):
