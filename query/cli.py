@@ -32,7 +32,7 @@ class _Group(click.Group):
             click.echo(f"Error: {e}", err=True)
             ctx.exit(130)
         except QueryError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_message(e)) from None
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] in INDEX_DEPS:
                 raise click.ClickException(
@@ -41,8 +41,13 @@ class _Group(click.Group):
         except Exception as e:
             errors = sys.modules.get("indexer.errors")
             if errors is not None and isinstance(e, errors.ZeropassError):
-                raise click.ClickException(str(e)) from None
+                raise click.ClickException(_message(e)) from None
             raise
+
+
+def _message(e: Exception) -> str:
+    """The error's one line, with control characters (echoed user input) escaped for the terminal."""
+    return output.visible(" ".join(str(e).splitlines()))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

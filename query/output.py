@@ -43,7 +43,7 @@ class Written(NamedTuple):
 
 # -- values ------------------------------------------------------------------------------------
 
-def _visible(s: str) -> str:
+def visible(s: str) -> str:
     """``s`` with every non-printable character as ``\\uXXXX`` (escape sequences cannot act)."""
     if s.isprintable():
         return s
@@ -60,7 +60,7 @@ def _u(c: str) -> str:
 
 def _json_str(s: str) -> str:
     text = json.dumps(s, ensure_ascii=False)
-    return text if text.isprintable() else _visible(text)
+    return text if text.isprintable() else visible(text)
 
 
 def _duration(v) -> str:
@@ -161,7 +161,7 @@ def _table_cell(v) -> str:
     if isinstance(v, decimal.Decimal):
         return f"{v:f}"
     text = _scalar_text(v)
-    return _visible(text if text is not None else str(v))
+    return visible(text if text is not None else str(v))
 
 
 def json_keys(names: list[str]) -> list[str]:
@@ -217,12 +217,12 @@ def _csv_column(arr, terminal: bool) -> list:
     if (pa.types.is_string(t) or pa.types.is_large_string(t)) and not terminal:
         return arr.to_pylist()
     cells = [None if v is None else _csv_cell(v) for v in arr.to_pylist()]
-    return [None if c is None else _visible(c) for c in cells] if terminal else cells
+    return [None if c is None else visible(c) for c in cells] if terminal else cells
 
 
 def _write_csv(batches, schema, out, terminal: bool) -> Written:
     w = csv.writer(out, lineterminator="\n")
-    w.writerow([_visible(n) if terminal else n for n in schema.names])
+    w.writerow([visible(n) if terminal else n for n in schema.names])
     n = 0
     for batch in batches:
         w.writerows(zip(*(_csv_column(batch.column(i), terminal) for i in range(batch.num_columns))))

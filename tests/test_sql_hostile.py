@@ -235,6 +235,10 @@ HOSTILE = [
     "EXPLAIN (FORMAT json) CREATE TABLE x AS SELECT 1",
     "EXPLAIN ANALYZE SELECT * FROM query('SELECT 1')",
     "EXPLAIN ANALYZE PRAGMA import_database('{evil}')",
+    "DESCRIBE SELECT * FROM query('SELECT 1')",
+    "SUMMARIZE SELECT * FROM checkpoint()",
+    "SELECT * FROM range(2) t, LATERAL (SELECT * FROM query_table('models'))",
+    "SELECT * FROM duckdb_logs_parsed('x')",
     "COPY models FROM '{root}/x.csv'",
     "DETACH memory",
     "USE memory",
@@ -356,6 +360,17 @@ def test_library_timeout_leaves_the_dataset_usable(ds):
     assert ds.sql("SELECT 41 + 1 AS x", timeout=5).to_pylist() == [{"x": 42}]
     time.sleep(0.3)  # a timer that fired late must not hit the next query
     assert ds.sql("SELECT 1 AS x").to_pylist() == [{"x": 1}]
+
+
+def test_library_interrupt_from_another_thread(ds):
+    from query.errors import Interrupted
+
+    timer = threading.Timer(0.3, ds.interrupt)
+    timer.start()
+    with pytest.raises(Interrupted, match="interrupted"):
+        ds.sql(ENDLESS)
+    timer.join()
+    assert ds.sql("SELECT 1 AS x", {}).to_pylist() == [{"x": 1}]
 
 
 # -- 4. results stream: memory stays flat, rows are complete ---------------------------------
@@ -500,6 +515,12 @@ def test_escape_sequences_never_reach_the_terminal_in_table_output(run_cli):
     for bad in ("\x1b", "\x07", "\x9b", "\u202e"):
         assert bad not in r.stdout and bad not in r.stderr
     assert "\\u001b[31m" in r.stdout and "\\u202e" in r.stdout
+
+
+def test_error_lines_echo_no_escape_sequences(run_cli):
+    r = run_cli("sql", 'SELECT "\x1b[2J\u202e" FROM models')
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
+    assert "\x1b" not in r.stderr and "\u202e" not in r.stderr and "\\u001b[2J" in r.stderr
 
 
 def test_json_escapes_controls_and_keeps_the_data(run_cli):
@@ -653,3 +674,25 @@ def test_concurrent_readers_never_fail_during_reindexes(copy_db):
             t.join(60)
     assert errors == []
     assert len(done) == 4 and min(done) > 0
+
+
+def test_cli_queries_during_reindexes_all_succeed(copy_db):
+    def reindex():
+        for seed in range(30, 33):
+            _reindex(copy_db, seed)
+
+    writer = threading.Thread(target=reindex)
+    writer.start()
+    procs = []
+    while writer.is_alive() or len(procs) < 6:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "query.cli", "neurons", "paris", "--model", "alpha", "--format", "json", "--db", str(copy_db)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT))))
+        time.sleep(0.2)
+        if len(procs) >= 24:
+            break
+    writer.join()
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    failed = [(rc, err) for _, err, rc in results if rc != 0]
+    assert failed == [], failed
+    assert all(json.loads(out) for out, _, _ in results)
