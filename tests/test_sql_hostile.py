@@ -158,6 +158,20 @@ def test_malformed_manifest_is_refused_in_one_line(copy_db, edit):
     assert r.exit_code == 1 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe{", b"{", b"null", b"1e999999", None], ids=[
+    "empty", "not-utf8", "truncated", "null", "huge-number", "a-directory"])
+def test_unreadable_manifest_is_one_line(copy_db, content):
+    m = copy_db / "manifest.json"
+    m.unlink()
+    if content is None:
+        m.mkdir()
+    else:
+        m.write_bytes(content)
+    with pytest.raises(NotADataset) as e:
+        Dataset(copy_db)
+    assert "\n" not in str(e.value) and "manifest.json" in str(e.value)
+
+
 def test_a_listed_file_that_is_a_symlink_out_of_the_dataset_is_refused(copy_db, tmp_path):
     import pyarrow.parquet as pq
 
