@@ -28,8 +28,8 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except Interrupted as e:  # Ctrl-C: one line, and the shell's code for SIGINT
-            click.echo(f"Error: {e}", err=True)
+        except (Interrupted, KeyboardInterrupt):  # Ctrl-C, also before a query runs: one line, SIGINT's code
+            click.echo("Error: interrupted", err=True)
             ctx.exit(130)
         except QueryError as e:
             raise click.ClickException(_message(e)) from None

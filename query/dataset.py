@@ -550,7 +550,11 @@ class Dataset:
                 return body()
             except QueryError:
                 raise
-            except (duckdb.Error, _Wrapped) as e:
+            except Exception as e:  # noqa: BLE001
+                if self._why_stopped:  # DuckDB may report an interrupt as RuntimeError("Query interrupted")
+                    raise self._translate(e, None, self._timeout) from None
+                if not isinstance(e, (duckdb.Error, _Wrapped)):
+                    raise
                 bad = self._listed_file_in(str(e))
                 if bad is not None and attempt == 0 and self._why_stopped is None:
                     self._refresh(force=True)
