@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from itertools import chain
 
 import click
 
 from schemas.kinds import ALL_KINDS, FF_KINDS
 
 from . import output
-from .errors import QueryError
+from .errors import Interrupted, QueryError
 
 INDEX_DEPS = {"torch", "transformers", "safetensors", "numpy", "scipy", "gguf", "accelerate", "tokenizers"}
 
@@ -26,8 +30,11 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (Interrupted, KeyboardInterrupt):  # Ctrl-C, also before a query runs: one line, SIGINT's code
+            click.echo("Error: interrupted", err=True)
+            ctx.exit(130)
         except QueryError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_message(e)) from None
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] in INDEX_DEPS:
                 raise click.ClickException(
@@ -36,8 +43,13 @@ class _Group(click.Group):
         except Exception as e:
             errors = sys.modules.get("indexer.errors")
             if errors is not None and isinstance(e, errors.ZeropassError):
-                raise click.ClickException(str(e)) from None
+                raise click.ClickException(_message(e)) from None
             raise
+
+
+def _message(e: Exception) -> str:
+    """The error's one line, with control characters (echoed user input) escaped for the terminal."""
+    return output.visible(" ".join(str(e).splitlines()))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,10 +128,19 @@ def _emit(table, fmt: str, quiet: bool, empty: str | None = None) -> None:
             click.echo(empty, err=True)
         if fmt == "table":
             return
-    text, dropped = output.render(table, fmt)
+    text, dropped = output.render(table, fmt, terminal=sys.stdout.isatty())
     click.echo(text)
-    if dropped and not quiet:
-        click.echo(f"({dropped} more column{'s' if dropped > 1 else ''} not shown: widen the terminal or use --format csv/json)", err=True)
+    if not quiet:
+        _notices(dropped, 0)
+
+
+def _notices(dropped_columns: int, hidden_rows: int) -> None:
+    if dropped_columns:
+        click.echo(f"({dropped_columns} more column{'s' if dropped_columns > 1 else ''} not shown: widen the terminal "
+                   f"or use --format csv/json)", err=True)
+    if hidden_rows:
+        click.echo(f"({hidden_rows:,} more row{'s' if hidden_rows > 1 else ''} not shown: use --format csv or json "
+                   f"for every row, or LIMIT)", err=True)
 
 
 def _limit(n: int) -> int | None:
@@ -183,6 +204,9 @@ def _tables_help(width: int = 72) -> str:
 
 @cli.command(help=f"""Run read-only SQL over the dataset's tables (columns and types: docs/TABLES.md, or DESCRIBE heads).
 
+Rows are printed as they are computed: csv and json print every row, table shows the first
+1000 and says how many more there are.
+
 \b
 {_tables_help()}
 
@@ -193,11 +217,66 @@ def _tables_help(width: int = 72) -> str:
 @click.argument("query")
 @click.option("--param", "-p", "params", nargs=2, multiple=True, metavar="NAME VALUE",
               help="Bind $NAME to VALUE (a string); repeatable.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Stop the query after this many seconds (Ctrl-C stops it any time).")
 @output_options
-def sql(query, params, db, fmt, quiet):
+def sql(query, params, timeout, db, fmt, quiet):
     # The help text (above) lists the tables from their declarations.
-    table = _open(db).sql(query, dict(params) or None)
-    _emit(table, fmt, quiet, empty="No rows.")
+    ds = _open(db)
+    out = sys.stdout
+    with _interrupt_on_sigint(ds), ds.stream(query, dict(params) or None, timeout=timeout) as batches:
+        rows = iter(batches)
+        first = next((b for b in rows if b.num_rows), None)
+        if first is None:
+            if not quiet:
+                click.echo("No rows.", err=True)
+            if fmt == "table":
+                return
+        try:
+            written = output.write(chain([first] if first is not None else [], rows), batches.schema, fmt, out,
+                                   terminal=out.isatty(), table_rows=output.TABLE_ROWS)
+            out.flush()
+        except BrokenPipeError:  # `zeropass sql ... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no second error at exit
+            sys.exit(0)
+    if not quiet:
+        _notices(written.dropped_columns, written.hidden_rows)
+
+
+@contextmanager
+def _interrupt_on_sigint(ds):
+    """Ctrl-C stops the running query: ``Dataset.interrupt`` then one ``Error: interrupted`` line.
+
+    While DuckDB computes, the main thread is inside C++ and Python's signal handler waits for
+    it; the handler's wakeup fd is written at once, so a watcher thread interrupts DuckDB.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+
+    def handler(signum, frame):
+        ds.interrupt()
+        raise Interrupted("interrupted")
+
+    def watch():
+        while data := os.read(r, 64):
+            if signal.SIGINT in data:
+                ds.interrupt()
+
+    old = signal.signal(signal.SIGINT, handler)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old)
+        os.close(w)  # the watcher's read returns b"" and it ends
+        watcher.join(5)
+        os.close(r)
 
 
 @cli.command()
@@ -330,8 +409,9 @@ def _model_ref(ref: str, db) -> tuple[str, str | None]:
         manifest = read_manifest(db) if db and os.path.isdir(db) else None
     except ValueError:
         manifest = None
-    entry = (manifest or {}).get("models", {}).get(ref)
-    if entry and entry.get("source") and not os.path.exists(ref):
+    models = manifest.get("models") if isinstance(manifest, dict) else None
+    entry = models.get(ref) if isinstance(models, dict) else None  # a malformed manifest names nothing
+    if isinstance(entry, dict) and isinstance(entry.get("source"), str) and not os.path.exists(ref):
         return entry["source"], ref
     return ref, None
 

@@ -42,3 +42,19 @@ class BadSQL(QueryError, ValueError):
 
 class BadOption(QueryError, ValueError):
     """An option value outside its accepted set (e.g. --kind foo)."""
+
+
+class BadManifest(NotADataset):
+    """manifest.json is not what zeropass writes (wrong shape, or a path outside the dataset)."""
+
+
+class DamagedFile(QueryError, OSError):
+    """A Parquet file the manifest lists is missing, truncated or unreadable."""
+
+
+class QueryTimeout(QueryError, TimeoutError):
+    """A query ran longer than its timeout and was stopped."""
+
+
+class Interrupted(QueryError):
+    """A query was stopped by Ctrl-C (SIGINT); the CLI exits with 130."""

@@ -1,8 +1,20 @@
-"""Printing Arrow tables as an aligned terminal table, CSV or JSON.
+"""Printing Arrow results as an aligned terminal table, CSV or JSON, batch by batch.
 
 ``table`` is for reading: numbers rounded, strings with edge whitespace or control characters
-shown quoted (so `` Paris`` and ``Paris`` differ visibly), columns cut to the terminal width.
-``csv`` and ``json`` are exact and complete. Lists and structs are JSON inside table/CSV cells.
+shown quoted and escaped (so `` Paris`` and ``Paris`` differ visibly, and no escape sequence
+reaches the terminal), columns cut to the terminal width, at most ``TABLE_ROWS`` rows for
+``zeropass sql`` (the caller says how many more). ``csv`` and ``json`` are exact and complete
+and are written while the rows arrive, so memory does not grow with the result.
+
+Values (docs/QUERY.md, "Output"): TIME/DATE/TIMESTAMP as ISO 8601 text, INTERVAL as an ISO 8601
+duration (``P1M2DT3.5S``), BLOB as hex, UUID as text, DECIMAL and HUGEINT as exact numbers,
+NaN/±inf as ``null`` in JSON (``nan``/``inf`` in CSV), structs as objects, maps as objects
+(string keys) or lists of ``[key, value]``, lists as arrays (JSON text inside CSV/table cells).
+Duplicate column names: CSV and table keep the names as they are; a JSON object cannot, so
+the second ``a`` is ``a_2`` (the next free ``a_N``). JSON escapes every non-printable character
+(C0/C1 controls, bidi overrides, ...) as ``\\uXXXX`` — the data is unchanged once parsed. CSV
+is byte-exact when redirected; written to a terminal, the same characters are escaped
+(``terminal=True``), since a person is reading it then.
 """
 from __future__ import annotations
 
@@ -13,53 +25,118 @@ import io
 import json
 import math
 import shutil
+import uuid
+from typing import IO, Iterable, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 FORMATS = ("table", "csv", "json")
+TABLE_ROWS = 1000  # rows `zeropass sql` shows as a table; csv/json print every row
 
 
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (_dt.datetime, _dt.date)):
+class Written(NamedTuple):
+    rows: int            # rows printed
+    hidden_rows: int     # rows of the result not printed (table format cap)
+    dropped_columns: int  # columns left out to fit the terminal (table format)
+
+
+# -- values ------------------------------------------------------------------------------------
+
+def visible(s: str) -> str:
+    """``s`` with every non-printable character as ``\\uXXXX`` (escape sequences cannot act)."""
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else _u(c) for c in s)
+
+
+def _u(c: str) -> str:
+    n = ord(c)
+    if n > 0xFFFF:  # as a JSON surrogate pair
+        n -= 0x10000
+        return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
+    return f"\\u{n:04x}"
+
+
+def _json_str(s: str) -> str:
+    text = json.dumps(s, ensure_ascii=False)
+    return text if text.isprintable() else visible(text)
+
+
+def _duration(v) -> str:
+    """ISO 8601 duration of an Arrow month-day-nano interval: ``P1M2DT3.5S``."""
+    months, days, ns = v.months, v.days, v.nanoseconds
+    out = "P" + (f"{months}M" if months else "") + (f"{days}D" if days else "")
+    if ns or out == "P":
+        secs = decimal.Decimal(ns).scaleb(-9).normalize()
+        out += f"T{secs:f}S"
+    return out
+
+
+def _is_map(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, tuple) and len(x) == 2 for x in v)
+
+
+def _scalar_text(v) -> str | None:
+    """Text of a non-container value, or None when it is a container / plain JSON value."""
+    if isinstance(v, (_dt.datetime, _dt.date, _dt.time)):
         return v.isoformat()
+    if isinstance(v, _dt.timedelta):
+        return _duration(pa.MonthDayNano([0, v.days, (v.seconds * 10**6 + v.microseconds) * 1000]))
+    if isinstance(v, pa.MonthDayNano):
+        return _duration(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).hex()
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    return None
+
+
+def to_json_text(v) -> str:
+    """One value as JSON text (exact decimals, non-finite floats as null, controls escaped)."""
+    if v is None:
+        return "null"
+    if isinstance(v, pa.MonthDayNano):  # a named tuple: before the lists
+        return _json_str(_duration(v))
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else "null"
     if isinstance(v, decimal.Decimal):
-        return float(v)
-    if isinstance(v, bytes):
-        return v.hex()
+        return f"{v:f}" if v.is_finite() else "null"
+    if isinstance(v, str):
+        return _json_str(v)
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return "{" + ", ".join(f"{_json_str(str(k))}: {to_json_text(x)}" for k, x in v.items()) + "}"
+    if _is_map(v):
+        if all(isinstance(k, str) for k, _ in v):
+            return "{" + ", ".join(f"{_json_str(k)}: {to_json_text(x)}" for k, x in v) + "}"
+        return "[" + ", ".join(f"[{to_json_text(k)}, {to_json_text(x)}]" for k, x in v) + "]"
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
-def to_json(table: pa.Table) -> str:
-    return json.dumps([_jsonable(r) for r in table.to_pylist()], ensure_ascii=False, indent=1)
+        return "[" + ", ".join(to_json_text(x) for x in v) + "]"
+    text = _scalar_text(v)
+    return _json_str(text if text is not None else str(v))
 
 
 def _csv_cell(v) -> str:
     if v is None:
         return ""
-    if isinstance(v, (list, tuple, dict)):
-        return json.dumps(_jsonable(v), ensure_ascii=False)
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
         return repr(v)
-    if isinstance(v, (_dt.datetime, _dt.date)):
-        return v.isoformat()
-    return str(v)
-
-
-def to_csv(table: pa.Table) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(table.column_names)
-    for row in table.to_pylist():
-        w.writerow([_csv_cell(row[c]) for c in table.column_names])
-    return buf.getvalue()
+    if isinstance(v, decimal.Decimal):
+        return f"{v:f}"
+    if isinstance(v, pa.MonthDayNano):
+        return _duration(v)
+    if isinstance(v, (list, tuple, dict)):
+        return to_json_text(v)
+    text = _scalar_text(v)
+    return text if text is not None else str(v)
 
 
 def _table_cell(v) -> str:
@@ -71,28 +148,106 @@ def _table_cell(v) -> str:
         return f"{v:.4g}" if math.isfinite(v) else str(v)
     if isinstance(v, str):
         if v != v.strip() or not v.isprintable():
-            return json.dumps(v, ensure_ascii=False)
+            return _json_str(v)
         return v
-    if isinstance(v, (list, tuple)) and all(isinstance(x, str) or x is None for x in v):
+    if isinstance(v, pa.MonthDayNano):
+        return _duration(v)
+    if isinstance(v, (list, tuple)) and not _is_map(v) and all(isinstance(x, str) or x is None for x in v):
         return "; ".join(_table_cell(x) if x is not None else "null" for x in v)
     if isinstance(v, (list, tuple, dict)):
-        return json.dumps(_jsonable(v), ensure_ascii=False)
+        return to_json_text(v)
     if isinstance(v, _dt.datetime):
         return v.strftime("%Y-%m-%d %H:%M:%S")
-    return str(v)
+    if isinstance(v, decimal.Decimal):
+        return f"{v:f}"
+    text = _scalar_text(v)
+    return visible(text if text is not None else str(v))
+
+
+def json_keys(names: list[str]) -> list[str]:
+    """Object keys for ``names``: a repeated name becomes ``name_2`` (the next free ``name_N``)."""
+    seen, out = set(names), []
+    used: set[str] = set()
+    for n in names:
+        key = n
+        if key in used:
+            i = 2
+            while f"{n}_{i}" in used or f"{n}_{i}" in seen:
+                i += 1
+            key = f"{n}_{i}"
+        used.add(key)
+        out.append(key)
+    return out
+
+
+def _columns(batch) -> list[list]:
+    # By position: duplicate names would collapse in a dict (to_pylist of rows).
+    return [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+
+
+# -- writers -----------------------------------------------------------------------------------
+
+def write(batches: Iterable, schema: pa.Schema, fmt: str, out: IO[str], width: int | None = None,
+          terminal: bool = False, table_rows: int | None = None) -> Written:
+    """Write the rows of ``batches`` (record batches of ``schema``) to ``out`` in ``fmt``."""
+    if fmt == "json":
+        return _write_json(batches, schema, out)
+    if fmt == "csv":
+        return _write_csv(batches, schema, out, terminal)
+    return _write_table(batches, schema, out, width, table_rows)
+
+
+def _write_json(batches, schema, out) -> Written:
+    keys = [_json_str(k) for k in json_keys(schema.names)]
+    n = 0
+    out.write("[")
+    for batch in batches:
+        for row in zip(*_columns(batch)):
+            out.write(("\n" if n == 0 else ",\n") + "{" + ", ".join(f"{k}: {to_json_text(v)}" for k, v in zip(keys, row)) + "}")
+            n += 1
+    out.write("\n]\n" if n else "]\n")
+    return Written(n, 0, 0)
+
+
+def _csv_column(arr, terminal: bool) -> list:
+    """The CSV cells of one column (None is written as an empty cell)."""
+    t = arr.type
+    if pa.types.is_integer(t):  # the common cases, converted in Arrow rather than per value
+        return pc.cast(arr, pa.string()).to_pylist()
+    if (pa.types.is_string(t) or pa.types.is_large_string(t)) and not terminal:
+        return arr.to_pylist()
+    cells = [None if v is None else _csv_cell(v) for v in arr.to_pylist()]
+    return [None if c is None else visible(c) for c in cells] if terminal else cells
+
+
+def _write_csv(batches, schema, out, terminal: bool) -> Written:
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow([visible(n) if terminal else n for n in schema.names])
+    n = 0
+    for batch in batches:
+        w.writerows(zip(*(_csv_column(batch.column(i), terminal) for i in range(batch.num_columns))))
+        n += batch.num_rows
+    return Written(n, 0, 0)
 
 
 def _cut(s: str, width: int) -> str:
     return s if len(s) <= width else s[: max(0, width - 1)] + "…"
 
 
-def to_table(table: pa.Table, width: int | None = None) -> tuple[str, int]:
-    """(aligned text, number of columns left out to fit ``width``)."""
+def _write_table(batches, schema, out, width: int | None, table_rows: int | None) -> Written:
     width = width or shutil.get_terminal_size((120, 24)).columns
-    names = table.column_names
-    cells = [[_table_cell(v) for v in table.column(c).to_pylist()] for c in names]
-    numeric = [pa.types.is_integer(table.schema.field(c).type) or pa.types.is_floating(table.schema.field(c).type)
-               or pa.types.is_decimal(table.schema.field(c).type) for c in names]
+    names = [_table_cell(n) for n in schema.names]
+    cells: list[list[str]] = [[] for _ in names]
+    shown = hidden = 0
+    for batch in batches:
+        take = batch.num_rows if table_rows is None else max(0, min(batch.num_rows, table_rows - shown))
+        if take:
+            for j, col in enumerate(_columns(batch.slice(0, take))):
+                cells[j].extend(_table_cell(v) for v in col)
+        shown += take
+        hidden += batch.num_rows - take  # counted, not converted
+    types = [f.type for f in schema]
+    numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) for t in types]
     widths = [max([len(n)] + [len(x) for x in col]) for n, col in zip(names, cells)]
     sep = 2
 
@@ -101,7 +256,7 @@ def to_table(table: pa.Table, width: int | None = None) -> tuple[str, int]:
 
     # Shrink the widest columns first, down to a readable minimum, then drop trailing columns.
     floor = 8
-    while total(widths) > width:
+    while widths and total(widths) > width:
         i = max(range(len(widths)), key=lambda j: widths[j])
         if widths[i] <= max(floor, len(names[i]) if numeric[i] else floor):
             break
@@ -111,26 +266,46 @@ def to_table(table: pa.Table, width: int | None = None) -> tuple[str, int]:
         widths.pop()
         dropped += 1
     keep = len(widths)
-    lines = []
 
     def fmt(values):
-        out = []
+        parts = []
         for j in range(keep):
             s = _cut(values[j], widths[j])
-            out.append(s.rjust(widths[j]) if numeric[j] else s.ljust(widths[j]))
-        return (" " * sep).join(out).rstrip()
+            parts.append(s.rjust(widths[j]) if numeric[j] else s.ljust(widths[j]))
+        return (" " * sep).join(parts).rstrip()
 
-    lines.append(fmt(names))
-    lines.append((" " * sep).join("-" * w for w in widths))
-    for r in range(table.num_rows):
-        lines.append(fmt([cells[j][r] for j in range(len(names))]))
-    return "\n".join(lines), dropped
+    lines = [fmt(names), (" " * sep).join("-" * w for w in widths)]
+    lines += [fmt([cells[j][r] for j in range(len(names))]) for r in range(shown)]
+    out.write("\n".join(lines) + "\n")
+    return Written(shown, hidden, dropped)
 
 
-def render(table: pa.Table, fmt: str, width: int | None = None) -> tuple[str, int]:
+# -- whole tables (the helpers' results) --------------------------------------------------------
+
+def to_json(table: pa.Table) -> str:
+    buf = io.StringIO()
+    _write_json(table.to_batches(), table.schema, buf)
+    return buf.getvalue().rstrip("\n")
+
+
+def to_csv(table: pa.Table, terminal: bool = False) -> str:
+    buf = io.StringIO()
+    _write_csv(table.to_batches(), table.schema, buf, terminal)
+    return buf.getvalue()
+
+
+def to_table(table: pa.Table, width: int | None = None) -> tuple[str, int]:
+    """(aligned text, number of columns left out to fit ``width``)."""
+    buf = io.StringIO()
+    written = _write_table(table.to_batches(), table.schema, buf, width, None)
+    return buf.getvalue().rstrip("\n"), written.dropped_columns
+
+
+def render(table: pa.Table, fmt: str, width: int | None = None, terminal: bool = False) -> tuple[str, int]:
     """Text for ``table`` in format ``fmt`` and the number of columns left out (table only)."""
     if fmt == "json":
         return to_json(table), 0
     if fmt == "csv":
-        return to_csv(table).rstrip("\n"), 0
+        return to_csv(table, terminal).rstrip("\n"), 0
     return to_table(table, width)
+

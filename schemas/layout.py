@@ -75,7 +75,7 @@ def table_files(manifest: dict, table: str, models: list[str] | None = None) -> 
     return files
 
 
-def view_sql(table: Table, files: list[str], root: Path | None = None) -> str:
+def view_sql(table: Table, files: list[str], root: Path | None = None, union_by_name: bool = True) -> str:
     """``SELECT`` over the given Parquet files, columns in schema order.
 
     ``root`` makes paths absolute (for the Python query layer); without it they stay relative
@@ -88,5 +88,6 @@ def view_sql(table: Table, files: list[str], root: Path | None = None) -> str:
     cols = ", ".join(c.name for c in table.columns)
     # Values of model/layer live inside the files; hive_partitioning=false stops DuckDB from
     # also deriving (string-typed) columns from the key=value directory names.
-    # union_by_name tolerates files written by an older writer that lacked a nullable column.
-    return f"SELECT {cols} FROM read_parquet([{quoted}], union_by_name=true, hive_partitioning=false)"
+    # union_by_name tolerates files written by an older writer that lacked a nullable column, but
+    # reads every file's footer when the view is bound; the query layer binds lazily (False).
+    return f"SELECT {cols} FROM read_parquet([{quoted}], union_by_name={'true' if union_by_name else 'false'}, hive_partitioning=false)"
