@@ -30,3 +30,11 @@ class DatasetError(ZeropassError, OSError):
 
 class IncompatibleModels(ZeropassError, ValueError):
     """Two models cannot be compared or subtracted (different architecture, dims or vocabulary)."""
+
+
+class NameTaken(ZeropassError, ValueError):
+    """The model name is already used in the dataset by a model indexed from another source."""
+
+
+class NotADatasetDir(DatasetError):
+    """--db names a non-empty directory that is not a usable zeropass dataset (refused untouched)."""

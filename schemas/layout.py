@@ -7,6 +7,7 @@
       tokens/vocab_id=<id>/<id>.parquet  one file per vocabulary, shared by models
       alignments/model_a=<a>/model_b=<b>/<id>.parquet   results of `zeropass align`
       .builds/<slug>.json                progress of an unfinished build (for resume)
+      .lock                              one writer at a time
 
 A model is visible to readers only through ``manifest.json``, which lists its files
 explicitly and is replaced atomically (write, fsync, rename). Files of an unfinished or
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import uuid
+from pathlib import Path, PurePosixPath
 
 from . import SCHEMA_VERSION, TABLES, Table, empty_select_sql
 
@@ -33,24 +35,112 @@ def empty_manifest() -> dict:
     return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "models": {}, "vocabularies": {}, "alignments": {}}
 
 
+class BadManifest(ValueError):
+    """manifest.json exists but is not a well-formed zeropass manifest (its message says why)."""
+
+
 def read_manifest(root: Path) -> dict | None:
-    """The manifest of dataset ``root``, or None when there is none yet."""
+    """The manifest of dataset ``root``, or None when there is none yet.
+
+    Raises BadManifest when the file is not JSON, lacks the expected structure, or lists a
+    file outside the dataset (an absolute path or ``..``): every reader and the writer then
+    refuse it in one line instead of reading whatever a damaged or hostile manifest names.
+    """
     path = Path(root) / MANIFEST
-    if not path.exists():
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadManifest(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    validate_manifest(manifest, path)
+    return manifest
+
+
+def validate_manifest(manifest, path: Path | str = MANIFEST) -> None:
+    """Raise BadManifest unless ``manifest`` has the structure the writer produces."""
+    def bad(why: str):
+        raise BadManifest(f"{path} is malformed: {why}")
+
+    if not isinstance(manifest, dict):
+        bad("not a JSON object")
+    if manifest.get("format", FORMAT) != FORMAT:
+        bad(f"format is {manifest.get('format')!r}, not {FORMAT!r}")
+    for key in ("models", "vocabularies", "alignments"):
+        if not isinstance(manifest.get(key, {}), dict):
+            bad(f"{key!r} is not an object")
+    for slug, entry in manifest.get("models", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("files", {}), dict):
+            bad(f"model {slug!r} has no 'files' object")
+        for table, files in entry.get("files", {}).items():
+            if table not in TABLES:
+                bad(f"model {slug!r} lists files of an unknown table {table!r}")
+            _check_files(files, f"model {slug!r}", bad)
+    for key in ("vocabularies", "alignments"):
+        for name, entry in manifest.get(key, {}).items():
+            if not isinstance(entry, dict):
+                bad(f"{key} entry {name!r} is not an object")
+            _check_files(entry.get("files", []), f"{key} entry {name!r}", bad)
+
+
+def _check_files(files, owner: str, bad) -> None:
+    if not isinstance(files, list):
+        bad(f"{owner}: 'files' is not a list")
+    for f in files:
+        why = unsafe_relpath(f)
+        if why:
+            bad(f"{owner} lists {f!r}, {why}")
+
+
+def unsafe_relpath(rel) -> str | None:
+    """Why ``rel`` cannot name a file inside a dataset, or None when it can.
+
+    Manifest paths are relative, forward-slashed, without ``..``: a dataset can then be moved
+    as a whole, and no manifest can make a reader open a file outside the directory.
+    """
+    if not isinstance(rel, str) or not rel:
+        return "which is not a path"
+    if "\\" in rel or "\0" in rel:
+        return "which holds a backslash or NUL"
+    p = PurePosixPath(rel)
+    if p.is_absolute():
+        return "an absolute path (manifest paths are relative to the dataset)"
+    if any(part in ("..", ".", "") for part in rel.split("/")):
+        return "which leaves the dataset or is not normalised ('..', '.', '//')"
+    return None
+
+
+def manifest_files(manifest: dict) -> dict[str, str]:
+    """Every file the manifest lists -> who owns it (``model X``, ``vocabulary V``, ``alignment A|B``)."""
+    out: dict[str, str] = {}
+    for slug, entry in manifest.get("models", {}).items():
+        for files in entry.get("files", {}).values():
+            out.update((f, f"model {slug}") for f in files)
+    for vocab_id, entry in manifest.get("vocabularies", {}).items():
+        out.update((f, f"vocabulary {vocab_id}") for f in entry.get("files", []))
+    for pair, entry in manifest.get("alignments", {}).items():
+        out.update((f, f"alignment {pair}") for f in entry.get("files", []))
+    return out
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON so that a reader sees the old or the new content, never a mix."""
+    """Write JSON so that a reader sees the old or the new content, never a mix.
+
+    On any failure (a full disk, a signal) the temporary file is removed and the old file is
+    left as it was.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def partition_dir(table: str, **keys: object) -> str:
@@ -75,6 +165,17 @@ def table_files(manifest: dict, table: str, models: list[str] | None = None) -> 
     return files
 
 
+def duckdb_path(path: str) -> str:
+    """``path`` as a DuckDB file-reader argument that names exactly that file.
+
+    DuckDB's readers treat ``*``, ``?`` and ``[`` as glob syntax even inside a list: a dataset in
+    ``db[1]`` read the files of ``db1``, one in ``a*b`` those of ``a,b`` too. A one-character
+    class (``[*]``) matches the character itself, which is DuckDB's only escape. (Commas, quotes,
+    braces and spaces are literal inside a quoted string.)
+    """
+    return "".join(f"[{c}]" if c in "*?[" else c for c in str(path))
+
+
 def view_sql(table: Table, files: list[str], root: Path | None = None) -> str:
     """``SELECT`` over the given Parquet files, columns in schema order.
 
@@ -83,7 +184,7 @@ def view_sql(table: Table, files: list[str], root: Path | None = None) -> str:
     """
     if not files:
         return empty_select_sql(table)
-    paths = [str(Path(root) / f) if root is not None else f for f in files]
+    paths = [duckdb_path(str(Path(root) / f) if root is not None else f) for f in files]
     quoted = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
     cols = ", ".join(c.name for c in table.columns)
     # Values of model/layer live inside the files; hive_partitioning=false stops DuckDB from
