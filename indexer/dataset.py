@@ -366,32 +366,39 @@ def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
     tmp = root / f"{CATALOG}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stand_in = Path(tempfile.mkdtemp(prefix="zeropass-catalog-"))
     try:
-        if re.search(r"[,*?\[']", str(stand_in)):
-            raise DatasetError(f"the temporary directory {stand_in} has a character DuckDB cannot take in a search "
-                               f"path: set TMPDIR to a plain path")
+        if re.search(r"[,*?\[\]'#%]", str(stand_in)):
+            raise DatasetError(f"the temporary directory {stand_in} has a character DuckDB cannot take in a path: "
+                               f"set TMPDIR to a plain path")
         empties = stand_in / "_empty"
         empties.mkdir()
         for name, table in TABLES.items():
             pq.write_table(table.schema.empty_table(), empties / f"{name}.parquet")
             for rel in table_files(manifest, name):
-                link = stand_in / rel
+                link = stand_in / "files" / rel
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if not link.exists():
                     link.symlink_to(empties / f"{name}.parquet")
-        con = duckdb.connect(str(tmp))
+        # Built in the stand-in directory too: duckdb.connect reads "?" in a path as the start
+        # of URL options. Then copied beside catalog.duckdb, so that the rename is atomic.
+        built = stand_in / CATALOG
+        con = duckdb.connect(str(built))
         try:
-            con.execute(f"SET file_search_path = '{stand_in}'")
+            con.execute(f"SET file_search_path = '{stand_in / 'files'}'")
             comment = catalog_comment(manifest).replace("'", "''")
             for name, table in TABLES.items():
                 con.execute(f"CREATE VIEW {name} AS {view_sql(table, table_files(manifest, name))}")
                 con.execute(f"COMMENT ON VIEW {name} IS '{comment}'")
             # An explicit checkpoint fails loudly on a full disk; a plain close() does not,
-            # and leaves the views only in a .wal file that the rename below would orphan.
+            # and leaves the views only in a .wal file that a copy would leave behind.
             con.execute("CHECKPOINT")
         finally:
             con.close()
-        if tmp.with_name(tmp.name + ".wal").exists():
+        if built.with_name(built.name + ".wal").exists():
             raise DatasetError(f"cannot write the catalog of {root}: DuckDB left its write-ahead log unmerged")
+        with open(built, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
         return tmp
     except BaseException:
         _unlink_catalog_tmp(tmp)

@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from schemas import SCHEMA_VERSION, TABLES
-from schemas.layout import FORMAT, MANIFEST, read_manifest, table_files, view_sql
+from schemas.layout import FORMAT, MANIFEST, duckdb_path, read_manifest, table_files, view_sql
 
 from .errors import BadSQL, ForbiddenSQL, NotADataset, SchemaMismatch, UnknownModel
 
@@ -102,7 +102,9 @@ class Dataset:
         # Parquet footers are cached, so repeated queries skip re-reading metadata.
         con.execute("SET parquet_metadata_cache = true")
         root = str(self.root).replace("'", "''")
-        con.execute(f"SET allowed_directories = ['{root}/']")
+        # DuckDB checks the glob-escaped name the views use (schemas.layout.duckdb_path) as given
+        escaped = duckdb_path(str(self.root)).replace("'", "''")
+        con.execute(f"SET allowed_directories = ['{root}/', '{escaped}/']")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
         return con
