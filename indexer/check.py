@@ -43,6 +43,7 @@ from .dataset import (
     ZEROPASS_VERSION,
     catalog_comment,
     dataset_lock,
+    directory_state,
     file_digest,
     leftovers,
     open_dataset,
@@ -94,12 +95,10 @@ def check_dataset(root: str | Path, *, hashes: bool = True, db: str | None = Non
         report.problems.append(Problem(str(e), recover_cmd))
         return report
     if manifest is None:
-        try:
-            open_dataset(root)
-        except DatasetError:
+        if directory_state(root) == "ours":
             report.problems.append(Problem(f"{root} has zeropass data but no {MANIFEST}", recover_cmd))
             return report
-        raise DatasetError(f"{root} is not a zeropass dataset (no {MANIFEST} and no data): check the --db path")
+        raise DatasetError(f"{root} is not a zeropass dataset (no {MANIFEST}, no zeropass files): check the --db path")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         report.problems.append(Problem(
             f"{MANIFEST} is of schema version {manifest.get('schema_version')}, this zeropass reads {SCHEMA_VERSION}",
@@ -258,10 +257,14 @@ def recover(root: str | Path) -> dict:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"no dataset directory at {root}: check the --db path")
+    if directory_state(root) != "ours":  # before the lock, which would create .lock in a stranger's directory
+        raise DatasetError(f"{root} holds no zeropass files: nothing to recover (check the --db path)")
     with dataset_lock(root):
         try:
             if read_manifest(root) is not None:
                 raise DatasetError(f"{root / MANIFEST} is readable: nothing to recover (run `zeropass check` without --recover)")
+            if directory_state(root) != "ours":
+                raise DatasetError(f"{root} holds no zeropass files: nothing to recover (check the --db path)")
         except BadManifest:
             os.replace(root / MANIFEST, root / f"{MANIFEST}.damaged")
         manifest = empty_manifest()

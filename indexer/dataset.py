@@ -62,11 +62,13 @@ LOCK = ".lock"
 # Names a zeropass writer puts in DIR (besides the table directories): a directory holding any
 # of them but no manifest is a dataset whose manifest was lost, not a stranger's directory.
 _OURS = {MANIFEST, CATALOG, BUILDS}
-# Entries that do not make a directory "non-empty": the lock and a concurrent writer's probe.
-_TRANSIENT = re.compile(r"^(\.lock|\.probe\d+)$")
-# Temporary names of our writers: "x.parquet.tmp", "manifest.json.tmp123-abcd1234",
-# "catalog.duckdb.tmp123-abcd1234" (and DuckDB's ".wal" beside it).
-_TMP = re.compile(r"\.tmp(\d+(-[0-9a-f]+)?)?(\.wal)?$")
+# Entries that do not make a directory "non-empty": the lock, a concurrent writer's probe, and
+# the temporary manifest/catalog of a first writer that is creating the dataset right now.
+_TRANSIENT = re.compile(r"^(\.lock|\.probe\d+|(manifest\.json|catalog\.duckdb)\.tmp.*)$")
+# Temporary names of our writers, where they write them: "<table>/.../x.parquet.tmp",
+# "manifest.json.tmp123-abcd1234", "catalog.duckdb.tmp123-abcd1234", ".builds/m.json.tmp123-ab".
+_TMP = re.compile(r"\.tmp(\d+(-[0-9a-f]+)?)?$")
+_ROOT_TMP = re.compile(r"^(manifest\.json|catalog\.duckdb)\.tmp\d+-[0-9a-f]+(\.wal)?$")
 
 
 def zeropass_command(*args: object) -> str:
@@ -113,11 +115,11 @@ def open_dataset(root: Path) -> dict | None:
     except BadManifest as e:
         raise NotADatasetDir(f"{e}: rebuild it from the dataset's files with `{db}`") from None
     if manifest is None:
-        entries = [p.name for p in root.iterdir() if not _TRANSIENT.match(p.name)] if root.is_dir() else []
-        if any(name in _OURS or name in TABLES or name.startswith(MANIFEST) for name in entries):
+        state = directory_state(root)
+        if state == "ours":
             raise NotADatasetDir(f"--db {root} holds zeropass data but no {MANIFEST} (lost or never committed): "
                                  f"rebuild the manifest from the files with `{db}`, then rerun")
-        if entries:
+        if state == "foreign":
             raise NotADatasetDir(f"--db {root} is a non-empty directory that is not a zeropass dataset: "
                                  f"choose an empty or new directory")
         return None
@@ -126,6 +128,16 @@ def open_dataset(root: Path) -> dict | None:
             f"--db {root} holds tables of schema version {manifest.get('schema_version')} and this zeropass "
             f"writes version {SCHEMA_VERSION}: index into a new directory (--db NEWDIR), once per model")
     return manifest
+
+
+def directory_state(root: Path) -> str:
+    """Without looking at the manifest: ``empty`` (or missing), ``ours`` (zeropass entries:
+    table directories, ``.builds``, a catalog) or ``foreign`` (only other things)."""
+    root = Path(root)
+    entries = [p.name for p in root.iterdir() if not _TRANSIENT.match(p.name)] if root.is_dir() else []
+    if any(name in _OURS or name in TABLES or name.startswith(MANIFEST) for name in entries):
+        return "ours"
+    return "foreign" if entries else "empty"
 
 
 def check_writable(root: Path) -> None:
@@ -454,14 +466,15 @@ def leftovers(root: Path, manifest: dict) -> list[Path]:
             out.append(path)
     builds = root / BUILDS
     if builds.is_dir():
-        out += [p for p in sorted(builds.iterdir()) if p.name.endswith(".spill") or _TMP.search(p.name)]
-    out += [p for p in sorted(root.iterdir()) if _TMP.search(p.name)]
+        out += [p for p in sorted(builds.iterdir())
+                if p.name.endswith(".spill") or (".json.tmp" in p.name and _TMP.search(p.name))]
+    out += [p for p in sorted(root.iterdir()) if _ROOT_TMP.match(p.name)]
     for name in TABLES:
         base = root / name
         if not base.is_dir():
             continue
         for p in sorted(base.rglob("*")):
-            if p.is_file() and (_TMP.search(p.name) or (p.suffix == ".parquet" and p.relative_to(root).as_posix() not in keep)):
+            if p.is_file() and (p.name.endswith(".parquet.tmp") or (p.suffix == ".parquet" and p.relative_to(root).as_posix() not in keep)):
                 out.append(p)
     return out
 
@@ -537,8 +550,8 @@ class Build:
         if manifest is None:  # a new dataset: its (empty) manifest comes first, see open_dataset
             manifest = publish(self.root, lambda m: [])
         old = manifest["models"].get(slug)
-        if old and origin is not None and not replace and old.get("origin") != origin:
-            was = old.get("origin") or old.get("source") or "another checkpoint"
+        if old and origin is not None and old.get("origin") not in (None, origin) and not replace:
+            was = old["origin"]
             raise NameTaken(f"a model named {slug!r} indexed from {was} is already in {self.root}, and {origin} is "
                             f"another checkpoint: choose another name with --name NAME, or replace it with --replace")
         self.progress_path = self.root / BUILDS / f"{slug}.json"

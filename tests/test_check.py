@@ -210,3 +210,12 @@ def test_check_runs_without_torch(db):
     r = subprocess.run([sys.executable, "-c", code, str(db)], env=dict(os.environ, PYTHONPATH=str(REPO)),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_recover_refuses_a_directory_without_zeropass_files(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep")
+    r = check(d, "--recover")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "nothing to recover" in r.stderr
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]

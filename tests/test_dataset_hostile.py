@@ -79,6 +79,17 @@ def test_a_name_taken_by_another_checkpoint_is_refused_unless_replace(tmp_path, 
     assert manifest["models"]["model"]["origin"] == str(models["b"].resolve())
 
 
+def test_a_model_recorded_without_origin_is_replaced_as_before(tmp_path, models):
+    """Manifests written before origins were recorded (and recovered ones) cannot tell."""
+    db = tmp_path / "db"
+    index_model(str(models["a"]), db, k=3, n_pairs=0, progress=None)
+    manifest = json.loads((db / "manifest.json").read_text())
+    manifest["models"]["model"]["origin"] = None
+    (db / "manifest.json").write_text(json.dumps(manifest))
+    assert invoke("index", models["b"], "--db", db, *SMALL).exit_code == 0
+    assert read_manifest(db)["models"]["model"]["origin"] == str(models["b"].resolve())
+
+
 def test_hub_ids_of_two_organisations_with_one_name(tmp_path):
     """org1/x and org2/x through the real hub code path (offline, from a populated hub cache)."""
     cache = tmp_path / "hub"
