@@ -65,8 +65,7 @@ def validate_manifest(manifest, path: Path | str = MANIFEST) -> None:
 
     if not isinstance(manifest, dict):
         bad("not a JSON object")
-    if manifest.get("format", FORMAT) != FORMAT:
-        bad(f"format is {manifest.get('format')!r}, not {FORMAT!r}")
+    # "format" and "schema_version" are left to the callers: each says what to do about them
     for key in ("models", "vocabularies", "alignments"):
         if not isinstance(manifest.get(key, {}), dict):
             bad(f"{key!r} is not an object")
