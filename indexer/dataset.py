@@ -74,12 +74,13 @@ _ROOT_TMP = re.compile(r"^(manifest\.json|catalog\.duckdb)\.tmp\d+-[0-9a-f]+(\.w
 def zeropass_command(*args: object) -> str:
     """A shell command line a user can paste: ``zeropass index ./a,b --db 'my db'``.
 
-    A relative path starting with ``-`` gets ``./`` so that it cannot read as an option.
+    A value starting with ``-`` (a relative path) gets ``./`` so that it cannot read as an option;
+    only ``--long-option`` words are passed as options.
     """
     words = ["zeropass"]
     for a in args:
         a = str(a)
-        if a.startswith("-") and not re.fullmatch(r"--?[a-z][a-z-]*", a):
+        if a.startswith("-") and not re.fullmatch(r"--[a-z][a-z-]*", a):  # our options are all long
             a = "./" + a
         words.append(shlex.quote(a))
     return " ".join(words)

@@ -219,3 +219,14 @@ def test_recover_refuses_a_directory_without_zeropass_files(tmp_path):
     r = check(d, "--recover")
     assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "nothing to recover" in r.stderr
     assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("path,shown", [
+    ("db", "db"), ("my db", "'my db'"), ("-db", "./-db"), ("a,b'c", "'a,b'\"'\"'c'"), ("/abs/-x", "/abs/-x"),
+])
+def test_printed_commands_survive_the_shell(path, shown):
+    from indexer.dataset import zeropass_command
+
+    line = zeropass_command("check", "--db", path, "--repair")
+    assert line == f"zeropass check --db {shown} --repair"
+    assert shlex.split(line)[3] in (path, "./" + path)

@@ -2,10 +2,8 @@
 contained (issue 11). Real files, real DuckDB, a real tmpfs for a full disk, real SIGKILLs."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
