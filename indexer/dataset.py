@@ -307,6 +307,9 @@ def publish(root: Path, change: Change) -> dict:
         try:
             catalog_tmp = _write_catalog_tmp(root, manifest)
             write_json_atomic(root / MANIFEST, manifest)  # the commit point
+        except DatasetError:  # already one line (an OSError too: pass it on as it is)
+            _unlink_catalog_tmp(catalog_tmp)
+            raise
         except OSError as e:
             _unlink_catalog_tmp(catalog_tmp)
             raise _os_error(root, e) from None
@@ -343,6 +346,8 @@ def write_catalog(root: Path, manifest: dict) -> None:
     try:
         tmp = _write_catalog_tmp(root, manifest)
         os.replace(tmp, root / CATALOG)
+    except DatasetError:
+        raise
     except OSError as e:
         _unlink_catalog_tmp(tmp)
         raise _os_error(root, e) from None
