@@ -21,7 +21,7 @@ from schemas.kinds import KIND, READ
 from schemas.units import bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit
 
 from .canonical import Canonical
-from .dataset import Build, ZEROPASS_VERSION, check_writable, dataset_lock
+from .dataset import Build, ZEROPASS_VERSION, check_writable, checkpoint_origin, dataset_lock, origin_of
 from .errors import ZeropassError
 from .kernels.vectors import Projector, TopK
 from .tokens import numbered_vocabulary, vocabulary
@@ -107,9 +107,12 @@ def index_model(
     device: str = "cpu",
     layers: Optional[str] = None,
     allow_pickle: bool = False,
+    replace: bool = False,
     progress: Optional[Progress] = stderr_progress,
 ) -> dict:
     """Index one checkpoint into the dataset at ``db``; returns its manifest entry.
+
+    A model of the same name from another checkpoint is refused (NameTaken) unless ``replace``.
 
     >>> index_model("path/to/minilm", "zeropass-db", name="minilm")  # doctest: +SKIP
     """
@@ -124,7 +127,7 @@ def index_model(
     say(f"loaded {model_ref} in {time.perf_counter() - t:.1f}s: {_describe(loaded.canonical.dims)}")
     return index_canonical(
         loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
-        k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers, progress=progress,
+        k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers, replace=replace, progress=progress,
     )
 
 
@@ -139,6 +142,7 @@ def index_diff(
     device: str = "cpu",
     layers: Optional[str] = None,
     allow_pickle: bool = False,
+    replace: bool = False,
     progress: Optional[Progress] = stderr_progress,
 ) -> dict:
     """Index theta_tuned - theta_base as its own model (variant ``diff``), see indexer/diff.py."""
@@ -152,7 +156,7 @@ def index_diff(
     say(f"loaded {base_ref} and {tuned_ref}: {_describe(delta.canonical.dims)}")
     return index_canonical(
         delta.canonical, delta.tokenizer, db, slug=slug, provenance=delta.provenance, k=k, n_pairs=n_pairs,
-        variant="diff", device=device, layers=layers, progress=progress,
+        variant="diff", device=device, layers=layers, replace=replace, progress=progress,
     )
 
 
@@ -210,12 +214,16 @@ def index_canonical(
     variant: str = "raw",
     device: str = "cpu",
     layers: Optional[str] = None,
+    replace: bool = False,
     progress: Optional[Progress] = stderr_progress,
 ) -> dict:
     """Project a canonical model into the dataset at ``db`` under the name ``slug``.
 
     ``k`` and ``n_pairs`` larger than the vocabulary allows are clamped (``_effective_sizes``):
     ``models.k`` / ``models.n_pairs`` hold what was used, ``settings`` both.
+
+    ``replace``: replace a published model of that name even when it came from another
+    checkpoint (without it, NameTaken).
     """
     root = Path(db)
     say = progress or (lambda _m: None)
@@ -243,9 +251,10 @@ def index_canonical(
     }
     token_text = tokens.column("token").combine_chunks()
 
+    origin = origin_of(provenance)
     check_writable(root)
     with dataset_lock(root):
-        build = Build(root, slug, json.loads(json.dumps(fingerprint, default=str)))
+        build = Build(root, slug, json.loads(json.dumps(fingerprint, default=str)), origin=origin, replace=replace)
         if build.resumed:
             say(f"resuming the unfinished build of {slug} ({len(build.done)} partitions already written)")
         writer = _ModelWriter(model, build, token_text, k=k, n_pairs=n_pairs, device=device)
@@ -277,10 +286,30 @@ def index_canonical(
         t_sort = time.perf_counter()
         build.write_by_token()
         say(f"[{slug}] vectors_by_token (all vectors sorted by token) written in {time.perf_counter() - t_sort:.1f}s")
-        entry = build.commit(model_row, vocab_id, tokens)
+        entry = build.commit(model_row, vocab_id, tokens,
+                             rebuild_args=_rebuild_args(provenance, slug, k, n_pairs, variant, layer_list, dims.n_layers))
     say(f"[{slug}] indexed in {_hms(time.perf_counter() - t0)}: "
         + ", ".join(f"{t} {n:,}" for t, n in entry["row_counts"].items()))
     return dict(entry, model=slug)
+
+
+def _rebuild_args(provenance: Provenance, slug: str, k: int, n_pairs: int, variant: str, layer_list: list[int],
+                  n_layers: int) -> list[str]:
+    """The command line (without --db) that rebuilds this model: `zeropass check` prints it."""
+    def where(prov: Provenance) -> str:  # an absolute path works from any directory; a hub id as is
+        return checkpoint_origin(prov) or str(prov.source)
+
+    base = provenance.base
+    if variant == "diff" and base is not None:
+        args = ["diff", where(base), where(provenance)]
+    else:
+        args = ["index", where(provenance), "--variant", variant]
+    args += ["--name", slug, "--k", str(k), "--pairs", str(n_pairs)]
+    if layer_list != list(range(n_layers)):
+        args += ["--layers", ",".join(map(str, layer_list))]
+    if provenance.format == "pickle":
+        args.append("--allow-pickle")
+    return args
 
 
 def _release_freed_memory() -> None:
@@ -343,15 +372,18 @@ class _ModelWriter:
         return self._vector_table("pos", None, None, np.arange(n), [position_unit(p) for p in range(n)],
                                   self._projector("pos")(W_pos))
 
+    _HEAD_TABLES = ("pairs", "head_tokens", "heads")
+
     def layer(self, l: int) -> None:
-        """Write layer ``l``'s partitions that are not on disk yet."""
-        if self.build.has("vectors", layer=l) and self.build.has("heads", layer=l):
+        """Write layer ``l``'s partitions that are not on disk yet, then record it complete."""
+        if self.build.layer_done(l):
             return
         lw = self.model.layer(l)
         if not self.build.has("vectors", layer=l):
             self.build.write("vectors", self.vectors(l, lw), layer=l)
-        if not self.build.has("heads", layer=l):
-            self._heads(l, lw)
+        if not all(self.build.has(t, layer=l) for t in self._HEAD_TABLES):
+            self._heads(l, lw)  # the three head tables come from one pass: all or none
+        self.build.mark_layer_done(l, ("vectors",) + self._HEAD_TABLES)
 
     def vectors(self, l: int, lw) -> pa.Table:
         """Top/bottom-k tokens of every vector-shaped parameter of layer ``l``."""
@@ -447,7 +479,6 @@ class _ModelWriter:
         empty = lambda t: pa.Table.from_pylist([], schema=TABLES[t].schema)  # noqa: E731
         self.build.write("pairs", pa.concat_tables(pair_parts) if pair_parts else empty("pairs"), layer=l)
         self.build.write("head_tokens", pa.concat_tables(role_parts) if role_parts else empty("head_tokens"), layer=l)
-        # heads last: its presence marks the layer's head tables as complete (see layer()).
         self.build.write("heads", pa.Table.from_pylist(head_rows, schema=TABLES["heads"].schema), layer=l)
 
     def _pair_table(self, l: int, h: int, circuit: str, res) -> pa.Table:

@@ -1,27 +1,40 @@
-"""Writing a dataset directory (layout in schemas/layout.py).
+"""Writing a dataset directory (layout in schemas/layout.py). No torch here: ``zeropass check``
+uses this module with the query extra only.
 
-Guarantees (DESIGN §5):
+Guarantees (DESIGN §5, docs/DATASET.md "Failure handling"):
 
-* every partition file is written under a temporary name and renamed into place, so a file
-  that exists is complete;
-* a build records its finished partitions in ``.builds/<slug>.json``; a killed build rerun
-  with the same settings skips them and resumes where it stopped;
-* a model becomes visible only when ``manifest.json`` is atomically replaced by one that lists
-  its files; the previous build's files (re-indexing) are deleted only after that;
-* one writer at a time holds ``DIR/.lock``; other models' files are never touched.
+* every partition file is written under a temporary name, fsynced and renamed into place, so a
+  file that exists is complete; its size and sha256 are recorded (progress file, then manifest);
+* a build records its finished partitions, and each finished layer, in ``.builds/<slug>.json``;
+  a killed build rerun with the same settings skips them and resumes where it stopped;
+* every change of what is published goes through one path, :func:`publish`: under the dataset
+  lock, write the new catalog to a temporary file, write the new manifest (the commit point),
+  rename the catalog into place, then delete superseded files and leftovers. A failure before
+  the manifest rename leaves manifest and catalog byte-identical. Readers therefore see, in
+  this order: new files appear, the manifest switches, old files disappear;
+* one writer at a time holds ``DIR/.lock`` (re-entrant within a thread); other models' files
+  are never touched;
+* a directory is only written when it is empty, new or a dataset with a readable manifest.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
+import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,7 +44,9 @@ from schemas.layout import (
     BUILDS,
     CATALOG,
     MANIFEST,
+    BadManifest,
     empty_manifest,
+    manifest_files,
     partition_dir,
     read_manifest,
     table_files,
@@ -39,9 +54,36 @@ from schemas.layout import (
     write_json_atomic,
 )
 
-from .errors import DatasetError
+from .errors import DatasetError, NameTaken, NotADatasetDir
 
 ZEROPASS_VERSION = "0.1.0"
+LOCK = ".lock"
+
+# Names a zeropass writer puts in DIR (besides the table directories): a directory holding any
+# of them but no manifest is a dataset whose manifest was lost, not a stranger's directory.
+_OURS = {MANIFEST, CATALOG, BUILDS}
+# Entries that do not make a directory "non-empty": the lock, a concurrent writer's probe, and
+# the temporary manifest/catalog of a first writer that is creating the dataset right now.
+_TRANSIENT = re.compile(r"^(\.lock|\.probe\d+|(manifest\.json|catalog\.duckdb)\.tmp.*)$")
+# Temporary names of our writers, where they write them: "<table>/.../x.parquet.tmp",
+# "manifest.json.tmp123-abcd1234", "catalog.duckdb.tmp123-abcd1234", ".builds/m.json.tmp123-ab".
+_TMP = re.compile(r"\.tmp(\d+(-[0-9a-f]+)?)?$")
+_ROOT_TMP = re.compile(r"^(manifest\.json|catalog\.duckdb)\.tmp\d+-[0-9a-f]+(\.wal)?$")
+
+
+def zeropass_command(*args: object) -> str:
+    """A shell command line a user can paste: ``zeropass index ./a,b --db 'my db'``.
+
+    A value starting with ``-`` (a relative path) gets ``./`` so that it cannot read as an option;
+    only ``--long-option`` words are passed as options.
+    """
+    words = ["zeropass"]
+    for a in args:
+        a = str(a)
+        if a.startswith("-") and not re.fullmatch(r"--[a-z][a-z-]*", a):  # our options are all long
+            a = "./" + a
+        words.append(shlex.quote(a))
+    return " ".join(words)
 
 
 def _os_error(root: Path, e: OSError) -> DatasetError:
@@ -52,44 +94,142 @@ def _os_error(root: Path, e: OSError) -> DatasetError:
     return DatasetError(f"cannot write to {root}: {e.strerror or e}")
 
 
+def _duckdb_error(root: Path, e: Exception) -> DatasetError:
+    """DuckDB's own writes (catalog, sorted copy) fail with its exception types, not OSError."""
+    if "No space left" in str(e):
+        return _os_error(root, OSError(errno.ENOSPC, "No space left on device"))
+    return DatasetError(f"cannot write to {root}: {str(e).strip().splitlines()[0]}")
+
+
+# -- is this directory a dataset we may write? -----------------------------------------------
+
+def open_dataset(root: Path) -> dict | None:
+    """The manifest of ``root`` for writing: None when ``root`` is new or empty.
+
+    Raises NotADatasetDir (nothing written) for a directory with files but no manifest, one
+    with a malformed manifest, or one of another schema version.
+    """
+    root = Path(root)
+    db = zeropass_command("check", "--db", root, "--recover")
+    try:
+        manifest = read_manifest(root)
+    except BadManifest as e:
+        raise NotADatasetDir(f"{e}: rebuild it from the dataset's files with `{db}`") from None
+    if manifest is None:
+        state = directory_state(root)
+        if state == "ours":
+            raise NotADatasetDir(f"--db {root} holds zeropass data but no {MANIFEST} (lost or never committed): "
+                                 f"rebuild the manifest from the files with `{db}`, then rerun")
+        if state == "foreign":
+            raise NotADatasetDir(f"--db {root} is a non-empty directory that is not a zeropass dataset: "
+                                 f"choose an empty or new directory")
+        return None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise NotADatasetDir(
+            f"--db {root} holds tables of schema version {manifest.get('schema_version')} and this zeropass "
+            f"writes version {SCHEMA_VERSION}: index into a new directory (--db NEWDIR), once per model")
+    return manifest
+
+
+def directory_state(root: Path) -> str:
+    """Without looking at the manifest: ``empty`` (or missing), ``ours`` (zeropass entries:
+    table directories, ``.builds``, a catalog) or ``foreign`` (only other things)."""
+    root = Path(root)
+    entries = [p.name for p in root.iterdir() if not _TRANSIENT.match(p.name)] if root.is_dir() else []
+    if any(name in _OURS or name in TABLES or name.startswith(MANIFEST) for name in entries):
+        return "ours"
+    return "foreign" if entries else "empty"
+
+
 def check_writable(root: Path) -> None:
     """Fail early, before any work, when ``root`` cannot hold a dataset."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DatasetError(f"--db {root} is a file, not a directory: give a directory path")
-    manifest = read_manifest(root) if root.is_dir() else None
-    if root.exists() and any(root.iterdir()) and manifest is None and not (root / BUILDS).exists():
-        raise DatasetError(f"--db {root} is a non-empty directory that is not a zeropass dataset: choose an empty or new directory")
-    if manifest is not None and manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DatasetError(f"--db {root} holds tables of schema version {manifest.get('schema_version')} and this zeropass "
-                           f"writes version {SCHEMA_VERSION}: index into a new directory (--db NEWDIR), once per model")
+    if root.is_dir():
+        open_dataset(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".probe{os.getpid()}"
         probe.write_bytes(b"x")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # a writer's clean-up may have taken it already
     except OSError as e:
         raise _os_error(root, e) from None
+
+
+_held = threading.local()
 
 
 @contextmanager
 def dataset_lock(root: Path):
-    """Exclusive writer lock on the dataset (a second `zeropass index` waits for it)."""
+    """Exclusive writer lock on the dataset (a second writer waits for it).
+
+    Re-entrant within a thread: ``Build.commit`` publishes inside ``index_canonical``'s lock.
+    (flock conflicts between two descriptors even in one process, so a nested plain acquire
+    would deadlock.)
+    """
     root = Path(root)
+    key = os.path.realpath(root)
+    held = getattr(_held, "roots", None)
+    if held is None:
+        held = _held.roots = {}
+    if key in held:
+        held[key] += 1
+        try:
+            yield
+        finally:
+            held[key] -= 1
+        return
     try:
-        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise _os_error(root, e) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        held[key] = 1
+        try:
+            yield
+        finally:
+            del held[key]
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
-def write_file_atomic(root: Path, relpath: str, write) -> None:
-    """``write(tmp_path)`` writes the file; it then appears at ``root/relpath`` complete or not at all."""
+def writer_active(root: Path) -> bool:
+    """Whether another process holds the dataset lock now (checking without waiting, writing nothing)."""
+    try:
+        fd = os.open(Path(root) / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+# -- files ---------------------------------------------------------------------------------
+
+def file_digest(path: Path) -> dict:
+    """``{"bytes", "sha256"}`` of a file (what the manifest records and `zeropass check` verifies)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def write_file_atomic(root: Path, relpath: str, write) -> dict:
+    """``write(tmp_path)`` writes the file; it then appears at ``root/relpath`` complete or not at all.
+
+    Returns its ``file_digest`` (hashed from the page cache right after the write).
+    """
     path = Path(root) / relpath
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -97,7 +237,9 @@ def write_file_atomic(root: Path, relpath: str, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        digest = file_digest(tmp)
         os.replace(tmp, path)
+        return digest
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _os_error(Path(root), e) from None
@@ -106,9 +248,14 @@ def write_file_atomic(root: Path, relpath: str, write) -> None:
         raise
 
 
-def write_parquet_atomic(root: Path, relpath: str, table: pa.Table, row_group_size: int = 256 * 1024) -> None:
-    """Write ``table`` to ``root/relpath`` via a temporary file and a rename."""
-    write_file_atomic(root, relpath, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size))
+def write_parquet_atomic(root: Path, relpath: str, table: pa.Table, row_group_size: int = 256 * 1024) -> dict:
+    """Write ``table`` to ``root/relpath`` via a temporary file and a rename; returns its digest."""
+    return write_file_atomic(root, relpath, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size))
+
+
+def parquet_rows(path: Path) -> int:
+    """Rows of a Parquet file from its footer; raises OSError/ArrowException when it is damaged."""
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def conform(table_name: str, data: pa.Table) -> pa.Table:
@@ -132,6 +279,262 @@ def conform(table_name: str, data: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=declared.metadata))
 
 
+# -- the one publish path ------------------------------------------------------------------
+
+Change = Callable[[dict], Iterable[str]]
+
+
+def publish(root: Path, change: Change) -> dict:
+    """Apply ``change`` to the manifest and publish it; returns the new manifest.
+
+    ``change(manifest)`` edits the manifest in place (it may write new files first) and returns
+    the relative paths it superseded. Under the dataset lock: the catalog is written to a
+    temporary file, then the manifest is replaced (the commit point), then the catalog is
+    renamed into place, then superseded files and leftovers (:func:`leftovers`) are deleted. A
+    failure before the manifest's rename raises DatasetError and leaves the published dataset
+    (manifest, catalog, files) exactly as it was.
+    """
+    import duckdb
+
+    root = Path(root)
+    with dataset_lock(root):
+        before = open_dataset(root)
+        manifest = copy.deepcopy(before) if before else empty_manifest()
+        superseded = list(change(manifest) or [])
+        manifest["schema_version"] = SCHEMA_VERSION
+        manifest["zeropass_version"] = ZEROPASS_VERSION
+        catalog_tmp = None
+        try:
+            catalog_tmp = _write_catalog_tmp(root, manifest)
+            write_json_atomic(root / MANIFEST, manifest)  # the commit point
+        except DatasetError:  # already one line (an OSError too: pass it on as it is)
+            _unlink_catalog_tmp(catalog_tmp)
+            raise
+        except OSError as e:
+            _unlink_catalog_tmp(catalog_tmp)
+            raise _os_error(root, e) from None
+        except duckdb.Error as e:
+            _unlink_catalog_tmp(catalog_tmp)
+            raise _duckdb_error(root, e) from None
+        except BaseException:
+            _unlink_catalog_tmp(catalog_tmp)
+            raise
+        try:
+            os.replace(catalog_tmp, root / CATALOG)
+        except OSError as e:
+            _unlink_catalog_tmp(catalog_tmp)
+            raise DatasetError(f"the manifest of {root} was updated but its catalog could not be replaced "
+                               f"({e.strerror}): repair it with `{zeropass_command('check', '--db', root, '--repair')}`") from None
+        listed = manifest_files(manifest)
+        _delete(root, (f for f in superseded if f not in listed))
+        _delete(root, leftovers(root, manifest))
+        return manifest
+
+
+def _unlink_catalog_tmp(tmp: Path | None) -> None:
+    if tmp is not None:
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+
+
+def write_catalog(root: Path, manifest: dict) -> None:
+    """Rewrite catalog.duckdb for ``manifest`` (used by `zeropass check --repair`; the writer uses publish)."""
+    import duckdb
+
+    root = Path(root)
+    tmp = None
+    try:
+        tmp = _write_catalog_tmp(root, manifest)
+        os.replace(tmp, root / CATALOG)
+    except DatasetError:
+        raise
+    except OSError as e:
+        _unlink_catalog_tmp(tmp)
+        raise _os_error(root, e) from None
+    except duckdb.Error as e:
+        _unlink_catalog_tmp(tmp)
+        raise _duckdb_error(root, e) from None
+
+
+def catalog_digest(manifest: dict) -> str:
+    """What the catalog's views read, in 16 hex digits; stored as each view's comment, so that
+    `zeropass check` can tell a stale catalog from a current one without reading the data."""
+    files = {name: table_files(manifest, name) for name in TABLES}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def catalog_comment(manifest: dict) -> str:
+    return f"zeropass view over the files of manifest.json (digest {catalog_digest(manifest)})"
+
+
+def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
+    """Write the views of ``manifest`` to a temporary catalog file beside catalog.duckdb.
+
+    DuckDB binds a view when it is created, which reads every listed file. The views are bound
+    against a stand-in tree instead: a private temporary directory where each listed path is
+    a link to an empty file of the table's declared schema. So a damaged file of one model
+    cannot stop the catalog from being written (damage stays with its model, and
+    `zeropass check` reports it), and the dataset's own path, which may hold commas, quotes,
+    brackets or ``*`` (``file_search_path`` is a comma-separated list), never reaches DuckDB.
+    The stored views keep the manifest's relative paths; the plain `duckdb` CLI resolves them
+    from inside DIR.
+    """
+    import duckdb
+
+    tmp = root / f"{CATALOG}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stand_in = Path(tempfile.mkdtemp(prefix="zeropass-catalog-"))
+    try:
+        if re.search(r"[,*?\[\]'#%]", str(stand_in)):
+            raise DatasetError(f"the temporary directory {stand_in} has a character DuckDB cannot take in a path: "
+                               f"set TMPDIR to a plain path")
+        empties = stand_in / "_empty"
+        empties.mkdir()
+        for name, table in TABLES.items():
+            pq.write_table(table.schema.empty_table(), empties / f"{name}.parquet")
+            for rel in table_files(manifest, name):
+                link = stand_in / "files" / rel
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(empties / f"{name}.parquet")
+        # Built in the stand-in directory too: duckdb.connect reads "?" in a path as the start
+        # of URL options. Then copied beside catalog.duckdb, so that the rename is atomic.
+        built = stand_in / CATALOG
+        con = duckdb.connect(str(built))
+        try:
+            con.execute(f"SET file_search_path = '{stand_in / 'files'}'")
+            comment = catalog_comment(manifest).replace("'", "''")
+            for name, table in TABLES.items():
+                con.execute(f"CREATE VIEW {name} AS {view_sql(table, table_files(manifest, name))}")
+                con.execute(f"COMMENT ON VIEW {name} IS '{comment}'")
+            # An explicit checkpoint fails loudly on a full disk; a plain close() does not,
+            # and leaves the views only in a .wal file that a copy would leave behind.
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        if built.with_name(built.name + ".wal").exists():
+            raise DatasetError(f"cannot write the catalog of {root}: DuckDB left its write-ahead log unmerged")
+        with open(built, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return tmp
+    except BaseException:
+        _unlink_catalog_tmp(tmp)
+        raise
+    finally:
+        shutil.rmtree(stand_in, ignore_errors=True)
+
+
+# -- leftovers -----------------------------------------------------------------------------
+
+def _progress_records(root: Path) -> dict[Path, dict | None]:
+    """``.builds/*.json`` -> its content (None when unreadable)."""
+    out: dict[Path, dict | None] = {}
+    builds = Path(root) / BUILDS
+    if builds.is_dir():
+        for p in sorted(builds.glob("*.json")):
+            try:
+                rec = json.loads(p.read_text())
+                out[p] = rec if isinstance(rec, dict) and isinstance(rec.get("done"), dict) else None
+            except (OSError, ValueError):
+                out[p] = None
+    return out
+
+
+def unfinished_builds(root: Path, manifest: dict) -> dict[str, dict]:
+    """Resumable builds: slug -> progress record (a build already committed is not one)."""
+    out = {}
+    for path, rec in _progress_records(root).items():
+        slug = path.stem
+        committed = manifest.get("models", {}).get(slug, {}).get("build_id")
+        if rec is not None and rec.get("build_id") != committed:
+            out[slug] = rec
+    return out
+
+
+def leftovers(root: Path, manifest: dict) -> list[Path]:
+    """Files and directories no published model and no resumable build needs.
+
+    Temporary files of killed writers (``*.tmp*``, catalog ``.wal``), DuckDB spill directories,
+    Parquet files in the table directories that neither the manifest nor a resumable build
+    (``.builds/<slug>.json``) lists (a superseded build that a kill stopped from deleting), and
+    progress files that are unreadable or whose build is already committed. Only called with
+    the dataset lock held, or to report: while the lock is held no writer is mid-file.
+    """
+    root = Path(root)
+    out: list[Path] = []
+    keep = set(manifest_files(manifest))
+    unfinished = unfinished_builds(root, manifest)
+    for rec in unfinished.values():
+        keep.update(part.get("file") for part in rec["done"].values() if isinstance(part, dict))
+    for path, rec in _progress_records(root).items():
+        if path.stem not in unfinished:
+            out.append(path)
+    builds = root / BUILDS
+    if builds.is_dir():
+        out += [p for p in sorted(builds.iterdir())
+                if p.name.endswith(".spill") or (".json.tmp" in p.name and _TMP.search(p.name))]
+    out += [p for p in sorted(root.iterdir()) if _ROOT_TMP.match(p.name)]
+    for name in TABLES:
+        base = root / name
+        if not base.is_dir():
+            continue
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and (p.name.endswith(".parquet.tmp") or (p.suffix == ".parquet" and p.relative_to(root).as_posix() not in keep)):
+                out.append(p)
+    return out
+
+
+def _delete(root: Path, paths: Iterable) -> None:
+    """Delete files (relative to ``root`` or absolute inside it) and the directories they empty."""
+    root = Path(root)
+    for p in paths:
+        path = p if isinstance(p, Path) and p.is_absolute() else root / p
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        parent = path.parent
+        while parent != root and root in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+# -- sources -------------------------------------------------------------------------------
+
+_HUB_CACHE = re.compile(r"/models--([^/]+?)--([^/]+)/snapshots/[^/]+")
+
+
+def origin_of(provenance) -> str | None:
+    """Where a checkpoint comes from, independent of how it was typed: a hub id (``org/x``,
+    also when read from the local hub cache) or an absolute path. Two models with the same
+    origin are the same checkpoint for the name-collision rule; a diff is ``TUNED - BASE``.
+
+    ``provenance`` is an ``indexer.load.Provenance`` (read by attribute, so this module needs no
+    torch); ``with_base=False`` gives the checkpoint's own origin, without a diff's base."""
+    return _origin(provenance, with_base=True)
+
+
+def _origin(prov, *, with_base: bool) -> str | None:
+    path = getattr(prov, "path", None)
+    if not path:
+        mine = str(prov.source) if getattr(prov, "source", None) else None
+    else:
+        m = _HUB_CACHE.search(str(path))
+        mine = f"{m.group(1)}/{m.group(2)}" if m else str(path)
+    base = getattr(prov, "base", None)
+    if with_base and base is not None:
+        return f"{mine} - {_origin(base, with_base=False)}"
+    return mine
+
+
+def checkpoint_origin(provenance) -> str | None:
+    """The origin of the checkpoint itself (a diff's tuned model, without its base)."""
+    return _origin(provenance, with_base=False)
+
+
+# -- a model being written -----------------------------------------------------------------
+
 # Row order inside a partition file. Token searches ("which neurons contain ' Paris'") filter
 # vectors by token_id: sorted by it, in small row groups, DuckDB skips almost every row group by
 # its min/max statistics (measured in docs/QUERY.md: `neurons` 672 ms -> 170 ms at real sizes).
@@ -147,23 +550,42 @@ _BY_TOKEN_MEMORY = "512MB"
 
 
 class Build:
-    """One model being written. Partitions are written as they are produced; ``commit`` publishes."""
+    """One model being written. Partitions are written as they are produced; ``commit`` publishes.
 
-    def __init__(self, root: Path, slug: str, fingerprint: dict):
+    Create it with the dataset lock held (``index_canonical`` holds it for the whole build).
+    ``origin`` (see :func:`origin_of`) identifies the checkpoint: a published model of the same
+    name from another origin is not replaced unless ``replace``.
+    """
+
+    def __init__(self, root: Path, slug: str, fingerprint: dict, *, origin: str | None = None, replace: bool = False):
         self.root = Path(root)
         self.slug = slug
         self.fingerprint = fingerprint
+        self.origin = origin
+        manifest = open_dataset(self.root)
+        if manifest is None:  # a new dataset: its (empty) manifest comes first, see open_dataset
+            manifest = publish(self.root, lambda m: [])
+        old = manifest["models"].get(slug)
+        if old and origin is not None and old.get("origin") not in (None, origin) and not replace:
+            was = old["origin"]
+            raise NameTaken(f"a model named {slug!r} indexed from {was} is already in {self.root}, and {origin} is "
+                            f"another checkpoint: choose another name with --name NAME, or replace it with --replace")
         self.progress_path = self.root / BUILDS / f"{slug}.json"
         previous = self._read_progress()
         if previous and previous.get("fingerprint") == fingerprint:
             self.build_id = previous["build_id"]
-            self.done: dict[str, dict] = previous["done"]
+            self.done: dict[str, dict] = self._intact(previous["done"])
+            layers = previous.get("layers_done", {})
+            # a layer stays complete only while every partition it recorded is still intact
+            self.layers_done: dict[str, list[str]] = {
+                l: parts for l, parts in layers.items() if all(p in self.done for p in parts)}
             self.resumed = True
         else:
             if previous:  # settings changed: the old unfinished build's files are garbage
-                self._delete_files(f for parts in previous["done"].values() for f in [parts["file"]])
+                _delete(self.root, (p["file"] for p in previous["done"].values()))
             self.build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
             self.done = {}
+            self.layers_done = {}
             self.resumed = False
         self._sweep_tmp()
         self._save_progress()
@@ -174,6 +596,20 @@ class Build:
     def has(self, table: str, **keys) -> bool:
         return self.key(table, **keys) in self.done
 
+    def layer_done(self, layer: int) -> bool:
+        """Whether every partition of ``layer`` was written (recorded by ``mark_layer_done``)."""
+        return str(layer) in self.layers_done
+
+    def mark_layer_done(self, layer: int, tables: Iterable[str]) -> None:
+        """Record that ``layer``'s partitions of ``tables`` are all written: the explicit
+        completion record a resumed build trusts (not the presence of one of the files)."""
+        parts = [self.key(t, layer=layer) for t in tables]
+        missing = [p for p in parts if p not in self.done]
+        if missing:
+            raise RuntimeError(f"layer {layer} marked complete without {missing}")  # a writer bug, not user input
+        self.layers_done[str(layer)] = parts
+        self._save_progress()
+
     def write(self, table: str, data: pa.Table, **keys) -> None:
         """Write one partition of ``table`` (keys beyond ``model``, e.g. ``layer=3``)."""
         rel_dir = self.key(table, **keys)
@@ -181,8 +617,8 @@ class Build:
         layout = _ROW_LAYOUT.get(table)
         if layout:
             data = data.sort_by([(col, "ascending") for col in layout[0]])
-        write_parquet_atomic(self.root, relpath, conform(table, data), **({"row_group_size": layout[1]} if layout else {}))
-        self.done[rel_dir] = {"table": table, "file": relpath, "rows": data.num_rows}
+        digest = write_parquet_atomic(self.root, relpath, conform(table, data), **({"row_group_size": layout[1]} if layout else {}))
+        self.done[rel_dir] = {"table": table, "file": relpath, "rows": data.num_rows, **digest}
         self._save_progress()
 
     def write_by_token(self) -> None:
@@ -193,20 +629,23 @@ class Build:
         sources = sorted(p["file"] for p in self.done.values() if p["table"] == "vectors")
         relpath = f"{rel_dir}/{self.build_id}.parquet"
         if sources:
-            rows = self._sort_by_token(sources, relpath)
+            rows, digest = self._sort_by_token(sources, relpath)
         else:
-            write_parquet_atomic(self.root, relpath, TABLES["vectors_by_token"].schema.empty_table())
+            digest = write_parquet_atomic(self.root, relpath, TABLES["vectors_by_token"].schema.empty_table())
             rows = 0
-        self.done[rel_dir] = {"table": "vectors_by_token", "file": relpath, "rows": rows}
+        self.done[rel_dir] = {"table": "vectors_by_token", "file": relpath, "rows": rows, **digest}
         self._save_progress()
 
-    def _sort_by_token(self, sources: list[str], relpath: str) -> int:
+    def _sort_by_token(self, sources: list[str], relpath: str) -> tuple[int, dict]:
         """DuckDB's out-of-core ``COPY ... ORDER BY`` of the ``sources`` files into ``relpath``."""
         import duckdb
 
+        from schemas.layout import duckdb_path
+
         spill = self.root / BUILDS / f"{self.slug}.spill"
-        q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731  (paths: ours, quoted anyway)
-        files = ", ".join(q(self.root / f) for f in sources)
+        q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731
+        # read_parquet globs its arguments: escape the dataset path (it may hold * ? [)
+        files = ", ".join(q(duckdb_path(self.root / f)) for f in sources)
         cols = ", ".join(TABLES["vectors_by_token"].column_names)
         counted: list[int] = []
 
@@ -223,69 +662,89 @@ class Build:
                 con.close()
 
         try:
-            write_file_atomic(self.root, relpath, copy)
+            digest = write_file_atomic(self.root, relpath, copy)
         except duckdb.Error as e:  # DuckDB's own writes: a full disk, spilling that cannot, ...
-            if "No space left" in str(e):
-                raise _os_error(self.root, OSError(errno.ENOSPC, "No space left on device")) from None
-            raise DatasetError(f"cannot write to {self.root}: {str(e).splitlines()[0]}") from None
+            raise _duckdb_error(self.root, e) from None
         finally:
             shutil.rmtree(spill, ignore_errors=True)
-        return counted[0]
+        return counted[0], digest
 
-    def commit(self, model_row: dict, vocab_id: str, tokens: pa.Table | None) -> dict:
-        """Publish the model atomically; returns its manifest entry."""
+    def commit(self, model_row: dict, vocab_id: str, tokens: pa.Table | None, rebuild_args: list[str] | None = None) -> dict:
+        """Publish the model atomically; returns its manifest entry.
+
+        ``rebuild_args`` is the `zeropass` command line (without ``--db``) that rebuilds this
+        model; `zeropass check` prints it as the repair of a damaged model.
+        """
         self.write_by_token()
         model_row = dict(model_row, model=self.slug, schema_version=SCHEMA_VERSION,
                          zeropass_version=ZEROPASS_VERSION, created_at=datetime.now(timezone.utc).replace(microsecond=0))
         self.write("models", pa.Table.from_pylist([model_row], schema=TABLES["models"].schema))
         files: dict[str, list[str]] = {}
         rows: dict[str, int] = {}
+        info: dict[str, dict] = {}
         for part in self.done.values():
             files.setdefault(part["table"], []).append(part["file"])
             rows[part["table"]] = rows.get(part["table"], 0) + part["rows"]
-        manifest = read_manifest(self.root) or empty_manifest()
-        if tokens is not None and vocab_id not in manifest["vocabularies"]:
-            rel = f"{partition_dir('tokens', vocab_id=vocab_id)}/{vocab_id}.parquet"
-            write_parquet_atomic(self.root, rel, conform("tokens", tokens))
-            manifest["vocabularies"][vocab_id] = {"files": [rel], "d_vocab": tokens.num_rows}
-        old = manifest["models"].get(self.slug)
+            digest = {k: part[k] for k in ("bytes", "sha256") if k in part} or file_digest(self.root / part["file"])
+            info[part["file"]] = dict(digest, rows=part["rows"])
         entry = {
             "build_id": self.build_id,
             "files": {t: sorted(f) for t, f in sorted(files.items())},
+            "file_info": dict(sorted(info.items())),
             "row_counts": dict(sorted(rows.items())),
             "committed_at": model_row["created_at"].isoformat(),
             "source": model_row.get("source"),
+            "origin": self.origin,
+            "rebuild": rebuild_args,
             "variant": model_row.get("variant"),
             "vocab_id": vocab_id,
         }
-        manifest["models"][self.slug] = entry
-        manifest["schema_version"] = SCHEMA_VERSION
-        manifest["zeropass_version"] = ZEROPASS_VERSION
-        try:
-            write_json_atomic(self.root / MANIFEST, manifest)  # the commit point
-        except OSError as e:
-            raise _os_error(self.root, e) from None
-        write_catalog(self.root, manifest)
-        if old:
-            new_files = {f for fs in entry["files"].values() for f in fs}
-            self._delete_files(f for fs in old["files"].values() for f in fs if f not in new_files)
+
+        def change(manifest: dict) -> list[str]:
+            vocab = manifest["vocabularies"].get(vocab_id)
+            if tokens is not None and (vocab is None or vocabulary_damage(self.root, vocab)):
+                # new, or damaged since it was written (a later model sharing it repairs it)
+                rel = f"{partition_dir('tokens', vocab_id=vocab_id)}/{vocab_id}.parquet"
+                digest = write_parquet_atomic(self.root, rel, conform("tokens", tokens))
+                manifest["vocabularies"][vocab_id] = {"files": [rel], "d_vocab": tokens.num_rows,
+                                                      "file_info": {rel: dict(digest, rows=tokens.num_rows)}}
+            old = manifest["models"].get(self.slug)
+            manifest["models"][self.slug] = entry
+            return [f for fs in (old or {}).get("files", {}).values() for f in fs]
+
+        publish(self.root, change)
         self.progress_path.unlink(missing_ok=True)
         return entry
 
     # -- internals -------------------------------------------------------------------------
 
+    def _intact(self, done: dict) -> dict:
+        """The recorded partitions whose file is still there with its recorded size."""
+        out = {}
+        for rel_dir, part in done.items():
+            path = self.root / part["file"]
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if part.get("bytes", size) == size:
+                out[rel_dir] = part
+        return out
+
     def _read_progress(self) -> dict | None:
         if not self.progress_path.exists():
             return None
         try:
-            return json.loads(self.progress_path.read_text())
-        except ValueError:  # torn by a crash mid-write cannot happen (atomic), but be safe
+            rec = json.loads(self.progress_path.read_text())
+        except (OSError, ValueError):  # torn by a crash mid-write cannot happen (atomic), but be safe
             return None
+        return rec if isinstance(rec, dict) and isinstance(rec.get("done"), dict) and rec.get("build_id") else None
 
     def _save_progress(self) -> None:
         try:
             self.progress_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.progress_path, {"build_id": self.build_id, "fingerprint": self.fingerprint, "done": self.done})
+            write_json_atomic(self.progress_path, {"build_id": self.build_id, "fingerprint": self.fingerprint,
+                                                   "done": self.done, "layers_done": self.layers_done})
         except OSError as e:
             raise _os_error(self.root, e) from None
 
@@ -297,73 +756,53 @@ class Build:
                 for tmp in base.rglob("*.tmp"):
                     tmp.unlink(missing_ok=True)
 
-    def _delete_files(self, relpaths) -> None:
-        for rel in relpaths:
-            path = self.root / rel
-            path.unlink(missing_ok=True)
-            parent = path.parent
-            while parent != self.root and parent.exists() and not any(parent.iterdir()):
-                parent.rmdir()
-                parent = parent.parent
+
+def vocabulary_damage(root: Path, vocab: dict) -> str | None:
+    """Why a published vocabulary's file is unusable (missing, wrong size, unreadable footer,
+    wrong row count), or None. Cheap: no hashing; run at every commit that shares it."""
+    for rel in vocab.get("files", []):
+        path = Path(root) / rel
+        info = vocab.get("file_info", {}).get(rel, {})
+        if not path.is_file():
+            return f"{rel} is missing"
+        if "bytes" in info and path.stat().st_size != info["bytes"]:
+            return f"{rel} has {path.stat().st_size} bytes, not {info['bytes']}"
+        try:
+            rows = parquet_rows(path)
+        except (OSError, pa.ArrowException) as e:
+            return f"{rel} is not a readable Parquet file ({str(e).splitlines()[0]})"
+        if vocab.get("d_vocab") is not None and len(vocab.get("files", [])) == 1 and rows != vocab["d_vocab"]:
+            return f"{rel} has {rows} rows, not {vocab['d_vocab']}"
+    return None
 
 
 def store_alignment(root: Path, model_a: str, model_b: str, table: pa.Table) -> str:
     """Publish the alignment of two models (replacing an earlier one of the same pair)."""
     root = Path(root)
     check_writable(root)
-    with dataset_lock(root):
-        rel = f"{partition_dir('alignments', model_a=model_a, model_b=model_b)}/{uuid.uuid4().hex[:12]}.parquet"
-        write_parquet_atomic(root, rel, conform("alignments", table))
-        manifest = read_manifest(root) or empty_manifest()
+    rel = f"{partition_dir('alignments', model_a=model_a, model_b=model_b)}/{uuid.uuid4().hex[:12]}.parquet"
+
+    def change(manifest: dict) -> list[str]:
+        digest = write_parquet_atomic(root, rel, conform("alignments", table))
         alignments = manifest.setdefault("alignments", {})
         old = alignments.get(f"{model_a}|{model_b}", {}).get("files", [])
-        alignments[f"{model_a}|{model_b}"] = {"files": [rel], "rows": table.num_rows}
-        try:
-            write_json_atomic(root / MANIFEST, manifest)
-        except OSError as e:
-            raise _os_error(root, e) from None
-        write_catalog(root, manifest)
-        for f in old:
-            (root / f).unlink(missing_ok=True)
+        alignments[f"{model_a}|{model_b}"] = {"files": [rel], "rows": table.num_rows,
+                                              "file_info": {rel: dict(digest, rows=table.num_rows)}}
+        return old
+
+    publish(root, change)
     return rel
 
 
 def remove_model(root: Path, slug: str) -> None:
-    """Unpublish ``slug`` and delete its files (other models untouched)."""
+    """Unpublish ``slug`` and delete its files, and any unfinished build of it (other models untouched)."""
     root = Path(root)
-    manifest = read_manifest(root)
-    if not manifest or slug not in manifest["models"]:
+    if not (root / MANIFEST).exists():
         return
-    old = manifest["models"].pop(slug)
-    write_json_atomic(root / MANIFEST, manifest)
-    write_catalog(root, manifest)
-    for fs in old["files"].values():
-        for rel in fs:
-            (root / rel).unlink(missing_ok=True)
-    for table in TABLES:
-        shutil.rmtree(root / partition_dir(table, model=slug), ignore_errors=True)
 
+    def change(manifest: dict) -> list[str]:
+        (root / BUILDS / f"{slug}.json").unlink(missing_ok=True)  # its files become leftovers
+        old = manifest["models"].pop(slug, None)
+        return [f for fs in (old or {}).get("files", {}).values() for f in fs]
 
-def write_catalog(root: Path, manifest: dict) -> None:
-    """Rebuild catalog.duckdb: one view per table over the committed files (relative paths).
-
-    DuckDB resolves relative paths against the working directory, so the catalog is used from
-    inside the dataset: ``cd DIR && duckdb catalog.duckdb`` (documented in the README).
-    """
-    import duckdb
-
-    root = Path(root)
-    tmp = root / f"{CATALOG}.tmp{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    try:
-        con = duckdb.connect(str(tmp))
-        try:
-            con.execute(f"SET file_search_path = '{str(root.resolve()).replace(chr(39), chr(39) * 2)}'")
-            for name, table in TABLES.items():
-                con.execute(f"CREATE VIEW {name} AS {view_sql(table, table_files(manifest, name))}")
-        finally:
-            con.close()
-        os.replace(tmp, root / CATALOG)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _os_error(root, e) from None
+    publish(root, change)

@@ -34,3 +34,11 @@ class IncompatibleModels(ZeropassError, ValueError):
 
 class NonFiniteWeights(BadCheckpoint):
     """A weight (or a value computed from the weights) is NaN or infinite: nothing can be ranked."""
+
+
+class NameTaken(ZeropassError, ValueError):
+    """The model name is already used in the dataset by a model indexed from another source."""
+
+
+class NotADatasetDir(DatasetError):
+    """--db names a non-empty directory that is not a usable zeropass dataset (refused untouched)."""

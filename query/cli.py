@@ -112,6 +112,11 @@ def index_options(f):
     return f
 
 
+def replace_option(f):
+    return click.option("--replace", is_flag=True,
+                        help="Replace a model of the same name indexed from another checkpoint (refused without it).")(f)
+
+
 def _open(db):
     from .dataset import Dataset
 
@@ -160,8 +165,9 @@ def _token_label(token, token_id) -> str:
 @click.option("--variant", type=click.Choice(["raw", "folded"]), default="raw", show_default=True,
               help="raw (the paper) or folded (norm gains folded in).")
 @index_options
+@replace_option
 @quiet_option
-def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle, quiet):
+def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle, replace, quiet):
     """Project every parameter of MODEL and add it to the dataset.
 
     MODEL is a local Hugging Face directory, a GGUF file or a hub id.
@@ -172,7 +178,7 @@ def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle
     from indexer.build import index_model
 
     entry = index_model(model_ref, db, name=name, k=k, n_pairs=n_pairs, variant=variant, device=device,
-                        layers=layers, allow_pickle=allow_pickle, progress=_progress(quiet))
+                        layers=layers, allow_pickle=allow_pickle, replace=replace, progress=_progress(quiet))
     if not quiet:
         rows = ", ".join(f"{t} {n}" for t, n in entry.get("row_counts", {}).items())
         click.echo(f"indexed {model_ref} into {db} ({rows})", err=True)
@@ -453,8 +459,9 @@ def align(model_a, model_b, db, fmt, quiet):
 @db_option
 @click.option("--name", help="Name of the diff model in the dataset (default: TUNED's name + -diff).")
 @index_options
+@replace_option
 @quiet_option
-def diff(base, tuned, db, name, k, n_pairs, device, layers, allow_pickle, quiet):
+def diff(base, tuned, db, name, k, n_pairs, device, layers, allow_pickle, replace, quiet):
     """Index the fine-tuning delta TUNED - BASE as its own model (paper §4).
 
     \b
@@ -464,10 +471,49 @@ def diff(base, tuned, db, name, k, n_pairs, device, layers, allow_pickle, quiet)
     from indexer.build import index_diff
 
     entry = index_diff(base, tuned, db, name=name, k=k, n_pairs=n_pairs, device=device, layers=layers,
-                       allow_pickle=allow_pickle, progress=_progress(quiet))
+                       allow_pickle=allow_pickle, replace=replace, progress=_progress(quiet))
     if not quiet:
         rows = ", ".join(f"{t} {n}" for t, n in entry.get("row_counts", {}).items())
         click.echo(f"indexed {tuned} - {base} into {db} ({rows})", err=True)
+
+
+@cli.command()
+@db_option
+@click.option("--repair", is_flag=True, help="Rewrite a stale catalog and delete leftover files (under the writer lock).")
+@click.option("--recover", is_flag=True, help="Rebuild a lost or unreadable manifest.json from the dataset's files.")
+@click.option("--quick", is_flag=True, help="Skip the sha256 of every file (sizes, footers and row counts are still checked).")
+@quiet_option
+def check(db, repair, recover, quick, quiet):
+    """Verify the dataset: manifest, files, Parquet footers, row counts, hashes, catalog, leftovers.
+
+    Prints one line per problem, naming the model and the command that repairs it; exit code 0
+    when the dataset is sound, 1 otherwise. Needs no torch.
+
+    \b
+      zeropass check --db zeropass-db
+      zeropass check --db zeropass-db --repair
+    """
+    from indexer import check as checking
+
+    if repair and recover:
+        raise click.UsageError("give --repair or --recover, not both (recover first, then repair)")
+    if recover:
+        manifest = checking.recover(db)
+        if not quiet:
+            click.echo(f"rebuilt {db}/manifest.json from the files: {len(manifest['models'])} models "
+                       f"({', '.join(sorted(manifest['models'])) or 'none'})", err=True)
+    elif repair:
+        checking.repair(db)
+    report = checking.check_dataset(db, hashes=not quick, db=db)
+    for problem in report.problems:
+        click.echo(str(problem))
+    if not quiet:
+        for note in report.notes:
+            click.echo(f"note: {note}", err=True)
+        verdict = "ok" if report.ok else f"{len(report.problems)} problem{'s' * (len(report.problems) != 1)}"
+        click.echo(f"{verdict}: {report.models} models, {report.files} files checked in {db}", err=True)
+    if not report.ok:
+        sys.exit(1)
 
 
 def main(argv=None):

@@ -34,7 +34,8 @@ import duckdb
 import pyarrow as pa
 
 from schemas import SCHEMA_VERSION, TABLES
-from schemas.layout import FORMAT, MANIFEST, table_files, view_sql
+from schemas import layout
+from schemas.layout import FORMAT, MANIFEST, Owner, duckdb_path, table_files, view_sql
 
 from .errors import (BadManifest, BadSQL, DamagedFile, ForbiddenSQL, Interrupted, NotADataset, QueryError,
                      QueryTimeout, SchemaMismatch, UnknownModel)
@@ -211,70 +212,35 @@ def _manifest_error(root: Path, why: str) -> BadManifest:
         f"or re-index the models into a new directory with `zeropass index MODEL --db NEWDIR`")
 
 
-def validate_manifest(manifest: object, root: Path) -> dict[str, tuple[str, str, str]]:
-    """Check the shape of ``manifest`` and that every listed file stays inside ``root``.
+def validate_manifest(manifest: object, root: Path) -> dict[str, Owner]:
+    """Check ``manifest`` (shape: ``schemas.layout.validate_manifest``, the writer's own check),
+    its format and schema version, and that no listed file is a link out of ``root``.
 
-    Returns {relative path: (table, owner kind, owner name)} for every listed file, where the
-    owner is ("model", slug), ("vocabulary", vocab_id) or ("alignment", "a|b"). Raises BadManifest
-    (or SchemaMismatch) with one line.
+    Returns {relative path: Owner(table, kind, name)} for every listed file. Raises BadManifest
+    (or NotADataset, SchemaMismatch) with one line.
     """
-    bad = lambda why: _manifest_error(root, why)  # noqa: E731
-    if not isinstance(manifest, dict):
-        raise bad(f"a JSON {type(manifest).__name__}, not an object")
-    if manifest.get("format", FORMAT) != FORMAT:
-        raise NotADataset(f"{root} is not a zeropass dataset ({MANIFEST} has format {manifest.get('format')!r})")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        models = manifest.get("models")
-        sources = sorted({str(m.get("source")) for m in models.values() if isinstance(m, dict) and m.get("source")}) \
-            if isinstance(models, dict) else []
-        hint = f" (models: {', '.join(sources)})" if sources else ""
-        raise SchemaMismatch(
-            f"dataset {root} was written with schema version {version}, this zeropass reads version "
-            f"{SCHEMA_VERSION}: rebuild it into a new directory with `zeropass index MODEL --db NEWDIR` for each model{hint}")
-    owners: dict[str, tuple[str, str, str]] = {}
-
-    def files_of(entry, where: str) -> dict:
-        if not isinstance(entry, dict):
-            raise bad(f"{where} is a {type(entry).__name__}, not an object")
-        return entry.get("files", {})
-
-    def add(paths, table: str, kind: str, name: str, where: str) -> None:
-        if not isinstance(paths, list):
-            raise bad(f"{where} is a {type(paths).__name__}, not a list of paths")
-        for rel in paths:
-            if not isinstance(rel, str):
-                raise bad(f"{where} lists {rel!r}, not a path")
-            p = PurePosixPath(rel)
-            # Relative, normalised, inside its table's directory, a Parquet file: what the writer writes.
-            if (not rel or "\\" in rel or "\x00" in rel or p.is_absolute() or any(part in ("..", ".", "") for part in rel.split("/"))
-                    or p.parts[0] != table or p.suffix != ".parquet"):
-                raise bad(f"{where} lists {rel!r}, a path outside {table}/ of the dataset")
-            owners[rel] = (table, kind, name)
-
-    models = manifest.get("models")
-    if not isinstance(models, dict):
-        raise bad(f"'models' is {'missing' if models is None else 'a ' + type(models).__name__}, not an object")
-    for slug, entry in models.items():
-        files = files_of(entry, f"model {slug!r}")
-        if not isinstance(files, dict):
-            raise bad(f"the files of model {slug!r} are a {type(files).__name__}, not an object")
-        for table, paths in files.items():
-            if table not in TABLES or table in ("tokens", "alignments"):
-                raise bad(f"model {slug!r} lists files of unknown table {table!r}")
-            add(paths, table, "model", slug, f"model {slug!r} table {table!r}")
-    for key, table in (("vocabularies", "tokens"), ("alignments", "alignments")):
-        group = manifest.get(key, {})
-        if not isinstance(group, dict):
-            raise bad(f"{key!r} is {'null' if group is None else 'a ' + type(group).__name__}, not an object")
-        for name, entry in group.items():
-            add(files_of(entry, f"{key} {name!r}"), table, key[:-1] if key == "alignments" else "vocabulary", name,
-                f"{key} {name!r}")
+    if isinstance(manifest, dict):
+        if manifest.get("format", FORMAT) != FORMAT:
+            raise NotADataset(f"{root} is not a zeropass dataset ({MANIFEST} has format {manifest.get('format')!r})")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            models = manifest.get("models")
+            sources = sorted({str(m.get("source")) for m in models.values() if isinstance(m, dict) and m.get("source")}) \
+                if isinstance(models, dict) else []
+            hint = f" (models: {', '.join(sources)})" if sources else ""
+            raise SchemaMismatch(
+                f"dataset {root} was written with schema version {version}, this zeropass reads version "
+                f"{SCHEMA_VERSION}: rebuild it into a new directory with `zeropass index MODEL --db NEWDIR` for each model{hint}")
+    try:
+        layout.validate_manifest(manifest, root / MANIFEST)
+    except layout.BadManifest as e:
+        raise _manifest_error(root, e.why) from None
+    owners = layout.manifest_files(manifest)
     real_root = os.path.realpath(root)
     for rel in owners:
         real = os.path.realpath(root / rel)
         if os.path.commonpath([real, real_root]) != real_root:
-            raise bad(f"{rel} is a link to {real}, outside the dataset")
+            raise _manifest_error(root, f"{rel} is a link to {real}, outside the dataset")
     return owners
 
 
@@ -353,7 +319,8 @@ class Dataset:
         con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout, into the data
         # Parquet footers are cached, so repeated queries skip re-reading metadata.
         con.execute("SET parquet_metadata_cache = true")
-        con.execute(f"SET allowed_directories = [{_quote(str(self.root) + '/')}]")
+        # DuckDB checks the glob-escaped name the views use (schemas.layout.duckdb_path) as given
+        con.execute(f"SET allowed_directories = [{_quote(str(self.root) + '/')}, {_quote(duckdb_path(str(self.root)) + '/')}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
         con.execute("CREATE SCHEMA _zeropass")  # the helpers' per-model views, out of SHOW TABLES

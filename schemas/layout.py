@@ -7,6 +7,7 @@
       tokens/vocab_id=<id>/<id>.parquet  one file per vocabulary, shared by models
       alignments/model_a=<a>/model_b=<b>/<id>.parquet   results of `zeropass align`
       .builds/<slug>.json                progress of an unfinished build (for resume)
+      .lock                              one writer at a time
 
 A model is visible to readers only through ``manifest.json``, which lists its files
 explicitly and is replaced atomically (write, fsync, rename). Files of an unfinished or
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from . import SCHEMA_VERSION, TABLES, Table, empty_select_sql
 
@@ -33,24 +36,141 @@ def empty_manifest() -> dict:
     return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "models": {}, "vocabularies": {}, "alignments": {}}
 
 
+class BadManifest(ValueError):
+    """manifest.json exists but is not a well-formed zeropass manifest (its message says why)."""
+
+    def __init__(self, message: str, why: str | None = None):
+        super().__init__(message)
+        self.why = why or message
+
+
 def read_manifest(root: Path) -> dict | None:
-    """The manifest of dataset ``root``, or None when there is none yet."""
+    """The manifest of dataset ``root``, or None when there is none yet.
+
+    Raises BadManifest when the file is not JSON, lacks the expected structure, or lists a
+    file outside the dataset (an absolute path or ``..``): every reader and the writer then
+    refuse it in one line instead of reading whatever a damaged or hostile manifest names.
+    """
     path = Path(root) / MANIFEST
-    if not path.exists():
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadManifest(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    validate_manifest(manifest, path)
+    return manifest
+
+
+def validate_manifest(manifest, path: Path | str = MANIFEST) -> None:
+    """Raise BadManifest unless ``manifest`` has the structure the writer produces.
+
+    The one check of a manifest's shape, shared by the writer, `zeropass check` and the query
+    layer: objects where objects belong, known tables, and every listed file a relative,
+    normalised path to a Parquet file inside its table's directory (see ``unsafe_relpath``).
+    "format" and "schema_version" are left to the callers: each says what to do about them.
+    """
+    def bad(why: str):
+        raise BadManifest(f"{path} is malformed: {why}", why)
+
+    def kind(v) -> str:
+        return "null" if v is None else "a " + type(v).__name__
+
+    if not isinstance(manifest, dict):
+        bad(f"{kind(manifest)}, not an object")
+    if "models" not in manifest:
+        bad("it has no 'models' object")
+    for key in ("models", "vocabularies", "alignments"):
+        if not isinstance(manifest.get(key, {}), dict):
+            bad(f"{key!r} is {kind(manifest.get(key))}, not an object")
+    for slug, entry in manifest.get("models", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("files", {}), dict):
+            bad(f"model {slug!r} has no 'files' object")
+        for table, files in entry.get("files", {}).items():
+            if table not in TABLES or table in (t for t, _ in _SHARED.values()):
+                bad(f"model {slug!r} lists files of an unknown table {table!r}")
+            _check_files(files, table, f"model {slug!r}", bad)
+    for key, (table, _) in _SHARED.items():
+        for name, entry in manifest.get(key, {}).items():
+            if not isinstance(entry, dict):
+                bad(f"{key} entry {name!r} is {kind(entry)}, not an object")
+            _check_files(entry.get("files", []), table, f"{key} entry {name!r}", bad)
+
+
+# Manifest sections listed apart from the models: section -> (table of its files, owner kind).
+_SHARED = {"vocabularies": ("tokens", "vocabulary"), "alignments": ("alignments", "alignment")}
+
+
+def _check_files(files, table: str, owner: str, bad) -> None:
+    if not isinstance(files, list):
+        bad(f"{owner}: 'files' is not a list")
+    for f in files:
+        why = unsafe_relpath(f)
+        if why is None and (PurePosixPath(f).parts[0] != table or PurePosixPath(f).suffix != ".parquet"):
+            why = f"which is not a Parquet file under {table}/"
+        if why:
+            bad(f"{owner} lists {f!r}, {why}")
+
+
+def unsafe_relpath(rel) -> str | None:
+    """Why ``rel`` cannot name a file inside a dataset, or None when it can.
+
+    Manifest paths are relative, forward-slashed, without ``..``: a dataset can then be moved
+    as a whole, and no manifest can make a reader open a file outside the directory.
+    """
+    if not isinstance(rel, str) or not rel:
+        return "which is not a path"
+    if "\\" in rel or "\0" in rel:
+        return "which holds a backslash or NUL"
+    p = PurePosixPath(rel)
+    if p.is_absolute():
+        return "an absolute path (manifest paths are relative to the dataset)"
+    if any(part in ("..", ".", "") for part in rel.split("/")):
+        return "which leaves the dataset or is not normalised ('..', '.', '//')"
+    return None
+
+
+class Owner(NamedTuple):
+    """Who a listed file belongs to: ``kind`` is model, vocabulary or alignment."""
+
+    table: str
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+def manifest_files(manifest: dict) -> dict[str, Owner]:
+    """Every file the manifest lists -> its table and owner (``str(owner)``: ``model X``, ...)."""
+    out: dict[str, Owner] = {}
+    for slug, entry in manifest.get("models", {}).items():
+        for table, files in entry.get("files", {}).items():
+            out.update((f, Owner(table, "model", slug)) for f in files)
+    for key, (table, kind) in _SHARED.items():
+        for name, entry in manifest.get(key, {}).items():
+            out.update((f, Owner(table, kind, name)) for f in entry.get("files", []))
+    return out
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON so that a reader sees the old or the new content, never a mix."""
+    """Write JSON so that a reader sees the old or the new content, never a mix.
+
+    On any failure (a full disk, a signal) the temporary file is removed and the old file is
+    left as it was.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def partition_dir(table: str, **keys: object) -> str:
@@ -75,6 +195,17 @@ def table_files(manifest: dict, table: str, models: list[str] | None = None) -> 
     return files
 
 
+def duckdb_path(path: str) -> str:
+    """``path`` as a DuckDB file-reader argument that names exactly that file.
+
+    DuckDB's readers treat ``*``, ``?`` and ``[`` as glob syntax even inside a list: a dataset in
+    ``db[1]`` read the files of ``db1``, one in ``a*b`` those of ``a,b`` too. A one-character
+    class (``[*]``) matches the character itself, which is DuckDB's only escape. (Commas, quotes,
+    braces and spaces are literal inside a quoted string.)
+    """
+    return "".join(f"[{c}]" if c in "*?[" else c for c in str(path))
+
+
 def view_sql(table: Table, files: list[str], root: Path | None = None, union_by_name: bool = True) -> str:
     """``SELECT`` over the given Parquet files, columns in schema order.
 
@@ -83,7 +214,7 @@ def view_sql(table: Table, files: list[str], root: Path | None = None, union_by_
     """
     if not files:
         return empty_select_sql(table)
-    paths = [str(Path(root) / f) if root is not None else f for f in files]
+    paths = [duckdb_path(str(Path(root) / f) if root is not None else f) for f in files]
     quoted = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
     cols = ", ".join(c.name for c in table.columns)
     # Values of model/layer live inside the files; hive_partitioning=false stops DuckDB from

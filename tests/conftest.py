@@ -220,3 +220,19 @@ def tiny_db(tmp_path_factory) -> Path:
     index_model(str(_copying_gpt2(base / "gpt2")), db, name="tgpt2", k=8, n_pairs=20, progress=None)
     index_model(str(save_tiny("bert", base / "bert")), db, name="tbert", k=8, n_pairs=20, progress=None)
     return db
+
+
+# -- a real small filesystem -------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MB filesystem (tmpfs), so a write runs out of space for real (needs root)."""
+    import subprocess
+
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the full-disk test needs root")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)

@@ -300,18 +300,6 @@ def test_unwritable_db_is_one_clear_error(tmp_path):
     assert (tmp_path / "notadataset" / "precious.txt").read_text() == "keep me"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 1 MB filesystem (tmpfs), so a build runs out of space for real."""
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the full-disk test needs root")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_dataset_of_another_schema_version_is_refused_untouched(tmp_path):
     path = save_tiny("gpt2", tmp_path / "m")
     db = tmp_path / "db"

@@ -1,0 +1,232 @@
+"""`zeropass check`: every kind of damage gives one line naming the model and the command that
+repairs it; running that command repairs it; exit 0 only when the dataset is sound."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from query.cli import cli
+from schemas.layout import read_manifest
+from tests.tiny_models import save_tiny
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A dataset of two tiny models and an alignment, built once; each test damages a copy."""
+    base = tmp_path_factory.mktemp("check")
+    a = save_tiny("gpt2", base / "src" / "a", seed=1)
+    b = save_tiny("llama", base / "src" / "b", seed=2)
+    db = base / "db"
+    for path, name in ((a, "a"), (b, "b")):
+        r = invoke("index", path, "--db", db, "--name", name, "--k", "3", "--pairs", "0", "-q")
+        assert r.exit_code == 0, r.stderr
+    assert invoke("align", "a", "b", "--db", db, "-q").exit_code == 0
+    return db
+
+
+@pytest.fixture
+def db(pristine, tmp_path):
+    copy = tmp_path / "db"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def files_of(db: Path, model: str, table: str) -> list[Path]:
+    return [db / f for f in read_manifest(db)["models"][model]["files"][table]]
+
+
+def edit_manifest(db: Path, edit) -> None:
+    manifest = json.loads((db / "manifest.json").read_text())
+    edit(manifest)
+    (db / "manifest.json").write_text(json.dumps(manifest))
+
+
+def check(db: Path, *extra):
+    r = invoke("check", "--db", db, *extra)
+    assert "Traceback" not in r.stderr
+    return r
+
+
+def repair_commands(r) -> list[list[str]]:
+    """The distinct commands the problem lines name (without the leading `zeropass`)."""
+    cmds = []
+    for line in r.stdout.splitlines():
+        assert ": repair with `zeropass " in line and line.endswith("`"), line
+        cmd = shlex.split(line.rsplit("repair with `", 1)[1][:-1])[1:]
+        if cmd not in cmds:
+            cmds.append(cmd)
+    return cmds
+
+
+def test_a_sound_dataset_checks_clean(db):
+    r = check(db)
+    assert r.exit_code == 0 and r.stdout == "", r.stdout
+    assert r.stderr.startswith("ok: 2 models")
+
+
+def _truncate(p: Path):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flip_a_byte(p: Path):
+    data = bytearray(p.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the data pages: the footer still reads
+    p.write_bytes(bytes(data))
+
+
+DAMAGE = [
+    pytest.param(lambda db: _truncate(files_of(db, "a", "vectors")[0]), "a", "bytes", id="truncated"),
+    pytest.param(lambda db: files_of(db, "a", "heads")[1].unlink(), "a", "missing", id="missing"),
+    pytest.param(lambda db: _flip_a_byte(files_of(db, "b", "vectors_by_token")[0]), "b", "sha256", id="bit-flip"),
+    pytest.param(lambda db: edit_manifest(db, lambda m: m["models"]["b"]["row_counts"].update(heads=1)), "b", "rows",
+                 id="row-count"),
+    pytest.param(lambda db: files_of(db, "a", "parameters")[0].write_bytes(b"PAR1 not parquet PAR1"), "a", "bytes",
+                 id="not-parquet"),
+]
+
+
+@pytest.mark.parametrize("damage,model,fragment", DAMAGE)
+def test_damage_names_the_model_and_its_repair_which_works(pristine, db, damage, model, fragment):
+    damage(db)
+    r = check(db)
+    assert r.exit_code == 1
+    lines = r.stdout.splitlines()
+    assert lines and all(line.startswith(f"model {model}: ") for line in lines), lines
+    assert fragment in r.stdout
+    [cmd] = repair_commands(r)
+    assert cmd[:2] == ["index", str((pristine.parent / "src" / model).resolve())]
+    assert cmd[-3:] == ["--db", str(db), "--replace"]
+    fixed = invoke(*cmd, "-q")
+    assert fixed.exit_code == 0, fixed.stderr
+    assert check(db).exit_code == 0
+    assert set(read_manifest(db)["models"]) == {"a", "b"}
+
+
+def test_quick_skips_hashes_but_not_footers(db):
+    _flip_a_byte(files_of(db, "b", "vectors_by_token")[0])
+    assert check(db, "--quick").exit_code == 0
+    _truncate(files_of(db, "a", "vectors")[0])
+    assert check(db, "--quick").exit_code == 1
+
+
+def test_a_damaged_vocabulary_names_a_model_that_repairs_it(db):
+    [vocab] = read_manifest(db)["vocabularies"].values()
+    (db / vocab["files"][0]).unlink()
+    r = check(db)
+    assert r.exit_code == 1 and r.stdout.startswith("vocabulary ") and "used by a, b" in r.stdout
+    [cmd] = repair_commands(r)
+    assert invoke(*cmd, "-q").exit_code == 0
+    assert check(db).exit_code == 0
+
+
+def test_a_damaged_alignment_names_zeropass_align(db):
+    [entry] = read_manifest(db)["alignments"].values()
+    _truncate(db / entry["files"][0])
+    r = check(db)
+    assert r.exit_code == 1 and r.stdout.startswith("alignment a / b: ")
+    assert repair_commands(r) == [["align", "a", "b", "--db", str(db)]]
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../outside.parquet", "vectors/../../x.parquet", "a//b.parquet"])
+def test_a_manifest_naming_files_outside_the_dataset_is_refused(db, path):
+    edit_manifest(db, lambda m: m["models"]["a"]["files"]["vectors"].append(path))
+    r = check(db)
+    assert r.exit_code == 1 and "malformed" in r.stdout and "--recover" in r.stdout
+    r = invoke("sql", "SELECT count(*) FROM vectors", "--db", db)
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "Traceback" not in r.stderr
+
+
+def test_a_listed_file_that_links_outside_is_reported(db, tmp_path):
+    target = files_of(db, "a", "heads")[0]
+    outside = tmp_path / "elsewhere.parquet"
+    shutil.copy(target, outside)
+    target.unlink()
+    target.symlink_to(outside)
+    r = check(db)
+    assert r.exit_code == 1 and "model a: " in r.stdout and "link" in r.stdout
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"models": {"a": 3}}'])
+def test_a_malformed_manifest_is_one_line_naming_recover(db, content):
+    (db / "manifest.json").write_text(content)
+    r = check(db)
+    assert r.exit_code == 1 and len(r.stdout.splitlines()) == 1
+    assert r.stdout.strip().endswith(f"repair with `zeropass check --db {db} --recover`")
+    assert check(db, "--recover").exit_code == 0
+    assert set(read_manifest(db)["models"]) == {"a", "b"} and set(read_manifest(db)["alignments"]) == {"a|b"}
+
+
+def test_another_schema_version_says_rebuild(db):
+    edit_manifest(db, lambda m: m.update(schema_version=1))
+    r = check(db)
+    assert r.exit_code == 1 and "schema version 1" in r.stdout and "NEWDIR" in r.stdout
+
+
+def test_a_missing_catalog_is_repaired(db):
+    (db / "catalog.duckdb").unlink()
+    r = check(db)
+    assert r.exit_code == 1 and "catalog.duckdb is missing" in r.stdout
+    assert repair_commands(r) == [["check", "--db", str(db), "--repair"]]
+    assert check(db, "--repair").exit_code == 0
+    out = subprocess.run([sys.executable, "-c", "import duckdb; print(duckdb.connect('catalog.duckdb', read_only=True)"
+                          ".execute('SELECT count(DISTINCT model) FROM vectors').fetchone()[0])"],
+                         cwd=db, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"
+
+
+def test_recover_refuses_when_the_manifest_is_fine(db):
+    r = check(db, "--recover")
+    assert r.exit_code == 1 and "nothing to recover" in r.stderr
+
+
+def test_check_of_a_non_dataset_is_one_line(tmp_path):
+    (tmp_path / "x").mkdir()
+    r = check(tmp_path / "x")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1
+    r = check(tmp_path / "nowhere")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ")
+
+
+def test_check_runs_without_torch(db):
+    """The checking library and `zeropass check` need only the query extra."""
+    code = ("import sys; sys.modules['torch'] = None\n"  # importing torch now raises ImportError
+            "from query.cli import main\n"
+            "try:\n    main(['check', '--db', sys.argv[1], '-q'])\n"
+            "except SystemExit as e:\n    sys.exit(e.code)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(db)], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_recover_refuses_a_directory_without_zeropass_files(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep")
+    r = check(d, "--recover")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "nothing to recover" in r.stderr
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("path,shown", [
+    ("db", "db"), ("my db", "'my db'"), ("-db", "./-db"), ("a,b'c", "'a,b'\"'\"'c'"), ("/abs/-x", "/abs/-x"),
+])
+def test_printed_commands_survive_the_shell(path, shown):
+    from indexer.dataset import zeropass_command
+
+    line = zeropass_command("check", "--db", path, "--repair")
+    assert line == f"zeropass check --db {shown} --repair"
+    assert shlex.split(line)[3] in (path, "./" + path)
