@@ -1,31 +1,63 @@
-"""Architecture adapters: one small module per family turns a checkpoint into ``Canonical``.
+"""Architecture adapters: one small module per checkpoint layout turns a checkpoint into ``Canonical``.
 
-``adapter_for(model_type)`` picks the module; each module has ``FAMILY``, ``MODEL_TYPES`` and
-``adapt(source, config, dtype) -> Canonical``. See docs/ADAPTERS.md for the mappings.
+``FAMILIES`` below is the one declaration of what is supported: ``adapter_for(model_type)`` reads
+it, the unsupported-architecture message lists it, and tests/test_adapters.py checks that
+docs/ADAPTERS.md and the README name every row. Each adapter module has
+``adapt(source, config, dtype, family) -> Canonical``; a module that serves several layouts (the
+Llama-style ``decoder``) looks ``family`` up in its own ``LAYOUTS``. See docs/ADAPTERS.md.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import import_module
-
-# model_type (config.json) -> adapter module; also the list the error message prints.
-_MODULES = {"gpt2": "gpt2", "bert": "bert", "mpnet": "mpnet", "llama": "llama",
-            "mistral": "llama", "qwen2": "llama", "gpt_neox": "neox"}
-SUPPORTED_MODEL_TYPES = tuple(_MODULES)
+from typing import Optional
 
 
-def is_supported(model_type: str | None) -> bool:
-    return model_type in _MODULES
+@dataclass(frozen=True)
+class Family:
+    """One supported ``model_type`` (config.json) and the adapter that reads it."""
+
+    model_type: str
+    label: str  # how people name the models, for messages and docs
+    module: str  # adapter module in this package
+    layout: Optional[str] = None  # for modules serving several layouts; default: the module name
+
+    @property
+    def FAMILY(self) -> str:
+        """The adapter family recorded as ``models.architecture`` (the layout's name)."""
+        return self.layout or self.module
+
+    def adapt(self, source, config, dtype):
+        """Canonical weights of a checkpoint of this family."""
+        return import_module(f".{self.module}", __name__).adapt(source, config, dtype, self.FAMILY)
 
 
-def adapter_for(model_type: str | None, architectures=None):
-    """The adapter module for a config's ``model_type``; UnsupportedArchitecture otherwise."""
+FAMILIES = (
+    Family("gpt2", "GPT-2", "gpt2"),
+    Family("bert", "BERT/MiniLM", "bert"),
+    Family("mpnet", "MPNet", "mpnet"),
+    Family("llama", "Llama", "decoder", "llama"),
+    Family("mistral", "Mistral", "decoder", "llama"),
+    Family("qwen2", "Qwen2", "decoder", "llama"),
+    Family("gpt_neox", "GPT-NeoX/Pythia", "neox"),
+)
+_BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
+SUPPORTED_MODEL_TYPES = tuple(_BY_MODEL_TYPE)
+
+
+def supported_list() -> str:
+    """``gpt2 (GPT-2), bert (BERT/MiniLM), ...``: the list every message prints."""
+    return ", ".join(f"{f.model_type} ({f.label})" for f in FAMILIES)
+
+
+def adapter_for(model_type: str | None, architectures=None) -> Family:
+    """The registry row for a config's ``model_type``; UnsupportedArchitecture otherwise."""
     from ..errors import UnsupportedArchitecture
 
-    if model_type not in _MODULES:
+    if model_type not in _BY_MODEL_TYPE:
         arch = ", ".join(architectures or []) or "no architectures field"
         raise UnsupportedArchitecture(
             f"unsupported architecture: model_type {model_type!r} ({arch}); zeropass supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (GPT-2, BERT/MiniLM, MPNet, Llama/Mistral/Qwen2, "
-            f"GPT-NeoX/Pythia)"
+            f"{supported_list()}"
         )
-    return import_module(f".{_MODULES[model_type]}", __name__)
+    return _BY_MODEL_TYPE[model_type]

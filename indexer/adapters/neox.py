@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from ..canonical import Canonical, Dims, Embeddings, LayerWeights
 from .base import (
-    HEAD_BIAS, MASK, NORM, ROTARY, Names, Rule, TensorSource, account, cfg, checked_layer_fn,
+    HEAD_BIAS, MASK, NORM, ROTARY, Names, Reader, Rule, TensorSource, cfg, finish, head_dim,
+    linear_out, unembedding,
 )
-from .bert import linear_out
 
-FAMILY = "neox"
-MODEL_TYPES = ("gpt_neox",)
 
 L = r"layers\.(?P<layer>\d+)\."
 RULES = [
@@ -38,52 +36,50 @@ RULES = [
 ]
 
 
-def adapt(source: TensorSource, config, dtype) -> Canonical:
-    names = Names(source.keys(), ["embed_in.weight"], FAMILY)
-    f32 = lambda name: source.get(name).to(dtype).contiguous()
-    get = lambda suffix: f32(names.need(suffix))
-    opt = lambda suffix: f32(names.base(suffix)) if names.base(suffix) else None
-
+def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
+    r = Reader(source, Names(source.keys(), ["embed_in.weight"], family), dtype)
     d_model = cfg(config, "hidden_size")
     n_heads = cfg(config, "num_attention_heads")
-    d_head = d_model // n_heads
+    d_head = head_dim(config, d_model, n_heads)
 
-    W_E = get("embed_in.weight")
-    embed_out = names.head("embed_out.weight")
-    tied = embed_out is None or bool(getattr(config, "tie_word_embeddings", False))
-    W_U = W_E.T if tied else f32(embed_out).T.contiguous()
+    W_E = r.need("embed_in.weight")
+    W_U, tied = unembedding(r, W_E, "embed_out.weight", config, tied_default=False)
     dims = Dims(
-        architecture=FAMILY, n_layers=cfg(config, "num_hidden_layers"), n_heads=n_heads,
+        architecture=family, n_layers=cfg(config, "num_hidden_layers"), n_heads=n_heads,
         n_kv_heads=n_heads, d_model=d_model, d_head=d_head, d_ff=cfg(config, "intermediate_size"),
         d_vocab=W_E.shape[0], n_ctx=None, tied=tied, gated=False, norm_position="pre",
         parallel_attn_mlp=bool(cfg(config, "use_parallel_residual", default=True)),
     )
-    emb = Embeddings(W_E=W_E, W_U=W_U, ln_final_w=get("final_layer_norm.weight"),
-                     ln_final_b=get("final_layer_norm.bias"))
+    emb = Embeddings(W_E=W_E, W_U=W_U, ln_final_w=r.need("final_layer_norm.weight"),
+                     ln_final_b=r.need("final_layer_norm.bias"))
     act = cfg(config, "hidden_act", default="gelu")
 
     def layer(l: int) -> LayerWeights:
         p = f"layers.{l}."
         a = p + "attention."
-        # [3 d_model, d_model] -> [n_heads, 3, d_head, d_model] -> each [n_heads, d_model, d_head]
-        w = get(a + "query_key_value.weight").reshape(n_heads, 3, d_head, d_model)
-        W_Q, W_K, W_V = (w[:, i].transpose(1, 2).contiguous() for i in range(3))
-        b = opt(a + "query_key_value.bias")
+        W_Q, W_K, W_V = per_head_qkv(r.need(a + "query_key_value.weight"), n_heads, d_head)
+        b = r.opt(a + "query_key_value.bias")
         b_Q = b_K = b_V = None
         if b is not None:
             b_Q, b_K, b_V = (b.reshape(n_heads, 3, d_head)[:, i].contiguous() for i in range(3))
         return LayerWeights(
             W_Q=W_Q, W_K=W_K, W_V=W_V, b_Q=b_Q, b_K=b_K, b_V=b_V,
-            W_O=linear_out(get(a + "dense.weight"), n_heads, d_head), b_O=opt(a + "dense.bias"),
-            W_in=get(p + "mlp.dense_h_to_4h.weight").T.contiguous(),
-            b_in=opt(p + "mlp.dense_h_to_4h.bias"),
-            W_out=get(p + "mlp.dense_4h_to_h.weight").T.contiguous(),
-            b_out=opt(p + "mlp.dense_4h_to_h.bias"),
-            ln_attn_w=get(p + "input_layernorm.weight"), ln_attn_b=get(p + "input_layernorm.bias"),
-            ln_mlp_w=get(p + "post_attention_layernorm.weight"),
-            ln_mlp_b=get(p + "post_attention_layernorm.bias"),
+            W_O=linear_out(r.need(a + "dense.weight"), n_heads, d_head), b_O=r.opt(a + "dense.bias"),
+            W_in=r.need(p + "mlp.dense_h_to_4h.weight").T.contiguous(),
+            b_in=r.opt(p + "mlp.dense_h_to_4h.bias"),
+            W_out=r.need(p + "mlp.dense_4h_to_h.weight").T.contiguous(),
+            b_out=r.opt(p + "mlp.dense_4h_to_h.bias"),
+            ln_attn_w=r.need(p + "input_layernorm.weight"), ln_attn_b=r.need(p + "input_layernorm.bias"),
+            ln_mlp_w=r.need(p + "post_attention_layernorm.weight"),
+            ln_mlp_b=r.need(p + "post_attention_layernorm.bias"),
             act=act,
         )
 
-    return Canonical(dims=dims, embeddings=emb, layer_fn=checked_layer_fn(layer, dims.n_layers),
-                     parameters=account(source, names, RULES, FAMILY))
+    return finish(r, dims, emb, layer, RULES)
+
+
+def per_head_qkv(w, n_heads: int, d_head: int):
+    """nn.Linear [n_heads * 3 * d_head, d_model] laid out [n_heads, 3, d_head] along the output
+    (NeoX, BLOOM) -> W_Q, W_K, W_V, each [n_heads, d_model, d_head]."""
+    w = w.reshape(n_heads, 3, d_head, w.shape[-1])
+    return tuple(w[:, i].transpose(1, 2).contiguous() for i in range(3))
