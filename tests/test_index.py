@@ -94,6 +94,12 @@ FAMILIES = [
     pytest.param("llama-gqa", id="llama-gqa"),
     pytest.param("qwen2", id="qwen2-untied-biases"),
     pytest.param("neox", id="neox"),
+    pytest.param("gemma", id="gemma"),
+    pytest.param("gemma2", id="gemma2"),
+    pytest.param("qwen3", id="qwen3"),
+    pytest.param("phi3", id="phi3"),
+    pytest.param("olmo2", id="olmo2"),
+    pytest.param("gemma3_text", id="gemma3_text"),
 ]
 
 
@@ -135,7 +141,8 @@ def test_folded_variant_equals_dense_reference_on_folded_weights(tmp_path):
     assert read_table(db, "models").column("variant").to_pylist() == ["folded"]
 
 
-@pytest.mark.parametrize("family", [pytest.param("gpt2", id="mha"), pytest.param("llama-gqa", id="gqa")])
+@pytest.mark.parametrize("family", [pytest.param("gpt2", id="mha"), pytest.param("llama-gqa", id="gqa"),
+                                    pytest.param("gemma3_text", id="gemma3-qk-and-post-norms")])
 def test_pairs_and_roles_equal_dense_circuits(tmp_path, family):
     path = save_tiny(family, tmp_path / family)
     db = tmp_path / "db"

@@ -40,6 +40,12 @@ FAMILIES = (
     Family("mistral", "Mistral", "decoder", "llama"),
     Family("qwen2", "Qwen2", "decoder", "llama"),
     Family("gpt_neox", "GPT-NeoX/Pythia", "neox"),
+    Family("gemma", "Gemma", "decoder", "gemma"),
+    Family("gemma2", "Gemma 2", "decoder", "gemma2"),
+    Family("gemma3_text", "Gemma 3 (text)", "decoder", "gemma3_text"),
+    Family("qwen3", "Qwen3", "decoder", "qwen3"),
+    Family("phi3", "Phi-3", "decoder", "phi3"),
+    Family("olmo2", "OLMo-2", "decoder", "olmo2"),
 )
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 SUPPORTED_MODEL_TYPES = tuple(_BY_MODEL_TYPE)
