@@ -39,8 +39,20 @@ CASES = [
     pytest.param("phi3", id="phi3-fused"),
     pytest.param("olmo2", id="olmo2-full-qk-norm"),
     pytest.param("gemma3_text", id="gemma3-post-and-qk-norms"),
+    pytest.param("phi", id="phi-parallel-lm-head-bias"),
+    pytest.param("opt", id="opt-positions-offset"),
+    pytest.param("gptj", id="gptj-parallel"),
+    pytest.param("gpt_bigcode", id="bigcode-mqa"),
+    pytest.param("gpt_bigcode-mha", id="bigcode-mha-per-head"),
+    pytest.param("bloom", id="bloom-per-head-embed-norm"),
+    pytest.param("falcon", id="falcon-mqa-parallel-bias"),
+    pytest.param("falcon-new", id="falcon-new-grouped"),
+    pytest.param("stablelm", id="stablelm-layernorm-bias"),
+    pytest.param("starcoder2", id="starcoder2-plain-mlp"),
 ]
-GQA_CASES = [c for c in CASES if c.values[0] not in ("gpt2", "bert", "bert-mlm", "bert-mlm-untied", "mpnet", "llama", "neox")]
+GQA_CASES = [c for c in CASES if c.values[0] in (
+    "llama-gqa", "qwen2", "mistral", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text",
+    "gpt_bigcode", "falcon", "falcon-new", "stablelm", "starcoder2")]
 
 _CACHE: dict = {}
 
@@ -149,12 +161,22 @@ def test_embeddings_match_modules(built, family):
         assert dims.tied == (out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
     if family in ("bert-mlm", "bert-mlm-untied"):
         assert_close(E.b_U, model.cls.predictions.bias)
+    elif out is not None and getattr(out, "bias", None) is not None:  # Phi, GPT-J: lm_head bias
+        assert_close(E.b_U, out.bias)
+    else:
+        assert E.b_U is None
     pos = hf.pos(model)
     if pos is None:
         assert E.W_pos is None and dims.n_ctx is None
     else:
         assert_close(E.W_pos, pos.weight)
         assert dims.n_ctx == pos.weight.shape[0]
+    embed_norm = hf.embed_norm(model)
+    assert (embed_norm is None) == (E.ln_embed_w is None)
+    if embed_norm is not None:
+        x = torch.randn(B, S, dims.d_model, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            assert_close(c_norm(x, E.ln_embed_w, E.ln_embed_b, eps_of(model.config)), embed_norm(x))
     final = hf.final(model)
     assert (final is None) == (E.ln_final_w is None)
     if final is not None:
@@ -331,3 +353,16 @@ def test_docs_and_readme_list_every_supported_family():
         assert f"`{f.model_type}`" in adapters_md, f"docs/ADAPTERS.md does not list {f.model_type}"
         assert f.label in readme, f"README.md's supported families do not name {f.label}"
         assert f"{f.model_type} ({f.label})" in supported_list()
+
+
+@pytest.mark.parametrize("family,option", [pytest.param("stablelm", "qk_layernorm", id="stablelm-qk-layernorm"),
+                                           pytest.param("phi", "qk_layernorm", id="phi-qk-layernorm")])
+def test_unsupported_options_of_a_supported_family_are_one_line(tmp_path, family, option):
+    """A per-head LayerNorm on q/k (mean-centred, unlike the RMS q/k norms we fold) is refused
+    by name rather than indexed with unknown tensors."""
+    from indexer.errors import UnsupportedArchitecture
+
+    path = save_tiny(family, tmp_path / family, **{option: True})
+    with pytest.raises(UnsupportedArchitecture, match=f"{option}") as e:
+        load_canonical(str(path))
+    assert "\n" not in str(e.value)

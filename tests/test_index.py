@@ -100,6 +100,15 @@ FAMILIES = [
     pytest.param("phi3", id="phi3"),
     pytest.param("olmo2", id="olmo2"),
     pytest.param("gemma3_text", id="gemma3_text"),
+    pytest.param("phi", id="phi"),
+    pytest.param("opt", id="opt"),
+    pytest.param("gptj", id="gptj"),
+    pytest.param("gpt_bigcode", id="gpt_bigcode"),
+    pytest.param("bloom", id="bloom"),
+    pytest.param("falcon-new", id="falcon-new"),
+    pytest.param("falcon", id="falcon-mqa"),
+    pytest.param("stablelm", id="stablelm"),
+    pytest.param("starcoder2", id="starcoder2"),
 ]
 
 

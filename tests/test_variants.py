@@ -15,7 +15,8 @@ from indexer.variants import fold
 from tests.tiny_models import _proj, eps_of, hf_access, save_tiny, tiny_model
 
 PRE_NORM = [pytest.param(f, id=f) for f in
-            ("gpt2", "llama-gqa", "neox", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text")]
+            ("gpt2", "llama-gqa", "neox", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text",
+             "phi", "opt", "gptj", "gpt_bigcode", "bloom", "falcon", "falcon-new", "stablelm", "starcoder2")]
 
 
 def _plain(x, w, b, eps):
@@ -80,10 +81,9 @@ def test_folded_weights_reproduce_the_norm_modules(tmp_path, family):
                 _close(got * _inv_rms(y, (-1,), eps), norms["ln_mlp_out"](y))
             else:
                 _close(got, y)
-        final = hf.final(hf_model)
-        E = folded.embeddings
-        got = _plain(x, raw.embeddings.ln_final_w, raw.embeddings.ln_final_b, eps) @ E.W_U
-        _close(got + (0 if E.b_U is None else E.b_U), final(x) @ raw.embeddings.W_U)
+        final, E, R = hf.final(hf_model), folded.embeddings, raw.embeddings
+        got = _plain(x, R.ln_final_w, R.ln_final_b, eps) @ E.W_U + (0 if E.b_U is None else E.b_U)
+        _close(got, final(x) @ R.W_U + (0 if R.b_U is None else R.b_U))
 
 
 def test_value_bias_folds_into_the_attention_output_bias(tmp_path):

@@ -59,6 +59,27 @@ _FAMILIES = {
     "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(_GQA, tie_word_embeddings=False), "llama"),
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(_GQA, tie_word_embeddings=False), "olmo2"),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextConfig", _GQA, "gemma2"),
+    "phi": ("PhiForCausalLM", "PhiConfig", _LLAMA, "phi"),
+    "opt": ("OPTForCausalLM", "OPTConfig", dict(
+        hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_hidden_layers=N_LAYERS, ffn_dim=D_FF,
+        max_position_embeddings=N_CTX, word_embed_proj_dim=D_MODEL), "opt"),
+    "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(
+        n_embd=D_MODEL, n_head=N_HEADS, n_layer=N_LAYERS, n_inner=D_FF, n_positions=N_CTX, rotary_dim=4), "gptj"),
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(
+        n_embd=D_MODEL, n_head=N_HEADS, n_layer=N_LAYERS, n_inner=D_FF, n_positions=N_CTX), "gpt_bigcode"),
+    "gpt_bigcode-mha": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(
+        n_embd=D_MODEL, n_head=N_HEADS, n_layer=N_LAYERS, n_inner=D_FF, n_positions=N_CTX,
+        multi_query=False), "gpt_bigcode"),
+    "bloom": ("BloomForCausalLM", "BloomConfig", dict(
+        hidden_size=D_MODEL, n_head=N_HEADS, n_layer=N_LAYERS), "bloom"),
+    "falcon": ("FalconForCausalLM", "FalconConfig", dict(
+        hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_hidden_layers=N_LAYERS, bias=True), "falcon"),
+    "falcon-new": ("FalconForCausalLM", "FalconConfig", dict(
+        hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_hidden_layers=N_LAYERS,
+        new_decoder_architecture=True, num_kv_heads=2), "falcon"),
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig", dict(
+        _LLAMA, num_key_value_heads=2, use_qkv_bias=True), "llama"),
+    "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", dict(_LLAMA, num_key_value_heads=2), "llama"),
 }
 FAMILIES = tuple(_FAMILIES)
 
@@ -163,6 +184,46 @@ def _decoder_qkv(layer, x, dims):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
+def _gptj_qkv(layer, x, dims):
+    a, h, e = layer.attn, dims.n_heads, dims.d_head
+    return _split(a.q_proj(x), h, e), _split(a.k_proj(x), h, e), _split(a.v_proj(x), h, e)
+
+
+def _bigcode_qkv(layer, x, dims):
+    """GPTBigCodeAttention.forward's own split: [Q | K | V] with multi-query, else per head."""
+    a, h, e = layer.attn, dims.n_heads, dims.d_head
+    b, s = x.shape[:2]
+    if a.multi_query:
+        q, k, v = a.c_attn(x).split((a.embed_dim, a.kv_dim, a.kv_dim), dim=-1)
+        return _split(q, h, e), _split(k, 1, e), _split(v, 1, e)
+    return a.c_attn(x).view(b, s, h, 3 * e).transpose(1, 2).split(3 * [e], dim=3)
+
+
+def _bloom_qkv(layer, x, dims):
+    b, s = x.shape[:2]
+    fused = layer.self_attention.query_key_value(x).view(b, s, dims.n_heads, 3, dims.d_head)
+    return tuple(fused[..., i, :].transpose(1, 2) for i in range(3))
+
+
+def _falcon_qkv(layer, x, dims):
+    """FalconAttention._split_heads; its new architecture broadcasts each kv head over its
+    group of query heads, so one head per group is kept."""
+    a = layer.self_attention
+    q, k, v = a._split_heads(a.query_key_value(x))  # [B, S, heads, d_head]
+    group = dims.n_heads // dims.n_kv_heads
+    if k.shape[2] == dims.n_heads and group > 1:
+        k, v = k[:, :, ::group], v[:, :, ::group]
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _falcon_norms(layer):
+    if hasattr(layer, "ln_attn"):  # new architecture with two norms
+        return {"ln_attn": layer.ln_attn, "ln_mlp": layer.ln_mlp}
+    if hasattr(layer, "post_attention_layernorm"):  # sequential
+        return {"ln_attn": layer.input_layernorm, "ln_mlp": layer.post_attention_layernorm}
+    return {"ln_attn": layer.input_layernorm, "ln_mlp": layer.input_layernorm}  # parallel, one norm
+
+
 @dataclass(frozen=True)
 class HF:
     """Accessors for one layout of Hugging Face modules.
@@ -181,6 +242,7 @@ class HF:
     norms: Callable
     final: Callable = lambda model: None  # noqa: E731
     pos: Callable = lambda model: None  # noqa: E731
+    embed_norm: Callable = lambda model: None  # noqa: E731
 
 
 _ENCODER_MLP = lambda layer, x: layer.output(layer.intermediate(x), x)  # noqa: E731
@@ -196,13 +258,15 @@ HF_ACCESS = {
                    layer.attention.self.query, layer.attention.self.key, layer.attention.self.value)),
                o=lambda layer: layer.attention.output.dense, mlp=_ENCODER_MLP,
                norms=lambda layer: {"ln_attn": layer.attention.output.LayerNorm, "ln_mlp": layer.output.LayerNorm},
-               pos=lambda m: m.base_model.embeddings.position_embeddings),
+               pos=lambda m: m.base_model.embeddings.position_embeddings,
+               embed_norm=lambda m: m.base_model.embeddings.LayerNorm),
     "mpnet": HF(layers=lambda m: m.base_model.encoder.layer,
                 qkv=lambda layer, x, d: tuple(_split(f(x), d.n_heads, d.d_head) for f in (
                     layer.attention.attn.q, layer.attention.attn.k, layer.attention.attn.v)),
                 o=lambda layer: layer.attention.attn.o, mlp=_ENCODER_MLP,
                 norms=lambda layer: {"ln_attn": layer.attention.LayerNorm, "ln_mlp": layer.output.LayerNorm},
-                pos=lambda m: m.base_model.embeddings.position_embeddings),
+                pos=lambda m: m.base_model.embeddings.position_embeddings,
+                embed_norm=lambda m: m.base_model.embeddings.LayerNorm),
     "neox": HF(layers=lambda m: m.base_model.layers, qkv=_neox_qkv, o=lambda layer: layer.attention.dense,
                mlp=lambda layer, x: layer.mlp(x),
                norms=lambda layer: {"ln_attn": layer.input_layernorm, "ln_mlp": layer.post_attention_layernorm},
@@ -215,6 +279,27 @@ HF_ACCESS = {
     "olmo2": HF(**_DECODER, norms=lambda layer: {
         "ln_attn_out": layer.post_attention_layernorm, "ln_mlp_out": layer.post_feedforward_layernorm}),
 }
+HF_ACCESS.update({
+    "phi": HF(layers=lambda m: m.base_model.layers, qkv=_decoder_qkv, o=lambda layer: layer.self_attn.dense,
+              mlp=lambda layer, x: layer.mlp(x), final=lambda m: m.base_model.final_layernorm,
+              norms=lambda layer: {"ln_attn": layer.input_layernorm, "ln_mlp": layer.input_layernorm}),
+    "gptj": HF(layers=lambda m: m.base_model.h, qkv=_gptj_qkv, o=lambda layer: layer.attn.out_proj,
+               mlp=lambda layer, x: layer.mlp(x), final=lambda m: m.base_model.ln_f,
+               norms=lambda layer: {"ln_attn": layer.ln_1, "ln_mlp": layer.ln_1}),
+    "opt": HF(layers=lambda m: m.base_model.decoder.layers, qkv=_decoder_qkv, o=lambda layer: layer.self_attn.out_proj,
+              mlp=lambda layer, x: layer.fc2(layer.activation_fn(layer.fc1(x))),  # as OPTDecoderLayer does
+              final=lambda m: m.base_model.decoder.final_layer_norm, pos=lambda m: m.base_model.decoder.embed_positions,
+              norms=lambda layer: {"ln_attn": layer.self_attn_layer_norm, "ln_mlp": layer.final_layer_norm}),
+    "gpt_bigcode": HF(layers=lambda m: m.base_model.h, qkv=_bigcode_qkv, o=lambda layer: layer.attn.c_proj,
+                      mlp=lambda layer, x: layer.mlp(x), final=lambda m: m.base_model.ln_f,
+                      pos=lambda m: m.base_model.wpe, norms=lambda layer: {"ln_attn": layer.ln_1, "ln_mlp": layer.ln_2}),
+    "bloom": HF(layers=lambda m: m.base_model.h, qkv=_bloom_qkv, o=lambda layer: layer.self_attention.dense,
+                mlp=lambda layer, x: layer.mlp(x, 0 * x),  # BloomMLP adds its residual argument
+                final=lambda m: m.base_model.ln_f, embed_norm=lambda m: m.base_model.word_embeddings_layernorm,
+                norms=lambda layer: {"ln_attn": layer.input_layernorm, "ln_mlp": layer.post_attention_layernorm}),
+    "falcon": HF(layers=lambda m: m.base_model.h, qkv=_falcon_qkv, o=lambda layer: layer.self_attention.dense,
+                 mlp=lambda layer, x: layer.mlp(x), final=lambda m: m.base_model.ln_f, norms=_falcon_norms),
+})
 NORM_SLOTS = ("ln_attn", "ln_mlp", "ln_attn_out", "ln_mlp_out")
 
 
@@ -226,8 +311,9 @@ def hf_access(family: str) -> HF:
 # --- the canonical side: the same computations from canonical tensors --------------------------
 
 def eps_of(config):
-    return next(getattr(config, n) for n in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps")
-                if getattr(config, n, None) is not None)
+    """The norms' epsilon; OPT names none and uses nn.LayerNorm's default."""
+    return next((getattr(config, n) for n in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps")
+                 if getattr(config, n, None) is not None), 1e-5)
 
 
 def _proj(x, W, b):

@@ -46,6 +46,14 @@ FAMILIES = (
     Family("qwen3", "Qwen3", "decoder", "qwen3"),
     Family("phi3", "Phi-3", "decoder", "phi3"),
     Family("olmo2", "OLMo-2", "decoder", "olmo2"),
+    Family("phi", "Phi-1/1.5/2", "decoder", "phi"),
+    Family("opt", "OPT", "decoder", "opt"),
+    Family("gptj", "GPT-J", "decoder", "gptj"),
+    Family("gpt_bigcode", "StarCoder (GPTBigCode)", "decoder", "gpt_bigcode"),
+    Family("bloom", "BLOOM", "decoder", "bloom"),
+    Family("falcon", "Falcon", "decoder", "falcon"),
+    Family("stablelm", "StableLM", "decoder", "stablelm"),
+    Family("starcoder2", "StarCoder2", "decoder", "starcoder2"),
 )
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 SUPPORTED_MODEL_TYPES = tuple(_BY_MODEL_TYPE)

@@ -1,4 +1,4 @@
-"""Llama-style decoders: one adapter, one ``Layout`` row per family that names its tensors.
+"""Decoder-only transformers read through nn.Linear: one adapter, one ``Layout`` row per family.
 
 ``nn.Linear`` stores (out, in); every weight is transposed to the row-vector form
 (``linear_in`` / ``linear_out``). ``q_proj`` [n_heads * d_head, d_model] splits into n_heads
@@ -11,19 +11,23 @@ A layout says where the norms sit: before a sublayer (``ln_attn`` / ``ln_mlp``),
 what it writes (``ln_attn_out`` / ``ln_mlp_out``: Gemma 2/3, OLMo-2), on the query / key states
 (``q_norm`` / ``k_norm``); whether gains are stored as ``w`` or as ``w - 1`` (Gemma: the module
 multiplies by ``1 + w``; canonical gains are always the multiplier); whether Q/K/V or gate/up
-are fused. The coverage rules are generated from the same names, so a family that reuses a
-layout is one row in ``adapters/__init__.py``.
+are fused and how (``[Q | K | V]``; per head ``[n_heads, 3, d_head]`` as BLOOM; per kv group
+``[n_kv, group + 2, d_head]`` as Falcon's new architecture); where the layers, embeddings and
+learned positions live. A layout's ``configure(config)`` adjusts fields a config decides
+(Falcon's three attention layouts, OPT's post-LN 350m). The coverage rules are generated from
+the same names, so a family that reuses a layout is one row in ``adapters/__init__.py``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from ..canonical import Canonical, Dims, Embeddings, LayerWeights
 from .base import (
-    HEAD_BIAS, NORM, ROTARY, Names, Reader, Rule, TensorSource, cfg, finish, head_dim, linear_in,
-    linear_out, unembedding,
+    HEAD_BIAS, LOGIT_BIAS, MASK, NORM, ROTARY, Names, Reader, Rule, TensorSource, cfg, finish,
+    head_dim, linear_in, linear_out, unembedding,
 )
 
 QK_NORM = ("a gain on the query/key states inside the head (after the projection), folded into "
@@ -32,24 +36,72 @@ QK_NORM = ("a gain on the query/key states inside the head (after the projection
 
 @dataclass(frozen=True)
 class Layout:
-    """Tensor names of one Llama-style family (suffixes after ``layers.N.``)."""
+    """Tensor names of one family (layer tensors are suffixes after ``{layers}.N.``)."""
 
+    embed: str = "embed_tokens"
+    pos: Optional[str] = None  # learned absolute positions, kept as stored (OPT: row p + 2)
+    ln_embed: Optional[str] = None  # a norm on the embeddings before layer 0 (BLOOM)
+    final: Optional[str] = "norm"  # the norm before the unembedding
+    lm_head: str = "lm_head"
+    layers: str = "layers"
+    attn: str = "self_attn."
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    fused_qkv: Optional[str] = None  # one projection holding Q, K and V ...
+    fused_order: str = "qkv"  # ... as [Q | K | V], "per_head" [h, 3, e] or "grouped" [kv, g + 2, e]
+    mlp_prefix: str = "mlp."
+    mlp: tuple = ("gate_proj", "up_proj", "down_proj")  # (gate or None, in, out)
+    fused_gate_up: Optional[str] = None  # Phi-3: gate_up_proj = [gate | up]
     ln_attn: Optional[str] = "input_layernorm"  # norm before attention (None: none)
     ln_mlp: Optional[str] = "post_attention_layernorm"  # norm before the MLP
     ln_attn_out: Optional[str] = None  # norm on the attention output, before the residual add
     ln_mlp_out: Optional[str] = None  # norm on the MLP output
     qk_norm: Optional[str] = None  # "head" (over d_head) or "full" (over all heads)
     gain_offset: float = 0.0  # Gemma stores w and multiplies by (1 + w)
-    fused_qkv: Optional[str] = None  # Phi-3: one [Q | K | V] projection
-    mlp: tuple = ("gate_proj", "up_proj", "down_proj")  # (gate, in, out); gate None: not gated
-    fused_gate_up: Optional[str] = None  # Phi-3: gate_up_proj = [gate | up]
-    attn: str = "self_attn."
-    o: str = "o_proj"
+    parallel: bool = False  # attention and MLP read the same x; the MLP reads it through ln_attn
+    norm_position: str = "pre"
+    n_kv_heads: Optional[int] = None  # set by configure when no config key says it
+    act: Optional[str] = None  # when the config names no activation (BLOOM's tanh GELU)
     tied_default: bool = False  # when config.json does not say
-    parallel: bool = False  # attention and MLP read the same x (both through ln_attn)
     embedding_multiplier: bool = False  # Gemma scales W_E by sqrt(d_model) at run time
     recorded: tuple = ()  # config fields that change the computation but are not parameters
+    extra_rules: tuple = ()  # coverage of tensors outside the names above (buffers, ...)
+    configure: Optional[Callable] = None  # config -> {field: value} for config-dependent layouts
+    refused: tuple = ()  # (config flag, why): options of the family this adapter does not read
 
+
+_QK_LAYERNORM = ("qk_layernorm", "its per-head LayerNorm on q/k is not read yet (only RMS q/k norms are)")
+
+
+def _falcon(c) -> dict:
+    new = bool(getattr(c, "new_decoder_architecture", False))
+    n_ln = getattr(c, "num_ln_in_parallel_attn", None) or (2 if new else 1)
+    out = dict(fused_order="grouped" if new else "qkv" if c.multi_query else "per_head",
+               parallel=bool(c.parallel_attn) or new)
+    if not new:
+        out["n_kv_heads"] = 1 if c.multi_query else c.num_attention_heads
+    else:
+        out["n_kv_heads"] = c.num_kv_heads
+    if new and n_ln == 2:
+        out.update(ln_attn="ln_attn", ln_mlp="ln_mlp", parallel=False)  # two norms, both read x
+        out["parallel_two_norms"] = True
+    elif not out["parallel"]:
+        out.update(ln_mlp="post_attention_layernorm")
+    return out
+
+
+def _opt(c) -> dict:
+    if getattr(c, "do_layer_norm_before", True):
+        return {}
+    # OPT-350m: each norm comes after its residual add, like BERT; no final norm.
+    return dict(norm_position="post", final=None)
+
+
+_GPT_BUFFERS = (Rule(r"h\.(?P<layer>\d+)\.attn\.(bias|masked_bias)", "mask", None, MASK),)
+_BLOOM_FALCON = dict(embed="word_embeddings", final="ln_f", layers="h", attn="self_attention.",
+                     fused_qkv="query_key_value", o="dense", mlp=(None, "dense_h_to_4h", "dense_4h_to_h"))
 
 LAYOUTS = {
     "llama": Layout(),
@@ -69,22 +121,41 @@ LAYOUTS = {
     ),
     "olmo2": Layout(ln_attn=None, ln_mlp=None, ln_attn_out="post_attention_layernorm",
                     ln_mlp_out="post_feedforward_layernorm", qk_norm="full"),
-    "phi3": Layout(fused_qkv="qkv_proj", fused_gate_up="gate_up_proj",
-                   mlp=(None, None, "down_proj")),
+    "phi3": Layout(fused_qkv="qkv_proj", fused_gate_up="gate_up_proj", mlp=(None, None, "down_proj")),
+    "phi": Layout(o="dense", mlp=(None, "fc1", "fc2"), ln_mlp=None, parallel=True,
+                  final="final_layernorm", refused=(_QK_LAYERNORM,)),
+    "stablelm": Layout(configure=lambda c: dict(parallel=True, ln_mlp=None)
+                       if getattr(c, "use_parallel_residual", False) else {}, refused=(_QK_LAYERNORM,)),
+    "starcoder2": Layout(mlp=(None, "c_fc", "c_proj"), tied_default=True),
+    "gptj": Layout(embed="wte", final="ln_f", layers="h", attn="attn.", o="out_proj",
+                   mlp=(None, "fc_in", "fc_out"), ln_attn="ln_1", ln_mlp=None, parallel=True,
+                   extra_rules=_GPT_BUFFERS),
+    "gpt_bigcode": Layout(embed="wte", pos="wpe", final="ln_f", layers="h", attn="attn.",
+                          fused_qkv="c_attn", o="c_proj", mlp=(None, "c_fc", "c_proj"),
+                          ln_attn="ln_1", ln_mlp="ln_2", tied_default=True, extra_rules=_GPT_BUFFERS,
+                          configure=lambda c: dict(n_kv_heads=1) if c.multi_query
+                          else dict(n_kv_heads=c.num_attention_heads, fused_order="per_head")),
+    "opt": Layout(pos="embed_positions", final="final_layer_norm", o="out_proj", mlp_prefix="",
+                  mlp=(None, "fc1", "fc2"), ln_attn="self_attn_layer_norm", ln_mlp="final_layer_norm",
+                  tied_default=True, configure=_opt),
+    "bloom": Layout(**_BLOOM_FALCON, ln_embed="word_embeddings_layernorm", fused_order="per_head",
+                    act="gelu_pytorch_tanh", tied_default=True),
+    "falcon": Layout(**_BLOOM_FALCON, ln_mlp=None, tied_default=True, configure=_falcon),
 }
-
-L = r"layers\.(?P<layer>\d+)\."
 
 
 def rules(layout: Layout) -> list[Rule]:
     """Coverage rules for a layout, generated from the same names ``adapt`` reads."""
-    a, m = L + layout.attn.replace(".", r"\."), L + r"mlp\."
+    esc = lambda s: s.replace(".", r"\.")  # noqa: E731
+    L = esc(layout.layers) + r"\.(?P<layer>\d+)\."
+    a, m = L + esc(layout.attn), L + esc(layout.mlp_prefix)
     gate, up, down = layout.mlp
-    norms = [n for n in (layout.ln_attn, layout.ln_mlp, layout.ln_attn_out, layout.ln_mlp_out) if n]
+    norms = [n for n in (layout.ln_attn, layout.ln_mlp, layout.ln_attn_out, layout.ln_mlp_out,
+                         "ln_attn", "ln_mlp", "post_attention_layernorm") if n]
     out = [
-        Rule(r"embed_tokens\.weight", "W_E", "embedding"),
-        Rule(r"lm_head\.weight", "W_U", "embedding"),
-        Rule(r"norm\.(weight|bias)", "ln_final", None, NORM),
+        Rule(esc(layout.embed) + r"\.weight", "W_E", "embedding"),
+        Rule(esc(layout.lm_head) + r"\.weight", "W_U", "embedding"),
+        Rule(esc(layout.lm_head) + r"\.bias", "b_U", None, LOGIT_BIAS),
         Rule(L + "(" + "|".join(norms) + r")\.(weight|bias)", "ln", None, NORM),
         Rule(a + layout.o + r"\.weight", "W_O", "vectors:o", "also feeds pairs:ov"),
         Rule(a + layout.o + r"\.bias", "b_O", "vectors:bias_attn_out"),
@@ -92,19 +163,26 @@ def rules(layout: Layout) -> list[Rule]:
         Rule(r"rotary_emb\.inv_freq", "rotary", None, ROTARY),
         Rule(m + down + r"\.weight", "W_out", "vectors:ff_value"),
         Rule(m + down + r"\.bias", "b_out", "vectors:bias_ff_out"),
+        *layout.extra_rules,
     ]
+    if layout.final:
+        out.append(Rule(esc(layout.final) + r"\.(weight|bias)", "ln_final", None, NORM))
+    if layout.pos:
+        out.append(Rule(esc(layout.pos) + r"\.weight", "W_pos", "vectors:pos"))
+    if layout.ln_embed:
+        out.append(Rule(esc(layout.ln_embed) + r"\.(weight|bias)", "ln_embed", None, NORM))
     if layout.fused_qkv:
         out += [Rule(a + layout.fused_qkv + r"\.weight", "W_QKV", "vectors:q",
-                     "fused [Q | K | V] along the output: split into vectors:q / vectors:k / "
-                     "vectors:v; Q and K also feed pairs:qk, V pairs:ov"),
+                     f"fused Q, K, V ({layout.fused_order} layout, see docs/ADAPTERS.md): split into "
+                     f"vectors:q / vectors:k / vectors:v; Q and K also feed pairs:qk, V pairs:ov"),
                 Rule(a + layout.fused_qkv + r"\.bias", "b_QKV", None, HEAD_BIAS)]
     else:
         out += [
-            Rule(a + r"q_proj\.weight", "W_Q", "vectors:q", "also feeds pairs:qk"),
-            Rule(a + r"k_proj\.weight", "W_K", "vectors:k",
+            Rule(a + layout.q + r"\.weight", "W_Q", "vectors:q", "also feeds pairs:qk"),
+            Rule(a + layout.k + r"\.weight", "W_K", "vectors:k",
                  "one per kv head (GQA: shared by n_heads / n_kv_heads query heads); also feeds pairs:qk"),
-            Rule(a + r"v_proj\.weight", "W_V", "vectors:v", "one per kv head (GQA); also feeds pairs:ov"),
-            Rule(a + r"[qkv]_proj\.bias", "b_QKV", None, HEAD_BIAS),
+            Rule(a + layout.v + r"\.weight", "W_V", "vectors:v", "one per kv head (GQA); also feeds pairs:ov"),
+            Rule(a + f"({layout.q}|{layout.k}|{layout.v})" + r"\.bias", "b_QKV", None, HEAD_BIAS),
         ]
     if layout.qk_norm:
         out.append(Rule(a + r"[qk]_norm\.weight", "qk_norm", None, QK_NORM))
@@ -120,58 +198,95 @@ def rules(layout: Layout) -> list[Rule]:
     return out
 
 
+def split_fused_qkv(w, order: str, n_heads: int, n_kv: int, d_head: int):
+    """The rows (nn.Linear output dim) of a fused Q/K/V weight or bias -> (q, k, v) rows, each
+    [heads * d_head, ...] in head order, ready for ``linear_in`` or a bias reshape."""
+    rest = w.shape[1:]
+    if order == "qkv":
+        return w.split((n_heads * d_head, n_kv * d_head, n_kv * d_head), dim=0)
+    if order == "per_head":  # [n_heads, 3, d_head]: NeoX, BLOOM, Falcon-rw, StarCoder (MHA)
+        x = w.reshape(n_heads, 3, d_head, *rest)
+        return tuple(x[:, i].reshape(n_heads * d_head, *rest) for i in range(3))
+    # "grouped": [n_kv, group + 2, d_head]: each kv group's query heads, then its key and value
+    g = n_heads // n_kv
+    x = w.reshape(n_kv, g + 2, d_head, *rest)
+    return (x[:, :g].reshape(n_heads * d_head, *rest), x[:, g].reshape(n_kv * d_head, *rest),
+            x[:, g + 1].reshape(n_kv * d_head, *rest))
+
+
 def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
+    from ..errors import UnsupportedArchitecture
+
     layout = LAYOUTS[family]
-    r = Reader(source, Names(source.keys(), ["embed_tokens.weight"], family), dtype)
+    for flag, why in layout.refused:
+        if getattr(config, flag, False):
+            raise UnsupportedArchitecture(f"{family} with {flag} = true is not supported: {why}")
+    two_norms = False
+    if layout.configure is not None:
+        changes = dict(layout.configure(config))
+        two_norms = changes.pop("parallel_two_norms", False)
+        layout = dataclasses.replace(layout, **changes)
+    r = Reader(source, Names(source.keys(), [layout.embed + ".weight"], family), dtype)
 
-    d_model = cfg(config, "hidden_size")
-    n_heads = cfg(config, "num_attention_heads")
-    n_kv = cfg(config, "num_key_value_heads", default=n_heads)
+    d_model = cfg(config, "hidden_size", "n_embd")
+    n_heads = cfg(config, "num_attention_heads", "n_head")
+    n_kv = layout.n_kv_heads or cfg(config, "num_key_value_heads", default=n_heads)
     d_head = head_dim(config, d_model, n_heads)
-    d_ff = cfg(config, "intermediate_size")
+    d_ff = cfg(config, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size") or (
+        4 * d_model if isinstance(d_model, int) else d_model)
 
-    W_E = r.need("embed_tokens.weight")
-    W_U, tied = unembedding(r, W_E, "lm_head.weight", config, layout.tied_default)
-    dims = Dims(
-        architecture=family, n_layers=cfg(config, "num_hidden_layers"), n_heads=n_heads,
-        n_kv_heads=n_kv, d_model=d_model, d_head=d_head, d_ff=d_ff, d_vocab=W_E.shape[0],
-        n_ctx=None, tied=tied, gated=True, norm_position="pre", parallel_attn_mlp=layout.parallel,
-        qk_norm=layout.qk_norm,
-    )
+    W_E = r.need(layout.embed + ".weight")
+    W_U, tied = unembedding(r, W_E, layout.lm_head + ".weight", config, layout.tied_default)
+    W_pos = r.need(layout.pos + ".weight") if layout.pos else None
     gain = lambda t: None if t is None else t + layout.gain_offset  # noqa: E731
-    emb = Embeddings(W_E=W_E, W_U=W_U, ln_final_w=gain(r.need("norm.weight")), ln_final_b=r.opt("norm.bias"))
-    act = cfg(config, "hidden_activation", "hidden_act", default="silu")
+
+    def norm(name):
+        return (None, None) if name is None else (gain(r.need(name + ".weight")), r.opt(name + ".bias"))
+
+    final_w, final_b = norm(layout.final)
+    embed_w, embed_b = norm(layout.ln_embed)
+    dims = Dims(
+        architecture=family, n_layers=cfg(config, "num_hidden_layers", "n_layer"), n_heads=n_heads,
+        n_kv_heads=n_kv, d_model=d_model, d_head=d_head, d_ff=d_ff, d_vocab=W_E.shape[0],
+        n_ctx=None if W_pos is None else W_pos.shape[0], tied=tied,
+        gated=bool(layout.mlp[0] or layout.fused_gate_up), norm_position=layout.norm_position,
+        parallel_attn_mlp=layout.parallel or two_norms, qk_norm=layout.qk_norm,
+    )
+    emb = Embeddings(W_E=W_E, W_U=W_U, W_pos=W_pos, b_U=r.head(layout.lm_head + ".bias"),
+                     ln_final_w=final_w, ln_final_b=final_b, ln_embed_w=embed_w, ln_embed_b=embed_b)
+    act = layout.act or cfg(config, "hidden_activation", "hidden_act", "activation_function",
+                            "activation", default="silu")
     conventions = {k: getattr(config, k) for k in layout.recorded if getattr(config, k, None) is not None}
     if layout.embedding_multiplier:
         conventions["embedding_multiplier"] = math.sqrt(d_model)
 
-    def norm(p, name):
-        return (None, None) if name is None else (gain(r.need(p + name + ".weight")), r.opt(p + name + ".bias"))
-
     def layer(l: int) -> LayerWeights:
-        p = f"layers.{l}."
-        a, m = p + layout.attn, p + "mlp."
+        p = f"{layout.layers}.{l}."
+        a, m = p + layout.attn, p + layout.mlp_prefix
         heads = lambda b, n: None if b is None else b.reshape(n, d_head)  # noqa: E731
         if layout.fused_qkv:
-            sizes = (n_heads * d_head, n_kv * d_head, n_kv * d_head)
-            w_q, w_k, w_v = r.need(a + layout.fused_qkv + ".weight").split(sizes, dim=0)
+            split = lambda t: split_fused_qkv(t, layout.fused_order, n_heads, n_kv, d_head)  # noqa: E731
+            w_q, w_k, w_v = split(r.need(a + layout.fused_qkv + ".weight"))
             b = r.opt(a + layout.fused_qkv + ".bias")
-            b_q, b_k, b_v = (None, None, None) if b is None else b.split(sizes)
+            b_q, b_k, b_v = (None, None, None) if b is None else split(b)
         else:
-            w_q, w_k, w_v = (r.need(a + f"{x}_proj.weight") for x in "qkv")
-            b_q, b_k, b_v = (r.opt(a + f"{x}_proj.bias") for x in "qkv")
+            w_q, w_k, w_v = (r.need(a + x + ".weight") for x in (layout.q, layout.k, layout.v))
+            b_q, b_k, b_v = (r.opt(a + x + ".bias") for x in (layout.q, layout.k, layout.v))
         gate, up, down = layout.mlp
+        w_gate = b_gate = None
         if layout.fused_gate_up:
             w_gate, w_in = r.need(m + layout.fused_gate_up + ".weight").chunk(2, dim=0)
             b = r.opt(m + layout.fused_gate_up + ".bias")
             b_gate, b_in = (None, None) if b is None else b.chunk(2)
         else:
-            w_gate, b_gate = r.need(m + gate + ".weight"), r.opt(m + gate + ".bias")
+            if gate:
+                w_gate, b_gate = r.need(m + gate + ".weight"), r.opt(m + gate + ".bias")
             w_in, b_in = r.need(m + up + ".weight"), r.opt(m + up + ".bias")
-        ln_attn_w, ln_attn_b = norm(p, layout.ln_attn)
-        ln_mlp_w, ln_mlp_b = norm(p, layout.ln_attn if layout.parallel else layout.ln_mlp)
-        ln_attn_out_w, ln_attn_out_b = norm(p, layout.ln_attn_out)
-        ln_mlp_out_w, ln_mlp_out_b = norm(p, layout.ln_mlp_out)
+        ln_attn_w, ln_attn_b = norm(p + layout.ln_attn if layout.ln_attn else None)
+        mlp_norm = layout.ln_attn if layout.parallel else layout.ln_mlp
+        ln_mlp_w, ln_mlp_b = norm(p + mlp_norm if mlp_norm else None)
+        ln_attn_out_w, ln_attn_out_b = norm(p + layout.ln_attn_out if layout.ln_attn_out else None)
+        ln_mlp_out_w, ln_mlp_out_b = norm(p + layout.ln_mlp_out if layout.ln_mlp_out else None)
         q_norm = k_norm = None
         if layout.qk_norm == "head":  # one [d_head] gain shared by every head
             q_norm = gain(r.need(a + "q_norm.weight")).expand(n_heads, d_head).contiguous()
@@ -185,7 +300,7 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
             b_Q=heads(b_q, n_heads), b_K=heads(b_k, n_kv), b_V=heads(b_v, n_kv),
             W_O=linear_out(r.need(a + layout.o + ".weight"), n_heads, d_head),
             b_O=r.opt(a + layout.o + ".bias"),
-            W_gate=w_gate.T.contiguous(), b_gate=b_gate,
+            W_gate=None if w_gate is None else w_gate.T.contiguous(), b_gate=b_gate,
             W_in=w_in.T.contiguous(), b_in=b_in,
             W_out=r.need(m + down + ".weight").T.contiguous(), b_out=r.opt(m + down + ".bias"),
             ln_attn_w=ln_attn_w, ln_attn_b=ln_attn_b, ln_mlp_w=ln_mlp_w, ln_mlp_b=ln_mlp_b,
