@@ -49,10 +49,11 @@ CASES = [
     pytest.param("falcon-new", id="falcon-new-grouped"),
     pytest.param("stablelm", id="stablelm-layernorm-bias"),
     pytest.param("starcoder2", id="starcoder2-plain-mlp"),
+    pytest.param("cohere", id="cohere-parallel-biasless-layernorm"),
 ]
 GQA_CASES = [c for c in CASES if c.values[0] in (
     "llama-gqa", "qwen2", "mistral", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text",
-    "gpt_bigcode", "falcon", "falcon-new", "stablelm", "starcoder2")]
+    "gpt_bigcode", "falcon", "falcon-new", "stablelm", "starcoder2", "cohere")]
 
 _CACHE: dict = {}
 
@@ -200,6 +201,11 @@ def test_gemma_embedding_multiplier_is_recorded_not_applied(built, family):
     if family != "gemma":
         for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
             assert c.conventions.get(key) == getattr(model.config, key)
+
+
+def test_cohere_logit_scale_is_recorded(built):
+    model, loaded, _, _ = built("cohere")
+    assert loaded.canonical.conventions == {"logit_scale": model.config.logit_scale}
 
 
 def test_untied_llama_unembedding_is_lm_head(built):
@@ -356,7 +362,8 @@ def test_docs_and_readme_list_every_supported_family():
 
 
 @pytest.mark.parametrize("family,option", [pytest.param("stablelm", "qk_layernorm", id="stablelm-qk-layernorm"),
-                                           pytest.param("phi", "qk_layernorm", id="phi-qk-layernorm")])
+                                           pytest.param("phi", "qk_layernorm", id="phi-qk-layernorm"),
+                                           pytest.param("cohere", "use_qk_norm", id="cohere-qk-norm")])
 def test_unsupported_options_of_a_supported_family_are_one_line(tmp_path, family, option):
     """A per-head LayerNorm on q/k (mean-centred, unlike the RMS q/k norms we fold) is refused
     by name rather than indexed with unknown tensors."""

@@ -109,6 +109,7 @@ FAMILIES = [
     pytest.param("falcon", id="falcon-mqa"),
     pytest.param("stablelm", id="stablelm"),
     pytest.param("starcoder2", id="starcoder2"),
+    pytest.param("cohere", id="cohere"),
 ]
 
 

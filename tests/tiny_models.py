@@ -79,6 +79,7 @@ _FAMILIES = {
         new_decoder_architecture=True, num_kv_heads=2), "falcon"),
     "stablelm": ("StableLmForCausalLM", "StableLmConfig", dict(
         _LLAMA, num_key_value_heads=2, use_qkv_bias=True), "llama"),
+    "cohere": ("CohereForCausalLM", "CohereConfig", dict(_LLAMA, num_key_value_heads=2, logit_scale=0.5), "cohere"),
     "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", dict(_LLAMA, num_key_value_heads=2), "llama"),
 }
 FAMILIES = tuple(_FAMILIES)
@@ -297,6 +298,7 @@ HF_ACCESS.update({
                 mlp=lambda layer, x: layer.mlp(x, 0 * x),  # BloomMLP adds its residual argument
                 final=lambda m: m.base_model.ln_f, embed_norm=lambda m: m.base_model.word_embeddings_layernorm,
                 norms=lambda layer: {"ln_attn": layer.input_layernorm, "ln_mlp": layer.post_attention_layernorm}),
+    "cohere": HF(**_DECODER, norms=lambda layer: {"ln_attn": layer.input_layernorm, "ln_mlp": layer.input_layernorm}),
     "falcon": HF(layers=lambda m: m.base_model.h, qkv=_falcon_qkv, o=lambda layer: layer.self_attention.dense,
                  mlp=lambda layer, x: layer.mlp(x), final=lambda m: m.base_model.ln_f, norms=_falcon_norms),
 })

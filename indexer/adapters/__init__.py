@@ -54,6 +54,7 @@ FAMILIES = (
     Family("falcon", "Falcon", "decoder", "falcon"),
     Family("stablelm", "StableLM", "decoder", "stablelm"),
     Family("starcoder2", "StarCoder2", "decoder", "starcoder2"),
+    Family("cohere", "Cohere Command-R", "decoder", "cohere"),
 )
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 SUPPORTED_MODEL_TYPES = tuple(_BY_MODEL_TYPE)

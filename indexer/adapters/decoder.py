@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 from ..canonical import Canonical, Dims, Embeddings, LayerWeights
 from .base import (
     HEAD_BIAS, LOGIT_BIAS, MASK, NORM, ROTARY, Names, Reader, Rule, TensorSource, cfg, finish,
@@ -70,6 +72,9 @@ class Layout:
     extra_rules: tuple = ()  # coverage of tensors outside the names above (buffers, ...)
     configure: Optional[Callable] = None  # config -> {field: value} for config-dependent layouts
     refused: tuple = ()  # (config flag, why): options of the family this adapter does not read
+    # Cohere's LayerNorm centres by the mean but has no bias: a zero bias says "LayerNorm, not
+    # RMSNorm" in canonical form (``*_b`` None means RMSNorm), and folds to nothing.
+    zero_bias: bool = False
 
 
 _QK_LAYERNORM = ("qk_layernorm", "its per-head LayerNorm on q/k is not read yet (only RMS q/k norms are)")
@@ -141,6 +146,8 @@ LAYOUTS = {
     "bloom": Layout(**_BLOOM_FALCON, ln_embed="word_embeddings_layernorm", fused_order="per_head",
                     act="gelu_pytorch_tanh", tied_default=True),
     "falcon": Layout(**_BLOOM_FALCON, ln_mlp=None, tied_default=True, configure=_falcon),
+    "cohere": Layout(ln_mlp=None, parallel=True, tied_default=True, zero_bias=True, recorded=("logit_scale",),
+                     refused=(("use_qk_norm", "its mean-centred per-head q/k LayerNorm is not read yet"),)),
 }
 
 
@@ -241,7 +248,10 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
     gain = lambda t: None if t is None else t + layout.gain_offset  # noqa: E731
 
     def norm(name):
-        return (None, None) if name is None else (gain(r.need(name + ".weight")), r.opt(name + ".bias"))
+        if name is None:
+            return None, None
+        w, b = gain(r.need(name + ".weight")), r.opt(name + ".bias")
+        return w, (torch.zeros_like(w) if b is None and layout.zero_bias else b)
 
     final_w, final_b = norm(layout.final)
     embed_w, embed_b = norm(layout.ln_embed)
