@@ -41,6 +41,7 @@ CASES = [
     pytest.param("gemma3_text", id="gemma3-post-and-qk-norms"),
     pytest.param("phi", id="phi-parallel-lm-head-bias"),
     pytest.param("opt", id="opt-positions-offset"),
+    pytest.param("opt-350m", id="opt-350m-post-ln-projections"),
     pytest.param("gptj", id="gptj-parallel"),
     pytest.param("gpt_bigcode", id="bigcode-mqa"),
     pytest.param("gpt_bigcode-mha", id="bigcode-mha-per-head"),
@@ -152,14 +153,17 @@ def test_norms_match_module(built, family):
 def test_embeddings_match_modules(built, family):
     model, loaded, _, hf = built(family)
     E, dims = loaded.canonical.embeddings, loaded.canonical.dims
-    assert_close(E.W_E, model.get_input_embeddings().weight)
     out = model.get_output_embeddings()
-    if out is None:  # encoders without an LM head project on W_E
+    with torch.no_grad():
+        assert_close(E.W_E, hf.W_E(model))
+        W_U = hf.W_U(model)
+    if W_U is None:  # encoders without an LM head project on W_E
         assert dims.tied
         assert_close(E.W_U, E.W_E.T)
     else:
-        assert_close(E.W_U, out.weight.T)
-        assert dims.tied == (out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
+        assert_close(E.W_U, W_U)
+        assert dims.tied == (out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+                             and E.W_U.shape == E.W_E.T.shape and torch.equal(E.W_U, E.W_E.T))
     if family in ("bert-mlm", "bert-mlm-untied"):
         assert_close(E.b_U, model.cls.predictions.bias)
     elif out is not None and getattr(out, "bias", None) is not None:  # Phi, GPT-J: lm_head bias

@@ -102,6 +102,7 @@ FAMILIES = [
     pytest.param("gemma3_text", id="gemma3_text"),
     pytest.param("phi", id="phi"),
     pytest.param("opt", id="opt"),
+    pytest.param("opt-350m", id="opt-350m-post-ln-projections"),
     pytest.param("gptj", id="gptj"),
     pytest.param("gpt_bigcode", id="gpt_bigcode"),
     pytest.param("bloom", id="bloom"),

@@ -63,6 +63,9 @@ _FAMILIES = {
     "opt": ("OPTForCausalLM", "OPTConfig", dict(
         hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_hidden_layers=N_LAYERS, ffn_dim=D_FF,
         max_position_embeddings=N_CTX, word_embed_proj_dim=D_MODEL), "opt"),
+    "opt-350m": ("OPTForCausalLM", "OPTConfig", dict(
+        hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_hidden_layers=N_LAYERS, ffn_dim=D_FF,
+        max_position_embeddings=N_CTX, word_embed_proj_dim=16, do_layer_norm_before=False), "opt"),
     "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(
         n_embd=D_MODEL, n_head=N_HEADS, n_layer=N_LAYERS, n_inner=D_FF, n_positions=N_CTX, rotary_dim=4), "gptj"),
     "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(
@@ -217,6 +220,26 @@ def _falcon_qkv(layer, x, dims):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
+def _opt_mlp(layer, x):
+    """As OPTDecoderLayer does: fc2(act(fc1 x)); OPT-350m adds the residual and norms after."""
+    out = layer.fc2(layer.activation_fn(layer.fc1(x)))
+    return out if layer.do_layer_norm_before else layer.final_layer_norm(x + out)
+
+
+def _opt_W_E(model):
+    d = model.model.decoder
+    return d.embed_tokens.weight if d.project_in is None else d.project_in(d.embed_tokens.weight)
+
+
+def _opt_W_U(model):
+    """lm_head(project_out(x)) for x the unit vectors of the residual stream: [d_model, V]."""
+    import torch
+
+    d = model.model.decoder
+    eye = torch.eye(model.config.hidden_size)
+    return model.lm_head(eye if d.project_out is None else d.project_out(eye))
+
+
 def _falcon_norms(layer):
     if hasattr(layer, "ln_attn"):  # new architecture with two norms
         return {"ln_attn": layer.ln_attn, "ln_mlp": layer.ln_mlp}
@@ -244,6 +267,10 @@ class HF:
     final: Callable = lambda model: None  # noqa: E731
     pos: Callable = lambda model: None  # noqa: E731
     embed_norm: Callable = lambda model: None  # noqa: E731
+    # W_E / W_U as the residual stream sees them (OPT-350m projects in and out of d_model)
+    W_E: Callable = lambda model: model.get_input_embeddings().weight  # noqa: E731
+    W_U: Callable = lambda model: None if model.get_output_embeddings() is None else (  # noqa: E731
+        model.get_output_embeddings().weight.T)
 
 
 _ENCODER_MLP = lambda layer, x: layer.output(layer.intermediate(x), x)  # noqa: E731
@@ -288,8 +315,8 @@ HF_ACCESS.update({
                mlp=lambda layer, x: layer.mlp(x), final=lambda m: m.base_model.ln_f,
                norms=lambda layer: {"ln_attn": layer.ln_1, "ln_mlp": layer.ln_1}),
     "opt": HF(layers=lambda m: m.base_model.decoder.layers, qkv=_decoder_qkv, o=lambda layer: layer.self_attn.out_proj,
-              mlp=lambda layer, x: layer.fc2(layer.activation_fn(layer.fc1(x))),  # as OPTDecoderLayer does
-              final=lambda m: m.base_model.decoder.final_layer_norm, pos=lambda m: m.base_model.decoder.embed_positions,
+              mlp=_opt_mlp, final=lambda m: m.base_model.decoder.final_layer_norm,
+              pos=lambda m: m.base_model.decoder.embed_positions, W_E=_opt_W_E, W_U=_opt_W_U,
               norms=lambda layer: {"ln_attn": layer.self_attn_layer_norm, "ln_mlp": layer.final_layer_norm}),
     "gpt_bigcode": HF(layers=lambda m: m.base_model.h, qkv=_bigcode_qkv, o=lambda layer: layer.attn.c_proj,
                       mlp=lambda layer, x: layer.mlp(x), final=lambda m: m.base_model.ln_f,

@@ -75,6 +75,9 @@ class Layout:
     # Cohere's LayerNorm centres by the mean but has no bias: a zero bias says "LayerNorm, not
     # RMSNorm" in canonical form (``*_b`` None means RMSNorm), and folds to nothing.
     zero_bias: bool = False
+    # OPT-350m embeds in a narrower space: project_in maps it to d_model, project_out back.
+    project_in: Optional[str] = None
+    project_out: Optional[str] = None
 
 
 _QK_LAYERNORM = ("qk_layernorm", "its per-head LayerNorm on q/k is not read yet (only RMS q/k norms are)")
@@ -142,7 +145,7 @@ LAYOUTS = {
                           else dict(n_kv_heads=c.num_attention_heads, fused_order="per_head")),
     "opt": Layout(pos="embed_positions", final="final_layer_norm", o="out_proj", mlp_prefix="",
                   mlp=(None, "fc1", "fc2"), ln_attn="self_attn_layer_norm", ln_mlp="final_layer_norm",
-                  tied_default=True, configure=_opt),
+                  tied_default=True, project_in="project_in", project_out="project_out", configure=_opt),
     "bloom": Layout(**_BLOOM_FALCON, ln_embed="word_embeddings_layernorm", fused_order="per_head",
                     act="gelu_pytorch_tanh", tied_default=True),
     "falcon": Layout(**_BLOOM_FALCON, ln_mlp=None, tied_default=True, configure=_falcon),
@@ -176,6 +179,10 @@ def rules(layout: Layout) -> list[Rule]:
         out.append(Rule(esc(layout.final) + r"\.(weight|bias)", "ln_final", None, NORM))
     if layout.pos:
         out.append(Rule(esc(layout.pos) + r"\.weight", "W_pos", "vectors:pos"))
+    for name, end in ((layout.project_in, "W_E"), (layout.project_out, "W_U")):
+        if name:
+            out.append(Rule(esc(name) + r"\.weight", name, "embedding",
+                            f"maps between the embedding width and d_model; multiplied into {end}"))
     if layout.ln_embed:
         out.append(Rule(esc(layout.ln_embed) + r"\.(weight|bias)", "ln_embed", None, NORM))
     if layout.fused_qkv:
@@ -244,6 +251,14 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
 
     W_E = r.need(layout.embed + ".weight")
     W_U, tied = unembedding(r, W_E, layout.lm_head + ".weight", config, layout.tied_default)
+    P_in = r.opt(layout.project_in + ".weight") if layout.project_in else None
+    P_out = r.opt(layout.project_out + ".weight") if layout.project_out else None
+    if P_in is not None or P_out is not None:
+        # The residual stream is d_model wide: a token enters as project_in(W_E[t]) and leaves
+        # through lm_head(project_out(x)); those products are the projection bases.
+        W_E = W_E @ P_in.T if P_in is not None else W_E
+        W_U = P_out.T @ W_U if P_out is not None else W_U
+        tied = False
     W_pos = r.need(layout.pos + ".weight") if layout.pos else None
     gain = lambda t: None if t is None else t + layout.gain_offset  # noqa: E731
 
