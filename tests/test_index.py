@@ -100,6 +100,7 @@ FAMILIES = [
     pytest.param("phi3", id="phi3"),
     pytest.param("olmo2", id="olmo2"),
     pytest.param("gemma3_text", id="gemma3_text"),
+    pytest.param("gemma3", id="gemma3-multimodal-text-tower"),
     pytest.param("phi", id="phi"),
     pytest.param("opt", id="opt"),
     pytest.param("opt-350m", id="opt-350m-post-ln-projections"),

@@ -15,7 +15,7 @@ from indexer.variants import fold
 from tests.tiny_models import _proj, eps_of, hf_access, save_tiny, tiny_model
 
 PRE_NORM = [pytest.param(f, id=f) for f in
-            ("gpt2", "llama-gqa", "neox", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text",
+            ("gpt2", "llama-gqa", "neox", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text", "gemma3",
              "phi", "opt", "gptj", "gpt_bigcode", "bloom", "falcon", "falcon-new", "stablelm", "starcoder2", "cohere")]
 
 

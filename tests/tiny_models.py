@@ -59,6 +59,11 @@ _FAMILIES = {
     "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(_GQA, tie_word_embeddings=False), "llama"),
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(_GQA, tie_word_embeddings=False), "olmo2"),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextConfig", _GQA, "gemma2"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Config", dict(
+        text_config=dict(_GQA, vocab_size=D_VOCAB, **_IDS),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=61, boi_token_index=62, eoi_token_index=63), "gemma3"),
     "phi": ("PhiForCausalLM", "PhiConfig", _LLAMA, "phi"),
     "opt": ("OPTForCausalLM", "OPTConfig", dict(
         hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_hidden_layers=N_LAYERS, ffn_dim=D_FF,
@@ -325,6 +330,8 @@ HF_ACCESS.update({
                 mlp=lambda layer, x: layer.mlp(x, 0 * x),  # BloomMLP adds its residual argument
                 final=lambda m: m.base_model.ln_f, embed_norm=lambda m: m.base_model.word_embeddings_layernorm,
                 norms=lambda layer: {"ln_attn": layer.input_layernorm, "ln_mlp": layer.post_attention_layernorm}),
+    "gemma3": HF(**dict(_DECODER, layers=lambda m: m.model.language_model.layers,
+                        final=lambda m: m.model.language_model.norm), norms=HF_ACCESS["gemma2"].norms),
     "cohere": HF(**_DECODER, norms=lambda layer: {"ln_attn": layer.input_layernorm, "ln_mlp": layer.input_layernorm}),
     "falcon": HF(layers=lambda m: m.base_model.h, qkv=_falcon_qkv, o=lambda layer: layer.self_attention.dense,
                  mlp=lambda layer, x: layer.mlp(x), final=lambda m: m.base_model.ln_f, norms=_falcon_norms),
@@ -341,6 +348,7 @@ def hf_access(family: str) -> HF:
 
 def eps_of(config):
     """The norms' epsilon; OPT names none and uses nn.LayerNorm's default."""
+    config = config.get_text_config()
     return next((getattr(config, n) for n in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps")
                  if getattr(config, n, None) is not None), 1e-5)
 

@@ -43,6 +43,7 @@ FAMILIES = (
     Family("gemma", "Gemma", "decoder", "gemma"),
     Family("gemma2", "Gemma 2", "decoder", "gemma2"),
     Family("gemma3_text", "Gemma 3 (text)", "decoder", "gemma3_text"),
+    Family("gemma3", "Gemma 3 (multimodal, text tower)", "decoder", "gemma3"),
     Family("qwen3", "Qwen3", "decoder", "qwen3"),
     Family("phi3", "Phi-3", "decoder", "phi3"),
     Family("olmo2", "OLMo-2", "decoder", "olmo2"),

@@ -78,6 +78,7 @@ class Layout:
     # OPT-350m embeds in a narrower space: project_in maps it to d_model, project_out back.
     project_in: Optional[str] = None
     project_out: Optional[str] = None
+    text_config: bool = False  # a multimodal checkpoint: sizes in config.text_config, text tower read
 
 
 _QK_LAYERNORM = ("qk_layernorm", "its per-head LayerNorm on q/k is not read yet (only RMS q/k norms are)")
@@ -126,6 +127,15 @@ LAYOUTS = {
         ln_mlp_out="post_feedforward_layernorm", qk_norm="head", gain_offset=1.0,
         tied_default=True, embedding_multiplier=True,
         recorded=("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"),
+    ),
+    "gemma3": Layout(
+        ln_mlp="pre_feedforward_layernorm", ln_attn_out="post_attention_layernorm",
+        ln_mlp_out="post_feedforward_layernorm", qk_norm="head", gain_offset=1.0,
+        tied_default=True, embedding_multiplier=True, text_config=True,
+        recorded=("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"),
+        extra_rules=(Rule(r"(model\.)?(vision_tower|multi_modal_projector)\..*", "vision", None,
+                          "the image encoder and its projector: not part of the text model's "
+                          "residual stream or vocabulary; not projected"),),
     ),
     "olmo2": Layout(ln_attn=None, ln_mlp=None, ln_attn_out="post_attention_layernorm",
                     ln_mlp_out="post_feedforward_layernorm", qk_norm="full"),
@@ -232,6 +242,8 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
     from ..errors import UnsupportedArchitecture
 
     layout = LAYOUTS[family]
+    if layout.text_config:
+        config = config.get_text_config()
     for flag, why in layout.refused:
         if getattr(config, flag, False):
             raise UnsupportedArchitecture(f"{family} with {flag} = true is not supported: {why}")
