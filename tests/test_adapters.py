@@ -52,10 +52,11 @@ CASES = [
     pytest.param("stablelm", id="stablelm-layernorm-bias"),
     pytest.param("starcoder2", id="starcoder2-plain-mlp"),
     pytest.param("cohere", id="cohere-parallel-biasless-layernorm"),
+    pytest.param("granite", id="granite-assumed-llama-layout"),
 ]
 GQA_CASES = [c for c in CASES if c.values[0] in (
     "llama-gqa", "qwen2", "mistral", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text", "gemma3",
-    "gpt_bigcode", "falcon", "falcon-new", "stablelm", "starcoder2", "cohere")]
+    "gpt_bigcode", "falcon", "falcon-new", "stablelm", "starcoder2", "cohere", "granite")]
 
 _CACHE: dict = {}
 
@@ -206,6 +207,30 @@ def test_gemma_embedding_multiplier_is_recorded_not_applied(built, family):
     if family != "gemma":
         for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
             assert c.conventions.get(key) == getattr(model.config.get_text_config(), key)
+
+
+def test_unlisted_model_type_is_read_with_the_layout_its_names_match(built):
+    model, loaded, _, _ = built("granite")
+    c = loaded.canonical
+    assert c.dims.architecture == loaded.provenance["family"] == "llama"
+    assert c.conventions["assumed_layout"] == "llama" and c.conventions["model_type"] == "granite"
+    assert c.conventions["embedding_multiplier"] == 12.0 and c.conventions["logits_scaling"] == 4.0
+
+
+def test_unlisted_model_type_whose_names_match_no_layout_is_refused(tmp_path):
+    """transformers knows the type, but its tensors (GPT-2's here) fit no decoder layout."""
+    import json
+
+    from indexer.errors import UnsupportedArchitecture
+
+    path = save_tiny("gpt2", tmp_path / "g")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(config, model_type="biogpt")))
+    with pytest.raises(UnsupportedArchitecture, match="'biogpt'.*match none of the known layouts"):
+        load_canonical(str(path))
+    (path / "config.json").write_text(json.dumps(dict(config, model_type="no-such-type")))
+    with pytest.raises(UnsupportedArchitecture, match="'no-such-type'"):
+        load_canonical(str(path))
 
 
 def test_cohere_logit_scale_is_recorded(built):

@@ -112,6 +112,7 @@ FAMILIES = [
     pytest.param("stablelm", id="stablelm"),
     pytest.param("starcoder2", id="starcoder2"),
     pytest.param("cohere", id="cohere"),
+    pytest.param("granite", id="granite-assumed-llama-layout"),
 ]
 
 

@@ -87,6 +87,9 @@ _FAMILIES = {
         new_decoder_architecture=True, num_kv_heads=2), "falcon"),
     "stablelm": ("StableLmForCausalLM", "StableLmConfig", dict(
         _LLAMA, num_key_value_heads=2, use_qkv_bias=True), "llama"),
+    # no registry row: read with the layout its tensor names match (Llama)
+    "granite": ("GraniteForCausalLM", "GraniteConfig", dict(
+        _LLAMA, num_key_value_heads=2, embedding_multiplier=12.0, logits_scaling=4.0), "llama"),
     "cohere": ("CohereForCausalLM", "CohereConfig", dict(_LLAMA, num_key_value_heads=2, logit_scale=0.5), "cohere"),
     "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", dict(_LLAMA, num_key_value_heads=2), "llama"),
 }

@@ -66,14 +66,51 @@ def supported_list() -> str:
     return ", ".join(f"{f.model_type} ({f.label})" for f in FAMILIES)
 
 
-def adapter_for(model_type: str | None, architectures=None) -> Family:
-    """The registry row for a config's ``model_type``; UnsupportedArchitecture otherwise."""
+def _unsupported(model_type, architectures, why: str = ""):
     from ..errors import UnsupportedArchitecture
 
-    if model_type not in _BY_MODEL_TYPE:
-        arch = ", ".join(architectures or []) or "no architectures field"
-        raise UnsupportedArchitecture(
-            f"unsupported architecture: model_type {model_type!r} ({arch}); zeropass supports "
-            f"{supported_list()}"
-        )
-    return _BY_MODEL_TYPE[model_type]
+    names = architectures if isinstance(architectures, list) else [architectures] if architectures else []
+    arch = ", ".join(map(str, names)) or "no architectures field"
+    return UnsupportedArchitecture(
+        f"unsupported architecture: model_type {model_type!r} ({arch}){why}; zeropass supports "
+        f"{supported_list()}"
+    )
+
+
+class AssumedLayout:
+    """A ``model_type`` with no row, that transformers knows (Granite, say): read with the first
+    decoder layout whose coverage rules name every tensor of the checkpoint and whose shapes fit
+    the config. The layout is recorded (``FAMILY``, ``conventions['assumed_layout']``)."""
+
+    def __init__(self, model_type: str, architectures):
+        self.model_type, self.architectures = model_type, architectures
+        self.FAMILY: Optional[str] = None  # set by adapt: the layout that matched
+
+    def adapt(self, source, config, dtype):
+        from .decoder import adapt_assumed
+
+        canonical = adapt_assumed(source, config, dtype)
+        if canonical is None:
+            raise _unsupported(self.model_type, self.architectures,
+                               "; its tensor names match none of the known layouts")
+        self.FAMILY = canonical.dims.architecture
+        return canonical
+
+
+def adapter_for(model_type: str | None, architectures=None):
+    """The registry row for a config's ``model_type``; for a type transformers knows but we have
+    no row for, an ``AssumedLayout``; UnsupportedArchitecture otherwise (before any tensor or
+    the config is parsed, so it fails fast)."""
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    if isinstance(model_type, str) and model_type in _known_to_transformers():
+        return AssumedLayout(model_type, architectures)
+    raise _unsupported(model_type, architectures)
+
+
+def _known_to_transformers() -> set:
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:  # load.py reports the missing package in its own words
+        return set()
+    return set(CONFIG_MAPPING_NAMES)

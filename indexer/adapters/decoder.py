@@ -347,3 +347,31 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
         )
 
     return finish(r, dims, emb, layer, rules(layout), conventions)
+
+
+def adapt_assumed(source: TensorSource, config, dtype) -> Optional[Canonical]:
+    """The first layout (in ``LAYOUTS`` order, Llama first) whose rules name every tensor and
+    whose adapter accepts the checkpoint, or None. Run-time scalars of the config (Granite's
+    ``*_multiplier``, ``logits_scaling``) are recorded with the layout, since raw ignores them."""
+    from ..errors import BadCheckpoint, UnsupportedArchitecture
+    from .base import account
+
+    keys = source.keys()
+    for family, layout in LAYOUTS.items():
+        try:
+            names = Names(keys, [layout.embed + ".weight"], family)
+        except BadCheckpoint:
+            continue
+        if any(p.role == "unknown" for p in account(source, names, rules(layout), family)):
+            continue
+        try:
+            canonical = adapt(source, config, dtype, family)
+        except (BadCheckpoint, UnsupportedArchitecture, AttributeError, TypeError):
+            continue  # the names fit but the shapes or the config do not: try the next layout
+        scalars = {k: v for k, v in vars(config).items()
+                   if (k.endswith("_multiplier") or k in ("logits_scaling", "logit_scale"))
+                   and isinstance(v, (int, float))}
+        canonical.conventions.update(scalars, assumed_layout=family,
+                                     model_type=getattr(config, "model_type", None))
+        return canonical
+    return None
