@@ -39,7 +39,7 @@ FAMILIES = (
     Family("llama", "Llama", "decoder", "llama"),
     Family("mistral", "Mistral", "decoder", "llama"),
     Family("qwen2", "Qwen2", "decoder", "llama"),
-    Family("gpt_neox", "GPT-NeoX/Pythia", "neox"),
+    Family("gpt_neox", "GPT-NeoX/Pythia", "decoder", "neox"),
     Family("gemma", "Gemma", "decoder", "gemma"),
     Family("gemma2", "Gemma 2", "decoder", "gemma2"),
     Family("gemma3_text", "Gemma 3 (text)", "decoder", "gemma3_text"),

@@ -62,7 +62,7 @@ class Layout:
     ln_mlp_out: Optional[str] = None  # norm on the MLP output
     qk_norm: Optional[str] = None  # "head" (over d_head) or "full" (over all heads)
     gain_offset: float = 0.0  # Gemma stores w and multiplies by (1 + w)
-    parallel: bool = False  # attention and MLP read the same x; the MLP reads it through ln_attn
+    parallel: bool = False  # attention and MLP read the same x (through ln_attn when ln_mlp is None)
     norm_position: str = "pre"
     n_kv_heads: Optional[int] = None  # set by configure when no config key says it
     act: Optional[str] = None  # when the config names no activation (BLOOM's tanh GELU)
@@ -94,8 +94,7 @@ def _falcon(c) -> dict:
     else:
         out["n_kv_heads"] = c.num_kv_heads
     if new and n_ln == 2:
-        out.update(ln_attn="ln_attn", ln_mlp="ln_mlp", parallel=False)  # two norms, both read x
-        out["parallel_two_norms"] = True
+        out.update(ln_attn="ln_attn", ln_mlp="ln_mlp")  # two norms, both reading the block's x
     elif not out["parallel"]:
         out.update(ln_mlp="post_attention_layernorm")
     return out
@@ -145,6 +144,11 @@ LAYOUTS = {
     "stablelm": Layout(configure=lambda c: dict(parallel=True, ln_mlp=None)
                        if getattr(c, "use_parallel_residual", False) else {}, refused=(_QK_LAYERNORM,)),
     "starcoder2": Layout(mlp=(None, "c_fc", "c_proj"), tied_default=True),
+    "neox": Layout(embed="embed_in", lm_head="embed_out", final="final_layer_norm", attn="attention.",
+                   fused_qkv="query_key_value", fused_order="per_head", o="dense",
+                   mlp=(None, "dense_h_to_4h", "dense_4h_to_h"),
+                   extra_rules=(Rule(r"layers\.(?P<layer>\d+)\.attention\.(bias|masked_bias)", "mask", None, MASK),),
+                   configure=lambda c: dict(parallel=bool(getattr(c, "use_parallel_residual", True)))),
     "gptj": Layout(embed="wte", final="ln_f", layers="h", attn="attn.", o="out_proj",
                    mlp=(None, "fc_in", "fc_out"), ln_attn="ln_1", ln_mlp=None, parallel=True,
                    extra_rules=_GPT_BUFFERS),
@@ -247,11 +251,8 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
     for flag, why in layout.refused:
         if getattr(config, flag, False):
             raise UnsupportedArchitecture(f"{family} with {flag} = true is not supported: {why}")
-    two_norms = False
     if layout.configure is not None:
-        changes = dict(layout.configure(config))
-        two_norms = changes.pop("parallel_two_norms", False)
-        layout = dataclasses.replace(layout, **changes)
+        layout = dataclasses.replace(layout, **layout.configure(config))
     r = Reader(source, Names(source.keys(), [layout.embed + ".weight"], family), dtype)
 
     d_model = cfg(config, "hidden_size", "n_embd")
@@ -287,7 +288,7 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
         n_kv_heads=n_kv, d_model=d_model, d_head=d_head, d_ff=d_ff, d_vocab=W_E.shape[0],
         n_ctx=None if W_pos is None else W_pos.shape[0], tied=tied,
         gated=bool(layout.mlp[0] or layout.fused_gate_up), norm_position=layout.norm_position,
-        parallel_attn_mlp=layout.parallel or two_norms, qk_norm=layout.qk_norm,
+        parallel_attn_mlp=layout.parallel, qk_norm=layout.qk_norm,
     )
     emb = Embeddings(W_E=W_E, W_U=W_U, W_pos=W_pos, b_U=r.head(layout.lm_head + ".bias"),
                      ln_final_w=final_w, ln_final_b=final_b, ln_embed_w=embed_w, ln_embed_b=embed_b)
@@ -320,7 +321,7 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
                 w_gate, b_gate = r.need(m + gate + ".weight"), r.opt(m + gate + ".bias")
             w_in, b_in = r.need(m + up + ".weight"), r.opt(m + up + ".bias")
         ln_attn_w, ln_attn_b = norm(p + layout.ln_attn if layout.ln_attn else None)
-        mlp_norm = layout.ln_attn if layout.parallel else layout.ln_mlp
+        mlp_norm = layout.ln_mlp or (layout.ln_attn if layout.parallel else None)
         ln_mlp_w, ln_mlp_b = norm(p + mlp_norm if mlp_norm else None)
         ln_attn_out_w, ln_attn_out_b = norm(p + layout.ln_attn_out if layout.ln_attn_out else None)
         ln_mlp_out_w, ln_mlp_out_b = norm(p + layout.ln_mlp_out if layout.ln_mlp_out else None)
