@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import torch
 from torch import Tensor
 
 NormPosition = Literal["pre", "post"]
@@ -186,8 +185,3 @@ def _check_shapes(obj, expected: dict, dims: Dims, where: str) -> None:
         if t is not None and tuple(t.shape) != tuple(shape):
             raise _bad(f"{where}: {name} has shape {tuple(t.shape)}, which does not match config.json "
                        f"({dims.describe()}: expected {tuple(shape)}); fix config.json or the checkpoint")
-
-
-def as_f32(t: Tensor) -> Tensor:
-    """Contiguous float32 copy-or-view of a checkpoint tensor."""
-    return t.detach().to(dtype=torch.float32).contiguous()
