@@ -44,6 +44,9 @@ class Dims:
     # RMSNorm of the query / key states after projection (LayerWeights.q_norm_w): over each
     # head's d_head ("head": Qwen3, Gemma 3) or over all heads at once ("full": OLMo-2).
     qk_norm: Optional[QKNorm] = None
+    # A norm without a bias is an RMSNorm, except in families whose LayerNorms have no bias
+    # (Cohere): they still subtract the mean. Folding only needs the gain either way.
+    centred_norms: bool = False
 
     def __post_init__(self):
         # Sizes come from config.json: an inconsistent one is the user's checkpoint, not our bug.

@@ -148,7 +148,8 @@ def test_norms_match_module(built, family):
             assert filled == set(modules)
             for slot, module in modules.items():
                 x = torch.randn(B, S, dims.d_model, generator=g)
-                assert_close(c_norm(x, getattr(lw, slot + "_w"), getattr(lw, slot + "_b"), eps), module(x))
+                got = c_norm(x, getattr(lw, slot + "_w"), getattr(lw, slot + "_b"), eps, dims.centred_norms)
+                assert_close(got, module(x))
 
 
 @pytest.mark.parametrize("family", CASES)
@@ -189,7 +190,7 @@ def test_embeddings_match_modules(built, family):
     if final is not None:
         x = torch.randn(B, S, dims.d_model, generator=torch.Generator().manual_seed(6))
         with torch.no_grad():
-            assert_close(c_norm(x, E.ln_final_w, E.ln_final_b, eps_of(model.config)), final(x))
+            assert_close(c_norm(x, E.ln_final_w, E.ln_final_b, eps_of(model.config), dims.centred_norms), final(x))
 
 
 @pytest.mark.parametrize("family", [c for c in CASES if c.values[0].startswith("gemma")])

@@ -19,9 +19,10 @@ PRE_NORM = [pytest.param(f, id=f) for f in
              "phi", "opt", "gptj", "gpt_bigcode", "bloom", "falcon", "falcon-new", "stablelm", "starcoder2", "cohere")]
 
 
-def _plain(x, w, b, eps):
-    """The norm of which w is the gain (LayerNorm when it has a bias, else RMSNorm), gain-free."""
-    if b is not None:
+def _plain(x, w, b, eps, centred=False):
+    """The norm of which w is the gain (LayerNorm when it has a bias or is centred, else
+    RMSNorm), gain-free."""
+    if b is not None or centred:
         return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -50,7 +51,7 @@ def test_folded_weights_reproduce_the_norm_modules(tmp_path, family):
             rl, fl, norms = raw.layer(l), folded.layer(l), hf.norms(layer)
             # read side of attention: pre-norm gain (and bias) in W_Q/W_K/W_V, q/k-norm gains in W_Q/W_K
             x_hf = norms["ln_attn"](x) if "ln_attn" in norms else x
-            x_fold = _plain(x, rl.ln_attn_w, rl.ln_attn_b, eps) if "ln_attn" in norms else x
+            x_fold = _plain(x, rl.ln_attn_w, rl.ln_attn_b, eps, dims.centred_norms) if "ln_attn" in norms else x
             for i, (want, W, b, fW, fb) in enumerate(zip(
                     hf.qkv(layer, x_hf, dims), (rl.W_Q, rl.W_K, rl.W_V), (rl.b_Q, rl.b_K, rl.b_V),
                     (fl.W_Q, fl.W_K, fl.W_V), (fl.b_Q, fl.b_K, fl.b_V))):
@@ -69,7 +70,7 @@ def test_folded_weights_reproduce_the_norm_modules(tmp_path, family):
             # read side of the MLP
             ln_mlp = norms.get("ln_mlp") or (norms.get("ln_attn") if dims.parallel_attn_mlp else None)
             m_hf = ln_mlp(x) if ln_mlp is not None else x
-            m_fold = _plain(x, rl.ln_mlp_w, rl.ln_mlp_b, eps) if ln_mlp is not None else x
+            m_fold = _plain(x, rl.ln_mlp_w, rl.ln_mlp_b, eps, dims.centred_norms) if ln_mlp is not None else x
             for W, b, fW, fb in ((rl.W_in, rl.b_in, fl.W_in, fl.b_in), (rl.W_gate, rl.b_gate, fl.W_gate, fl.b_gate)):
                 if W is not None:
                     _close(m_fold @ fW + (0 if fb is None else fb), m_hf @ W + (0 if b is None else b))
@@ -82,7 +83,7 @@ def test_folded_weights_reproduce_the_norm_modules(tmp_path, family):
             else:
                 _close(got, y)
         final, E, R = hf.final(hf_model), folded.embeddings, raw.embeddings
-        got = _plain(x, R.ln_final_w, R.ln_final_b, eps) @ E.W_U + (0 if E.b_U is None else E.b_U)
+        got = _plain(x, R.ln_final_w, R.ln_final_b, eps, dims.centred_norms) @ E.W_U + (0 if E.b_U is None else E.b_U)
         _close(got, final(x) @ R.W_U + (0 if R.b_U is None else R.b_U))
 
 
@@ -114,3 +115,12 @@ def test_post_ln_gains_fold_into_write_side(tmp_path):
     torch.testing.assert_close(hidden @ fl.W_out, (hidden @ lw.W_out) * lw.ln_mlp_w)
     torch.testing.assert_close(fl.b_out, lw.b_out * lw.ln_mlp_w)
     torch.testing.assert_close(fl.W_in, lw.W_in)  # read side unchanged
+
+
+def test_bias_free_layernorm_adds_no_bias_rows(tmp_path):
+    """Cohere's LayerNorm has no bias: folding must not invent zero biases (which would be
+    stored as all-zero bias_attn_out vectors)."""
+    raw = load_canonical(str(save_tiny("cohere", tmp_path / "c"))).canonical
+    assert raw.dims.centred_norms
+    for lw in (raw.layer(0), fold(raw).layer(0)):
+        assert lw.ln_attn_b is None and lw.b_Q is None and lw.b_V is None and lw.b_O is None

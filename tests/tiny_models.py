@@ -400,15 +400,17 @@ def c_mlp(lw, x):
 def c_mlp_block(lw, dims, x, eps):
     """What ``HF.mlp`` returns: the MLP, and for post-LN encoders the residual add and norm."""
     if dims.norm_position == "post":
-        return c_norm(c_mlp(lw, x) + x, lw.ln_mlp_w, lw.ln_mlp_b, eps)
+        return c_norm(c_mlp(lw, x) + x, lw.ln_mlp_w, lw.ln_mlp_b, eps, dims.centred_norms)
     return c_mlp(lw, x)
 
 
-def c_norm(x, w, b, eps):
+def c_norm(x, w, b, eps, centred=False):
+    """A canonical norm: LayerNorm when it has a bias or ``centred`` (Dims.centred_norms),
+    else RMSNorm."""
     import torch
     import torch.nn.functional as F
 
-    if b is None:  # RMSNorm
+    if b is None and not centred:  # RMSNorm
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 

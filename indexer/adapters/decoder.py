@@ -24,8 +24,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
-
 from ..canonical import Canonical, Dims, Embeddings, LayerWeights
 from .base import (
     HEAD_BIAS, LOGIT_BIAS, MASK, NORM, ROTARY, Names, Reader, Rule, TensorSource, cfg, finish,
@@ -72,9 +70,7 @@ class Layout:
     extra_rules: tuple = ()  # coverage of tensors outside the names above (buffers, ...)
     configure: Optional[Callable] = None  # config -> {field: value} for config-dependent layouts
     refused: tuple = ()  # (config flag, why): options of the family this adapter does not read
-    # Cohere's LayerNorm centres by the mean but has no bias: a zero bias says "LayerNorm, not
-    # RMSNorm" in canonical form (``*_b`` None means RMSNorm), and folds to nothing.
-    zero_bias: bool = False
+    centred_norms: bool = False  # Cohere: LayerNorms without a bias (Dims.centred_norms)
     # OPT-350m embeds in a narrower space: project_in maps it to d_model, project_out back.
     project_in: Optional[str] = None
     project_out: Optional[str] = None
@@ -163,7 +159,7 @@ LAYOUTS = {
     "bloom": Layout(**_BLOOM_FALCON, ln_embed="word_embeddings_layernorm", fused_order="per_head",
                     act="gelu_pytorch_tanh", tied_default=True),
     "falcon": Layout(**_BLOOM_FALCON, ln_mlp=None, tied_default=True, configure=_falcon),
-    "cohere": Layout(ln_mlp=None, parallel=True, tied_default=True, zero_bias=True, recorded=("logit_scale",),
+    "cohere": Layout(ln_mlp=None, parallel=True, tied_default=True, centred_norms=True, recorded=("logit_scale",),
                      refused=(("use_qk_norm", "its mean-centred per-head q/k LayerNorm is not read yet"),)),
 }
 
@@ -278,8 +274,7 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
     def norm(name):
         if name is None:
             return None, None
-        w, b = gain(r.need(name + ".weight")), r.opt(name + ".bias")
-        return w, (torch.zeros_like(w) if b is None and layout.zero_bias else b)
+        return gain(r.need(name + ".weight")), r.opt(name + ".bias")
 
     final_w, final_b = norm(layout.final)
     embed_w, embed_b = norm(layout.ln_embed)
@@ -288,7 +283,7 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
         n_kv_heads=n_kv, d_model=d_model, d_head=d_head, d_ff=d_ff, d_vocab=W_E.shape[0],
         n_ctx=None if W_pos is None else W_pos.shape[0], tied=tied,
         gated=bool(layout.mlp[0] or layout.fused_gate_up), norm_position=layout.norm_position,
-        parallel_attn_mlp=layout.parallel, qk_norm=layout.qk_norm,
+        parallel_attn_mlp=layout.parallel, qk_norm=layout.qk_norm, centred_norms=layout.centred_norms,
     )
     emb = Embeddings(W_E=W_E, W_U=W_U, W_pos=W_pos, b_U=r.head(layout.lm_head + ".bias"),
                      ln_final_w=final_w, ln_final_b=final_b, ln_embed_w=embed_w, ln_embed_b=embed_b)
