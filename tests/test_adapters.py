@@ -404,3 +404,18 @@ def test_unsupported_options_of_a_supported_family_are_one_line(tmp_path, family
     with pytest.raises(UnsupportedArchitecture, match=f"{option}") as e:
         load_canonical(str(path))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("model_type,architectures", [
+    pytest.param(["llama"], ["LlamaForCausalLM"], id="list-model-type"),
+    pytest.param({"a": 1}, None, id="dict-model-type"),
+    pytest.param(None, "LlamaForCausalLM", id="missing-model-type-string-architectures"),
+    pytest.param("", [1, None], id="empty-model-type-odd-architectures"),
+])
+def test_malformed_model_type_is_one_unsupported_line(model_type, architectures):
+    from indexer.adapters import adapter_for
+    from indexer.errors import UnsupportedArchitecture
+
+    with pytest.raises(UnsupportedArchitecture, match="unsupported architecture") as e:
+        adapter_for(model_type, architectures)
+    assert "\n" not in str(e.value)

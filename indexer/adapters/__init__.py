@@ -101,9 +101,11 @@ def adapter_for(model_type: str | None, architectures=None):
     """The registry row for a config's ``model_type``; for a type transformers knows but we have
     no row for, an ``AssumedLayout``; UnsupportedArchitecture otherwise (before any tensor or
     the config is parsed, so it fails fast)."""
+    if not isinstance(model_type, str):  # a hostile config.json: a list or a dict is not a type
+        raise _unsupported(model_type, architectures)
     if model_type in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[model_type]
-    if isinstance(model_type, str) and model_type in _known_to_transformers():
+    if model_type in _known_to_transformers():
         return AssumedLayout(model_type, architectures)
     raise _unsupported(model_type, architectures)
 
