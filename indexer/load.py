@@ -164,6 +164,9 @@ def _load_dir(model_ref, path: Path, *, allow_pickle, dtype, revision) -> Loaded
     except (ValueError, OSError) as e:
         raise BadCheckpoint(f"{config_file} is not valid JSON ({_one_line(e)}); "
                             f"re-download the checkpoint") from None
+    if not isinstance(raw, dict):
+        raise BadCheckpoint(f"{config_file} is not a JSON object (it holds a {type(raw).__name__}); "
+                            f"re-download the checkpoint")
     adapter = adapter_for(raw.get("model_type"), raw.get("architectures"))
 
     files, fmt = _weight_files(path, allow_pickle)

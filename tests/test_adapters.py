@@ -419,3 +419,13 @@ def test_malformed_model_type_is_one_unsupported_line(model_type, architectures)
     with pytest.raises(UnsupportedArchitecture, match="unsupported architecture") as e:
         adapter_for(model_type, architectures)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", ['[]', '"llama"', '3', 'null'])
+def test_config_json_that_is_not_an_object_is_one_bad_checkpoint_line(tmp_path, text):
+    from indexer.errors import BadCheckpoint
+
+    path = save_tiny("llama", tmp_path / "m")
+    (path / "config.json").write_text(text)
+    with pytest.raises(BadCheckpoint, match="config.json is not a JSON object"):
+        load_canonical(str(path))
