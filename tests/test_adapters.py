@@ -429,3 +429,17 @@ def test_config_json_that_is_not_an_object_is_one_bad_checkpoint_line(tmp_path, 
     (path / "config.json").write_text(text)
     with pytest.raises(BadCheckpoint, match="config.json is not a JSON object"):
         load_canonical(str(path))
+
+
+def test_opt_projections_that_do_not_fit_are_one_line(tmp_path):
+    """OPT-350m's project_in must map the embedding width to d_model; a wrong one is named."""
+    from safetensors.torch import load_file, save_file
+
+    from indexer.errors import BadCheckpoint
+
+    path = save_tiny("opt-350m", tmp_path / "o")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.decoder.project_in.weight"] = torch.zeros(32, 12)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BadCheckpoint, match="project_in / project_out do not fit"):
+        load_canonical(str(path))

@@ -239,7 +239,7 @@ def split_fused_qkv(w, order: str, n_heads: int, n_kv: int, d_head: int):
 
 
 def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
-    from ..errors import UnsupportedArchitecture
+    from ..errors import BadCheckpoint, UnsupportedArchitecture
 
     layout = LAYOUTS[family]
     if layout.text_config:
@@ -265,8 +265,14 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
     if P_in is not None or P_out is not None:
         # The residual stream is d_model wide: a token enters as project_in(W_E[t]) and leaves
         # through lm_head(project_out(x)); those products are the projection bases.
-        W_E = W_E @ P_in.T if P_in is not None else W_E
-        W_U = P_out.T @ W_U if P_out is not None else W_U
+        try:
+            W_E = W_E @ P_in.T if P_in is not None else W_E
+            W_U = P_out.T @ W_U if P_out is not None else W_U
+        except RuntimeError:
+            raise BadCheckpoint(f"{layout.project_in} / {layout.project_out} do not fit the embeddings "
+                                f"(shapes {tuple(W_E.shape)}, {None if P_in is None else tuple(P_in.shape)}, "
+                                f"{None if P_out is None else tuple(P_out.shape)}); the checkpoint is "
+                                f"inconsistent") from None
         tied = False
     W_pos = r.need(layout.pos + ".weight") if layout.pos else None
     gain = lambda t: None if t is None else t + layout.gain_offset  # noqa: E731
