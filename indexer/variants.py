@@ -48,7 +48,8 @@ def fold(model: Canonical) -> Canonical:
     def layer_fn(l: int) -> LayerWeights:
         return fold_layer(model.layer(l), dims)
 
-    return Canonical(dims=dims, embeddings=embeddings, layer_fn=layer_fn, parameters=model.parameters)
+    return Canonical(dims=dims, embeddings=embeddings, layer_fn=layer_fn, parameters=model.parameters,
+                     conventions=dict(model.conventions))
 
 
 def fold_layer(lw: LayerWeights, dims) -> LayerWeights:

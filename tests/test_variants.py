@@ -124,3 +124,8 @@ def test_bias_free_layernorm_adds_no_bias_rows(tmp_path):
     assert raw.dims.centred_norms
     for lw in (raw.layer(0), fold(raw).layer(0)):
         assert lw.ln_attn_b is None and lw.b_Q is None and lw.b_V is None and lw.b_O is None
+
+
+def test_folding_keeps_the_recorded_conventions(tmp_path):
+    raw = load_canonical(str(save_tiny("gemma2", tmp_path / "g"))).canonical
+    assert fold(raw).conventions == raw.conventions and "embedding_multiplier" in raw.conventions
