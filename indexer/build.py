@@ -242,6 +242,8 @@ def index_canonical(
         "k": k, "k_requested": k_asked, "n_pairs": n_pairs, "n_pairs_requested": n_pairs_asked,
         "variant": variant, "layers": layer_list, "device": device,
         "base": provenance.base.as_dict() if provenance.base is not None else None,
+        # What `raw` leaves unapplied (Gemma's sqrt(d_model) embedding multiplier, softcapping, ...).
+        "conventions": dict(model.conventions),
     }
     fingerprint = {
         "settings": {key: v for key, v in settings.items() if key != "device"},

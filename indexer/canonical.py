@@ -10,12 +10,18 @@ An adapter (``indexer/adapters``) produces one :class:`Embeddings` for the model
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
-import torch
 from torch import Tensor
 
 NormPosition = Literal["pre", "post"]
+QKNorm = Literal["head", "full"]
+
+
+def _bad(message: str):
+    from .errors import BadCheckpoint
+
+    return BadCheckpoint(message)
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,29 @@ class Dims:
     gated: bool  # SwiGLU-style MLP with W_gate
     norm_position: NormPosition  # "pre" (GPT-2, Llama, NeoX) or "post" (BERT, MPNet)
     parallel_attn_mlp: bool = False  # GPT-NeoX: attention and MLP both read the same x
+    # RMSNorm of the query / key states after projection (LayerWeights.q_norm_w): over each
+    # head's d_head ("head": Qwen3, Gemma 3) or over all heads at once ("full": OLMo-2).
+    qk_norm: Optional[QKNorm] = None
+    # A norm without a bias is an RMSNorm, except in families whose LayerNorms have no bias
+    # (Cohere): they still subtract the mean. Folding only needs the gain either way.
+    centred_norms: bool = False
+
+    def __post_init__(self):
+        # Sizes come from config.json: an inconsistent one is the user's checkpoint, not our bug.
+        for name in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_ff", "d_vocab"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise _bad(f"config.json gives {name} = {v!r} for this {self.architecture} model; "
+                           f"it must be a positive integer: fix config.json")
+        if self.n_heads % self.n_kv_heads:
+            raise _bad(f"config.json is inconsistent: n_heads {self.n_heads} is not a multiple of "
+                       f"n_kv_heads {self.n_kv_heads} (grouped-query attention shares each kv head "
+                       f"by a whole number of query heads); fix config.json")
+
+    def describe(self) -> str:
+        """The sizes, in one phrase for messages."""
+        return (f"n_layers {self.n_layers}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}, "
+                f"d_model {self.d_model}, d_head {self.d_head}, d_ff {self.d_ff}")
 
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` uses under grouped-query attention."""
@@ -55,6 +84,15 @@ class Embeddings:
     ln_final_b: Optional[Tensor] = None  # [d_model]
     ln_embed_w: Optional[Tensor] = None  # [d_model] post-LN encoders only
     ln_embed_b: Optional[Tensor] = None  # [d_model]
+
+    def check(self, dims: Dims, names: Optional["TensorNames"] = None) -> None:
+        """BadCheckpoint when a tensor's shape contradicts ``dims`` (i.e. config.json)."""
+        d, V = dims.d_model, self.W_E.shape[0]
+        at = names and (lambda role: names(role, None))
+        _check_shapes(self, {"W_E": (V, d), "W_U": (d, V), "b_U": (V,), "ln_final_w": (d,),
+                             "ln_final_b": (d,), "ln_embed_w": (d,), "ln_embed_b": (d,)}, dims, "the embeddings", at)
+        if self.W_pos is not None and self.W_pos.shape[1:] != (d,):
+            _check_shapes(self, {"W_pos": (self.W_pos.shape[0], d)}, dims, "the embeddings", at)
 
 
 @dataclass
@@ -90,7 +128,27 @@ class LayerWeights:
     ln_attn_b: Optional[Tensor] = None
     ln_mlp_w: Optional[Tensor] = None  # [d_model]
     ln_mlp_b: Optional[Tensor] = None
+    # Post-norms (Gemma 2/3, OLMo-2): applied to what a sublayer writes, before the residual add.
+    ln_attn_out_w: Optional[Tensor] = None  # [d_model]
+    ln_attn_out_b: Optional[Tensor] = None
+    ln_mlp_out_w: Optional[Tensor] = None  # [d_model]
+    ln_mlp_out_b: Optional[Tensor] = None
+    # Gains of the query / key norms (Dims.qk_norm says over what the RMS is taken).
+    q_norm_w: Optional[Tensor] = None  # [n_heads, d_head]
+    k_norm_w: Optional[Tensor] = None  # [n_kv_heads, d_head]
     act: str = "gelu"  # name of the MLP activation, as the HF config spells it
+
+    def check(self, dims: Dims, layer: int, names: Optional["TensorNames"] = None) -> None:
+        """BadCheckpoint when a tensor's shape contradicts ``dims`` (i.e. config.json)."""
+        h, kv, d, e, f = dims.n_heads, dims.n_kv_heads, dims.d_model, dims.d_head, dims.d_ff
+        _check_shapes(self, {
+            "W_Q": (h, d, e), "W_K": (kv, d, e), "W_V": (kv, d, e), "W_O": (h, e, d),
+            "W_in": (d, f), "W_out": (f, d), "W_gate": (d, f),
+            "b_Q": (h, e), "b_K": (kv, e), "b_V": (kv, e), "b_O": (d,), "b_in": (f,), "b_gate": (f,),
+            "b_out": (d,), "ln_attn_w": (d,), "ln_attn_b": (d,), "ln_mlp_w": (d,), "ln_mlp_b": (d,),
+            "ln_attn_out_w": (d,), "ln_attn_out_b": (d,), "ln_mlp_out_w": (d,), "ln_mlp_out_b": (d,),
+            "q_norm_w": (h, e), "k_norm_w": (kv, e),
+        }, dims, f"layer {layer}", names and (lambda role: names(role, layer)))
 
 
 @dataclass
@@ -113,6 +171,9 @@ class Canonical:
     embeddings: Embeddings
     layer_fn: object  # callable(int) -> LayerWeights; lazy so memory is bounded by a layer
     parameters: list[ParamRole] = field(default_factory=list)
+    # What the model does at run time that ``raw`` deliberately does not apply, recorded so a
+    # reader can: e.g. Gemma's embedding multiplier sqrt(d_model), logit softcapping.
+    conventions: dict = field(default_factory=dict)
 
     def layer(self, l: int) -> LayerWeights:
         return self.layer_fn(l)  # type: ignore[operator]
@@ -122,6 +183,15 @@ class Canonical:
             yield self.layer(l)
 
 
-def as_f32(t: Tensor) -> Tensor:
-    """Contiguous float32 copy-or-view of a checkpoint tensor."""
-    return t.detach().to(dtype=torch.float32).contiguous()
+# (canonical role, layer or None) -> the checkpoint tensors that role was read from, for messages.
+TensorNames = Callable[[str, Optional[int]], list]
+
+
+def _check_shapes(obj, expected: dict, dims: Dims, where: str, names: Optional[Callable[[str], list]] = None) -> None:
+    for name, shape in expected.items():
+        t = getattr(obj, name)
+        if t is not None and tuple(t.shape) != tuple(shape):
+            tensors = names(name) if names else []
+            named = f" (checkpoint tensor {', '.join(tensors)})" if tensors else ""
+            raise _bad(f"{where}: {name}{named} has shape {tuple(t.shape)}, which does not match config.json "
+                       f"({dims.describe()}: expected {tuple(shape)}); fix config.json or the checkpoint")

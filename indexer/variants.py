@@ -13,6 +13,14 @@ or writes (RMSNorm/LayerNorm normalisation itself is a per-position scalar and i
 * post-LN (BERT, MPNet): the norm after each residual add scales what the sublayer wrote, so
   its gain multiplies the columns of W_O / W_out and the output biases; read-side weights see
   the already-normalised stream and are unchanged.
+* post-norms on a sublayer's output (Gemma 2/3, OLMo-2: ``ln_attn_out`` / ``ln_mlp_out``) scale
+  what it writes, so their gains multiply the columns of W_O / W_out and the output biases,
+  exactly like the post-LN case.
+* query/key norms (Qwen3, Gemma 3, OLMo-2): their gains multiply the columns of W_Q / W_K (and
+  b_Q / b_K), so a stored q/k vector is the direction the head compares after the norm.
+* Gemma's norms multiply by ``1 + w``; the adapter already stores that multiplier as the gain.
+* in every case the normalisation itself (division by the RMS or standard deviation, a scalar
+  per position and, for q/k norms, per head) is not a parameter and is left out.
 * in both: the value bias reaches the residual stream as the constant ``b_V @ W_O`` (attention
   weights sum to one), so it is added to the attention output bias.
 """
@@ -40,7 +48,8 @@ def fold(model: Canonical) -> Canonical:
     def layer_fn(l: int) -> LayerWeights:
         return fold_layer(model.layer(l), dims)
 
-    return Canonical(dims=dims, embeddings=embeddings, layer_fn=layer_fn, parameters=model.parameters)
+    return Canonical(dims=dims, embeddings=embeddings, layer_fn=layer_fn, parameters=model.parameters,
+                     conventions=dict(model.conventions))
 
 
 def fold_layer(lw: LayerWeights, dims) -> LayerWeights:
@@ -68,6 +77,19 @@ def fold_layer(lw: LayerWeights, dims) -> LayerWeights:
         b_V_per_head = out.b_V.repeat_interleave(group, dim=0)  # [n_heads, d_head]
         v_bias = (b_V_per_head[:, None, :] @ out.W_O).sum(dim=0)[0]  # [d_model]
         out.b_O = _add(out.b_O, v_bias)
+    if lw.q_norm_w is not None:
+        out.W_Q = out.W_Q * lw.q_norm_w[:, None, :]
+        out.b_Q = out.b_Q * lw.q_norm_w if out.b_Q is not None else None
+    if lw.k_norm_w is not None:
+        out.W_K = out.W_K * lw.k_norm_w[:, None, :]
+        out.b_K = out.b_K * lw.k_norm_w if out.b_K is not None else None
+    # A post-norm's bias is added after the gain: it is a constant write of its own.
+    if lw.ln_attn_out_w is not None:
+        out.W_O = out.W_O * lw.ln_attn_out_w
+        out.b_O = _add(out.b_O * lw.ln_attn_out_w if out.b_O is not None else None, lw.ln_attn_out_b)
+    if lw.ln_mlp_out_w is not None:
+        out.W_out = out.W_out * lw.ln_mlp_out_w
+        out.b_out = _add(out.b_out * lw.ln_mlp_out_w if out.b_out is not None else None, lw.ln_mlp_out_b)
     if dims.norm_position == "post":
         if lw.ln_attn_w is not None:
             out.W_O = out.W_O * lw.ln_attn_w

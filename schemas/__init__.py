@@ -74,7 +74,7 @@ MODELS = _table(
     _MODEL,
     _c("source", pa.string(), "What was passed to `zeropass index`: a local path, GGUF file or hub id."),
     _c("revision", pa.string(), "Hub commit of the checkpoint, when known.", nullable=True),
-    _c("architecture", pa.string(), "Adapter family: gpt2, bert, mpnet, llama, neox."),
+    _c("architecture", pa.string(), "Adapter family the checkpoint was read with (its layout, e.g. gpt2, llama, gemma2); docs/ADAPTERS.md lists them with their model_types."),
     _c("hf_architecture", pa.string(), "The Hugging Face class named in config.json.", nullable=True),
     _c("n_layers", pa.int32(), "Number of transformer blocks."),
     _c("n_heads", pa.int32(), "Query heads per layer."),

@@ -22,6 +22,7 @@ from indexer.errors import DatasetError
 from indexer.kernels.head_metrics import head_metrics
 from indexer.load import load_canonical
 from indexer.variants import fold
+from query import Dataset
 from schemas.layout import read_manifest, table_files
 from tests.tiny_models import save_tiny
 
@@ -94,6 +95,25 @@ FAMILIES = [
     pytest.param("llama-gqa", id="llama-gqa"),
     pytest.param("qwen2", id="qwen2-untied-biases"),
     pytest.param("neox", id="neox"),
+    pytest.param("gemma", id="gemma"),
+    pytest.param("gemma2", id="gemma2"),
+    pytest.param("qwen3", id="qwen3"),
+    pytest.param("phi3", id="phi3"),
+    pytest.param("olmo2", id="olmo2"),
+    pytest.param("gemma3_text", id="gemma3_text"),
+    pytest.param("gemma3", id="gemma3-multimodal-text-tower"),
+    pytest.param("phi", id="phi"),
+    pytest.param("opt", id="opt"),
+    pytest.param("opt-350m", id="opt-350m-post-ln-projections"),
+    pytest.param("gptj", id="gptj"),
+    pytest.param("gpt_bigcode", id="gpt_bigcode"),
+    pytest.param("bloom", id="bloom"),
+    pytest.param("falcon-new", id="falcon-new"),
+    pytest.param("falcon", id="falcon-mqa"),
+    pytest.param("stablelm", id="stablelm"),
+    pytest.param("starcoder2", id="starcoder2"),
+    pytest.param("cohere", id="cohere"),
+    pytest.param("granite", id="granite-assumed-llama-layout"),
 ]
 
 
@@ -102,9 +122,14 @@ def test_every_vector_row_equals_dense_reference(tmp_path, family):
     path = save_tiny(family, tmp_path / family)
     db = tmp_path / "db"
     index_model(str(path), db, name=family, k=K, n_pairs=N_PAIRS, progress=None)
-    n = check_vectors_against_dense(db, family, load_canonical(str(path)).canonical)
+    canonical = load_canonical(str(path)).canonical
+    n = check_vectors_against_dense(db, family, canonical)
     assert n > 0
     check_vectors_by_token(db, family)
+    # What `raw` leaves unapplied (e.g. Gemma's embedding multiplier) is recorded in models.settings.
+    with Dataset(db) as ds:
+        settings = json.loads(ds.sql("SELECT settings FROM models").column("settings")[0].as_py())
+    assert settings["conventions"] == canonical.conventions
 
 
 def check_vectors_by_token(db: Path, slug: str) -> None:
@@ -135,7 +160,8 @@ def test_folded_variant_equals_dense_reference_on_folded_weights(tmp_path):
     assert read_table(db, "models").column("variant").to_pylist() == ["folded"]
 
 
-@pytest.mark.parametrize("family", [pytest.param("gpt2", id="mha"), pytest.param("llama-gqa", id="gqa")])
+@pytest.mark.parametrize("family", [pytest.param("gpt2", id="mha"), pytest.param("llama-gqa", id="gqa"),
+                                    pytest.param("gemma3_text", id="gemma3-qk-and-post-norms")])
 def test_pairs_and_roles_equal_dense_circuits(tmp_path, family):
     path = save_tiny(family, tmp_path / family)
     db = tmp_path / "db"

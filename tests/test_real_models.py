@@ -8,9 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from indexer.load import load_canonical
-from tests.test_adapters import (
-    c_attention, c_k, c_mlp, c_norm, c_o, c_q, c_v, eps_of, hf_layers, hf_norms, hf_o, hf_qkv,
-)
+from tests.tiny_models import HF_ACCESS, c_attention, c_mlp, c_mlp_block, c_norm, c_o, c_qkv, eps_of
 
 pytestmark = pytest.mark.integration
 
@@ -23,34 +21,28 @@ def close(got, expected):
 
 def check_components(family, model, loaded, layers, seed=0):
     """Q/K/V states (with the GQA kv-head mapping), W_O, MLP and norms against the modules."""
-    dims, eps = loaded.canonical.dims, eps_of(model.config)
+    dims, eps, hf = loaded.canonical.dims, eps_of(model.config), HF_ACCESS[family]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for l in layers:
-            layer, lw = hf_layers(model)[l], loaded.canonical.layer(l)
+            layer, lw = hf.layers(model)[l], loaded.canonical.layer(l)
             x = torch.randn(2, 5, dims.d_model, generator=g)
-            q, k, v = hf_qkv(family, layer, x, dims)
-            close(c_q(lw, x), q)
-            close(c_k(lw, x), k)
-            close(c_v(lw, x), v)
+            q, k, v = hf.qkv(layer, x, dims)
+            cq, ck, cv = c_qkv(lw, dims, x, eps)
+            close(cq, q)
+            close(ck, k)
+            close(cv, v)
             if dims.n_kv_heads < dims.n_heads:  # GQA: query head h reads kv head kv_head(h)
                 from transformers.models.llama.modeling_llama import repeat_kv
 
                 k_rep = repeat_kv(k, dims.n_heads // dims.n_kv_heads)
-                ck = c_k(lw, x)
                 for h in range(dims.n_heads):
                     close(ck[:, dims.kv_head(h)], k_rep[:, h])
             z = torch.randn(2, 5, dims.n_heads, dims.d_head, generator=g)
-            close(c_o(lw, z), hf_o(family, layer)(z.reshape(2, 5, -1)))
-            if family in ("bert", "mpnet"):
-                expected = layer.output(layer.intermediate(x), x)
-                got = c_norm(c_mlp(lw, x) + x, lw.ln_mlp_w, lw.ln_mlp_b, eps)
-            else:
-                expected, got = layer.mlp(x), c_mlp(lw, x)
-            close(got, expected)
-            ln_attn, ln_mlp = hf_norms(family, layer)
-            close(c_norm(x, lw.ln_attn_w, lw.ln_attn_b, eps), ln_attn(x))
-            close(c_norm(x, lw.ln_mlp_w, lw.ln_mlp_b, eps), ln_mlp(x))
+            close(c_o(lw, z), hf.o(layer)(z.reshape(2, 5, -1)))
+            close(c_mlp_block(lw, dims, x, eps), hf.mlp(layer, x))
+            for slot, module in hf.norms(layer).items():
+                close(c_norm(x, getattr(lw, slot + "_w"), getattr(lw, slot + "_b"), eps), module(x))
 
 
 def check_coverage(loaded, n_tensors):
@@ -143,7 +135,7 @@ def test_mpnet_reproduces_mpnet_model():
         assert_close(x, hs[0])
         lw = c.layer(0)
         bias = model.encoder.compute_position_bias(x)  # [1, n_heads, S, S]
-        q, k, v = c_q(lw, x), c_k(lw, x), c_v(lw, x)
+        q, k, v = c_qkv(lw, d, x)
         pattern = (q @ k.transpose(-1, -2) / d.d_head ** 0.5 + bias).softmax(-1)
         attn = c_o(lw, (pattern @ v).transpose(1, 2))
         x = c_norm(x + attn, lw.ln_attn_w, lw.ln_attn_b, eps)

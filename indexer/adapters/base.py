@@ -1,16 +1,20 @@
 """What every adapter shares: the tensor source it reads, checkpoint-name resolution, and the
 declarative table that accounts for every checkpoint tensor (the ``parameters`` table).
 
-An adapter is a function ``adapt(source, config, dtype) -> Canonical``. It never holds more
-than one layer's tensors: ``Canonical.layer_fn`` reads layer ``l`` from the source on demand.
+An adapter is a function ``adapt(source, config, dtype, family) -> Canonical``. It never holds
+more than one layer's tensors: ``Canonical.layer_fn`` reads layer ``l`` from the source on demand.
+Adapters read through a ``Reader``, convert with ``linear_in`` / ``linear_out`` (nn.Linear) or
+``split_heads_in`` / ``split_heads_out`` (Conv1D), pick W_U with ``unembedding`` and end with
+``finish``, which checks every layer against the config before anything is projected.
 """
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol
 
-from ..canonical import ParamRole
+from ..canonical import Canonical, Dims, Embeddings, ParamRole
 
 
 class TensorSource(Protocol):
@@ -140,15 +144,127 @@ def cfg(config, *names, default=None):
     return default
 
 
+def head_dim(config, d_model: int, n_heads: int) -> int:
+    """``config.head_dim`` when set, else ``d_model // n_heads``, refused when it does not divide.
+
+    A head count that does not divide the width is an inconsistent config.json: HF would fail
+    somewhere in a reshape; we say which numbers disagree.
+    """
+    from ..errors import BadCheckpoint
+
+    explicit = cfg(config, "head_dim")
+    if explicit is not None:
+        return explicit
+    if not isinstance(n_heads, int) or n_heads < 1 or not isinstance(d_model, int) or d_model % n_heads:
+        raise BadCheckpoint(
+            f"config.json is inconsistent: d_model {d_model} is not a multiple of n_heads {n_heads} "
+            f"(and no head_dim is given); fix config.json to match the checkpoint"
+        )
+    return d_model // n_heads
+
+
+class Reader:
+    """A family's tensors by suffix (through ``Names``), in the canonical dtype, contiguous.
+
+    ``shapes_only()`` makes every read an empty ``meta`` tensor of the stored shape, so an
+    adapter's own layer function can be run on every layer up front to check the checkpoint
+    against config.json from the headers alone, without reading any data.
+    """
+
+    def __init__(self, source: TensorSource, names: Names, dtype):
+        self.source, self.names, self.dtype = source, names, dtype
+        self._meta = False
+
+    def read(self, name: str):
+        """The tensor with the full checkpoint name ``name``."""
+        import torch
+
+        if self._meta:
+            return torch.empty(self.source.shape(name), dtype=self.dtype, device="meta")
+        return self.source.get(name).to(self.dtype).contiguous()
+
+    def need(self, suffix: str):
+        """A base-model tensor that must exist (BadCheckpoint naming it otherwise)."""
+        return self.read(self.names.need(suffix))
+
+    def opt(self, suffix: str):
+        """A base-model tensor, or None when the checkpoint has none (optional biases etc.)."""
+        name = self.names.base(suffix)
+        return None if name is None else self.read(name)
+
+    def head(self, name: str):
+        """A tensor outside the base model (``lm_head.weight``...), or None when absent."""
+        full = self.names.head(name)
+        return None if full is None else self.read(full)
+
+    @contextmanager
+    def shapes_only(self):
+        self._meta = True
+        try:
+            yield self
+        finally:
+            self._meta = False
+
+
+def linear_in(w, n_heads: int, d_head: int):
+    """nn.Linear weight [n_heads * d_head, d_model] (out, in) -> [n_heads, d_model, d_head]."""
+    return split_heads_in(w.T, n_heads, d_head)
+
+
+def linear_out(w, n_heads: int, d_head: int):
+    """nn.Linear weight [d_model, n_heads * d_head] (out, in) -> [n_heads, d_head, d_model]."""
+    return split_heads_out(w.T, n_heads, d_head)
+
+
 def split_heads_in(w, n_heads: int, d_head: int):
-    """[d_model, n_heads * d_head] (row-vector, x @ w) -> [n_heads, d_model, d_head]."""
+    """[d_model, n_heads * d_head] (row-vector, x @ w; Conv1D) -> [n_heads, d_model, d_head]."""
     d_model = w.shape[0]
     return w.reshape(d_model, n_heads, d_head).permute(1, 0, 2).contiguous()
 
 
 def split_heads_out(w, n_heads: int, d_head: int):
-    """[n_heads * d_head, d_model] (row-vector) -> [n_heads, d_head, d_model]."""
+    """[n_heads * d_head, d_model] (row-vector; Conv1D) -> [n_heads, d_head, d_model]."""
     return w.reshape(n_heads, d_head, w.shape[-1]).contiguous()
+
+
+def unembedding(reader: Reader, W_E, head: str, config, tied_default: bool):
+    """(W_U [d_model, d_vocab], tied): the LM head ``head`` transposed, or W_E.T when the config
+    ties them or the checkpoint has no such head (HF would initialise it at random; projecting
+    on W_E is the only meaningful reading)."""
+    name = reader.names.head(head)
+    tied = name is None or bool(getattr(config, "tie_word_embeddings", tied_default))
+    return (W_E.T if tied else reader.read(name).T.contiguous()), tied
+
+
+def finish(reader: Reader, dims: Dims, embeddings: Embeddings, layer, rules: list[Rule],
+           conventions: Optional[dict] = None) -> Canonical:
+    """The adapter's ``Canonical``, once every layer is shown to fit ``dims``.
+
+    ``layer(l)`` is run on every layer with shapes only (no data is read), so a checkpoint that
+    contradicts its config.json (head counts, head_dim, widths, missing layers) is one
+    BadCheckpoint line now instead of a reshape traceback in the middle of a build.
+    """
+    from ..errors import BadCheckpoint
+
+    parameters = account(reader.source, reader.names, rules, dims.architecture)
+
+    def names(role: str, layer: Optional[int]) -> list:  # for messages: which tensors hold a role
+        return [p.name for p in parameters if p.role == role and p.layer == layer]
+
+    embeddings.check(dims, names)
+    with reader.shapes_only():
+        for l in range(dims.n_layers):
+            try:
+                lw = layer(l)
+            except RuntimeError as e:  # a reshape / split that the stored shapes do not allow
+                raise BadCheckpoint(
+                    f"layer {l}'s tensors do not match config.json ({dims.describe()}): "
+                    f"{' '.join(str(e).split())[:200]}; fix config.json or the checkpoint"
+                ) from None
+            lw.check(dims, l, names)
+    return Canonical(dims=dims, embeddings=embeddings, layer_fn=checked_layer_fn(layer, dims.n_layers),
+                     parameters=parameters,
+                     conventions=dict(conventions or {}))
 
 
 def checked_layer_fn(fn, n_layers: int):

@@ -11,12 +11,10 @@ from dataclasses import dataclass
 
 from ..canonical import Canonical, Dims, Embeddings, LayerWeights
 from .base import (
-    HEAD_BIAS, LOGIT_BIAS, NORM, POSITION_IDS, Names, Rule, TensorSource, account, cfg,
-    checked_layer_fn, split_heads_in, split_heads_out,
+    HEAD_BIAS, LOGIT_BIAS, NORM, POSITION_IDS, Names, Reader, Rule, TensorSource, cfg, finish,
+    head_dim, linear_in, linear_out, unembedding,
 )
 
-FAMILY = "bert"
-MODEL_TYPES = ("bert",)
 
 LN = r"LayerNorm\.(weight|bias|gamma|beta)"
 POOLER = "pooler: a map applied to the [CLS] output only, outside the residual stream"
@@ -63,27 +61,6 @@ RULES = [
 ]
 
 
-def linear_in(w, n_heads, d_head):
-    """nn.Linear weight [n_heads * d_head, d_model] -> [n_heads, d_model, d_head]."""
-    return split_heads_in(w.T, n_heads, d_head)
-
-
-def linear_out(w, n_heads, d_head):
-    """nn.Linear weight [d_model, n_heads * d_head] -> [n_heads, d_head, d_model]."""
-    return split_heads_out(w.T, n_heads, d_head)
-
-
-def encoder_dims(config, family, W_E, tied, n_ctx):
-    d_model = cfg(config, "hidden_size")
-    n_heads = cfg(config, "num_attention_heads")
-    return Dims(
-        architecture=family, n_layers=cfg(config, "num_hidden_layers"), n_heads=n_heads,
-        n_kv_heads=n_heads, d_model=d_model, d_head=d_model // n_heads,
-        d_ff=cfg(config, "intermediate_size"), d_vocab=W_E.shape[0], n_ctx=n_ctx,
-        tied=tied, gated=False, norm_position="post",
-    )
-
-
 @dataclass(frozen=True)
 class EncoderKeys:
     """Where a post-LN encoder keeps its tensors (suffixes after the checkpoint's prefix).
@@ -109,51 +86,53 @@ BERT_KEYS = EncoderKeys(
 )
 
 
-def adapt(source: TensorSource, config, dtype) -> Canonical:
-    return adapt_encoder(source, config, dtype, FAMILY, RULES, BERT_KEYS)
+def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
+    return adapt_encoder(source, config, dtype, family, RULES, BERT_KEYS)
 
 
 def adapt_encoder(source: TensorSource, config, dtype, family: str, rules, keys: EncoderKeys) -> Canonical:
     """Canonical weights of a BERT-like post-LN encoder (BERT, MPNet)."""
-    names = Names(source.keys(), ["embeddings.word_embeddings.weight"], family)
-    get = lambda suffix: source.get(names.need(suffix)).to(dtype).contiguous()
+    r = Reader(source, Names(source.keys(), ["embeddings.word_embeddings.weight"], family), dtype)
+    d_model = cfg(config, "hidden_size")
+    n_heads = cfg(config, "num_attention_heads")
+    d_head = head_dim(config, d_model, n_heads)
 
-    W_E = get("embeddings.word_embeddings.weight")
-    decoder = names.head(keys.decoder)
-    tied = decoder is None or bool(getattr(config, "tie_word_embeddings", True))
-    W_U = W_E.T if tied else source.get(decoder).to(dtype).T.contiguous()
-    bias = next((b for b in map(names.head, keys.logit_bias) if b), None)
-    W_pos = get("embeddings.position_embeddings.weight")
-    dims = encoder_dims(config, family, W_E, tied, W_pos.shape[0])
-    emb = Embeddings(
-        W_E=W_E, W_U=W_U, W_pos=W_pos,
-        b_U=source.get(bias).to(dtype) if bias else None,
-        ln_embed_w=get("embeddings.LayerNorm.weight"), ln_embed_b=get("embeddings.LayerNorm.bias"),
+    W_E = r.need("embeddings.word_embeddings.weight")
+    W_U, tied = unembedding(r, W_E, keys.decoder, config, tied_default=True)
+    bias = next((b for b in map(r.head, keys.logit_bias) if b is not None), None)
+    W_pos = r.need("embeddings.position_embeddings.weight")
+    dims = Dims(
+        architecture=family, n_layers=cfg(config, "num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=n_heads, d_model=d_model, d_head=d_head, d_ff=cfg(config, "intermediate_size"),
+        d_vocab=W_E.shape[0], n_ctx=W_pos.shape[0], tied=tied, gated=False, norm_position="post",
     )
-    n_heads, d_head, act = dims.n_heads, dims.d_head, cfg(config, "hidden_act", default="gelu")
+    emb = Embeddings(
+        W_E=W_E, W_U=W_U, W_pos=W_pos, b_U=bias,
+        ln_embed_w=r.need("embeddings.LayerNorm.weight"), ln_embed_b=r.need("embeddings.LayerNorm.bias"),
+    )
+    act = cfg(config, "hidden_act", default="gelu")
 
     def layer(l: int) -> LayerWeights:
         p = f"encoder.layer.{l}."
         a = p + keys.attn
         o = p + keys.o
         return LayerWeights(
-            W_Q=linear_in(get(a + keys.q + ".weight"), n_heads, d_head),
-            W_K=linear_in(get(a + keys.k + ".weight"), n_heads, d_head),
-            W_V=linear_in(get(a + keys.v + ".weight"), n_heads, d_head),
-            b_Q=get(a + keys.q + ".bias").reshape(n_heads, d_head),
-            b_K=get(a + keys.k + ".bias").reshape(n_heads, d_head),
-            b_V=get(a + keys.v + ".bias").reshape(n_heads, d_head),
-            W_O=linear_out(get(o + ".weight"), n_heads, d_head),
-            b_O=get(o + ".bias"),
-            ln_attn_w=get(p + keys.ln_attn + ".weight"),
-            ln_attn_b=get(p + keys.ln_attn + ".bias"),
-            W_in=get(p + "intermediate.dense.weight").T.contiguous(),
-            b_in=get(p + "intermediate.dense.bias"),
-            W_out=get(p + "output.dense.weight").T.contiguous(),
-            b_out=get(p + "output.dense.bias"),
-            ln_mlp_w=get(p + "output.LayerNorm.weight"), ln_mlp_b=get(p + "output.LayerNorm.bias"),
+            W_Q=linear_in(r.need(a + keys.q + ".weight"), n_heads, d_head),
+            W_K=linear_in(r.need(a + keys.k + ".weight"), n_heads, d_head),
+            W_V=linear_in(r.need(a + keys.v + ".weight"), n_heads, d_head),
+            b_Q=r.need(a + keys.q + ".bias").reshape(n_heads, d_head),
+            b_K=r.need(a + keys.k + ".bias").reshape(n_heads, d_head),
+            b_V=r.need(a + keys.v + ".bias").reshape(n_heads, d_head),
+            W_O=linear_out(r.need(o + ".weight"), n_heads, d_head),
+            b_O=r.need(o + ".bias"),
+            ln_attn_w=r.need(p + keys.ln_attn + ".weight"),
+            ln_attn_b=r.need(p + keys.ln_attn + ".bias"),
+            W_in=r.need(p + "intermediate.dense.weight").T.contiguous(),
+            b_in=r.need(p + "intermediate.dense.bias"),
+            W_out=r.need(p + "output.dense.weight").T.contiguous(),
+            b_out=r.need(p + "output.dense.bias"),
+            ln_mlp_w=r.need(p + "output.LayerNorm.weight"), ln_mlp_b=r.need(p + "output.LayerNorm.bias"),
             act=act,
         )
 
-    return Canonical(dims=dims, embeddings=emb, layer_fn=checked_layer_fn(layer, dims.n_layers),
-                     parameters=account(source, names, rules, family))
+    return finish(r, dims, emb, layer, rules)

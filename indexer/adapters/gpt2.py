@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from ..canonical import Canonical, Dims, Embeddings, LayerWeights
 from .base import (
-    HEAD_BIAS, MASK, NORM, Names, Rule, TensorSource, account, cfg, checked_layer_fn,
-    split_heads_in, split_heads_out,
+    HEAD_BIAS, MASK, NORM, Names, Reader, Rule, TensorSource, cfg, finish, head_dim,
+    split_heads_in, split_heads_out, unembedding,
 )
 
-FAMILY = "gpt2"
-MODEL_TYPES = ("gpt2",)
 
 L = r"h\.(?P<layer>\d+)\."
 RULES = [
@@ -36,44 +34,40 @@ RULES = [
 ]
 
 
-def adapt(source: TensorSource, config, dtype) -> Canonical:
-    names = Names(source.keys(), ["wte.weight"], FAMILY)
+def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
+    r = Reader(source, Names(source.keys(), ["wte.weight"], family), dtype)
     d_model = cfg(config, "n_embd", "hidden_size")
     n_heads = cfg(config, "n_head", "num_attention_heads")
-    d_head = d_model // n_heads
+    d_head = head_dim(config, d_model, n_heads)
     d_ff = cfg(config, "n_inner") or 4 * d_model
-    get = lambda suffix: source.get(names.need(suffix)).to(dtype).contiguous()
 
-    W_E = get("wte.weight")
-    lm_head = names.head("lm_head.weight")
-    tied = lm_head is None or bool(getattr(config, "tie_word_embeddings", True))
-    W_U = W_E.T if tied else source.get(lm_head).to(dtype).T.contiguous()
+    W_E = r.need("wte.weight")
+    W_U, tied = unembedding(r, W_E, "lm_head.weight", config, tied_default=True)
     dims = Dims(
-        architecture=FAMILY, n_layers=cfg(config, "n_layer", "num_hidden_layers"),
+        architecture=family, n_layers=cfg(config, "n_layer", "num_hidden_layers"),
         n_heads=n_heads, n_kv_heads=n_heads, d_model=d_model, d_head=d_head, d_ff=d_ff,
         d_vocab=W_E.shape[0], n_ctx=cfg(config, "n_positions", "max_position_embeddings"),
         tied=tied, gated=False, norm_position="pre",
     )
-    emb = Embeddings(W_E=W_E, W_U=W_U, W_pos=get("wpe.weight"),
-                     ln_final_w=get("ln_f.weight"), ln_final_b=get("ln_f.bias"))
+    emb = Embeddings(W_E=W_E, W_U=W_U, W_pos=r.need("wpe.weight"),
+                     ln_final_w=r.need("ln_f.weight"), ln_final_b=r.need("ln_f.bias"))
     act = cfg(config, "activation_function", default="gelu_new")
 
     def layer(l: int) -> LayerWeights:
         p = f"h.{l}."
-        w_qkv = get(p + "attn.c_attn.weight")  # Conv1D: [d_model, 3 d_model], already x @ W
-        b_qkv = get(p + "attn.c_attn.bias")
-        W_Q, W_K, W_V = (split_heads_in(w, n_heads, d_head) for w in w_qkv.split(d_model, dim=1))
-        b_Q, b_K, b_V = (b.reshape(n_heads, d_head) for b in b_qkv.split(d_model))
+        w_qkv = r.need(p + "attn.c_attn.weight")  # Conv1D: [d_model, 3 d_model], already x @ W
+        b_qkv = r.need(p + "attn.c_attn.bias")
+        W_Q, W_K, W_V = (split_heads_in(w, n_heads, d_head) for w in w_qkv.split(n_heads * d_head, dim=1))
+        b_Q, b_K, b_V = (b.reshape(n_heads, d_head) for b in b_qkv.split(n_heads * d_head))
         return LayerWeights(
             W_Q=W_Q, W_K=W_K, W_V=W_V, b_Q=b_Q, b_K=b_K, b_V=b_V,
-            W_O=split_heads_out(get(p + "attn.c_proj.weight"), n_heads, d_head),
-            b_O=get(p + "attn.c_proj.bias"),
-            W_in=get(p + "mlp.c_fc.weight"), b_in=get(p + "mlp.c_fc.bias"),
-            W_out=get(p + "mlp.c_proj.weight"), b_out=get(p + "mlp.c_proj.bias"),
-            ln_attn_w=get(p + "ln_1.weight"), ln_attn_b=get(p + "ln_1.bias"),
-            ln_mlp_w=get(p + "ln_2.weight"), ln_mlp_b=get(p + "ln_2.bias"),
+            W_O=split_heads_out(r.need(p + "attn.c_proj.weight"), n_heads, d_head),
+            b_O=r.need(p + "attn.c_proj.bias"),
+            W_in=r.need(p + "mlp.c_fc.weight"), b_in=r.need(p + "mlp.c_fc.bias"),
+            W_out=r.need(p + "mlp.c_proj.weight"), b_out=r.need(p + "mlp.c_proj.bias"),
+            ln_attn_w=r.need(p + "ln_1.weight"), ln_attn_b=r.need(p + "ln_1.bias"),
+            ln_mlp_w=r.need(p + "ln_2.weight"), ln_mlp_b=r.need(p + "ln_2.bias"),
             act=act,
         )
 
-    return Canonical(dims=dims, embeddings=emb, layer_fn=checked_layer_fn(layer, dims.n_layers),
-                     parameters=account(source, names, RULES, FAMILY))
+    return finish(r, dims, emb, layer, RULES)

@@ -11,8 +11,6 @@ from ..canonical import Canonical
 from .base import HEAD_BIAS, LOGIT_BIAS, NORM, POSITION_IDS, Rule, TensorSource
 from .bert import MLM_TRANSFORM, POOLER, EncoderKeys, adapt_encoder, mlp_rules
 
-FAMILY = "mpnet"
-MODEL_TYPES = ("mpnet",)
 
 LN = r"LayerNorm\.(weight|bias)"
 L = r"encoder\.layer\.(?P<layer>\d+)\."
@@ -46,5 +44,5 @@ MPNET_KEYS = EncoderKeys(
 )
 
 
-def adapt(source: TensorSource, config, dtype) -> Canonical:
-    return adapt_encoder(source, config, dtype, FAMILY, RULES, MPNET_KEYS)
+def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
+    return adapt_encoder(source, config, dtype, family, RULES, MPNET_KEYS)

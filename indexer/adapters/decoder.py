@@ -1,0 +1,379 @@
+"""Decoder-only transformers read through nn.Linear: one adapter, one ``Layout`` row per family.
+
+``nn.Linear`` stores (out, in); every weight is transposed to the row-vector form
+(``linear_in`` / ``linear_out``). ``q_proj`` [n_heads * d_head, d_model] splits into n_heads
+query heads, ``k_proj`` / ``v_proj`` [n_kv_heads * d_head, d_model] into n_kv_heads heads; query
+head h reads kv head ``h // (n_heads // n_kv_heads)`` (``Dims.kv_head``), HF's ``repeat_kv``.
+Gated MLP: ``down(act(gate x) * up x)``, so W_gate = gate.T, W_in = up.T, W_out = down.T.
+Q/K are canonicalised *before* rotary, which depends on position only.
+
+A layout says where the norms sit: before a sublayer (``ln_attn`` / ``ln_mlp``), after it on
+what it writes (``ln_attn_out`` / ``ln_mlp_out``: Gemma 2/3, OLMo-2), on the query / key states
+(``q_norm`` / ``k_norm``); whether gains are stored as ``w`` or as ``w - 1`` (Gemma: the module
+multiplies by ``1 + w``; canonical gains are always the multiplier); whether Q/K/V or gate/up
+are fused and how (``[Q | K | V]``; per head ``[n_heads, 3, d_head]`` as BLOOM; per kv group
+``[n_kv, group + 2, d_head]`` as Falcon's new architecture); where the layers, embeddings and
+learned positions live. A layout's ``configure(config)`` adjusts fields a config decides
+(Falcon's three attention layouts, OPT's post-LN 350m). The coverage rules are generated from
+the same names, so a family that reuses a layout is one row in ``adapters/__init__.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..canonical import Canonical, Dims, Embeddings, LayerWeights
+from .base import (
+    HEAD_BIAS, LOGIT_BIAS, MASK, NORM, ROTARY, Names, Reader, Rule, TensorSource, cfg, finish,
+    head_dim, linear_in, linear_out, unembedding,
+)
+
+QK_NORM = ("a gain on the query/key states inside the head (after the projection), folded into "
+           "W_Q/W_K columns in the `folded` variant")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Tensor names of one family (layer tensors are suffixes after ``{layers}.N.``)."""
+
+    embed: str = "embed_tokens"
+    pos: Optional[str] = None  # learned absolute positions, kept as stored (OPT: row p + 2)
+    ln_embed: Optional[str] = None  # a norm on the embeddings before layer 0 (BLOOM)
+    final: Optional[str] = "norm"  # the norm before the unembedding
+    lm_head: str = "lm_head"
+    layers: str = "layers"
+    attn: str = "self_attn."
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    fused_qkv: Optional[str] = None  # one projection holding Q, K and V ...
+    fused_order: str = "qkv"  # ... as [Q | K | V], "per_head" [h, 3, e] or "grouped" [kv, g + 2, e]
+    mlp_prefix: str = "mlp."
+    mlp: tuple = ("gate_proj", "up_proj", "down_proj")  # (gate or None, in, out)
+    fused_gate_up: Optional[str] = None  # Phi-3: gate_up_proj = [gate | up]
+    ln_attn: Optional[str] = "input_layernorm"  # norm before attention (None: none)
+    ln_mlp: Optional[str] = "post_attention_layernorm"  # norm before the MLP
+    ln_attn_out: Optional[str] = None  # norm on the attention output, before the residual add
+    ln_mlp_out: Optional[str] = None  # norm on the MLP output
+    qk_norm: Optional[str] = None  # "head" (over d_head) or "full" (over all heads)
+    gain_offset: float = 0.0  # Gemma stores w and multiplies by (1 + w)
+    parallel: bool = False  # attention and MLP read the same x (through ln_attn when ln_mlp is None)
+    norm_position: str = "pre"
+    n_kv_heads: Optional[int] = None  # set by configure when no config key says it
+    act: Optional[str] = None  # when the config names no activation (BLOOM's tanh GELU)
+    tied_default: bool = False  # when config.json does not say
+    embedding_multiplier: bool = False  # Gemma scales W_E by sqrt(d_model) at run time
+    recorded: tuple = ()  # config fields that change the computation but are not parameters
+    extra_rules: tuple = ()  # coverage of tensors outside the names above (buffers, ...)
+    configure: Optional[Callable] = None  # config -> {field: value} for config-dependent layouts
+    refused: tuple = ()  # (config flag, why): options of the family this adapter does not read
+    centred_norms: bool = False  # Cohere: LayerNorms without a bias (Dims.centred_norms)
+    # OPT-350m embeds in a narrower space: project_in maps it to d_model, project_out back.
+    project_in: Optional[str] = None
+    project_out: Optional[str] = None
+    text_config: bool = False  # a multimodal checkpoint: sizes in config.text_config, text tower read
+
+
+_QK_LAYERNORM = ("qk_layernorm", "its per-head LayerNorm on q/k is not read yet (only RMS q/k norms are)")
+
+
+def _falcon(c) -> dict:
+    new = bool(getattr(c, "new_decoder_architecture", False))
+    n_ln = getattr(c, "num_ln_in_parallel_attn", None) or (2 if new else 1)
+    out = dict(fused_order="grouped" if new else "qkv" if c.multi_query else "per_head",
+               parallel=bool(c.parallel_attn) or new)
+    if not new:
+        out["n_kv_heads"] = 1 if c.multi_query else c.num_attention_heads
+    else:
+        out["n_kv_heads"] = c.num_kv_heads
+    if new and n_ln == 2:
+        out.update(ln_attn="ln_attn", ln_mlp="ln_mlp")  # two norms, both reading the block's x
+    elif not out["parallel"]:
+        out.update(ln_mlp="post_attention_layernorm")
+    return out
+
+
+def _opt(c) -> dict:
+    if getattr(c, "do_layer_norm_before", True):
+        return {}
+    # OPT-350m: each norm comes after its residual add, like BERT; no final norm.
+    return dict(norm_position="post", final=None)
+
+
+_GPT_BUFFERS = (Rule(r"h\.(?P<layer>\d+)\.attn\.(bias|masked_bias)", "mask", None, MASK),)
+_BLOOM_FALCON = dict(embed="word_embeddings", final="ln_f", layers="h", attn="self_attention.",
+                     fused_qkv="query_key_value", o="dense", mlp=(None, "dense_h_to_4h", "dense_4h_to_h"))
+
+LAYOUTS = {
+    "llama": Layout(),
+    "qwen3": Layout(qk_norm="head"),
+    "gemma": Layout(gain_offset=1.0, tied_default=True, embedding_multiplier=True),
+    "gemma2": Layout(
+        ln_mlp="pre_feedforward_layernorm", ln_attn_out="post_attention_layernorm",
+        ln_mlp_out="post_feedforward_layernorm", gain_offset=1.0, tied_default=True,
+        embedding_multiplier=True,
+        recorded=("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"),
+    ),
+    "gemma3_text": Layout(
+        ln_mlp="pre_feedforward_layernorm", ln_attn_out="post_attention_layernorm",
+        ln_mlp_out="post_feedforward_layernorm", qk_norm="head", gain_offset=1.0,
+        tied_default=True, embedding_multiplier=True,
+        recorded=("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"),
+    ),
+    "gemma3": Layout(
+        ln_mlp="pre_feedforward_layernorm", ln_attn_out="post_attention_layernorm",
+        ln_mlp_out="post_feedforward_layernorm", qk_norm="head", gain_offset=1.0,
+        tied_default=True, embedding_multiplier=True, text_config=True,
+        recorded=("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"),
+        extra_rules=(Rule(r"(model\.)?(vision_tower|multi_modal_projector)\..*", "vision", None,
+                          "the image encoder and its projector: not part of the text model's "
+                          "residual stream or vocabulary; not projected"),),
+    ),
+    "olmo2": Layout(ln_attn=None, ln_mlp=None, ln_attn_out="post_attention_layernorm",
+                    ln_mlp_out="post_feedforward_layernorm", qk_norm="full"),
+    "phi3": Layout(fused_qkv="qkv_proj", fused_gate_up="gate_up_proj", mlp=(None, None, "down_proj")),
+    "phi": Layout(o="dense", mlp=(None, "fc1", "fc2"), ln_mlp=None, parallel=True,
+                  final="final_layernorm", refused=(_QK_LAYERNORM,)),
+    "stablelm": Layout(configure=lambda c: dict(parallel=True, ln_mlp=None)
+                       if getattr(c, "use_parallel_residual", False) else {}, refused=(_QK_LAYERNORM,)),
+    "starcoder2": Layout(mlp=(None, "c_fc", "c_proj"), tied_default=True),
+    "neox": Layout(embed="embed_in", lm_head="embed_out", final="final_layer_norm", attn="attention.",
+                   fused_qkv="query_key_value", fused_order="per_head", o="dense",
+                   mlp=(None, "dense_h_to_4h", "dense_4h_to_h"),
+                   extra_rules=(Rule(r"layers\.(?P<layer>\d+)\.attention\.(bias|masked_bias)", "mask", None, MASK),),
+                   configure=lambda c: dict(parallel=bool(getattr(c, "use_parallel_residual", True)))),
+    "gptj": Layout(embed="wte", final="ln_f", layers="h", attn="attn.", o="out_proj",
+                   mlp=(None, "fc_in", "fc_out"), ln_attn="ln_1", ln_mlp=None, parallel=True,
+                   extra_rules=_GPT_BUFFERS),
+    "gpt_bigcode": Layout(embed="wte", pos="wpe", final="ln_f", layers="h", attn="attn.",
+                          fused_qkv="c_attn", o="c_proj", mlp=(None, "c_fc", "c_proj"),
+                          ln_attn="ln_1", ln_mlp="ln_2", tied_default=True, extra_rules=_GPT_BUFFERS,
+                          configure=lambda c: dict(n_kv_heads=1) if c.multi_query
+                          else dict(n_kv_heads=c.num_attention_heads, fused_order="per_head")),
+    "opt": Layout(pos="embed_positions", final="final_layer_norm", o="out_proj", mlp_prefix="",
+                  mlp=(None, "fc1", "fc2"), ln_attn="self_attn_layer_norm", ln_mlp="final_layer_norm",
+                  tied_default=True, project_in="project_in", project_out="project_out", configure=_opt),
+    "bloom": Layout(**_BLOOM_FALCON, ln_embed="word_embeddings_layernorm", fused_order="per_head",
+                    act="gelu_pytorch_tanh", tied_default=True),
+    "falcon": Layout(**_BLOOM_FALCON, ln_mlp=None, tied_default=True, configure=_falcon),
+    "cohere": Layout(ln_mlp=None, parallel=True, tied_default=True, centred_norms=True, recorded=("logit_scale",),
+                     refused=(("use_qk_norm", "its mean-centred per-head q/k LayerNorm is not read yet"),)),
+}
+
+
+def rules(layout: Layout) -> list[Rule]:
+    """Coverage rules for a layout, generated from the same names ``adapt`` reads."""
+    esc = lambda s: s.replace(".", r"\.")  # noqa: E731
+    L = esc(layout.layers) + r"\.(?P<layer>\d+)\."
+    a, m = L + esc(layout.attn), L + esc(layout.mlp_prefix)
+    gate, up, down = layout.mlp
+    norms = [n for n in (layout.ln_attn, layout.ln_mlp, layout.ln_attn_out, layout.ln_mlp_out,
+                         "ln_attn", "ln_mlp", "post_attention_layernorm") if n]
+    out = [
+        Rule(esc(layout.embed) + r"\.weight", "W_E", "embedding"),
+        Rule(esc(layout.lm_head) + r"\.weight", "W_U", "embedding"),
+        Rule(esc(layout.lm_head) + r"\.bias", "b_U", None, LOGIT_BIAS),
+        Rule(L + "(" + "|".join(norms) + r")\.(weight|bias)", "ln", None, NORM),
+        Rule(a + layout.o + r"\.weight", "W_O", "vectors:o", "also feeds pairs:ov"),
+        Rule(a + layout.o + r"\.bias", "b_O", "vectors:bias_attn_out"),
+        Rule(a + r"rotary_emb\.inv_freq", "rotary", None, ROTARY),
+        Rule(r"rotary_emb\.inv_freq", "rotary", None, ROTARY),
+        Rule(m + down + r"\.weight", "W_out", "vectors:ff_value"),
+        Rule(m + down + r"\.bias", "b_out", "vectors:bias_ff_out"),
+        *layout.extra_rules,
+    ]
+    if layout.final:
+        out.append(Rule(esc(layout.final) + r"\.(weight|bias)", "ln_final", None, NORM))
+    if layout.pos:
+        out.append(Rule(esc(layout.pos) + r"\.weight", "W_pos", "vectors:pos"))
+    for name, end in ((layout.project_in, "W_E"), (layout.project_out, "W_U")):
+        if name:
+            out.append(Rule(esc(name) + r"\.weight", name, "embedding",
+                            f"maps between the embedding width and d_model; multiplied into {end}"))
+    if layout.ln_embed:
+        out.append(Rule(esc(layout.ln_embed) + r"\.(weight|bias)", "ln_embed", None, NORM))
+    if layout.fused_qkv:
+        out += [Rule(a + layout.fused_qkv + r"\.weight", "W_QKV", "vectors:q",
+                     f"fused Q, K, V ({layout.fused_order} layout, see docs/ADAPTERS.md): split into "
+                     f"vectors:q / vectors:k / vectors:v; Q and K also feed pairs:qk, V pairs:ov"),
+                Rule(a + layout.fused_qkv + r"\.bias", "b_QKV", None, HEAD_BIAS)]
+    else:
+        out += [
+            Rule(a + layout.q + r"\.weight", "W_Q", "vectors:q", "also feeds pairs:qk"),
+            Rule(a + layout.k + r"\.weight", "W_K", "vectors:k",
+                 "one per kv head (GQA: shared by n_heads / n_kv_heads query heads); also feeds pairs:qk"),
+            Rule(a + layout.v + r"\.weight", "W_V", "vectors:v", "one per kv head (GQA); also feeds pairs:ov"),
+            Rule(a + f"({layout.q}|{layout.k}|{layout.v})" + r"\.bias", "b_QKV", None, HEAD_BIAS),
+        ]
+    if layout.qk_norm:
+        out.append(Rule(a + r"[qk]_norm\.weight", "qk_norm", None, QK_NORM))
+    if layout.fused_gate_up:
+        out += [Rule(m + layout.fused_gate_up + r"\.weight", "W_gate_in", "vectors:ff_gate",
+                     "fused [gate | up] along the output: split into vectors:ff_gate / vectors:ff_key"),
+                Rule(m + layout.fused_gate_up + r"\.bias", "b_in", None, HEAD_BIAS)]
+    else:
+        if gate:
+            out.append(Rule(m + gate + r"\.weight", "W_gate", "vectors:ff_gate"))
+        out += [Rule(m + up + r"\.weight", "W_in", "vectors:ff_key"),
+                Rule(m + "(" + "|".join(n for n in (gate, up) if n) + r")\.bias", "b_in", None, HEAD_BIAS)]
+    return out
+
+
+def split_fused_qkv(w, order: str, n_heads: int, n_kv: int, d_head: int):
+    """The rows (nn.Linear output dim) of a fused Q/K/V weight or bias -> (q, k, v) rows, each
+    [heads * d_head, ...] in head order, ready for ``linear_in`` or a bias reshape."""
+    rest = w.shape[1:]
+    if order == "qkv":
+        return w.split((n_heads * d_head, n_kv * d_head, n_kv * d_head), dim=0)
+    if order == "per_head":  # [n_heads, 3, d_head]: NeoX, BLOOM, Falcon-rw, StarCoder (MHA)
+        x = w.reshape(n_heads, 3, d_head, *rest)
+        return tuple(x[:, i].reshape(n_heads * d_head, *rest) for i in range(3))
+    # "grouped": [n_kv, group + 2, d_head]: each kv group's query heads, then its key and value
+    g = n_heads // n_kv
+    x = w.reshape(n_kv, g + 2, d_head, *rest)
+    return (x[:, :g].reshape(n_heads * d_head, *rest), x[:, g].reshape(n_kv * d_head, *rest),
+            x[:, g + 1].reshape(n_kv * d_head, *rest))
+
+
+def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
+    from ..errors import BadCheckpoint, UnsupportedArchitecture
+
+    layout = LAYOUTS[family]
+    if layout.text_config:
+        config = config.get_text_config()
+    for flag, why in layout.refused:
+        if getattr(config, flag, False):
+            raise UnsupportedArchitecture(f"{family} with {flag} = true is not supported: {why}")
+    if layout.configure is not None:
+        layout = dataclasses.replace(layout, **layout.configure(config))
+    r = Reader(source, Names(source.keys(), [layout.embed + ".weight"], family), dtype)
+
+    d_model = cfg(config, "hidden_size", "n_embd")
+    n_heads = cfg(config, "num_attention_heads", "n_head")
+    n_kv = layout.n_kv_heads or cfg(config, "num_key_value_heads", default=n_heads)
+    d_head = head_dim(config, d_model, n_heads)
+    d_ff = cfg(config, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size") or (
+        4 * d_model if isinstance(d_model, int) else d_model)
+
+    W_E = r.need(layout.embed + ".weight")
+    W_U, tied = unembedding(r, W_E, layout.lm_head + ".weight", config, layout.tied_default)
+    P_in = r.opt(layout.project_in + ".weight") if layout.project_in else None
+    P_out = r.opt(layout.project_out + ".weight") if layout.project_out else None
+    if P_in is not None or P_out is not None:
+        # The residual stream is d_model wide: a token enters as project_in(W_E[t]) and leaves
+        # through lm_head(project_out(x)); those products are the projection bases.
+        try:
+            W_E = W_E @ P_in.T if P_in is not None else W_E
+            W_U = P_out.T @ W_U if P_out is not None else W_U
+        except RuntimeError:
+            raise BadCheckpoint(f"{layout.project_in} / {layout.project_out} do not fit the embeddings "
+                                f"(shapes {tuple(W_E.shape)}, {None if P_in is None else tuple(P_in.shape)}, "
+                                f"{None if P_out is None else tuple(P_out.shape)}); the checkpoint is "
+                                f"inconsistent") from None
+        tied = False
+    W_pos = r.need(layout.pos + ".weight") if layout.pos else None
+    gain = lambda t: None if t is None else t + layout.gain_offset  # noqa: E731
+
+    def norm(name):
+        if name is None:
+            return None, None
+        return gain(r.need(name + ".weight")), r.opt(name + ".bias")
+
+    final_w, final_b = norm(layout.final)
+    embed_w, embed_b = norm(layout.ln_embed)
+    dims = Dims(
+        architecture=family, n_layers=cfg(config, "num_hidden_layers", "n_layer"), n_heads=n_heads,
+        n_kv_heads=n_kv, d_model=d_model, d_head=d_head, d_ff=d_ff, d_vocab=W_E.shape[0],
+        n_ctx=None if W_pos is None else W_pos.shape[0], tied=tied,
+        gated=bool(layout.mlp[0] or layout.fused_gate_up), norm_position=layout.norm_position,
+        parallel_attn_mlp=layout.parallel, qk_norm=layout.qk_norm, centred_norms=layout.centred_norms,
+    )
+    emb = Embeddings(W_E=W_E, W_U=W_U, W_pos=W_pos, b_U=r.head(layout.lm_head + ".bias"),
+                     ln_final_w=final_w, ln_final_b=final_b, ln_embed_w=embed_w, ln_embed_b=embed_b)
+    act = layout.act or cfg(config, "hidden_activation", "hidden_act", "activation_function",
+                            "activation", default="silu")
+    conventions = {k: getattr(config, k) for k in layout.recorded if getattr(config, k, None) is not None}
+    if layout.embedding_multiplier:
+        conventions["embedding_multiplier"] = math.sqrt(d_model)
+
+    def layer(l: int) -> LayerWeights:
+        p = f"{layout.layers}.{l}."
+        a, m = p + layout.attn, p + layout.mlp_prefix
+        heads = lambda b, n: None if b is None else b.reshape(n, d_head)  # noqa: E731
+        if layout.fused_qkv:
+            split = lambda t: split_fused_qkv(t, layout.fused_order, n_heads, n_kv, d_head)  # noqa: E731
+            w_q, w_k, w_v = split(r.need(a + layout.fused_qkv + ".weight"))
+            b = r.opt(a + layout.fused_qkv + ".bias")
+            b_q, b_k, b_v = (None, None, None) if b is None else split(b)
+        else:
+            w_q, w_k, w_v = (r.need(a + x + ".weight") for x in (layout.q, layout.k, layout.v))
+            b_q, b_k, b_v = (r.opt(a + x + ".bias") for x in (layout.q, layout.k, layout.v))
+        gate, up, down = layout.mlp
+        w_gate = b_gate = None
+        if layout.fused_gate_up:
+            w_gate, w_in = r.need(m + layout.fused_gate_up + ".weight").chunk(2, dim=0)
+            b = r.opt(m + layout.fused_gate_up + ".bias")
+            b_gate, b_in = (None, None) if b is None else b.chunk(2)
+        else:
+            if gate:
+                w_gate, b_gate = r.need(m + gate + ".weight"), r.opt(m + gate + ".bias")
+            w_in, b_in = r.need(m + up + ".weight"), r.opt(m + up + ".bias")
+        ln_attn_w, ln_attn_b = norm(p + layout.ln_attn if layout.ln_attn else None)
+        mlp_norm = layout.ln_mlp or (layout.ln_attn if layout.parallel else None)
+        ln_mlp_w, ln_mlp_b = norm(p + mlp_norm if mlp_norm else None)
+        ln_attn_out_w, ln_attn_out_b = norm(p + layout.ln_attn_out if layout.ln_attn_out else None)
+        ln_mlp_out_w, ln_mlp_out_b = norm(p + layout.ln_mlp_out if layout.ln_mlp_out else None)
+        q_norm = k_norm = None
+        if layout.qk_norm == "head":  # one [d_head] gain shared by every head
+            q_norm = gain(r.need(a + "q_norm.weight")).expand(n_heads, d_head).contiguous()
+            k_norm = gain(r.need(a + "k_norm.weight")).expand(n_kv, d_head).contiguous()
+        elif layout.qk_norm == "full":  # one gain per column of q_proj / k_proj
+            q_norm = heads(gain(r.need(a + "q_norm.weight")), n_heads)
+            k_norm = heads(gain(r.need(a + "k_norm.weight")), n_kv)
+        return LayerWeights(
+            W_Q=linear_in(w_q, n_heads, d_head), W_K=linear_in(w_k, n_kv, d_head),
+            W_V=linear_in(w_v, n_kv, d_head),
+            b_Q=heads(b_q, n_heads), b_K=heads(b_k, n_kv), b_V=heads(b_v, n_kv),
+            W_O=linear_out(r.need(a + layout.o + ".weight"), n_heads, d_head),
+            b_O=r.opt(a + layout.o + ".bias"),
+            W_gate=None if w_gate is None else w_gate.T.contiguous(), b_gate=b_gate,
+            W_in=w_in.T.contiguous(), b_in=b_in,
+            W_out=r.need(m + down + ".weight").T.contiguous(), b_out=r.opt(m + down + ".bias"),
+            ln_attn_w=ln_attn_w, ln_attn_b=ln_attn_b, ln_mlp_w=ln_mlp_w, ln_mlp_b=ln_mlp_b,
+            ln_attn_out_w=ln_attn_out_w, ln_attn_out_b=ln_attn_out_b,
+            ln_mlp_out_w=ln_mlp_out_w, ln_mlp_out_b=ln_mlp_out_b,
+            q_norm_w=q_norm, k_norm_w=k_norm, act=act,
+        )
+
+    return finish(r, dims, emb, layer, rules(layout), conventions)
+
+
+def adapt_assumed(source: TensorSource, config, dtype) -> Optional[Canonical]:
+    """The first layout (in ``LAYOUTS`` order, Llama first) whose rules name every tensor and
+    whose adapter accepts the checkpoint, or None. Run-time scalars of the config (Granite's
+    ``*_multiplier``, ``logits_scaling``) are recorded with the layout, since raw ignores them."""
+    from ..errors import BadCheckpoint, UnsupportedArchitecture
+    from .base import account
+
+    keys = source.keys()
+    for family, layout in LAYOUTS.items():
+        try:
+            names = Names(keys, [layout.embed + ".weight"], family)
+        except BadCheckpoint:
+            continue
+        if any(p.role == "unknown" for p in account(source, names, rules(layout), family)):
+            continue
+        try:
+            canonical = adapt(source, config, dtype, family)
+        except (BadCheckpoint, UnsupportedArchitecture, AttributeError, TypeError):
+            continue  # the names fit but the shapes or the config do not: try the next layout
+        scalars = {k: v for k, v in vars(config).items()
+                   if (k.endswith("_multiplier") or k in ("logits_scaling", "logit_scale"))
+                   and isinstance(v, (int, float))}
+        canonical.conventions.update(scalars, assumed_layout=family,
+                                     model_type=getattr(config, "model_type", None))
+        return canonical
+    return None
