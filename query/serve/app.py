@@ -395,7 +395,7 @@ def _head_page(ex, name, info, u, sections, neighbours):
         for side in ("top", "bottom"):
             rows = [r for r in pairs if r["circuit"] == circuit and r["side"] == side]
             blocks.append({"circuit": circuit, "side": side, "rows": rows,
-                           "bars": plots.bars(_bar_items(rows, lambda r: f"{tok(r['src'])} → {tok(r['dst'])}"), label_w=230)})
+                           "bars": plots.bars(_bar_items(rows, lambda r: f"{tok(r['src'])} → {tok(r['dst'])}"), label_w=300, width=590)})
     metric = DEFAULT_METRIC if DEFAULT_METRIC in ex.head_metrics() else None
     place = None
     if metric:
@@ -563,6 +563,15 @@ def _not_found(request: Request, exc: HTTPException):
         return ex.error_page(msg, exc.status_code)
 
 
+def _server_error(request: Request, exc: Exception):
+    # A bug, not a user error: say so in one line (uvicorn's log has the traceback).
+    msg = f"internal error ({type(exc).__name__}): this is a zeropass bug, please report it with the URL"
+    if request.url.path.startswith("/api"):
+        return JSONResponse({"error": msg}, status_code=500, headers=SECURITY_HEADERS)
+    return HTMLResponse(request.app.state.explorer.env.get_template("error.html").render(
+        message=msg, title="Error 500", models=[]), status_code=500, headers=SECURITY_HEADERS)
+
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -593,6 +602,6 @@ def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, s
     middleware = []
     if host in LOOPBACK:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"]))
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: _not_found, 405: _not_found})
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: _not_found, 405: _not_found, Exception: _server_error})
     app.state.explorer = Explorer(ds, sql_row_cap=sql_row_cap, sql_timeout=sql_timeout)
     return app

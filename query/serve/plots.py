@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 GREY = "#eeeeee"
-LABEL_CHARS = 22
+LABEL_CHARS = 30
 
 
 def _finite(v) -> bool:
@@ -40,7 +40,7 @@ def short(text: str | None, n: int = LABEL_CHARS) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def bars(items: list[dict], *, width: int = 460, label_w: int = 170, row_h: int = 18) -> dict:
+def bars(items: list[dict], *, width: int = 500, label_w: int = 210, row_h: int = 18) -> dict:
     """Horizontal score bars. ``items``: dicts with ``label``, ``score`` and optional ``href``, ``title``.
 
     Bar length is |score| / max |score| of the list; the colour says the sign.
@@ -78,7 +78,8 @@ def heatmap(values: dict, rows: list, cols: list, *, row_label=str, col_label=st
             cells.append({
                 "x": left + j * cell_w, "y": top + i * cell_h, "fill": colour(v, lo, hi, signed),
                 "href": href(r, c) if (href and present) else None,
-                "title": title(r, c, v) if title else f"{row_label(r)} {col_label(c)}: {v}",
+                "title": (title(r, c, v) if title else f"{row_label(r)} {col_label(c)}: {v}") if present
+                else f"{row_label(r)} {col_label(c)}: no value",
                 "marked": bool(marked and (r, c) in marked), "row": r, "col": c,
             })
     return {
