@@ -10,18 +10,16 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from tests.conftest import K, SHARED_TOKENS, _model
+from tests.conftest import SHARED_TOKENS, _model
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 XSS = "<script>alert(1)</script>"
@@ -40,34 +38,11 @@ def _need(module: str):
 for _m in ("starlette", "uvicorn", "jinja2"):
     _need(_m)
 
-from query import Dataset  # noqa: E402
-from query.serve import PortUnavailable, bind, make_server  # noqa: E402
+from query.serve import PortUnavailable, bind, running  # noqa: E402
 from query.serve.app import SQLTimeout, run_sql  # noqa: E402
 
 
 # -- a server on a free loopback port ----------------------------------------------------------
-
-@contextmanager
-def running(db, **kw):
-    """The explorer over ``db`` on 127.0.0.1:<free port>, in a thread; yields its base URL."""
-    ds = Dataset(db)
-    sock = bind("127.0.0.1", 0)
-    server = make_server(ds, sock, **kw)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the explorer did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        ds.close()
-
 
 def get(url: str, headers: dict | None = None, method: str = "GET"):
     """(status, headers, body text) of a real HTTP request."""
@@ -432,3 +407,8 @@ def test_browser_markup_tokens_are_text_everywhere(xss_server, page):
         assert page.locator("img").count() == 0, path
         assert page.get_by_text(XSS).count() + page.get_by_text(XSS_IMG).count() >= 1, path
     assert page.dialogs == []
+
+
+def test_explorer_imports_without_torch():
+    code = "import sys, query.serve.app, query.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True, timeout=60)

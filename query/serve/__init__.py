@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
+import time
+from contextlib import contextmanager
 
 from ..errors import QueryError
 
@@ -66,6 +69,39 @@ def make_server(ds, sock: socket.socket, *, host: str = "127.0.0.1", log_level: 
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
     return uvicorn.Server(config)
+
+
+@contextmanager
+def running(db, *, host: str = "127.0.0.1", port: int = 0, **kw):
+    """The explorer over dataset ``db`` in a background thread (a notebook, a test); yields its base URL.
+
+    >>> with running("zeropass-db") as url:                # doctest: +SKIP
+    ...     urllib.request.urlopen(url + "/api/models").read()
+    """
+    from ..dataset import Dataset
+
+    _need_deps()
+    ds = Dataset(db)
+    sock = bind(host, port)
+    server = make_server(ds, sock, host=host, **kw)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="zeropass-serve")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            sock.close()
+            ds.close()
+            raise PortUnavailable(f"the explorer did not start on {host}:{sock.getsockname()[1]}")
+        time.sleep(0.02)
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        yield f"http://{shown}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        ds.close()
 
 
 def serve(db, *, host: str = "127.0.0.1", port: int = 8765, echo=None) -> None:
