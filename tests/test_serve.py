@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -156,6 +157,24 @@ def test_api_sql_row_cap_csv_and_the_truncation_header(server):
     status, headers, body = get(f"{server}/api/sql?" + urllib.parse.urlencode({"q": "SELECT 1 AS a, 'x,y' AS b", "format": "csv"}))
     assert status == 200 and headers["X-Zeropass-Truncated"] == "false" and "attachment" in headers["Content-Disposition"]
     assert body == 'a,b\n1,"x,y"\n'
+
+
+def test_slow_sql_is_stopped_and_holds_up_no_other_page(synthetic_db):
+    """Each request reads through its own cursor: a long query neither blocks other pages nor outlives its limit."""
+    slow = "/api/sql?" + urllib.parse.urlencode({"q": "SELECT sum(a.range * b.range) FROM range(100000000) a, range(100000) b"})
+    with running(synthetic_db, sql_timeout=3.0) as base:
+        got = {}
+        t = threading.Thread(target=lambda: got.update(slow=(get(base + slow), time.monotonic())))
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(0.5)
+        status, _, body = get(base + "/api/heads?token=paris")
+        fast_done = time.monotonic()
+        t.join(60)
+        (status_slow, _, body_slow), slow_done = got["slow"]
+    assert status == 200 and json.loads(body)[0]["unit"] == "L1.H0"
+    assert fast_done < slow_done and fast_done - t0 < 2.5
+    assert status_slow == 400 and "stopped after 3 s" in json.loads(body_slow)["error"]
 
 
 def test_api_is_documented(server):

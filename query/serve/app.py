@@ -2,15 +2,18 @@
 
 Every read goes through the Dataset's methods (``models``, ``heads``, ``neurons``, ``show``,
 ``similar``, ``sql``, ``rows``), so the explorer adds no second way of querying: user values are
-bound parameters, user SQL passes ``check_read_only`` and runs on the locked connection. Only GET
+bound parameters, user SQL passes ``check_read_only`` and runs on the locked-down connection. Only GET
 routes exist; no request names a file. Templates autoescape, so tokens are always text.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -149,16 +152,36 @@ def _required(request: Request, name: str, what: str) -> str:
 
 
 class Explorer:
-    """The app's state: one Dataset, a lock (a DuckDB connection runs one query at a time) and templates."""
+    """The app's state: one open Dataset, the limits and the templates.
+
+    A DuckDB connection runs one query at a time, so each request reads through its own cursor
+    (:meth:`session`): the same in-memory database, views and locked-down settings (they are
+    global to the database and locked), so a slow SQL query does not hold up other pages, and a
+    time limit interrupts only its own query.
+    """
 
     def __init__(self, ds, *, sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S):
         self.ds = ds
-        self.lock = threading.Lock()
+        self._cursor_lock = threading.Lock()
         self.sql_row_cap = sql_row_cap
         self.sql_timeout = sql_timeout
         self.env = _env()
 
-    # -- reads (all under the lock) ------------------------------------------------------------
+    @contextmanager
+    def session(self):
+        """This Explorer reading through a Dataset of its own cursor (closed at the end)."""
+        with self._cursor_lock:  # the parent connection object is not itself thread-safe
+            con = self.ds.con.cursor()
+        ds = copy.copy(self.ds)
+        ds.con = con
+        ex = copy.copy(self)
+        ex.ds = ds
+        try:
+            yield ex
+        finally:
+            con.close()
+
+    # -- reads -----------------------------------------------------------------------------------
 
     def model(self, name: str) -> dict:
         """The models row of ``name``; UnknownModel for anything else (a comma list included)."""
@@ -193,12 +216,11 @@ class Explorer:
 
 
 def page(fn):
-    """An HTML endpoint: runs under the lock, typed errors become a friendly page with a 4xx status."""
+    """An HTML endpoint on a cursor of its own; typed errors become a friendly page with a 4xx status."""
 
     @wraps(fn)
     def endpoint(request: Request):
-        ex: Explorer = request.app.state.explorer
-        with ex.lock:
+        with request.app.state.explorer.session() as ex:
             t = time.perf_counter()
             try:
                 resp = fn(ex, request)
@@ -215,8 +237,7 @@ def api(fn):
 
     @wraps(fn)
     def endpoint(request: Request):
-        ex: Explorer = request.app.state.explorer
-        with ex.lock:
+        with request.app.state.explorer.session() as ex:
             try:
                 out = fn(ex, request)
             except QueryError as e:
@@ -376,15 +397,22 @@ def unit_page(ex: Explorer, request: Request):
 
 
 def _neighbours(ex: Explorer, name: str, unit: str) -> list[dict]:
-    """``similar`` in the same model and in every other one (an error there is shown, not raised)."""
-    out = []
-    for other in [name] + [m for m in ex.ds.model_names() if m != name]:
-        try:
-            rows = ex.ds.similar(name, unit, other, limit=NEIGHBOURS).to_pylist()
-            out.append({"model": other, "rows": rows, "error": None})
-        except QueryError as e:
-            out.append({"model": other, "rows": [], "error": str(e)})
-    return out
+    """``similar`` in the same model and in every other one, side by side on cursors of their own
+    (each is a few small scans, so they overlap well); an error there is shown, not raised."""
+
+    def one(other: str) -> dict:
+        with ex.session() as sub:
+            try:
+                rows = sub.ds.similar(name, unit, other, limit=NEIGHBOURS).to_pylist()
+                return {"model": other, "rows": rows, "error": None}
+            except QueryError as e:
+                return {"model": other, "rows": [], "error": str(e)}
+
+    others = [name] + [m for m in ex.ds.model_names() if m != name]
+    if len(others) == 1:
+        return [one(name)]
+    with ThreadPoolExecutor(max_workers=min(4, len(others)), thread_name_prefix="zeropass-similar") as pool:
+        return list(pool.map(one, others))
 
 
 def _head_page(ex, name, info, u, sections, neighbours):
@@ -559,8 +587,7 @@ def _not_found(request: Request, exc: HTTPException):
     msg = exc.detail if exc.status_code != 404 else f"no page at {request.url.path}: start from /"
     if request.url.path.startswith("/api"):
         return JSONResponse({"error": msg}, status_code=exc.status_code, headers=SECURITY_HEADERS)
-    with ex.lock:
-        return ex.error_page(msg, exc.status_code)
+    return ex.error_page(msg, exc.status_code)
 
 
 def _server_error(request: Request, exc: Exception):
