@@ -273,9 +273,13 @@ def test_port_in_use_is_one_line():
 
 
 def test_alignment_page(xss_server):
+    status, _, html = get(xss_server + "/model/xss")
+    assert status == 200 and 'href="/align/xss/xss"' in html
     status, _, html = get(xss_server + "/align/xss/xss")
     assert status == 200 and "L0↔L0, L1↔L1" in html and 'href="/model/xss/unit/L1.N0"' in html
     assert html.count('class="marked"') == 2
+    status, _, html = get(xss_server + "/align/xss/xss?kind=ff")
+    assert status == 400 and "no embedding/ff layer scores for xss / xss: use one of embedding/layer" in html
 
 
 def test_real_tiny_model_head_page(tiny_db):
@@ -426,6 +430,30 @@ def test_browser_markup_tokens_are_text_everywhere(xss_server, page):
         assert page.locator("img").count() == 0, path
         assert page.get_by_text(XSS).count() + page.get_by_text(XSS_IMG).count() >= 1, path
     assert page.dialogs == []
+
+
+@pytest.mark.parametrize("argv,says", [
+    pytest.param(["--db", "/nonexistent/zp"], "Error: no dataset directory at /nonexistent/zp", id="no-dataset"),
+    pytest.param(["--host", "no such host!"], "Error: cannot resolve host 'no such host!'", id="bad-host"),
+    pytest.param(["--port", "70000"], "Error: Invalid value for '--port'", id="bad-port"),
+])
+def test_cli_serve_bad_arguments_are_one_line(synthetic_db, argv, says):
+    from click.testing import CliRunner
+
+    from query.cli import cli
+
+    args = ["serve", *argv] if "--db" in argv else ["serve", "--db", str(synthetic_db), *argv]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code != 0 and says in r.output and "Traceback" not in r.output
+
+
+def test_cli_serve_without_the_web_stack_says_what_to_install(synthetic_db):
+    code = ("import sys; sys.modules['starlette'] = None; from query.cli import main; "
+            f"main(['serve', '--db', {str(synthetic_db)!r}])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr == "Error: zeropass serve needs the serve extra (starlette not installed): pip install 'zeropass[serve]'\n"
 
 
 def test_explorer_imports_without_torch():

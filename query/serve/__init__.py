@@ -27,9 +27,14 @@ class PortUnavailable(QueryError, OSError):
 
 
 def _need_deps() -> None:
-    import importlib.util
+    import importlib
 
-    missing = [m for m in SERVE_DEPS if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in SERVE_DEPS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise ServeUnavailable(f"zeropass serve needs the serve extra ({', '.join(missing)} not installed): "
                                f"pip install 'zeropass[serve]'")

@@ -325,7 +325,8 @@ def model_page(ex: Explorer, request: Request):
     ctx = dict(title=name, name=name, info=info, metric=metric, metrics=metrics, heat=_head_heatmap(name, grid, info),
                top_heads=[{"unit": f"L{l}.H{h}", "value": v} for v, (l, h) in ranked],
                settings=_settings(info), token=token, token_error=None, token_heads=None, token_vectors=None,
-               head_rows=[], vector_rows=[])
+               head_rows=[], vector_rows=[],
+               aligned=[a for a in ex.alignments() if name in (a["model_a"], a["model_b"])])
     if token:
         try:
             hrows = ex.ds.heads(token, model=[name], limit=None).to_pylist()
