@@ -163,6 +163,8 @@ class Explorer:
     def __init__(self, ds, *, sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S):
         self.ds = ds
         self._cursor_lock = threading.Lock()
+        # The Dataset's views are fixed when it opens, so these small answers never go stale.
+        self._cache: dict = {}
         self.sql_row_cap = sql_row_cap
         self.sql_timeout = sql_timeout
         self.env = _env()
@@ -198,12 +200,17 @@ class Explorer:
         """{(layer, head): value} of one heads metric (``metric`` is checked against the columns)."""
         if metric not in self.head_metrics():
             raise BadOption(f"unknown head metric {metric!r}: use one of {', '.join(self.head_metrics())}")
-        rows = self.ds.rows(f'SELECT layer, head, "{metric}" AS v FROM {self.ds.source("heads", [model])} WHERE model = $m',
-                            {"m": model})
-        return {(r["layer"], r["head"]): r["v"] for r in rows}
+        key = ("head_grid", model, metric)
+        if key not in self._cache:
+            rows = self.ds.rows(f'SELECT layer, head, "{metric}" AS v FROM {self.ds.source("heads", [model])} WHERE model = $m',
+                                {"m": model})
+            self._cache[key] = {(r["layer"], r["head"]): r["v"] for r in rows}
+        return self._cache[key]
 
     def alignments(self) -> list[dict]:
-        return self.ds.rows("SELECT DISTINCT model_a, model_b FROM alignments ORDER BY model_a, model_b")
+        if "alignments" not in self._cache:
+            self._cache["alignments"] = self.ds.rows("SELECT DISTINCT model_a, model_b FROM alignments ORDER BY model_a, model_b")
+        return self._cache["alignments"]
 
     # -- responses -----------------------------------------------------------------------------
 
@@ -632,4 +639,6 @@ def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, s
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"]))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: _not_found, 405: _not_found, Exception: _server_error})
     app.state.explorer = Explorer(ds, sql_row_cap=sql_row_cap, sql_timeout=sql_timeout)
+    for name in app.state.explorer.env.list_templates():  # compile now, not on a user's first visit
+        app.state.explorer.env.get_template(name)
     return app
