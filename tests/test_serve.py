@@ -192,14 +192,19 @@ def test_api_is_documented(server):
     pytest.param("SELECT 42 AS x -- a comment", [{"x": 42}], id="trailing-comment"),
     pytest.param("SELECT 1 AS x; SELECT 2 AS y", [{"y": 2}], id="two-statements"),
     pytest.param("PRAGMA version", None, id="pragma-not-wrappable"),
+    pytest.param("EXPLAIN SELECT 1", None, id="explain-not-wrappable"),
+    pytest.param("DESCRIBE heads", "many", id="describe"),
+    pytest.param("WITH a AS (SELECT 5 AS x) SELECT * FROM a", [{"x": 5}], id="with"),
+    pytest.param("SELECT range AS i FROM range(100) ORDER BY i DESC", [{"i": i} for i in range(99, 89, -1)], id="order-kept"),
 ])
 def test_run_sql_caps_any_read(ds, q, rows):
     table, truncated = run_sql(ds, q, max_rows=10)
-    assert not truncated
-    if rows is not None:
-        assert table.to_pylist() == rows
+    if rows == "many":
+        assert truncated and table.num_rows == 10
+    elif rows is not None:
+        assert table.to_pylist() == rows and truncated == (rows[0].get("i") == 99)
     else:
-        assert table.num_rows == 1
+        assert table.num_rows == 1 and not truncated
 
 
 def test_run_sql_cannot_be_unwrapped(ds):

@@ -18,6 +18,7 @@ from functools import wraps
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+import duckdb
 import pyarrow as pa
 from jinja2 import Environment, FileSystemLoader
 from starlette.applications import Starlette
@@ -67,19 +68,20 @@ class SQLTimeout(QueryError, TimeoutError):
 def run_sql(ds, query: str, *, max_rows: int = SQL_ROW_CAP, timeout: float = SQL_TIMEOUT_S):
     """(first ``max_rows`` rows of read-only ``query`` as Arrow, whether more rows exist).
 
-    The one place the explorer runs user SQL. When ``Dataset.sql`` takes ``timeout=`` (the
-    query layer's own limit) it is used; otherwise the last statement is wrapped as
-    ``SELECT * FROM (...) LIMIT max_rows + 1`` (after ``check_read_only`` accepted it, and
-    ``Dataset.sql`` checks the wrapped text again) and a timer interrupts the connection.
+    The one place the explorer runs user SQL. After ``check_read_only`` accepted every
+    statement, a last statement that is a query (SELECT, WITH, VALUES, FROM, DESCRIBE, SHOW,
+    SUMMARIZE) is wrapped as ``SELECT * FROM (...) LIMIT max_rows + 1``, so no more than that is
+    ever fetched (``Dataset.sql`` checks the wrapped text again); PRAGMA, CALL and EXPLAIN run
+    as given and are cut afterwards. The time limit is ``Dataset.sql``'s own ``timeout=`` when
+    it has one, else a timer that interrupts this request's connection.
     """
     statements = check_read_only(query)  # BadSQL / ForbiddenSQL before anything runs
     last = statements[-1].strip().rstrip(";").rstrip()
-    wrapped = ";\n".join([s.strip().rstrip(";") for s in statements[:-1]] + [f"SELECT * FROM (\n{last}\n) LIMIT {int(max_rows) + 1}"])
+    if duckdb.extract_statements(last)[0].type == duckdb.StatementType.SELECT:
+        # Newlines around the text: a trailing -- comment cannot swallow the closing parenthesis.
+        query = ";\n".join([s.strip().rstrip(";") for s in statements[:-1]] + [f"SELECT * FROM (\n{last}\n) LIMIT {int(max_rows) + 1}"])
     if "timeout" in inspect.signature(ds.sql).parameters:
-        try:
-            table = ds.sql(wrapped, timeout=timeout)
-        except BadSQL:
-            table = ds.sql(query, timeout=timeout)  # not wrappable (e.g. PRAGMA): cut afterwards
+        table = ds.sql(query, timeout=timeout)
     else:
         fired = threading.Event()
 
@@ -90,13 +92,8 @@ def run_sql(ds, query: str, *, max_rows: int = SQL_ROW_CAP, timeout: float = SQL
         timer = threading.Timer(timeout, interrupt)
         timer.start()
         try:
-            try:
-                table = ds.sql(wrapped)
-            except BadSQL:
-                if fired.is_set():
-                    raise
-                table = ds.sql(query)
-        except BadSQL as e:
+            table = ds.sql(query)
+        except BadSQL:
             if fired.is_set():
                 raise SQLTimeout(f"query stopped after {timeout:g} s (the explorer's time limit): narrow it with WHERE or LIMIT") from None
             raise
