@@ -280,7 +280,7 @@ def search(ex: Explorer, request: Request):
     kind = request.query_params.get("kind", "")
     circuit = request.query_params.get("circuit", "") or None
     lo, hi = _int_param(request, "layer_min", None), _int_param(request, "layer_max", None)
-    ctx = dict(title=f"search {q}" if q else "search", q=q, model=model or "", kind=kind, circuit=circuit or "",
+    ctx = dict(title=f"search {q}" if q else "search", q=q, search_q=q, model=model or "", kind=kind, circuit=circuit or "",
                layer_min="" if lo is None else lo, layer_max="" if hi is None else hi, kinds=ALL_KINDS,
                heads=[], neurons=[], error=None, searched=bool(q))
     if not q:
