@@ -106,6 +106,7 @@ def running(db, *, host: str = "127.0.0.1", port: int = 0, **kw):
         server.should_exit = True
         thread.join(10)
         sock.close()
+        server.config.app.state.explorer.close()
         ds.close()
 
 
@@ -121,8 +122,10 @@ def serve(db, *, host: str = "127.0.0.1", port: int = 8765, echo=None) -> None:
     say(f"zeropass explorer on http://{shown}:{sock.getsockname()[1]}/ over {ds.root} (Ctrl-C stops)")
     if host not in ("127.0.0.1", "localhost", "::1"):
         say(f"note: listening on {host}, not only this machine: anyone who can reach it can read the dataset")
+    server = make_server(ds, sock, host=host)
     try:
-        make_server(ds, sock, host=host).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()
+        server.config.app.state.explorer.close()
         ds.close()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from schemas import TABLES
 
 from .. import output
-from ..dataset import check_read_only
+from ..dataset import Dataset, check_read_only
 from ..errors import BadOption, BadSQL, ForbiddenSQL, QueryError, UnknownModel, UnknownToken
 from ..helpers import ALL_KINDS
 from ..units import parse_unit
@@ -149,17 +149,22 @@ def _required(request: Request, name: str, what: str) -> str:
 
 
 class Explorer:
-    """The app's state: one open Dataset, the limits and the templates.
+    """The app's state: a small pool of open Datasets, the limits and the templates.
 
-    A DuckDB connection runs one query at a time, so each request reads through its own cursor
-    (:meth:`session`): the same in-memory database, views and locked-down settings (they are
-    global to the database and locked), so a slow SQL query does not hold up other pages, and a
-    time limit interrupts only its own query.
+    A DuckDB connection runs one query at a time, so each request borrows a Dataset of its own
+    (:meth:`session`): the one the app was made with, or another opened on the same directory
+    when all are busy, up to ``pool_size`` (each is its own in-memory catalog with the same
+    lock-down and its own Parquet footer cache). A slow SQL query then holds up no other page,
+    and a time limit interrupts only its own query.
     """
 
-    def __init__(self, ds, *, sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S):
+    def __init__(self, ds, *, sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S, pool_size: int = 4):
         self.ds = ds
-        self._cursor_lock = threading.Lock()
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        self._free.put(ds)
+        self._opened = [ds]
+        self._pool_lock = threading.Lock()
+        self.pool_size = max(1, pool_size)
         # The Dataset's views are fixed when it opens, so these small answers never go stale.
         self._cache: dict = {}
         self.sql_row_cap = sql_row_cap
@@ -168,17 +173,37 @@ class Explorer:
 
     @contextmanager
     def session(self):
-        """This Explorer reading through a Dataset of its own cursor (closed at the end)."""
-        with self._cursor_lock:  # the parent connection object is not itself thread-safe
-            con = self.ds.con.cursor()
-        ds = copy.copy(self.ds)
-        ds.con = con
+        """This Explorer reading through a Dataset nobody else is using until the block ends."""
+        try:
+            ds = self._free.get_nowait()
+        except queue.Empty:
+            with self._pool_lock:
+                grow = len(self._opened) < self.pool_size
+                if grow:
+                    self._opened.append(None)  # reserve the place while it opens
+            if grow:
+                try:
+                    ds = Dataset(self.ds.root)
+                except BaseException:
+                    with self._pool_lock:
+                        self._opened.remove(None)
+                    raise
+                with self._pool_lock:
+                    self._opened[self._opened.index(None)] = ds
+            else:
+                ds = self._free.get()
         ex = copy.copy(self)
         ex.ds = ds
         try:
             yield ex
         finally:
-            con.close()
+            self._free.put(ds)
+
+    def close(self) -> None:
+        """Close the Datasets the pool opened (the one it was given stays its owner's)."""
+        for ds in self._opened[1:]:
+            if ds is not None:
+                ds.close()
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -402,22 +427,15 @@ def unit_page(ex: Explorer, request: Request):
 
 
 def _neighbours(ex: Explorer, name: str, unit: str) -> list[dict]:
-    """``similar`` in the same model and in every other one, side by side on cursors of their own
-    (each is a few small scans, so they overlap well); an error there is shown, not raised."""
-
-    def one(other: str) -> dict:
-        with ex.session() as sub:
-            try:
-                rows = sub.ds.similar(name, unit, other, limit=NEIGHBOURS).to_pylist()
-                return {"model": other, "rows": rows, "error": None}
-            except QueryError as e:
-                return {"model": other, "rows": [], "error": str(e)}
-
-    others = [name] + [m for m in ex.ds.model_names() if m != name]
-    if len(others) == 1:
-        return [one(name)]
-    with ThreadPoolExecutor(max_workers=min(4, len(others)), thread_name_prefix="zeropass-similar") as pool:
-        return list(pool.map(one, others))
+    """``similar`` in the same model and in every other one (an error there is shown, not raised)."""
+    out = []
+    for other in [name] + [m for m in ex.ds.model_names() if m != name]:
+        try:
+            rows = ex.ds.similar(name, unit, other, limit=NEIGHBOURS).to_pylist()
+            out.append({"model": other, "rows": rows, "error": None})
+        except QueryError as e:
+            out.append({"model": other, "rows": [], "error": str(e)})
+    return out
 
 
 def _head_page(ex, name, info, u, sections, neighbours):
@@ -607,7 +625,8 @@ def _server_error(request: Request, exc: Exception):
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S) -> Starlette:
+def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S,
+               pool_size: int = 4) -> Starlette:
     """The explorer app over an open ``query.Dataset``.
 
     Bound to a loopback ``host``, only requests naming a loopback host are served (so a web page
@@ -635,7 +654,7 @@ def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, s
     if host in LOOPBACK:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"]))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: _not_found, 405: _not_found, Exception: _server_error})
-    app.state.explorer = Explorer(ds, sql_row_cap=sql_row_cap, sql_timeout=sql_timeout)
+    app.state.explorer = Explorer(ds, sql_row_cap=sql_row_cap, sql_timeout=sql_timeout, pool_size=pool_size)
     for name in app.state.explorer.env.list_templates():  # compile now, not on a user's first visit
         app.state.explorer.env.get_template(name)
     return app
