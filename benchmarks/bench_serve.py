@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             names = ds.model_names()
             todo = pages(ds, args.token)
         print(f"dataset {db}: models {', '.join(names)}; {args.repeat} requests per page after one warm-up, "
-              f"wall time over HTTP on 127.0.0.1")
+              f"wall time over HTTP on 127.0.0.1; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
         slow = 0
         with running(db) as base:
             print(f"{'page':<44} {'status':>6} {'median ms':>10} {'max ms':>8}")

@@ -387,7 +387,7 @@ def _kind_heatmap(model: str, vrows: list[dict]) -> dict | None:
         if key not in best or r["rank"] < best[key]["rank"]:
             best[key] = r
     return plots.heatmap(
-        val, layers, kinds, row_label=lambda r: "pos" if r is None else f"L{r}", col_label=str, cell_w=54,
+        val, layers, kinds, row_label=lambda r: "pos" if r is None else f"L{r}", col_label=str, cell_w=86,
         href=lambda r, c: f"/model/{quote(model, safe='')}/unit/{quote(best[(r, c)]['unit'], safe='')}",
         title=lambda r, c, v: f"{'pos' if r is None else f'L{r}'} {c}: {count[(r, c)]} vector(s), best {best[(r, c)]['unit']} "
                               f"at rank {best[(r, c)]['rank']}")
