@@ -245,7 +245,7 @@ class Explorer:
 
 
 def page(fn):
-    """An HTML endpoint on a cursor of its own; typed errors become a friendly page with a 4xx status."""
+    """An HTML endpoint on a Dataset of its own; typed errors become a friendly page with a 4xx status."""
 
     @wraps(fn)
     def endpoint(request: Request):
