@@ -57,6 +57,7 @@ def pages(ds, token: str) -> list[tuple[str, str]]:
         (f"model {m} + token", f"/model/{q(m)}?token={q(token)}"),
         (f"head {hm} {hu}", f"/model/{q(hm)}/unit/{q(hu)}"),
         (f"neuron {nm} {nu}", f"/model/{q(nm)}/unit/{q(nu)}"),
+        (f"neighbours {nm} {nu} (fetched by the page)", f"/model/{q(nm)}/unit/{q(nu)}/neighbours?fragment=1"),
         (f"head dim {hm} {hu}.d0", f"/model/{q(hm)}/unit/{q(hu + '.d0')}"),
         ("sql page", "/sql?" + urllib.parse.urlencode({"q": "SELECT model, layer, head, ov_copying_score FROM heads "
                                                           "ORDER BY ov_copying_score DESC NULLS LAST LIMIT 10"})),
@@ -92,7 +93,7 @@ def screenshots(base: str, shots: list[tuple[str, str]], out: Path) -> None:
         browser = p.chromium.launch(executable_path=exe)
         page = browser.new_page(viewport={"width": 1100, "height": 760})
         for name, path in shots:
-            page.goto(base + path)
+            page.goto(base + path, wait_until="networkidle")  # the neighbours arrive after the page
             target = out / f"explorer-{name}.png"
             page.screenshot(path=str(target))
             print(f"  {target} ({target.stat().st_size // 1024} KB)", file=sys.stderr)

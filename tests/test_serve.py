@@ -237,6 +237,9 @@ def test_run_sql_time_limit_interrupts_and_the_connection_recovers(ds):
     pytest.param("/model/alpha/unit/L0.H1.d1", 200, "Part of head", id="head-dim"),
     pytest.param("/model/alpha/unit/P2", 200, "pos", id="position"),
     pytest.param("/model/alpha/unit/L1.attn_bias", 200, "bias_attn_out", id="bias"),
+    pytest.param("/model/alpha/unit/L0.N1/neighbours", 200, "in gamma", id="neighbours"),
+    pytest.param("/model/alpha/unit/L0.N1/neighbours?fragment=1", 200, '<section id="neighbours">', id="neighbours-fragment"),
+    pytest.param("/model/alpha/unit/L9.N1/neighbours", 400, "out of range", id="neighbours-bad-unit"),
     pytest.param("/sql?q=SELECT+model+FROM+models", 200, "gamma", id="sql"),
     pytest.param("/model/nope", 404, "unknown model &#39;nope&#39;", id="unknown-model"),
     pytest.param("/model/alpha/unit/L9.H0", 400, "out of range", id="unit-out-of-range"),
@@ -380,6 +383,9 @@ def test_browser_search_open_head_see_ov_pairs(server, page):
     ov = page.locator("#ov-top table")
     assert ov.locator("tbody tr").first.locator("td").nth(1).inner_text() == '" Paris"'
     assert page.locator("#ov-top svg.bars g.bar").count() == 6
+    # The neighbours arrive after the page, from their own URL.
+    page.wait_for_selector("#neighbours h3")
+    assert page.locator("#neighbours h3").all_inner_texts() == ["in alpha", "in beta", "in gamma"]
 
 
 def test_browser_model_heatmaps_click_a_cell(server, page):
@@ -431,6 +437,8 @@ def test_browser_markup_tokens_are_text_everywhere(xss_server, page):
     ]
     for path in pages:
         page.goto(xss_server + path)
+        if "/unit/L0" in path:
+            page.wait_for_selector("#neighbours h3")  # filled in by the page's script
         assert page.locator("script").count() == 1, path  # only /static/app.js
         assert page.locator("img").count() == 0, path
         assert page.get_by_text(XSS).count() + page.get_by_text(XSS_IMG).count() >= 1, path

@@ -36,7 +36,7 @@ from .. import output
 from ..dataset import Dataset, check_read_only
 from ..errors import BadOption, BadSQL, ForbiddenSQL, QueryError, UnknownModel, UnknownToken
 from ..helpers import ALL_KINDS
-from ..units import parse_unit
+from ..units import check_unit, parse_unit
 from . import plots
 from .api import ENDPOINTS, openapi
 
@@ -411,7 +411,9 @@ def unit_page(ex: Explorer, request: Request):
     info = ex.model(name)
     u = parse_unit(unit)  # BadUnit for a malformed name; show() checks the range
     sections = ex.ds.show(name, unit, limit=UNIT_LIMIT)
-    neighbours = _neighbours(ex, name, u.name)
+    # Neighbours cost one `similar` per model: they come from their own URL (fetched by the page's
+    # script, or followed as a link), so the page itself stays fast however many models there are.
+    neighbours = f"/model/{quote(name, safe='')}/unit/{quote(u.name, safe='')}/neighbours"
     if u.kind == "head":
         return _head_page(ex, name, info, u, sections, neighbours)
     vectors = sections["vectors"].to_pylist()
@@ -424,6 +426,19 @@ def unit_page(ex: Explorer, request: Request):
                       "bottom": plots.bars(_bar_items(bottom, lambda r: tok(r["token"])))})
     return ex.html("unit.html", title=f"{name} {u.name}", name=name, unit=u.name, info=info, lists=lists,
                    neighbours=neighbours, parent=f"L{u.layer}.H{u.head}" if u.head is not None else None)
+
+
+@page
+def neighbours_page(ex: Explorer, request: Request):
+    """A unit's neighbours: the whole page, or with ?fragment=1 only its section (for the unit page's script)."""
+    name, unit = request.path_params["model"], request.path_params["unit"]
+    u = parse_unit(unit)
+    check_unit(u, ex.model(name))  # a bad unit is one error, not one per model
+    rows = _neighbours(ex, name, u.name)
+    if "fragment" in request.query_params:
+        html = ex.env.get_template("macros.html").module.neighbours(name, rows)
+        return HTMLResponse(str(html), headers=SECURITY_HEADERS)
+    return ex.html("neighbours.html", title=f"{name} {u.name} neighbours", name=name, unit=u.name, neighbours=rows)
 
 
 def _neighbours(ex: Explorer, name: str, unit: str) -> list[dict]:
@@ -637,6 +652,7 @@ def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, s
         Route("/search", search),
         Route("/model/{model}", model_page),
         Route("/model/{model}/unit/{unit}", unit_page),
+        Route("/model/{model}/unit/{unit}/neighbours", neighbours_page),
         Route("/align/{a}/{b}", align_page),
         Route("/sql", sql_page),
         Route("/api", api_docs),
