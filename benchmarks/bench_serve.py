@@ -57,7 +57,7 @@ def pages(ds, token: str) -> list[tuple[str, str]]:
         (f"model {m} + token", f"/model/{q(m)}?token={q(token)}"),
         (f"head {hm} {hu}", f"/model/{q(hm)}/unit/{q(hu)}"),
         (f"neuron {nm} {nu}", f"/model/{q(nm)}/unit/{q(nu)}"),
-        (f"neighbours {nm} {nu} (fetched by the page)", f"/model/{q(nm)}/unit/{q(nu)}/neighbours?fragment=1"),
+        (f"neighbours {nm} {nu}", f"/model/{q(nm)}/unit/{q(nu)}/neighbours?fragment=1"),
         (f"head dim {hm} {hu}.d0", f"/model/{q(hm)}/unit/{q(hu + '.d0')}"),
         ("sql page", "/sql?" + urllib.parse.urlencode({"q": "SELECT model, layer, head, ov_copying_score FROM heads "
                                                           "ORDER BY ov_copying_score DESC NULLS LAST LIMIT 10"})),
