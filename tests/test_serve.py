@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -324,9 +325,13 @@ def test_cli_serve_runs_and_says_where(synthetic_db):
         assert status == 200
         busy = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=60)
         assert busy.returncode == 1 and busy.stderr.startswith("Error: cannot listen on") and busy.stderr.count("\n") == 1
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, no traceback
+        assert proc.wait(20) == 0
+        assert "Traceback" not in proc.stderr.read()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 # -- in a real browser ----------------------------------------------------------------------------
