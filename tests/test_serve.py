@@ -326,8 +326,8 @@ def test_cli_serve_runs_and_says_where(synthetic_db):
         busy = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=60)
         assert busy.returncode == 1 and busy.stderr.startswith("Error: cannot listen on") and busy.stderr.count("\n") == 1
         proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, no traceback
-        assert proc.wait(20) == 0
-        assert "Traceback" not in proc.stderr.read()
+        rc, err = proc.wait(20), proc.stderr.read()
+        assert rc == 0 and "Traceback" not in err, err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -125,6 +125,9 @@ def serve(db, *, host: str = "127.0.0.1", port: int = 8765, echo=None) -> None:
     server = make_server(ds, sock, host=host)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn stops gracefully on Ctrl-C, then re-raises the signal: that is the normal way out.
+        say("stopped")
     finally:
         sock.close()
         server.config.app.state.explorer.close()
