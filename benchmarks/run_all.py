@@ -86,8 +86,16 @@ def main(argv=None) -> None:
     page = render(vec, pairs, paper, index, query_text, align_text,
                   {k: " ".join(c[1:]) for k, c in dict(vec=cmd_vec, pairs=cmd_pairs, paper=cmd_paper, index=cmd_index,
                                                         query=cmd_query, align=cmd_align).items()})
+    cmd_serve = [PY, "-m", "benchmarks.bench_serve", "--db", str(out / "db")]
+    page += serve_section(run(cmd_serve, out / "serve.log"), " ".join(cmd_serve[1:]))
     (ROOT / "docs" / "BENCHMARKS.md").write_text(page)
     print(page)
+
+
+def serve_section(text: str, cmd: str) -> str:
+    """Section 7: page render times of `zeropass serve` (benchmarks/bench_serve.py's table)."""
+    return "\n".join(["", "## 7. Explorer pages (`zeropass serve`, same dataset; target: each under 300 ms)", "",
+                      f"`{_rel(cmd)}`", "", "```", text.strip(), "```", ""])
 
 
 def render_saved(out: Path) -> None:
@@ -103,6 +111,8 @@ def render_saved(out: Path) -> None:
     page = render(json.loads((out / "vectors.json").read_text()), last_json((out / "pairs.stdout").read_text()),
                   json.loads((out / "paper.json").read_text()), json.loads((out / "index.json").read_text()),
                   (out / "query.stdout").read_text(), (out / "align.stdout").read_text(), cmds)
+    if (out / "serve.stdout").exists():
+        page += serve_section((out / "serve.stdout").read_text(), f"-m benchmarks.bench_serve --db {out}/db")
     (ROOT / "docs" / "BENCHMARKS.md").write_text(page)
     print(page)
 

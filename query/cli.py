@@ -516,6 +516,21 @@ def check(db, repair, recover, quick, quiet):
         sys.exit(1)
 
 
+@cli.command()
+@db_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback: only this machine).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+def serve(db, host, port):
+    """Browse the dataset in a web browser: search, unit and head pages, heatmaps, SQL, a JSON API.
+
+    \b
+      zeropass serve --db zeropass-db      # then open http://127.0.0.1:8765/
+    """
+    from .serve import serve as run
+
+    run(db, host=host, port=port, echo=lambda m: click.echo(m, err=True))
+
+
 def main(argv=None):
     """Console script entry point."""
     return cli.main(args=argv, prog_name="zeropass")

@@ -58,6 +58,10 @@ def main(db):
         click.echo(f"\n$ zeropass {shlex.join(args)}")
         sys.stdout.flush()
         cli.main(args=args + ["--db", db], prog_name="zeropass", standalone_mode=False)
+    shown = "" if db == "zeropass-db" else f" --db {shlex.quote(db)}"
+    click.echo(f"\nTo click through it: .venv/bin/zeropass serve{shown}  then open http://127.0.0.1:8765/ : search a token "
+               "(e.g. paris) for the heads and neurons that list it, open a head for its OV/QK pairs and score bars, "
+               "see layer x head heatmaps of its metrics, and run read-only SQL; JSON at /api.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,652 @@
+"""The explorer: a Starlette app serving pages and a JSON API over one read-only ``query.Dataset``.
+
+Every read goes through the Dataset's methods (``models``, ``heads``, ``neurons``, ``show``,
+``similar``, ``sql``, ``rows``), so the explorer adds no second way of querying: user values are
+bound parameters, user SQL passes ``check_read_only`` and runs on the locked-down connection. Only GET
+routes exist; no request names a file. Templates autoescape, so tokens are always text.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import pyarrow as pa
+from jinja2 import Environment, FileSystemLoader
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from schemas import TABLES
+from schemas.kinds import ALL_KINDS
+
+from .. import output
+from ..dataset import Dataset
+from ..errors import BadOption, BadSQL, ForbiddenSQL, QueryError, UnknownModel, UnknownToken
+from ..units import check_unit, parse_unit
+from . import plots
+from .api import ENDPOINTS, openapi
+
+HERE = Path(__file__).parent
+SQL_ROW_CAP = 1000
+SQL_TIMEOUT_S = 10.0
+SEARCH_LIMIT = 50
+UNIT_LIMIT = 20
+NEIGHBOURS = 5
+# Numeric columns of `heads` that make a heatmap (the rest are keys).
+HEAD_KEYS = {"model", "layer", "head", "kv_head", "unit"}
+DEFAULT_METRIC = "ov_copying_score"
+SECURITY_HEADERS = {
+    # Defence in depth: templates escape every token, and even if one slipped through no inline
+    # script would run, and no page can be framed or post elsewhere.
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+# -- SQL with a row cap and a time limit --------------------------------------------------------
+
+def run_sql(ds, query: str, *, max_rows: int = SQL_ROW_CAP, timeout: float = SQL_TIMEOUT_S):
+    """(first ``max_rows`` rows of read-only ``query`` as Arrow, whether more rows exist).
+
+    The one place the explorer runs user SQL: ``Dataset.stream`` (the statement check, the
+    time limit, the one-line errors of ``zeropass sql``), read batch by batch and stopped once
+    ``max_rows + 1`` rows are in, so no more than that is ever fetched. Raises QueryTimeout past
+    ``timeout`` seconds.
+    """
+    batches, n = [], 0
+    with ds.stream(query, timeout=timeout, batch_rows=max_rows + 1) as result:
+        for batch in result:
+            batches.append(batch)
+            n += batch.num_rows
+            if n > max_rows:
+                break
+        table = pa.Table.from_batches(batches, schema=result.schema)
+    return table.slice(0, max_rows), table.num_rows > max_rows
+
+
+# -- rendering helpers -------------------------------------------------------------------------
+
+def tok(text) -> str:
+    """A token as the CLI's table shows it: quoted when it has edge whitespace or control characters."""
+    return output._table_cell(text) if text is not None else ""
+
+
+def cell(v) -> str:
+    return output._table_cell(v)
+
+
+def _env() -> Environment:
+    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(tok=tok, cell=cell, q=lambda s: quote(str(s), safe=""))
+    env.globals.update(urlencode=urlencode)
+    return env
+
+
+def _status(e: QueryError) -> int:
+    if isinstance(e, (UnknownModel, UnknownToken)):
+        return 404
+    if isinstance(e, ForbiddenSQL):
+        return 403
+    return 400
+
+
+def _int_param(request: Request, name: str, default: int | None, lo: int = 0, hi: int = 10**6) -> int | None:
+    raw = request.query_params.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise BadOption(f"{name} must be a whole number, got {raw!r}") from None
+    if not lo <= v <= hi:
+        raise BadOption(f"{name} must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def _required(request: Request, name: str, what: str) -> str:
+    v = request.query_params.get(name)
+    if v is None or v == "":
+        raise BadOption(f"missing ?{name}=: give {what}")
+    return v
+
+
+class Explorer:
+    """The app's state: a small pool of open Datasets, the limits and the templates.
+
+    A DuckDB connection runs one query at a time, so each request borrows a Dataset of its own
+    (:meth:`session`): the one the app was made with, or another opened on the same directory
+    when all are busy, up to ``pool_size`` (each is its own in-memory catalog with the same
+    lock-down and its own Parquet footer cache). A slow SQL query then holds up no other page,
+    and a time limit interrupts only its own query.
+    """
+
+    def __init__(self, ds, *, sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S, pool_size: int = 4):
+        self.ds = ds
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        self._free.put(ds)
+        self._opened = [ds]
+        self._pool_lock = threading.Lock()
+        self.pool_size = max(1, pool_size)
+        # The Dataset's views are fixed when it opens, so these small answers never go stale.
+        self._cache: dict = {}
+        self.sql_row_cap = sql_row_cap
+        self.sql_timeout = sql_timeout
+        self.env = _env()
+
+    @contextmanager
+    def session(self):
+        """This Explorer reading through a Dataset nobody else is using until the block ends."""
+        try:
+            ds = self._free.get_nowait()
+        except queue.Empty:
+            with self._pool_lock:
+                grow = len(self._opened) < self.pool_size
+                if grow:
+                    self._opened.append(None)  # reserve the place while it opens
+            if grow:
+                try:
+                    ds = Dataset(self.ds.root)
+                except BaseException:
+                    with self._pool_lock:
+                        self._opened.remove(None)
+                    raise
+                with self._pool_lock:
+                    self._opened[self._opened.index(None)] = ds
+            else:
+                ds = self._free.get()
+        ex = copy.copy(self)
+        ex.ds = ds
+        try:
+            yield ex
+        finally:
+            self._free.put(ds)
+
+    def close(self) -> None:
+        """Close the Datasets the pool opened (the one it was given stays its owner's)."""
+        for ds in self._opened[1:]:
+            if ds is not None:
+                ds.close()
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def model(self, name: str) -> dict:
+        """The models row of ``name``; UnknownModel for anything else (a comma list included)."""
+        names = self.ds.model_names()
+        if name not in names:
+            raise UnknownModel(f"unknown model {name!r}: indexed models are {', '.join(names) or 'none'}")
+        return self.ds.model_info(name)
+
+    def head_metrics(self) -> list[str]:
+        """The metric columns of ``heads``, as ``schemas`` declares them."""
+        return [c.name for c in TABLES["heads"].columns if c.name not in HEAD_KEYS and pa.types.is_floating(c.type)]
+
+    def head_grid(self, model: str, metric: str) -> dict:
+        """{(layer, head): value} of one heads metric (``metric`` is checked against the columns)."""
+        if metric not in self.head_metrics():
+            raise BadOption(f"unknown head metric {metric!r}: use one of {', '.join(self.head_metrics())}")
+        key = ("head_grid", model, metric)
+        if key not in self._cache:
+            rows = self.ds.rows(f'SELECT layer, head, "{metric}" AS v FROM {self.ds.source("heads", [model])} WHERE model = $m',
+                                {"m": model})
+            self._cache[key] = {(r["layer"], r["head"]): r["v"] for r in rows}
+        return self._cache[key]
+
+    def alignments(self) -> list[dict]:
+        if "alignments" not in self._cache:
+            self._cache["alignments"] = self.ds.rows("SELECT DISTINCT model_a, model_b FROM alignments ORDER BY model_a, model_b")
+        return self._cache["alignments"]
+
+    # -- responses -----------------------------------------------------------------------------
+
+    def html(self, template: str, status: int = 200, **ctx) -> HTMLResponse:
+        ctx.setdefault("models", self.ds.model_names())
+        return HTMLResponse(self.env.get_template(template).render(**ctx), status_code=status, headers=SECURITY_HEADERS)
+
+    def error_page(self, message: str, status: int) -> HTMLResponse:
+        return self.html("error.html", status=status, message=message, title=f"Error {status}")
+
+
+def page(fn):
+    """An HTML endpoint on a Dataset of its own; typed errors become a friendly page with a 4xx status."""
+
+    @wraps(fn)
+    def endpoint(request: Request):
+        with request.app.state.explorer.session() as ex:
+            t = time.perf_counter()
+            try:
+                resp = fn(ex, request)
+            except QueryError as e:
+                resp = ex.error_page(str(e), _status(e))
+            resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t) * 1000:.1f}"
+            return resp
+
+    return endpoint
+
+
+def api(fn):
+    """A JSON endpoint: the function returns an Arrow table (or a Response); errors are {"error": "..."}."""
+
+    @wraps(fn)
+    def endpoint(request: Request):
+        with request.app.state.explorer.session() as ex:
+            try:
+                out = fn(ex, request)
+            except QueryError as e:
+                return JSONResponse({"error": str(e)}, status_code=_status(e), headers=SECURITY_HEADERS)
+        if isinstance(out, Response):
+            return out
+        # The CLI's --format json text, byte for byte.
+        return Response(output.to_json(out), media_type="application/json", headers=SECURITY_HEADERS)
+
+    return endpoint
+
+
+# -- pages -------------------------------------------------------------------------------------
+
+@page
+def home(ex: Explorer, request: Request):
+    table = ex.ds.models()
+    cols = [c for c in ("model", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_ff",
+                        "d_vocab", "tied", "variant", "k", "n_pairs", "source") if c in table.column_names]
+    return ex.html("home.html", title="zeropass explorer", cols=cols, rows=table.select(cols).to_pylist(),
+                   alignments=ex.alignments())
+
+
+def _layer_ok(layer, lo, hi) -> bool:
+    if lo is None and hi is None:
+        return True
+    if layer is None:
+        return False
+    return (lo is None or layer >= lo) and (hi is None or layer <= hi)
+
+
+@page
+def search(ex: Explorer, request: Request):
+    q = request.query_params.get("q", "")
+    model = request.query_params.get("model", "") or None
+    kind = request.query_params.get("kind", "")
+    circuit = request.query_params.get("circuit", "") or None
+    lo, hi = _int_param(request, "layer_min", None), _int_param(request, "layer_max", None)
+    ctx = dict(title=f"search {q}" if q else "search", q=q, search_q=q, model=model or "", kind=kind, circuit=circuit or "",
+               layer_min="" if lo is None else lo, layer_max="" if hi is None else hi, kinds=ALL_KINDS,
+               heads=[], neurons=[], error=None, searched=bool(q))
+    if not q:
+        return ex.html("search.html", **ctx)
+    if model is not None:
+        ex.model(model)
+    if kind not in ("", "heads") and kind not in ALL_KINDS:
+        raise BadOption(f"unknown kind {kind!r}: use heads or one of {', '.join(ALL_KINDS)}")
+    # With a layer range the helpers' own limit would cut before the filter: filter, then cut.
+    limit = None if (lo is not None or hi is not None) else SEARCH_LIMIT
+    try:
+        if kind in ("", "heads"):
+            rows = ex.ds.heads(q, model=model, circuit=circuit, limit=limit).to_pylist()
+            ctx["heads"] = [r for r in rows if _layer_ok(r["layer"], lo, hi)][:SEARCH_LIMIT]
+        if kind != "heads":
+            rows = ex.ds.neurons(q, model=model, kind=kind or None, limit=limit).to_pylist()
+            ctx["neurons"] = [r for r in rows if _layer_ok(r["layer"], lo, hi)][:SEARCH_LIMIT]
+    except UnknownToken as e:
+        ctx["error"] = str(e)
+        return ex.html("search.html", status=404, **ctx)
+    return ex.html("search.html", **ctx)
+
+
+def _head_heatmap(model: str, grid: dict, info: dict, *, marked=None, title_fmt="{:.4g}", link=True):
+    layers = list(range(info["n_layers"]))
+    heads = list(range(info["n_heads"]))
+
+    def fmt(v):
+        return "no value" if v is None else title_fmt.format(v)
+
+    return plots.heatmap(
+        grid, layers, heads, row_label=lambda r: f"L{r}", col_label=lambda c: f"H{c}",
+        href=(lambda r, c: f"/model/{quote(model, safe='')}/unit/L{r}.H{c}") if link else None,
+        title=lambda r, c, v: f"L{r}.H{c}: {fmt(v)}", marked=marked)
+
+
+@page
+def model_page(ex: Explorer, request: Request):
+    name = request.path_params["model"]
+    info = ex.model(name)
+    metrics = ex.head_metrics()
+    metric = request.query_params.get("metric") or (DEFAULT_METRIC if DEFAULT_METRIC in metrics else (metrics or [""])[0])
+    grid = ex.head_grid(name, metric)
+    ranked = sorted(((v, k) for k, v in grid.items() if v is not None), reverse=True)[:10]
+    token = request.query_params.get("token", "")
+    ctx = dict(title=name, name=name, info=info, metric=metric, metrics=metrics, heat=_head_heatmap(name, grid, info),
+               top_heads=[{"unit": f"L{l}.H{h}", "value": v} for v, (l, h) in ranked],
+               settings=_settings(info), token=token, token_error=None, token_heads=None, token_vectors=None,
+               head_rows=[], vector_rows=[],
+               aligned=[a for a in ex.alignments() if name in (a["model_a"], a["model_b"])])
+    if token:
+        try:
+            hrows = ex.ds.heads(token, model=[name], limit=None).to_pylist()
+            vrows = ex.ds.neurons(token, model=[name], kind=list(ALL_KINDS), limit=None).to_pylist()
+        except UnknownToken as e:
+            ctx["token_error"] = str(e)
+            return ex.html("model.html", status=404, **ctx)
+        ctx["token_heads"] = _head_heatmap(name, {(r["layer"], r["head"]): r["relevance"] for r in hrows}, info,
+                                           title_fmt="relevance {:.3g}")
+        ctx["token_vectors"] = _kind_heatmap(name, vrows)
+        ctx["head_rows"], ctx["vector_rows"] = hrows[:15], vrows[:15]
+    return ex.html("model.html", **ctx)
+
+
+def _kind_heatmap(model: str, vrows: list[dict]) -> dict | None:
+    """Layer x kind: how many of a layer's vectors of a kind list the token (sum of 1/rank), linking the best one."""
+    if not vrows:
+        return None
+    kinds = [k for k in ALL_KINDS if any(r["kind"] == k for r in vrows)]
+    kinds += sorted({r["kind"] for r in vrows} - set(kinds))
+    layers = sorted({r["layer"] for r in vrows}, key=lambda x: (x is None, x))
+    val: dict = {}
+    best: dict = {}
+    count: dict = {}
+    for r in vrows:
+        key = (r["layer"], r["kind"])
+        val[key] = val.get(key, 0.0) + 1.0 / r["rank"]
+        count[key] = count.get(key, 0) + 1
+        if key not in best or r["rank"] < best[key]["rank"]:
+            best[key] = r
+    return plots.heatmap(
+        val, layers, kinds, row_label=lambda r: "pos" if r is None else f"L{r}", col_label=str, cell_w=86,
+        href=lambda r, c: f"/model/{quote(model, safe='')}/unit/{quote(best[(r, c)]['unit'], safe='')}",
+        title=lambda r, c, v: f"{'pos' if r is None else f'L{r}'} {c}: {count[(r, c)]} vector(s), best {best[(r, c)]['unit']} "
+                              f"at rank {best[(r, c)]['rank']}")
+
+
+def _settings(info: dict) -> dict:
+    try:
+        s = json.loads(info.get("settings") or "{}")
+        return s if isinstance(s, dict) else {"settings": s}
+    except ValueError:
+        return {"settings": info.get("settings")}
+
+
+def _bar_items(rows: list[dict], label, score: str = "score") -> list[dict]:
+    return [{"label": label(r), "score": r.get(score), "title": f"#{r.get('rank')} {label(r)}  {r.get(score)}"} for r in rows]
+
+
+@page
+def unit_page(ex: Explorer, request: Request):
+    name, unit = request.path_params["model"], request.path_params["unit"]
+    info = ex.model(name)
+    u = parse_unit(unit)  # BadUnit for a malformed name; show() checks the range
+    sections = ex.ds.show(name, unit, limit=UNIT_LIMIT)
+    # Neighbours cost one `similar` per model: they come from their own URL (fetched by the page's
+    # script, or followed as a link), so the page itself stays fast however many models there are.
+    neighbours = f"/model/{quote(name, safe='')}/unit/{quote(u.name, safe='')}/neighbours"
+    if u.kind == "head":
+        return _head_page(ex, name, info, u, sections, neighbours)
+    vectors = sections["vectors"].to_pylist()
+    lists = []
+    for key in dict.fromkeys((r["kind"], r["unit"]) for r in vectors):
+        rows = [r for r in vectors if (r["kind"], r["unit"]) == key]
+        top = [dict(rank=r["rank"], token=r["top"], score=r["top_score"]) for r in rows if r["top"] is not None]
+        bottom = [dict(rank=r["rank"], token=r["bottom"], score=r["bottom_score"]) for r in rows if r["bottom"] is not None]
+        lists.append({"kind": key[0], "unit": key[1], "top": plots.bars(_bar_items(top, lambda r: tok(r["token"]))),
+                      "bottom": plots.bars(_bar_items(bottom, lambda r: tok(r["token"])))})
+    return ex.html("unit.html", title=f"{name} {u.name}", name=name, unit=u.name, info=info, lists=lists,
+                   neighbours=neighbours, parent=f"L{u.layer}.H{u.head}" if u.head is not None else None)
+
+
+@page
+def neighbours_page(ex: Explorer, request: Request):
+    """A unit's neighbours: the whole page, or with ?fragment=1 only its section (for the unit page's script)."""
+    name, unit = request.path_params["model"], request.path_params["unit"]
+    u = parse_unit(unit)
+    check_unit(u, ex.model(name))  # a bad unit is one error, not one per model
+    rows = _neighbours(ex, name, u.name)
+    if "fragment" in request.query_params:
+        html = ex.env.get_template("macros.html").module.neighbours(name, rows)
+        return HTMLResponse(str(html), headers=SECURITY_HEADERS)
+    return ex.html("neighbours.html", title=f"{name} {u.name} neighbours", name=name, unit=u.name, neighbours=rows)
+
+
+def _neighbours(ex: Explorer, name: str, unit: str) -> list[dict]:
+    """``similar`` in the same model and in every other one (an error there is shown, not raised)."""
+    out = []
+    for other in [name] + [m for m in ex.ds.model_names() if m != name]:
+        try:
+            rows = ex.ds.similar(name, unit, other, limit=NEIGHBOURS).to_pylist()
+            out.append({"model": other, "rows": rows, "error": None})
+        except QueryError as e:
+            out.append({"model": other, "rows": [], "error": str(e)})
+    return out
+
+
+def _head_page(ex, name, info, u, sections, neighbours):
+    metrics = sections["metrics"].to_pylist()
+    pairs = sections["pairs"].to_pylist()
+    blocks = []
+    for circuit in ("ov", "qk"):
+        for side in ("top", "bottom"):
+            rows = [r for r in pairs if r["circuit"] == circuit and r["side"] == side]
+            blocks.append({"circuit": circuit, "side": side, "rows": rows,
+                           "bars": plots.bars(_bar_items(rows, lambda r: f"{tok(r['src'])} → {tok(r['dst'])}"), label_w=300, width=590)})
+    metric = DEFAULT_METRIC if DEFAULT_METRIC in ex.head_metrics() else None
+    place = None
+    if metric:
+        grid = ex.head_grid(name, metric)
+        vals = sorted((v for v in grid.values() if v is not None), reverse=True)
+        mine = grid.get((u.layer, u.head))
+        place = {"metric": metric, "value": mine, "rank": (vals.index(mine) + 1) if mine is not None else None, "of": len(vals),
+                 "heat": _head_heatmap(name, grid, info, marked={(u.layer, u.head)})}
+    return ex.html("head.html", title=f"{name} {u.name}", name=name, unit=u.name, info=info, metrics=metrics,
+                   blocks=blocks, roles_top=sections["head_tokens_top"].to_pylist(),
+                   roles_bottom=sections["head_tokens_bottom"].to_pylist(), dims=sections["dims"].to_pylist(),
+                   neighbours=neighbours, place=place, layer=u.layer, head=u.head, d_head=info.get("d_head"))
+
+
+@page
+def align_page(ex: Explorer, request: Request):
+    a, b = request.path_params["a"], request.path_params["b"]
+    p = {"a": a, "b": b}
+    options = ex.ds.rows("SELECT DISTINCT space, kind FROM alignments WHERE model_a = $a AND model_b = $b AND level = 'layer' "
+                         "ORDER BY space, kind", p)
+    if not options:
+        raise UnknownModel(f"no alignment of {a!r} with {b!r} is stored: run `zeropass align {a} {b}` "
+                           f"(stored: {', '.join(r['model_a'] + ' / ' + r['model_b'] for r in ex.alignments()) or 'none'})")
+    space = request.query_params.get("space") or ("embedding" if any(o["space"] == "embedding" for o in options) else options[0]["space"])
+    kind = request.query_params.get("kind") or ("layer" if any(o["kind"] == "layer" for o in options) else options[0]["kind"])
+    if {"space": space, "kind": kind} not in options:
+        raise BadOption(f"no {space}/{kind} layer scores for {a} / {b}: use one of "
+                        f"{', '.join(o['space'] + '/' + o['kind'] for o in options)}")
+    rows = ex.ds.rows("SELECT layer_a, layer_b, score, matched FROM alignments WHERE model_a = $a AND model_b = $b "
+                      "AND level = 'layer' AND space = $s AND kind = $k", dict(p, s=space, k=kind))
+    la = sorted({r["layer_a"] for r in rows})
+    lb = sorted({r["layer_b"] for r in rows})
+    matched = {(r["layer_a"], r["layer_b"]) for r in rows if r["matched"]}
+    heat = plots.heatmap({(r["layer_a"], r["layer_b"]): r["score"] for r in rows}, la, lb,
+                         row_label=lambda r: f"L{r}", col_label=lambda c: f"L{c}", marked=matched,
+                         title=lambda r, c, v: f"{a} L{r} / {b} L{c}: {v:.4g}" + (" (matched)" if (r, c) in matched else ""))
+    units = ex.ds.rows("SELECT kind, layer_a, layer_b, unit_a, unit_b, score FROM alignments WHERE model_a = $a AND model_b = $b "
+                       "AND level = 'unit' AND matched AND space = $s ORDER BY layer_a, kind, score DESC LIMIT 200",
+                       dict(p, s=space))
+    have = set(ex.ds.model_names())
+    return ex.html("align.html", title=f"align {a} / {b}", a=a, b=b, space=space, kind=kind, options=options, heat=heat,
+                   matched=sorted(matched), units=units, link_a=a in have, link_b=b in have)
+
+
+EXAMPLE_SQL = [
+    "SELECT model, layer, head, ov_copying_score FROM heads ORDER BY ov_copying_score DESC NULLS LAST LIMIT 10",
+    "SELECT model, token_id, token FROM tokens t JOIN models m USING (vocab_id) WHERE norm = 'paris'",
+    "SELECT kind, count(*) AS rows FROM vectors GROUP BY kind ORDER BY rows DESC",
+]
+
+
+@page
+def sql_page(ex: Explorer, request: Request):
+    q = request.query_params.get("q", "")
+    ctx = dict(title="SQL", q=q, examples=EXAMPLE_SQL, cap=ex.sql_row_cap, timeout=ex.sql_timeout, error=None,
+               cols=[], rows=[], truncated=False, ms=None)
+    if not q.strip():
+        return ex.html("sql.html", **ctx)
+    t = time.perf_counter()
+    try:
+        table, truncated = run_sql(ex.ds, q, max_rows=ex.sql_row_cap, timeout=ex.sql_timeout)
+    except QueryError as e:
+        ctx["error"] = str(e)
+        return ex.html("sql.html", status=_status(e), **ctx)
+    ctx.update(cols=table.column_names, rows=[[r[c] for c in table.column_names] for r in table.to_pylist()],
+               truncated=truncated, ms=(time.perf_counter() - t) * 1000, qs=urlencode({"q": q}))
+    return ex.html("sql.html", **ctx)
+
+
+@page
+def api_docs(ex: Explorer, request: Request):
+    return ex.html("api.html", title="JSON API", endpoints=ENDPOINTS)
+
+
+# -- JSON API ----------------------------------------------------------------------------------
+
+def _models_param(request: Request):
+    return request.query_params.getlist("model") or None
+
+
+def _side(request: Request) -> str:
+    return request.query_params.get("side", "top")
+
+
+def _flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+@api
+def api_models(ex, request):
+    return ex.ds.models()
+
+
+@api
+def api_heads(ex, request):
+    token_id = _int_param(request, "id", None, hi=2**31 - 1)
+    token = request.query_params.get("token") if token_id is not None else _required(request, "token", "a token, e.g. ?token=paris")
+    return ex.ds.heads(token, model=_models_param(request), circuit=request.query_params.getlist("circuit") or None,
+                       side=_side(request), limit=_int_param(request, "limit", 20) or None, exact=_flag(request, "exact"),
+                       token_id=token_id)
+
+
+@api
+def api_neurons(ex, request):
+    token_id = _int_param(request, "id", None, hi=2**31 - 1)
+    token = request.query_params.get("token") if token_id is not None else _required(request, "token", "a token, e.g. ?token=paris")
+    return ex.ds.neurons(token, model=_models_param(request), kind=request.query_params.getlist("kind") or None,
+                         max_rank=_int_param(request, "max_rank", None), side=_side(request),
+                         limit=_int_param(request, "limit", 20) or None, exact=_flag(request, "exact"), token_id=token_id)
+
+
+@api
+def api_show(ex, request):
+    model = _required(request, "model", "a model, e.g. ?model=minilm")
+    ex.model(model)
+    sections = ex.ds.show(model, _required(request, "unit", "a unit, e.g. ?unit=L5.H3"),
+                          limit=_int_param(request, "limit", 10) or None)
+    text = json.dumps({k: json.loads(output.to_json(t)) for k, t in sections.items()}, ensure_ascii=False, indent=1)
+    return Response(text, media_type="application/json", headers=SECURITY_HEADERS)
+
+
+@api
+def api_similar(ex, request):
+    model = _required(request, "model", "a model, e.g. ?model=minilm")
+    other = _required(request, "in", "the model to search, e.g. ?in=mpnet")
+    ex.model(model)
+    ex.model(other)
+    return ex.ds.similar(model, _required(request, "unit", "a unit, e.g. ?unit=L3.N17"), other,
+                         limit=_int_param(request, "limit", 10) or None)
+
+
+@api
+def api_tokens(ex, request):
+    return ex.ds.tokens(_required(request, "text", "a text, e.g. ?text=Paris is big"), model=_models_param(request))
+
+
+@api
+def api_sql(ex, request):
+    q = _required(request, "q", "read-only SQL, e.g. ?q=SELECT * FROM models")
+    fmt = request.query_params.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise BadOption(f"unknown format {fmt!r}: use json or csv")
+    table, truncated = run_sql(ex.ds, q, max_rows=ex.sql_row_cap, timeout=ex.sql_timeout)
+    headers = dict(SECURITY_HEADERS, **{"X-Zeropass-Truncated": "true" if truncated else "false"})
+    if fmt == "csv":
+        headers["Content-Disposition"] = 'attachment; filename="zeropass.csv"'
+        return Response(output.to_csv(table), media_type="text/csv; charset=utf-8", headers=headers)
+    if "download" in request.query_params:
+        headers["Content-Disposition"] = 'attachment; filename="zeropass.json"'
+    return Response(output.to_json(table), media_type="application/json", headers=headers)
+
+
+def api_openapi(request: Request):
+    return JSONResponse(openapi(), headers=SECURITY_HEADERS)
+
+
+# -- the app -----------------------------------------------------------------------------------
+
+def _not_found(request: Request, exc: HTTPException):
+    ex: Explorer = request.app.state.explorer
+    msg = exc.detail if exc.status_code != 404 else f"no page at {request.url.path}: start from /"
+    if request.url.path.startswith("/api"):
+        return JSONResponse({"error": msg}, status_code=exc.status_code, headers=SECURITY_HEADERS)
+    return ex.error_page(msg, exc.status_code)
+
+
+def _server_error(request: Request, exc: Exception):
+    # A bug, not a user error: say so in one line (uvicorn's log has the traceback).
+    msg = f"internal error ({type(exc).__name__}): this is a zeropass bug, please report it with the URL"
+    if request.url.path.startswith("/api"):
+        return JSONResponse({"error": msg}, status_code=500, headers=SECURITY_HEADERS)
+    return HTMLResponse(request.app.state.explorer.env.get_template("error.html").render(
+        message=msg, title="Error 500", models=[]), status_code=500, headers=SECURITY_HEADERS)
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S,
+               pool_size: int = 4) -> Starlette:
+    """The explorer app over an open ``query.Dataset``.
+
+    Bound to a loopback ``host``, only requests naming a loopback host are served (so a web page
+    elsewhere cannot reach the dataset through DNS rebinding).
+    """
+    routes = [
+        Route("/", home),
+        Route("/search", search),
+        Route("/model/{model}", model_page),
+        Route("/model/{model}/unit/{unit}", unit_page),
+        Route("/model/{model}/unit/{unit}/neighbours", neighbours_page),
+        Route("/align/{a}/{b}", align_page),
+        Route("/sql", sql_page),
+        Route("/api", api_docs),
+        Route("/api/openapi.json", api_openapi),
+        Route("/api/models", api_models),
+        Route("/api/heads", api_heads),
+        Route("/api/neurons", api_neurons),
+        Route("/api/show", api_show),
+        Route("/api/similar", api_similar),
+        Route("/api/tokens", api_tokens),
+        Route("/api/sql", api_sql),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    middleware = []
+    if host in LOOPBACK:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"]))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: _not_found, 405: _not_found, Exception: _server_error})
+    app.state.explorer = Explorer(ds, sql_row_cap=sql_row_cap, sql_timeout=sql_timeout, pool_size=pool_size)
+    for name in app.state.explorer.env.list_templates():  # compile now, not on a user's first visit
+        app.state.explorer.env.get_template(name)
+    return app
