@@ -294,8 +294,6 @@ def publish(root: Path, change: Change) -> dict:
     failure before the manifest's rename raises DatasetError and leaves the published dataset
     (manifest, catalog, files) exactly as it was.
     """
-    import duckdb
-
     root = Path(root)
     with dataset_lock(root):
         before = open_dataset(root)
@@ -303,21 +301,13 @@ def publish(root: Path, change: Change) -> dict:
         superseded = list(change(manifest) or [])
         manifest["schema_version"] = SCHEMA_VERSION
         manifest["zeropass_version"] = ZEROPASS_VERSION
-        catalog_tmp = None
+        catalog_tmp = _write_catalog_tmp(root, manifest)  # one-line errors; removes itself on failure
         try:
-            catalog_tmp = _write_catalog_tmp(root, manifest)
             write_json_atomic(root / MANIFEST, manifest)  # the commit point
-        except DatasetError:  # already one line (an OSError too: pass it on as it is)
+        except BaseException as e:
             _unlink_catalog_tmp(catalog_tmp)
-            raise
-        except OSError as e:
-            _unlink_catalog_tmp(catalog_tmp)
-            raise _os_error(root, e) from None
-        except duckdb.Error as e:
-            _unlink_catalog_tmp(catalog_tmp)
-            raise _duckdb_error(root, e) from None
-        except BaseException:
-            _unlink_catalog_tmp(catalog_tmp)
+            if isinstance(e, OSError) and not isinstance(e, DatasetError):
+                raise _os_error(root, e) from None
             raise
         try:
             os.replace(catalog_tmp, root / CATALOG)
@@ -339,21 +329,13 @@ def _unlink_catalog_tmp(tmp: Path | None) -> None:
 
 def write_catalog(root: Path, manifest: dict) -> None:
     """Rewrite catalog.duckdb for ``manifest`` (used by `zeropass check --repair`; the writer uses publish)."""
-    import duckdb
-
     root = Path(root)
-    tmp = None
+    tmp = _write_catalog_tmp(root, manifest)
     try:
-        tmp = _write_catalog_tmp(root, manifest)
         os.replace(tmp, root / CATALOG)
-    except DatasetError:
-        raise
     except OSError as e:
         _unlink_catalog_tmp(tmp)
         raise _os_error(root, e) from None
-    except duckdb.Error as e:
-        _unlink_catalog_tmp(tmp)
-        raise _duckdb_error(root, e) from None
 
 
 def catalog_digest(manifest: dict) -> str:
@@ -368,7 +350,8 @@ def catalog_comment(manifest: dict) -> str:
 
 
 def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
-    """Write the views of ``manifest`` to a temporary catalog file beside catalog.duckdb.
+    """Write the views of ``manifest`` to a temporary catalog file beside catalog.duckdb; on
+    failure nothing is left and the error is one line (DatasetError).
 
     DuckDB binds a view when it is created, which reads every listed file. The views are bound
     against a stand-in tree instead: a private temporary directory where each listed path is
@@ -418,8 +401,12 @@ def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
             dst.flush()
             os.fsync(dst.fileno())
         return tmp
-    except BaseException:
+    except BaseException as e:
         _unlink_catalog_tmp(tmp)
+        if isinstance(e, OSError) and not isinstance(e, DatasetError):
+            raise _os_error(root, e) from None
+        if isinstance(e, duckdb.Error):
+            raise _duckdb_error(root, e) from None
         raise
     finally:
         shutil.rmtree(stand_in, ignore_errors=True)

@@ -236,3 +236,4 @@ def small_disk(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the full-disk test needs root")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
+

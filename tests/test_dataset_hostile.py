@@ -19,6 +19,7 @@ from indexer.build import index_model
 from indexer.errors import DatasetError
 from query.cli import cli
 from schemas.layout import read_manifest
+from tests.disks import fill
 from tests.tiny_models import D_VOCAB, save_tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,24 +223,13 @@ def test_every_odd_character_at_once_through_the_real_command(tmp_path, models):
 
 # -- 5. a full disk at every write -------------------------------------------------------------
 
-def _fill(disk: Path) -> None:
-    fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fill_before(monkeypatch, disk: Path, module, name: str, when=lambda *a, **k: True):
     """Let ``module.name`` run for real, but on a full disk when ``when(args)`` holds."""
     real = getattr(module, name)
 
     def wrapped(*args, **kwargs):
         if when(*args, **kwargs):
-            _fill(disk)
+            fill(disk)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, wrapped)
@@ -277,7 +267,7 @@ def test_a_full_disk_through_the_cli_is_one_line_and_exit_1(tmp_path, small_disk
     db = small_disk / "db"
     assert invoke("index", models["a"], "--db", db, "--name", "ok", *SMALL).exit_code == 0
     before = published(db)
-    _fill(small_disk)
+    fill(small_disk)
     line = one_error_line(invoke("index", models["b"], "--db", db, "--name", "new", *SMALL))
     assert "no space left" in line
     assert published(db) == before

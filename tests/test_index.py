@@ -24,6 +24,7 @@ from indexer.load import load_canonical
 from indexer.variants import fold
 from query import Dataset
 from schemas.layout import read_manifest, table_files
+from tests.disks import fill
 from tests.tiny_models import save_tiny
 
 K = 5
@@ -360,14 +361,7 @@ def test_disk_full_while_sorting_by_token_is_one_clear_error(tmp_path, small_dis
     real = Build.write_by_token
 
     def fill_disk_first(self):
-        fd = os.open(small_disk / "ballast", os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fill(small_disk)
         real(self)
 
     monkeypatch.setattr(Build, "write_by_token", fill_disk_first)
