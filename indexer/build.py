@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from schemas.kinds import KIND, READ
-from schemas.units import bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit
+from schemas.units import bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit, router_unit
 
 from .canonical import Canonical
 from .dataset import Build, ZEROPASS_VERSION, check_writable, checkpoint_origin, dataset_lock, origin_of
@@ -389,14 +389,17 @@ class _ModelWriter:
 
     def vectors(self, l: int, lw) -> pa.Table:
         """Top/bottom-k tokens of every vector-shaped parameter of layer ``l``."""
-        dims = self.model.dims
-        parts = []
-        ff_units = [neuron_unit(l, i) for i in range(dims.d_ff)]
-        ff_idx = np.arange(dims.d_ff)
-        # FF vectors as rows: keys and gates are columns of W_in / W_gate, values rows of W_out.
-        for kind, X in (("ff_key", lw.W_in.T), ("ff_gate", None if lw.W_gate is None else lw.W_gate.T), ("ff_value", lw.W_out)):
-            if X is not None:
-                parts.append(self._vector_table(kind, l, None, ff_idx, ff_units, self._projector(kind)(X)))
+        parts = self._ff_tables(l, lw, None)  # dense FF, or a MoE layer's shared expert (expert null)
+        if lw.experts is not None:
+            # Mixture of experts: one expert read and projected at a time (memory: one expert).
+            for e in range(len(lw.experts)):
+                parts += self._ff_tables(l, lw.experts[e], e)
+            n_e = lw.W_router.shape[1]
+            parts.append(self._vector_table("router", l, None, np.arange(n_e), [router_unit(l, e) for e in range(n_e)],
+                                            self._projector("router")(lw.W_router.T), experts=np.arange(n_e)))
+            if lw.W_shared_gate is not None:
+                parts.append(self._vector_table("router", l, None, np.zeros(1, dtype=np.int64), [router_unit(l, None)],
+                                                self._projector("router")(lw.W_shared_gate.T)))
         for kind, W in (("q", lw.W_Q), ("k", lw.W_K), ("v", lw.W_V), ("o", lw.W_O)):
             reads = KIND[kind].side == READ
             n_h, d_head = W.shape[0], (W.shape[2] if reads else W.shape[1])
@@ -412,7 +415,23 @@ class _ModelWriter:
                                                 self._projector(kind)(b[None, :])))
         return pa.concat_tables(parts)
 
-    def _vector_table(self, kind: str, layer, heads, idx, units: list[str], topk: TopK) -> pa.Table:
+    def _ff_tables(self, l: int, ff, expert: Optional[int]) -> list:
+        """FF key / gate / value tables of a dense MLP or of one expert (``ff``: LayerWeights or ExpertFF)."""
+        d_ff = ff.W_in.shape[1]
+        if d_ff == 0:  # a MoE layer without a shared expert
+            return []
+        units = [neuron_unit(l, i, expert) for i in range(d_ff)]
+        idx = np.arange(d_ff)
+        experts = None if expert is None else np.full(d_ff, expert)
+        parts = []
+        # FF vectors as rows: keys and gates are columns of W_in / W_gate, values rows of W_out.
+        for kind, X in (("ff_key", ff.W_in.T), ("ff_gate", None if ff.W_gate is None else ff.W_gate.T), ("ff_value", ff.W_out)):
+            if X is not None:
+                parts.append(self._vector_table(kind, l, None, idx, units, self._projector(kind)(X), experts=experts))
+        return parts
+
+    def _vector_table(self, kind: str, layer, heads, idx, units: list[str], topk: TopK, experts=None) -> pa.Table:
+        """``experts``: per unit, its routed expert (``vectors.expert``); None: null for every row."""
         n, k = topk.top_idx.shape
         rows_per_unit = 2 * k
         total = n * rows_per_unit
@@ -426,6 +445,7 @@ class _ModelWriter:
             "layer": pa.array(np.full(total, layer, dtype=np.int16)) if layer is not None else pa.nulls(total, pa.int16()),
             "kind": pa.DictionaryArray.from_arrays(pa.array(np.zeros(total, dtype=np.int32)), pa.array([kind])),
             "head": pa.array(np.asarray(heads, dtype=np.int16)[unit_of_row]) if heads is not None else pa.nulls(total, pa.int16()),
+            "expert": pa.array(np.asarray(experts, dtype=np.int16)[unit_of_row]) if experts is not None else pa.nulls(total, pa.int16()),
             "idx": pa.array(np.asarray(idx, dtype=np.int32)[unit_of_row]),
             "unit": pa.DictionaryArray.from_arrays(pa.array(unit_of_row.astype(np.int32)), pa.array(units)),
             "side": pa.DictionaryArray.from_arrays(pa.array(side_idx), pa.array(["top", "bottom"])),
