@@ -5,6 +5,7 @@ partitions written as soon as they are computed, so a killed build resumes where
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import numbers
 import re
@@ -361,6 +362,12 @@ class _ModelWriter:
         self.write_side = self.read if self.same_basis else Projector(emb.W_U, k, device)  # scores = w @ W_U
         self._E64: Optional[torch.Tensor] = None
         self._U64T: Optional[torch.Tensor] = None
+        if device == "cpu":
+            # Bounded memory (issue 12): the projectors hold W_E^T / W_U as float32 [d_model, d_vocab];
+            # point the model's embeddings at them (equal values) so W_E's own float32 copy can be
+            # freed (2 GB at V 128256), and build the float64 circuit factors from them block by
+            # block (_factor) instead of holding float64 copies of both bases (8 GB at V 128256).
+            model.embeddings = dataclasses.replace(emb, W_E=self.read.basis.T, W_U=self.write_side.basis)
 
     # -- vectors ---------------------------------------------------------------------------
 
@@ -458,8 +465,25 @@ class _ModelWriter:
 
     # -- heads -----------------------------------------------------------------------------
 
+    _FACTOR_ROWS = 4096  # vocabulary rows per float64 block in _factor (128 MB at d_model 4096)
+
+    def _factor(self, side: str, W: torch.Tensor) -> torch.Tensor:
+        """float64 ``W_E @ W`` (side "E") or ``W_U^T @ W`` (side "U") for W [d_model, d_head]:
+        exact float64 products (DESIGN §3). On a GPU from float64 bases built once; on the CPU
+        from the float32 projector bases, converted one block of vocabulary rows at a time."""
+        W64 = W.to(self.device, torch.float64)
+        if self.device != "cpu":
+                return (E if side == "E" else UT) @ W64
+        basis = (self.read if side == "E" else self.write_side).basis  # [d_model, d_vocab] float32
+        V = basis.shape[1]
+        out = torch.empty(V, W64.shape[1], dtype=torch.float64)
+        for i in range(0, V, self._FACTOR_ROWS):
+            j = min(V, i + self._FACTOR_ROWS)
+            torch.matmul(basis[:, i:j].T.to(torch.float64), W64, out=out[i:j])
+        return out
+
     def _factors_base(self):
-        """float64 W_E and W_U^T, built once: the circuits are exact in float64 (DESIGN §3)."""
+        """float64 W_E and W_U^T, built once (GPU only, see _factor)."""
         if self._E64 is None:
             emb = self.model.embeddings
             self._E64 = emb.W_E.to(self.device, torch.float64)
@@ -473,7 +497,6 @@ class _ModelWriter:
         from .kernels.pairs import top_pairs
 
         dims = self.model.dims
-        E, UT = self._factors_base()
         dev = self.device
         k_fac: dict[int, torch.Tensor] = {}
         v_fac: dict[int, torch.Tensor] = {}
@@ -481,10 +504,10 @@ class _ModelWriter:
         for h in range(dims.n_heads):
             kv = dims.kv_head(h)
             if kv not in k_fac:
-                k_fac[kv] = E @ lw.W_K[kv].to(dev, torch.float64)
-                v_fac[kv] = E @ lw.W_V[kv].to(dev, torch.float64)
-            A_qk = E @ lw.W_Q[h].to(dev, torch.float64)
-            B_ov = UT @ lw.W_O[h].to(dev, torch.float64).T  # (W_O W_U)^T: [d_vocab, d_head]
+                k_fac[kv] = self._factor("E", lw.W_K[kv])
+                v_fac[kv] = self._factor("E", lw.W_V[kv])
+            A_qk = self._factor("E", lw.W_Q[h])
+            B_ov = self._factor("U", lw.W_O[h].T)  # (W_O W_U)^T = W_U^T W_O^T: [d_vocab, d_head]
             results = {}
             if self.n_pairs > 0:
                 results["qk"] = top_pairs(A_qk, k_fac[kv], self.n_pairs, self.k, square=True, device=dev)
