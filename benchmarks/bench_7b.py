@@ -39,9 +39,12 @@ SHAPES = {
                       intermediate_size=11008, tie_word_embeddings=False),
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
                       intermediate_size=14336, tie_word_embeddings=False),
+    # a dry run of the script itself (seconds): `--shapes smoke --layers 1,2 --compare-cpu-layer 0`
+    "smoke": dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, tie_word_embeddings=False),
 }
-TARGET_GB = {"llama2-7b": 6.0, "llama3-8b": 8.0}
-FULL_LAYERS = {"llama2-7b": 32, "llama3-8b": 32}
+TARGET_GB = {"llama2-7b": 6.0, "llama3-8b": 8.0, "smoke": 1.0}
+FULL_LAYERS = {"llama2-7b": 32, "llama3-8b": 32, "smoke": 2}
 
 
 def build_checkpoint(root: Path, shape: str, n_layers: int) -> Path:
