@@ -129,7 +129,7 @@ VECTORS = _table(
 
 VECTORS_BY_TOKEN = _table(
     "vectors_by_token",
-    "The rows of `vectors` again, one file per model sorted by token_id (then layer, kind, head, idx, side, rank), "
+    "The rows of `vectors` again, one file per model sorted by token_id (then layer, kind, head, expert, idx, side, rank), "
     "for token search: a token's rows sit in one or two row groups instead of one per layer file. Without the "
     "`unit` and `token` texts, which would cost as much as the rest: join `tokens` for the text; the unit name "
     "follows from layer, kind, head, expert and idx.",
