@@ -5,6 +5,7 @@ partitions written as soon as they are computed, so a killed build resumes where
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import numbers
 import re
@@ -18,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from schemas.kinds import KIND, READ
-from schemas.units import bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit
+from schemas.units import bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit, router_unit
 
 from .canonical import Canonical
 from .dataset import Build, ZEROPASS_VERSION, check_writable, checkpoint_origin, dataset_lock, origin_of
@@ -361,6 +362,12 @@ class _ModelWriter:
         self.write_side = self.read if self.same_basis else Projector(emb.W_U, k, device)  # scores = w @ W_U
         self._E64: Optional[torch.Tensor] = None
         self._U64T: Optional[torch.Tensor] = None
+        if device == "cpu":
+            # Bounded memory (issue 12): the projectors hold W_E^T / W_U as float32 [d_model, d_vocab];
+            # point the model's embeddings at them (equal values) so W_E's own float32 copy can be
+            # freed (2 GB at V 128256), and build the float64 circuit factors from them block by
+            # block (_factor) instead of holding float64 copies of both bases (8 GB at V 128256).
+            model.embeddings = dataclasses.replace(emb, W_E=self.read.basis.T, W_U=self.write_side.basis)
 
     # -- vectors ---------------------------------------------------------------------------
 
@@ -389,14 +396,17 @@ class _ModelWriter:
 
     def vectors(self, l: int, lw) -> pa.Table:
         """Top/bottom-k tokens of every vector-shaped parameter of layer ``l``."""
-        dims = self.model.dims
-        parts = []
-        ff_units = [neuron_unit(l, i) for i in range(dims.d_ff)]
-        ff_idx = np.arange(dims.d_ff)
-        # FF vectors as rows: keys and gates are columns of W_in / W_gate, values rows of W_out.
-        for kind, X in (("ff_key", lw.W_in.T), ("ff_gate", None if lw.W_gate is None else lw.W_gate.T), ("ff_value", lw.W_out)):
-            if X is not None:
-                parts.append(self._vector_table(kind, l, None, ff_idx, ff_units, self._projector(kind)(X)))
+        parts = self._ff_tables(l, lw, None)  # dense FF, or a MoE layer's shared expert (expert null)
+        if lw.experts is not None:
+            # Mixture of experts: one expert read and projected at a time (memory: one expert).
+            for e in range(len(lw.experts)):
+                parts += self._ff_tables(l, lw.experts[e], e)
+            n_e = lw.W_router.shape[1]
+            parts.append(self._vector_table("router", l, None, np.arange(n_e), [router_unit(l, e) for e in range(n_e)],
+                                            self._projector("router")(lw.W_router.T), experts=np.arange(n_e)))
+            if lw.W_shared_gate is not None:
+                parts.append(self._vector_table("router", l, None, np.zeros(1, dtype=np.int64), [router_unit(l, None)],
+                                                self._projector("router")(lw.W_shared_gate.T)))
         for kind, W in (("q", lw.W_Q), ("k", lw.W_K), ("v", lw.W_V), ("o", lw.W_O)):
             reads = KIND[kind].side == READ
             n_h, d_head = W.shape[0], (W.shape[2] if reads else W.shape[1])
@@ -412,7 +422,23 @@ class _ModelWriter:
                                                 self._projector(kind)(b[None, :])))
         return pa.concat_tables(parts)
 
-    def _vector_table(self, kind: str, layer, heads, idx, units: list[str], topk: TopK) -> pa.Table:
+    def _ff_tables(self, l: int, ff, expert: Optional[int]) -> list:
+        """FF key / gate / value tables of a dense MLP or of one expert (``ff``: LayerWeights or ExpertFF)."""
+        d_ff = ff.W_in.shape[1]
+        if d_ff == 0:  # a MoE layer without a shared expert
+            return []
+        units = [neuron_unit(l, i, expert) for i in range(d_ff)]
+        idx = np.arange(d_ff)
+        experts = None if expert is None else np.full(d_ff, expert)
+        parts = []
+        # FF vectors as rows: keys and gates are columns of W_in / W_gate, values rows of W_out.
+        for kind, X in (("ff_key", ff.W_in.T), ("ff_gate", None if ff.W_gate is None else ff.W_gate.T), ("ff_value", ff.W_out)):
+            if X is not None:
+                parts.append(self._vector_table(kind, l, None, idx, units, self._projector(kind)(X), experts=experts))
+        return parts
+
+    def _vector_table(self, kind: str, layer, heads, idx, units: list[str], topk: TopK, experts=None) -> pa.Table:
+        """``experts``: per unit, its routed expert (``vectors.expert``); None: null for every row."""
         n, k = topk.top_idx.shape
         rows_per_unit = 2 * k
         total = n * rows_per_unit
@@ -426,6 +452,7 @@ class _ModelWriter:
             "layer": pa.array(np.full(total, layer, dtype=np.int16)) if layer is not None else pa.nulls(total, pa.int16()),
             "kind": pa.DictionaryArray.from_arrays(pa.array(np.zeros(total, dtype=np.int32)), pa.array([kind])),
             "head": pa.array(np.asarray(heads, dtype=np.int16)[unit_of_row]) if heads is not None else pa.nulls(total, pa.int16()),
+            "expert": pa.array(np.asarray(experts, dtype=np.int16)[unit_of_row]) if experts is not None else pa.nulls(total, pa.int16()),
             "idx": pa.array(np.asarray(idx, dtype=np.int32)[unit_of_row]),
             "unit": pa.DictionaryArray.from_arrays(pa.array(unit_of_row.astype(np.int32)), pa.array(units)),
             "side": pa.DictionaryArray.from_arrays(pa.array(side_idx), pa.array(["top", "bottom"])),
@@ -438,8 +465,25 @@ class _ModelWriter:
 
     # -- heads -----------------------------------------------------------------------------
 
+    _FACTOR_ROWS = 4096  # vocabulary rows per float64 block in _factor (128 MB at d_model 4096)
+
+    def _factor(self, side: str, W: torch.Tensor) -> torch.Tensor:
+        """float64 ``W_E @ W`` (side "E") or ``W_U^T @ W`` (side "U") for W [d_model, d_head]:
+        exact float64 products (DESIGN §3). On a GPU from float64 bases built once; on the CPU
+        from the float32 projector bases, converted one block of vocabulary rows at a time."""
+        W64 = W.to(self.device, torch.float64)
+        if self.device != "cpu":
+                return (E if side == "E" else UT) @ W64
+        basis = (self.read if side == "E" else self.write_side).basis  # [d_model, d_vocab] float32
+        V = basis.shape[1]
+        out = torch.empty(V, W64.shape[1], dtype=torch.float64)
+        for i in range(0, V, self._FACTOR_ROWS):
+            j = min(V, i + self._FACTOR_ROWS)
+            torch.matmul(basis[:, i:j].T.to(torch.float64), W64, out=out[i:j])
+        return out
+
     def _factors_base(self):
-        """float64 W_E and W_U^T, built once: the circuits are exact in float64 (DESIGN §3)."""
+        """float64 W_E and W_U^T, built once (GPU only, see _factor)."""
         if self._E64 is None:
             emb = self.model.embeddings
             self._E64 = emb.W_E.to(self.device, torch.float64)
@@ -453,7 +497,6 @@ class _ModelWriter:
         from .kernels.pairs import top_pairs
 
         dims = self.model.dims
-        E, UT = self._factors_base()
         dev = self.device
         k_fac: dict[int, torch.Tensor] = {}
         v_fac: dict[int, torch.Tensor] = {}
@@ -461,10 +504,10 @@ class _ModelWriter:
         for h in range(dims.n_heads):
             kv = dims.kv_head(h)
             if kv not in k_fac:
-                k_fac[kv] = E @ lw.W_K[kv].to(dev, torch.float64)
-                v_fac[kv] = E @ lw.W_V[kv].to(dev, torch.float64)
-            A_qk = E @ lw.W_Q[h].to(dev, torch.float64)
-            B_ov = UT @ lw.W_O[h].to(dev, torch.float64).T  # (W_O W_U)^T: [d_vocab, d_head]
+                k_fac[kv] = self._factor("E", lw.W_K[kv])
+                v_fac[kv] = self._factor("E", lw.W_V[kv])
+            A_qk = self._factor("E", lw.W_Q[h])
+            B_ov = self._factor("U", lw.W_O[h].T)  # (W_O W_U)^T = W_U^T W_O^T: [d_vocab, d_head]
             results = {}
             if self.n_pairs > 0:
                 results["qk"] = top_pairs(A_qk, k_fac[kv], self.n_pairs, self.k, square=True, device=dev)

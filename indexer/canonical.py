@@ -47,6 +47,11 @@ class Dims:
     # A norm without a bias is an RMSNorm, except in families whose LayerNorms have no bias
     # (Cohere): they still subtract the mean. Folding only needs the gain either way.
     centred_norms: bool = False
+    # Mixture of experts (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE): routed experts per layer, each an
+    # MLP of width d_ff; d_ff_shared is the width of LayerWeights.W_in in those layers (the
+    # always-on shared expert of Qwen2-MoE, 0 without one). n_experts 0: a dense model.
+    n_experts: int = 0
+    d_ff_shared: int = 0
 
     def __post_init__(self):
         # Sizes come from config.json: an inconsistent one is the user's checkpoint, not our bug.
@@ -62,8 +67,14 @@ class Dims:
 
     def describe(self) -> str:
         """The sizes, in one phrase for messages."""
+        experts = f", {self.n_experts} experts" if self.n_experts else ""
         return (f"n_layers {self.n_layers}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}, "
-                f"d_model {self.d_model}, d_head {self.d_head}, d_ff {self.d_ff}")
+                f"d_model {self.d_model}, d_head {self.d_head}, d_ff {self.d_ff}{experts}")
+
+    @property
+    def d_ff_dense(self) -> int:
+        """Width of LayerWeights.W_in / W_out: d_ff, or in a MoE model the shared expert's (maybe 0)."""
+        return self.d_ff_shared if self.n_experts else self.d_ff
 
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` uses under grouped-query attention."""
@@ -93,6 +104,40 @@ class Embeddings:
                              "ln_final_b": (d,), "ln_embed_w": (d,), "ln_embed_b": (d,)}, dims, "the embeddings", at)
         if self.W_pos is not None and self.W_pos.shape[1:] != (d,):
             _check_shapes(self, {"W_pos": (self.W_pos.shape[0], d)}, dims, "the embeddings", at)
+
+
+@dataclass
+class ExpertFF:
+    """One routed expert's MLP, canonical like the dense one: ``act(x @ W_gate) * (x @ W_in) @ W_out``."""
+
+    W_in: Tensor  # [d_model, d_ff]  its FF keys are the columns
+    W_out: Tensor  # [d_ff, d_model] its FF values are the rows
+    W_gate: Optional[Tensor] = None  # [d_model, d_ff]
+
+
+class Experts:
+    """A layer's routed experts, read one at a time (``experts[e]``) so memory holds one expert,
+    not a layer's worth of them (a Mixtral layer's experts are 5.6 GB in float32).
+
+    ``read(e) -> ExpertFF``; ``map(f)`` is a lazy view applying ``f`` to each expert read (folding).
+    """
+
+    def __init__(self, n: int, read: Callable[[int], ExpertFF]):
+        self.n, self._read = n, read
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, e: int) -> ExpertFF:
+        if not 0 <= e < self.n:
+            raise IndexError(f"expert {e} out of range: the layer has experts 0..{self.n - 1}")
+        return self._read(e)
+
+    def __iter__(self):
+        return (self[e] for e in range(self.n))
+
+    def map(self, f: Callable[[ExpertFF], ExpertFF]) -> "Experts":
+        return Experts(self.n, lambda e: f(self._read(e)))
 
 
 @dataclass
@@ -137,18 +182,31 @@ class LayerWeights:
     q_norm_w: Optional[Tensor] = None  # [n_heads, d_head]
     k_norm_w: Optional[Tensor] = None  # [n_kv_heads, d_head]
     act: str = "gelu"  # name of the MLP activation, as the HF config spells it
+    # Mixture of experts (Dims.n_experts > 0): logits = x @ W_router (x the MLP's normed input),
+    # the top experts' MLPs are summed; W_in / W_out above are then the shared expert (width
+    # Dims.d_ff_shared, 0 without one) and W_shared_gate its sigmoid gate (Qwen2-MoE).
+    W_router: Optional[Tensor] = None  # [d_model, n_experts]; expert e's router vector is column e
+    experts: Optional[Experts] = None
+    W_shared_gate: Optional[Tensor] = None  # [d_model, 1]
 
     def check(self, dims: Dims, layer: int, names: Optional["TensorNames"] = None) -> None:
         """BadCheckpoint when a tensor's shape contradicts ``dims`` (i.e. config.json)."""
-        h, kv, d, e, f = dims.n_heads, dims.n_kv_heads, dims.d_model, dims.d_head, dims.d_ff
+        h, kv, d, e, f = dims.n_heads, dims.n_kv_heads, dims.d_model, dims.d_head, dims.d_ff_dense
         _check_shapes(self, {
             "W_Q": (h, d, e), "W_K": (kv, d, e), "W_V": (kv, d, e), "W_O": (h, e, d),
             "W_in": (d, f), "W_out": (f, d), "W_gate": (d, f),
             "b_Q": (h, e), "b_K": (kv, e), "b_V": (kv, e), "b_O": (d,), "b_in": (f,), "b_gate": (f,),
             "b_out": (d,), "ln_attn_w": (d,), "ln_attn_b": (d,), "ln_mlp_w": (d,), "ln_mlp_b": (d,),
             "ln_attn_out_w": (d,), "ln_attn_out_b": (d,), "ln_mlp_out_w": (d,), "ln_mlp_out_b": (d,),
-            "q_norm_w": (h, e), "k_norm_w": (kv, e),
+            "q_norm_w": (h, e), "k_norm_w": (kv, e), "W_router": (d, dims.n_experts), "W_shared_gate": (d, 1),
         }, dims, f"layer {layer}", names and (lambda role: names(role, layer)))
+        if dims.n_experts and (self.experts is None or self.W_router is None or len(self.experts) != dims.n_experts):
+            raise _bad(f"layer {layer} has {0 if self.experts is None else len(self.experts)} experts and "
+                       f"{'no' if self.W_router is None else 'a'} router, but config.json says {dims.n_experts} "
+                       f"experts; fix config.json or the checkpoint")
+        for i, ex in enumerate(self.experts or ()):
+            _check_shapes(ex, {"W_in": (d, dims.d_ff), "W_out": (dims.d_ff, d), "W_gate": (d, dims.d_ff)},
+                          dims, f"layer {layer} expert {i}", names and (lambda role: names(f"expert.{role}", layer)))
 
 
 @dataclass

@@ -532,7 +532,7 @@ _ROW_LAYOUT = {"vectors": (("token_id",), 16 * 1024)}
 # token's rows then sit in one or two 16K-row groups instead of one group per layer file, which
 # makes token search 3-7x faster on SmolLM2 (docs/QUERY.md). DuckDB sorts out of core within
 # this memory limit, so the step stays small next to the peak of a layer.
-_BY_TOKEN_ORDER = "token_id, layer NULLS FIRST, kind, head NULLS FIRST, idx, side, rank"
+_BY_TOKEN_ORDER = "token_id, layer NULLS FIRST, kind, head NULLS FIRST, expert NULLS FIRST, idx, side, rank"  # expert: MoE (issue 12)
 _BY_TOKEN_MEMORY = "512MB"
 
 

@@ -21,6 +21,10 @@ or writes (RMSNorm/LayerNorm normalisation itself is a per-position scalar and i
 * Gemma's norms multiply by ``1 + w``; the adapter already stores that multiplier as the gain.
 * in every case the normalisation itself (division by the RMS or standard deviation, a scalar
   per position and, for q/k norms, per head) is not a parameter and is left out.
+* mixture of experts: every routed expert, the router and the shared expert's gate read the
+  MLP's normed input, so the pre-MLP gain multiplies the rows of each expert's W_in / W_gate,
+  of W_router and of W_shared_gate; a post-norm on the MLP output multiplies each expert's W_out
+  columns (experts are folded lazily, one at a time, as they are read).
 * in both: the value bias reaches the residual stream as the constant ``b_V @ W_O`` (attention
   weights sum to one), so it is added to the attention output bias.
 """
@@ -68,7 +72,15 @@ def fold_layer(lw: LayerWeights, dims) -> LayerWeights:
             g = lw.ln_mlp_w[:, None]
             out.W_in = lw.W_in * g
             out.W_gate = lw.W_gate * g if lw.W_gate is not None else None
+            if lw.W_router is not None:
+                out.W_router = lw.W_router * g
+                out.W_shared_gate = lw.W_shared_gate * g if lw.W_shared_gate is not None else None
+            if lw.experts is not None:
+                out.experts = lw.experts.map(lambda ex: dataclasses.replace(
+                    ex, W_in=ex.W_in * g, W_gate=None if ex.W_gate is None else ex.W_gate * g))
             if lw.ln_mlp_b is not None:
+                if lw.experts is not None:  # no MoE family has one; a bias would need per-expert b_in
+                    raise NotImplementedError("folding a LayerNorm bias into mixture-of-experts weights")
                 out.b_in = _add(lw.b_in, lw.ln_mlp_b @ lw.W_in)
                 if lw.W_gate is not None:
                     out.b_gate = _add(lw.b_gate, lw.ln_mlp_b @ lw.W_gate)
@@ -89,6 +101,8 @@ def fold_layer(lw: LayerWeights, dims) -> LayerWeights:
         out.b_O = _add(out.b_O * lw.ln_attn_out_w if out.b_O is not None else None, lw.ln_attn_out_b)
     if lw.ln_mlp_out_w is not None:
         out.W_out = out.W_out * lw.ln_mlp_out_w
+        if out.experts is not None:
+            out.experts = out.experts.map(lambda ex: dataclasses.replace(ex, W_out=ex.W_out * lw.ln_mlp_out_w))
         out.b_out = _add(out.b_out * lw.ln_mlp_out_w if out.b_out is not None else None, lw.ln_mlp_out_b)
     if dims.norm_position == "post":
         if lw.ln_attn_w is not None:

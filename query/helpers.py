@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from schemas.kinds import (ALL_KINDS, BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KV_KINDS, POS, POS_KINDS,
+from schemas.kinds import (ALL_KINDS, BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KV_KINDS, POS, POS_KINDS, ROUTER, ROUTER_KINDS,
                            QUERY_HEAD_KINDS, order_sql)
 from schemas.tokens import normalise
 from schemas.units import head_unit_sql, vector_unit_sql
@@ -396,8 +396,12 @@ def show_head_queries(ds, model: str, layer: int, head: int, kv: int, limit: int
 
 def show_vectors_query(ds, model: str, u: Unit, kv: int | None, limit: int | None) -> Query:
     """The SQL of :func:`show` for a unit made of vectors (neuron, head dimension, position, bias)."""
+    # MoE (issue 12): an expert's neuron / router row is picked by the expert column (null: dense or shared).
     if u.kind == "neuron":
-        where, params = "layer = $l AND idx = $i AND list_contains($kinds, kind)", {"l": u.layer, "i": u.index, "kinds": list(FF_KINDS)}
+        where = "layer = $l AND idx = $i AND list_contains($kinds, kind) AND expert IS NOT DISTINCT FROM $e"
+        params = {"l": u.layer, "i": u.index, "kinds": list(FF_KINDS), "e": u.expert}
+    elif u.kind == "router":
+        where, params = "layer = $l AND kind = 'router' AND expert IS NOT DISTINCT FROM $e", {"l": u.layer, "e": u.expert}
     elif u.kind == "head_dim":
         where = f"layer = $l AND idx = $i AND {_head_dims_where()}"
         params = dict(_HEAD_DIM_PARAMS, l=u.layer, i=u.index, h=u.head, kv=kv)
@@ -529,13 +533,14 @@ def _segment(ds, vocab_id: str, text: str) -> dict:
 
 
 # Unit.kind -> the schemas.kinds group whose kinds are the channels of its signature
-_GROUP_OF_UNIT = {"neuron": FF, "head_dim": HEAD_DIM, "pos": POS, "bias": BIAS}
+_GROUP_OF_UNIT = {"neuron": FF, "head_dim": HEAD_DIM, "pos": POS, "bias": BIAS, "router": ROUTER}
 
 
 def _signature_kinds(u: Unit) -> list[str]:
     if u.kind == "bias":
         return [u.bias_kind]
-    return {FF: list(FF_KINDS), HEAD_DIM: list(HEAD_DIM_KINDS), POS: list(POS_KINDS)}[_GROUP_OF_UNIT[u.kind]]
+    return {FF: list(FF_KINDS), HEAD_DIM: list(HEAD_DIM_KINDS), POS: list(POS_KINDS),
+            ROUTER: list(ROUTER_KINDS)}[_GROUP_OF_UNIT[u.kind]]
 
 
 def _rank_weight(k_param: str) -> str:

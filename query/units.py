@@ -1,26 +1,31 @@
-"""Parsing the unit names a user types (``L5.H3``, ``L5.N123``, ``L5.H3.d7``, ``P12``, ``L5.attn_bias``).
+"""Parsing the unit names a user types (``L5.H3``, ``L5.N123``, ``L5.H3.d7``, ``P12``, ``L5.attn_bias``,
+and for mixtures of experts ``L5.E3.N123``, ``L5.E3.router``, ``L5.shared_router``).
 
 The spelling itself, and its SQL twin, are declared once in ``schemas.units``; this module turns
 text into a :class:`Unit` and checks it against a model.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 from schemas import TABLES
 from schemas.kinds import BIAS_KIND_OF_SUFFIX
-from schemas.units import FORMS, bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit
+from schemas.units import SHARED_ROUTER, FORMS, bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit, router_unit
 
 from .errors import BadUnit
 
 _BIAS = "|".join(map(re.escape, BIAS_KIND_OF_SUFFIX))
-_L, _H = ("layer", "layer"), ("head", "head")
+_L, _H, _E = ("layer", "layer"), ("head", "head"), ("expert", "expert")
 # (Unit.kind, pattern, (Unit field, what a user calls it) for each number the pattern captures)
 _PATTERNS = [
     ("head_dim", re.compile(r"^L(\d+)\.H(\d+)\.D(\d+)$", re.IGNORECASE | re.ASCII), (_L, _H, ("index", "dimension"))),
     ("head", re.compile(r"^L(\d+)\.H(\d+)$", re.IGNORECASE | re.ASCII), (_L, _H)),
     ("neuron", re.compile(r"^L(\d+)\.N(\d+)$", re.IGNORECASE | re.ASCII), (_L, ("index", "neuron"))),
+    ("neuron", re.compile(r"^L(\d+)\.E(\d+)\.N(\d+)$", re.IGNORECASE | re.ASCII), (_L, _E, ("index", "neuron"))),
+    ("router", re.compile(r"^L(\d+)\.E(\d+)\.router$", re.IGNORECASE | re.ASCII), (_L, _E)),
+    ("router", re.compile(rf"^L(\d+)\.{SHARED_ROUTER}$", re.IGNORECASE | re.ASCII), (_L,)),
     ("pos", re.compile(r"^P(\d+)$", re.IGNORECASE | re.ASCII), (("index", "position"),)),
     ("bias", re.compile(rf"^L(\d+)\.({_BIAS})$", re.IGNORECASE | re.ASCII), (_L,)),
 ]
@@ -32,18 +37,20 @@ def column_max(table: str, column: str) -> int:
 
 
 # A number beyond its column cannot name a stored unit; checked before any SQL sees it.
-_MAX = {"layer": column_max("vectors", "layer"), "head": column_max("vectors", "head"), "index": column_max("vectors", "idx")}
+_MAX = {"layer": column_max("vectors", "layer"), "head": column_max("vectors", "head"), "index": column_max("vectors", "idx"),
+        "expert": column_max("vectors", "expert")}
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A parsed unit. ``kind``: head, head_dim, neuron, pos or bias."""
+    """A parsed unit. ``kind``: head, head_dim, neuron, pos, bias or router."""
 
     kind: str
     layer: int | None = None
     head: int | None = None
     index: int | None = None  # neuron, dimension or position
     bias: str | None = None   # a bias unit suffix: attn_bias / ff_bias
+    expert: int | None = None  # a routed expert (neuron, router); None: dense / shared
 
     @property
     def name(self) -> str:
@@ -53,7 +60,9 @@ class Unit:
         if self.kind == "head_dim":
             return head_dim_unit(self.layer, self.head, self.index)
         if self.kind == "neuron":
-            return neuron_unit(self.layer, self.index)
+            return neuron_unit(self.layer, self.index, self.expert)
+        if self.kind == "router":
+            return router_unit(self.layer, self.expert)
         if self.kind == "pos":
             return position_unit(self.index)
         return bias_unit(self.layer, self.bias_kind)
@@ -111,7 +120,20 @@ def check_unit(unit: Unit, info: dict) -> None:
         out("layer", unit.layer, info.get("n_layers"))
     if unit.head is not None:
         out("head", unit.head, info.get("n_heads"))
-    if unit.kind == "neuron":
+    if unit.expert is not None or unit.kind == "router":
+        n_experts = _n_experts(info)
+        if not n_experts:
+            raise BadUnit(f"{unit.name}: {model} is not a mixture of experts, so it has no expert or router units")
+        if unit.expert is not None:
+            out("expert", unit.expert, n_experts)
+    if unit.kind == "neuron" and unit.expert is None and _n_experts(info):
+        # A MoE model's plain L5.N123 neurons are its shared expert's (models.d_ff is a routed expert's width).
+        shared = _conventions(info).get("d_ff_shared") or 0
+        if not shared:
+            raise BadUnit(f"{unit.name}: {model} has no dense or shared-expert FF neurons; name a routed expert's "
+                          f"neuron, e.g. L{unit.layer}.E0.N{unit.index}")
+        out("neuron", unit.index, shared)
+    elif unit.kind == "neuron":
         out("neuron", unit.index, info.get("d_ff"))
     if unit.kind == "head_dim":
         out("dimension", unit.index, info.get("d_head"))
@@ -119,3 +141,17 @@ def check_unit(unit: Unit, info: dict) -> None:
         if not info.get("n_ctx"):
             raise BadUnit(f"{unit.name}: {model} has no learned positions (rotary or none), so no P units")
         out("position", unit.index, info.get("n_ctx"))
+
+
+def _conventions(info: dict) -> dict:
+    try:
+        conv = json.loads(info.get("settings") or "{}").get("conventions", {})
+    except (ValueError, TypeError, AttributeError):  # settings of an older or damaged row: nothing known
+        return {}
+    return conv if isinstance(conv, dict) else {}
+
+
+def _n_experts(info: dict) -> int:
+    """Routed experts per layer of a model (its settings' recorded conventions), 0 for a dense model."""
+    n = _conventions(info).get("n_experts")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0

@@ -16,7 +16,7 @@ from .kinds import FF_KINDS, HEAD_DIM_KINDS, KINDS, READ_KINDS, WRITE_KINDS
 
 # Bump when a table changes in a way old datasets cannot be read with; datasets record it in
 # their manifest and the query layer refuses a mismatch with a "rebuild" message.
-SCHEMA_VERSION = 2  # 2: vectors_by_token
+SCHEMA_VERSION = 3  # 2: vectors_by_token; 3: vectors.expert (mixture of experts)
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,9 @@ VECTORS = _table(
     _c("layer", pa.int16(), "Layer index, 0-based; null for `pos` (embedding level).", nullable=True),
     _c("kind", pa.string(), "; ".join(f"`{k.name}`: {k.doc}, {k.side} side" for k in KINDS) + "."),
     _c("head", pa.int16(), "Head for q/o; key/value head for k/v (equal to the query head without GQA); null otherwise.", nullable=True),
-    _c("idx", pa.int32(), "Neuron index (ff_*), dimension within the head (q/k/v/o), position (pos), 0 for biases."),
-    _c("unit", pa.string(), "Human name: `L5.N123` (FF neuron), `L5.H3.d7` (head dim), `L5.attn_bias`, `L5.ff_bias`, `P12` (position)."),
+    _c("expert", pa.int16(), "Mixture of experts: the routed expert of an ff_* vector or a router row, 0-based; null for dense FF neurons, a shared expert's neurons and its gate, and every other kind.", nullable=True),
+    _c("idx", pa.int32(), "Neuron index (ff_*), dimension within the head (q/k/v/o), position (pos), expert (router; 0 for the shared expert's gate), 0 for biases."),
+    _c("unit", pa.string(), "Human name: `L5.N123` (FF neuron), `L5.E3.N123` (neuron of expert 3), `L5.E3.router` / `L5.shared_router` (router rows), `L5.H3.d7` (head dim), `L5.attn_bias`, `L5.ff_bias`, `P12` (position)."),
     _SIDE,
     _RANK,
     _c("token_id", pa.int32(), "Token id in the model's vocabulary."),
@@ -128,13 +129,13 @@ VECTORS = _table(
 
 VECTORS_BY_TOKEN = _table(
     "vectors_by_token",
-    "The rows of `vectors` again, one file per model sorted by token_id (then layer, kind, head, idx, side, rank), "
+    "The rows of `vectors` again, one file per model sorted by token_id (then layer, kind, head, expert, idx, side, rank), "
     "for token search: a token's rows sit in one or two row groups instead of one per layer file. Without the "
     "`unit` and `token` texts, which would cost as much as the rest: join `tokens` for the text; the unit name "
-    "follows from layer, kind, head and idx.",
+    "follows from layer, kind, head, expert and idx.",
     ("model",),
     *(next(c for c in VECTORS.columns if c.name == name)
-      for name in ("model", "token_id", "layer", "kind", "head", "idx", "side", "rank", "score")),
+      for name in ("model", "token_id", "layer", "kind", "head", "expert", "idx", "side", "rank", "score")),
 )
 
 PAIRS = _table(

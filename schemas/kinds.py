@@ -10,7 +10,7 @@ channels of ``similar``, the order of ``show``), the alignment and the column do
 this table. Imports the standard library only.
 
 >>> [k.name for k in KINDS if k.side == READ]
-['ff_key', 'ff_gate', 'q', 'k', 'v']
+['ff_key', 'ff_gate', 'q', 'k', 'v', 'router']
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ FF = "ff"              # one FF neuron of a layer: L5.N123
 HEAD_DIM = "head_dim"  # one dimension of a head's Q/K/V/O: L5.H3.d7
 BIAS = "bias"          # one output bias of a layer: L5.attn_bias
 POS = "pos"            # one learned position: P12
+ROUTER = "router"      # one expert's router row: L5.E3.router (the shared-expert gate: L5.shared_router)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("bias_attn_out", WRITE, BIAS, "attention output bias b_O", unit_suffix="attn_bias"),
     Kind("bias_ff_out", WRITE, BIAS, "FF output bias b_out", unit_suffix="ff_bias"),
     Kind("pos", WRITE, POS, "learned position, row of W_pos"),
+    Kind("router", READ, ROUTER, "mixture of experts: expert e's router row, column e of W_router (the shared "
+         "expert's gate when `expert` is null)"),
 )
 
 KIND: dict[str, Kind] = {k.name: k for k in KINDS}
@@ -65,6 +68,7 @@ FF_KINDS = names(group=FF)              # ff_key, ff_gate, ff_value
 HEAD_DIM_KINDS = names(group=HEAD_DIM)  # q, k, v, o
 BIAS_KINDS = names(group=BIAS)          # bias_attn_out, bias_ff_out
 POS_KINDS = names(group=POS)            # pos
+ROUTER_KINDS = names(group=ROUTER)      # router
 KV_KINDS = tuple(k.name for k in KINDS if k.kv)                               # k, v: indexed by kv head
 QUERY_HEAD_KINDS = tuple(k for k in HEAD_DIM_KINDS if k not in KV_KINDS)      # q, o: indexed by query head
 READ_KINDS = names(side=READ)

@@ -2,6 +2,9 @@
 
 ``L5.N123`` (FF neuron 123 of layer 5), ``L5.H3`` (head 3), ``L5.H3.d7`` (dimension 7 of that
 head's Q/K/V/O), ``P12`` (position 12), ``L5.attn_bias`` / ``L5.ff_bias`` (output biases).
+Mixture of experts: ``L5.E3.N123`` (neuron 123 of routed expert 3; a shared expert's neurons are
+plain ``L5.N123``), ``L5.E3.router`` (expert 3's router row), ``L5.shared_router`` (the shared
+expert's gate, Qwen2-MoE).
 
 The indexer writes the ``unit`` columns with the Python functions; the query layer computes the
 same names in SQL (``vectors_by_token`` stores no unit text) with the ``*_sql`` functions.
@@ -13,15 +16,22 @@ is the query layer's job (``query.units.parse_unit``). Imports the standard libr
 """
 from __future__ import annotations
 
-from .kinds import BIAS, FF, HEAD_DIM, KIND, KINDS, POS
+from .kinds import BIAS, FF, HEAD_DIM, KIND, KINDS, POS, ROUTER
 
 # What a user may type, for error messages and docs.
 FORMS = ("L5.H3 (head), L5.N123 (FF neuron), L5.H3.d7 (dimension of a head's Q/K/V/O), P12 (position), "
-         + ", ".join(f"L5.{k.unit_suffix}" for k in KINDS if k.group == BIAS))
+         + ", ".join(f"L5.{k.unit_suffix}" for k in KINDS if k.group == BIAS)
+         + ", L5.E3.N123 (neuron of expert 3), L5.E3.router (expert 3's router row), L5.shared_router")
+SHARED_ROUTER = "shared_router"  # the unit suffix of a shared expert's gate (router row, expert null)
 
 
-def neuron_unit(layer: int, neuron: int) -> str:
-    return f"L{layer}.N{neuron}"
+def neuron_unit(layer: int, neuron: int, expert: int | None = None) -> str:
+    return f"L{layer}.N{neuron}" if expert is None else f"L{layer}.E{expert}.N{neuron}"
+
+
+def router_unit(layer: int, expert: int | None) -> str:
+    """``L5.E3.router``; ``L5.shared_router`` for the shared expert's gate (expert None)."""
+    return f"L{layer}.{SHARED_ROUTER}" if expert is None else f"L{layer}.E{expert}.router"
 
 
 def head_unit(layer: int, head: int) -> str:
@@ -41,11 +51,13 @@ def bias_unit(layer: int, kind: str) -> str:
     return f"L{layer}.{KIND[kind].unit_suffix}"
 
 
-def vector_unit(kind: str, layer: int | None, head: int | None, idx: int) -> str:
-    """The unit name of a ``vectors`` row from its kind, layer, head and idx columns."""
+def vector_unit(kind: str, layer: int | None, head: int | None, idx: int, expert: int | None = None) -> str:
+    """The unit name of a ``vectors`` row from its kind, layer, head, idx and expert columns."""
     group = KIND[kind].group
     if group == FF:
-        return neuron_unit(layer, idx)
+        return neuron_unit(layer, idx, expert)
+    if group == ROUTER:
+        return router_unit(layer, expert)
     if group == HEAD_DIM:
         return head_dim_unit(layer, head, idx)
     if group == BIAS:
@@ -61,13 +73,16 @@ def head_unit_sql(alias: str) -> str:
 
 
 def vector_unit_sql(alias: str) -> str:
-    """SQL for :func:`vector_unit` over the kind, layer, head and idx columns of table alias ``alias``.
+    """SQL for :func:`vector_unit` over the kind, layer, head, idx and expert columns of table alias ``alias``.
 
     ``alias`` is a trusted identifier written by the caller, never user input.
     """
     a = alias
     whens = []
-    for group, name_sql in ((FF, f"'L' || {a}.layer || '.N' || {a}.idx"),
+    expert = f"CASE WHEN {a}.expert IS NULL THEN '' ELSE '.E' || {a}.expert END"
+    router = f"CASE WHEN {a}.expert IS NULL THEN '.{SHARED_ROUTER}' ELSE '.E' || {a}.expert || '.router' END"
+    for group, name_sql in ((FF, f"'L' || {a}.layer || {expert} || '.N' || {a}.idx"),
+                            (ROUTER, f"'L' || {a}.layer || {router}"),
                             (HEAD_DIM, f"'L' || {a}.layer || '.H' || {a}.head || '.d' || {a}.idx"),
                             (POS, f"'P' || {a}.idx")):
         kinds = ", ".join(f"'{k.name}'" for k in KINDS if k.group == group)

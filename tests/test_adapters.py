@@ -53,10 +53,16 @@ CASES = [
     pytest.param("starcoder2", id="starcoder2-plain-mlp"),
     pytest.param("cohere", id="cohere-parallel-biasless-layernorm"),
     pytest.param("granite", id="granite-assumed-llama-layout"),
+    pytest.param("mixtral", id="mixtral-moe"),
+    pytest.param("qwen2_moe", id="qwen2-moe-shared-expert-gate"),
+    pytest.param("olmoe", id="olmoe-full-qk-norm"),
+    pytest.param("qwen3_moe", id="qwen3-moe-head-qk-norm-topk-renorm"),
 ]
+MOE_CASES = [c for c in CASES if c.values[0] in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")]
 GQA_CASES = [c for c in CASES if c.values[0] in (
     "llama-gqa", "qwen2", "mistral", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text", "gemma3",
-    "gpt_bigcode", "falcon", "falcon-new", "stablelm", "starcoder2", "cohere", "granite")]
+    "gpt_bigcode", "falcon", "falcon-new", "stablelm", "starcoder2", "cohere", "granite",
+    "mixtral", "qwen2_moe", "olmoe", "qwen3_moe")]
 
 _CACHE: dict = {}
 
@@ -130,7 +136,7 @@ def test_mlp_matches_module(built, family):
         for l, layer in enumerate(hf.layers(model)):
             lw = loaded.canonical.layer(l)
             x = torch.randn(B, S, dims.d_model, generator=g)
-            assert_close(c_mlp_block(lw, dims, x, eps), hf.mlp(layer, x))
+            assert_close(c_mlp_block(lw, dims, x, eps, loaded.canonical.conventions), hf.mlp(layer, x))
 
 
 @pytest.mark.parametrize("family", CASES)
@@ -300,7 +306,7 @@ def test_neox_is_parallel_and_fused_per_head(built):
 
 ALLOWED = {"embedding", "vectors:ff_key", "vectors:ff_gate", "vectors:ff_value", "vectors:q",
            "vectors:k", "vectors:v", "vectors:o", "vectors:bias_attn_out", "vectors:bias_ff_out",
-           "vectors:pos", "pairs:qk", "pairs:ov"}
+           "vectors:pos", "pairs:qk", "pairs:ov", "vectors:router"}
 
 
 @pytest.mark.parametrize("family", CASES)
@@ -320,7 +326,7 @@ def test_every_checkpoint_tensor_accounted_once(built, family):
         if (".0." in p.name or ".1." in p.name) and p.role != "vision":  # image-encoder layers are not ours
             assert p.layer in (0, 1), p
     roles = {p.role for p in params}
-    assert {"W_E", "W_O", "W_out"} <= roles
+    assert {"W_E", "W_O"} <= roles and ({"W_out"} & roles or {"expert.W_out", "W_router"} <= roles)
 
 
 def test_all_tiny_families_are_tested():
@@ -442,4 +448,101 @@ def test_opt_projections_that_do_not_fit_are_one_line(tmp_path):
     tensors["model.decoder.project_in.weight"] = torch.zeros(32, 12)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(BadCheckpoint, match="project_in / project_out do not fit"):
+        load_canonical(str(path))
+
+
+# --- mixtures of experts (issue 12) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", MOE_CASES)
+def test_each_expert_and_the_router_match_the_hf_modules(built, family):
+    """Expert e's canonical MLP equals the HF experts module with every token sent to e; the
+    router's columns give the HF gate's logits; the shared expert and its gate (Qwen2-MoE) equal
+    HF's shared_expert / shared_expert_gate."""
+    from tests.tiny_models import N_EXPERTS, _as_layer, hf_expert, hf_moe, hf_router_logits
+
+    model, loaded, _, hf = built(family)
+    dims = loaded.canonical.dims
+    assert dims.n_experts == N_EXPERTS and loaded.canonical.conventions["n_experts"] == N_EXPERTS
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for l, layer in enumerate(hf.layers(model)):
+            lw = loaded.canonical.layer(l)
+            x = torch.randn(B * S, dims.d_model, generator=g)
+            assert_close(x @ lw.W_router, hf_router_logits(layer, x))
+            for e in range(N_EXPERTS):
+                assert_close(c_mlp(_as_layer(lw, lw.experts[e]), x), hf_expert(layer, e, x))
+            block = hf_moe(layer)
+            if hasattr(block, "shared_expert"):
+                assert_close(c_mlp(lw, x), block.shared_expert(x))
+                assert_close(x @ lw.W_shared_gate, block.shared_expert_gate(x))
+            else:
+                assert lw.W_in.shape == (dims.d_model, 0) and lw.W_shared_gate is None
+
+
+def _fused_checkpoint(tmp_path, family):
+    """The same tiny model saved with fused 3-D expert tensors (transformers 5's in-memory layout)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    src = save_tiny(family, tmp_path / "per-expert")
+    model, _ = tiny_model(family)
+    out = tmp_path / "fused"
+    out.mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    save_file(state, str(out / "model.safetensors"))
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (src / f).exists():
+            (out / f).write_bytes((src / f).read_bytes())
+    json.loads((out / "config.json").read_text())
+    return src, out
+
+
+@pytest.mark.parametrize("family", [pytest.param("qwen2_moe", id="qwen2_moe"), pytest.param("olmoe", id="olmoe")])
+def test_fused_3d_expert_tensors_read_like_per_expert_ones(tmp_path, family):
+    src, fused = _fused_checkpoint(tmp_path, family)
+    a, b = load_canonical(str(src)).canonical, load_canonical(str(fused)).canonical
+    roles = {p.role for p in b.parameters}
+    assert "unknown" not in roles and {"expert.W_gate_in", "expert.W_out", "W_router"} <= roles
+    for l in range(a.dims.n_layers):
+        la, lb = a.layer(l), b.layer(l)
+        assert_close(la.W_router, lb.W_router)
+        for e in range(a.dims.n_experts):
+            for name in ("W_in", "W_gate", "W_out"):
+                assert_close(getattr(la.experts[e], name), getattr(lb.experts[e], name))
+
+
+def test_experts_are_read_one_at_a_time(built):
+    """A layer reads no expert tensor until an expert is asked for, and then only that expert's."""
+    from indexer.load import SafetensorsSource
+
+    _, _, path, _ = built("mixtral")
+    reads = []
+
+    class Counting(SafetensorsSource):  # the real source, recording the names it reads
+        def get(self, name):
+            reads.append(name)
+            return super().get(name)
+
+    source = Counting(sorted(path.glob("*.safetensors")))
+    from transformers import AutoConfig
+
+    from indexer.adapters import adapter_for
+
+    config = AutoConfig.from_pretrained(str(path))
+    canonical = adapter_for(config.model_type).adapt(source, config, torch.float32)
+    reads.clear()
+    lw = canonical.layer(1)
+    assert not [n for n in reads if ".experts." in n]
+    lw.experts[2]
+    assert sorted(n for n in reads if ".experts." in n) == sorted(
+        f"model.layers.1.block_sparse_moe.experts.2.{w}.weight" for w in ("w1", "w2", "w3"))
+
+
+def test_moe_with_dense_layers_is_one_unsupported_line(tmp_path):
+    from indexer.errors import UnsupportedArchitecture
+
+    path = _with_config(tmp_path, "qwen3_moe", mlp_only_layers=[1])
+    with pytest.raises(UnsupportedArchitecture, match="mlp_only_layers"):
         load_canonical(str(path))

@@ -39,32 +39,40 @@ def read_table(db: Path, table: str, model: str | None = None) -> pa.Table:
 
 
 def dense_vectors(model) -> dict[tuple, torch.Tensor]:
-    """(kind, layer, head, idx) -> float64 scores over the vocabulary, straight from the definitions."""
+    """(kind, layer, head, idx, expert) -> float64 scores over the vocabulary, straight from the definitions."""
     emb = model.embeddings
     E = emb.W_E.double()  # [V, d]
     U = emb.W_U.double()  # [d, V]
     out = {}
     if emb.W_pos is not None:
         for p, w in enumerate(emb.W_pos.double()):
-            out[("pos", None, None, p)] = w @ U
+            out[("pos", None, None, p, None)] = w @ U
     for l in range(model.dims.n_layers):
         lw = model.layer(l)
-        for i in range(model.dims.d_ff):
-            out[("ff_key", l, None, i)] = E @ lw.W_in[:, i].double()
-            out[("ff_value", l, None, i)] = lw.W_out[i].double() @ U
-            if lw.W_gate is not None:
-                out[("ff_gate", l, None, i)] = E @ lw.W_gate[:, i].double()
+        # dense FF (a MoE layer: its shared expert, maybe none), then every routed expert
+        ffs = [(None, lw)] + list(enumerate(lw.experts or ()))
+        for e, ff in ffs:
+            for i in range(ff.W_in.shape[1]):
+                out[("ff_key", l, None, i, e)] = E @ ff.W_in[:, i].double()
+                out[("ff_value", l, None, i, e)] = ff.W_out[i].double() @ U
+                if ff.W_gate is not None:
+                    out[("ff_gate", l, None, i, e)] = E @ ff.W_gate[:, i].double()
+        if lw.W_router is not None:
+            for e in range(lw.W_router.shape[1]):
+                out[("router", l, None, e, e)] = E @ lw.W_router[:, e].double()
+            if lw.W_shared_gate is not None:
+                out[("router", l, None, 0, None)] = E @ lw.W_shared_gate[:, 0].double()
         for kind, W in (("q", lw.W_Q), ("k", lw.W_K), ("v", lw.W_V)):
             for h in range(W.shape[0]):
                 for j in range(W.shape[2]):
-                    out[(kind, l, h, j)] = E @ W[h][:, j].double()
+                    out[(kind, l, h, j, None)] = E @ W[h][:, j].double()
         for h in range(lw.W_O.shape[0]):
             for j in range(lw.W_O.shape[1]):
-                out[("o", l, h, j)] = lw.W_O[h][j].double() @ U
+                out[("o", l, h, j, None)] = lw.W_O[h][j].double() @ U
         if lw.b_O is not None:
-            out[("bias_attn_out", l, None, 0)] = lw.b_O.double() @ U
+            out[("bias_attn_out", l, None, 0, None)] = lw.b_O.double() @ U
         if lw.b_out is not None:
-            out[("bias_ff_out", l, None, 0)] = lw.b_out.double() @ U
+            out[("bias_ff_out", l, None, 0, None)] = lw.b_out.double() @ U
     return out
 
 
@@ -73,7 +81,7 @@ def check_vectors_against_dense(db: Path, slug: str, model) -> int:
     rows = read_table(db, "vectors", slug).to_pylist()
     grouped: dict[tuple, dict[str, list]] = {}
     for r in rows:
-        key = (r["kind"], r["layer"], r["head"], r["idx"])
+        key = (r["kind"], r["layer"], r["head"], r["idx"], r["expert"])
         grouped.setdefault(key, {"top": [], "bottom": []})[r["side"]].append(r)
     assert set(grouped) == set(ref), "stored vectors differ from the parameters that should be projected"
     for key, sides in grouped.items():
@@ -115,6 +123,10 @@ FAMILIES = [
     pytest.param("starcoder2", id="starcoder2"),
     pytest.param("cohere", id="cohere"),
     pytest.param("granite", id="granite-assumed-llama-layout"),
+    pytest.param("mixtral", id="mixtral-moe"),
+    pytest.param("qwen2_moe", id="qwen2-moe-shared-expert"),
+    pytest.param("olmoe", id="olmoe"),
+    pytest.param("qwen3_moe", id="qwen3-moe"),
 ]
 
 
@@ -143,7 +155,7 @@ def check_vectors_by_token(db: Path, slug: str) -> None:
     con = duckdb.connect()
     con.register("v", read_table(db, "vectors", slug))
     con.register("t", read_table(db, "vectors_by_token", slug))
-    cols = "model, token_id, layer, kind, head, idx, side, rank, score"
+    cols = "model, token_id, layer, kind, head, expert, idx, side, rank, score"
     for a, b in (("v", "t"), ("t", "v")):
         assert con.sql(f"SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b}").fetchall() == []
     key = lambda r: (r[0], r[1] is not None, r[1] or 0, r[2], r[3] is not None, r[3] or 0, r[4], r[5], r[6])  # noqa: E731
@@ -159,6 +171,18 @@ def test_folded_variant_equals_dense_reference_on_folded_weights(tmp_path):
     folded = fold(load_canonical(str(path)).canonical)
     check_vectors_against_dense(db, "g", folded)
     assert read_table(db, "models").column("variant").to_pylist() == ["folded"]
+
+
+def test_folded_moe_equals_dense_reference_on_folded_weights(tmp_path):
+    """folded: the MLP norm's gain reaches every expert's keys / gates, the router and the shared gate."""
+    path = save_tiny("qwen2_moe", tmp_path / "m")
+    db = tmp_path / "db"
+    index_model(str(path), db, name="q", k=K, n_pairs=0, variant="folded", progress=None)
+    raw, folded = load_canonical(str(path)).canonical, fold(load_canonical(str(path)).canonical)
+    check_vectors_against_dense(db, "q", folded)
+    g = raw.layer(0).ln_mlp_w
+    torch.testing.assert_close(folded.layer(0).experts[1].W_gate, raw.layer(0).experts[1].W_gate * g[:, None])
+    torch.testing.assert_close(folded.layer(0).W_router, raw.layer(0).W_router * g[:, None])
 
 
 @pytest.mark.parametrize("family", [pytest.param("gpt2", id="mha"), pytest.param("llama-gqa", id="gqa"),

@@ -32,6 +32,9 @@ _LLAMA = dict(hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_hidden_layer
               intermediate_size=D_FF)
 _BERT = dict(_LLAMA, max_position_embeddings=N_CTX)
 _GQA = dict(_LLAMA, num_key_value_heads=2, head_dim=D_MODEL // N_HEADS)
+# Mixtures of experts: 4 routed experts, 2 per token; widths differ from D_FF so a mix-up shows.
+N_EXPERTS = 4
+_MOE = dict(_GQA, num_experts_per_tok=2, tie_word_embeddings=False)
 
 # tiny family -> (transformers model class, config class, config kwargs, HF accessors (the
 # ``HF`` rows below)). A new family is one row here, one row in HF_ACCESS if its modules are
@@ -92,6 +95,12 @@ _FAMILIES = {
         _LLAMA, num_key_value_heads=2, embedding_multiplier=12.0, logits_scaling=4.0), "llama"),
     "cohere": ("CohereForCausalLM", "CohereConfig", dict(_LLAMA, num_key_value_heads=2, logit_scale=0.5), "cohere"),
     "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", dict(_LLAMA, num_key_value_heads=2), "llama"),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(_MOE, num_local_experts=N_EXPERTS), "moe"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        _MOE, num_experts=N_EXPERTS, moe_intermediate_size=24, shared_expert_intermediate_size=40), "moe"),
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(_MOE, num_experts=N_EXPERTS), "moe"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        _MOE, num_experts=N_EXPERTS, moe_intermediate_size=24, norm_topk_prob=True), "moe"),
 }
 FAMILIES = tuple(_FAMILIES)
 
@@ -339,7 +348,28 @@ HF_ACCESS.update({
     "falcon": HF(layers=lambda m: m.base_model.h, qkv=_falcon_qkv, o=lambda layer: layer.self_attention.dense,
                  mlp=lambda layer, x: layer.mlp(x), final=lambda m: m.base_model.ln_f, norms=_falcon_norms),
 })
+HF_ACCESS["moe"] = HF(**dict(_DECODER, mlp=lambda layer, x: hf_moe(layer)(x)), norms=HF_ACCESS["llama"].norms)
 NORM_SLOTS = ("ln_attn", "ln_mlp", "ln_attn_out", "ln_mlp_out")
+
+
+def hf_moe(layer):
+    """A MoE layer's sparse block (Mixtral: ``block_sparse_moe``; transformers 5 names it ``mlp``)."""
+    return getattr(layer, "block_sparse_moe", None) or layer.mlp
+
+
+def hf_router_logits(layer, x):
+    """The HF gate's own routing logits for x [N, d_model]."""
+    out = hf_moe(layer).gate(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def hf_expert(layer, e: int, x):
+    """Expert e's MLP output on x [N, d_model], through the HF experts module (every token sent to e, weight 1)."""
+    import torch
+
+    n = x.shape[0]
+    index = torch.full((n, 1), e, dtype=torch.long)
+    return hf_moe(layer).experts(x, index, torch.ones(n, 1, dtype=x.dtype))
 
 
 def hf_access(family: str) -> HF:
@@ -397,8 +427,37 @@ def c_mlp(lw, x):
     return hidden @ lw.W_out + (0 if lw.b_out is None else lw.b_out)
 
 
-def c_mlp_block(lw, dims, x, eps):
+def c_moe(lw, x, conventions):
+    """A mixture-of-experts MLP from canonical tensors: softmax over x @ W_router, the top
+    ``experts_per_token`` experts' MLPs weighted by their probabilities (renormalised when
+    ``norm_topk_prob``), plus the shared expert scaled by sigmoid(x @ W_shared_gate)."""
+    import torch
+
+    flat = x.reshape(-1, x.shape[-1])
+    probs = (flat @ lw.W_router).softmax(-1)
+    top, idx = probs.topk(conventions["experts_per_token"], dim=-1)
+    if conventions["norm_topk_prob"]:
+        top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros_like(flat)
+    for e in range(len(lw.experts)):
+        w = (top * (idx == e)).sum(-1, keepdim=True)
+        out += w * c_mlp(_as_layer(lw, lw.experts[e]), flat)
+    if lw.W_in.shape[1]:
+        shared = c_mlp(lw, flat)
+        out += shared * torch.sigmoid(flat @ lw.W_shared_gate) if lw.W_shared_gate is not None else shared
+    return out.reshape(x.shape)
+
+
+def _as_layer(lw, ex):
+    import dataclasses
+
+    return dataclasses.replace(lw, W_in=ex.W_in, W_gate=ex.W_gate, W_out=ex.W_out, b_in=None, b_gate=None, b_out=None)
+
+
+def c_mlp_block(lw, dims, x, eps, conventions=None):
     """What ``HF.mlp`` returns: the MLP, and for post-LN encoders the residual add and norm."""
+    if lw.experts is not None:
+        return c_moe(lw, x, conventions)
     if dims.norm_position == "post":
         return c_norm(c_mlp(lw, x) + x, lw.ln_mlp_w, lw.ln_mlp_b, eps, dims.centred_norms)
     return c_mlp(lw, x)

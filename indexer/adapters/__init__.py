@@ -56,6 +56,10 @@ FAMILIES = (
     Family("stablelm", "StableLM", "decoder", "stablelm"),
     Family("starcoder2", "StarCoder2", "decoder", "starcoder2"),
     Family("cohere", "Cohere Command-R", "decoder", "cohere"),
+    Family("mixtral", "Mixtral (MoE)", "decoder", "mixtral"),
+    Family("qwen2_moe", "Qwen2-MoE / Qwen1.5-MoE", "decoder", "qwen2_moe"),
+    Family("olmoe", "OLMoE", "decoder", "olmoe"),
+    Family("qwen3_moe", "Qwen3-MoE", "decoder", "qwen3_moe"),
 )
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 SUPPORTED_MODEL_TYPES = tuple(_BY_MODEL_TYPE)

@@ -183,6 +183,12 @@ class Reader:
             return torch.empty(self.source.shape(name), dtype=self.dtype, device="meta")
         return self.source.get(name).to(self.dtype).contiguous()
 
+    def dtype_empty(self, *shape):
+        """An empty tensor of ``shape`` (a zero-width FF: a MoE layer without a shared expert)."""
+        import torch
+
+        return torch.empty(shape, dtype=self.dtype, device="meta" if self._meta else "cpu")
+
     def need(self, suffix: str):
         """A base-model tensor that must exist (BadCheckpoint naming it otherwise)."""
         return self.read(self.names.need(suffix))

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..canonical import Canonical, Dims, Embeddings, LayerWeights
+from ..canonical import Canonical, Dims, Embeddings, ExpertFF, Experts, LayerWeights
 from .base import (
     HEAD_BIAS, LOGIT_BIAS, MASK, NORM, ROTARY, Names, Reader, Rule, TensorSource, cfg, finish,
     head_dim, linear_in, linear_out, unembedding,
@@ -32,6 +32,26 @@ from .base import (
 
 QK_NORM = ("a gain on the query/key states inside the head (after the projection), folded into "
            "W_Q/W_K columns in the `folded` variant")
+
+
+ROUTER_BIAS = "a per-expert offset of the routing logits (a scalar per expert), not a direction"
+
+
+@dataclass(frozen=True)
+class Moe:
+    """Where a mixture-of-experts MLP keeps its tensors (suffixes after the layout's ``mlp_prefix``).
+
+    Routed experts are read per expert (``experts.3.down_proj.weight``, the hub layout that
+    ``save_pretrained`` writes) or, where a checkpoint ships them fused, from 3-D tensors
+    ``experts.gate_up_proj`` [n_experts, 2 * d_ff, d_model] ([gate | up]) and
+    ``experts.down_proj`` [n_experts, d_model, d_ff] (transformers 5's in-memory layout).
+    """
+
+    experts: str = "experts"
+    mlp: tuple = ("gate_proj", "up_proj", "down_proj")  # (gate, in, out) of one expert
+    router: str = "gate"
+    shared: Optional[str] = None  # Qwen2-MoE: an always-on shared expert, a dense gated MLP ...
+    shared_gate: Optional[str] = None  # ... scaled by sigmoid(x @ shared_expert_gate)
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,7 @@ class Layout:
     project_in: Optional[str] = None
     project_out: Optional[str] = None
     text_config: bool = False  # a multimodal checkpoint: sizes in config.text_config, text tower read
+    moe: Optional[Moe] = None  # a mixture-of-experts MLP (its expert / router names)
 
 
 _QK_LAYERNORM = ("qk_layernorm", "its per-head LayerNorm on q/k is not read yet (only RMS q/k norms are)")
@@ -159,6 +180,10 @@ LAYOUTS = {
     "bloom": Layout(**_BLOOM_FALCON, ln_embed="word_embeddings_layernorm", fused_order="per_head",
                     act="gelu_pytorch_tanh", tied_default=True),
     "falcon": Layout(**_BLOOM_FALCON, ln_mlp=None, tied_default=True, configure=_falcon),
+    "mixtral": Layout(mlp_prefix="block_sparse_moe.", moe=Moe(mlp=("w1", "w3", "w2"))),
+    "qwen2_moe": Layout(moe=Moe(shared="shared_expert", shared_gate="shared_expert_gate")),
+    "olmoe": Layout(qk_norm="full", moe=Moe()),
+    "qwen3_moe": Layout(qk_norm="head", moe=Moe()),
     "cohere": Layout(ln_mlp=None, parallel=True, tied_default=True, centred_norms=True, recorded=("logit_scale",),
                      refused=(("use_qk_norm", "its mean-centred per-head q/k LayerNorm is not read yet"),)),
 }
@@ -181,10 +206,30 @@ def rules(layout: Layout) -> list[Rule]:
         Rule(a + layout.o + r"\.bias", "b_O", "vectors:bias_attn_out"),
         Rule(a + r"rotary_emb\.inv_freq", "rotary", None, ROTARY),
         Rule(r"rotary_emb\.inv_freq", "rotary", None, ROTARY),
-        Rule(m + down + r"\.weight", "W_out", "vectors:ff_value"),
-        Rule(m + down + r"\.bias", "b_out", "vectors:bias_ff_out"),
         *layout.extra_rules,
     ]
+    moe = layout.moe
+    if moe is not None:
+        x = m + esc(moe.experts) + r"\."
+        eg, eu, ed = moe.mlp
+        out += [
+            Rule(x + r"\d+\." + eg + r"\.weight", "expert.W_gate", "vectors:ff_gate", "one per routed expert (vectors.expert)"),
+            Rule(x + r"\d+\." + eu + r"\.weight", "expert.W_in", "vectors:ff_key", "one per routed expert (vectors.expert)"),
+            Rule(x + r"\d+\." + ed + r"\.weight", "expert.W_out", "vectors:ff_value", "one per routed expert (vectors.expert)"),
+            Rule(x + r"gate_up_proj", "expert.W_gate_in", "vectors:ff_gate",
+                 "fused [gate | up] of every routed expert: split into vectors:ff_gate / vectors:ff_key per expert"),
+            Rule(x + r"down_proj", "expert.W_out", "vectors:ff_value", "fused: every routed expert's W_out"),
+            Rule(m + esc(moe.router) + r"\.weight", "W_router", "vectors:router", "one router unit per expert"),
+            Rule(m + esc(moe.router) + r"\.(bias|e_score_correction_bias)", "b_router", None, ROUTER_BIAS),
+        ]
+        if moe.shared_gate:
+            out.append(Rule(m + esc(moe.shared_gate) + r"\.weight", "W_shared_gate", "vectors:router",
+                            "the shared expert's sigmoid gate: router unit L<layer>.shared_router (expert null)"))
+        # Dense FF rules below name the shared expert (vectors.expert null), if there is one.
+        m = m + esc(moe.shared) + r"\." if moe.shared else None
+    if m is not None:
+        out += [Rule(m + down + r"\.weight", "W_out", "vectors:ff_value"),
+                Rule(m + down + r"\.bias", "b_out", "vectors:bias_ff_out")]
     if layout.final:
         out.append(Rule(esc(layout.final) + r"\.(weight|bias)", "ln_final", None, NORM))
     if layout.pos:
@@ -210,7 +255,9 @@ def rules(layout: Layout) -> list[Rule]:
         ]
     if layout.qk_norm:
         out.append(Rule(a + r"[qk]_norm\.weight", "qk_norm", None, QK_NORM))
-    if layout.fused_gate_up:
+    if m is None:
+        pass
+    elif layout.fused_gate_up:
         out += [Rule(m + layout.fused_gate_up + r"\.weight", "W_gate_in", "vectors:ff_gate",
                      "fused [gate | up] along the output: split into vectors:ff_gate / vectors:ff_key"),
                 Rule(m + layout.fused_gate_up + r"\.bias", "b_in", None, HEAD_BIAS)]
@@ -257,6 +304,10 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
     d_head = head_dim(config, d_model, n_heads)
     d_ff = cfg(config, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size") or (
         4 * d_model if isinstance(d_model, int) else d_model)
+    moe = layout.moe
+    n_experts = d_ff_shared = 0
+    if moe is not None:
+        n_experts, d_ff, d_ff_shared = _moe_sizes(config, family, moe, d_ff)
 
     W_E = r.need(layout.embed + ".weight")
     W_U, tied = unembedding(r, W_E, layout.lm_head + ".weight", config, layout.tied_default)
@@ -290,6 +341,7 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
         n_ctx=None if W_pos is None else W_pos.shape[0], tied=tied,
         gated=bool(layout.mlp[0] or layout.fused_gate_up), norm_position=layout.norm_position,
         parallel_attn_mlp=layout.parallel, qk_norm=layout.qk_norm, centred_norms=layout.centred_norms,
+        n_experts=n_experts, d_ff_shared=d_ff_shared,
     )
     emb = Embeddings(W_E=W_E, W_U=W_U, W_pos=W_pos, b_U=r.head(layout.lm_head + ".bias"),
                      ln_final_w=final_w, ln_final_b=final_b, ln_embed_w=embed_w, ln_embed_b=embed_b)
@@ -298,6 +350,10 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
     conventions = {k: getattr(config, k) for k in layout.recorded if getattr(config, k, None) is not None}
     if layout.embedding_multiplier:
         conventions["embedding_multiplier"] = math.sqrt(d_model)
+    if moe is not None:  # how the run-time routing combines experts: recorded, nothing to project
+        conventions.update(n_experts=n_experts, d_ff_shared=d_ff_shared,
+                           experts_per_token=cfg(config, "num_experts_per_tok"),
+                           norm_topk_prob=bool(cfg(config, "norm_topk_prob", default=family == "mixtral")))
 
     def layer(l: int) -> LayerWeights:
         p = f"{layout.layers}.{l}."
@@ -313,7 +369,15 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
             b_q, b_k, b_v = (r.opt(a + x + ".bias") for x in (layout.q, layout.k, layout.v))
         gate, up, down = layout.mlp
         w_gate = b_gate = None
-        if layout.fused_gate_up:
+        experts = W_router = W_shared_gate = None
+        if moe is not None:
+            experts, W_router, W_shared_gate = _moe_layer(r, m, moe, n_experts, d_model)
+            if moe.shared:
+                m = m + moe.shared + "."
+        if moe is not None and not moe.shared:  # no dense FF in this layer: empty, not absent
+            w_gate, b_gate = r.dtype_empty(0, d_model), None
+            w_in, b_in = r.dtype_empty(0, d_model), None
+        elif layout.fused_gate_up:
             w_gate, w_in = r.need(m + layout.fused_gate_up + ".weight").chunk(2, dim=0)
             b = r.opt(m + layout.fused_gate_up + ".bias")
             b_gate, b_in = (None, None) if b is None else b.chunk(2)
@@ -341,14 +405,65 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
             b_O=r.opt(a + layout.o + ".bias"),
             W_gate=None if w_gate is None else w_gate.T.contiguous(), b_gate=b_gate,
             W_in=w_in.T.contiguous(), b_in=b_in,
-            W_out=r.need(m + down + ".weight").T.contiguous(), b_out=r.opt(m + down + ".bias"),
+            W_out=(r.dtype_empty(d_model, 0) if moe is not None and not moe.shared
+                   else r.need(m + down + ".weight")).T.contiguous(),
+            b_out=None if moe is not None and not moe.shared else r.opt(m + down + ".bias"),
             ln_attn_w=ln_attn_w, ln_attn_b=ln_attn_b, ln_mlp_w=ln_mlp_w, ln_mlp_b=ln_mlp_b,
             ln_attn_out_w=ln_attn_out_w, ln_attn_out_b=ln_attn_out_b,
             ln_mlp_out_w=ln_mlp_out_w, ln_mlp_out_b=ln_mlp_out_b,
             q_norm_w=q_norm, k_norm_w=k_norm, act=act,
+            W_router=W_router, experts=experts, W_shared_gate=W_shared_gate,
         )
 
     return finish(r, dims, emb, layer, rules(layout), conventions)
+
+
+def _moe_sizes(config, family: str, moe: Moe, d_ff_dense) -> tuple:
+    """(n_experts, d_ff of one routed expert, d_ff of the shared expert or 0) from the config."""
+    from ..errors import UnsupportedArchitecture
+
+    # Qwen2/3-MoE can make some layers dense; every published checkpoint has none, and a model
+    # that mixes widths does not fit one d_ff per model: refused rather than misread.
+    only = cfg(config, "mlp_only_layers") or []
+    step = cfg(config, "decoder_sparse_step", default=1)
+    if only or step != 1:
+        raise UnsupportedArchitecture(
+            f"{family} with dense layers among the expert layers (mlp_only_layers {list(only)}, "
+            f"decoder_sparse_step {step}) is not supported yet: every layer must be a mixture of experts")
+    n_experts = cfg(config, "num_local_experts", "num_experts", default=0)
+    d_ff = cfg(config, "moe_intermediate_size", default=d_ff_dense)
+    shared = cfg(config, "shared_expert_intermediate_size", default=0) if moe.shared else 0
+    return n_experts, d_ff, shared
+
+
+def _moe_layer(r: Reader, m: str, moe: Moe, n_experts: int, d_model: int):
+    """(Experts read one at a time, W_router [d_model, n_experts], W_shared_gate [d_model, 1] or None)."""
+    from ..errors import BadCheckpoint
+
+    x = m + moe.experts + "."
+    g, u, d = moe.mlp
+    fused = r.names.base(x + "gate_up_proj")
+    if fused is not None:
+        # One 3-D tensor per layer for every expert: read once for the layer (bounded by a layer).
+        gate_up, down = r.need(x + "gate_up_proj"), r.need(x + "down_proj")
+        if gate_up.ndim != 3 or down.ndim != 3 or gate_up.shape[1] % 2:
+            raise BadCheckpoint(f"fused experts {r.names.base(x + 'gate_up_proj')!r} / down_proj have shapes "
+                                f"{tuple(gate_up.shape)} / {tuple(down.shape)}: expected [n_experts, 2 * d_ff, "
+                                f"d_model] and [n_experts, d_model, d_ff]; the checkpoint is not a {moe.experts} layout")
+
+        def read(e: int) -> ExpertFF:
+            w_gate, w_in = gate_up[e].chunk(2, dim=0)
+            return ExpertFF(W_gate=w_gate.T.contiguous(), W_in=w_in.T.contiguous(), W_out=down[e].T.contiguous())
+        n = gate_up.shape[0]
+    else:
+        def read(e: int) -> ExpertFF:
+            p = f"{x}{e}."
+            return ExpertFF(W_gate=r.need(p + g + ".weight").T.contiguous(), W_in=r.need(p + u + ".weight").T.contiguous(),
+                            W_out=r.need(p + d + ".weight").T.contiguous())
+        n = n_experts
+    W_router = r.need(m + moe.router + ".weight").T.contiguous()  # [n_experts, d_model] -> columns
+    W_shared_gate = r.need(m + moe.shared_gate + ".weight").T.contiguous() if moe.shared_gate else None
+    return Experts(n, read), W_router, W_shared_gate
 
 
 def adapt_assumed(source: TensorSource, config, dtype) -> Optional[Canonical]:
