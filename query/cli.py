@@ -478,6 +478,21 @@ def diff(base, tuned, db, name, k, n_pairs, device, layers, allow_pickle, replac
 
 
 @cli.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False), metavar="SRC...")
+@click.option("--into", "into", required=True, type=click.Path(file_okay=False), help="The dataset to merge into (created when new).")
+@quiet_option
+def merge(sources, into, quiet):
+    """Merge datasets built elsewhere (or layer shards of one model) into one dataset.
+
+    \b
+      zeropass merge machine-a-db machine-b-db --into family-db
+    """
+    from indexer.merge import merge as merge_datasets
+
+    merge_datasets(list(sources), into, progress=_progress(quiet))
+
+
+@cli.command()
 @db_option
 @click.option("--repair", is_flag=True, help="Rewrite a stale catalog and delete leftover files (under the writer lock).")
 @click.option("--recover", is_flag=True, help="Rebuild a lost or unreadable manifest.json from the dataset's files.")
