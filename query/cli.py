@@ -477,6 +477,32 @@ def diff(base, tuned, db, name, k, n_pairs, device, layers, allow_pickle, replac
         click.echo(f"indexed {tuned} - {base} into {db} ({rows})", err=True)
 
 
+@cli.command("index-many")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@db_option
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Build on Ray: one task per model (per layer range for large ones); without ADDRESS a local Ray.")
+@quiet_option
+def index_many(spec, db, ray_address, quiet):
+    """Index every model (and training-checkpoint series) a TOML SPEC lists into one dataset.
+
+    A rerun does only what is missing; a model that fails is reported and the others go on.
+
+    \b
+      zeropass index-many family.toml --db family-db
+      zeropass index-many family.toml --db family-db --ray ray://head:10001
+    """
+    from indexer.many import index_many as build_many
+
+    report = build_many(spec, db, ray=ray_address or None, use_ray=ray_address is not None, progress=_progress(quiet))
+    if report.failed:
+        names = "; ".join(f"{n} ({why})" for n, why in report.failed.items())
+        raise click.ClickException(f"{len(report.failed)} of {len(report.failed) + len(report.built) + len(report.skipped)} "
+                                   f"models failed: {names}; rerun the same command to retry them")
+    if not quiet:
+        click.echo(f"{len(report.built)} model(s) indexed, {len(report.skipped)} already in {db}", err=True)
+
+
 @cli.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False), metavar="SRC...")
 @click.option("--into", "into", required=True, type=click.Path(file_okay=False), help="The dataset to merge into (created when new).")
