@@ -302,12 +302,15 @@ def index_many(spec: str | Path, db: str | Path, *, ray: Optional[str] = None, u
     """Build every model SPEC lists into ``db``: here, one after the other, or with ``use_ray`` as
     Ray tasks (``ray``: the cluster address; None starts a local instance, or uses the one this
     process already joined)."""
-    from .dataset import check_writable
+    from .dataset import check_writable, dataset_lock, open_dataset, publish
 
     say = progress or (lambda _m: None)
     jobs = read_spec(spec)
     db = Path(db)
     check_writable(db)
+    with dataset_lock(db):  # the (empty) manifest first: staged shards then sit in a dataset, not a stranger's dir
+        if open_dataset(db) is None:
+            publish(db, lambda m: [])
     if use_ray:
         return _with_ray(jobs, db, ray, say, shard_bytes)
     report = ManyReport()
