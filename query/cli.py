@@ -504,6 +504,42 @@ def index_many(spec, db, ray_address, quiet):
 
 
 @cli.command()
+@click.argument("series")
+@click.argument("unit", required=False)
+@click.option("--token", "token", default=None, help="Instead of UNIT: the units that have this token in their lists, per step.")
+@click.option("--exact", is_flag=True, help="Match --token's decoded text exactly as given (spaces count).")
+@click.option("--id", "token_id", type=int, default=None, help="Instead of --token: this token id.")
+@click.option("--kind", multiple=True, help="UNIT: the list read (neuron: ff_value; head dim: o; head: its OV output). "
+              "--token: kinds searched (default ff_value, o, ov_output).")
+@click.option("--side", type=click.Choice(["top", "bottom", "both"]), default="top", show_default=True)
+@click.option("--max-rank", type=int, default=10, show_default=True, help="A token counts as in a list down to this rank.")
+@click.option("--limit", "-n", type=int, default=50, show_default=True, help="--token: at most this many units (0: all).")
+@output_options
+def history(series, unit, token, exact, token_id, kind, side, max_rank, limit, db, fmt, quiet):
+    """How a unit's top tokens change across a training-checkpoint SERIES, or (--token) when units
+    start promoting a token. One rank column per step; `change` says when it entered or left.
+
+    \b
+      zeropass history pythia-70m L3.N117
+      zeropass history pythia-70m --token Paris
+    """
+    from .history import history as unit_history, token_history
+
+    ds = _open(db)
+    if (unit is None) == (token is None and token_id is None):
+        raise click.UsageError("give either UNIT or --token TOKEN (or --id N)")
+    if unit is not None:
+        if len(kind) > 1:
+            raise click.UsageError("UNIT takes one --kind")
+        table = unit_history(ds, series, unit, kind=kind[0] if kind else None, side=side, max_rank=max_rank)
+        _emit(table, fmt, quiet, empty=f"{unit} has no tokens in its first {max_rank} at any step of {series}.")
+    else:
+        table = token_history(ds, series, token, exact=exact, token_id=token_id, kind=list(kind) or None, side=side,
+                              max_rank=max_rank, limit=_limit(limit))
+        _emit(table, fmt, quiet, empty=f"No unit of {series} has that token in its first {max_rank} at any step.")
+
+
+@cli.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False), metavar="SRC...")
 @click.option("--into", "into", required=True, type=click.Path(file_okay=False), help="The dataset to merge into (created when new).")
 @quiet_option
