@@ -1,4 +1,4 @@
-"""`zeropass history` on a training series we make: a tiny GPT-2 trained a few hundred steps on a
+"""`zeropass history` on a training series we make: a tiny GPT-2 trained 150 steps on a
 synthetic corpus in which one token ("Paris") is the next token half of the time, so training
 pushes its unembedding; checkpoints saved at several steps, indexed with `index-many`."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ def zp(*args):
     r.returncode = r.exit_code
     return r
 
-STEPS = (0, 100, 200, 300)
+STEPS = (0, 50, 100, 150)
 PUSHED = "Paris"
 
 
@@ -33,9 +33,11 @@ def train_series(out: Path) -> None:
 
     model, tok = tiny_model("gpt2", seed=0, randomize=False)  # HF's small init: nothing stands out at step 0
     model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend (seconds instead of a minute)
     target = VOCAB.index(PUSHED)
     g = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(STEPS[-1] + 1):
         if step in STEPS:
             model.save_pretrained(str(out / f"step{step}"))
@@ -47,6 +49,7 @@ def train_series(out: Path) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -160,6 +160,7 @@ def _ray_workers_running(name: str) -> list[int]:
     return pids
 
 
+@pytest.mark.ray
 def test_ray_build_equals_sequential_and_survives_a_killed_worker(local_ray, ckpts, tmp_path):
     from indexer.many import index_many
 
