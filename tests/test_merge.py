@@ -90,6 +90,17 @@ def test_layer_shards_merge_into_the_one_machine_build(built, tmp_path):
     assert (out / "manifest.json").read_bytes() == before
 
 
+def test_odd_paths(built, tmp_path):
+    """DuckDB reads * ? [ as globs and commas in lists: the re-sort of vectors_by_token must not."""
+    import shutil
+
+    odd = tmp_path / "a*b,c'[1]é"
+    shutil.copytree(built / "shard0", odd / "src 0")
+    r = zp("merge", odd / "src 0", built / "shard1", "--into", odd / "in*to")
+    assert r.returncode == 0, r.stderr
+    assert_same_model(odd / "in*to", built / "full", "g")
+
+
 def test_shard_into_a_target_that_holds_the_other_shard(built, tmp_path):
     import shutil
 
