@@ -385,10 +385,11 @@ def _with_ray(jobs: list[Job], db: Path, address: Optional[str], say: Progress, 
     from .merge import merge
 
     if not ray.is_initialized():
-        root = str(Path(__file__).resolve().parents[1])
-        kw = {"address": address} if address else {"include_dashboard": False}
-        # the workers import this package from where the driver does (a cluster needs it installed)
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": root}}, log_to_driver=False, **kw)
+        if address:  # a cluster: its nodes have zeropass installed and see DB (docs/DATASET.md)
+            ray.init(address=address, log_to_driver=False)
+        else:  # a local Ray: its workers import this package from where the driver does
+            root = str(Path(__file__).resolve().parents[1])
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": root}}, include_dashboard=False, log_to_driver=False)
 
     @ray.remote(max_retries=3)
     def _build_shard(job: Job, shard_db: str) -> str:
