@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import ZeropassError
+from .errors import MissingDependency, ZeropassError
 
 Progress = Callable[[str], None]
 STAGING = Path(".builds") / "staging"
@@ -381,7 +381,7 @@ def _with_ray(jobs: list[Job], db: Path, address: Optional[str], say: Progress, 
     try:
         import ray
     except ImportError:
-        raise SpecError("--ray needs Ray: pip install 'zeropass[distributed]'") from None
+        raise MissingDependency("--ray needs Ray: pip install 'zeropass[distributed]'") from None
     from .merge import merge
 
     if not ray.is_initialized():
