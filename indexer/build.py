@@ -110,8 +110,13 @@ def index_model(
     allow_pickle: bool = False,
     replace: bool = False,
     progress: Optional[Progress] = stderr_progress,
+    series: Optional[str] = None,
+    step: Optional[int] = None,
 ) -> dict:
     """Index one checkpoint into the dataset at ``db``; returns its manifest entry.
+
+    ``series`` / ``step``: the training-checkpoint series it belongs to (``models.series`` /
+    ``models.step``, set by `zeropass index-many`).
 
     A model of the same name from another checkpoint is refused (NameTaken) unless ``replace``.
 
@@ -129,6 +134,7 @@ def index_model(
     return index_canonical(
         loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
         k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers, replace=replace, progress=progress,
+        series=series, step=step,
     )
 
 
@@ -217,6 +223,8 @@ def index_canonical(
     layers: Optional[str] = None,
     replace: bool = False,
     progress: Optional[Progress] = stderr_progress,
+    series: Optional[str] = None,
+    step: Optional[int] = None,
 ) -> dict:
     """Project a canonical model into the dataset at ``db`` under the name ``slug``.
 
@@ -282,7 +290,7 @@ def index_canonical(
             "n_layers": dims.n_layers, "n_heads": dims.n_heads, "n_kv_heads": dims.n_kv_heads,
             "d_model": dims.d_model, "d_head": dims.d_head, "d_ff": dims.d_ff, "d_vocab": dims.d_vocab,
             "n_ctx": dims.n_ctx, "tied": dims.tied, "vocab_id": vocab_id, "variant": variant,
-            "k": k, "n_pairs": n_pairs,
+            "series": series, "step": step, "k": k, "n_pairs": n_pairs,
             "settings": json.dumps(settings, sort_keys=True, default=str),
             "weights_sha256": json.dumps(dict(provenance.weights_sha256), sort_keys=True),
         }

@@ -624,37 +624,7 @@ class Build:
         self._save_progress()
 
     def _sort_by_token(self, sources: list[str], relpath: str) -> tuple[int, dict]:
-        """DuckDB's out-of-core ``COPY ... ORDER BY`` of the ``sources`` files into ``relpath``."""
-        import duckdb
-
-        from schemas.layout import duckdb_path
-
-        spill = self.root / BUILDS / f"{self.slug}.spill"
-        q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731
-        # read_parquet globs its arguments: escape the dataset path (it may hold * ? [)
-        files = ", ".join(q(duckdb_path(self.root / f)) for f in sources)
-        cols = ", ".join(TABLES["vectors_by_token"].column_names)
-        counted: list[int] = []
-
-        def copy(tmp: Path) -> None:
-            con = duckdb.connect()
-            try:
-                con.execute(f"SET memory_limit = '{_BY_TOKEN_MEMORY}'")
-                con.execute(f"SET temp_directory = {q(spill)}")
-                ((rows,),) = con.execute(
-                    f"""COPY (SELECT {cols} FROM read_parquet([{files}], hive_partitioning=false) ORDER BY {_BY_TOKEN_ORDER})
-                        TO {q(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_LAYOUT["vectors"][1]})""").fetchall()
-                counted.append(int(rows))
-            finally:
-                con.close()
-
-        try:
-            digest = write_file_atomic(self.root, relpath, copy)
-        except duckdb.Error as e:  # DuckDB's own writes: a full disk, spilling that cannot, ...
-            raise _duckdb_error(self.root, e) from None
-        finally:
-            shutil.rmtree(spill, ignore_errors=True)
-        return counted[0], digest
+        return sort_by_token(self.root, self.slug, sources, relpath)
 
     def commit(self, model_row: dict, vocab_id: str, tokens: pa.Table | None, rebuild_args: list[str] | None = None) -> dict:
         """Publish the model atomically; returns its manifest entry.
@@ -742,6 +712,43 @@ class Build:
             if base.exists():
                 for tmp in base.rglob("*.tmp"):
                     tmp.unlink(missing_ok=True)
+
+
+def sort_by_token(root: Path, slug: str, sources: list[str], relpath: str) -> tuple[int, dict]:
+    """DuckDB's out-of-core ``COPY ... ORDER BY`` of the ``vectors`` files ``sources`` into the
+    ``vectors_by_token`` file ``relpath`` (both relative to ``root``); returns (rows, digest).
+    Shared by a build and by `zeropass merge`, which rebuilds it for a model merged from shards."""
+    import duckdb
+
+    from schemas.layout import duckdb_path
+
+    root = Path(root)
+    spill = root / BUILDS / f"{slug}.spill"
+    q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731
+    # read_parquet globs its arguments: escape the dataset path (it may hold * ? [)
+    files = ", ".join(q(duckdb_path(root / f)) for f in sources)
+    cols = ", ".join(TABLES["vectors_by_token"].column_names)
+    counted: list[int] = []
+
+    def copy(tmp: Path) -> None:
+        con = duckdb.connect()
+        try:
+            con.execute(f"SET memory_limit = '{_BY_TOKEN_MEMORY}'")
+            con.execute(f"SET temp_directory = {q(spill)}")
+            ((rows,),) = con.execute(
+                f"""COPY (SELECT {cols} FROM read_parquet([{files}], hive_partitioning=false) ORDER BY {_BY_TOKEN_ORDER})
+                    TO {q(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_LAYOUT["vectors"][1]})""").fetchall()
+            counted.append(int(rows))
+        finally:
+            con.close()
+
+    try:
+        digest = write_file_atomic(root, relpath, copy)
+    except duckdb.Error as e:  # DuckDB's own writes: a full disk, spilling that cannot, ...
+        raise _duckdb_error(root, e) from None
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    return counted[0], digest
 
 
 def vocabulary_damage(root: Path, vocab: dict) -> str | None:

@@ -477,6 +477,83 @@ def diff(base, tuned, db, name, k, n_pairs, device, layers, allow_pickle, replac
         click.echo(f"indexed {tuned} - {base} into {db} ({rows})", err=True)
 
 
+@cli.command("index-many")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@db_option
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Build on Ray: one task per model (per layer range for large ones); without ADDRESS a local Ray.")
+@quiet_option
+def index_many(spec, db, ray_address, quiet):
+    """Index every model (and training-checkpoint series) a TOML SPEC lists into one dataset.
+
+    A rerun does only what is missing; a model that fails is reported and the others go on.
+
+    \b
+      zeropass index-many family.toml --db family-db
+      zeropass index-many family.toml --db family-db --ray ray://head:10001
+    """
+    from indexer.many import index_many as build_many
+
+    report = build_many(spec, db, ray=ray_address or None, use_ray=ray_address is not None, progress=_progress(quiet))
+    if report.failed:
+        names = "; ".join(f"{n} ({why})" for n, why in report.failed.items())
+        raise click.ClickException(f"{len(report.failed)} of {len(report.failed) + len(report.built) + len(report.skipped)} "
+                                   f"models failed: {names}; rerun the same command to retry them")
+    if not quiet:
+        click.echo(f"{len(report.built)} model(s) indexed, {len(report.skipped)} already in {db}", err=True)
+
+
+@cli.command()
+@click.argument("series")
+@click.argument("unit", required=False)
+@click.option("--token", "token", default=None, help="Instead of UNIT: the units that have this token in their lists, per step.")
+@click.option("--exact", is_flag=True, help="Match --token's decoded text exactly as given (spaces count).")
+@click.option("--id", "token_id", type=int, default=None, help="Instead of --token: this token id.")
+@click.option("--kind", multiple=True, help="UNIT: the list read (neuron: ff_value; head dim: o; head: its OV output). "
+              "--token: kinds searched (default ff_value, o, ov_output).")
+@click.option("--side", type=click.Choice(["top", "bottom", "both"]), default="top", show_default=True)
+@click.option("--max-rank", type=int, default=10, show_default=True, help="A token counts as in a list down to this rank.")
+@click.option("--limit", "-n", type=int, default=50, show_default=True, help="--token: at most this many units (0: all).")
+@output_options
+def history(series, unit, token, exact, token_id, kind, side, max_rank, limit, db, fmt, quiet):
+    """How a unit's top tokens change across a training-checkpoint SERIES, or (--token) when units
+    start promoting a token. One rank column per step; `change` says when it entered or left.
+
+    \b
+      zeropass history pythia-70m L3.N117
+      zeropass history pythia-70m --token Paris
+    """
+    from .history import history as unit_history, token_history
+
+    ds = _open(db)
+    if (unit is None) == (token is None and token_id is None):
+        raise click.UsageError("give either UNIT or --token TOKEN (or --id N)")
+    if unit is not None:
+        if len(kind) > 1:
+            raise click.UsageError("UNIT takes one --kind")
+        table = unit_history(ds, series, unit, kind=kind[0] if kind else None, side=side, max_rank=max_rank)
+        _emit(table, fmt, quiet, empty=f"{unit} has no tokens in its first {max_rank} at any step of {series}.")
+    else:
+        table = token_history(ds, series, token, exact=exact, token_id=token_id, kind=list(kind) or None, side=side,
+                              max_rank=max_rank, limit=_limit(limit))
+        _emit(table, fmt, quiet, empty=f"No unit of {series} has that token in its first {max_rank} at any step.")
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False), metavar="SRC...")
+@click.option("--into", "into", required=True, type=click.Path(file_okay=False), help="The dataset to merge into (created when new).")
+@quiet_option
+def merge(sources, into, quiet):
+    """Merge datasets built elsewhere (or layer shards of one model) into one dataset.
+
+    \b
+      zeropass merge machine-a-db machine-b-db --into family-db
+    """
+    from indexer.merge import merge as merge_datasets
+
+    merge_datasets(list(sources), into, progress=_progress(quiet))
+
+
 @cli.command()
 @db_option
 @click.option("--repair", is_flag=True, help="Rewrite a stale catalog and delete leftover files (under the writer lock).")

@@ -16,7 +16,7 @@ from .kinds import FF_KINDS, HEAD_DIM_KINDS, KINDS, READ_KINDS, WRITE_KINDS
 
 # Bump when a table changes in a way old datasets cannot be read with; datasets record it in
 # their manifest and the query layer refuses a mismatch with a "rebuild" message.
-SCHEMA_VERSION = 3  # 2: vectors_by_token; 3: vectors.expert (mixture of experts)
+SCHEMA_VERSION = 3  # 2: vectors_by_token; 3: vectors.expert (mixture of experts), models.series, models.step
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ MODELS = _table(
     _c("tied", pa.bool_(), "True when W_U is W_E transposed (also for encoders without an LM head)."),
     _c("vocab_id", pa.string(), "Content hash of the vocabulary; joins `tokens`. Models sharing it share token ids."),
     _c("variant", pa.string(), "`raw` (the paper), `folded` (norm gains folded in) or `diff` (a fine-tuning delta)."),
+    _c("series", pa.string(), "Training-checkpoint series the model belongs to (`zeropass index-many`, `[[series]]`); null otherwise.", nullable=True),
+    _c("step", pa.int64(), "Training step of the checkpoint within its series; null otherwise.", nullable=True),
     _c("k", pa.int32(), "Tokens kept per side for each vector (`--k`)."),
     _c("n_pairs", pa.int32(), "Entries kept per side for each head circuit (`--pairs`)."),
     _c("settings", pa.string(), "All index settings as JSON (layers, device, variant, base model for diffs, ...)."),
