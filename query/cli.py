@@ -66,10 +66,20 @@ def cli():
 
 # -- shared options (declared once) ------------------------------------------------------------
 
+def _keep_cache_dir(ctx, param, value):
+    ctx.meta["zeropass.cache_dir"] = value
+    return value
+
+
 def db_option(f):
+    # --cache-dir rides along with --db (it only matters for a URL) without joining every signature.
+    f = click.option("--cache-dir", envvar="ZEROPASS_CACHE", default=None, expose_value=False, callback=_keep_cache_dir,
+                     type=click.Path(file_okay=False),
+                     help="Where a remote dataset's metadata is cached (default $ZEROPASS_CACHE, else ~/.cache/zeropass).")(f)
     return click.option("--db", "db", envvar="ZEROPASS_DB", default="zeropass-db", show_default=True,
                         type=click.Path(file_okay=False),
-                        help="Dataset directory (default $ZEROPASS_DB, else ./zeropass-db).")(f)
+                        help="Dataset directory or URL (https://..., hf://datasets/ORG/NAME, s3://...; "
+                             "default $ZEROPASS_DB, else ./zeropass-db).")(f)
 
 
 def format_option(f):
@@ -120,7 +130,8 @@ def replace_option(f):
 def _open(db):
     from .dataset import Dataset
 
-    return Dataset(db)
+    ctx = click.get_current_context(silent=True)
+    return Dataset(db, cache_dir=ctx.meta.get("zeropass.cache_dir") if ctx else None)
 
 
 def _progress(quiet: bool):
@@ -514,6 +525,26 @@ def check(db, repair, recover, quick, quiet):
         click.echo(f"{verdict}: {report.models} models, {report.files} files checked in {db}", err=True)
     if not report.ok:
         sys.exit(1)
+
+
+@cli.group()
+def cache():
+    """The local cache of remote datasets' metadata (manifests' revisions, Parquet footers)."""
+
+
+@cache.command("clear")
+@click.option("--cache-dir", envvar="ZEROPASS_CACHE", default=None, type=click.Path(file_okay=False),
+              help="The cache to clear (default $ZEROPASS_CACHE, else ~/.cache/zeropass).")
+def cache_clear(cache_dir):
+    """Remove every cached footer and revision; the next remote query fetches them again.
+
+    \b
+      zeropass cache clear
+    """
+    from .remote import clear_cache
+
+    where, freed = clear_cache(cache_dir)
+    click.echo(f"cleared {where} ({freed:,} bytes)", err=True)
 
 
 def main(argv=None):

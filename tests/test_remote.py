@@ -1,0 +1,319 @@
+"""Datasets read where they are published (query/remote.py): a loopback HTTP server with Range
+support that counts the bytes it serves, fsspec's in-memory filesystem, and a local directory.
+
+Every remote answer is compared with the same query on the local copy.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from query import Dataset
+from query.errors import (DatasetChanged, ForbiddenSQL, NotADataset, RemoteDenied, RemoteUnreachable, SchemaMismatch)
+from tests.conftest import ROOT, build_synthetic
+from tests.rangeserver import RangeServer
+
+QUERIES = [
+    "SELECT * FROM models ORDER BY model",
+    "SELECT * FROM tokens ORDER BY vocab_id, token_id",
+    "SELECT model, layer, kind, unit, side, rank, token, score FROM vectors ORDER BY ALL",
+    "SELECT * FROM pairs ORDER BY ALL",
+    "SELECT * FROM heads ORDER BY ALL",
+    "SELECT count(*) AS n FROM vectors_by_token",
+]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(server, local dataset, its URL): the synthetic dataset behind a loopback HTTP server."""
+    base = tmp_path_factory.mktemp("served")
+    db = build_synthetic(base / "db")
+    (base / "secret.txt").write_text("not yours")
+    with RangeServer(base, deny=("/denied",)) as srv:
+        yield srv, db, srv.url + "/db"
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+def helper_answers(ds) -> dict:
+    return {
+        "models": ds.models(),
+        "heads": ds.heads("paris"),
+        "heads_qk": ds.heads("paris", circuit="qk", model="alpha"),
+        "neurons": ds.neurons("paris"),
+        "neurons_beta": ds.neurons("Paris", model="beta", kind="ff_key", exact=True),
+        "tokens": ds.tokens("Paris is big"),
+        "similar": ds.similar("alpha", "L0.N1", "beta"),
+        **{f"show_{k}": v for k, v in ds.show("alpha", "L1.H0").items()},
+        **{f"show_n_{k}": v for k, v in ds.show("gamma", "L0.N0").items()},
+    }
+
+
+# -- 1. every helper and sql equal the local answers -------------------------------------------
+
+def test_http_dataset_answers_equal_local(served, cache):
+    srv, db, url = served
+    with Dataset(db) as local, Dataset(url, cache_dir=cache) as remote:
+        for q in QUERIES:
+            assert remote.sql(q).equals(local.sql(q)), q
+        want, got = helper_answers(local), helper_answers(remote)
+        for key in want:
+            assert got[key].equals(want[key]), key
+        assert remote.model_names() == local.model_names()
+
+
+def test_memory_filesystem_dataset(synthetic_db, cache):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.put(str(synthetic_db), "/zp-test/db", recursive=True)
+    try:
+        with Dataset(synthetic_db) as local, Dataset("memory://zp-test/db", cache_dir=cache) as remote:
+            for q in QUERIES:
+                assert remote.sql(q).equals(local.sql(q)), q
+            assert remote.neurons("paris").equals(local.neurons("paris"))
+    finally:
+        fs.rm("/zp-test", recursive=True)
+
+
+def test_file_url_is_the_local_directory(synthetic_db):
+    with Dataset(synthetic_db.as_uri()) as ds:
+        assert ds.root == synthetic_db.resolve()
+        assert ds.model_names() == ["alpha", "beta", "gamma"]
+
+
+def test_cli_db_url_and_env(served, cache):
+    srv, db, url = served
+    run = lambda *a, env=None: subprocess.run([sys.executable, "-m", "query.cli", *a], capture_output=True, text=True,  # noqa: E731
+                                              cwd=ROOT, env=env)
+    local = run("neurons", "paris", "--format", "json", "--db", str(db))
+    remote = run("neurons", "paris", "--format", "json", "--db", url, "--cache-dir", str(cache))
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout) == json.loads(local.stdout)
+    import os
+    env = dict(os.environ, ZEROPASS_DB=url, ZEROPASS_CACHE=str(cache))
+    sql = run("sql", "SELECT count(*) AS n FROM vectors", "--format", "json", env=env)
+    assert sql.returncode == 0, sql.stderr
+    assert json.loads(sql.stdout) == json.loads(run("sql", "SELECT count(*) AS n FROM vectors", "--format", "json",
+                                                    "--db", str(db)).stdout)
+
+
+# -- the SQL allow-list holds through the remote setup (the attacker's tests) -----------------
+
+@pytest.mark.parametrize("target", [
+    pytest.param("{url}/../secret.txt", id="dotdot-over-http"),
+    pytest.param("{root}/secret.txt", id="same-host-other-file"),
+    pytest.param("{root}/db/manifest.json", id="same-dataset-unlisted-over-http"),
+    pytest.param("http://127.0.0.2:{port}/secret.txt", id="another-host"),
+    pytest.param("https://example.com/x", id="https"),
+    pytest.param("file:///etc/passwd", id="file-url"),
+    pytest.param("/etc/passwd", id="local-path"),
+    pytest.param("{db}/manifest.json", id="local-copy-of-the-dataset"),
+    pytest.param("zeropass://manifest.json", id="unlisted-through-the-dataset-fs"),
+    pytest.param("zeropass://../secret.txt", id="dotdot-through-the-dataset-fs"),
+    pytest.param("zeropass://vectors/../../secret.txt", id="nested-dotdot"),
+    pytest.param("zeropass://*", id="glob"),
+    pytest.param("zeropass://vectors/**/*.parquet", id="recursive-glob"),
+    pytest.param("memory://zp/x", id="memory-fs"),
+])
+@pytest.mark.parametrize("reader", ["read_text", "read_blob", "read_parquet", "read_csv", "glob"])
+def test_user_sql_cannot_read_outside_the_listed_files(served, cache, target, reader):
+    srv, db, url = served
+    path = target.format(url=url, root=srv.url, port=srv.port, db=db)
+    with Dataset(url, cache_dir=cache) as ds:
+        srv.reset()
+        with pytest.raises(ForbiddenSQL):
+            ds.sql(f"SELECT * FROM {reader}('{path}')")
+        assert not [r for r in srv.requests if "secret" in r[1] or r[1].endswith("manifest.json")]
+        assert ds.sql("SELECT count(*) AS n FROM models").column("n").to_pylist() == [3]  # still works
+
+
+def test_remote_dataset_is_read_only(served, cache):
+    srv, db, url = served
+    with Dataset(url, cache_dir=cache) as ds:
+        for q in ["COPY models TO 'zeropass://x.parquet'", "ATTACH 'zeropass://x.db'", "INSTALL httpfs", "LOAD httpfs",
+                  "SET enable_external_access = true", "SET allowed_directories = ['http://']"]:
+            with pytest.raises(ForbiddenSQL):
+                ds.sql(q)
+
+
+# -- 2. bytes read, and the metadata cache -----------------------------------------------------
+
+VOCAB = 20000
+
+
+def _big_model(root: Path, slug: str, vocab_id: str, vocab: pa.Table, seed: int, n_layers=4, d_ff=512, k=32):
+    """A model with enough vectors that reading it whole would show (about 1.5 MB per table)."""
+    from indexer.dataset import Build
+
+    rng = np.random.default_rng(seed)
+    texts = vocab.column("token").to_pylist()
+    b = Build(root, slug, {"big": seed})
+    for layer in range(n_layers):
+        n = d_ff * 2 * 2 * k  # (ff_key, ff_value) x (top, bottom) x k
+        idx = np.repeat(np.arange(d_ff), 4 * k)
+        kind = np.tile(np.repeat(["ff_key", "ff_value"], 2 * k), d_ff)
+        side = np.tile(np.repeat(["top", "bottom"], k), 2 * d_ff)
+        rank = np.tile(np.arange(1, k + 1), 4 * d_ff)
+        tid = rng.integers(1, VOCAB, n)
+        b.write("vectors", pa.table({
+            "model": [slug] * n, "layer": pa.array(np.full(n, layer), pa.int16()), "kind": kind,
+            "head": pa.nulls(n, pa.int16()), "idx": pa.array(idx, pa.int32()),
+            "unit": [f"L{layer}.N{i}" for i in idx], "side": side, "rank": pa.array(rank, pa.int32()),
+            "token_id": pa.array(tid, pa.int32()), "token": [texts[t] for t in tid],
+            "score": pa.array(rng.standard_normal(n), pa.float32())}), layer=layer)
+    b.commit(dict(source=f"synthetic:{slug}", revision=None, architecture="gpt2", hf_architecture=None,
+                  n_layers=n_layers, n_heads=1, n_kv_heads=1, d_model=8, d_head=8, d_ff=d_ff, d_vocab=VOCAB, n_ctx=None,
+                  tied=True, vocab_id=vocab_id, variant="raw", k=k, n_pairs=0, settings="{}", weights_sha256="{}"),
+             vocab_id, vocab)
+
+
+@pytest.fixture(scope="module")
+def three_models(tmp_path_factory):
+    """Three models (two vocabularies) with real-sized vectors tables, behind the loopback server."""
+    from indexer.tokens import normalise
+
+    base = tmp_path_factory.mktemp("three")
+    db = base / "db"
+    words = ["Paris"] + [f"w{i}" for i in range(1, VOCAB)]
+    vocab = lambda vid: pa.table({"vocab_id": [vid] * VOCAB, "token_id": pa.array(range(VOCAB), pa.int32()),  # noqa: E731
+                                  "piece": words, "token": words, "norm": [normalise(w) for w in words],
+                                  "special": [False] * VOCAB})
+    _big_model(db, "one", "va", vocab("va"), 1)
+    _big_model(db, "two", "va", vocab("va"), 2)
+    _big_model(db, "three", "vb", vocab("vb"), 3)
+    with RangeServer(base) as srv:
+        yield srv, db, srv.url + "/db"
+
+
+def _dataset_bytes(db: Path) -> int:
+    return sum(p.stat().st_size for p in db.rglob("*.parquet")) + (db / "manifest.json").stat().st_size
+
+
+def test_one_model_query_reads_under_ten_percent(three_models, cache):
+    srv, db, url = three_models
+    total = _dataset_bytes(db)
+    with Dataset(db) as local:
+        want = local.neurons("w123", model="two")
+    assert want.num_rows > 0
+    srv.reset()
+    with Dataset(url, cache_dir=cache) as ds:     # cold: nothing cached
+        got = ds.neurons("w123", model="two")
+    assert got.equals(want)
+    cold = srv.bytes_served
+    assert cold < 0.10 * total, f"read {cold:,} of {total:,} bytes"
+    # no file of the other models was opened beyond what every open binds (their footers)
+    others = [r for r in srv.requests if "model=one/" in r[1] or "model=three/" in r[1]]
+    assert all(r[2] is not None for r in others)  # only ranges, never a whole file
+    cold_requests = list(srv.requests)
+    srv.reset()
+    with Dataset(url, cache_dir=cache) as ds:     # warm: footers from the cache
+        assert [r[1] for r in srv.requests] == [f"/{db.name}/manifest.json"]  # opening fetched only the manifest
+        assert ds.neurons("w123", model="two").equals(want)
+    assert srv.bytes_served < cold, (srv.bytes_served, cold)
+    # what is fetched again is data (the vocabulary's norm column, the token's row group), never a footer
+    assert set(srv.requests) < set(cold_requests)
+    assert len(srv.requests) <= len(cold_requests) - 6
+
+
+def test_cache_is_per_revision_and_can_be_cleared(served, tmp_path):
+    srv, db, url = served
+    cache = tmp_path / "c"
+    with Dataset(url, cache_dir=cache) as ds:
+        ds.neurons("paris")
+        revision = ds._remote.revision
+    assert (cache / next(iter(p.name for p in cache.iterdir())) / revision / "tails").is_dir()
+    r = subprocess.run([sys.executable, "-m", "query.cli", "cache", "clear", "--cache-dir", str(cache)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "cleared" in r.stderr and not cache.exists()
+
+
+def test_server_without_range_support_still_answers(synthetic_db, cache):
+    with RangeServer(synthetic_db.parent, ignore_range=True) as srv, Dataset(synthetic_db) as local, \
+            Dataset(srv.url + "/" + synthetic_db.name, cache_dir=cache) as ds:
+        assert ds.neurons("paris").equals(local.neurons("paris"))
+
+
+# -- 3. one-line errors ------------------------------------------------------------------------
+
+def _cli_error(*args) -> str:
+    r = subprocess.run([sys.executable, "-m", "query.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
+def test_unreachable_host(cache):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(RemoteUnreachable, match="cannot reach 127.0.0.1"):
+        Dataset(f"http://127.0.0.1:{port}/db", cache_dir=cache)
+    assert "cannot reach" in _cli_error("models", "--db", f"http://127.0.0.1:{port}/db")
+
+
+def test_404_403_and_not_a_dataset(served, cache):
+    srv, db, url = served
+    with pytest.raises(NotADataset, match="not a zeropass dataset"):
+        Dataset(srv.url + "/nothing-here", cache_dir=cache)
+    with pytest.raises(RemoteDenied, match="HTTP 403"):
+        Dataset(srv.url + "/denied/db", cache_dir=cache)
+    assert "HTTP 403" in _cli_error("models", "--db", srv.url + "/denied/db")
+    assert "not a zeropass dataset" in _cli_error("models", "--db", srv.url + "/nothing-here")
+
+
+@pytest.mark.parametrize("content, error", [
+    pytest.param(b"<html>hello</html>", NotADataset, id="html"),
+    pytest.param(b"\xff\xfe\x00", NotADataset, id="binary"),
+    pytest.param(json.dumps({"format": "something-else", "models": {}}).encode(), NotADataset, id="other-format"),
+    pytest.param(json.dumps({"format": "zeropass-dataset", "schema_version": 999, "models": {}}).encode(), SchemaMismatch,
+                 id="other-schema-version"),
+    pytest.param(json.dumps({"format": "zeropass-dataset", "schema_version": 2,
+                             "models": {"m": {"files": {"vectors": ["../../secret.txt"]}}}}).encode(), NotADataset,
+                 id="path-out-of-the-dataset"),
+])
+def test_url_that_is_not_a_zeropass_dataset(tmp_path, cache, content, error):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "manifest.json").write_bytes(content)
+    with RangeServer(tmp_path) as srv:
+        with pytest.raises(error):
+            Dataset(srv.url + "/site", cache_dir=cache)
+        _cli_error("models", "--db", srv.url + "/site")
+
+
+def test_dataset_replaced_while_read(tmp_path, cache):
+    """A file rewritten in place (not how zeropass publishes) is caught by its size, in one line."""
+    db = build_synthetic(tmp_path / "db")
+    with RangeServer(tmp_path) as srv, Dataset(srv.url + "/db", cache_dir=cache) as ds:
+        manifest = json.loads((db / "manifest.json").read_text())
+        rel = manifest["models"]["beta"]["files"]["vectors_by_token"][0]
+        (db / rel).write_bytes((db / rel).read_bytes()[:100])
+        with pytest.raises((DatasetChanged,)) as e:
+            ds.neurons("paris", model="beta")
+        assert "changed while it was read" in str(e.value)
+
+
+def test_republished_dataset_is_followed(tmp_path, cache):
+    """Old files gone, a new manifest in place: the reader re-reads the manifest and answers from it."""
+    db = build_synthetic(tmp_path / "db")
+    with RangeServer(tmp_path) as srv, Dataset(srv.url + "/db", cache_dir=cache) as ds:
+        before = ds.sql("SELECT count(*) AS n FROM vectors WHERE model = 'beta'")
+        old = json.loads((db / "manifest.json").read_text())
+        shutil.rmtree(db)
+        build_synthetic(db)  # new build ids, new files, new manifest
+        assert json.loads((db / "manifest.json").read_text()) != old
+        assert ds.sql("SELECT count(*) AS n FROM vectors WHERE model = 'beta'").equals(before)
