@@ -527,6 +527,34 @@ def check(db, repair, recover, quick, quiet):
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("db", type=click.Path(file_okay=False))
+@click.argument("dest")
+@click.option("--dry-run", is_flag=True, help="Say what would be copied and deleted; change nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def publish(db, dest, dry_run, quiet):
+    """Copy dataset DB to DEST (a directory or an fsspec URL), data first, manifest last.
+
+    Publishing again copies only what changed. Readers of DEST (`--db DEST`) never see a
+    half-published dataset.
+
+    \b
+      zeropass publish zeropass-db /srv/www/zeropass-db
+      zeropass publish zeropass-db s3://bucket/zeropass-db --dry-run
+      zeropass publish zeropass-db hf://datasets/ORG/NAME
+    """
+    from indexer.publish import publish_dataset
+
+    plan = publish_dataset(db, dest, dry_run=dry_run, progress=_progress(quiet))
+    if dry_run:
+        for rel in plan.upload:
+            click.echo(f"copy {rel}")
+        for rel in plan.delete:
+            click.echo(f"delete {rel}")
+    if not quiet or dry_run:
+        click.echo(("would publish: " if dry_run else f"published {db} to {plan.dest}: ") + plan.summary(), err=True)
+
+
 @cli.group()
 def cache():
     """The local cache of remote datasets' metadata (manifests' revisions, Parquet footers)."""

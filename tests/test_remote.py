@@ -317,3 +317,137 @@ def test_republished_dataset_is_followed(tmp_path, cache):
         build_synthetic(db)  # new build ids, new files, new manifest
         assert json.loads((db / "manifest.json").read_text()) != old
         assert ds.sql("SELECT count(*) AS n FROM vectors WHERE model = 'beta'").equals(before)
+
+
+# -- 4. publish --------------------------------------------------------------------------------
+
+def _answers(ds) -> dict:
+    return {q: ds.sql(q) for q in QUERIES} | {"neurons": ds.neurons("paris"), "heads": ds.heads("paris")}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    for key in a:
+        assert b[key].equals(a[key]), key
+
+
+def test_publish_to_directory_then_query_it_in_place(tmp_path, cache):
+    from indexer.publish import publish_dataset
+
+    db = build_synthetic(tmp_path / "db")
+    dest = tmp_path / "www" / "pub"
+    dry = publish_dataset(db, str(dest), dry_run=True)
+    assert not dest.exists() and dry.upload[-1] == "manifest.json" and not dry.skip
+    plan = publish_dataset(db, str(dest))
+    assert plan.upload == dry.upload
+    assert (dest / "manifest.json").read_bytes() == (db / "manifest.json").read_bytes()  # same revision
+    # the manifest was written last
+    files = [p for p in dest.rglob("*") if p.is_file()]
+    assert max(files, key=lambda p: p.stat().st_mtime_ns).name == "manifest.json"
+    with Dataset(db) as local:
+        want = _answers(local)
+    with Dataset(dest) as ds:
+        _assert_same(want, _answers(ds))
+    with RangeServer(tmp_path / "www") as srv, Dataset(srv.url + "/pub", cache_dir=cache) as ds:
+        _assert_same(want, _answers(ds))
+    # again: nothing changed, nothing copied
+    again = publish_dataset(db, str(dest))
+    assert again.upload == [] and again.upload_bytes == 0 and len(again.skip) == len(plan.upload) - 3
+
+
+def test_republish_copies_only_what_changed_and_deletes_the_superseded(tmp_path):
+    from indexer.publish import publish_dataset
+    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+
+    db = build_synthetic(tmp_path / "db")
+    dest = tmp_path / "pub"
+    publish_dataset(db, str(dest))
+    old = json.loads((dest / "manifest.json").read_text())
+    _model(db, "beta", "vshared", SHARED_TOKENS, 22, PLANTED["beta"])  # beta re-indexed: new files
+    plan = publish_dataset(db, str(dest))
+    beta_old = {f for fs in old["models"]["beta"]["files"].values() for f in fs}
+    beta_new = {f for fs in json.loads((db / "manifest.json").read_text())["models"]["beta"]["files"].values() for f in fs}
+    assert set(plan.upload) == beta_new | {"README.md", "catalog.duckdb", "manifest.json"}
+    assert set(plan.delete) == beta_old
+    assert not any((dest / f).exists() for f in beta_old)
+    with Dataset(db) as local, Dataset(dest) as pub:
+        _assert_same(_answers(local), _answers(pub))
+
+
+def test_publish_to_memory_filesystem(tmp_path, cache):
+    import fsspec
+
+    from indexer.publish import publish_dataset
+
+    db = build_synthetic(tmp_path / "db")
+    fs = fsspec.filesystem("memory")
+    try:
+        publish_dataset(db, "memory://zp-pub/db")
+        assert publish_dataset(db, "memory://zp-pub/db").upload == []
+        with Dataset(db) as local, Dataset("memory://zp-pub/db", cache_dir=cache) as ds:
+            _assert_same(_answers(local), _answers(ds))
+    finally:
+        fs.rm("/zp-pub", recursive=True)
+
+
+def test_damaged_file_stops_publish_and_readers_keep_the_old_revision(tmp_path):
+    """A file that fails its sha256 stops the publish before the manifest: DEST's readers see no change."""
+    from indexer.publish import PublishError, publish_dataset
+    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+
+    db = build_synthetic(tmp_path / "db")
+    dest = tmp_path / "pub"
+    publish_dataset(db, str(dest))
+    with Dataset(dest) as ds:
+        before = _answers(ds)
+    _model(db, "beta", "vshared", SHARED_TOKENS, 22, PLANTED["beta"])
+    manifest = json.loads((db / "manifest.json").read_text())
+    rel = manifest["models"]["beta"]["files"]["vectors"][-1]
+    data = bytearray((db / rel).read_bytes())
+    data[100] ^= 0xFF
+    (db / rel).write_bytes(bytes(data))
+    with pytest.raises(PublishError, match="sha256"):
+        publish_dataset(db, str(dest))
+    assert not list(dest.rglob("*.tmp*"))
+    with Dataset(dest) as ds:
+        _assert_same(before, _answers(ds))
+    msg = _cli_error("publish", str(db), str(dest), "--quiet")
+    assert "sha256" in msg
+
+
+def test_publish_errors_are_one_line(tmp_path):
+    assert "not a zeropass dataset" in _cli_error("publish", str(tmp_path / "nothing"), str(tmp_path / "d"))
+    assert not (tmp_path / "nothing").exists()  # nothing created on the way
+    db = build_synthetic(tmp_path / "db")
+    assert "DB itself" in _cli_error("publish", str(db), str(db))
+    (tmp_path / "blocker").write_text("a file")
+    assert "blocker/pub" in _cli_error("publish", str(db), str(tmp_path / "blocker" / "pub"))  # a file where DEST goes
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text("{\"not\": \"ours\"}")
+    assert "not a zeropass manifest" in _cli_error("publish", str(db), str(tmp_path / "other"))
+
+
+def test_publish_cli_dry_run(tmp_path):
+    db = build_synthetic(tmp_path / "db")
+    r = subprocess.run([sys.executable, "-m", "query.cli", "publish", str(db), str(tmp_path / "pub"), "--dry-run"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "copy manifest.json" and "would publish" in r.stderr
+    assert not (tmp_path / "pub").exists()
+
+
+# -- 5. the dataset card -----------------------------------------------------------------------
+
+def test_card_configs_load_with_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from indexer.publish import publish_dataset
+
+    db = build_synthetic(tmp_path / "db")
+    dest = tmp_path / "pub"
+    publish_dataset(db, str(dest))
+    card = (dest / "README.md").read_text()
+    assert card.startswith("---\nlicense: other\n") and "config_name: vectors" in card and "zeropass heads paris" in card
+    with Dataset(dest) as ds:
+        for table in ("vectors", "tokens", "models", "pairs"):
+            n = ds.sql(f"SELECT count(*) AS n FROM {table}").column("n")[0].as_py()
+            loaded = datasets.load_dataset(str(dest), table, split="train", cache_dir=str(tmp_path / "hf-cache"))
+            assert loaded.num_rows == n, table
