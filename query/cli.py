@@ -78,8 +78,7 @@ def db_option(f):
                      help="Where a remote dataset's metadata is cached (default $ZEROPASS_CACHE, else ~/.cache/zeropass).")(f)
     return click.option("--db", "db", envvar="ZEROPASS_DB", default="zeropass-db", show_default=True,
                         type=click.Path(file_okay=False),
-                        help="Dataset directory or URL (https://..., hf://datasets/ORG/NAME, s3://...; "
-                             "default $ZEROPASS_DB, else ./zeropass-db).")(f)
+                        help="Dataset directory or URL (default $ZEROPASS_DB, else ./zeropass-db).")(f)
 
 
 def format_option(f):

@@ -19,7 +19,8 @@ view; the decisions:
 * **Read only what a query needs.** DuckDB asks for byte ranges (the footer, then the column
   chunks of the row groups its statistics cannot skip); each becomes one Range request. File
   sizes come from the manifest's ``file_info``, so opening a file costs no request.
-* **Metadata cache.** The tail of each file (the Parquet footer, up to ``TAIL_CACHE_MAX``
+* **Caches.** Recently read ranges stay in memory while the dataset is open (``MEMORY_CACHE``),
+  so a repeated query fetches nothing. The tail of each file (the Parquet footer, up to ``TAIL_CACHE_MAX``
   bytes) is kept under ``CACHE/<dataset>/<revision>/``, so a second process reads no footer
   again. ``clear_cache`` removes it (``zeropass cache clear``).
 """
@@ -34,6 +35,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from pathlib import Path
 
 from schemas.layout import MANIFEST, unsafe_relpath
@@ -42,6 +44,7 @@ from .errors import DatasetChanged, ForbiddenSQL, NotADataset, QueryError, Remot
 
 PROTOCOL = "zeropass"
 TAIL_CACHE_MAX = 4 << 20      # bytes of a file's tail kept on disk (its footer; a larger footer is read each time)
+MEMORY_CACHE = 64 << 20       # bytes of recently read ranges kept per open dataset (a repeated query reads none again)
 HTTP_TIMEOUT = 30.0           # seconds per request
 _URL = re.compile(r"\A[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -275,6 +278,8 @@ class DatasetFS:
         self.remote = remote
         self._lock = threading.Lock()
         self._tails: dict[str, tuple[int, bytes]] = {}
+        self._recent: "OrderedDict[tuple[str, int, int], bytes]" = OrderedDict()
+        self._recent_bytes = 0
         # DuckDB's metadata cache compares modification times; files of a revision never change.
         self._mtime = _dt.datetime(2000, 1, 1, tzinfo=_dt.timezone.utc)
         self._impl = _fsspec_impl(self)
@@ -282,6 +287,8 @@ class DatasetFS:
     def reset(self) -> None:
         with self._lock:
             self._tails.clear()
+            self._recent.clear()
+            self._recent_bytes = 0
 
     # what DuckDB asks for a path: strip the protocol, undo DuckDB's glob escapes, check the list
     def listed(self, path: str) -> str | None:
@@ -324,6 +331,12 @@ class DatasetFS:
         tail = self._tail(rel)
         if tail is not None and start >= tail[0]:
             return tail[1][start - tail[0]:end - tail[0]]
+        key = (rel, start, end)
+        with self._lock:
+            data = self._recent.get(key)
+            if data is not None:
+                self._recent.move_to_end(key)
+                return data
         data = self._guard(lambda: self.remote.store.cat(rel, start, end))
         if len(data) != end - start:
             err = DatasetChanged(
@@ -334,6 +347,12 @@ class DatasetFS:
         self.remote.bytes_read += len(data)
         if end == size and end - start <= TAIL_CACHE_MAX and (tail is None or start < tail[0]):
             self._keep_tail(rel, start, data)
+        elif len(data) <= MEMORY_CACHE // 4:
+            with self._lock:
+                self._recent[key] = data
+                self._recent_bytes += len(data)
+                while self._recent_bytes > MEMORY_CACHE:
+                    self._recent_bytes -= len(self._recent.popitem(last=False)[1])
         return data
 
     def _tail_file(self, rel: str) -> Path:

@@ -75,7 +75,10 @@ class RangeServer:
                 with server._lock:
                     server.bytes_served += len(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # DuckDB's threads connect at once; the default 5 drops SYNs (1 s retries)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"

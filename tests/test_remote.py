@@ -178,13 +178,10 @@ def _big_model(root: Path, slug: str, vocab_id: str, vocab: pa.Table, seed: int,
              vocab_id, vocab)
 
 
-@pytest.fixture(scope="module")
-def three_models(tmp_path_factory):
-    """Three models (two vocabularies) with real-sized vectors tables, behind the loopback server."""
+def build_three(db: Path) -> Path:
+    """Three models (two vocabularies of 20,000 tokens), 131,072 vector rows each (15.5 MB in all)."""
     from indexer.tokens import normalise
 
-    base = tmp_path_factory.mktemp("three")
-    db = base / "db"
     words = ["Paris"] + [f"w{i}" for i in range(1, VOCAB)]
     vocab = lambda vid: pa.table({"vocab_id": [vid] * VOCAB, "token_id": pa.array(range(VOCAB), pa.int32()),  # noqa: E731
                                   "piece": words, "token": words, "norm": [normalise(w) for w in words],
@@ -192,6 +189,14 @@ def three_models(tmp_path_factory):
     _big_model(db, "one", "va", vocab("va"), 1)
     _big_model(db, "two", "va", vocab("va"), 2)
     _big_model(db, "three", "vb", vocab("vb"), 3)
+    return db
+
+
+@pytest.fixture(scope="module")
+def three_models(tmp_path_factory):
+    """The three-model dataset behind the loopback server."""
+    base = tmp_path_factory.mktemp("three")
+    db = build_three(base / "db")
     with RangeServer(base) as srv:
         yield srv, db, srv.url + "/db"
 
