@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import http.client
 import os
 import re
 import shutil
@@ -103,14 +104,23 @@ class HTTPStore:
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
+        # spaces, brackets, non-ASCII in the path are sent percent-encoded (an existing %XX stays)
+        parts = urllib.parse.urlsplit(self.url)
+        self._base = urllib.parse.urlunsplit(parts._replace(path=urllib.parse.quote(parts.path, safe="/%:@!$&'()*+,;=~")))
 
     def _request(self, rel: str, start: int | None = None, end: int | None = None, method: str = "GET"):
-        url = f"{self.url}/{urllib.parse.quote(rel)}"
-        req = urllib.request.Request(url, method=method, headers={"User-Agent": "zeropass"})
+        url = f"{self.url}/{rel}"
+        try:
+            req = urllib.request.Request(f"{self._base}/{urllib.parse.quote(rel)}", method=method,
+                                         headers={"User-Agent": "zeropass"})
+        except ValueError as e:
+            raise RemoteUnreachable(f"{self.url} is not a usable URL ({_first(e)}): check it") from None
         if start is not None:
             req.add_header("Range", f"bytes={start}-{end - 1}")
         try:
             return urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)
+        except (ValueError, http.client.InvalidURL) as e:
+            raise RemoteUnreachable(f"{self.url} is not a usable URL ({_first(e)}): check it") from None
         except urllib.error.HTTPError as e:
             e.close()
             if e.code == 404 or e.code == 410:
@@ -118,7 +128,7 @@ class HTTPStore:
             if e.code in (401, 403):
                 raise RemoteDenied(f"access to {url} was refused (HTTP {e.code}): check the URL and your credentials") from None
             raise RemoteUnreachable(f"{url} answered HTTP {e.code} {e.reason}: try again later, or check the URL") from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, reset, cut short
             reason = getattr(e, "reason", None) or e
             raise RemoteUnreachable(f"cannot reach {_host(url)} ({reason}): check the URL and your network") from None
 
@@ -126,7 +136,11 @@ class HTTPStore:
         if start is not None and end <= start:
             return b""
         with self._request(rel, start, end) as r:
-            data = r.read()
+            try:
+                data = r.read()
+            except (http.client.HTTPException, OSError) as e:  # the connection dropped mid-body
+                raise RemoteUnreachable(f"reading {self.url}/{rel} failed ({_first(e) or type(e).__name__}): "
+                                        f"check your network and run it again") from None
             if start is not None and r.status == 200:  # the server ignored Range: keep the part asked for
                 data = data[start:end]
         return data

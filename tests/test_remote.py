@@ -456,3 +456,37 @@ def test_card_configs_load_with_datasets(tmp_path):
             n = ds.sql(f"SELECT count(*) AS n FROM {table}").column("n")[0].as_py()
             loaded = datasets.load_dataset(str(dest), table, split="train", cache_dir=str(tmp_path / "hf-cache"))
             assert loaded.num_rows == n, table
+
+
+# -- odd places --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    pytest.param("d b", id="space"), pytest.param("a,b'c", id="comma-quote"), pytest.param("db[1]", id="bracket"),
+    pytest.param("a*b?", id="glob-chars"), pytest.param("donnée", id="non-ascii"), pytest.param("50%25", id="percent"),
+])
+def test_odd_dataset_names_over_http(tmp_path, cache, name):
+    db = build_synthetic(tmp_path / "site" / name)
+    import urllib.parse
+    with RangeServer(tmp_path / "site") as srv, Dataset(db) as local:
+        # as typed (a URL's '?' starts its query and '%' an escape, so those names only percent-encoded)
+        urls = {f"{srv.url}/{urllib.parse.quote(name)}"} | ({f"{srv.url}/{name}"} if not set(name) & set("?%") else set())
+        for url in urls:
+            with Dataset(url, cache_dir=cache) as ds:
+                assert ds.neurons("paris").equals(local.neurons("paris"))
+
+
+def test_bad_urls_are_one_line(cache):
+    assert "not a usable URL" in _cli_error("models", "--db", "http://127.0.0.1:port/db")
+    assert "cannot reach" in _cli_error("models", "--db", "http://127.0.0.1:9/a\nb")  # sent as %0A
+    assert "install the fsspec filesystem" in _cli_error("models", "--db", "nosuch://x/y")
+
+
+def test_remote_query_timeout_and_interrupt(three_models, cache):
+    """A slow remote query stops on its timeout like a local one (the connection stays usable)."""
+    from query.errors import QueryTimeout
+
+    srv, db, url = three_models
+    with Dataset(url, cache_dir=cache) as ds:
+        with pytest.raises(QueryTimeout):
+            ds.sql("SELECT count(*) FROM range(100000000) a, vectors v WHERE a.range % 7 = v.idx", timeout=0.5)
+        assert ds.sql("SELECT count(*) AS n FROM models").column("n").to_pylist() == [3]
