@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from schemas.layout import CATALOG, FORMAT, MANIFEST, manifest_files, validate_m
 from .errors import DatasetError, ZeropassError
 
 CARD = "README.md"
+_TMP = re.compile(r"\.tmp\d+-[0-9a-f]{8}\Z")  # the temporary names _Dest writes (see put / put_bytes)
 CHUNK = 8 << 20
 
 
@@ -153,6 +155,14 @@ class _Dest:
         else:
             self.fs.pipe_file(target, data)
 
+    def sweep(self) -> None:
+        """Remove temporary files a killed publish left in a local DEST (never anything else)."""
+        if not self.local:
+            return
+        for path in Path(self.base).rglob("*.tmp*"):
+            if _TMP.search(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+
     def remove(self, rel: str) -> None:
         try:
             self.fs.rm_file(self.path(rel))
@@ -253,6 +263,7 @@ def publish_dataset(db: str | Path, dest: str, *, dry_run: bool = False, progres
             target.put_bytes(MANIFEST, data)  # the commit point
             for rel in p.delete:
                 target.remove(rel)
+            target.sweep()
         except ZeropassError:
             raise
         except Exception as e:  # noqa: BLE001 (the destination's own errors: permissions, network, full disk)

@@ -490,3 +490,34 @@ def test_remote_query_timeout_and_interrupt(three_models, cache):
         with pytest.raises(QueryTimeout):
             ds.sql("SELECT count(*) FROM range(100000000) a, vectors v WHERE a.range % 7 = v.idx", timeout=0.5)
         assert ds.sql("SELECT count(*) AS n FROM models").column("n").to_pylist() == [3]
+
+
+def test_publish_killed_midway_never_shows_half_a_dataset(three_models, tmp_path, cache):
+    """SIGKILL during a publish: DEST has no manifest or a complete dataset; publishing again finishes it."""
+    import os
+    import signal
+    import time
+
+    srv, db, url = three_models
+    dest = tmp_path / "pub"
+    proc = subprocess.Popen([sys.executable, "-m", "query.cli", "publish", str(db), str(dest)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()  # "copying ...": the copy is under way
+    assert first.startswith("copying"), first
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    with Dataset(db) as local:
+        want = local.neurons("w123", model="two")
+    if (dest / "manifest.json").exists():   # it finished before the kill: then it is whole
+        with Dataset(dest) as ds:
+            assert ds.neurons("w123", model="two").equals(want)
+    else:
+        with pytest.raises(NotADataset):
+            Dataset(dest)
+    r = subprocess.run([sys.executable, "-m", "query.cli", "publish", str(db), str(dest), "-q"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in dest.rglob("*") if ".tmp" in p.name]
+    with Dataset(dest) as ds:
+        assert ds.neurons("w123", model="two").equals(want)
