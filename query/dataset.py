@@ -650,6 +650,10 @@ class Dataset:
         table, kind, name = self._owners.get(rel, ("?", "model", "?"))
         state = "damaged" if (self._remote.exists(rel) if self._remote is not None else self._exists(rel)) else "missing"
         detail = detail.removeprefix("Invalid Input Error: ").removeprefix("IO Error: ")
+        if self._remote is not None:  # nothing to repair here: the publisher's copy is at fault
+            return DamagedFile(f"{table} file {rel} of {kind} {name!r} is {state} at {self.root} ({_one_line(detail)}): "
+                               f"the published copy is damaged; its publisher can repair it with `zeropass check` on "
+                               f"the source and `zeropass publish DB {self.root}`")
         check = f"run `zeropass check --db {self.root}` to see all damage"
         if kind == "model":
             source = (self.manifest.get("models", {}).get(name) or {}).get("source") or "SOURCE"

@@ -521,3 +521,22 @@ def test_publish_killed_midway_never_shows_half_a_dataset(three_models, tmp_path
     assert not [p for p in dest.rglob("*") if ".tmp" in p.name]
     with Dataset(dest) as ds:
         assert ds.neurons("w123", model="two").equals(want)
+
+
+def test_damaged_published_file_is_one_line(tmp_path, cache):
+    """Same size, wrong bytes (a damaged footer on the server): a DamagedFile naming the file; other models answer.
+
+    (Zeroed data pages give DuckDB's "TProtocolException: Invalid data", which names no file, locally too.)
+    """
+    from query.errors import DamagedFile
+
+    db = build_synthetic(tmp_path / "db")
+    rel = json.loads((db / "manifest.json").read_text())["models"]["beta"]["files"]["vectors_by_token"][0]
+    data = bytearray((db / rel).read_bytes())
+    data[-4:] = b"XXXX"  # the closing magic
+    (db / rel).write_bytes(bytes(data))
+    with RangeServer(tmp_path) as srv, Dataset(srv.url + "/db", cache_dir=cache) as ds:
+        with pytest.raises(DamagedFile, match="published copy is damaged") as e:
+            ds.neurons("paris", model="beta")
+        assert rel in str(e.value) and "\n" not in str(e.value)
+        assert ds.neurons("paris", model="alpha").num_rows > 0
