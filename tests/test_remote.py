@@ -100,6 +100,7 @@ def test_cli_db_url_and_env(served, cache):
     remote = run("neurons", "paris", "--format", "json", "--db", url, "--cache-dir", str(cache))
     assert remote.returncode == 0, remote.stderr
     assert json.loads(remote.stdout) == json.loads(local.stdout)
+    assert list(cache.rglob("*.bin")), "--cache-dir holds the footers"
     import os
     env = dict(os.environ, ZEROPASS_DB=url, ZEROPASS_CACHE=str(cache))
     sql = run("sql", "SELECT count(*) AS n FROM vectors", "--format", "json", env=env)
@@ -540,3 +541,10 @@ def test_damaged_published_file_is_one_line(tmp_path, cache):
             ds.neurons("paris", model="beta")
         assert rel in str(e.value) and "\n" not in str(e.value)
         assert ds.neurons("paris", model="alpha").num_rows > 0
+
+
+def test_unusable_cache_dir_only_costs_speed(served, tmp_path):
+    srv, db, url = served
+    (tmp_path / "a-file").write_text("x")
+    with Dataset(db) as local, Dataset(url, cache_dir=tmp_path / "a-file" / "cache") as ds:
+        assert ds.neurons("paris").equals(local.neurons("paris"))
