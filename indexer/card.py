@@ -97,6 +97,14 @@ def render_card(db: Path, manifest: dict, url: str | None = None) -> str:
              + (" Where it says unknown, check the model's own card." if license_id == "other" else ""), "",
              "## Tables", "", "| table | rows |", "|---|---|"]
     body += [f"| `{t}` | {counts[t]:,} |" for t in TABLES if t in counts]
+    built = [(s, manifest["models"][s].get("rebuild")) for s in slugs]
+    if any(isinstance(args, list) and args for _, args in built):
+        from .dataset import zeropass_command
+
+        body += ["", "## How it was built", "", "```sh"]
+        body += [zeropass_command(*args, "--db", "DB") if isinstance(args, list) and args else f"# {s}: command not recorded"
+                 for s, args in built]
+        body += ["```"]
     versions = sorted({str(r.get("zeropass_version")) for r in rows.values() if r.get("zeropass_version")})
     body += ["", f"Schema version {manifest.get('schema_version')}; written by zeropass {', '.join(versions) or '?'}. "
              "Column meanings: docs/TABLES.md of zeropass.", "",
@@ -108,5 +116,12 @@ def render_card(db: Path, manifest: dict, url: str | None = None) -> str:
              "```sh", "duckdb catalog.duckdb -c \"SELECT * FROM models\"", "```", "",
              "With `datasets` (one config per table):", "",
              "```python", "from datasets import load_dataset",
-             f"vectors = load_dataset({_yaml_str(where)}, \"vectors\", split=\"train\")", "```", ""]
+             f"vectors = load_dataset({_yaml_str(_datasets_path(where))}, \"vectors\", split=\"train\")", "```", ""]
     return "\n".join(head + body)
+
+
+def _datasets_path(where: str) -> str:
+    """What ``datasets.load_dataset`` takes for ``where``: a Hub repo id for ``hf://datasets/ORG/NAME``."""
+    if where.startswith("hf://datasets/"):
+        return "/".join(where[len("hf://datasets/"):].split("@")[0].split("/")[:2])
+    return where

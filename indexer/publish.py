@@ -249,7 +249,7 @@ def publish_dataset(db: str | Path, dest: str, *, dry_run: bool = False, progres
             return p
         info = _file_info(manifest)
         if str(dest).startswith("hf://"):
-            _publish_hf(p, db, data, manifest, render_card(db, manifest), dest, say)
+            _publish_hf(p, db, data, manifest, render_card(db, manifest, url=_card_url(dest)), dest, say)
             return p
         try:
             for rel in p.upload:
@@ -257,7 +257,7 @@ def publish_dataset(db: str | Path, dest: str, *, dry_run: bool = False, progres
                     continue
                 say(f"copying {rel}")
                 if rel == CARD:
-                    target.put_bytes(CARD, render_card(db, manifest).encode("utf-8"))
+                    target.put_bytes(CARD, render_card(db, manifest, url=_card_url(dest)).encode("utf-8"))
                 else:
                     target.put(rel, db / rel, info.get(rel, {}).get("sha256") if rel != CATALOG else None)
             target.put_bytes(MANIFEST, data)  # the commit point
@@ -273,6 +273,11 @@ def publish_dataset(db: str | Path, dest: str, *, dry_run: bool = False, progres
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
+
+
+def _card_url(dest: str) -> str | None:
+    """DEST as the card's examples should name it (a local DEST: the examples say DIR)."""
+    return str(dest).rstrip("/") if "://" in str(dest) else None
 
 
 def _publish_hf(p: Plan, db: Path, data: bytes, manifest: dict, card: str, dest: str, say) -> None:

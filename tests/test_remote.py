@@ -548,3 +548,20 @@ def test_unusable_cache_dir_only_costs_speed(served, tmp_path):
     (tmp_path / "a-file").write_text("x")
     with Dataset(db) as local, Dataset(url, cache_dir=tmp_path / "a-file" / "cache") as ds:
         assert ds.neurons("paris").equals(local.neurons("paris"))
+
+
+def test_card_license_and_build_commands(synthetic_db):
+    from indexer.card import render_card
+
+    manifest = json.loads((synthetic_db / "manifest.json").read_text())
+    assert render_card(synthetic_db, manifest).startswith("---\nlicense: other\n")
+    for entry in manifest["models"].values():
+        entry["license"] = "MIT"
+    entry["rebuild"] = ["index", "./my model", "--name", "gamma"]
+    card = render_card(synthetic_db, manifest, url="https://example.org/db")
+    assert card.startswith("---\nlicense: mit\n")
+    assert "zeropass index './my model' --name gamma --db DB" in card
+    assert "zeropass heads paris --db https://example.org/db" in card
+    manifest["models"]["alpha"]["license"] = "apache-2.0"  # mixed: other, each model's named in the table
+    card = render_card(synthetic_db, manifest)
+    assert card.startswith("---\nlicense: other\n") and "| apache-2.0 |" in card
