@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.layout import CATALOG, FORMAT, MANIFEST, manifest_files, validate_manifest, BadManifest
+from schemas.layout import CATALOG, FORMAT, MANIFEST, BadManifest, file_info, manifest_files, validate_manifest
 
 from .errors import DatasetError, ZeropassError
 
@@ -57,15 +57,6 @@ class Plan:
     def summary(self) -> str:
         return (f"{len(self.upload)} files ({self.upload_bytes:,} bytes) to copy, {len(self.skip)} unchanged "
                 f"({self.skip_bytes:,} bytes), {len(self.delete)} old files to delete; revision {self.revision}")
-
-
-def _file_info(manifest: dict) -> dict[str, dict]:
-    info: dict[str, dict] = {}
-    for key in ("models", "vocabularies", "alignments"):
-        for entry in manifest.get(key, {}).values():
-            if isinstance(entry, dict) and isinstance(entry.get("file_info"), dict):
-                info.update(entry["file_info"])
-    return info
 
 
 class _Dest:
@@ -202,7 +193,7 @@ def plan(db: str | Path, dest: str) -> tuple[Plan, bytes, dict, "_Dest"]:
     if target.local and Path(target.base) == db:
         raise PublishError(f"DEST is DB itself ({db}): publish to another place")
     old = target.manifest() or {}
-    new_info, old_info = _file_info(manifest), _file_info(old)
+    new_info, old_info = file_info(manifest), file_info(old)
     p = Plan(dest=target.url, revision=hashlib.sha256(data).hexdigest()[:16])
     for rel in sorted(manifest_files(manifest)):
         size = new_info.get(rel, {}).get("bytes")
@@ -247,7 +238,7 @@ def publish_dataset(db: str | Path, dest: str, *, dry_run: bool = False, progres
         p, data, manifest, target = plan(db, dest)
         if dry_run:
             return p
-        info = _file_info(manifest)
+        info = file_info(manifest)
         if str(dest).startswith("hf://"):
             _publish_hf(p, db, data, manifest, render_card(db, manifest, url=_card_url(dest)), dest, say)
             return p

@@ -39,12 +39,13 @@ import urllib.request
 from collections import OrderedDict
 from pathlib import Path
 
-from schemas.layout import MANIFEST, unsafe_relpath
+from schemas.layout import MANIFEST, file_info, unsafe_relpath
 
 from .errors import DatasetChanged, ForbiddenSQL, NotADataset, QueryError, RemoteDenied, RemoteUnreachable
 
 PROTOCOL = "zeropass"
 TAIL_CACHE_MAX = 4 << 20      # bytes of a file's tail kept on disk (its footer; a larger footer is read each time)
+MANIFEST_MAX = 64 << 20       # a URL whose manifest.json is larger is not read whole (it is not ours)
 MEMORY_CACHE = 64 << 20       # bytes of recently read ranges kept per open dataset (a repeated query reads none again)
 HTTP_TIMEOUT = 30.0           # seconds per request
 _URL = re.compile(r"\A[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -132,12 +133,13 @@ class HTTPStore:
             reason = getattr(e, "reason", None) or e
             raise RemoteUnreachable(f"cannot reach {_host(url)} ({reason}): check the URL and your network") from None
 
-    def cat(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+    def cat(self, rel: str, start: int | None = None, end: int | None = None, limit: int | None = None) -> bytes:
+        """Bytes [start, end) of ``rel`` (all of it without a range; at most ``limit`` + 1 bytes when given)."""
         if start is not None and end <= start:
             return b""
         with self._request(rel, start, end) as r:
             try:
-                data = r.read()
+                data = r.read() if limit is None else r.read(limit + 1)
             except (http.client.HTTPException, OSError) as e:  # the connection dropped mid-body
                 raise RemoteUnreachable(f"reading {self.url}/{rel} failed ({_first(e) or type(e).__name__}): "
                                         f"check your network and run it again") from None
@@ -189,7 +191,9 @@ class FsspecStore:
         except Exception as e:  # noqa: BLE001 (each filesystem raises its own network errors)
             raise RemoteUnreachable(f"cannot read {self.url}/{rel} ({_first(e)}): check the URL and your network") from None
 
-    def cat(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+    def cat(self, rel: str, start: int | None = None, end: int | None = None, limit: int | None = None) -> bytes:
+        if limit is not None and start is None:
+            start, end = 0, limit + 1  # fsspec clips a range past the end
         return self._call(rel, lambda p: self.fs.cat_file(p, start=start, end=end))
 
     def size(self, rel: str) -> int:
@@ -229,11 +233,13 @@ class Remote:
     def manifest_text(self) -> str:
         """Fetch the manifest (every open; it is the commit point). Sets ``revision``."""
         try:
-            data = self.store.cat(MANIFEST)
+            data = self.store.cat(MANIFEST, limit=MANIFEST_MAX)
         except FileNotFoundError:
             raise NotADataset(f"{self.url} is not a zeropass dataset (no {MANIFEST} at {self.url}/{MANIFEST}): "
                               f"check the URL, or publish one with `zeropass publish DB {self.url}`") from None
         self.bytes_read += len(data)
+        if len(data) > MANIFEST_MAX:
+            raise NotADataset(f"{self.url} is not a zeropass dataset ({MANIFEST} is larger than {MANIFEST_MAX >> 20} MB)")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -243,26 +249,14 @@ class Remote:
 
     def use(self, manifest: dict, owners) -> None:
         """Serve exactly the files ``manifest`` lists (sizes from its file_info where given)."""
-        info: dict[str, dict] = {}
-        for entry in list(manifest.get("models", {}).values()) + list(manifest.get("vocabularies", {}).values()) \
-                + list(manifest.get("alignments", {}).values()):
-            fi = entry.get("file_info") if isinstance(entry, dict) else None
-            if isinstance(fi, dict):
-                info.update(fi)
+        info = file_info(manifest)
         sizes = {}
         for rel in owners:
-            b = (info.get(rel) or {}).get("bytes") if isinstance(info.get(rel), dict) else None
-            sizes[rel] = int(b) if isinstance(b, int) and b >= 0 else None
+            b = info[rel].get("bytes") if isinstance(info.get(rel), dict) else None
+            # an untrusted manifest: anything but a plain count means "ask the store"
+            sizes[rel] = b if isinstance(b, int) and not isinstance(b, bool) and b >= 0 else None
         self.sizes = sizes
         self.fs.reset()
-
-    def current_revision(self) -> str | None:
-        """The revision the store holds now (fetches the manifest), or None when it cannot be read."""
-        try:
-            data = self.store.cat(MANIFEST)
-        except (FileNotFoundError, QueryError):
-            return None
-        return hashlib.sha256(data).hexdigest()[:16]
 
     def path(self, rel: str) -> str:
         return f"{PROTOCOL}://{rel}"

@@ -565,3 +565,25 @@ def test_card_license_and_build_commands(synthetic_db):
     manifest["models"]["alpha"]["license"] = "apache-2.0"  # mixed: other, each model's named in the table
     card = render_card(synthetic_db, manifest)
     assert card.startswith("---\nlicense: other\n") and "| apache-2.0 |" in card
+
+
+def test_huge_manifest_is_not_read_whole(tmp_path, cache, monkeypatch):
+    import query.remote
+
+    monkeypatch.setattr(query.remote, "MANIFEST_MAX", 1000)  # stands for 64 MB
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "manifest.json").write_bytes(b" " * 5000)
+    with RangeServer(tmp_path) as srv:
+        with pytest.raises(NotADataset, match="larger than"):
+            Dataset(srv.url + "/site", cache_dir=cache)
+
+
+def test_hostile_file_info_sizes(tmp_path, cache):
+    """Sizes in an untrusted manifest that are not counts are ignored (the server's size is used)."""
+    db = build_synthetic(tmp_path / "db")
+    manifest = json.loads((db / "manifest.json").read_text())
+    for i, info in enumerate(manifest["models"]["alpha"]["file_info"].values()):
+        info["bytes"] = [True, -5, "12", None, 1.5][i % 5]
+    (db / "manifest.json").write_text(json.dumps(manifest))
+    with RangeServer(tmp_path) as srv, Dataset(db) as local, Dataset(srv.url + "/db", cache_dir=cache) as ds:
+        assert ds.neurons("paris").equals(local.neurons("paris"))
