@@ -434,6 +434,7 @@ class Dataset:
         before every query would cost more than most queries.
         """
         if self._remote is not None:
+            self._remote.last_error = None  # each attempt starts clean: an old failed read must not name this one's error
             if force:
                 old = self._signature
                 self._read_manifest()

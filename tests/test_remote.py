@@ -587,3 +587,15 @@ def test_hostile_file_info_sizes(tmp_path, cache):
     (db / "manifest.json").write_text(json.dumps(manifest))
     with RangeServer(tmp_path) as srv, Dataset(db) as local, Dataset(srv.url + "/db", cache_dir=cache) as ds:
         assert ds.neurons("paris").equals(local.neurons("paris"))
+
+
+def test_refused_read_does_not_color_the_next_error(served, cache):
+    """A refused path, then a plain syntax error: the second is reported as itself."""
+    from query.errors import BadSQL
+
+    srv, db, url = served
+    with Dataset(url, cache_dir=cache) as ds:
+        with pytest.raises(ForbiddenSQL):
+            ds.sql("SELECT * FROM read_text('zeropass://manifest.json')")
+        with pytest.raises(BadSQL):
+            ds.sql("SELECT * FROM models WHERE nosuchcolumn = 1")
