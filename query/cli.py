@@ -71,13 +71,27 @@ def _keep_cache_dir(ctx, param, value):
     return value
 
 
+# Commands that write into --db (or, for check, read it as local files): a URL is read-only.
+_LOCAL_DB_COMMANDS = {"index", "diff", "align", "check"}
+
+
+def _check_db(ctx, param, value):
+    from .remote import is_url
+
+    if value is not None and ctx.info_name in _LOCAL_DB_COMMANDS and is_url(value):
+        raise click.ClickException(
+            f"--db {value} is a URL, and a dataset at a URL is read-only: run `zeropass {ctx.info_name}` on a local "
+            f"directory, then `zeropass publish DIR {value}`")
+    return value
+
+
 def db_option(f):
     # --cache-dir rides along with --db (it only matters for a URL) without joining every signature.
     f = click.option("--cache-dir", envvar="ZEROPASS_CACHE", default=None, expose_value=False, callback=_keep_cache_dir,
                      type=click.Path(file_okay=False),
                      help="Where a remote dataset's metadata is cached (default $ZEROPASS_CACHE, else ~/.cache/zeropass).")(f)
     return click.option("--db", "db", envvar="ZEROPASS_DB", default="zeropass-db", show_default=True,
-                        type=click.Path(file_okay=False),
+                        type=click.Path(file_okay=False), callback=_check_db,
                         help="Dataset directory or URL (default $ZEROPASS_DB, else ./zeropass-db).")(f)
 
 

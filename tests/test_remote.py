@@ -599,3 +599,14 @@ def test_refused_read_does_not_color_the_next_error(served, cache):
             ds.sql("SELECT * FROM read_text('zeropass://manifest.json')")
         with pytest.raises(BadSQL):
             ds.sql("SELECT * FROM models WHERE nosuchcolumn = 1")
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(["index", "./some-model"], id="index"), pytest.param(["diff", "a", "b"], id="diff"),
+    pytest.param(["align", "a", "b"], id="align"), pytest.param(["check"], id="check"),
+])
+def test_writing_commands_refuse_a_url_db(tmp_path, args):
+    r = subprocess.run([sys.executable, "-m", "query.cli", *args, "--db", "http://127.0.0.1:9/db"], capture_output=True,
+                       text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1 and r.stderr.startswith("Error: ") and "read-only" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []  # no "http:" directory made on the way
