@@ -436,10 +436,11 @@ class Dataset:
         if self._remote is not None:
             self._remote.last_error = None  # each attempt starts clean: an old failed read must not name this one's error
             if force:
-                old = self._signature
+                # after a failed read: a new revision, or the same one after a network error; views
+                # that failed to bind are bound again (footers come from the caches)
                 self._read_manifest()
-                if self._signature != old:
-                    self._build_views()
+                self._remote.file_errors.clear()
+                self._build_views()
             return
         try:
             st = os.stat(self.root / MANIFEST)
@@ -624,10 +625,13 @@ class Dataset:
 
     def _translate(self, e: BaseException, bad: str | None, timeout: float | None = None) -> QueryError:
         msg = str(e)
-        if self._remote is not None and self._remote.last_error is not None and not self._why_stopped:
-            # the typed error behind a failed remote read (unreachable, refused, changed)
-            err, self._remote.last_error = self._remote.last_error, None
-            return err
+        if self._remote is not None and not self._why_stopped:
+            # the typed error behind a failed remote read (unreachable, refused, changed), also when
+            # it happened while a view was bound (DuckDB's own message is then a Python traceback)
+            err = self._remote.file_errors.get(bad) if bad is not None else None
+            err, self._remote.last_error = err or self._remote.last_error, None
+            if err is not None:
+                return err
         if isinstance(e, duckdb.InterruptException) or "INTERRUPT Error" in msg or self._why_stopped:
             if self._why_stopped == "timeout":
                 return QueryTimeout(f"the query ran longer than {timeout:g} s and was stopped (--timeout / timeout=): "

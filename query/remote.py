@@ -229,6 +229,7 @@ class Remote:
         self.fs = DatasetFS(self)
         self.bytes_read = 0           # bytes fetched from the store (not the cache), for the curious
         self.last_error: QueryError | None = None  # the typed error behind DuckDB's last failed read
+        self.file_errors: dict[str, QueryError] = {}  # ... per listed file, until the views are bound again
 
     def manifest_text(self) -> str:
         """Fetch the manifest (every open; it is the commit point). Sets ``revision``."""
@@ -315,18 +316,23 @@ class DatasetFS:
             raise PermissionError(str(err))
         return p
 
+    def _failed(self, rel: str | None, err: QueryError) -> None:
+        self.remote.last_error = err
+        if rel is not None:
+            self.remote.file_errors[rel] = err
+
     def size(self, rel: str) -> int:
         n = self.remote.sizes.get(rel)
         if n is None:
-            n = self._guard(lambda: self.remote.store.size(rel))
+            n = self._guard(lambda: self.remote.store.size(rel), rel)
             self.remote.sizes[rel] = n
         return n
 
-    def _guard(self, body):
+    def _guard(self, body, rel: str | None = None):
         try:
             return body()
         except QueryError as e:
-            self.remote.last_error = e
+            self._failed(rel, e)
             raise OSError(str(e)) from None
         except FileNotFoundError as e:
             raise FileNotFoundError(str(e)) from None
@@ -345,12 +351,12 @@ class DatasetFS:
             if data is not None:
                 self._recent.move_to_end(key)
                 return data
-        data = self._guard(lambda: self.remote.store.cat(rel, start, end))
+        data = self._guard(lambda: self.remote.store.cat(rel, start, end), rel)
         if len(data) != end - start:
             err = DatasetChanged(
                 f"{self.remote.url}/{rel} is not the file the manifest lists (got {len(data)} bytes of {end - start} "
                 f"at offset {start}): the dataset changed while it was read; run the query again")
-            self.remote.last_error = err
+            self._failed(rel, err)
             raise OSError(str(err))
         self.remote.bytes_read += len(data)
         if end == size and end - start <= TAIL_CACHE_MAX and (tail is None or start < tail[0]):

@@ -610,3 +610,15 @@ def test_writing_commands_refuse_a_url_db(tmp_path, args):
                        text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and "read-only" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []  # no "http:" directory made on the way
+
+
+def test_host_gone_mid_session_is_one_line(tmp_path, cache):
+    db = build_synthetic(tmp_path / "db")
+    srv = RangeServer(tmp_path).__enter__()
+    ds = Dataset(srv.url + "/db", cache_dir=cache)
+    try:
+        srv.__exit__(None, None, None)  # the host goes away; the pairs rows were never read
+        with pytest.raises(RemoteUnreachable, match="cannot reach 127.0.0.1"):
+            ds.sql("SELECT * FROM pairs")
+    finally:
+        ds.close()
