@@ -20,7 +20,8 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .dataset import Dataset, check_read_only, open_dataset
 from .errors import (BadManifest, BadOption, BadSQL, BadToken, BadUnit, DamagedFile, ForbiddenSQL, Interrupted, NotADataset,
-                     QueryError, QueryTimeout, SchemaMismatch, UnknownModel, UnknownToken)
+                     QueryError, QueryTimeout, SchemaMismatch, UnknownModel, UnknownToken,
+                     RemoteUnreachable, RemoteDenied, DatasetChanged)
 from .helpers import heads, match_tokens, models, neurons, norm, show, similar, tokens
 from .units import Unit, parse_unit
 
@@ -28,5 +29,5 @@ __all__ = [
     "Dataset", "open_dataset", "check_read_only", "heads", "neurons", "show", "tokens", "models", "similar",
     "match_tokens", "norm", "Unit", "parse_unit", "QueryError", "NotADataset", "SchemaMismatch", "UnknownModel",
     "BadUnit", "UnknownToken", "BadToken", "BadOption", "ForbiddenSQL", "BadSQL", "BadManifest", "DamagedFile",
-    "QueryTimeout", "Interrupted",
+    "QueryTimeout", "Interrupted", "RemoteUnreachable", "RemoteDenied", "DatasetChanged",
 ]

@@ -66,10 +66,33 @@ def cli():
 
 # -- shared options (declared once) ------------------------------------------------------------
 
+def _keep_cache_dir(ctx, param, value):
+    ctx.meta["zeropass.cache_dir"] = value
+    return value
+
+
+# Commands that write into --db (or, for check, read it as local files): a URL is read-only.
+_LOCAL_DB_COMMANDS = {"index", "diff", "align", "check"}
+
+
+def _check_db(ctx, param, value):
+    from .remote import is_url
+
+    if value is not None and ctx.info_name in _LOCAL_DB_COMMANDS and is_url(value):
+        raise click.ClickException(
+            f"--db {value} is a URL, and a dataset at a URL is read-only: run `zeropass {ctx.info_name}` on a local "
+            f"directory, then `zeropass publish DIR {value}`")
+    return value
+
+
 def db_option(f):
+    # --cache-dir rides along with --db (it only matters for a URL) without joining every signature.
+    f = click.option("--cache-dir", envvar="ZEROPASS_CACHE", default=None, expose_value=False, callback=_keep_cache_dir,
+                     type=click.Path(file_okay=False),
+                     help="Where a remote dataset's metadata is cached (default $ZEROPASS_CACHE, else ~/.cache/zeropass).")(f)
     return click.option("--db", "db", envvar="ZEROPASS_DB", default="zeropass-db", show_default=True,
-                        type=click.Path(file_okay=False),
-                        help="Dataset directory (default $ZEROPASS_DB, else ./zeropass-db).")(f)
+                        type=click.Path(file_okay=False), callback=_check_db,
+                        help="Dataset directory or URL (default $ZEROPASS_DB, else ./zeropass-db).")(f)
 
 
 def format_option(f):
@@ -120,7 +143,8 @@ def replace_option(f):
 def _open(db):
     from .dataset import Dataset
 
-    return Dataset(db)
+    ctx = click.get_current_context(silent=True)
+    return Dataset(db, cache_dir=ctx.meta.get("zeropass.cache_dir") if ctx else None)
 
 
 def _progress(quiet: bool):
@@ -605,7 +629,55 @@ def serve(db, host, port):
     """
     from .serve import serve as run
 
-    run(db, host=host, port=port, echo=lambda m: click.echo(m, err=True))
+    run(_open(db), host=host, port=port, echo=lambda m: click.echo(m, err=True))
+
+
+@cli.command()
+@click.argument("db", type=click.Path(file_okay=False))
+@click.argument("dest")
+@click.option("--dry-run", is_flag=True, help="Say what would be copied and deleted; change nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def publish(db, dest, dry_run, quiet):
+    """Copy dataset DB to DEST (a directory or an fsspec URL), data first, manifest last.
+
+    Publishing again copies only what changed. Readers of DEST (`--db DEST`) never see a
+    half-published dataset.
+
+    \b
+      zeropass publish zeropass-db /srv/www/zeropass-db
+      zeropass publish zeropass-db s3://bucket/zeropass-db --dry-run
+      zeropass publish zeropass-db hf://datasets/ORG/NAME
+    """
+    from indexer.publish import publish_dataset
+
+    plan = publish_dataset(db, dest, dry_run=dry_run, progress=_progress(quiet))
+    if dry_run:
+        for rel in plan.upload:
+            click.echo(f"copy {rel}")
+        for rel in plan.delete:
+            click.echo(f"delete {rel}")
+    if not quiet or dry_run:
+        click.echo(("would publish: " if dry_run else f"published {db} to {plan.dest}: ") + plan.summary(), err=True)
+
+
+@cli.group()
+def cache():
+    """The local cache of remote datasets' metadata (manifests' revisions, Parquet footers)."""
+
+
+@cache.command("clear")
+@click.option("--cache-dir", envvar="ZEROPASS_CACHE", default=None, type=click.Path(file_okay=False),
+              help="The cache to clear (default $ZEROPASS_CACHE, else ~/.cache/zeropass).")
+def cache_clear(cache_dir):
+    """Remove every cached footer and revision; the next remote query fetches them again.
+
+    \b
+      zeropass cache clear
+    """
+    from .remote import clear_cache
+
+    where, freed = clear_cache(cache_dir)
+    click.echo(f"cleared {where} ({freed:,} bytes)", err=True)
 
 
 def main(argv=None):

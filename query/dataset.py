@@ -28,7 +28,7 @@ import tempfile
 import threading
 import weakref
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -39,6 +39,7 @@ from schemas.layout import FORMAT, MANIFEST, Owner, duckdb_path, table_files, vi
 
 from .errors import (BadManifest, BadSQL, DamagedFile, ForbiddenSQL, Interrupted, NotADataset, QueryError,
                      QueryTimeout, SchemaMismatch, UnknownModel)
+from . import remote
 from .units import quoted
 
 _ST = duckdb.StatementType
@@ -206,15 +207,16 @@ def _exact(rel):
 
 # -- the manifest (untrusted input) ----------------------------------------------------------------
 
-def _manifest_error(root: Path, why: str) -> BadManifest:
+def _manifest_error(root: Path | str, why: str) -> BadManifest:
     return BadManifest(
-        f"{root / MANIFEST} is malformed ({why}): it is not what zeropass writes; run `zeropass check --db {root}`, "
+        f"{root}/{MANIFEST} is malformed ({why}): it is not what zeropass writes; run `zeropass check --db {root}`, "
         f"or re-index the models into a new directory with `zeropass index MODEL --db NEWDIR`")
 
 
-def validate_manifest(manifest: object, root: Path) -> dict[str, Owner]:
+def validate_manifest(manifest: object, root: Path | str) -> dict[str, Owner]:
     """Check ``manifest`` (shape: ``schemas.layout.validate_manifest``, the writer's own check),
-    its format and schema version, and that no listed file is a link out of ``root``.
+    its format and schema version, and that no listed file is a link out of ``root`` (a directory;
+    a URL ``root`` has no links to follow).
 
     Returns {relative path: Owner(table, kind, name)} for every listed file. Raises BadManifest
     (or NotADataset, SchemaMismatch) with one line.
@@ -232,10 +234,12 @@ def validate_manifest(manifest: object, root: Path) -> dict[str, Owner]:
                 f"dataset {root} was written with schema version {version}, this zeropass reads version "
                 f"{SCHEMA_VERSION}: rebuild it into a new directory with `zeropass index MODEL --db NEWDIR` for each model{hint}")
     try:
-        layout.validate_manifest(manifest, root / MANIFEST)
+        layout.validate_manifest(manifest, f"{root}/{MANIFEST}")
     except layout.BadManifest as e:
         raise _manifest_error(root, e.why) from None
     owners = layout.manifest_files(manifest)
+    if not isinstance(root, Path):
+        return owners
     real_root = os.path.realpath(root)
     for rel in owners:
         real = os.path.realpath(root / rel)
@@ -267,13 +271,19 @@ class Dataset:
     queries take turns on its one connection.
     """
 
-    def __init__(self, path: str | Path):
-        self.root = Path(path).expanduser().resolve()
-        if not self.root.is_dir():
+    def __init__(self, path: str | Path, cache_dir: str | Path | None = None):
+        # A URL is read where it is published (query.remote); its root is the URL, for messages.
+        self._remote = remote.Remote(str(path), cache_dir) if remote.is_url(path) else None
+        if self._remote is not None:
+            self.root = self._remote.url
+        else:
+            self.root = Path(remote.local_path(path)).expanduser().resolve()
+        if self._remote is None and not self.root.is_dir():
             raise NotADataset(
                 f"no dataset directory at {self.root}: build one with `zeropass index MODEL --db {path}` "
                 f"or point --db / $ZEROPASS_DB at an existing one")
         self._given = path
+        self._cache_dir = cache_dir
         self._lock = threading.RLock()
         self._sources: dict[tuple, str] = {}   # (table, models, layers) -> view name
         self._unreadable: dict[str, str] = {}  # listed file -> why DuckDB could not bind it
@@ -290,6 +300,14 @@ class Dataset:
             raise
 
     def _read_manifest(self) -> None:
+        if self._remote is not None:
+            text = self._remote.manifest_text()
+            manifest = self._parse_manifest(text, f"{self.root}/{MANIFEST}")
+            self._owners = validate_manifest(manifest, self.root)
+            self._remote.use(manifest, self._owners)
+            self.manifest = manifest
+            self._signature = self._remote.revision
+            return
         path = self.root / MANIFEST
         try:
             st = os.stat(path)
@@ -300,14 +318,28 @@ class Dataset:
                 f"{self.root} is not a zeropass dataset (no {MANIFEST}): build one with `zeropass index MODEL --db {self._given}`") from None
         except (OSError, UnicodeDecodeError) as e:
             raise BadManifest(f"cannot read {path} ({getattr(e, 'strerror', None) or e}): check the file, or run `zeropass check --db {self.root}`") from None
-        try:
-            manifest = json.loads(text)
-        except ValueError:
-            raise BadManifest(f"{path} is not valid JSON (the manifest): run `zeropass check --db {self.root}`, "
-                              f"or rebuild the dataset with `zeropass index MODEL --db {self._given}`") from None
+        manifest = self._parse_manifest(text, path)
         self._owners = validate_manifest(manifest, self.root)
         self.manifest = manifest
         self._signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _parse_manifest(self, text: str, path) -> object:
+        try:
+            return json.loads(text)
+        except ValueError:
+            if self._remote is not None:
+                raise NotADataset(f"{self.root} is not a zeropass dataset ({path} is not JSON): check the URL") from None
+            raise BadManifest(f"{path} is not valid JSON (the manifest): run `zeropass check --db {self.root}`, "
+                              f"or rebuild the dataset with `zeropass index MODEL --db {self._given}`") from None
+
+    def _path(self, rel: str) -> str:
+        """The path DuckDB opens for the listed file ``rel`` (a local path, or ``zeropass://rel``)."""
+        return self._remote.path(rel) if self._remote is not None else str(self.root / rel)
+
+    def _exists(self, rel: str) -> bool:
+        # Remote: a listed file is taken to exist (one request per file would cost more than opening);
+        # a missing one fails when read, naming it.
+        return True if self._remote is not None else os.path.exists(self.root / rel)
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         con = duckdb.connect(":memory:")
@@ -319,8 +351,14 @@ class Dataset:
         con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout, into the data
         # Parquet footers are cached, so repeated queries skip re-reading metadata.
         con.execute("SET parquet_metadata_cache = true")
-        # DuckDB checks the glob-escaped name the views use (schemas.layout.duckdb_path) as given
-        con.execute(f"SET allowed_directories = [{_quote(str(self.root) + '/')}, {_quote(duckdb_path(str(self.root)) + '/')}]")
+        if self._remote is not None:
+            # The one filesystem that serves the manifest's files (query.remote): user SQL can
+            # reach nothing else through it, and no other path is allowed.
+            con.register_filesystem(self._remote.fs.filesystem())
+            con.execute(f"SET allowed_directories = [{_quote(remote.PROTOCOL + '://')}]")
+        else:
+            # DuckDB checks the glob-escaped name the views use (schemas.layout.duckdb_path) as given
+            con.execute(f"SET allowed_directories = [{_quote(str(self.root) + '/')}, {_quote(duckdb_path(str(self.root)) + '/')}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
         con.execute("CREATE SCHEMA _zeropass")  # the helpers' per-model views, out of SHOW TABLES
@@ -350,11 +388,11 @@ class Dataset:
         an unreadable file is skipped as the binding file, and stays listed, so a query that
         reaches it fails naming it while the view itself still exists.
         """
-        missing = [f for f in files if not os.path.exists(self.root / f)]
+        missing = [f for f in files if not self._exists(f)]
         order = [f for f in files if f not in missing]
         sql = None
         while order and not missing and sql is None:
-            candidate = view_sql(TABLES[table], order, self.root, union_by_name=False)
+            candidate = view_sql(TABLES[table], [self._path(f) for f in order], None, union_by_name=False)
             try:
                 self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {candidate}")
                 return
@@ -391,7 +429,20 @@ class Dataset:
         return name
 
     def _refresh(self, force: bool = False) -> None:
-        """Re-read the manifest and rebuild the views if it changed (a stat, before each query)."""
+        """Re-read the manifest and rebuild the views if it changed (a stat, before each query).
+
+        A remote manifest is fetched again only when forced (after a read failed): a request
+        before every query would cost more than most queries.
+        """
+        if self._remote is not None:
+            self._remote.last_error = None  # each attempt starts clean: an old failed read must not name this one's error
+            if force:
+                # after a failed read: a new revision, or the same one after a network error; views
+                # that failed to bind are bound again (footers come from the caches)
+                self._read_manifest()
+                self._remote.file_errors.clear()
+                self._build_views()
+            return
         try:
             st = os.stat(self.root / MANIFEST)
             sig = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -403,6 +454,10 @@ class Dataset:
         self._build_views()
 
     # -- running SQL ------------------------------------------------------------------------------
+
+    def reopen(self) -> "Dataset":
+        """Another Dataset over the same place (its own connection, e.g. one per server thread)."""
+        return Dataset(self._given, cache_dir=self._cache_dir)
 
     def close(self) -> None:
         with self._lock:
@@ -575,6 +630,13 @@ class Dataset:
 
     def _translate(self, e: BaseException, bad: str | None, timeout: float | None = None) -> QueryError:
         msg = str(e)
+        if self._remote is not None and not self._why_stopped:
+            # the typed error behind a failed remote read (unreachable, refused, changed), also when
+            # it happened while a view was bound (DuckDB's own message is then a Python traceback)
+            err = self._remote.file_errors.get(bad) if bad is not None else None
+            err, self._remote.last_error = err or self._remote.last_error, None
+            if err is not None:
+                return err
         if isinstance(e, duckdb.InterruptException) or "INTERRUPT Error" in msg or self._why_stopped:
             if self._why_stopped == "timeout":
                 return QueryTimeout(f"the query ran longer than {timeout:g} s and was stopped (--timeout / timeout=): "
@@ -596,8 +658,12 @@ class Dataset:
 
     def _damaged(self, rel: str, detail: str) -> DamagedFile:
         table, kind, name = self._owners.get(rel, ("?", "model", "?"))
-        state = "damaged" if os.path.exists(self.root / rel) else "missing"
+        state = "damaged" if (self._remote.exists(rel) if self._remote is not None else self._exists(rel)) else "missing"
         detail = detail.removeprefix("Invalid Input Error: ").removeprefix("IO Error: ")
+        if self._remote is not None:  # nothing to repair here: the publisher's copy is at fault
+            return DamagedFile(f"{table} file {rel} of {kind} {name!r} is {state} at {self.root} ({_one_line(detail)}): "
+                               f"the published copy is damaged; its publisher can repair it with `zeropass check` on "
+                               f"the source and `zeropass publish DB {self.root}`")
         check = f"run `zeropass check --db {self.root}` to see all damage"
         if kind == "model":
             source = (self.manifest.get("models", {}).get(name) or {}).get("source") or "SOURCE"

@@ -58,3 +58,15 @@ class QueryTimeout(QueryError, TimeoutError):
 
 class Interrupted(QueryError):
     """A query was stopped by Ctrl-C (SIGINT); the CLI exits with 130."""
+
+
+class RemoteUnreachable(QueryError, OSError):
+    """A remote dataset's host cannot be reached, or it answered with a server error."""
+
+
+class RemoteDenied(QueryError, PermissionError):
+    """A remote dataset's host refused access (HTTP 401/403, missing credentials)."""
+
+
+class DatasetChanged(QueryError):
+    """A remote dataset was replaced while it was being read (its files no longer match its manifest)."""

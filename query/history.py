@@ -81,7 +81,7 @@ def history(ds, series: str, unit: str, *, kind: str | None = None, side: str = 
     if u.kind == "head":
         if kind not in (None, "ov_output"):
             raise BadOption(f"--kind {kind} does not apply to a head: a head's tokens are its OV output tokens")
-        sql = f"""SELECT m.step, h.token_id, h.token, h.side, h.rank FROM head_tokens h JOIN models m USING (model)
+        sql = """SELECT m.step, h.token_id, h.token, h.side, h.rank FROM head_tokens h JOIN models m USING (model)
                   WHERE list_contains($models, h.model) AND h.layer = $layer AND h.head = $head AND h.circuit = 'ov'
                   AND h.role = 'output' AND list_contains($sides, h.side) AND h.rank <= $max_rank"""
         params.pop("unit")
@@ -92,7 +92,7 @@ def history(ds, series: str, unit: str, *, kind: str | None = None, side: str = 
         if kind != default and kind not in _UNIT_KINDS.get(u.kind, ()):
             raise BadOption(f"--kind {kind} does not apply to {u.name}: use one of "
                             f"{', '.join(_UNIT_KINDS.get(u.kind, (default,)))}")
-        sql = f"""SELECT m.step, v.token_id, v.token, v.side, v.rank FROM vectors v JOIN models m USING (model)
+        sql = """SELECT m.step, v.token_id, v.token, v.side, v.rank FROM vectors v JOIN models m USING (model)
                   WHERE list_contains($models, v.model) AND v.unit = $unit AND v.kind = $kind
                   AND list_contains($sides, v.side) AND v.rank <= $max_rank"""
         params["kind"] = kind

@@ -154,6 +154,16 @@ def manifest_files(manifest: dict) -> dict[str, Owner]:
     return out
 
 
+def file_info(manifest: dict) -> dict[str, dict]:
+    """Every listed file's recorded ``{"bytes", "sha256", "rows"}`` (``file_info`` of each owner; may be partial)."""
+    out: dict[str, dict] = {}
+    for key in ("models", *_SHARED):
+        for entry in manifest.get(key, {}).values():
+            if isinstance(entry, dict) and isinstance(entry.get("file_info"), dict):
+                out.update(entry["file_info"])
+    return out
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write JSON so that a reader sees the old or the new content, never a mix.
 

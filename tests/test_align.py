@@ -19,6 +19,7 @@ from indexer.align import (
 )
 from indexer.canonical import Canonical, Dims, Embeddings, LayerWeights
 from indexer.errors import IncompatibleModels
+from tests.tiny_models import PieceTokenizer
 
 
 def random_canonical(seed=0, n_layers=4, d_model=64, n_heads=4, d_ff=256, d_vocab=2000, gated=False, tied=True) -> Canonical:
@@ -158,35 +159,15 @@ def test_vocabulary_size_mismatch_is_a_typed_error():
         align(A, random_canonical(n_layers=1, d_model=32, d_ff=16, d_vocab=100), space="raw")
 
 
-class _Tok:
-    """Just enough tokenizer for shared_vocabulary."""
-
-    def __init__(self, pieces, special=()):
-        self.pieces = pieces
-        self.all_special_ids = list(special)
-
-    def get_vocab(self):
-        return {p: i for i, p in enumerate(self.pieces)}
-
-    def __len__(self):
-        return len(self.pieces)
-
-    def convert_ids_to_tokens(self, ids):
-        return [self.pieces[i] for i in ids]
-
-    def convert_tokens_to_string(self, toks):
-        return "".join(toks).replace("Ġ", " ")
-
-
 def test_shared_vocabulary_same_ids_and_normalised_text():
-    a = _Tok(["[CLS]", "the", "Paris", "cat", "the"])
+    a = PieceTokenizer(["[CLS]", "the", "Paris", "cat", "the"])
     assert shared_vocabulary(a, a, 5, 8).how == "same-ids"
-    b = _Tok(["<s>", "Ġparis", "dog", "ĠThe", "Ġcat"], special=[0])
+    b = PieceTokenizer(["<s>", "Ġparis", "dog", "ĠThe", "Ġcat"], special=[0])
     tm = shared_vocabulary(a, b, 5, 5)
     assert tm.how == "normalised-text"
     assert list(zip(tm.ids_a, tm.ids_b)) == [(1, 3), (2, 1), (3, 4)]
     with pytest.raises(IncompatibleModels):
-        shared_vocabulary(a, _Tok(["x", "y"]), 5, 2)
+        shared_vocabulary(a, PieceTokenizer(["x", "y"]), 5, 2)
 
 
 @pytest.mark.integration

@@ -84,8 +84,8 @@ def test_diff_of_different_architectures_is_a_typed_error(tmp_path):
 
 def test_different_vocabularies_are_refused():
     from indexer.diff import check_same_vocabulary
-    from tests.test_align import _Tok
+    from tests.tiny_models import PieceTokenizer
 
-    check_same_vocabulary(_Tok(["a", "b"]), _Tok(["a", "b"]))
+    check_same_vocabulary(PieceTokenizer(["a", "b"]), PieceTokenizer(["a", "b"]))
     with pytest.raises(IncompatibleModels, match="different vocabularies"):
-        check_same_vocabulary(_Tok(["a", "b"]), _Tok(["b", "a"]))
+        check_same_vocabulary(PieceTokenizer(["a", "b"]), PieceTokenizer(["b", "a"]))

@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from schemas.layout import read_manifest  # noqa: E402
-from tests.test_merge import MODEL_TABLES, assert_same_model, table_rows, zp  # noqa: E402
+from tests.datasets import assert_same_model, table_rows, zp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

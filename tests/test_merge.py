@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,40 +17,7 @@ pytest.importorskip("transformers")
 
 from schemas import TABLES  # noqa: E402
 from schemas.layout import read_manifest, table_files  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def zp(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "query.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, **kw)
-
-
-def table_rows(db: Path, table: str, model: str | None = None) -> list[tuple]:
-    """Every row of ``table`` (of ``model``) in a stable order; ``created_at`` left out."""
-    import duckdb
-
-    manifest = read_manifest(db)
-    files = table_files(manifest, table, [model] if model else None)
-    if not files:
-        return []
-    cols = [c for c in TABLES[table].column_names if c != "created_at"]
-    q = ", ".join("'" + str(db / f).replace("'", "''") + "'" for f in files)
-    con = duckdb.connect()
-    try:
-        return con.execute(f"SELECT {', '.join(cols)} FROM read_parquet([{q}], hive_partitioning=false) ORDER BY ALL").fetchall()
-    finally:
-        con.close()
-
-
-MODEL_TABLES = [t for t in TABLES if t not in ("tokens", "alignments")]
-
-
-def assert_same_model(a: Path, b: Path, model: str) -> None:
-    for table in MODEL_TABLES:
-        ra, rb = table_rows(a, table, model), table_rows(b, table, model)
-        assert ra == rb, f"{table} differs"
-    assert table_rows(a, "tokens") == table_rows(b, "tokens")
+from tests.datasets import ROOT, assert_same_model, table_rows, zp  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -487,3 +487,23 @@ def c_attention(lw, dims, x, causal):
         scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
     z = scores.softmax(-1) @ v[:, kv]  # [B, heads, S, d_head]
     return c_o(lw, z.transpose(1, 2))
+
+
+class PieceTokenizer:
+    """Just enough tokenizer over a list of pieces (for vocabulary alignment and diff checks)."""
+
+    def __init__(self, pieces, special=()):
+        self.pieces = pieces
+        self.all_special_ids = list(special)
+
+    def get_vocab(self):
+        return {p: i for i, p in enumerate(self.pieces)}
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+    def convert_tokens_to_string(self, toks):
+        return "".join(toks).replace("Ġ", " ")

@@ -78,7 +78,8 @@ def make_server(ds, sock: socket.socket, *, host: str = "127.0.0.1", log_level: 
 
 @contextmanager
 def running(db, *, host: str = "127.0.0.1", port: int = 0, **kw):
-    """The explorer over dataset ``db`` in a background thread (a notebook, a test); yields its base URL.
+    """The explorer over dataset ``db`` (a directory, a URL or an open Dataset) in a background
+    thread (a notebook, a test); yields its base URL.
 
     >>> with running("zeropass-db") as url:                # doctest: +SKIP
     ...     urllib.request.urlopen(url + "/api/models").read()
@@ -86,7 +87,7 @@ def running(db, *, host: str = "127.0.0.1", port: int = 0, **kw):
     from ..dataset import Dataset
 
     _need_deps()
-    ds = Dataset(db)
+    ds = db if isinstance(db, Dataset) else Dataset(db)
     sock = bind(host, port)
     server = make_server(ds, sock, host=host, **kw)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="zeropass-serve")
@@ -111,11 +112,12 @@ def running(db, *, host: str = "127.0.0.1", port: int = 0, **kw):
 
 
 def serve(db, *, host: str = "127.0.0.1", port: int = 8765, echo=None) -> None:
-    """Open dataset ``db`` and serve the explorer on http://HOST:PORT until interrupted."""
+    """Serve the explorer over dataset ``db`` (a directory, a URL or an open Dataset) on
+    http://HOST:PORT until interrupted."""
     from ..dataset import Dataset
 
     _need_deps()
-    ds = Dataset(db)
+    ds = db if isinstance(db, Dataset) else Dataset(db)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     say = echo or (lambda m: print(m, file=sys.stderr))

@@ -32,8 +32,7 @@ from schemas import TABLES
 from schemas.kinds import ALL_KINDS
 
 from .. import output
-from ..dataset import Dataset
-from ..errors import BadOption, BadSQL, ForbiddenSQL, QueryError, UnknownModel, UnknownToken
+from ..errors import BadOption, ForbiddenSQL, QueryError, UnknownModel, UnknownToken
 from ..units import check_unit, parse_unit
 from . import plots
 from .api import ENDPOINTS, openapi
@@ -159,7 +158,7 @@ class Explorer:
                     self._opened.append(None)  # reserve the place while it opens
             if grow:
                 try:
-                    ds = Dataset(self.ds.root)
+                    ds = self.ds.reopen()
                 except BaseException:
                     with self._pool_lock:
                         self._opened.remove(None)

@@ -1,0 +1,301 @@
+"""``zeropass publish DB DEST``: copy a dataset to where others read it (docs/DATASET.md, "Remote datasets").
+
+DEST is a local directory or any fsspec URL (``memory://``, ``s3://bucket/prefix``,
+``hf://datasets/ORG/NAME``). Readers never see a half-published dataset, because a reader
+trusts only the manifest and the manifest goes last:
+
+1. the data files the manifest lists (each checked against its sha256 in ``file_info`` while
+   it is copied: local damage is refused, not published), then ``README.md`` (the dataset card,
+   ``indexer.card``) and ``catalog.duckdb``;
+2. ``manifest.json`` - the commit point, the exact bytes of DB's manifest, so the published
+   revision (its sha256) is the local one;
+3. files that DEST's previous manifest listed and the new one does not are deleted (a reader
+   still on the old revision finds them gone, re-reads the manifest and follows).
+
+Publishing again copies only what changed: a file whose name, size and sha256 the previous
+manifest at DEST already records (and which DEST still holds at that size) is skipped. File
+names carry the build id, so a re-indexed model has new names and the old ones are deleted.
+
+On the Hugging Face Hub (``hf://``) the same plan becomes one commit (``HfApi.create_commit``):
+data, card and manifest appear together. That path needs the network and is untested here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.layout import CATALOG, FORMAT, MANIFEST, BadManifest, file_info, manifest_files, validate_manifest
+
+from .errors import DatasetError, ZeropassError
+
+CARD = "README.md"
+_TMP = re.compile(r"\.tmp\d+-[0-9a-f]{8}\Z")  # the temporary names _Dest writes (see put / put_bytes)
+CHUNK = 8 << 20
+
+
+class PublishError(ZeropassError, OSError):
+    """DB cannot be published to DEST (not a dataset, damaged file, DEST unreachable or not writable)."""
+
+
+@dataclass
+class Plan:
+    """What a publish copies, skips and deletes (``dry_run`` returns it without doing it)."""
+
+    dest: str
+    revision: str
+    upload: list[str] = field(default_factory=list)      # data files, card, catalog, then the manifest
+    skip: list[str] = field(default_factory=list)        # unchanged since DEST's manifest
+    delete: list[str] = field(default_factory=list)      # listed by DEST's old manifest only
+    upload_bytes: int = 0
+    skip_bytes: int = 0
+
+    def summary(self) -> str:
+        return (f"{len(self.upload)} files ({self.upload_bytes:,} bytes) to copy, {len(self.skip)} unchanged "
+                f"({self.skip_bytes:,} bytes), {len(self.delete)} old files to delete; revision {self.revision}")
+
+
+class _Dest:
+    """DEST as an fsspec filesystem + prefix (a local directory through fsspec's local filesystem)."""
+
+    def __init__(self, dest: str):
+        import fsspec
+
+        self.url = str(dest).rstrip("/") or str(dest)
+        try:
+            if "://" in self.url:
+                self.fs, self.base = fsspec.url_to_fs(self.url)
+            else:
+                self.fs, self.base = fsspec.filesystem("file"), str(Path(self.url).expanduser().resolve())
+        except (ImportError, ValueError) as e:
+            raise PublishError(f"cannot write to {self.url} ({_first(e)}): install the fsspec filesystem for it "
+                               f"(e.g. pip install s3fs / huggingface_hub)") from None
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.base = self.base.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)  # there a temporary name + rename makes each file appear whole
+
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if self.base else rel
+
+    def manifest(self) -> dict | None:
+        """DEST's current manifest (None when there is none); its bytes in ``self.manifest_bytes``."""
+        self.manifest_bytes = None
+        try:
+            data = self.fs.cat_file(self.path(MANIFEST))
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # noqa: BLE001 (each filesystem has its own errors)
+            raise PublishError(f"cannot read {self.url}/{MANIFEST} ({_first(e)}): check DEST and your access") from None
+        try:
+            manifest = json.loads(data)
+            validate_manifest(manifest, f"{self.url}/{MANIFEST}")
+        except (ValueError, BadManifest):
+            raise PublishError(f"{self.url} holds a {MANIFEST} that is not a zeropass manifest: publish to an empty "
+                               f"place, or remove it first") from None
+        if not isinstance(manifest, dict) or manifest.get("format", FORMAT) != FORMAT:
+            raise PublishError(f"{self.url} holds another kind of {MANIFEST}: publish to an empty place")
+        self.manifest_bytes = data
+        return manifest
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return int(self.fs.size(self.path(rel)))
+        except (FileNotFoundError, OSError):
+            return None
+
+    def put(self, rel: str, source: Path, sha256: str | None) -> None:
+        """Copy ``source`` to ``rel``, checking its sha256 on the way; a local DEST sees it appear whole."""
+        target = self.path(rel)
+        tmp = f"{target}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}" if self.local else target
+        h = hashlib.sha256()
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with open(source, "rb") as src, self.fs.open(tmp, "wb") as out:
+                for block in iter(lambda: src.read(CHUNK), b""):
+                    h.update(block)
+                    out.write(block)
+            if sha256 is not None and h.hexdigest() != sha256:
+                raise PublishError(f"{source} does not match the sha256 its manifest records (damaged since it was "
+                                   f"written): DEST's manifest is unchanged; run `zeropass check` on the dataset")
+            if self.local:
+                os.replace(tmp, target)
+        except BaseException:
+            try:
+                self.fs.rm_file(tmp)
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        if "/" in rel:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        if self.local:
+            self.fs.makedirs(self.base, exist_ok=True)
+            tmp = f"{target}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def sweep(self) -> None:
+        """Remove temporary files a killed publish left in a local DEST (never anything else)."""
+        if not self.local:
+            return
+        for path in Path(self.base).rglob("*.tmp*"):
+            if _TMP.search(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+
+    def remove(self, rel: str) -> None:
+        try:
+            self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+
+def _first(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def _read_source(db: Path) -> tuple[bytes, dict]:
+    path = db / MANIFEST
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PublishError(f"{db} is not a zeropass dataset (no {MANIFEST}): build one with "
+                           f"`zeropass index MODEL --db {db}`") from None
+    except OSError as e:
+        raise PublishError(f"cannot read {path} ({e.strerror or e})") from None
+    try:
+        manifest = json.loads(data)
+        validate_manifest(manifest, path)
+    except (ValueError, BadManifest) as e:
+        raise PublishError(f"{path} is not a valid manifest ({_first(e)}): run `zeropass check --db {db}`") from None
+    if not manifest.get("models"):
+        raise PublishError(f"{db} holds no models yet: index one with `zeropass index MODEL --db {db}` before publishing")
+    return data, manifest
+
+
+def plan(db: str | Path, dest: str) -> tuple[Plan, bytes, dict, "_Dest"]:
+    """What publishing ``db`` to ``dest`` would do (reads DEST's manifest, writes nothing)."""
+    db = Path(db).expanduser().resolve()
+    data, manifest = _read_source(db)
+    target = _Dest(dest)
+    if target.local and Path(target.base) == db:
+        raise PublishError(f"DEST is DB itself ({db}): publish to another place")
+    old = target.manifest() or {}
+    new_info, old_info = file_info(manifest), file_info(old)
+    p = Plan(dest=target.url, revision=hashlib.sha256(data).hexdigest()[:16])
+    for rel in sorted(manifest_files(manifest)):
+        size = new_info.get(rel, {}).get("bytes")
+        if size is None:
+            try:
+                size = (db / rel).stat().st_size
+            except OSError:
+                raise PublishError(f"{db / rel} is listed in the manifest but missing: run `zeropass check --db {db}`") from None
+        same = old_info.get(rel) and {k: old_info[rel].get(k) for k in ("bytes", "sha256")} == \
+            {k: new_info.get(rel, {}).get(k) for k in ("bytes", "sha256")} and new_info.get(rel, {}).get("sha256")
+        if same and target.size(rel) == size:
+            p.skip.append(rel)
+            p.skip_bytes += size
+        else:
+            p.upload.append(rel)
+            p.upload_bytes += size
+    if p.upload or target.manifest_bytes != data or any(target.size(r) is None for r in (CARD, MANIFEST)):
+        # the card and catalog follow the manifest: written again whenever it changes
+        p.upload += [CARD] + ([CATALOG] if (db / CATALOG).is_file() else []) + [MANIFEST]
+    listed = set(manifest_files(manifest))
+    p.delete = sorted(rel for rel in manifest_files(old) if rel not in listed) if old else []
+    return p, data, manifest, target
+
+
+def publish_dataset(db: str | Path, dest: str, *, dry_run: bool = False, progress=None) -> Plan:
+    """Publish dataset ``db`` to ``dest`` (data first, manifest last; only what changed).
+
+    >>> publish_dataset("zeropass-db", "s3://bucket/zeropass-db", dry_run=True).summary()  # doctest: +SKIP
+    """
+    from .card import render_card
+    from .dataset import dataset_lock
+
+    db = Path(db).expanduser().resolve()
+    say = progress or (lambda msg: None)
+    _read_source(db)  # before the lock, which would create DB
+    try:
+        lock = dataset_lock(db)
+        lock.__enter__()  # no writer may delete a listed file while it is copied
+    except DatasetError:
+        lock = None        # a read-only DB: the sha256 checks still catch a file that changed
+    try:
+        p, data, manifest, target = plan(db, dest)
+        if dry_run:
+            return p
+        info = file_info(manifest)
+        if str(dest).startswith("hf://"):
+            _publish_hf(p, db, data, manifest, render_card(db, manifest, url=_card_url(dest)), dest, say)
+            return p
+        try:
+            for rel in p.upload:
+                if rel == MANIFEST:
+                    continue
+                say(f"copying {rel}")
+                if rel == CARD:
+                    target.put_bytes(CARD, render_card(db, manifest, url=_card_url(dest)).encode("utf-8"))
+                else:
+                    target.put(rel, db / rel, info.get(rel, {}).get("sha256") if rel != CATALOG else None)
+            target.put_bytes(MANIFEST, data)  # the commit point
+            for rel in p.delete:
+                target.remove(rel)
+            target.sweep()
+        except ZeropassError:
+            raise
+        except Exception as e:  # noqa: BLE001 (the destination's own errors: permissions, network, full disk)
+            raise PublishError(f"publishing to {target.url} failed ({_first(e)}): nothing a reader sees changed "
+                               f"(the manifest goes last); fix it and run the same command again") from None
+        return p
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _card_url(dest: str) -> str | None:
+    """DEST as the card's examples should name it (a local DEST: the examples say DIR)."""
+    return str(dest).rstrip("/") if "://" in str(dest) else None
+
+
+def _publish_hf(p: Plan, db: Path, data: bytes, manifest: dict, card: str, dest: str, say) -> None:
+    """One commit on the Hugging Face Hub: changed files, card and manifest together (untested offline)."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    rest = dest[len("hf://"):]
+    kind, _, rest = rest.partition("/")
+    if kind != "datasets":
+        raise PublishError(f"{dest}: publish to a dataset repository, hf://datasets/ORG/NAME")
+    parts = rest.split("/")
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    revision = None
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+    prefix = f"{sub}/" if sub else ""
+    ops = []
+    for rel in p.upload:
+        if rel == CARD:
+            ops.append(CommitOperationAdd(prefix + rel, card.encode("utf-8")))
+        elif rel == MANIFEST:
+            ops.append(CommitOperationAdd(prefix + rel, data))
+        else:
+            ops.append(CommitOperationAdd(prefix + rel, str(db / rel)))
+    ops += [CommitOperationDelete(prefix + rel) for rel in p.delete]
+    say(f"committing {len(ops)} operations to {repo}")
+    api = HfApi()
+    api.create_repo(repo, repo_type="dataset", exist_ok=True)
+    api.create_commit(repo, ops, commit_message=f"zeropass publish (revision {p.revision})", repo_type="dataset",
+                      revision=revision)

@@ -1,0 +1,468 @@
+"""Reading a zeropass dataset where it is published: a URL instead of a directory.
+
+``Dataset("https://host/path/db")`` (and ``--db URL``, ``$ZEROPASS_DB``) opens a dataset over
+HTTP(S) with Range requests, or over any fsspec filesystem (``hf://datasets/ORG/NAME[@REV]``,
+``s3://bucket/prefix``, ``memory://db``, ...). docs/DATASET.md, "Remote datasets", is the user's
+view; the decisions:
+
+* **The manifest is the commit point and names every file.** Nothing is listed or globbed
+  remotely (HTTP cannot list). The manifest is fetched when the dataset is opened; its sha256
+  is the dataset's *revision*. Files of a revision never change (their names carry the build
+  id), so everything read for a revision may be cached under that revision.
+* **DuckDB reads through one registered fsspec filesystem** (:class:`DatasetFS`, protocol
+  ``zeropass``) that serves only the files the manifest lists, by relative path, from the
+  store. User SQL therefore cannot reach another URL, another host or a local file through
+  the remote setup: DuckDB's ``allowed_directories`` is ``zeropass://`` only and external
+  access stays off, and the filesystem itself refuses anything unlisted. DuckDB's own httpfs
+  is not used even where it loads: it would open any URL under the prefix and bypass the
+  allow-list and the metadata cache (and its extension repository is often unreachable).
+* **Read only what a query needs.** DuckDB asks for byte ranges (the footer, then the column
+  chunks of the row groups its statistics cannot skip); each becomes one Range request. File
+  sizes come from the manifest's ``file_info``, so opening a file costs no request.
+* **Caches.** Recently read ranges stay in memory while the dataset is open (``MEMORY_CACHE``),
+  so a repeated query fetches nothing. The tail of each file (the Parquet footer, up to ``TAIL_CACHE_MAX``
+  bytes) is kept under ``CACHE/<dataset>/<revision>/``, so a second process reads no footer
+  again. ``clear_cache`` removes it (``zeropass cache clear``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from pathlib import Path
+
+from schemas.layout import MANIFEST, file_info, unsafe_relpath
+
+from .errors import DatasetChanged, ForbiddenSQL, NotADataset, QueryError, RemoteDenied, RemoteUnreachable
+
+PROTOCOL = "zeropass"
+TAIL_CACHE_MAX = 4 << 20      # bytes of a file's tail kept on disk (its footer; a larger footer is read each time)
+MANIFEST_MAX = 64 << 20       # a URL whose manifest.json is larger is not read whole (it is not ours)
+MEMORY_CACHE = 64 << 20       # bytes of recently read ranges kept per open dataset (a repeated query reads none again)
+HTTP_TIMEOUT = 30.0           # seconds per request
+_URL = re.compile(r"\A[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_url(path) -> bool:
+    """Whether ``path`` names a remote dataset (a URL other than ``file://``)."""
+    s = str(path)
+    return bool(_URL.match(s)) and not s.lower().startswith("file://")
+
+
+def local_path(path) -> str:
+    """A ``file://`` URL as the directory it names; anything else unchanged."""
+    s = str(path)
+    if s.lower().startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlsplit(s).path)
+    return s
+
+
+def default_cache_dir() -> Path:
+    """``$ZEROPASS_CACHE``, else the platform's user cache directory + ``/zeropass``."""
+    if os.environ.get("ZEROPASS_CACHE"):
+        return Path(os.environ["ZEROPASS_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "zeropass"
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "zeropass" / "Cache"
+    if os.uname().sysname == "Darwin":
+        return Path.home() / "Library" / "Caches" / "zeropass"
+    return Path.home() / ".cache" / "zeropass"
+
+
+def clear_cache(cache_dir: str | Path | None = None) -> tuple[Path, int]:
+    """Remove the metadata cache; returns (directory, bytes freed)."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    freed = 0
+    if root.is_dir():
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                try:
+                    freed += os.lstat(os.path.join(dirpath, f)).st_size
+                except OSError:
+                    pass
+        shutil.rmtree(root, ignore_errors=True)
+    return root, freed
+
+
+def _host(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return parts.netloc or parts.scheme
+
+
+# -- stores: where the bytes are ---------------------------------------------------------------
+
+class HTTPStore:
+    """Files under an http(s) base URL, read with Range requests (standard library only)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        # spaces, brackets, non-ASCII in the path are sent percent-encoded (an existing %XX stays)
+        parts = urllib.parse.urlsplit(self.url)
+        self._base = urllib.parse.urlunsplit(parts._replace(path=urllib.parse.quote(parts.path, safe="/%:@!$&'()*+,;=~")))
+
+    def _request(self, rel: str, start: int | None = None, end: int | None = None, method: str = "GET"):
+        url = f"{self.url}/{rel}"
+        try:
+            req = urllib.request.Request(f"{self._base}/{urllib.parse.quote(rel)}", method=method,
+                                         headers={"User-Agent": "zeropass"})
+        except ValueError as e:
+            raise RemoteUnreachable(f"{self.url} is not a usable URL ({_first(e)}): check it") from None
+        if start is not None:
+            req.add_header("Range", f"bytes={start}-{end - 1}")
+        try:
+            return urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)
+        except (ValueError, http.client.InvalidURL) as e:
+            raise RemoteUnreachable(f"{self.url} is not a usable URL ({_first(e)}): check it") from None
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code == 404 or e.code == 410:
+                raise FileNotFoundError(f"{url}: HTTP {e.code}") from None
+            if e.code in (401, 403):
+                raise RemoteDenied(f"access to {url} was refused (HTTP {e.code}): check the URL and your credentials") from None
+            raise RemoteUnreachable(f"{url} answered HTTP {e.code} {e.reason}: try again later, or check the URL") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, reset, cut short
+            reason = getattr(e, "reason", None) or e
+            raise RemoteUnreachable(f"cannot reach {_host(url)} ({reason}): check the URL and your network") from None
+
+    def cat(self, rel: str, start: int | None = None, end: int | None = None, limit: int | None = None) -> bytes:
+        """Bytes [start, end) of ``rel`` (all of it without a range; at most ``limit`` + 1 bytes when given)."""
+        if start is not None and end <= start:
+            return b""
+        with self._request(rel, start, end) as r:
+            try:
+                data = r.read() if limit is None else r.read(limit + 1)
+            except (http.client.HTTPException, OSError) as e:  # the connection dropped mid-body
+                raise RemoteUnreachable(f"reading {self.url}/{rel} failed ({_first(e) or type(e).__name__}): "
+                                        f"check your network and run it again") from None
+            if start is not None and r.status == 200:  # the server ignored Range: keep the part asked for
+                data = data[start:end]
+        return data
+
+    def size(self, rel: str) -> int:
+        with self._request(rel, method="HEAD") as r:
+            n = r.headers.get("Content-Length")
+        if n is None:
+            raise RemoteUnreachable(f"{self.url}/{rel}: the server gives no size (Content-Length)")
+        return int(n)
+
+    def exists(self, rel: str) -> bool:
+        try:
+            self.size(rel)
+            return True
+        except FileNotFoundError:
+            return False
+
+
+class FsspecStore:
+    """Files under a prefix of any fsspec filesystem (``memory://``, ``s3://``, ``hf://``, ...)."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        try:
+            self.fs, self.base = fsspec.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise RemoteUnreachable(f"cannot open {url} ({_first(e)}): install the fsspec filesystem for "
+                                    f"{url.split('://')[0]}:// (e.g. pip install s3fs / gcsfs / huggingface_hub)") from None
+        self.base = self.base.rstrip("/")
+        self.url = url.rstrip("/")
+
+    def _path(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if self.base else rel
+
+    def _call(self, rel, body):
+        try:
+            return body(self._path(rel))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url}/{rel}: not found") from None
+        except PermissionError as e:
+            raise RemoteDenied(f"access to {self.url}/{rel} was refused ({_first(e)}): check your credentials") from None
+        except QueryError:
+            raise
+        except Exception as e:  # noqa: BLE001 (each filesystem raises its own network errors)
+            raise RemoteUnreachable(f"cannot read {self.url}/{rel} ({_first(e)}): check the URL and your network") from None
+
+    def cat(self, rel: str, start: int | None = None, end: int | None = None, limit: int | None = None) -> bytes:
+        if limit is not None and start is None:
+            start, end = 0, limit + 1  # fsspec clips a range past the end
+        return self._call(rel, lambda p: self.fs.cat_file(p, start=start, end=end))
+
+    def size(self, rel: str) -> int:
+        return int(self._call(rel, lambda p: self.fs.size(p)))
+
+    def exists(self, rel: str) -> bool:
+        return bool(self._call(rel, lambda p: self.fs.exists(p)))
+
+
+def _first(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def store_for(url: str):
+    """The store that reads ``url``: HTTP(S) with the standard library, anything else through fsspec."""
+    if url.lower().startswith(("http://", "https://")):
+        return HTTPStore(url)
+    return FsspecStore(url)
+
+
+# -- the remote dataset ------------------------------------------------------------------------
+
+class Remote:
+    """A dataset at ``url``: its manifest, its revision, and the filesystem DuckDB reads it through."""
+
+    def __init__(self, url: str, cache_dir: str | Path | None = None):
+        self.url = url.rstrip("/")
+        self.store = store_for(self.url)
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.revision: str | None = None
+        self.sizes: dict[str, int | None] = {}
+        self.fs = DatasetFS(self)
+        self.bytes_read = 0           # bytes fetched from the store (not the cache), for the curious
+        self.last_error: QueryError | None = None  # the typed error behind DuckDB's last failed read
+        self.file_errors: dict[str, QueryError] = {}  # ... per listed file, until the views are bound again
+
+    def manifest_text(self) -> str:
+        """Fetch the manifest (every open; it is the commit point). Sets ``revision``."""
+        try:
+            data = self.store.cat(MANIFEST, limit=MANIFEST_MAX)
+        except FileNotFoundError:
+            raise NotADataset(f"{self.url} is not a zeropass dataset (no {MANIFEST} at {self.url}/{MANIFEST}): "
+                              f"check the URL, or publish one with `zeropass publish DB {self.url}`") from None
+        self.bytes_read += len(data)
+        if len(data) > MANIFEST_MAX:
+            raise NotADataset(f"{self.url} is not a zeropass dataset ({MANIFEST} is larger than {MANIFEST_MAX >> 20} MB)")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise NotADataset(f"{self.url} is not a zeropass dataset ({MANIFEST} is not UTF-8 text)") from None
+        self.revision = hashlib.sha256(data).hexdigest()[:16]
+        return text
+
+    def use(self, manifest: dict, owners) -> None:
+        """Serve exactly the files ``manifest`` lists (sizes from its file_info where given)."""
+        info = file_info(manifest)
+        sizes = {}
+        for rel in owners:
+            b = info[rel].get("bytes") if isinstance(info.get(rel), dict) else None
+            # an untrusted manifest: anything but a plain count means "ask the store"
+            sizes[rel] = b if isinstance(b, int) and not isinstance(b, bool) and b >= 0 else None
+        self.sizes = sizes
+        self.fs.reset()
+
+    def path(self, rel: str) -> str:
+        return f"{PROTOCOL}://{rel}"
+
+    @property
+    def cache_dir(self) -> Path:
+        key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        return self.cache_root / key / (self.revision or "none")
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return self.store.exists(rel)
+        except QueryError:
+            return True  # cannot tell: do not call it missing
+
+
+class DatasetFS:
+    """The fsspec-style filesystem DuckDB reads the dataset through (``zeropass://REL``).
+
+    Serves the manifest's files and nothing else; sizes from the manifest; each read one
+    Range request unless the file's cached tail holds it.
+    """
+
+    protocol = PROTOCOL
+
+    def __init__(self, remote: Remote):
+        self.remote = remote
+        self._lock = threading.Lock()
+        self._tails: dict[str, tuple[int, bytes]] = {}
+        self._recent: "OrderedDict[tuple[str, int, int], bytes]" = OrderedDict()
+        self._recent_bytes = 0
+        # DuckDB's metadata cache compares modification times; files of a revision never change.
+        self._mtime = _dt.datetime(2000, 1, 1, tzinfo=_dt.timezone.utc)
+        self._impl = _fsspec_impl(self)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._tails.clear()
+            self._recent.clear()
+            self._recent_bytes = 0
+
+    # what DuckDB asks for a path: strip the protocol, undo DuckDB's glob escapes, check the list
+    def listed(self, path: str) -> str | None:
+        """The listed file ``path`` names, or None."""
+        p = str(path)
+        if p.startswith(PROTOCOL + "://"):
+            p = p[len(PROTOCOL) + 3:]
+        p = re.sub(r"\[(.)\]", r"\1", p)  # schemas.layout.duckdb_path's one-character classes
+        return p if not unsafe_relpath(p) and p in self.remote.sizes else None
+
+    def rel(self, path: str) -> str:
+        p = self.listed(path)
+        if p is None:
+            err = ForbiddenSQL(f"cannot read {path}: only the files the manifest of {self.remote.url} lists can be read")
+            self.remote.last_error = err
+            raise PermissionError(str(err))
+        return p
+
+    def _failed(self, rel: str | None, err: QueryError) -> None:
+        self.remote.last_error = err
+        if rel is not None:
+            self.remote.file_errors[rel] = err
+
+    def size(self, rel: str) -> int:
+        n = self.remote.sizes.get(rel)
+        if n is None:
+            n = self._guard(lambda: self.remote.store.size(rel), rel)
+            self.remote.sizes[rel] = n
+        return n
+
+    def _guard(self, body, rel: str | None = None):
+        try:
+            return body()
+        except QueryError as e:
+            self._failed(rel, e)
+            raise OSError(str(e)) from None
+        except FileNotFoundError as e:
+            raise FileNotFoundError(str(e)) from None
+
+    def read(self, rel: str, start: int, end: int) -> bytes:
+        size = self.size(rel)
+        end = min(end, size)
+        if start >= end:
+            return b""
+        tail = self._tail(rel)
+        if tail is not None and start >= tail[0]:
+            return tail[1][start - tail[0]:end - tail[0]]
+        key = (rel, start, end)
+        with self._lock:
+            data = self._recent.get(key)
+            if data is not None:
+                self._recent.move_to_end(key)
+                return data
+        data = self._guard(lambda: self.remote.store.cat(rel, start, end), rel)
+        if len(data) != end - start:
+            err = DatasetChanged(
+                f"{self.remote.url}/{rel} is not the file the manifest lists (got {len(data)} bytes of {end - start} "
+                f"at offset {start}): the dataset changed while it was read; run the query again")
+            self._failed(rel, err)
+            raise OSError(str(err))
+        self.remote.bytes_read += len(data)
+        if end == size and end - start <= TAIL_CACHE_MAX and (tail is None or start < tail[0]):
+            self._keep_tail(rel, start, data)
+        elif len(data) <= MEMORY_CACHE // 4:
+            with self._lock:
+                self._recent[key] = data
+                self._recent_bytes += len(data)
+                while self._recent_bytes > MEMORY_CACHE:
+                    self._recent_bytes -= len(self._recent.popitem(last=False)[1])
+        return data
+
+    def _tail_file(self, rel: str) -> Path:
+        return self.remote.cache_dir / "tails" / (hashlib.sha256(rel.encode()).hexdigest()[:24] + ".bin")
+
+    def _tail(self, rel: str):
+        with self._lock:
+            if rel in self._tails:
+                return self._tails[rel]
+        try:
+            blob = self._tail_file(rel).read_bytes()
+        except OSError:
+            return None
+        size = self.size(rel)
+        if len(blob) > size:
+            return None
+        tail = (size - len(blob), blob)
+        with self._lock:
+            self._tails[rel] = tail
+        return tail
+
+    def _keep_tail(self, rel: str, start: int, data: bytes) -> None:
+        with self._lock:
+            self._tails[rel] = (start, data)
+        path = self._tail_file(rel)
+        try:  # best effort: a read-only or full cache directory only costs speed
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    def filesystem(self):
+        """The fsspec AbstractFileSystem instance to hand to ``con.register_filesystem``."""
+        return self._impl
+
+
+def _fsspec_impl(owner: DatasetFS):
+    """An fsspec filesystem over ``owner`` (fsspec is imported only when a remote dataset is opened)."""
+    import io
+
+    from fsspec import AbstractFileSystem
+
+    class _File(io.RawIOBase):
+        def __init__(self, rel: str):
+            self.rel, self.pos, self.size = rel, 0, owner.size(rel)
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def seek(self, offset, whence=0):
+            self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+            return self.pos
+
+        def tell(self):
+            return self.pos
+
+        def read(self, n=-1):
+            end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+            data = owner.read(self.rel, self.pos, end)
+            self.pos += len(data)
+            return data
+
+        def readinto(self, b):
+            data = self.read(len(b))
+            b[:len(data)] = data
+            return len(data)
+
+    class _FS(AbstractFileSystem):
+        protocol = PROTOCOL
+        cachable = False
+
+        def info(self, path, **kw):
+            rel = owner.rel(path)
+            return {"name": rel, "size": owner.size(rel), "type": "file"}
+
+        def ls(self, path, detail=True, **kw):  # nothing is listed: the manifest names the files
+            raise PermissionError("a remote zeropass dataset cannot be listed")
+
+        def glob(self, path, **kw):
+            return [owner.rel(path)]
+
+        def exists(self, path, **kw):
+            return owner.listed(path) is not None
+
+        def modified(self, path):
+            owner.rel(path)
+            return owner._mtime
+
+        def _open(self, path, mode="rb", **kw):
+            if "r" not in mode or "+" in mode:
+                raise PermissionError("a remote zeropass dataset is read-only")
+            return _File(owner.rel(path))
+
+    return _FS(skip_instance_cache=True)

@@ -1,0 +1,99 @@
+"""A loopback HTTP server for the remote-dataset tests and benchmark: serves a directory with
+Range support and counts the bytes and requests it serves. Stops itself when the test ends.
+
+>>> with RangeServer(root) as srv:                 # doctest: +SKIP
+...     Dataset(srv.url + "/db"); srv.bytes_served
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+class RangeServer:
+    """Serves ``root`` on 127.0.0.1 (a free port). ``deny`` (path prefixes) answer 403;
+    ``ignore_range`` makes it answer 200 with the whole file, like a server without Range."""
+
+    def __init__(self, root: Path, deny: tuple[str, ...] = (), ignore_range: bool = False):
+        self.root = Path(root).resolve()
+        self.deny = deny
+        self.ignore_range = ignore_range
+        self.bytes_served = 0
+        self.requests: list[tuple[str, str, str | None]] = []   # (method, path, Range)
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _file(self):
+                path = unquote(urlsplit(self.path).path)
+                with server._lock:
+                    server.requests.append((self.command, path, self.headers.get("Range")))
+                if any(path.startswith(d) for d in server.deny):
+                    self.send_error(403)
+                    return None
+                real = os.path.realpath(server.root / path.lstrip("/"))
+                if os.path.commonpath([real, str(server.root)]) != str(server.root) or not os.path.isfile(real):
+                    self.send_error(404)
+                    return None
+                return real
+
+            def do_HEAD(self):
+                real = self._file()
+                if real:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(os.path.getsize(real)))
+                    self.send_header("Accept-Ranges", "bytes")
+                    self.end_headers()
+
+            def do_GET(self):
+                real = self._file()
+                if not real:
+                    return
+                size = os.path.getsize(real)
+                m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+                start, end = 0, size
+                if m and not server.ignore_range:
+                    start = int(m.group(1))
+                    end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+                else:
+                    self.send_response(200)
+                with open(real, "rb") as f:
+                    f.seek(start)
+                    data = f.read(end - start)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                with server._lock:
+                    server.bytes_served += len(data)
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # DuckDB's threads connect at once; the default 5 drops SYNs (1 s retries)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.bytes_served = 0
+            self.requests.clear()
+
+    def __enter__(self) -> "RangeServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join()
