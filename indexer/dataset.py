@@ -49,8 +49,8 @@ from schemas.layout import (
     manifest_files,
     partition_dir,
     read_manifest,
-    table_files,
-    view_sql,
+    sources_sql,
+    table_sources,
     write_json_atomic,
 )
 
@@ -359,7 +359,9 @@ def write_catalog(root: Path, manifest: dict) -> None:
 def catalog_digest(manifest: dict) -> str:
     """What the catalog's views read, in 16 hex digits; stored as each view's comment, so that
     `zeropass check` can tell a stale catalog from a current one without reading the data."""
-    files = {name: table_files(manifest, name) for name in TABLES}
+    # Without compaction the digest is that of the plain file lists (catalogs written before stay current).
+    srcs = {name: table_sources(manifest, name) for name in TABLES}
+    files = {name: (s.files if not s.compacted else s) for name, s in srcs.items()}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -391,7 +393,8 @@ def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
         empties.mkdir()
         for name, table in TABLES.items():
             pq.write_table(table.schema.empty_table(), empties / f"{name}.parquet")
-            for rel in table_files(manifest, name):
+            src = table_sources(manifest, name)
+            for rel in src.compacted + src.files:
                 link = stand_in / "files" / rel
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if not link.exists():
@@ -404,7 +407,7 @@ def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
             con.execute(f"SET file_search_path = '{stand_in / 'files'}'")
             comment = catalog_comment(manifest).replace("'", "''")
             for name, table in TABLES.items():
-                con.execute(f"CREATE VIEW {name} AS {view_sql(table, table_files(manifest, name))}")
+                con.execute(f"CREATE VIEW {name} AS {sources_sql(table, table_sources(manifest, name))}")
                 con.execute(f"COMMENT ON VIEW {name} IS '{comment}'")
             # An explicit checkpoint fails loudly on a full disk; a plain close() does not,
             # and leaves the views only in a .wal file that a copy would leave behind.
