@@ -10,8 +10,9 @@ writer path: a ``Build`` per copy writes the first model's partitions with ``mod
 and ``Build.commit`` publishes it (manifest + catalog), so a copy costs what a commit costs.
 
 For each helper: cold = first call in a new process (median of 3 processes), warm = median of
---repeat calls on one open Dataset. With --compact the dataset is compacted (`zeropass compact`)
-after it is built and before it is measured. Prints a table and, last, one JSON object.
+--repeat calls on one open Dataset; measured on the dataset as built ("plain"), then again after
+`zeropass compact` ("compacted"). Ratios are against the 1-model dataset (plain). Prints a table
+and, last, one JSON object.
 """
 from __future__ import annotations
 
@@ -114,7 +115,6 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="1,20,200")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--out", default="bench-out/many")
-    p.add_argument("--compact", action="store_true", help="run `zeropass compact` before measuring")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out).resolve()
@@ -126,30 +126,41 @@ def main(argv=None) -> int:
     for n in (int(s) for s in args.sizes.split(",")):
         db = out / f"db{n}"
         index_s = build(db, n, ckpt)
-        compact_s = None
-        if args.compact:
-            from indexer.compact import compact
-
-            t = time.perf_counter()
-            compact(db)
-            compact_s = time.perf_counter() - t
         files = sum(1 for _ in db.rglob("*.parquet"))
+        plain = measure(db, args.repeat)
+        from indexer.compact import compact
+
+        t = time.perf_counter()
+        compact(db)
+        compact_s = time.perf_counter() - t
         results[n] = {"index_last_s": index_s, "compact_s": compact_s, "parquet_files": files,
-                      "helpers": measure(db, args.repeat)}
-        print(f"{n} models: index last {index_s:.2f} s, {files} parquet files"
-              + (f", compact {compact_s:.2f} s" if compact_s is not None else ""), file=sys.stderr, flush=True)
-    base = results[min(results)]
-    print(f"{'helper':<16}" + "".join(f"{f'{n} warm':>11}{f'{n} cold':>11}{'x1':>6}" for n in results))
-    for name in HELPERS:
-        row = f"{name:<16}"
-        for n, r in results.items():
-            w, c = r["helpers"][name]["warm_ms"], r["helpers"][name]["cold_ms"]
-            row += f"{w:>9.1f}ms{c:>9.1f}ms{w / base['helpers'][name]['warm_ms']:>5.1f}x"
-        print(row)
-    print(f"{'index last (s)':<16}" + "".join(f"{r['index_last_s']:>9.2f} s{'':>11}{r['index_last_s'] / base['index_last_s']:>5.1f}x"
-                                           for r in results.values()))
-    print(json.dumps({"compact": args.compact, "results": results}))
+                      "plain": plain, "compacted": measure(db, args.repeat)}
+        print(f"{n} models: index last {index_s:.2f} s, {files} parquet files, compact {compact_s:.2f} s",
+              file=sys.stderr, flush=True)
+    print(render(results))
+    print(json.dumps({"results": results}))
     return 0
+
+
+def render(results: dict) -> str:
+    """A Markdown table: per helper and size, warm / cold ms plain and compacted, and the ratio of
+    the compacted warm median to the 1-model one."""
+    results = {int(n): r for n, r in results.items()}
+    base = results[min(results)]["plain"]
+    head = "| helper | " + " | ".join(f"{n} models: warm plain / compacted (x of 1 model) | cold plain / compacted" for n in results) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(results)]
+    for name in HELPERS:
+        row = f"| {name} |"
+        for r in results.values():
+            p, c = r["plain"][name], r["compacted"][name]
+            row += (f" {p['warm_ms']:.0f} / **{c['warm_ms']:.0f}** ms ({c['warm_ms'] / base[name]['warm_ms']:.1f}x) |"
+                    f" {p['cold_ms']:.0f} / {c['cold_ms']:.0f} ms |")
+        lines.append(row)
+    first = results[min(results)]["index_last_s"]
+    lines.append("| index the last model |" + "".join(f" {r['index_last_s']:.2f} s ({r['index_last_s'] / first:.1f}x) | |"
+                                                     for r in results.values()))
+    lines.append("| `zeropass compact` |" + "".join(f" {r['compact_s']:.2f} s | |" for r in results.values()))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
