@@ -83,9 +83,12 @@ def main(argv=None) -> None:
     cmd_align = [PY, "-m", "benchmarks.bench_align"]
     align_text = run(cmd_align, out / "align.log")
 
+    cmd_many = [PY, "-m", "benchmarks.bench_many", "--out", str(out / "many")] + (["--sizes", "1,20"] if args.quick else [])
+    many = last_json(run(cmd_many, out / "many.log"))
+
     page = render(vec, pairs, paper, index, query_text, align_text,
                   {k: " ".join(c[1:]) for k, c in dict(vec=cmd_vec, pairs=cmd_pairs, paper=cmd_paper, index=cmd_index,
-                                                        query=cmd_query, align=cmd_align).items()})
+                                                        query=cmd_query, align=cmd_align, many=cmd_many).items()}, many)
     (ROOT / "docs" / "BENCHMARKS.md").write_text(page)
     print(page)
 
@@ -99,10 +102,13 @@ def render_saved(out: Path) -> None:
         "index": f"-m benchmarks.bench_index --db {out}/db --json {out}/index.json",
         "query": f"benchmarks/bench_query.py --db {out}/db --no-index",
         "align": "-m benchmarks.bench_align",
+        "many": f"-m benchmarks.bench_many --out {out}/many",
     }
+    many_out = out / "many.stdout"
     page = render(json.loads((out / "vectors.json").read_text()), last_json((out / "pairs.stdout").read_text()),
                   json.loads((out / "paper.json").read_text()), json.loads((out / "index.json").read_text()),
-                  (out / "query.stdout").read_text(), (out / "align.stdout").read_text(), cmds)
+                  (out / "query.stdout").read_text(), (out / "align.stdout").read_text(), cmds,
+                  last_json(many_out.read_text()) if many_out.exists() else None)
     (ROOT / "docs" / "BENCHMARKS.md").write_text(page)
     print(page)
 
@@ -111,7 +117,7 @@ def _rel(cmd: str) -> str:
     return ".venv/bin/python " + cmd.replace(str(ROOT) + "/", "")
 
 
-def render(vec, pairs, paper, index, query_text, align_text, cmds) -> str:
+def render(vec, pairs, paper, index, query_text, align_text, cmds, many=None) -> str:
     o = vec["overhead"]
     lm = vec.get("lmdebugger")
     by_set = {r["set"]: r for r in pairs["results"]}
@@ -241,6 +247,22 @@ def render(vec, pairs, paper, index, query_text, align_text, cmds) -> str:
         "```",
         "",
     ]
+    if many:
+        from benchmarks.bench_many import render as render_many
+
+        lines += [
+            "## 7. Many models in one dataset (copies of a tiny 2-layer GPT-2)",
+            "",
+            f"`{_rel(cmds['many'])}`",
+            "",
+            "N-1 copies committed through the real writer, then model N indexed for real (its wall time: "
+            "\"index the last model\"). Warm: median of 5 calls on one open `Dataset`; cold: first call in a new "
+            "process, median of 3. Plain: the dataset as committed (per-model, per-layer files); compacted: after "
+            "`zeropass compact`. Ratio: compacted warm median over the 1-model dataset's.",
+            "",
+            render_many(many["results"]),
+            "",
+        ]
     return "\n".join(lines)
 
 
