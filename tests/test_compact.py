@@ -239,3 +239,27 @@ def test_compaction_is_dropped_when_every_model_is_reindexed(synthetic_db, tmp_p
     assert compacted_models(m, "pairs") == ["alpha", "gamma"]
     src = table_sources(m, "pairs", ["beta"])
     assert src.compacted == [] and all("model=beta" in f for f in src.files)
+    from indexer.check import check_dataset
+
+    report = check_dataset(db)
+    assert report.ok and any("1 model committed since the last compaction" in n for n in report.notes), report.notes
+
+
+def test_hostile_slug_in_a_compacted_manifest(synthetic_db, tmp_path):
+    """Slugs are pasted into the views' `model IN (...)` as quoted literals: a quote in a slug of a
+    hand-edited manifest is text, never SQL."""
+    import json
+
+    from query import Dataset
+
+    db = _copy(synthetic_db, tmp_path)
+    _compact(db)
+    m = json.loads((db / "manifest.json").read_text())
+    evil = "b') OR true OR ('x"
+    m["models"][evil] = m["models"].pop("beta")
+    for entry in m["compacted"].values():
+        entry["models"][evil] = entry["models"].pop("beta")
+    (db / "manifest.json").write_text(json.dumps(m))
+    with Dataset(db) as ds:
+        assert ds.sql("SELECT DISTINCT model FROM pairs ORDER BY 1").column(0).to_pylist() == ["alpha", "gamma"]
+        assert ds.sql(f"SELECT count(*) FROM {ds.source('pairs', [evil])}").column(0)[0].as_py() == 0
