@@ -390,11 +390,16 @@ class Dataset:
                 order = [f for f in order if f != bad] + [bad]
         if missing:
             sql = _failing_view_sql(TABLES[table], missing[0])
+        elif sql is not None and head is None:
+            return  # the view bound above is the view
         elif sql is None and head is None:
             sql = view_sql(TABLES[table], [], self.root)
         if head is not None:
             sql = head if sql is None else f"{head} UNION ALL {sql}"
-        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        try:
+            self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        except duckdb.Error as e:  # a file deleted since it bound above (a re-index publishing now)
+            raise self._translate(e, self._listed_file_in(str(e))) from None
 
     def source(self, table: str, models: list[str] | None = None, layers: list[int] | None = None) -> str:
         """Name of a view of ``table`` restricted to the files of ``models`` (and ``layers``).
