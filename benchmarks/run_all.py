@@ -86,10 +86,12 @@ def main(argv=None) -> None:
     cmd_7b = [PY, "-m", "benchmarks.bench_7b", "--cache", str(out / "7b"), "--json", str(out / "7b.json")] + (
         ["--pairs", "0"] if args.quick else [])
     run(cmd_7b, out / "7b.log")
+    cmd_many = [PY, "-m", "benchmarks.bench_many", "--out", str(out / "many")] + (["--sizes", "1,20"] if args.quick else [])
+    many = last_json(run(cmd_many, out / "many.log"))
 
     page = render(vec, pairs, paper, index, query_text, align_text,
                   {k: " ".join(c[1:]) for k, c in dict(vec=cmd_vec, pairs=cmd_pairs, paper=cmd_paper, index=cmd_index,
-                                                        query=cmd_query, align=cmd_align).items()})
+                                                        query=cmd_query, align=cmd_align, many=cmd_many).items()}, many)
     cmd_serve = [PY, "-m", "benchmarks.bench_serve", "--db", str(out / "db")]
     page += serve_section(run(cmd_serve, out / "serve.log"), " ".join(cmd_serve[1:]))
     page += render_7b(json.loads((out / "7b.json").read_text()), " ".join(cmd_7b[1:]))
@@ -99,7 +101,7 @@ def main(argv=None) -> None:
 
 def serve_section(text: str, cmd: str) -> str:
     """Section 7: page render times of `zeropass serve` (benchmarks/bench_serve.py's table)."""
-    return "\n".join(["", "## 7. Explorer pages (`zeropass serve`, same dataset; target: each under 300 ms)", "",
+    return "\n".join(["", "## 8. Explorer pages (`zeropass serve`, same dataset; target: each under 300 ms)", "",
                       f"`{_rel(cmd)}`", "", "```", text.strip(), "```", ""])
 
 
@@ -112,10 +114,13 @@ def render_saved(out: Path) -> None:
         "index": f"-m benchmarks.bench_index --db {out}/db --json {out}/index.json",
         "query": f"benchmarks/bench_query.py --db {out}/db --no-index",
         "align": "-m benchmarks.bench_align",
+        "many": f"-m benchmarks.bench_many --out {out}/many",
     }
+    many_out = out / "many.stdout"
     page = render(json.loads((out / "vectors.json").read_text()), last_json((out / "pairs.stdout").read_text()),
                   json.loads((out / "paper.json").read_text()), json.loads((out / "index.json").read_text()),
-                  (out / "query.stdout").read_text(), (out / "align.stdout").read_text(), cmds)
+                  (out / "query.stdout").read_text(), (out / "align.stdout").read_text(), cmds,
+                  last_json(many_out.read_text()) if many_out.exists() else None)
     if (out / "serve.stdout").exists():
         page += serve_section((out / "serve.stdout").read_text(), f"-m benchmarks.bench_serve --db {out}/db")
     if (out / "7b.json").exists():
@@ -126,7 +131,7 @@ def render_saved(out: Path) -> None:
 
 def render_7b(rows: list, cmd: str) -> str:
     """Section 7 from bench_7b's JSON rows (one per shape and layer count)."""
-    lines = ["", "## 8. 7B-class checkpoints in bounded memory", "", f"`{_rel(cmd)}`", "",
+    lines = ["", "## 9. 7B-class checkpoints in bounded memory", "", f"`{_rel(cmd)}`", "",
              "Synthetic bf16 Llama checkpoints with real shapes, sharded safetensors with an index file; each "
              "`index` in a fresh child process (peak RSS = its VmHWM). Projected whole model = load + 32 x the "
              "mean seconds per layer + the by-token sort scaled to 32 layers, on this CPU.", "",
@@ -149,7 +154,7 @@ def _rel(cmd: str) -> str:
     return ".venv/bin/python " + cmd.replace(str(ROOT) + "/", "")
 
 
-def render(vec, pairs, paper, index, query_text, align_text, cmds) -> str:
+def render(vec, pairs, paper, index, query_text, align_text, cmds, many=None) -> str:
     o = vec["overhead"]
     lm = vec.get("lmdebugger")
     by_set = {r["set"]: r for r in pairs["results"]}
@@ -279,6 +284,22 @@ def render(vec, pairs, paper, index, query_text, align_text, cmds) -> str:
         "```",
         "",
     ]
+    if many:
+        from benchmarks.bench_many import render as render_many
+
+        lines += [
+            "## 7. Many models in one dataset (copies of a tiny 2-layer GPT-2)",
+            "",
+            f"`{_rel(cmds['many'])}`",
+            "",
+            "N-1 copies committed through the real writer, then model N indexed for real (its wall time: "
+            "\"index the last model\"). Warm: median of 5 calls on one open `Dataset`; cold: first call in a new "
+            "process, median of 3. Plain: the dataset as committed (per-model, per-layer files); compacted: after "
+            "`zeropass compact`. Ratio: compacted warm median over the 1-model dataset's.",
+            "",
+            render_many(many["results"]),
+            "",
+        ]
     return "\n".join(lines)
 
 

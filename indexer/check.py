@@ -147,6 +147,25 @@ def check_dataset(root: str | Path, *, hashes: bool = True, db: str | None = Non
             if why:
                 report.problems.append(Problem(f"alignment {a} / {b}: {why}", zeropass_command("align", a, b, "--db", db)))
 
+    for table, entry in sorted(manifest.get("compacted", {}).items()):
+        # A derived copy of the per-model files (still listed and checked above): readers skip a
+        # damaged one, and `zeropass compact` rebuilds it from them.
+        for rel in entry.get("files", []):
+            report.files += 1
+            _rows, why = _check_file(root, real_root, rel, entry.get("file_info", {}).get(rel), hashes)
+            if why:
+                report.problems.append(Problem(f"compacted {table} (a copy of {len(entry.get('models', {}))} models' files): {why}",
+                                               zeropass_command("compact", "--db", db)))
+
+    if manifest.get("compacted"):
+        from schemas.layout import compacted_models
+
+        outside = sorted(set(manifest["models"]) - set(compacted_models(manifest, "vectors")))
+        if outside:
+            report.notes.append(f"{len(outside)} model{'s' * (len(outside) != 1)} committed since the last compaction "
+                                f"{'are' if len(outside) != 1 else 'is'} read from {'their' if len(outside) != 1 else 'its'} "
+                                f"own files: `{zeropass_command('compact', '--db', db)}` folds them in")
+
     stale = _catalog_problem(root, manifest)
     if stale:
         report.problems.append(Problem(stale, repair_cmd))

@@ -49,8 +49,8 @@ from schemas.layout import (
     manifest_files,
     partition_dir,
     read_manifest,
-    table_files,
-    view_sql,
+    sources_sql,
+    table_sources,
     write_json_atomic,
 )
 
@@ -341,7 +341,9 @@ def write_catalog(root: Path, manifest: dict) -> None:
 def catalog_digest(manifest: dict) -> str:
     """What the catalog's views read, in 16 hex digits; stored as each view's comment, so that
     `zeropass check` can tell a stale catalog from a current one without reading the data."""
-    files = {name: table_files(manifest, name) for name in TABLES}
+    # Without compaction the digest is that of the plain file lists (catalogs written before stay current).
+    srcs = {name: table_sources(manifest, name) for name in TABLES}
+    files = {name: (s.files if not s.compacted else s) for name, s in srcs.items()}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -353,12 +355,15 @@ def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
     """Write the views of ``manifest`` to a temporary catalog file beside catalog.duckdb; on
     failure nothing is left and the error is one line (DatasetError).
 
-    DuckDB binds a view when it is created, which reads every listed file. The views are bound
-    against a stand-in tree instead: a private temporary directory where each listed path is
-    a link to an empty file of the table's declared schema. So a damaged file of one model
-    cannot stop the catalog from being written (damage stays with its model, and
-    `zeropass check` reports it), and the dataset's own path, which may hold commas, quotes,
-    brackets or ``*`` (``file_search_path`` is a comma-separated list), never reaches DuckDB.
+    DuckDB binds a view when it is created, which checks every listed path and reads the files'
+    footers. The views are bound through a private temporary directory, so that the dataset's own
+    path, which may hold commas, quotes, brackets or ``*`` (``file_search_path`` is a
+    comma-separated list), never reaches DuckDB: first through one link to the dataset itself
+    (cost: a stat and a footer per file, no directory tree per commit, so a commit stays cheap in a
+    dataset of hundreds of models); a table whose files cannot be bound that way (a damaged or
+    missing file) is bound instead against a stand-in tree, where each listed path is a link to an
+    empty file of the table's declared schema. So a damaged file of one model cannot stop the
+    catalog from being written (damage stays with its model, and `zeropass check` reports it).
     The stored views keep the manifest's relative paths; the plain `duckdb` CLI resolves them
     from inside DIR.
     """
@@ -370,24 +375,22 @@ def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
         if re.search(r"[,*?\[\]'#%]", str(stand_in)):
             raise DatasetError(f"the temporary directory {stand_in} has a character DuckDB cannot take in a path: "
                                f"set TMPDIR to a plain path")
-        empties = stand_in / "_empty"
-        empties.mkdir()
-        for name, table in TABLES.items():
-            pq.write_table(table.schema.empty_table(), empties / f"{name}.parquet")
-            for rel in table_files(manifest, name):
-                link = stand_in / "files" / rel
-                link.parent.mkdir(parents=True, exist_ok=True)
-                if not link.exists():
-                    link.symlink_to(empties / f"{name}.parquet")
+        (stand_in / "real").symlink_to(Path(root).resolve(), target_is_directory=True)
         # Built in the stand-in directory too: duckdb.connect reads "?" in a path as the start
         # of URL options. Then copied beside catalog.duckdb, so that the rename is atomic.
         built = stand_in / CATALOG
         con = duckdb.connect(str(built))
         try:
-            con.execute(f"SET file_search_path = '{stand_in / 'files'}'")
             comment = catalog_comment(manifest).replace("'", "''")
             for name, table in TABLES.items():
-                con.execute(f"CREATE VIEW {name} AS {view_sql(table, table_files(manifest, name))}")
+                src = table_sources(manifest, name)
+                sql = f"CREATE VIEW {name} AS {sources_sql(table, src)}"
+                con.execute(f"SET file_search_path = '{stand_in / 'real'}'")
+                try:
+                    con.execute(sql)
+                except duckdb.Error:
+                    con.execute(f"SET file_search_path = '{_stand_in_tree(stand_in, name, src.compacted + src.files)}'")
+                    con.execute(sql)
                 con.execute(f"COMMENT ON VIEW {name} IS '{comment}'")
             # An explicit checkpoint fails loudly on a full disk; a plain close() does not,
             # and leaves the views only in a .wal file that a copy would leave behind.
@@ -410,6 +413,20 @@ def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
         raise
     finally:
         shutil.rmtree(stand_in, ignore_errors=True)
+
+
+def _stand_in_tree(stand_in: Path, table: str, files: list[str]) -> Path:
+    """A directory where each of ``files`` is a link to an empty file of ``table``'s schema."""
+    tree = stand_in / f"tree-{table}"
+    empty = stand_in / f"{table}.empty.parquet"
+    pq.write_table(TABLES[table].schema.empty_table(), empty)
+    for rel in files:
+        link = tree / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(empty)
+    tree.mkdir(exist_ok=True)
+    return tree
 
 
 # -- leftovers -----------------------------------------------------------------------------

@@ -580,6 +580,25 @@ def merge(sources, into, quiet):
 
 @cli.command()
 @db_option
+@quiet_option
+def compact(db, quiet):
+    """Fold every table's per-model files into one file across models (faster helpers with many models).
+
+    Atomic: a kill leaves the dataset as it was; rerun to finish. The per-model files stay (they
+    are what a compaction is rebuilt from). Needs no torch.
+
+    \b
+      zeropass compact --db zeropass-db
+    """
+    from indexer.compact import compact as compacting
+
+    section = compacting(db, progress=None if quiet else (lambda m: click.echo(m, err=True)))
+    if not quiet:
+        click.echo(f"compacted {len(section)} tables of {db}" if section else f"nothing to compact in {db} (fewer than 2 models)", err=True)
+
+
+@cli.command()
+@db_option
 @click.option("--repair", is_flag=True, help="Rewrite a stale catalog and delete leftover files (under the writer lock).")
 @click.option("--recover", is_flag=True, help="Rebuild a lost or unreadable manifest.json from the dataset's files.")
 @click.option("--quick", is_flag=True, help="Skip the sha256 of every file (sizes, footers and row counts are still checked).")

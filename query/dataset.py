@@ -287,6 +287,7 @@ class Dataset:
         self._lock = threading.RLock()
         self._sources: dict[tuple, str] = {}   # (table, models, layers) -> view name
         self._unreadable: dict[str, str] = {}  # listed file -> why DuckDB could not bind it
+        self._no_compacted: set[str] = set()   # tables whose compacted file could not be bound
         self._why_stopped: str | None = None   # "timeout" / "interrupt" while a query is stopped
         self._timeout: float | None = None     # the running query's timeout, for its message
         self._read_manifest()
@@ -367,35 +368,57 @@ class Dataset:
 
     # -- views ------------------------------------------------------------------------------------
 
-    def _files(self, table: str, models, layers) -> list[str]:
-        files = table_files(self.manifest, table, models)
+    def _files(self, table: str, models, layers) -> layout.Sources:
+        """What a view of ``table`` restricted to ``models`` and ``layers`` reads (manifest-driven)."""
+        src = layout.table_sources(self.manifest, table, models, use_compacted=table not in self._no_compacted)
         if layers is not None and "layer" in TABLES[table].partition_by:
             wanted = {f"layer={int(layer)}" for layer in layers}
-            files = [f for f in files if wanted & set(f.split("/"))]
-        return files
+            src = src._replace(files=[f for f in src.files if wanted & set(f.split("/"))])
+        return src
 
     def _build_views(self) -> None:
         self._unreadable.clear()
+        self._no_compacted.clear()
         for name in TABLES:
-            self._create_view(name, name, self._files(name, None, None))
+            self._create_view(name, name, None, None)
         for (table, models, layers), name in self._sources.items():
-            self._create_view(name, table, self._files(table, models and list(models), layers))
+            self._create_view(name, table, models and list(models), layers)
 
-    def _create_view(self, name: str, table: str, files: list[str]) -> None:
-        """A view over ``files`` that opens none of them but the one it binds its columns from.
+    def _create_view(self, name: str, table: str, models, layers) -> None:
+        """A view of ``table`` (``models``, ``layers``) that opens no file but those it binds columns from.
 
-        A missing file makes the view an error naming it (DuckDB checks every path at bind);
-        an unreadable file is skipped as the binding file, and stays listed, so a query that
-        reaches it fails naming it while the view itself still exists.
+        Compacted rows come first. A compacted file that is missing or cannot be bound is not
+        used: every view of the table then reads the per-model files it was built from (they
+        stay listed), and `zeropass check` names it. Per-model files: a missing file makes the
+        view an error naming it (DuckDB checks every path at bind); an unreadable file is
+        skipped as the binding file, and stays listed, so a query that reaches it fails naming
+        it while the view itself still exists.
         """
+        src = self._files(table, models, layers)
+        head = None
+        if src.compacted:
+            head = layout.sources_sql(TABLES[table], src._replace(files=[], compacted=[self._path(f) for f in src.compacted]),
+                                      None, union_by_name=False,
+                                      layers=layers if "layer" in TABLES[table].partition_by else None)
+            try:
+                if not all(self._exists(f) for f in src.compacted):
+                    raise duckdb.IOException(f"compacted file missing: {src.compacted}")
+                self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {head}")
+            except duckdb.Error as e:
+                for f in src.compacted:
+                    self._unreadable.setdefault(f, _first_line(e))
+                self._no_compacted.add(table)
+                return self._create_view(name, table, models, layers)
+        files = src.files
         missing = [f for f in files if not self._exists(f)]
         order = [f for f in files if f not in missing]
         sql = None
-        while order and not missing and sql is None:
+        while order and not missing:
             candidate = view_sql(TABLES[table], [self._path(f) for f in order], None, union_by_name=False)
             try:
                 self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {candidate}")
-                return
+                sql = candidate
+                break
             except duckdb.Error as e:
                 bad = self._listed_file_in(str(e), order)
                 if bad is None or bad in self._unreadable:
@@ -406,9 +429,16 @@ class Dataset:
                 order = [f for f in order if f != bad] + [bad]
         if missing:
             sql = _failing_view_sql(TABLES[table], missing[0])
-        else:
+        elif sql is not None and head is None:
+            return  # the view bound above is the view
+        elif sql is None and head is None:
             sql = view_sql(TABLES[table], [], self.root)
-        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        if head is not None:
+            sql = head if sql is None else f"{head} UNION ALL {sql}"
+        try:
+            self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        except duckdb.Error as e:  # a file deleted since it bound above (a re-index publishing now)
+            raise self._translate(e, self._listed_file_in(str(e))) from None
 
     def source(self, table: str, models: list[str] | None = None, layers: list[int] | None = None) -> str:
         """Name of a view of ``table`` restricted to the files of ``models`` (and ``layers``).
@@ -424,7 +454,7 @@ class Dataset:
             name = self._sources.get(key)
             if name is None:
                 name = f"_zeropass.src{len(self._sources)}_{table}"
-                self._create_view(name, table, self._files(table, models, layer_key))
+                self._create_view(name, table, list(models) if models is not None else None, layer_key)
                 self._sources[key] = name
         return name
 
@@ -675,6 +705,9 @@ class Dataset:
             source = (self.manifest.get("models", {}).get(first) or {}).get("source") or "SOURCE"
             fix = f"re-index one of its models ({', '.join(users) or 'none'}) with `zeropass index {source} --name {first} --replace --db {self.root}`"
             owner = f"vocabulary {name!r}"
+        elif kind == "compacted":  # derived from the per-model files, which stay: rebuild it from them
+            fix = f"rebuild it from the models' own files with `zeropass compact --db {self.root}`"
+            owner = "the compacted copy of many models"
         else:
             a, _, b = name.partition("|")
             fix = f"re-run `zeropass align {a} {b} --db {self.root}`"

@@ -214,6 +214,16 @@ def matches_by_model(hits: pa.Table) -> list[Matches]:
     return list(out.values())
 
 
+def same_tokens(matches: list[Matches]) -> list[tuple[list[str], Matches]]:
+    """``matches`` grouped by identical matched ids and texts (models sharing a vocabulary):
+    (the models, their common matches). Each group is one scan over one source of all its
+    models, so a query over 200 checkpoints of one family costs one scan, not 200 (docs/QUERY.md)."""
+    groups: dict[tuple, tuple[list[str], Matches]] = {}
+    for m in matches:
+        groups.setdefault((tuple(m.ids), tuple(m.texts)), ([], m))[0].append(m.model)
+    return list(groups.values())
+
+
 # -- helpers -----------------------------------------------------------------------------------
 
 _MODEL_COLUMNS = ("model", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_ff", "d_vocab",
@@ -235,22 +245,22 @@ def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[
     """The SQL of :func:`heads` for the tokens matched per model."""
     params: dict = {"circuits": circuits, "sides": sides}
     parts = []
-    # One scan per model over its own files (the source holds that model's rows only).
-    for i, match in enumerate(matches):
+    # One scan per group of models with the same matches, over their files only.
+    for i, (models, match) in enumerate(same_tokens(matches)):
         ids = f"ids{i}"
         params[ids] = match.ids
         parts.append(f"""
             SELECT p.model, p.layer, p.head, p.rank, p.score,
                    p.circuit || ' ' || p.side || ' pair #' || p.rank || ' ' || to_json(p.src) || ' -> '
                      || to_json(p.dst) || ' (' || printf('%.4g', p.score) || ')' AS evidence
-            FROM {ds.source("pairs", [match.model])} p
+            FROM {ds.source("pairs", models)} p
             WHERE ({_in_ids("p.src_id", ids)} OR {_in_ids("p.dst_id", ids)})
               AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
             UNION ALL
             SELECT h.model, h.layer, h.head, h.rank, h.score,
                    h.circuit || ' ' || h.role || ' ' || h.side || ' #' || h.rank || ' ' || to_json(h.token)
                      || ' (' || printf('%.4g', h.score) || ')' AS evidence
-            FROM {ds.source("head_tokens", [match.model])} h
+            FROM {ds.source("head_tokens", models)} h
             WHERE {_in_ids("h.token_id", ids)}
               AND list_contains($circuits, h.circuit) AND list_contains($sides, h.side)""")
     evidence = " UNION ALL ".join(parts)
@@ -258,7 +268,7 @@ def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[
     return Query(
         f"""WITH ev AS ({evidence})
         SELECT model, {head_unit_sql("ev")} AS unit, layer, head,
-               sum(1.0 / rank) AS relevance, min(rank) AS best_rank, count(*) AS hits,
+               sum(1.0 / rank ORDER BY rank) AS relevance, min(rank) AS best_rank, count(*) AS hits,
                list(evidence ORDER BY rank, abs(score) DESC, evidence) AS evidence
         FROM ev GROUP BY model, layer, head
         ORDER BY relevance DESC, best_rank, model, layer, head
@@ -291,13 +301,13 @@ def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[s
     rank_clause = _rank_clause("v.rank", max_rank, params)
     parts = []
     # vectors_by_token holds each token's rows together (one or two row groups per model).
-    for i, match in enumerate(matches):
+    for i, (models, match) in enumerate(same_tokens(matches)):
         ids, texts = f"ids{i}", f"texts{i}"
         params.update({ids: match.ids, texts: match.texts})
         parts.append(f"""
             SELECT v.model, {vector_unit_sql("v")} AS unit, v.layer, v.kind, v.side, v.head, v.idx, v.rank, v.score,
                    list_extract(${texts}::VARCHAR[], list_position(${ids}::INTEGER[], v.token_id)) AS token
-            FROM {ds.source("vectors_by_token", [match.model])} v
+            FROM {ds.source("vectors_by_token", models)} v
             WHERE {_in_ids("v.token_id", ids)}
               AND list_contains($kinds, v.kind) AND list_contains($sides, v.side) {rank_clause}""")
     matched_rows = " UNION ALL ".join(parts)

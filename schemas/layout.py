@@ -6,6 +6,7 @@
       <table>/model=<slug>/layer=<L>/<build>.parquet   Hive-style partitions
       tokens/vocab_id=<id>/<id>.parquet  one file per vocabulary, shared by models
       alignments/model_a=<a>/model_b=<b>/<id>.parquet   results of `zeropass align`
+      <table>/compacted/<id>.parquet     `zeropass compact`: many models' rows of a table in one file
       .builds/<slug>.json                progress of an unfinished build (for resume)
       .lock                              one writer at a time
 
@@ -81,7 +82,7 @@ def validate_manifest(manifest, path: Path | str = MANIFEST) -> None:
         bad(f"{kind(manifest)}, not an object")
     if "models" not in manifest:
         bad("it has no 'models' object")
-    for key in ("models", "vocabularies", "alignments"):
+    for key in ("models", "vocabularies", "alignments", "compacted"):
         if not isinstance(manifest.get(key, {}), dict):
             bad(f"{key!r} is {kind(manifest.get(key))}, not an object")
     for slug, entry in manifest.get("models", {}).items():
@@ -96,6 +97,13 @@ def validate_manifest(manifest, path: Path | str = MANIFEST) -> None:
             if not isinstance(entry, dict):
                 bad(f"{key} entry {name!r} is {kind(entry)}, not an object")
             _check_files(entry.get("files", []), table, f"{key} entry {name!r}", bad)
+    for table, entry in manifest.get("compacted", {}).items():
+        if table not in COMPACTED_ORDER:
+            bad(f"'compacted' lists a table {table!r} that is not compacted")
+        if not isinstance(entry, dict) or not isinstance(entry.get("models", {}), dict) \
+                or not all(isinstance(b, str) for b in entry.get("models", {}).values()):
+            bad(f"compacted entry {table!r} is not an object with a 'models' object of build ids")
+        _check_files(entry.get("files", []), table, f"compacted entry {table!r}", bad)
 
 
 # Manifest sections listed apart from the models: section -> (table of its files, owner kind).
@@ -151,6 +159,8 @@ def manifest_files(manifest: dict) -> dict[str, Owner]:
     for key, (table, kind) in _SHARED.items():
         for name, entry in manifest.get(key, {}).items():
             out.update((f, Owner(table, kind, name)) for f in entry.get("files", []))
+    for table, entry in manifest.get("compacted", {}).items():
+        out.update((f, Owner(table, "compacted", table)) for f in entry.get("files", []))
     return out
 
 
@@ -203,6 +213,69 @@ def table_files(manifest: dict, table: str, models: list[str] | None = None) -> 
         if models is None or slug in models:
             files += entry.get("files", {}).get(table, [])
     return files
+
+
+# -- compaction (indexer/compact.py writes it, docs/DATASET.md "Compaction") ---------------------
+#
+# `zeropass compact` folds the per-model files of a table into one file across models, sorted
+# for the queries that read it (token first where the helpers search by token). The manifest
+# section "compacted" maps table -> {"files": [...], "models": {slug: build_id}, "file_info"}.
+# The per-model files stay listed and on disk: they remain the truth, the compacted file is a
+# derived copy. A model's rows are read from the compacted file only while the model's build_id
+# is the one recorded there; a model indexed or re-indexed after the compaction is read from its
+# own files, so a commit never rewrites the compacted file and a re-index is seen at once.
+
+COMPACTED_ORDER = {
+    "vectors": "model, layer, kind, head NULLS FIRST, token_id",
+    "vectors_by_token": "token_id, model, layer NULLS FIRST, kind, head NULLS FIRST, idx, side, rank",
+    "pairs": "model, layer, head, circuit, side, rank",
+    "head_tokens": "token_id, model, layer, head, circuit, role, side, rank",
+    "heads": "model, layer, head",
+    "models": "model",
+    "parameters": "model",
+}
+
+
+class Sources(NamedTuple):
+    """What a view of one table reads: rows of ``compacted_models`` from the ``compacted`` files
+    (filtered on ``model``), and every row of the per-model ``files``."""
+
+    compacted: list[str]
+    compacted_models: list[str]
+    files: list[str]
+
+
+def compacted_models(manifest: dict, table: str) -> list[str]:
+    """The models whose current build the compacted files of ``table`` hold."""
+    entry = manifest.get("compacted", {}).get(table) or {}
+    models = manifest.get("models", {})
+    return sorted(s for s, b in entry.get("models", {}).items()
+                  if isinstance(models.get(s), dict) and models[s].get("build_id") == b)
+
+
+def table_sources(manifest: dict, table: str, models: list[str] | None = None, use_compacted: bool = True) -> Sources:
+    """The files a view of ``table`` (restricted to ``models``) reads (see ``Sources``)."""
+    if table not in COMPACTED_ORDER:
+        return Sources([], [], table_files(manifest, table, models))
+    covered = set(compacted_models(manifest, table)) if use_compacted else set()
+    entry = manifest.get("compacted", {}).get(table) or {}
+    take = sorted(s for s in covered if models is None or s in models)
+    compacted = list(entry.get("files", [])) if take else []
+    rest = [s for s in (manifest.get("models", {}) if models is None else models) if s not in covered]
+    return Sources(compacted, take, table_files(manifest, table, rest))
+
+
+def sources_sql(table: Table, src: Sources, root: Path | None = None, union_by_name: bool = True,
+                layers: list[int] | None = None) -> str:
+    """``SELECT`` over ``src`` (``view_sql`` of the per-model files, UNION ALL the compacted
+    rows of the models taken from them; ``layers`` filters the compacted rows too)."""
+    if not src.compacted:
+        return view_sql(table, src.files, root, union_by_name)
+    where = "model IN (" + ", ".join("'" + m.replace("'", "''") + "'" for m in src.compacted_models) + ")"
+    if layers is not None:
+        where += " AND layer IN (" + ", ".join(str(int(x)) for x in layers) + ")"
+    part = f"{view_sql(table, src.compacted, root, union_by_name)} WHERE {where}"
+    return part if not src.files else f"{part} UNION ALL {view_sql(table, src.files, root, union_by_name)}"
 
 
 def duckdb_path(path: str) -> str:
