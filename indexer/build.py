@@ -481,7 +481,8 @@ class _ModelWriter:
         from the float32 projector bases, converted one block of vocabulary rows at a time."""
         W64 = W.to(self.device, torch.float64)
         if self.device != "cpu":
-                return (E if side == "E" else UT) @ W64
+            E, UT = self._factors_base()
+            return (E if side == "E" else UT) @ W64
         basis = (self.read if side == "E" else self.write_side).basis  # [d_model, d_vocab] float32
         V = basis.shape[1]
         out = torch.empty(V, W64.shape[1], dtype=torch.float64)

@@ -157,8 +157,12 @@ def check_vectors_by_token(db: Path, slug: str) -> None:
     cols = "model, token_id, layer, kind, head, expert, idx, side, rank, score"
     for a, b in (("v", "t"), ("t", "v")):
         assert con.sql(f"SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b}").fetchall() == []
-    key = lambda r: (r[0], r[1] is not None, r[1] or 0, r[2], r[3] is not None, r[3] or 0, r[4], r[5], r[6])  # noqa: E731
-    rows = con.sql("SELECT token_id, layer, kind, head, idx, side, rank FROM t").fetchall()
+    def key(r):  # indexer.dataset._BY_TOKEN_ORDER: nulls (pos rows, FF rows, dense FF) first
+        token_id, layer, kind, head, expert, idx, side, rank = r
+        return (token_id, layer is not None, layer or 0, kind, head is not None, head or 0,
+                expert is not None, expert or 0, idx, side, rank)
+
+    rows = con.sql("SELECT token_id, layer, kind, head, expert, idx, side, rank FROM t").fetchall()
     assert rows == sorted(rows, key=key)
     assert con.sql(f"SELECT count(*) FROM v WHERE unit IS DISTINCT FROM {vector_unit_sql('v')}").fetchall() == [(0,)]
 
