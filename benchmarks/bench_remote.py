@@ -4,7 +4,7 @@ support, tests/rangeserver.py), beside the same helpers on the local directory.
     python benchmarks/bench_remote.py [--repeat 5]
 
 Datasets: the test suite's synthetic three-model dataset (tests/conftest.py, 212 KB) and the
-three-model dataset of the byte-count test (tests/datasets.py ``build_three``, 15.5 MB).
+three-model dataset of the byte-count test (tests/dataset_helpers.py ``build_three``, 15.5 MB).
 For each helper:
 
 * local: median of --repeat calls on an open local Dataset;
@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     from tests.conftest import build_synthetic
     from tests.rangeserver import RangeServer
-    from tests.datasets import build_three
+    from tests.dataset_helpers import build_three
 
     base = Path(tempfile.mkdtemp(prefix="zeropass-bench-remote-"))
     try:
@@ -84,7 +84,7 @@ def main() -> None:
                 "tokens('Paris is big')": lambda ds: ds.tokens("Paris is big"),
                 "similar('alpha', 'L0.N1', in 'beta')": lambda ds: ds.similar("alpha", "L0.N1", "beta"),
             }, args.repeat, base / "cache")
-            print(f"\nthree-model dataset (tests/datasets.py build_three, {size(three):,.0f} KB):")
+            print(f"\nthree-model dataset (tests/dataset_helpers.py build_three, {size(three):,.0f} KB):")
             run(three, srv, {
                 "models()": lambda ds: ds.models(),
                 "neurons('w123', model='two')": lambda ds: ds.neurons("w123", model="two"),

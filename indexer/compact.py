@@ -22,18 +22,14 @@ No torch here.
 """
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 
 from schemas import TABLES
 from schemas.layout import COMPACTED_ORDER, Sources, sources_sql, table_sources
 
-from .dataset import _ROW_LAYOUT, _duckdb_error, dataset_lock, open_dataset, publish, write_file_atomic
+from .dataset import _duckdb_error, dataset_lock, open_dataset, publish, sorted_copy
 from .errors import DatasetError
-
-_ROW_GROUP = _ROW_LAYOUT["vectors"][1]
-_MEMORY = "512MB"
 
 
 def compact(root: str | Path, progress=None) -> dict:
@@ -77,28 +73,7 @@ def compact(root: str | Path, progress=None) -> dict:
 
 def _write(root: Path, table: str, src: Sources, rel: str) -> tuple[int, dict]:
     """DuckDB's out-of-core ``COPY ... ORDER BY`` of ``src`` into ``root/rel`` (atomic)."""
-    import duckdb
+    return sorted_copy(root, rel, sources_sql(TABLES[table], src, root, union_by_name=True), COMPACTED_ORDER[table],
+                       root / (rel + ".tmp.spill"))
 
-    counted: list[int] = []
-    q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731
-
-    def copy(tmp: Path) -> None:
-        con = duckdb.connect()
-        try:
-            con.execute(f"SET memory_limit = '{_MEMORY}'")
-            con.execute(f"SET temp_directory = {q(tmp.with_name(tmp.name + '.spill'))}")
-            ((rows,),) = con.execute(
-                f"""COPY ({sources_sql(TABLES[table], src, root, union_by_name=True)} ORDER BY {COMPACTED_ORDER[table]})
-                    TO {q(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_GROUP})""").fetchall()
-            counted.append(int(rows))
-        finally:
-            con.close()
-
-    try:
-        digest = write_file_atomic(root, rel, copy)
-    except duckdb.Error as e:
-        raise _duckdb_error(root, e) from None
-    finally:
-        shutil.rmtree(root / (rel + ".tmp.spill"), ignore_errors=True)
-    return counted[0], digest
 

@@ -731,20 +731,14 @@ class Build:
                     tmp.unlink(missing_ok=True)
 
 
-def sort_by_token(root: Path, slug: str, sources: list[str], relpath: str) -> tuple[int, dict]:
-    """DuckDB's out-of-core ``COPY ... ORDER BY`` of the ``vectors`` files ``sources`` into the
-    ``vectors_by_token`` file ``relpath`` (both relative to ``root``); returns (rows, digest).
-    Shared by a build and by `zeropass merge`, which rebuilds it for a model merged from shards."""
+def sorted_copy(root: Path, relpath: str, select_sql: str, order_by: str, spill: Path) -> tuple[int, dict]:
+    """DuckDB's out-of-core ``COPY (select_sql ORDER BY order_by)`` into the Parquet file
+    ``root/relpath`` (atomic, 16K-row groups, within a 512 MB memory limit, spilling to
+    ``spill``, which is removed afterwards); returns (rows, digest). A full disk or a failed
+    spill is one DatasetError line. Shared by ``vectors_by_token`` and `zeropass compact`."""
     import duckdb
 
-    from schemas.layout import duckdb_path
-
-    root = Path(root)
-    spill = root / BUILDS / f"{slug}.spill"
-    q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731
-    # read_parquet globs its arguments: escape the dataset path (it may hold * ? [)
-    files = ", ".join(q(duckdb_path(root / f)) for f in sources)
-    cols = ", ".join(TABLES["vectors_by_token"].column_names)
+    q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731  (COPY TO takes no globs)
     counted: list[int] = []
 
     def copy(tmp: Path) -> None:
@@ -753,7 +747,7 @@ def sort_by_token(root: Path, slug: str, sources: list[str], relpath: str) -> tu
             con.execute(f"SET memory_limit = '{_BY_TOKEN_MEMORY}'")
             con.execute(f"SET temp_directory = {q(spill)}")
             ((rows,),) = con.execute(
-                f"""COPY (SELECT {cols} FROM read_parquet([{files}], hive_partitioning=false) ORDER BY {_BY_TOKEN_ORDER})
+                f"""COPY ({select_sql} ORDER BY {order_by})
                     TO {q(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_LAYOUT["vectors"][1]})""").fetchall()
             counted.append(int(rows))
         finally:
@@ -766,6 +760,21 @@ def sort_by_token(root: Path, slug: str, sources: list[str], relpath: str) -> tu
     finally:
         shutil.rmtree(spill, ignore_errors=True)
     return counted[0], digest
+
+
+def sort_by_token(root: Path, slug: str, sources: list[str], relpath: str) -> tuple[int, dict]:
+    """The ``vectors`` files ``sources`` sorted by token into the ``vectors_by_token`` file
+    ``relpath`` (both relative to ``root``); returns (rows, digest). Shared by a build and by
+    `zeropass merge`, which rebuilds it for a model merged from shards."""
+    from schemas.layout import duckdb_path
+
+    root = Path(root)
+    q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731
+    # read_parquet globs its arguments: escape the dataset path (it may hold * ? [)
+    files = ", ".join(q(duckdb_path(root / f)) for f in sources)
+    cols = ", ".join(TABLES["vectors_by_token"].column_names)
+    return sorted_copy(root, relpath, f"SELECT {cols} FROM read_parquet([{files}], hive_partitioning=false)",
+                       _BY_TOKEN_ORDER, root / BUILDS / f"{slug}.spill")
 
 
 def vocabulary_damage(root: Path, vocab: dict) -> str | None:

@@ -174,14 +174,15 @@ _KILLED = """
 import sys, time
 sys.path.insert(0, {root!r})
 import indexer.compact as c
-real = c.write_file_atomic
+import indexer.dataset as d  # the compacted files are written by d.sorted_copy through d.write_file_atomic
+real = d.write_file_atomic
 def slow(root, rel, write):
     def w(tmp):
         write(tmp)
         print("wrote", rel, flush=True)
         time.sleep({pause})
     return real(root, rel, w)
-c.write_file_atomic = slow
+d.write_file_atomic = slow
 c.compact({db!r})
 print("done", flush=True)
 """

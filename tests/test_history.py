@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tests.datasets import zp as zp_process  # noqa: E402
+from tests.dataset_helpers import zp as zp_process  # noqa: E402
 
 
 def zp(*args):

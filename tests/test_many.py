@@ -14,8 +14,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from schemas import TABLES  # noqa: E402
 from schemas.layout import read_manifest  # noqa: E402
-from tests.datasets import assert_same_model, table_rows, zp  # noqa: E402
+from tests.dataset_helpers import assert_same_model, table_rows, zp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,8 @@ def test_sequential_build_rerun_and_one_failure(ckpts, tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1  # --quiet: only the Error line
     assert table_rows(db, "models", "a") == table_rows(tmp_path / "alone-a", "models", "a")
     assert {row[0] for row in table_rows(db, "vectors", "b")} == {"b"}
-    assert max(row[7] for row in table_rows(db, "vectors", "b")) == 4  # rank column: k = 4 now
+    rank = TABLES["vectors"].column_names.index("rank")
+    assert max(row[rank] for row in table_rows(db, "vectors", "b")) == 4  # k = 4 now
 
 
 def test_quiet_success_prints_nothing(ckpts, tmp_path):

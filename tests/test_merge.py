@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 from schemas import TABLES  # noqa: E402
 from schemas.layout import read_manifest, table_files  # noqa: E402
-from tests.datasets import ROOT, assert_same_model, table_rows, zp  # noqa: E402
+from tests.dataset_helpers import ROOT, assert_same_model, table_rows, zp  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from query import Dataset
 from schemas import SCHEMA_VERSION
 from query.errors import (DatasetChanged, ForbiddenSQL, NotADataset, RemoteDenied, RemoteUnreachable, SchemaMismatch)
 from tests.conftest import ROOT, build_synthetic
-from tests.datasets import build_three
+from tests.dataset_helpers import build_three
 from tests.rangeserver import RangeServer
 
 QUERIES = [
