@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,34 +129,21 @@ def check_dataset(root: str | Path, *, hashes: bool = True, db: str | None = Non
     for vocab_id, vocab in sorted(manifest["vocabularies"].items()):
         users = sorted(s for s, e in manifest["models"].items() if e.get("vocab_id") == vocab_id)
         fix = _reindex_command(users[0], manifest["models"][users[0]], db) if users else repair_cmd
-        for rel in vocab.get("files", []):
-            report.files += 1
-            rows, why = _check_file(root, real_root, rel, vocab.get("file_info", {}).get(rel), hashes)
-            if not why and vocab.get("d_vocab") is not None and rows != vocab["d_vocab"]:
-                why = f"{rel} has {rows} rows, the vocabulary has {vocab['d_vocab']}"
-            if why:
-                used = f" (used by {', '.join(users)})" if users else ""
-                report.problems.append(Problem(f"vocabulary {vocab_id}{used}: {why}", fix))
+        for why in _listed_file_problems(root, real_root, vocab, vocab.get("d_vocab"), "the vocabulary has", hashes, report):
+            used = f" (used by {', '.join(users)})" if users else ""
+            report.problems.append(Problem(f"vocabulary {vocab_id}{used}: {why}", fix))
 
     for pair, entry in sorted(manifest.get("alignments", {}).items()):
         a, _, b = pair.partition("|")
-        for rel in entry.get("files", []):
-            report.files += 1
-            rows, why = _check_file(root, real_root, rel, entry.get("file_info", {}).get(rel), hashes)
-            if not why and entry.get("rows") is not None and rows != entry["rows"]:
-                why = f"{rel} has {rows} rows, the manifest says {entry['rows']}"
-            if why:
-                report.problems.append(Problem(f"alignment {a} / {b}: {why}", zeropass_command("align", a, b, "--db", db)))
+        for why in _listed_file_problems(root, real_root, entry, entry.get("rows"), "the manifest says", hashes, report):
+            report.problems.append(Problem(f"alignment {a} / {b}: {why}", zeropass_command("align", a, b, "--db", db)))
 
     for table, entry in sorted(manifest.get("compacted", {}).items()):
         # A derived copy of the per-model files (still listed and checked above): readers skip a
         # damaged one, and `zeropass compact` rebuilds it from them.
-        for rel in entry.get("files", []):
-            report.files += 1
-            _rows, why = _check_file(root, real_root, rel, entry.get("file_info", {}).get(rel), hashes)
-            if why:
-                report.problems.append(Problem(f"compacted {table} (a copy of {len(entry.get('models', {}))} models' files): {why}",
-                                               zeropass_command("compact", "--db", db)))
+        for why in _listed_file_problems(root, real_root, entry, None, "", hashes, report):
+            report.problems.append(Problem(f"compacted {table} (a copy of {len(entry.get('models', {}))} models' files): {why}",
+                                           zeropass_command("compact", "--db", db)))
 
     if manifest.get("compacted"):
         from schemas.layout import compacted_models
@@ -191,6 +179,20 @@ def _q(path) -> str:
 def _reindex_command(slug: str, entry: dict, db: str) -> str:
     args = entry.get("rebuild") or ["index", entry.get("source") or "MODEL", "--name", slug]
     return zeropass_command(*args, "--db", db, "--replace")
+
+
+def _listed_file_problems(root: Path, real_root: Path, entry: dict, expected_rows: int | None, says: str,
+                          hashes: bool, report) -> Iterator[str]:
+    """Why each file of a manifest entry (a vocabulary, an alignment, a compacted table) is
+    unusable, counting the files in ``report``; a row count other than ``expected_rows`` reads
+    "REL has N rows, {says} M"."""
+    for rel in entry.get("files", []):
+        report.files += 1
+        rows, why = _check_file(root, real_root, rel, entry.get("file_info", {}).get(rel), hashes)
+        if not why and expected_rows is not None and rows != expected_rows:
+            why = f"{rel} has {rows} rows, {says} {expected_rows}"
+        if why:
+            yield why
 
 
 def _check_file(root: Path, real_root: Path, rel: str, info: dict | None, hashes: bool) -> tuple[int | None, str | None]:
