@@ -176,11 +176,15 @@ sys.path.insert(0, {root!r})
 import indexer.compact as c
 import indexer.dataset as d  # the compacted files are written by d.sorted_copy through d.write_file_atomic
 real = d.write_file_atomic
+written = 0
 def slow(root, rel, write):
     def w(tmp):
+        global written
         write(tmp)
+        written += 1
         print("wrote", rel, flush=True)
-        time.sleep({pause})
+        if written == {after}:
+            time.sleep(60)  # the test kills us here, before this file's rename
     return real(root, rel, w)
 d.write_file_atomic = slow
 c.compact({db!r})
@@ -194,7 +198,7 @@ def test_sigkill_during_compaction_leaves_the_dataset_as_it_was(synthetic_db, tm
     db = _copy(synthetic_db, tmp_path)
     manifest, catalog = (db / "manifest.json").read_bytes(), (db / "catalog.duckdb").read_bytes()
     helpers = _helpers(db)
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED.format(root=str(ROOT), db=str(db), pause=30)],
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED.format(root=str(ROOT), db=str(db), after=after)],
                             stdout=subprocess.PIPE, text=True)
     for _ in range(after):
         assert proc.stdout.readline().startswith("wrote")
