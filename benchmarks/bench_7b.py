@@ -115,25 +115,39 @@ def child(args) -> None:
             t = time.perf_counter()
             out = fn(self, l, lw)
             per_layer.setdefault(l, {})[what] = time.perf_counter() - t
+            # The peak so far after each half: shows which half of which layer set it.
+            per_layer[l][what.replace("_s", "_peak_gb")] = round((_hwm() or 0) / 1e9, 3)
             return out
         return run
 
     Writer.vectors, Writer._heads = timed(vectors, "vectors_s"), timed(heads, "circuits_s")
     events: list[tuple[str, float]] = []
+    peaks: list[tuple[str, float, int | None]] = []
     t0 = time.perf_counter()
+
+    def progress(m: str) -> None:
+        events.append((m, time.perf_counter() - t0))
+        peaks.append((m, events[-1][1], _hwm()))
+        print(m, file=sys.stderr, flush=True)
+
     build.index_model(args.child, args.db, name="m", k=args.k, n_pairs=args.pairs, device=args.device,
-                      layers=args.only_layers, progress=lambda m: (events.append((m, time.perf_counter() - t0)),
-                                                                   print(m, file=sys.stderr, flush=True)))
+                      layers=args.only_layers, progress=progress)
     wall = time.perf_counter() - t0
     load = next((t for m, t in events if m.startswith("loaded ")), None)
+    load_peak = next((p for m, _, p in peaks if m.startswith("loaded ")), None)
     sort = next((float(m.rsplit(" in ", 1)[1].rstrip("s")) for m, _ in events if "vectors_by_token" in m), None)
-    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
-    hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    hwm = _hwm()
     print(json.dumps({
         "peak_rss_bytes": hwm, "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "wall_s": wall, "load_s": load, "by_token_sort_s": sort, "per_layer": per_layer,
+        "wall_s": wall, "load_s": load, "peak_after_load_bytes": load_peak, "by_token_sort_s": sort, "per_layer": per_layer,
         "threads": torch.get_num_threads(), "device": args.device,
     }))
+
+
+def _hwm() -> int | None:
+    """This process's peak resident set so far (VmHWM), in bytes; None off Linux."""
+    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
 
 
 def run_index(path: Path, db: Path, *, k: int, pairs: int, device: str, only_layers: str | None = None) -> dict:
@@ -166,6 +180,8 @@ def summarise(shape: str, n_layers: int, rep: dict) -> dict:
         "by_token_sort_s": rep["by_token_sort_s"],
         "projected_full_model_s": round((rep["load_s"] or 0) + full * mean_layer + sort_full),
         "device": rep["device"], "threads": rep["threads"],
+        "peak_after_load_gb": round((rep.get("peak_after_load_bytes") or 0) / 1e9, 3),
+        "peak_by_layer_gb": {l: [v.get("vectors_peak_gb"), v.get("circuits_peak_gb")] for l, v in layers.items()},
     }
 
 

@@ -507,27 +507,28 @@ class _ModelWriter:
 
         dims = self.model.dims
         dev = self.device
-        k_fac: dict[int, torch.Tensor] = {}
-        v_fac: dict[int, torch.Tensor] = {}
         pair_parts, role_parts, head_rows = [], [], []
+        # Only the current kv head's factors are held (heads of a kv group are consecutive): keeping
+        # every kv head's E_K and E_V held 2 GB at Llama-2-7B and Llama-3-8B shapes (issue 12).
+        factors_of, E_K, E_V = None, None, None
         for h in range(dims.n_heads):
             kv = dims.kv_head(h)
-            if kv not in k_fac:
-                k_fac[kv] = self._factor("E", lw.W_K[kv])
-                v_fac[kv] = self._factor("E", lw.W_V[kv])
+            if kv != factors_of:
+                E_K = E_V = None  # freed before the next group's are built
+                E_K, E_V, factors_of = self._factor("E", lw.W_K[kv]), self._factor("E", lw.W_V[kv]), kv
             A_qk = self._factor("E", lw.W_Q[h])
             B_ov = self._factor("U", lw.W_O[h].T)  # (W_O W_U)^T = W_U^T W_O^T: [d_vocab, d_head]
             results = {}
             if self.n_pairs > 0:
-                results["qk"] = top_pairs(A_qk, k_fac[kv], self.n_pairs, self.k, square=True, device=dev)
-                results["ov"] = top_pairs(v_fac[kv], B_ov, self.n_pairs, self.k, square=True, device=dev)
+                results["qk"] = top_pairs(A_qk, E_K, self.n_pairs, self.k, square=True, device=dev)
+                results["ov"] = top_pairs(E_V, B_ov, self.n_pairs, self.k, square=True, device=dev)
             for circuit, res in results.items():
                 pair_parts.append(self._pair_table(l, h, circuit, res))
                 role_parts.append(self._role_table(l, h, circuit, res))
             metrics = head_metrics(
                 self.model.embeddings.W_E, self.model.embeddings.W_U, lw.W_Q[h], lw.W_K[kv], lw.W_V[kv], lw.W_O[h],
                 results.get("ov"), results.get("qk"),
-                factors={"E_Q": A_qk, "E_K": k_fac[kv], "E_V": v_fac[kv], "OU": B_ov},
+                factors={"E_Q": A_qk, "E_K": E_K, "E_V": E_V, "OU": B_ov},
             )
             head_rows.append(dict(metrics, model=self.build.slug, layer=l, head=h, kv_head=kv, unit=head_unit(l, h)))
         empty = lambda t: pa.Table.from_pylist([], schema=TABLES[t].schema)  # noqa: E731

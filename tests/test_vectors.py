@@ -40,6 +40,20 @@ def test_projector_reuses_its_buffer(monkeypatch):
     assert p._buf.data_ptr() == first
 
 
+def test_a_transposed_basis_is_used_in_place_with_the_same_lists(monkeypatch):
+    """W_E.T and the LM head's W_U are views of [V, d_model] matrices: the projector must not copy
+    them (a second basis is 2 GB at V 128256) and must give the lists of a contiguous basis."""
+    monkeypatch.setattr(vectors, "_BLOCK_BYTES", 4 * 304 * 8)
+    g = torch.Generator().manual_seed(1)
+    E = torch.randn(300, 16, generator=g)  # [V, d_model], as an embedding is stored
+    X = torch.randn(50, 16, generator=g)
+    view = Projector(E.T, 7)
+    assert view.basis.data_ptr() == E.data_ptr()
+    a, b = view(X), Projector(E.T.contiguous(), 7)(X)
+    for field in ("top_idx", "top_val", "bot_idx", "bot_val"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
 def _stable(scores, k, largest):
     val, idx = torch.sort(scores, dim=1, descending=largest, stable=True)
     return val[:, :k], idx[:, :k]

@@ -239,7 +239,8 @@ def unembedding(reader: Reader, W_E, head: str, config, tied_default: bool):
     on W_E is the only meaningful reading)."""
     name = reader.names.head(head)
     tied = name is None or bool(getattr(config, "tie_word_embeddings", tied_default))
-    return (W_E.T if tied else reader.read(name).T.contiguous()), tied
+    # A transposed view, not a copy: the projectors read it as it is (kernels/vectors.py).
+    return (W_E.T if tied else reader.read(name).T), tied
 
 
 def finish(reader: Reader, dims: Dims, embeddings: Embeddings, layer, rules: list[Rule],

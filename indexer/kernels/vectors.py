@@ -54,7 +54,11 @@ class Projector:
     """
 
     def __init__(self, basis: Tensor, k: int, device: str = "cpu"):
-        self.basis = basis.to(device=device, dtype=torch.float32).contiguous()  # [d_model, d_vocab]
+        basis = basis.to(device=device, dtype=torch.float32)  # [d_model, d_vocab]
+        # A transposed view of a contiguous [d_vocab, d_model] matrix (W_E.T, the LM head's W_U)
+        # is used as it is: the GEMM reads either layout at the same speed, and a contiguous copy
+        # would hold a second V x d_model basis (2 GB at V 128256) while the original lives.
+        self.basis = basis if basis.is_contiguous() or basis.T.is_contiguous() else basis.contiguous()
         self.d_vocab = self.basis.shape[1]
         self.k = min(k, self.d_vocab)
         self.device = device
