@@ -746,6 +746,7 @@ def sorted_copy(root: Path, relpath: str, select_sql: str, order_by: str, spill:
         try:
             con.execute(f"SET memory_limit = '{_BY_TOKEN_MEMORY}'")
             con.execute(f"SET temp_directory = {q(spill)}")
+            con.execute("SET enable_progress_bar = false")  # DuckDB draws it on a terminal's stdout
             ((rows,),) = con.execute(
                 f"""COPY ({select_sql} ORDER BY {order_by})
                     TO {q(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {_ROW_LAYOUT["vectors"][1]})""").fetchall()

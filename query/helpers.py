@@ -242,7 +242,11 @@ def models(ds) -> pa.Table:
 
 
 def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[str], limit: int | None) -> Query:
-    """The SQL of :func:`heads` for the tokens matched per model."""
+    """The SQL of :func:`heads` for the tokens matched per model.
+
+    The heads are ranked on numbers alone and cut to ``limit`` first; evidence strings are
+    built for the heads kept only (at 200 models a token has ~17,000 evidence rows, and
+    formatting and grouping their strings cost more than finding them, docs/QUERY.md)."""
     params: dict = {"circuits": circuits, "sides": sides}
     parts = []
     # One scan per group of models with the same matches, over their files only.
@@ -250,29 +254,39 @@ def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[
         ids = f"ids{i}"
         params[ids] = match.ids
         parts.append(f"""
-            SELECT p.model, p.layer, p.head, p.rank, p.score,
-                   p.circuit || ' ' || p.side || ' pair #' || p.rank || ' ' || to_json(p.src) || ' -> '
-                     || to_json(p.dst) || ' (' || printf('%.4g', p.score) || ')' AS evidence
-            FROM {ds.source("pairs", models)} p
-            WHERE ({_in_ids("p.src_id", ids)} OR {_in_ids("p.dst_id", ids)})
+            SELECT p.model, p.layer, p.head, p.rank, p.score, p.circuit, p.side, NULL::VARCHAR AS role,
+                   p.src AS a, p.dst AS b
+            FROM {ds.source("pairs_by_token", models)} p
+            WHERE {_in_ids("p.token_id", ids)}
+              AND (p.endpoint = 'src' OR NOT {_in_ids("p.src_id", ids)})  -- a pair matching at both ends counts once
               AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
             UNION ALL
-            SELECT h.model, h.layer, h.head, h.rank, h.score,
-                   h.circuit || ' ' || h.role || ' ' || h.side || ' #' || h.rank || ' ' || to_json(h.token)
-                     || ' (' || printf('%.4g', h.score) || ')' AS evidence
+            SELECT h.model, h.layer, h.head, h.rank, h.score, h.circuit, h.side, h.role, h.token AS a, NULL AS b
             FROM {ds.source("head_tokens", models)} h
             WHERE {_in_ids("h.token_id", ids)}
               AND list_contains($circuits, h.circuit) AND list_contains($sides, h.side)""")
     evidence = " UNION ALL ".join(parts)
     limit_clause = _limit_clause(limit, params)
+    order = "relevance DESC, best_rank, model, layer, head"
     return Query(
-        f"""WITH ev AS ({evidence})
-        SELECT model, {head_unit_sql("ev")} AS unit, layer, head,
-               sum(1.0 / rank ORDER BY rank) AS relevance, min(rank) AS best_rank, count(*) AS hits,
+        f"""WITH ev AS MATERIALIZED ({evidence}),
+        best AS (
+            SELECT model, layer, head, sum(1.0 / rank ORDER BY rank) AS relevance, min(rank) AS best_rank,
+                   count(*) AS hits
+            FROM ev GROUP BY model, layer, head
+            ORDER BY {order} {limit_clause}),
+        told AS (
+            SELECT b.*, ev.rank, ev.score,
+                   CASE WHEN ev.role IS NULL
+                        THEN ev.circuit || ' ' || ev.side || ' pair #' || ev.rank || ' ' || to_json(ev.a) || ' -> '
+                             || to_json(ev.b) || ' (' || printf('%.4g', ev.score) || ')'
+                        ELSE ev.circuit || ' ' || ev.role || ' ' || ev.side || ' #' || ev.rank || ' ' || to_json(ev.a)
+                             || ' (' || printf('%.4g', ev.score) || ')' END AS evidence
+            FROM best b JOIN ev ON ev.model = b.model AND ev.layer = b.layer AND ev.head = b.head)
+        SELECT model, {head_unit_sql("told")} AS unit, layer, head, relevance, best_rank, hits,
                list(evidence ORDER BY rank, abs(score) DESC, evidence) AS evidence
-        FROM ev GROUP BY model, layer, head
-        ORDER BY relevance DESC, best_rank, model, layer, head
-        {limit_clause}""", params)
+        FROM told GROUP BY model, layer, head, relevance, best_rank, hits
+        ORDER BY {order}""", params)
 
 
 def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str = "top", limit: int | None = 20,
@@ -296,7 +310,10 @@ def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str =
 
 def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[str], max_rank: int | None,
                   limit: int | None) -> Query:
-    """The SQL of :func:`neurons` for the tokens matched per model."""
+    """The SQL of :func:`neurons` for the tokens matched per model.
+
+    As in :func:`heads_query`, the vectors are ranked on numbers and cut to ``limit`` before
+    their unit names and evidence strings are built."""
     params: dict = {"kinds": kinds, "sides": sides}
     rank_clause = _rank_clause("v.rank", max_rank, params)
     parts = []
@@ -305,23 +322,31 @@ def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[s
         ids, texts = f"ids{i}", f"texts{i}"
         params.update({ids: match.ids, texts: match.texts})
         parts.append(f"""
-            SELECT v.model, {vector_unit_sql("v")} AS unit, v.layer, v.kind, v.side, v.head, v.idx, v.rank, v.score,
+            SELECT v.model, v.layer, v.kind, v.side, v.head, v.expert, v.idx, v.rank, v.score,
                    list_extract(${texts}::VARCHAR[], list_position(${ids}::INTEGER[], v.token_id)) AS token
             FROM {ds.source("vectors_by_token", models)} v
             WHERE {_in_ids("v.token_id", ids)}
               AND list_contains($kinds, v.kind) AND list_contains($sides, v.side) {rank_clause}""")
     matched_rows = " UNION ALL ".join(parts)
     limit_clause = _limit_clause(limit, params)
+    # One vector is (model, layer, kind, side, head, expert, idx); layer, head and expert may be null.
+    key = ("model", "layer", "kind", "side", "head", "expert", "idx")
+    same = " AND ".join(f"v.{c} IS NOT DISTINCT FROM b.{c}" for c in key)
+    order = ("rank, CASE WHEN side = 'top' THEN -score ELSE score END, model, layer, kind, head, idx, "
+             "expert NULLS FIRST, side")
     return Query(
-        f"""WITH v AS ({matched_rows}),
-        hits AS (
-            SELECT v.model, v.unit, v.layer, v.kind, v.side, min(v.rank) AS rank, arg_min(v.score, v.rank) AS score,
-                   count(*) AS hits, any_value(v.head) AS head, any_value(v.idx) AS idx,
-                   list(to_json(v.token) || ' #' || v.rank || ' (' || printf('%.4g', v.score) || ')' ORDER BY v.rank) AS evidence
-            FROM v GROUP BY v.model, v.unit, v.layer, v.kind, v.side)
-        SELECT model, unit, layer, kind, side, rank, score, hits, evidence FROM hits
-        ORDER BY rank, CASE WHEN side = 'top' THEN -score ELSE score END, model, layer, kind, head, idx
-        {limit_clause}""", params)
+        f"""WITH v AS MATERIALIZED ({matched_rows}),
+        best AS (
+            SELECT * FROM (SELECT {", ".join(key)}, min(rank) AS rank, arg_min(score, rank) AS score, count(*) AS hits
+                           FROM v GROUP BY {", ".join(key)})
+            ORDER BY {order} {limit_clause}),
+        told AS (
+            SELECT b.*, list(to_json(v.token) || ' #' || v.rank || ' (' || printf('%.4g', v.score) || ')'
+                             ORDER BY v.rank) AS evidence
+            FROM best b JOIN v ON {same}
+            GROUP BY ALL)
+        SELECT model, {vector_unit_sql("told")} AS unit, layer, kind, side, rank, score, hits, evidence FROM told
+        ORDER BY {order}""", params)
 
 
 def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: int | None = None, side: str = "top",

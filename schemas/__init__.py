@@ -35,6 +35,9 @@ class Table:
     # Directory levels under DIR/<table>/ (Hive style, e.g. model=gpt2/layer=3); values are
     # also stored inside the files, so a Parquet file read alone is self-describing.
     partition_by: tuple[str, ...]
+    # A table computed from another table's files (``schemas.layout.view_sql``) rather than
+    # written per model; `zeropass compact` stores it (sorted) for the compacted models.
+    derived_from: str | None = None
 
     @property
     def schema(self) -> pa.Schema:
@@ -61,8 +64,8 @@ _RANK = _c("rank", pa.int32(), "1-based rank within (unit, side): 1 is the most 
 TABLES: dict[str, Table] = {}
 
 
-def _table(name: str, doc: str, partition_by: tuple[str, ...], *columns: Column) -> Table:
-    t = Table(name, doc, tuple(columns), partition_by)
+def _table(name: str, doc: str, partition_by: tuple[str, ...], *columns: Column, derived_from: str | None = None) -> Table:
+    t = Table(name, doc, tuple(columns), partition_by, derived_from)
     TABLES[name] = t
     return t
 
@@ -158,6 +161,20 @@ PAIRS = _table(
     _c("score", pa.float64(), "Entry of the circuit matrix, computed in float64."),
 )
 
+PAIRS_BY_TOKEN = _table(
+    "pairs_by_token",
+    "The rows of `pairs` again, each twice: once under its source token and once under its destination token "
+    "(`endpoint`), for token search across many models. Not written per model: for a model's own files it is "
+    "computed from `pairs` when read; `zeropass compact` stores it sorted by token_id, so a token's pairs sit in "
+    "a few row groups of one file instead of a scan of every model's pairs.",
+    ("model", "layer"),
+    _MODEL,
+    _c("token_id", pa.int32(), "The token: `src_id` for endpoint `src`, `dst_id` for endpoint `dst`."),
+    _c("endpoint", pa.string(), "`src` or `dst`: which end of the pair the token is."),
+    *PAIRS.columns[1:],
+    derived_from="pairs",
+)
+
 HEAD_TOKENS = _table(
     "head_tokens",
     "Per head and circuit, the tokens with the most extreme row maximum (roles query / source) and "
@@ -238,7 +255,8 @@ def render() -> str:
     """A stable text rendering of every table, for the golden test and the docs."""
     lines = [f"schema_version {SCHEMA_VERSION}", ""]
     for t in TABLES.values():
-        lines.append(f"## {t.name}  (partitioned by {', '.join(t.partition_by)})")
+        where = f"derived from {t.derived_from}" if t.derived_from else f"partitioned by {', '.join(t.partition_by)}"
+        lines.append(f"## {t.name}  ({where})")
         lines.append(t.doc)
         lines.append("")
         lines.append("| column | type | null | description |")

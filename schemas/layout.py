@@ -229,6 +229,7 @@ COMPACTED_ORDER = {
     "vectors": "model, layer, kind, head NULLS FIRST, token_id",
     "vectors_by_token": "token_id, model, layer NULLS FIRST, kind, head NULLS FIRST, idx, side, rank",
     "pairs": "model, layer, head, circuit, side, rank",
+    "pairs_by_token": "token_id, model, layer, head, circuit, side, rank, endpoint",
     "head_tokens": "token_id, model, layer, head, circuit, role, side, rank",
     "heads": "model, layer, head",
     "models": "model",
@@ -255,14 +256,15 @@ def compacted_models(manifest: dict, table: str) -> list[str]:
 
 def table_sources(manifest: dict, table: str, models: list[str] | None = None, use_compacted: bool = True) -> Sources:
     """The files a view of ``table`` (restricted to ``models``) reads (see ``Sources``)."""
+    stored = TABLES[table].derived_from or table  # a derived table reads its source's per-model files
     if table not in COMPACTED_ORDER:
-        return Sources([], [], table_files(manifest, table, models))
+        return Sources([], [], table_files(manifest, stored, models))
     covered = set(compacted_models(manifest, table)) if use_compacted else set()
     entry = manifest.get("compacted", {}).get(table) or {}
     take = sorted(s for s in covered if models is None or s in models)
     compacted = list(entry.get("files", [])) if take else []
     rest = [s for s in (manifest.get("models", {}) if models is None else models) if s not in covered]
-    return Sources(compacted, take, table_files(manifest, table, rest))
+    return Sources(compacted, take, table_files(manifest, stored, rest))
 
 
 def sources_sql(table: Table, src: Sources, root: Path | None = None, union_by_name: bool = True,
@@ -274,7 +276,7 @@ def sources_sql(table: Table, src: Sources, root: Path | None = None, union_by_n
     where = "model IN (" + ", ".join("'" + m.replace("'", "''") + "'" for m in src.compacted_models) + ")"
     if layers is not None:
         where += " AND layer IN (" + ", ".join(str(int(x)) for x in layers) + ")"
-    part = f"{view_sql(table, src.compacted, root, union_by_name)} WHERE {where}"
+    part = f"{_stored_sql(table, src.compacted, root, union_by_name)} WHERE {where}"  # compacted files hold the table itself
     return part if not src.files else f"{part} UNION ALL {view_sql(table, src.files, root, union_by_name)}"
 
 
@@ -290,11 +292,28 @@ def duckdb_path(path: str) -> str:
 
 
 def view_sql(table: Table, files: list[str], root: Path | None = None, union_by_name: bool = True) -> str:
-    """``SELECT`` over the given Parquet files, columns in schema order.
+    """``SELECT`` over the given per-model Parquet files of ``table``, columns in schema order.
 
     ``root`` makes paths absolute (for the Python query layer); without it they stay relative
     to DIR (for catalog.duckdb, which the plain `duckdb` CLI opens from inside DIR).
+
+    A derived table (``Table.derived_from``) is computed from its source table's files.
     """
+    if table.derived_from is not None and files:
+        return _derived_sql(table, view_sql(TABLES[table.derived_from], files, root, union_by_name))
+    return _stored_sql(table, files, root, union_by_name)
+
+
+def _derived_sql(table: Table, source: str) -> str:
+    """``table``'s rows from a ``SELECT`` of its source table (only ``pairs_by_token`` so far):
+    each pair under its src token, then under its dst token, in one scan (two zipped unnests)."""
+    assert table.name == "pairs_by_token", table.name
+    made = {"token_id": "unnest([src_id, dst_id]) AS token_id", "endpoint": "unnest(['src', 'dst']) AS endpoint"}
+    return f"SELECT {', '.join(made.get(c, c) for c in table.column_names)} FROM ({source})"
+
+
+def _stored_sql(table: Table, files: list[str], root: Path | None = None, union_by_name: bool = True) -> str:
+    """``SELECT`` over Parquet files that hold ``table``'s own columns."""
     if not files:
         return empty_select_sql(table)
     paths = [duckdb_path(str(Path(root) / f) if root is not None else f) for f in files]

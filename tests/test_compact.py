@@ -90,7 +90,7 @@ def test_answers_equal_after_compaction(synthetic_db, tmp_path):
     tables, sources, helpers = _tables(db), _sources(db), _helpers(db)
     n_files = sum(1 for _ in db.rglob("*.parquet"))
     section = _compact(db)
-    assert set(section) == {"vectors", "vectors_by_token", "pairs", "head_tokens", "heads", "models", "parameters"}
+    assert set(section) == {"vectors", "vectors_by_token", "pairs", "pairs_by_token", "head_tokens", "heads", "models", "parameters"}
     from query import Dataset
 
     with Dataset(db) as ds:  # the views read the compacted files now, not the per-model ones
@@ -220,7 +220,7 @@ def test_compact_one_model_and_cli(synthetic_db, tmp_path):
     db = _copy(synthetic_db, tmp_path)
     cli = [sys.executable, "-m", "query.cli"]
     r = subprocess.run(cli + ["compact", "--db", str(db)], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and "compacted 7 tables" in r.stderr, r.stderr
+    assert r.returncode == 0 and "compacted 8 tables" in r.stderr, r.stderr
     r = subprocess.run(cli + ["compact", "--db", str(tmp_path / "nothing")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.startswith("Error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     one = tmp_path / "one"
@@ -268,3 +268,22 @@ def test_hostile_slug_in_a_compacted_manifest(synthetic_db, tmp_path):
     with Dataset(db) as ds:
         assert ds.sql("SELECT DISTINCT model FROM pairs ORDER BY 1").column(0).to_pylist() == ["alpha", "gamma"]
         assert ds.sql(f"SELECT count(*) FROM {ds.source('pairs', [evil])}").column(0)[0].as_py() == 0
+
+
+def test_pairs_by_token_holds_each_pair_under_both_tokens(synthetic_db, tmp_path):
+    """`pairs_by_token` is computed from the per-model pairs files, and stored by `zeropass compact`:
+    both give each pair twice, once under src_id and once under dst_id."""
+    from query import Dataset
+
+    db = _copy(synthetic_db, tmp_path)
+    key = "model, layer, head, circuit, side, rank, src_id, dst_id, score"
+    expected = f"""SELECT {key}, src_id AS token_id, 'src' AS endpoint FROM pairs
+                   UNION ALL SELECT {key}, dst_id, 'dst' FROM pairs ORDER BY ALL"""
+    for compacted in (False, True):
+        if compacted:
+            _compact(db)
+        with Dataset(db) as ds:
+            want = ds.sql(expected)
+            got = ds.sql(f"SELECT {key}, token_id, endpoint FROM pairs_by_token ORDER BY ALL")
+            assert want.num_rows == 2 * ds.sql("SELECT count(*) FROM pairs").column(0)[0].as_py() > 0
+            assert got.to_pylist() == want.to_pylist(), compacted
