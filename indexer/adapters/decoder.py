@@ -9,7 +9,7 @@ Q/K are canonicalised *before* rotary, which depends on position only.
 
 A layout says where the norms sit: before a sublayer (``ln_attn`` / ``ln_mlp``), after it on
 what it writes (``ln_attn_out`` / ``ln_mlp_out``: Gemma 2/3, OLMo-2), on the query / key states
-(``q_norm`` / ``k_norm``); whether gains are stored as ``w`` or as ``w - 1`` (Gemma: the module
+(``qk_names``, with the gain stored as ``qk_gain`` says); whether gains are stored as ``w`` or as ``w - 1`` (Gemma: the module
 multiplies by ``1 + w``; canonical gains are always the multiplier); whether Q/K/V or gate/up
 are fused and how (``[Q | K | V]``; per head ``[n_heads, 3, d_head]`` as BLOOM; per kv group
 ``[n_kv, group + 2, d_head]`` as Falcon's new architecture); where the layers, embeddings and
