@@ -41,11 +41,13 @@ class Dims:
     gated: bool  # SwiGLU-style MLP with W_gate
     norm_position: NormPosition  # "pre" (GPT-2, Llama, NeoX) or "post" (BERT, MPNet)
     parallel_attn_mlp: bool = False  # GPT-NeoX: attention and MLP both read the same x
-    # RMSNorm of the query / key states after projection (LayerWeights.q_norm_w): over each
-    # head's d_head ("head": Qwen3, Gemma 3) or over all heads at once ("full": OLMo-2).
+    # A norm of the query / key states after projection (LayerWeights.q_norm_w): over each
+    # head's d_head ("head": Qwen3, Gemma 3, and the LayerNorms of Phi / StableLM qk_layernorm
+    # and Cohere use_qk_norm) or over all heads at once ("full": OLMo-2).
     qk_norm: Optional[QKNorm] = None
-    # A norm without a bias is an RMSNorm, except in families whose LayerNorms have no bias
-    # (Cohere): they still subtract the mean. Folding only needs the gain either way.
+    # A norm without a bias is an RMSNorm, except in families whose norms are all LayerNorms,
+    # some without a bias (Cohere; StableLM's q/k norms; Phi): they still subtract the mean.
+    # Folding only needs the gain (and bias) either way: the centring is left out like the scaling.
     centred_norms: bool = False
     # Mixture of experts (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE): routed experts per layer, each an
     # MLP of width d_ff; d_ff_shared is the width of LayerWeights.W_in in those layers (the
@@ -178,9 +180,12 @@ class LayerWeights:
     ln_attn_out_b: Optional[Tensor] = None
     ln_mlp_out_w: Optional[Tensor] = None  # [d_model]
     ln_mlp_out_b: Optional[Tensor] = None
-    # Gains of the query / key norms (Dims.qk_norm says over what the RMS is taken).
+    # Gains of the query / key norms (Dims.qk_norm says over what they normalise) and, for a
+    # LayerNorm with one (Phi), their biases, one row per head.
     q_norm_w: Optional[Tensor] = None  # [n_heads, d_head]
     k_norm_w: Optional[Tensor] = None  # [n_kv_heads, d_head]
+    q_norm_b: Optional[Tensor] = None  # [n_heads, d_head]
+    k_norm_b: Optional[Tensor] = None  # [n_kv_heads, d_head]
     act: str = "gelu"  # name of the MLP activation, as the HF config spells it
     # Mixture of experts (Dims.n_experts > 0): logits = x @ W_router (x the MLP's normed input),
     # the top experts' MLPs are summed; W_in / W_out above are then the shared expert (width
@@ -198,7 +203,7 @@ class LayerWeights:
             "b_Q": (h, e), "b_K": (kv, e), "b_V": (kv, e), "b_O": (d,), "b_in": (f,), "b_gate": (f,),
             "b_out": (d,), "ln_attn_w": (d,), "ln_attn_b": (d,), "ln_mlp_w": (d,), "ln_mlp_b": (d,),
             "ln_attn_out_w": (d,), "ln_attn_out_b": (d,), "ln_mlp_out_w": (d,), "ln_mlp_out_b": (d,),
-            "q_norm_w": (h, e), "k_norm_w": (kv, e), "W_router": (d, dims.n_experts), "W_shared_gate": (d, 1),
+            "q_norm_w": (h, e), "k_norm_w": (kv, e), "q_norm_b": (h, e), "k_norm_b": (kv, e), "W_router": (d, dims.n_experts), "W_shared_gate": (d, 1),
         }, dims, f"layer {layer}", names and (lambda role: names(role, layer)))
         if dims.n_experts and (self.experts is None or self.W_router is None or len(self.experts) != dims.n_experts):
             raise _bad(f"layer {layer} has {0 if self.experts is None else len(self.experts)} experts and "

@@ -16,11 +16,16 @@ or writes (RMSNorm/LayerNorm normalisation itself is a per-position scalar and i
 * post-norms on a sublayer's output (Gemma 2/3, OLMo-2: ``ln_attn_out`` / ``ln_mlp_out``) scale
   what it writes, so their gains multiply the columns of W_O / W_out and the output biases,
   exactly like the post-LN case.
-* query/key norms (Qwen3, Gemma 3, OLMo-2): their gains multiply the columns of W_Q / W_K (and
-  b_Q / b_K), so a stored q/k vector is the direction the head compares after the norm.
+* query/key norms (Qwen3, Gemma 3, OLMo-2; the LayerNorms of Phi / StableLM ``qk_layernorm`` and
+  Cohere ``use_qk_norm``): their gains multiply the columns of W_Q / W_K (and b_Q / b_K), so a
+  stored q/k vector is the direction the head compares after the norm. A q/k LayerNorm's bias
+  (Phi) comes after the gain, so it is added to b_Q / b_K after them, as a post-norm's bias is
+  added to b_O; its mean-centring over d_head is normalisation, left out like the residual
+  LayerNorms' (``Dims.centred_norms``).
 * Gemma's norms multiply by ``1 + w``; the adapter already stores that multiplier as the gain.
-* in every case the normalisation itself (division by the RMS or standard deviation, a scalar
-  per position and, for q/k norms, per head) is not a parameter and is left out.
+* in every case the normalisation itself (a LayerNorm's mean-centring and the division by the RMS
+  or standard deviation, per position and, for q/k norms, per head) is not a parameter and is
+  left out.
 * mixture of experts: every routed expert, the router and the shared expert's gate read the
   MLP's normed input, so the pre-MLP gain multiplies the rows of each expert's W_in / W_gate,
   of W_router and of W_shared_gate; a post-norm on the MLP output multiplies each expert's W_out
@@ -89,12 +94,13 @@ def fold_layer(lw: LayerWeights, dims) -> LayerWeights:
         b_V_per_head = out.b_V.repeat_interleave(group, dim=0)  # [n_heads, d_head]
         v_bias = (b_V_per_head[:, None, :] @ out.W_O).sum(dim=0)[0]  # [d_model]
         out.b_O = _add(out.b_O, v_bias)
+    # A q/k norm's bias, like a post-norm's, is added after the gain.
     if lw.q_norm_w is not None:
         out.W_Q = out.W_Q * lw.q_norm_w[:, None, :]
-        out.b_Q = out.b_Q * lw.q_norm_w if out.b_Q is not None else None
+        out.b_Q = _add(out.b_Q * lw.q_norm_w if out.b_Q is not None else None, lw.q_norm_b)
     if lw.k_norm_w is not None:
         out.W_K = out.W_K * lw.k_norm_w[:, None, :]
-        out.b_K = out.b_K * lw.k_norm_w if out.b_K is not None else None
+        out.b_K = _add(out.b_K * lw.k_norm_w if out.b_K is not None else None, lw.k_norm_b)
     # A post-norm's bias is added after the gain: it is a constant write of its own.
     if lw.ln_attn_out_w is not None:
         out.W_O = out.W_O * lw.ln_attn_out_w
@@ -115,7 +121,8 @@ def fold_layer(lw: LayerWeights, dims) -> LayerWeights:
 
 
 def _add(a, b):
-    return b if a is None else a + b
+    """a + b, where either may be None (absent)."""
+    return b if a is None else a if b is None else a + b
 
 
 __all__ = ["VARIANTS", "fold", "fold_layer", "Embeddings"]

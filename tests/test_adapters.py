@@ -41,6 +41,7 @@ CASES = [
     pytest.param("gemma3_text", id="gemma3-post-and-qk-norms"),
     pytest.param("gemma3", id="gemma3-multimodal-text-tower"),
     pytest.param("phi", id="phi-parallel-lm-head-bias"),
+    pytest.param("phi-qk", id="phi-qk-layernorm-shared-gain-and-bias"),
     pytest.param("opt", id="opt-positions-offset"),
     pytest.param("opt-350m", id="opt-350m-post-ln-projections"),
     pytest.param("gptj", id="gptj-parallel"),
@@ -50,8 +51,10 @@ CASES = [
     pytest.param("falcon", id="falcon-mqa-parallel-bias"),
     pytest.param("falcon-new", id="falcon-new-grouped"),
     pytest.param("stablelm", id="stablelm-layernorm-bias"),
+    pytest.param("stablelm-qk", id="stablelm-qk-layernorm-per-head-modules"),
     pytest.param("starcoder2", id="starcoder2-plain-mlp"),
     pytest.param("cohere", id="cohere-parallel-biasless-layernorm"),
+    pytest.param("cohere-qk", id="cohere-qk-norm-gain-per-head-and-dim"),
     pytest.param("granite", id="granite-assumed-llama-layout"),
     pytest.param("mixtral", id="mixtral-moe"),
     pytest.param("qwen2_moe", id="qwen2-moe-shared-expert-gate"),
@@ -61,7 +64,7 @@ CASES = [
 MOE_CASES = [c for c in CASES if c.values[0] in ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")]
 GQA_CASES = [c for c in CASES if c.values[0] in (
     "llama-gqa", "qwen2", "mistral", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text", "gemma3",
-    "gpt_bigcode", "falcon", "falcon-new", "stablelm", "starcoder2", "cohere", "granite",
+    "gpt_bigcode", "falcon", "falcon-new", "stablelm", "stablelm-qk", "starcoder2", "cohere", "cohere-qk", "granite",
     "mixtral", "qwen2_moe", "olmoe", "qwen3_moe")]
 
 _CACHE: dict = {}
@@ -398,18 +401,27 @@ def test_docs_and_readme_list_every_supported_family():
         assert f"{f.model_type} ({f.label})" in supported_list()
 
 
-@pytest.mark.parametrize("family,option", [pytest.param("stablelm", "qk_layernorm", id="stablelm-qk-layernorm"),
-                                           pytest.param("phi", "qk_layernorm", id="phi-qk-layernorm"),
-                                           pytest.param("cohere", "use_qk_norm", id="cohere-qk-norm")])
-def test_unsupported_options_of_a_supported_family_are_one_line(tmp_path, family, option):
-    """A per-head LayerNorm on q/k (mean-centred, unlike the RMS q/k norms we fold) is refused
-    by name rather than indexed with unknown tensors."""
-    from indexer.errors import UnsupportedArchitecture
-
-    path = save_tiny(family, tmp_path / family, **{option: True})
-    with pytest.raises(UnsupportedArchitecture, match=f"{option}") as e:
-        load_canonical(str(path))
-    assert "\n" not in str(e.value)
+@pytest.mark.parametrize("family,norm_tensors", [
+    pytest.param("phi-qk", {"q_layernorm.weight", "q_layernorm.bias", "k_layernorm.weight", "k_layernorm.bias"},
+                 id="phi-qk-layernorm"),
+    pytest.param("stablelm-qk", {f"{m}.norms.{h}.weight" for m, n in (("q_layernorm", 4), ("k_layernorm", 2))
+                                 for h in range(n)}, id="stablelm-qk-layernorm"),
+    pytest.param("cohere-qk", {"q_norm.weight", "k_norm.weight"}, id="cohere-use-qk-norm"),
+])
+def test_qk_layernorm_options_are_read(built, family, norm_tensors):
+    """The q/k LayerNorm options (once refused) are read: a LayerNorm over each head's d_head,
+    every gain (and Phi's bias) in the parameters table with its reason, no other slot filled."""
+    model, loaded, _, _ = built(family)
+    c = loaded.canonical
+    assert c.dims.qk_norm == "head" and c.dims.centred_norms
+    prefix = "model.layers.0.self_attn."
+    listed = {p.name[len(prefix):]: p for p in c.parameters if p.name.startswith(prefix) and "norm" in p.name}
+    assert set(listed) == norm_tensors
+    assert {p.role for p in listed.values()} == ({"qk_norm", "qk_norm_b"} if family == "phi-qk" else {"qk_norm"})
+    assert all(p.covered_by is None and "inside the head" in p.reason for p in listed.values())
+    lw = c.layer(0)
+    assert lw.q_norm_w.shape == (c.dims.n_heads, c.dims.d_head) and lw.k_norm_w.shape == (c.dims.n_kv_heads, c.dims.d_head)
+    assert (lw.q_norm_b is None) == (family != "phi-qk")
 
 
 @pytest.mark.parametrize("model_type,architectures", [

@@ -111,6 +111,7 @@ FAMILIES = [
     pytest.param("gemma3_text", id="gemma3_text"),
     pytest.param("gemma3", id="gemma3-multimodal-text-tower"),
     pytest.param("phi", id="phi"),
+    pytest.param("phi-qk", id="phi-qk-layernorm"),
     pytest.param("opt", id="opt"),
     pytest.param("opt-350m", id="opt-350m-post-ln-projections"),
     pytest.param("gptj", id="gptj"),
@@ -119,8 +120,10 @@ FAMILIES = [
     pytest.param("falcon-new", id="falcon-new"),
     pytest.param("falcon", id="falcon-mqa"),
     pytest.param("stablelm", id="stablelm"),
+    pytest.param("stablelm-qk", id="stablelm-qk-layernorm"),
     pytest.param("starcoder2", id="starcoder2"),
     pytest.param("cohere", id="cohere"),
+    pytest.param("cohere-qk", id="cohere-qk-norm"),
     pytest.param("granite", id="granite-assumed-llama-layout"),
     pytest.param("mixtral", id="mixtral-moe"),
     pytest.param("qwen2_moe", id="qwen2-moe-shared-expert"),
@@ -167,8 +170,10 @@ def check_vectors_by_token(db: Path, slug: str) -> None:
     assert con.sql(f"SELECT count(*) FROM v WHERE unit IS DISTINCT FROM {vector_unit_sql('v')}").fetchall() == [(0,)]
 
 
-def test_folded_variant_equals_dense_reference_on_folded_weights(tmp_path):
-    path = save_tiny("gpt2", tmp_path / "m")
+@pytest.mark.parametrize("family", [pytest.param("gpt2", id="gpt2"),
+                                    pytest.param("stablelm-qk", id="stablelm-per-head-qk-gains")])
+def test_folded_variant_equals_dense_reference_on_folded_weights(tmp_path, family):
+    path = save_tiny(family, tmp_path / "m")
     db = tmp_path / "db"
     index_model(str(path), db, name="g", k=K, n_pairs=N_PAIRS, variant="folded", progress=None)
     folded = fold(load_canonical(str(path)).canonical)

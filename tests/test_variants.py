@@ -3,8 +3,8 @@
 Each check runs the Hugging Face modules themselves (norms, q/k norms, post-norms; found through
 the accessor table of tests/tiny_models.py) and compares them with the gain-free normalisation
 followed by the folded weights. Where a norm comes *after* a projection (q/k norms, post-norms),
-the folded projection equals the module's output up to the normalising scalar of the raw
-projection, which is not a parameter.
+the folded projection equals the module's output up to the normalisation of the raw projection
+(its scalar and, for a LayerNorm on q/k, its mean), which is not a parameter.
 """
 import pytest
 import torch
@@ -16,7 +16,8 @@ from tests.tiny_models import _proj, eps_of, hf_access, save_tiny, tiny_model
 
 PRE_NORM = [pytest.param(f, id=f) for f in
             ("gpt2", "llama-gqa", "neox", "gemma", "gemma2", "qwen3", "phi3", "olmo2", "gemma3_text", "gemma3",
-             "phi", "opt", "gptj", "gpt_bigcode", "bloom", "falcon", "falcon-new", "stablelm", "starcoder2", "cohere")]
+             "phi", "phi-qk", "opt", "gptj", "gpt_bigcode", "bloom", "falcon", "falcon-new", "stablelm",
+             "stablelm-qk", "starcoder2", "cohere", "cohere-qk")]
 
 
 def _plain(x, w, b, eps, centred=False):
@@ -29,6 +30,16 @@ def _plain(x, w, b, eps, centred=False):
 
 def _inv_rms(t, axes, eps):
     return torch.rsqrt(t.pow(2).mean(axes, keepdim=True) + eps)
+
+
+def _qk_normalised(got, t, rl, name, dims, axes, eps):
+    """The folded q/k projection ``got`` (gain g and bias beta folded: g * t + beta) with the
+    normalisation of the raw projection ``t`` put back: a LayerNorm's (Phi, StableLM, Cohere)
+    centring g * mean(t) and its scalar, an RMSNorm's scalar; neither is a parameter."""
+    g, beta = getattr(rl, f"{name}_norm_w"), getattr(rl, f"{name}_norm_b")
+    mean = t.mean(axes, keepdim=True) if beta is not None or dims.centred_norms else 0
+    beta = 0 if beta is None else beta[None, :, None, :]
+    return (got - beta - g[None, :, None, :] * mean) * _inv_rms(t - mean, axes, eps) + beta
 
 
 def _close(got, want):
@@ -57,7 +68,7 @@ def test_folded_weights_reproduce_the_norm_modules(tmp_path, family):
                     (fl.W_Q, fl.W_K, fl.W_V), (fl.b_Q, fl.b_K, fl.b_V))):
                 got = _proj(x_fold, fW, fb)
                 if i < 2 and dims.qk_norm:
-                    got = got * _inv_rms(_proj(x_hf, W, b), qk_axes, eps)
+                    got = _qk_normalised(got, _proj(x_hf, W, b), rl, "qk"[i], dims, qk_axes, eps)
                 _close(got, want)
             # write side of attention: a post-norm's gain in the columns of W_O
             z = torch.randn(2, 5, dims.n_heads * dims.d_head, generator=g)

@@ -68,6 +68,8 @@ _FAMILIES = {
                            num_attention_heads=2, image_size=28, patch_size=14),
         mm_tokens_per_image=4, image_token_index=61, boi_token_index=62, eoi_token_index=63), "gemma3"),
     "phi": ("PhiForCausalLM", "PhiConfig", _LLAMA, "phi"),
+    # q/k LayerNorm over d_head: one gain and bias shared by every head
+    "phi-qk": ("PhiForCausalLM", "PhiConfig", dict(_LLAMA, qk_layernorm=True), "phi"),
     "opt": ("OPTForCausalLM", "OPTConfig", dict(
         hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_hidden_layers=N_LAYERS, ffn_dim=D_FF,
         max_position_embeddings=N_CTX, word_embed_proj_dim=D_MODEL), "opt"),
@@ -90,10 +92,16 @@ _FAMILIES = {
         new_decoder_architecture=True, num_kv_heads=2), "falcon"),
     "stablelm": ("StableLmForCausalLM", "StableLmConfig", dict(
         _LLAMA, num_key_value_heads=2, use_qkv_bias=True), "llama"),
+    # q/k LayerNorm over d_head: one bias-free LayerNorm per head (q_layernorm.norms.{h})
+    "stablelm-qk": ("StableLmForCausalLM", "StableLmConfig", dict(
+        _LLAMA, num_key_value_heads=2, use_qkv_bias=True, qk_layernorm=True), "llama"),
     # no registry row: read with the layout its tensor names match (Llama)
     "granite": ("GraniteForCausalLM", "GraniteConfig", dict(
         _LLAMA, num_key_value_heads=2, embedding_multiplier=12.0, logits_scaling=4.0), "llama"),
     "cohere": ("CohereForCausalLM", "CohereConfig", dict(_LLAMA, num_key_value_heads=2, logit_scale=0.5), "cohere"),
+    # q/k LayerNorm over d_head, bias-free, a gain per head and dimension ([n_heads, d_head])
+    "cohere-qk": ("CohereForCausalLM", "CohereConfig", dict(
+        _LLAMA, num_key_value_heads=2, logit_scale=0.5, use_qk_norm=True), "cohere"),
     "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", dict(_LLAMA, num_key_value_heads=2), "llama"),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(_MOE, num_local_experts=N_EXPERTS), "moe"),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
@@ -120,7 +128,8 @@ def tiny_model(family: str, *, seed: int = 0, randomize: bool = True, **override
     """(eval-mode HF model, tokenizer) for ``family`` (one of ``FAMILIES``), seeded.
 
     With ``randomize`` every parameter is redrawn: matrices ~ N(0, 0.3), biases ~ N(0, 0.3),
-    norm gains ~ 1 + N(0, 0.2), so biases and gains are not the trivial 0 / 1 of HF's init.
+    norm gains ~ 1 + N(0, 0.2) (Cohere's q/k norm gains are [n_heads, d_head]), so biases and
+    gains are not the trivial 0 / 1 of HF's init.
     """
     import torch
     import transformers
@@ -136,8 +145,8 @@ def tiny_model(family: str, *, seed: int = 0, randomize: bool = True, **override
         with torch.no_grad():
             for name, p in model.named_parameters():  # tied parameters appear once
                 noise = torch.randn(p.shape, generator=g)
-                if p.ndim == 1 and ("norm" in name.lower() or "ln_" in name) and name.endswith(
-                        ("weight", "gamma")):
+                if (p.ndim == 1 or name.endswith(("q_norm.weight", "k_norm.weight"))) and (
+                        "norm" in name.lower() or "ln_" in name) and name.endswith(("weight", "gamma")):
                     p.copy_(1 + 0.2 * noise)
                 else:
                     p.copy_(0.3 * noise)
@@ -196,13 +205,17 @@ def _decoder_qkv(layer, x, dims):
         q, k, v = a.qkv_proj(x).split((h * e, kv * e, kv * e), dim=-1)
     else:
         q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
-    if hasattr(a, "q_norm") and a.q_norm.weight.shape[0] == h * e:  # OLMo-2: over all heads
+    if hasattr(a, "q_norm") and a.q_norm.weight.shape == (h * e,):  # OLMo-2: over all heads
         q, k = a.q_norm(q), a.k_norm(k)
     b, s = x.shape[:2]
     q, k, v = q.view(b, s, h, e), k.view(b, s, kv, e), v.view(b, s, kv, e)
-    if hasattr(a, "q_norm") and a.q_norm.weight.shape[0] == e:  # Qwen3, Gemma 3: per head
+    # per head, on [B, S, heads, d_head]: Qwen3, Gemma 3 (gain [d_head]), Cohere ([heads, d_head])
+    if hasattr(a, "q_norm") and a.q_norm.weight.shape[-1] == e:
         q, k = a.q_norm(q), a.k_norm(k)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if getattr(a, "qk_layernorm", False):  # Phi, StableLM: on [B, heads, S, d_head] (StableLM splits dim 1)
+        q, k = a.q_layernorm(q), a.k_layernorm(k)
+    return q, k, v
 
 
 def _gptj_qkv(layer, x, dims):
@@ -399,10 +412,13 @@ def c_qkv(lw, dims, x, eps=1e-6):
 
     q, k, v = _proj(x, lw.W_Q, lw.b_Q), _proj(x, lw.W_K, lw.b_K), _proj(x, lw.W_V, lw.b_V)
     for name, t in (("q", q), ("k", k)):
-        w = getattr(lw, f"{name}_norm_w")
+        w, b = getattr(lw, f"{name}_norm_w"), getattr(lw, f"{name}_norm_b")
         if w is not None:
             axes = (-1,) if dims.qk_norm == "head" else (1, 3)
+            if b is not None or dims.centred_norms:  # a LayerNorm: RMS of the centred states
+                t = t - t.mean(axes, keepdim=True)
             t = t * torch.rsqrt(t.pow(2).mean(axes, keepdim=True) + eps) * w[None, :, None, :]
+            t = t if b is None else t + b[None, :, None, :]
             q, k = (t, k) if name == "q" else (q, t)
     return q, k, v
 

@@ -9,7 +9,7 @@ Q/K are canonicalised *before* rotary, which depends on position only.
 
 A layout says where the norms sit: before a sublayer (``ln_attn`` / ``ln_mlp``), after it on
 what it writes (``ln_attn_out`` / ``ln_mlp_out``: Gemma 2/3, OLMo-2), on the query / key states
-(``q_norm`` / ``k_norm``); whether gains are stored as ``w`` or as ``w - 1`` (Gemma: the module
+(``qk_names``, with the gain stored as ``qk_gain`` says); whether gains are stored as ``w`` or as ``w - 1`` (Gemma: the module
 multiplies by ``1 + w``; canonical gains are always the multiplier); whether Q/K/V or gate/up
 are fused and how (``[Q | K | V]``; per head ``[n_heads, 3, d_head]`` as BLOOM; per kv group
 ``[n_kv, group + 2, d_head]`` as Falcon's new architecture); where the layers, embeddings and
@@ -32,6 +32,8 @@ from .base import (
 
 QK_NORM = ("a gain on the query/key states inside the head (after the projection), folded into "
            "W_Q/W_K columns in the `folded` variant")
+QK_NORM_BIAS = ("a bias on the query/key states inside the head (added after the q/k norm's gain), not a "
+                "residual direction; added to b_Q/b_K in the `folded` variant")
 
 
 ROUTER_BIAS = "a per-expert offset of the routing logits (a scalar per expert), not a direction"
@@ -79,6 +81,11 @@ class Layout:
     ln_attn_out: Optional[str] = None  # norm on the attention output, before the residual add
     ln_mlp_out: Optional[str] = None  # norm on the MLP output
     qk_norm: Optional[str] = None  # "head" (over d_head) or "full" (over all heads)
+    qk_names: tuple = ("q_norm", "k_norm")  # the q / k norm modules, after ``attn``
+    # How a q/k norm's gain (and bias) is stored: "shared", one [d_head] for every head (Qwen3,
+    # Gemma 3, Phi); "columns", one per q/k column, [heads * d_head] (OLMo-2) or [heads, d_head]
+    # (Cohere); "modules", one norm module per head, ``norms.{h}`` (StableLM).
+    qk_gain: str = "shared"
     gain_offset: float = 0.0  # Gemma stores w and multiplies by (1 + w)
     parallel: bool = False  # attention and MLP read the same x (through ln_attn when ln_mlp is None)
     norm_position: str = "pre"
@@ -89,8 +96,7 @@ class Layout:
     recorded: tuple = ()  # config fields that change the computation but are not parameters
     extra_rules: tuple = ()  # coverage of tensors outside the names above (buffers, ...)
     configure: Optional[Callable] = None  # config -> {field: value} for config-dependent layouts
-    refused: tuple = ()  # (config flag, why): options of the family this adapter does not read
-    centred_norms: bool = False  # Cohere: LayerNorms without a bias (Dims.centred_norms)
+    centred_norms: bool = False  # every norm is a LayerNorm, some without a bias (Dims.centred_norms)
     # OPT-350m embeds in a narrower space: project_in maps it to d_model, project_out back.
     project_in: Optional[str] = None
     project_out: Optional[str] = None
@@ -98,7 +104,14 @@ class Layout:
     moe: Optional[Moe] = None  # a mixture-of-experts MLP (its expert / router names)
 
 
-_QK_LAYERNORM = ("qk_layernorm", "its per-head LayerNorm on q/k is not read yet (only RMS q/k norms are)")
+def _qk_layernorm(c) -> dict:
+    """Phi, StableLM: ``qk_layernorm`` adds a LayerNorm over each head's d_head on q and k."""
+    return dict(qk_norm="head") if getattr(c, "qk_layernorm", False) else {}
+
+
+def _stablelm(c) -> dict:
+    parallel = dict(parallel=True, ln_mlp=None) if getattr(c, "use_parallel_residual", False) else {}
+    return dict(parallel, **_qk_layernorm(c))
 
 
 def _falcon(c) -> dict:
@@ -154,12 +167,14 @@ LAYOUTS = {
                           "residual stream or vocabulary; not projected"),),
     ),
     "olmo2": Layout(ln_attn=None, ln_mlp=None, ln_attn_out="post_attention_layernorm",
-                    ln_mlp_out="post_feedforward_layernorm", qk_norm="full"),
+                    ln_mlp_out="post_feedforward_layernorm", qk_norm="full", qk_gain="columns"),
     "phi3": Layout(fused_qkv="qkv_proj", fused_gate_up="gate_up_proj", mlp=(None, None, "down_proj")),
-    "phi": Layout(o="dense", mlp=(None, "fc1", "fc2"), ln_mlp=None, parallel=True,
-                  final="final_layernorm", refused=(_QK_LAYERNORM,)),
-    "stablelm": Layout(configure=lambda c: dict(parallel=True, ln_mlp=None)
-                       if getattr(c, "use_parallel_residual", False) else {}, refused=(_QK_LAYERNORM,)),
+    # Phi's q/k LayerNorm: one nn.LayerNorm(d_head) shared by every head, with a bias.
+    "phi": Layout(o="dense", mlp=(None, "fc1", "fc2"), ln_mlp=None, parallel=True, final="final_layernorm",
+                  qk_names=("q_layernorm", "k_layernorm"), centred_norms=True, configure=_qk_layernorm),
+    # StableLM's: one bias-free nn.LayerNorm(d_head) per head (StableLmLayerNormPerHead).
+    "stablelm": Layout(qk_names=("q_layernorm", "k_layernorm"), qk_gain="modules", centred_norms=True,
+                       configure=_stablelm),
     "starcoder2": Layout(mlp=(None, "c_fc", "c_proj"), tied_default=True),
     "neox": Layout(embed="embed_in", lm_head="embed_out", final="final_layer_norm", attn="attention.",
                    fused_qkv="query_key_value", fused_order="per_head", o="dense",
@@ -182,10 +197,11 @@ LAYOUTS = {
     "falcon": Layout(**_BLOOM_FALCON, ln_mlp=None, tied_default=True, configure=_falcon),
     "mixtral": Layout(mlp_prefix="block_sparse_moe.", moe=Moe(mlp=("w1", "w3", "w2"))),
     "qwen2_moe": Layout(moe=Moe(shared="shared_expert", shared_gate="shared_expert_gate")),
-    "olmoe": Layout(qk_norm="full", moe=Moe()),
+    "olmoe": Layout(qk_norm="full", qk_gain="columns", moe=Moe()),
     "qwen3_moe": Layout(qk_norm="head", moe=Moe()),
+    # Cohere's use_qk_norm: a bias-free LayerNorm over each head's d_head, gain [n_heads, d_head].
     "cohere": Layout(ln_mlp=None, parallel=True, tied_default=True, centred_norms=True, recorded=("logit_scale",),
-                     refused=(("use_qk_norm", "its mean-centred per-head q/k LayerNorm is not read yet"),)),
+                     qk_gain="columns", configure=lambda c: dict(qk_norm="head") if getattr(c, "use_qk_norm", False) else {}),
 }
 
 
@@ -254,7 +270,9 @@ def rules(layout: Layout) -> list[Rule]:
             Rule(a + f"({layout.q}|{layout.k}|{layout.v})" + r"\.bias", "b_QKV", None, HEAD_BIAS),
         ]
     if layout.qk_norm:
-        out.append(Rule(a + r"[qk]_norm\.weight", "qk_norm", None, QK_NORM))
+        qk = a + "(" + "|".join(layout.qk_names) + ")" + (r"\.norms\.\d+" if layout.qk_gain == "modules" else "")
+        out += [Rule(qk + r"\.weight", "qk_norm", None, QK_NORM),
+                Rule(qk + r"\.bias", "qk_norm_b", None, QK_NORM_BIAS)]
     if m is None:
         pass
     elif layout.fused_gate_up:
@@ -286,14 +304,13 @@ def split_fused_qkv(w, order: str, n_heads: int, n_kv: int, d_head: int):
 
 
 def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
-    from ..errors import BadCheckpoint, UnsupportedArchitecture
+    import torch
+
+    from ..errors import BadCheckpoint
 
     layout = LAYOUTS[family]
     if layout.text_config:
         config = config.get_text_config()
-    for flag, why in layout.refused:
-        if getattr(config, flag, False):
-            raise UnsupportedArchitecture(f"{family} with {flag} = true is not supported: {why}")
     if layout.configure is not None:
         layout = dataclasses.replace(layout, **layout.configure(config))
     r = Reader(source, Names(source.keys(), [layout.embed + ".weight"], family), dtype)
@@ -332,6 +349,19 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
         if name is None:
             return None, None
         return gain(r.need(name + ".weight")), r.opt(name + ".bias")
+
+    def qk_norm(name, n):
+        """(gain, bias or None) of a q/k norm, each [n, d_head]: one row per head."""
+        if layout.qk_gain == "modules":  # one norm module per head, in head order
+            w = torch.stack([gain(r.need(f"{name}.norms.{h}.weight")) for h in range(n)])
+            b = None if r.opt(f"{name}.norms.0.bias") is None else torch.stack(
+                [r.need(f"{name}.norms.{h}.bias") for h in range(n)])
+            return w, b
+        w, b = norm(name)
+        if layout.qk_gain == "shared":  # one [d_head] gain (and bias) for every head
+            return w.expand(n, d_head).contiguous(), None if b is None else b.expand(n, d_head).contiguous()
+        rows = lambda t: None if t is None else t.reshape(n, d_head)  # noqa: E731
+        return rows(w), rows(b)  # one per column of q_proj / k_proj
 
     final_w, final_b = norm(layout.final)
     embed_w, embed_b = norm(layout.ln_embed)
@@ -390,13 +420,10 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
         ln_mlp_w, ln_mlp_b = norm(p + mlp_norm if mlp_norm else None)
         ln_attn_out_w, ln_attn_out_b = norm(p + layout.ln_attn_out if layout.ln_attn_out else None)
         ln_mlp_out_w, ln_mlp_out_b = norm(p + layout.ln_mlp_out if layout.ln_mlp_out else None)
-        q_norm = k_norm = None
-        if layout.qk_norm == "head":  # one [d_head] gain shared by every head
-            q_norm = gain(r.need(a + "q_norm.weight")).expand(n_heads, d_head).contiguous()
-            k_norm = gain(r.need(a + "k_norm.weight")).expand(n_kv, d_head).contiguous()
-        elif layout.qk_norm == "full":  # one gain per column of q_proj / k_proj
-            q_norm = heads(gain(r.need(a + "q_norm.weight")), n_heads)
-            k_norm = heads(gain(r.need(a + "k_norm.weight")), n_kv)
+        q_norm = k_norm = q_norm_b = k_norm_b = None
+        if layout.qk_norm:
+            q_norm, q_norm_b = qk_norm(a + layout.qk_names[0], n_heads)
+            k_norm, k_norm_b = qk_norm(a + layout.qk_names[1], n_kv)
         return LayerWeights(
             W_Q=linear_in(w_q, n_heads, d_head), W_K=linear_in(w_k, n_kv, d_head),
             W_V=linear_in(w_v, n_kv, d_head),
@@ -411,7 +438,7 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
             ln_attn_w=ln_attn_w, ln_attn_b=ln_attn_b, ln_mlp_w=ln_mlp_w, ln_mlp_b=ln_mlp_b,
             ln_attn_out_w=ln_attn_out_w, ln_attn_out_b=ln_attn_out_b,
             ln_mlp_out_w=ln_mlp_out_w, ln_mlp_out_b=ln_mlp_out_b,
-            q_norm_w=q_norm, k_norm_w=k_norm, act=act,
+            q_norm_w=q_norm, k_norm_w=k_norm, q_norm_b=q_norm_b, k_norm_b=k_norm_b, act=act,
             W_router=W_router, experts=experts, W_shared_gate=W_shared_gate,
         )
 
