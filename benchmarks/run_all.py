@@ -288,14 +288,17 @@ def render(vec, pairs, paper, index, query_text, align_text, cmds, many=None) ->
         from benchmarks.bench_many import render as render_many
 
         lines += [
-            "## 7. Many models in one dataset (copies of a tiny 2-layer GPT-2)",
+            "## 7. Many models in one dataset (copies of a tiny 2-layer GPT-2 with the real GPT-2 vocabulary)",
             "",
             f"`{_rel(cmds['many'])}`",
             "",
+            "The copied model: d_model 32, 4 heads, 2 layers, random weights, the real 50,257-token GPT-2 "
+            "vocabulary (so a token is in about as few top-50 lists as in a real model). "
             "N-1 copies committed through the real writer, then model N indexed for real (its wall time: "
-            "\"index the last model\"). Warm: median of 5 calls on one open `Dataset`; cold: first call in a new "
-            "process, median of 3. Plain: the dataset as committed (per-model, per-layer files); compacted: after "
-            "`zeropass compact`. Ratio: compacted warm median over the 1-model dataset's.",
+            "\"index the last model\"). Warm: median of 7 calls on one open `Dataset`, wall time and the "
+            "process's CPU time; cold: first call in a new process, median of 3. Plain: the dataset as committed "
+            "(per-model, per-layer files); compacted: after `zeropass compact`. Ratio: compacted warm median over "
+            "the 1-model dataset's.",
             "",
             render_many(many["results"]),
             "",
