@@ -368,9 +368,10 @@ class Dataset:
 
     # -- views ------------------------------------------------------------------------------------
 
-    def _files(self, table: str, models, layers) -> layout.Sources:
+    def _files(self, table: str, models, layers, compacted: bool = True) -> layout.Sources:
         """What a view of ``table`` restricted to ``models`` and ``layers`` reads (manifest-driven)."""
-        src = layout.table_sources(self.manifest, table, models, use_compacted=table not in self._no_compacted)
+        src = layout.table_sources(self.manifest, table, models,
+                                   use_compacted=compacted and table not in self._no_compacted)
         if layers is not None and "layer" in TABLES[table].partition_by:
             wanted = {f"layer={int(layer)}" for layer in layers}
             src = src._replace(files=[f for f in src.files if wanted & set(f.split("/"))])
@@ -381,10 +382,10 @@ class Dataset:
         self._no_compacted.clear()
         for name in TABLES:
             self._create_view(name, name, None, None)
-        for (table, models, layers), name in self._sources.items():
-            self._create_view(name, table, models and list(models), layers)
+        for (table, models, layers, compacted), name in self._sources.items():
+            self._create_view(name, table, models and list(models), layers, compacted)
 
-    def _create_view(self, name: str, table: str, models, layers) -> None:
+    def _create_view(self, name: str, table: str, models, layers, compacted: bool = True) -> None:
         """A view of ``table`` (``models``, ``layers``) that opens no file but those it binds columns from.
 
         Compacted rows come first. A compacted file that is missing or cannot be bound is not
@@ -394,7 +395,7 @@ class Dataset:
         skipped as the binding file, and stays listed, so a query that reaches it fails naming
         it while the view itself still exists.
         """
-        src = self._files(table, models, layers)
+        src = self._files(table, models, layers, compacted)
         head = None
         if src.compacted:
             head = layout.sources_sql(TABLES[table], src._replace(files=[], compacted=[self._path(f) for f in src.compacted]),
@@ -408,7 +409,7 @@ class Dataset:
                 for f in src.compacted:
                     self._unreadable.setdefault(f, _first_line(e))
                 self._no_compacted.add(table)
-                return self._create_view(name, table, models, layers)
+                return self._create_view(name, table, models, layers, compacted)
         files = src.files
         missing = [f for f in files if not self._exists(f)]
         order = [f for f in files if f not in missing]
@@ -440,21 +441,27 @@ class Dataset:
         except duckdb.Error as e:  # a file deleted since it bound above (a re-index publishing now)
             raise self._translate(e, self._listed_file_in(str(e))) from None
 
-    def source(self, table: str, models: list[str] | None = None, layers: list[int] | None = None) -> str:
+    def source(self, table: str, models: list[str] | None = None, layers: list[int] | None = None,
+               compacted: bool = True) -> str:
         """Name of a view of ``table`` restricted to the files of ``models`` (and ``layers``).
 
         The same rows as the view with those filters, but DuckDB opens only the files that can
         hold them (binding a scan over every file of a big dataset costs tens of milliseconds),
         and a damaged file of another model is never touched. Paths come from the manifest,
         never from the user; the view follows the manifest when a model is re-indexed.
+
+        ``compacted=False``: the models' own files even where a compacted copy holds them (the
+        same rows). For scans of one model by many tokens: its own ``vectors_by_token`` file is
+        sorted by token within the model, the compacted one by token across all models, where
+        150 tokens touch most row groups of the file.
         """
         layer_key = tuple(sorted({int(x) for x in layers})) if layers is not None and "layer" in TABLES[table].partition_by else None
-        key = (table, tuple(models) if models is not None else None, layer_key)
+        key = (table, tuple(models) if models is not None else None, layer_key, bool(compacted))
         with self._lock:
             name = self._sources.get(key)
             if name is None:
                 name = f"_zeropass.src{len(self._sources)}_{table}"
-                self._create_view(name, table, list(models) if models is not None else None, layer_key)
+                self._create_view(name, table, list(models) if models is not None else None, layer_key, bool(compacted))
                 self._sources[key] = name
         return name
 

@@ -607,6 +607,9 @@ def similar_query(ds, model: str, vocab_id: str, u: Unit, k: float, signature: l
                   total: float, exclude: str | None, limit: int | None) -> Query:
     """Units of ``model`` scored against ``signature`` (rows of :func:`signature_query`).
 
+    One model, many tokens: read from the model's own files, also when it is compacted (see
+    ``Dataset.source``'s ``compacted``).
+
     ``ids``: the token ids of ``model``'s vocabulary with a norm of the signature (only their rows can
     overlap); ``total``: both units' total weight (see :func:`similar`); ``exclude``: a unit to leave out.
     """
@@ -615,10 +618,11 @@ def similar_query(ds, model: str, vocab_id: str, u: Unit, k: float, signature: l
                     "sig_w": [r["w"] for r in signature]}
     if u.kind == "head":
         rows = f"""SELECT {head_unit_sql("h")} AS unit, h.layer, h.circuit || ':' || h.role AS channel, h.token_id, h.rank
-                   FROM {ds.source("head_tokens", [model])} h WHERE h.side = 'top' AND {_in_ids("h.token_id", "ids")}"""
+                   FROM {ds.source("head_tokens", [model], compacted=False)} h
+                   WHERE h.side = 'top' AND {_in_ids("h.token_id", "ids")}"""
     else:
         rows = f"""SELECT {vector_unit_sql("v")} AS unit, v.layer, v.kind AS channel, v.token_id, v.rank
-                   FROM {ds.source("vectors_by_token", [model])} v
+                   FROM {ds.source("vectors_by_token", [model], compacted=False)} v
                    WHERE v.side = 'top' AND list_contains($kinds, v.kind) AND {_in_ids("v.token_id", "ids")}"""
         params["kinds"] = _signature_kinds(u)
     exclude_clause = ""

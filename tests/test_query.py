@@ -718,3 +718,13 @@ def test_every_helper_call_passes_exactly_the_named_parameters(synthetic_db):
         with pytest.raises(UnknownToken):
             d.heads("parisx")
         assert len(seen) > 30
+
+
+@pytest.mark.parametrize("q", ["paris", "the", "city"])
+@pytest.mark.parametrize("limit", [1, 2, 5])
+def test_limited_heads_and_neurons_are_the_first_rows_of_all(ds, q, limit):
+    """Both helpers rank and cut before they build evidence: a limit must give the head of the
+    full answer, evidence included."""
+    for helper in (ds.heads, ds.neurons):
+        everything = helper(q, side="both", limit=None).to_pylist()
+        assert helper(q, side="both", limit=limit).to_pylist() == everything[:limit]
