@@ -22,12 +22,15 @@ from typing import Optional
 
 import torch
 
-from .canonical import Canonical, Embeddings, LayerWeights
+from .canonical import Canonical, Embeddings, ExpertFF, Experts, LayerWeights
 from .errors import IncompatibleModels
 
 # Fields of LayerWeights that are directions (or direction offsets) in residual space: subtracted.
+# Mixture of experts: the routers (W_router, W_shared_gate) are read-side directions too, and
+# each routed expert's ExpertFF is subtracted field by field (EXPERT_FIELDS), one expert at a time.
 DELTA_FIELDS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_gate",
-                "b_Q", "b_K", "b_V", "b_O", "b_in", "b_gate", "b_out")
+                "b_Q", "b_K", "b_V", "b_O", "b_in", "b_gate", "b_out", "W_router", "W_shared_gate")
+EXPERT_FIELDS = ("W_in", "W_out", "W_gate")
 
 
 def _sub(name: str, a: Optional[torch.Tensor], b: Optional[torch.Tensor], where: str) -> Optional[torch.Tensor]:
@@ -81,9 +84,26 @@ def diff_canonical(base: Canonical, tuned: Canonical) -> Canonical:
         fields = {f.name: getattr(lt, f.name) for f in dataclasses.fields(LayerWeights)}
         for name in DELTA_FIELDS:
             fields[name] = _sub(name, getattr(lb, name), getattr(lt, name), f"layer {l} ")
+        fields["experts"] = _sub_experts(lb.experts, lt.experts, l)
         return LayerWeights(**fields)
 
     return Canonical(dims=tuned.dims, embeddings=emb, layer_fn=layer, parameters=list(tuned.parameters))
+
+
+def _sub_experts(base: Optional[Experts], tuned: Optional[Experts], l: int) -> Optional[Experts]:
+    """The routed experts' deltas, lazily: expert e is read from both models and subtracted when asked for."""
+    if base is None and tuned is None:
+        return None
+    if base is None or tuned is None or len(base) != len(tuned):
+        n = lambda x: 0 if x is None else len(x)  # noqa: E731
+        raise IncompatibleModels(f"layer {l} has {n(base)} routed experts in base but {n(tuned)} in tuned; "
+                                 f"diff needs the same architecture")
+
+    def read(e: int) -> ExpertFF:
+        b, t = base[e], tuned[e]
+        return ExpertFF(**{f: _sub(f, getattr(b, f), getattr(t, f), f"layer {l} expert {e} ") for f in EXPERT_FIELDS})
+
+    return Experts(len(tuned), read)
 
 
 def diff_models(base_ref: str, tuned_ref: str, *, allow_pickle: bool = False, quiet: bool = False):

@@ -89,3 +89,29 @@ def test_different_vocabularies_are_refused():
     check_same_vocabulary(PieceTokenizer(["a", "b"]), PieceTokenizer(["a", "b"]))
     with pytest.raises(IncompatibleModels, match="different vocabularies"):
         check_same_vocabulary(PieceTokenizer(["a", "b"]), PieceTokenizer(["b", "a"]))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_delta_subtracts_every_expert_and_router(tmp_path, family):
+    """Routed experts and routers are directions like the dense MLP: the delta model's are
+    tuned - base (they had been the tuned model's own weights)."""
+    from indexer.load import load_canonical
+    from tests.tiny_models import save_tiny
+
+    base = load_canonical(str(save_tiny(family, tmp_path / "base", seed=0))).canonical
+    tuned = load_canonical(str(save_tiny(family, tmp_path / "tuned", seed=1))).canonical
+    delta = diff_canonical(base, tuned)
+    for l in range(delta.dims.n_layers):
+        lb, lt, ld = base.layer(l), tuned.layer(l), delta.layer(l)
+        assert len(ld.experts) == len(lt.experts) > 0
+        torch.testing.assert_close(ld.W_router, lt.W_router - lb.W_router, rtol=0, atol=0)
+        if lt.W_shared_gate is not None:
+            torch.testing.assert_close(ld.W_shared_gate, lt.W_shared_gate - lb.W_shared_gate, rtol=0, atol=0)
+        for e in range(len(lt.experts)):
+            for f in ("W_in", "W_out", "W_gate"):
+                want = getattr(lt.experts[e], f) - getattr(lb.experts[e], f)
+                got = getattr(ld.experts[e], f)
+                assert want.abs().max() > 0
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    same = diff_canonical(base, base).layer(0)
+    assert same.W_router.abs().max() == 0 and same.experts[0].W_out.abs().max() == 0
