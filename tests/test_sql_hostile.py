@@ -184,6 +184,35 @@ def test_a_listed_file_that_is_a_symlink_out_of_the_dataset_is_refused(copy_db, 
         Dataset(copy_db)
 
 
+def test_a_listed_directory_that_is_a_symlink_out_of_the_dataset_is_refused(copy_db, tmp_path):
+    """The link may be any directory on a listed file's way (the readers resolve each shared
+    directory once, query.dataset._real_paths): a model's partition directory moved out and linked."""
+    import shutil
+
+    listed = json.loads((copy_db / "manifest.json").read_text())["models"]["alpha"]["files"]["vectors"][0]
+    part = (copy_db / listed).parent
+    shutil.move(str(part), str(tmp_path / "moved"))
+    os.symlink(tmp_path / "moved", part)
+    with pytest.raises(NotADataset, match="outside the dataset"):
+        Dataset(copy_db)
+
+
+def test_real_paths_resolve_as_realpath(tmp_path):
+    from query.dataset import _real_paths
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "f").write_text("x")
+    (tmp_path / "a" / "l").symlink_to(tmp_path / "out")  # absolute link out
+    (tmp_path / "a" / "b" / "f").symlink_to("../l/f")  # relative link through a link
+    (tmp_path / "a" / "rel").symlink_to("b")  # relative link inside
+    (tmp_path / "a" / "loop").symlink_to("loop")
+    rels = ["a/b/f", "a/l/f", "a/rel/f", "a/missing/x", "a/l", "a/rel/g", "a/b/f", "a/loop/x"]
+    root = os.path.realpath(tmp_path)
+    for rel, real in _real_paths(root, rels):
+        assert real == os.path.realpath(tmp_path / rel), rel
+
+
 def _cli_runner(*argv):
     return CliRunner().invoke(cli, list(argv), catch_exceptions=False)
 
