@@ -43,23 +43,15 @@ HELPERS = {
 
 def checkpoint(out: Path, vocab: str) -> Path:
     """The model that is copied: a tiny 2-layer GPT-2 (d_model 32, 4 heads, random weights) with
-    the real GPT-2 vocabulary (``gpt2``) or the 64-word test vocabulary (``tiny``)."""
+    the real GPT-2 vocabulary (``gpt2``: ``benchmarks.shapes`` "gpt2-tiny", cached there) or the
+    64-word test vocabulary (``tiny``, saved under ``out``)."""
     if vocab == "tiny":
         from tests.tiny_models import save_tiny
 
         return save_tiny("gpt2", out / "tiny-gpt2")
-    path = out / "tiny-gpt2-vocab50257"
-    if not (path / "config.json").exists():
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from benchmarks.shapes import gpt2_shaped
 
-        from benchmarks.shapes import gpt2_tokenizer_dir
-
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_head=4, n_layer=2))
-        model.save_pretrained(path)
-        GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir()).save_pretrained(path)
-    return path
+    return gpt2_shaped("gpt2-tiny")
 
 
 def _copy_model(root: Path, src_slug: str, slug: str, manifest: dict) -> None:

@@ -15,6 +15,8 @@ CACHE = Path(os.environ.get("ZEROPASS_CACHE", Path.home() / ".cache" / "zeropass
 SHAPES = {
     "gpt2-small": dict(n_embd=768, n_head=12, n_layer=12),
     "gpt2-medium": dict(n_embd=1024, n_head=16, n_layer=24),
+    # benchmarks/bench_many.py: tiny dimensions, real vocabulary (copied hundreds of times)
+    "gpt2-tiny": dict(n_embd=32, n_head=4, n_layer=2, n_positions=64),
 }
 
 
@@ -38,7 +40,7 @@ def gpt2_shaped(shape: str = "gpt2-small", seed: int = 0) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=50257, n_positions=1024, **SHAPES[shape])
+    config = GPT2Config(**{"vocab_size": 50257, "n_positions": 1024, **SHAPES[shape]})
     model = GPT2LMHeadModel(config)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -150,14 +150,20 @@ def test_basis_falls_back_to_given_factors(sa, sb):
     assert_matches(res, A, B, 30, 10, True)
 
 
+def copying_like(d, shift, seed, V=3000):
+    """Factors of a copying-like square circuit: B close to A, and a shared first coordinate
+    shifted by ``shift`` (the embeddings' common direction of real heads)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(V, d, generator=g, dtype=torch.float64)
+    A[:, 0] += shift
+    return A, A + 0.3 * torch.randn(V, d, generator=g, dtype=torch.float64)
+
+
 def test_role_lists_stop_early():
     # Copying-like head with default blocks: a role list has more than one 256-row chunk of
     # candidates and the exact k-th maximum of the first chunk rules out the rest (the early
     # stop of _FullRows.role_list; line coverage checked).
-    g = torch.Generator().manual_seed(11)
-    A = torch.randn(3000, 64, generator=g, dtype=torch.float64)
-    A[:, 0] += 2.0
-    B = A + 0.3 * torch.randn(3000, 64, generator=g, dtype=torch.float64)
+    A, B = copying_like(64, shift=2.0, seed=11)
     res = top_pairs(A, B, 200, 50)
     assert res.stats["role_candidates"] > 256
     assert_matches(res, A, B, 200, 50, True)
@@ -193,10 +199,7 @@ def test_self_rows_with_small_cells_no_duplicate_entries():
     # Copying-like square matrix with fine cells: self-row blocks (needed rows × needed cells)
     # overlap the threshold blocks, so some entries are screened twice; the pools must keep one
     # copy of each entry (a duplicate would also make the running threshold invalid).
-    g = torch.Generator().manual_seed(7)
-    A = torch.randn(3000, 12, generator=g, dtype=torch.float64)
-    A[:, 0] += 3.0
-    B = A + 0.3 * torch.randn(3000, 12, generator=g, dtype=torch.float64)
+    A, B = copying_like(12, shift=3.0, seed=7)
     for n in (50, 400):
         res = top_pairs(A, B, n, 20, block_rows=64, block_cols=512, first_block_cols=16, cell_cols=16)
         assert_matches(res, A, B, n, 20, True)
