@@ -649,6 +649,7 @@ def test_damaged_and_missing_files_stay_with_their_model(copy_db):
         assert set(ds.show("beta", "L1.N2")) and ds.show("alpha", "L0.H0")["metrics"].num_rows > 0
         for query, file, model in [("SELECT count(*) FROM vectors", truncated, "alpha"),
                                    ("SELECT count(*) FROM pairs", missing, "beta"),
+                                   ("SELECT count(*) FROM pairs_by_token", missing, "beta"),  # derived from pairs
                                    ("SELECT * FROM heads", first, "gamma")]:
             with pytest.raises(DamagedFile) as e:
                 ds.sql(query)
@@ -657,6 +658,8 @@ def test_damaged_and_missing_files_stay_with_their_model(copy_db):
             assert f"zeropass check --db {copy_db}" in msg and f"--name {model} --replace" in msg, msg
         with pytest.raises(DamagedFile, match="alpha"):
             ds.show("alpha", "L1.N0")
+        with pytest.raises(DamagedFile, match="beta"):  # heads reads beta's pairs through pairs_by_token
+            ds.heads("paris", model="beta")
     r = _cli("sql", "SELECT count(*) FROM pairs", "--db", str(copy_db))
     assert r.returncode == 1
     _one_line(r.stderr, missing, "beta", "--replace")
