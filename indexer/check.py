@@ -20,7 +20,6 @@ manifest by :func:`recover`, which rebuilds it from the files' own contents.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import SCHEMA_VERSION, TABLES
+from schemas import TABLES
 from schemas.layout import (
     BUILDS,
     CATALOG,
@@ -37,15 +36,14 @@ from schemas.layout import (
     BadManifest,
     empty_manifest,
     read_manifest,
-    write_json_atomic,
 )
+from schemas.format import OtherVersion, check_version, file_digest, first_line, links_out, model_settings, write_json_atomic
 
 from .dataset import (
     ZEROPASS_VERSION,
     catalog_comment,
     dataset_lock,
     directory_state,
-    file_digest,
     leftovers,
     open_dataset,
     parquet_rows,
@@ -100,10 +98,10 @@ def check_dataset(root: str | Path, *, hashes: bool = True, db: str | None = Non
             report.problems.append(Problem(f"{root} has zeropass data but no {MANIFEST}", recover_cmd))
             return report
         raise DatasetError(f"{root} is not a zeropass dataset (no {MANIFEST}, no zeropass files): check the --db path")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        report.problems.append(Problem(
-            f"{MANIFEST} is of schema version {manifest.get('schema_version')}, this zeropass reads {SCHEMA_VERSION}",
-            zeropass_command("index", "MODEL", "--db", "NEWDIR") + " (once per model)"))
+    try:
+        check_version(manifest, root)
+    except OtherVersion as e:
+        report.problems.append(Problem(str(e), zeropass_command("index", "MODEL", "--db", "NEWDIR") + " (once per model)"))
         return report
 
     real_root = root.resolve()
@@ -199,8 +197,8 @@ def _check_file(root: Path, real_root: Path, rel: str, info: dict | None, hashes
     """(rows, None) for a good file, (rows or None, why) for a damaged one."""
     info = info or {}
     path = root / rel
-    if path.is_symlink() or not path.resolve().is_relative_to(real_root):
-        return None, f"{rel} is a link (the dataset holds its files itself)"
+    if links_out(real_root, [rel]):
+        return None, f"{rel} is a link out of the dataset (the dataset holds its files itself)"
     if not path.is_file():
         return None, f"{rel} is missing"
     size = path.stat().st_size
@@ -209,7 +207,7 @@ def _check_file(root: Path, real_root: Path, rel: str, info: dict | None, hashes
     try:
         rows = parquet_rows(path)
     except (OSError, pa.ArrowException) as e:
-        return None, f"{rel} is not a readable Parquet file ({str(e).strip().splitlines()[0]})"
+        return None, f"{rel} is not a readable Parquet file ({first_line(e)})"
     if "rows" in info and rows != info["rows"]:
         return rows, f"{rel} has {rows} rows, {info['rows']} were written"
     if hashes and "sha256" in info and file_digest(path)["sha256"] != info["sha256"]:
@@ -231,7 +229,7 @@ def _catalog_problem(root: Path, manifest: dict) -> str | None:
         finally:
             con.close()
     except duckdb.Error as e:
-        return f"{CATALOG} cannot be opened ({str(e).strip().splitlines()[0]})"
+        return f"{CATALOG} cannot be opened ({first_line(e)})"
     if set(views) != set(TABLES) or any(c != want for c in views.values()):
         return f"{CATALOG} does not match {MANIFEST} (stale: written before the last change, or by an older zeropass)"
     return None
@@ -350,7 +348,7 @@ def _recovered_entry(root: Path, slug: str, build_id: str, row: dict) -> dict:
             files.setdefault(table, []).append(rel)
             info[rel] = dict(file_digest(f), rows=rows)
             counts[table] = counts.get(table, 0) + (rows or 0)
-    settings = json.loads(row.get("settings") or "{}")
+    settings = model_settings(row)
     rebuild = ["index", str(row.get("source")), "--variant", str(row.get("variant") or "raw"), "--name", slug]
     if row.get("variant") == "diff":
         rebuild = ["diff", "BASE", "TUNED", "--name", slug]  # the two sources are in models.settings

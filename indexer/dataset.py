@@ -51,8 +51,8 @@ from schemas.layout import (
     read_manifest,
     sources_sql,
     table_sources,
-    write_json_atomic,
 )
+from schemas.format import OtherVersion, check_version, file_digest, first_line, temporary_name, write_atomic, write_json_atomic
 
 from .errors import DatasetError, NameTaken, NotADatasetDir
 
@@ -98,7 +98,7 @@ def _duckdb_error(root: Path, e: Exception) -> DatasetError:
     """DuckDB's own writes (catalog, sorted copy) fail with its exception types, not OSError."""
     if "No space left" in str(e):
         return _os_error(root, OSError(errno.ENOSPC, "No space left on device"))
-    return DatasetError(f"cannot write to {root}: {str(e).strip().splitlines()[0]}")
+    return DatasetError(f"cannot write to {root}: {first_line(e)}")
 
 
 # -- is this directory a dataset we may write? -----------------------------------------------
@@ -124,10 +124,10 @@ def open_dataset(root: Path) -> dict | None:
             raise NotADatasetDir(f"--db {root} is a non-empty directory that is not a zeropass dataset: "
                                  f"choose an empty or new directory")
         return None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise NotADatasetDir(
-            f"--db {root} holds tables of schema version {manifest.get('schema_version')} and this zeropass "
-            f"writes version {SCHEMA_VERSION}: index into a new directory (--db NEWDIR), once per model")
+    try:
+        check_version(manifest, f"--db {root}")
+    except OtherVersion as e:
+        raise NotADatasetDir(str(e)) from None
     return manifest
 
 
@@ -216,36 +216,23 @@ def writer_active(root: Path) -> bool:
 
 # -- files ---------------------------------------------------------------------------------
 
-def file_digest(path: Path) -> dict:
-    """``{"bytes", "sha256"}`` of a file (what the manifest records and `zeropass check` verifies)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
-
-
 def write_file_atomic(root: Path, relpath: str, write) -> dict:
     """``write(tmp_path)`` writes the file; it then appears at ``root/relpath`` complete or not at all.
 
-    Returns its ``file_digest`` (hashed from the page cache right after the write).
+    Returns its ``file_digest`` (hashed from the page cache right after the write). The
+    temporary name is ``<file>.tmp`` (the writer holds the lock; a resumed build sweeps them).
     """
     path = Path(root) / relpath
-    tmp = path.with_name(path.name + ".tmp")
+
+    def write_and_hash(tmp: Path) -> dict:
+        write(tmp)
+        return file_digest(tmp)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = file_digest(tmp)
-        os.replace(tmp, path)
-        return digest
+        return write_atomic(path, write_and_hash, tmp=path.with_name(path.name + ".tmp"))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _os_error(Path(root), e) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_parquet_atomic(root: Path, relpath: str, table: pa.Table, row_group_size: int = 256 * 1024) -> dict:
@@ -369,7 +356,7 @@ def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
     """
     import duckdb
 
-    tmp = root / f"{CATALOG}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = Path(temporary_name(str(root / CATALOG)))
     stand_in = Path(tempfile.mkdtemp(prefix="zeropass-catalog-"))
     try:
         if re.search(r"[,*?\[\]'#%]", str(stand_in)):
@@ -791,7 +778,7 @@ def vocabulary_damage(root: Path, vocab: dict) -> str | None:
         try:
             rows = parquet_rows(path)
         except (OSError, pa.ArrowException) as e:
-            return f"{rel} is not a readable Parquet file ({str(e).splitlines()[0]})"
+            return f"{rel} is not a readable Parquet file ({first_line(e)})"
         if vocab.get("d_vocab") is not None and len(vocab.get("files", [])) == 1 and rows != vocab["d_vocab"]:
             return f"{rel} has {rows} rows, not {vocab['d_vocab']}"
     return None

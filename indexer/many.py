@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from schemas.format import BadManifest, model_settings, read_manifest
+
 from .errors import MissingDependency, ZeropassError
 
 Progress = Callable[[str], None]
@@ -216,11 +218,7 @@ def _steps(s: dict, base: Path, where: str) -> list[tuple[int, str, Optional[str
 
 def _done(db: Path, job: Job) -> bool:
     """Whether DB holds ``job``'s model from the same source with the same settings."""
-    import json
-
     import pyarrow.parquet as pq
-
-    from schemas.layout import BadManifest, read_manifest
 
     from .build import parse_layers
 
@@ -233,7 +231,7 @@ def _done(db: Path, job: Job) -> bool:
         return False
     try:
         row = pq.read_table(db / entry["files"]["models"][0]).to_pylist()[0]
-        settings = json.loads(row["settings"])
+        settings = model_settings(row)
         layers = parse_layers(job.shard or job.layers, row["n_layers"])
     except Exception:  # anything unreadable: not done, the build decides
         return False

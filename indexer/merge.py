@@ -21,7 +21,6 @@ Rules (docs/DATASET.md "Merging and many models"):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -34,8 +33,10 @@ from typing import Callable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import SCHEMA_VERSION, TABLES
-from schemas.layout import BadManifest, manifest_files, partition_dir, read_manifest
+from schemas import TABLES
+from schemas.format import BadManifest, DigestMismatch, OtherVersion, check_version, copy_verified, first_line, \
+    model_settings, read_manifest
+from schemas.layout import manifest_files, partition_dir
 
 from .dataset import (
     ZEROPASS_VERSION,
@@ -86,7 +87,7 @@ class _Part:
     @property
     def settings(self) -> dict:
         try:
-            return json.loads(self.row.get("settings") or "{}")
+            return model_settings(self.row)
         except ValueError:
             return {}
 
@@ -133,9 +134,10 @@ def _read_source(src: Path) -> dict:
         raise MergeError(f"merge source {src}: {e}: repair it first with `zeropass check --db {src} --recover`") from None
     if manifest is None:
         raise MergeError(f"merge source {src} is not a zeropass dataset (it has no manifest.json)")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise MergeError(f"merge source {src} holds tables of schema version {manifest.get('schema_version')} and this "
-                         f"zeropass writes version {SCHEMA_VERSION}: rebuild it with this version first")
+    try:
+        check_version(manifest, f"merge source {src}")
+    except OtherVersion as e:
+        raise MergeError(str(e)) from None
     return manifest
 
 
@@ -147,7 +149,7 @@ def _model_row(root: Path, slug: str, entry: dict) -> dict:
     try:
         rows = pq.read_table(root / files[0]).to_pylist()
     except (OSError, pa.ArrowException) as e:
-        raise MergeError(f"model {slug!r} in {root}: {files[0]} is not readable ({str(e).splitlines()[0]}): "
+        raise MergeError(f"model {slug!r} in {root}: {files[0]} is not readable ({first_line(e)}): "
                          f"check it with `zeropass check --db {root}`") from None
     if len(rows) != 1:
         raise MergeError(f"model {slug!r} in {root}: {files[0]} has {len(rows)} rows, not 1")
@@ -368,18 +370,15 @@ class _Copier:
         src = part.root / rel
 
         def write(tmp: Path) -> None:
-            h = hashlib.sha256()
             try:
-                with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                    for block in iter(lambda: fin.read(1 << 20), b""):
-                        h.update(block)
-                        fout.write(block)
+                with open(tmp, "wb") as fout:
+                    copy_verified(src, fout, expected.get("sha256") or None)
             except FileNotFoundError:
                 raise MergeError(f"{src} is listed by its dataset's manifest but missing: "
                                  f"check the source with `zeropass check --db {part.root}`") from None
-            if expected.get("sha256") and h.hexdigest() != expected["sha256"]:
-                raise MergeError(f"{src} is damaged (its sha256 is not the one its manifest records): "
-                                 f"check the source with `zeropass check --db {part.root}`, rebuild what it names")
+            except DigestMismatch as e:
+                raise MergeError(f"{e}: check the source with `zeropass check --db {part.root}`, "
+                                 f"rebuild what it names") from None
 
         digest = write_file_atomic(self.into, dest, write)
         self.info = dict(digest, rows=expected.get("rows")) if "rows" in expected else dict(digest)
