@@ -47,7 +47,7 @@ from .dataset import (
     leftovers,
     open_dataset,
     parquet_rows,
-    publish,
+    commit,
     unfinished_builds,
     write_catalog,
     writer_active,
@@ -261,7 +261,7 @@ def repair(root: str | Path) -> None:
     """
     root = Path(root)
     open_dataset(root)  # a missing or malformed manifest: --recover, said in one line
-    publish(root, lambda manifest: [])
+    commit(root, lambda manifest: [])
 
 
 def recover(root: str | Path) -> dict:

@@ -7,7 +7,7 @@ Guarantees (DESIGN §5, docs/DATASET.md "Failure handling"):
   file that exists is complete; its size and sha256 are recorded (progress file, then manifest);
 * a build records its finished partitions, and each finished layer, in ``.builds/<slug>.json``;
   a killed build rerun with the same settings skips them and resumes where it stopped;
-* every change of what is published goes through one path, :func:`publish`: under the dataset
+* every change of the manifest goes through one path, :func:`commit`: under the dataset
   lock, write the new catalog to a temporary file, write the new manifest (the commit point),
   rename the catalog into place, then delete superseded files and leftovers. A failure before
   the manifest rename leaves manifest and catalog byte-identical. Readers therefore see, in
@@ -266,13 +266,13 @@ def conform(table_name: str, data: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=declared.metadata))
 
 
-# -- the one publish path ------------------------------------------------------------------
+# -- the one commit path -------------------------------------------------------------------
 
 Change = Callable[[dict], Iterable[str]]
 
 
-def publish(root: Path, change: Change) -> dict:
-    """Apply ``change`` to the manifest and publish it; returns the new manifest.
+def commit(root: Path, change: Change) -> dict:
+    """Apply ``change`` to the manifest and commit it; returns the new manifest.
 
     ``change(manifest)`` edits the manifest in place (it may write new files first) and returns
     the relative paths it superseded. Under the dataset lock: the catalog is written to a
@@ -315,7 +315,7 @@ def _unlink_catalog_tmp(tmp: Path | None) -> None:
 
 
 def write_catalog(root: Path, manifest: dict) -> None:
-    """Rewrite catalog.duckdb for ``manifest`` (used by `zeropass check --repair`; the writer uses publish)."""
+    """Rewrite catalog.duckdb for ``manifest`` (used by `zeropass check --repair`; the writer uses commit)."""
     root = Path(root)
     tmp = _write_catalog_tmp(root, manifest)
     try:
@@ -555,7 +555,7 @@ class Build:
         self.origin = origin
         manifest = open_dataset(self.root)
         if manifest is None:  # a new dataset: its (empty) manifest comes first, see open_dataset
-            manifest = publish(self.root, lambda m: [])
+            manifest = commit(self.root, lambda m: [])
         old = manifest["models"].get(slug)
         if old and origin is not None and old.get("origin") not in (None, origin) and not replace:
             was = old["origin"]
@@ -673,7 +673,7 @@ class Build:
             manifest["models"][self.slug] = entry
             return [f for fs in (old or {}).get("files", {}).values() for f in fs]
 
-        publish(self.root, change)
+        commit(self.root, change)
         self.progress_path.unlink(missing_ok=True)
         return entry
 
@@ -798,7 +798,7 @@ def store_alignment(root: Path, model_a: str, model_b: str, table: pa.Table) -> 
                                               "file_info": {rel: dict(digest, rows=table.num_rows)}}
         return old
 
-    publish(root, change)
+    commit(root, change)
     return rel
 
 
@@ -813,4 +813,4 @@ def remove_model(root: Path, slug: str) -> None:
         old = manifest["models"].pop(slug, None)
         return [f for fs in (old or {}).get("files", {}).values() for f in fs]
 
-    publish(root, change)
+    commit(root, change)

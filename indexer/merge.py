@@ -15,7 +15,7 @@ Rules (docs/DATASET.md "Merging and many models"):
 * vocabularies are shared by ``vocab_id`` (copied once), alignments are kept when both of their
   models end up in DB;
 * every file is copied with its sha256 checked against the source manifest's ``file_info``, and
-  the whole merge is one :func:`indexer.dataset.publish`: a crash (even SIGKILL) before its
+  the whole merge is one :func:`indexer.dataset.commit`: a crash (even SIGKILL) before its
   manifest rename leaves DB as it was, and the copied files become leftovers the next write
   deletes.
 """
@@ -43,7 +43,7 @@ from .dataset import (
     check_writable,
     dataset_lock,
     open_dataset,
-    publish,
+    commit,
     sort_by_token,
     vocabulary_damage,
     write_file_atomic,
@@ -208,7 +208,7 @@ def merge(sources: list[str | Path], into: str | Path, *, progress: Optional[Pro
     with dataset_lock(into):
         target = open_dataset(into)
         if target is None:
-            target = publish(into, lambda m: [])
+            target = commit(into, lambda m: [])
         parts_by_slug: dict[str, list[_Part]] = {}
         for slug, entry in target["models"].items():
             parts_by_slug.setdefault(slug, []).append(_Part(into, entry, _model_row(into, slug, entry), True))
@@ -273,7 +273,7 @@ def merge(sources: list[str | Path], into: str | Path, *, progress: Optional[Pro
                     report.alignments += 1
             return superseded
 
-        publish(into, change)
+        commit(into, change)
     say(f"merged {len(srcs)} dataset(s) into {into}: {report.summary()}")
     return report
 

@@ -167,7 +167,7 @@ def _ray_workers_running(name: str) -> list[int]:
 
 @pytest.mark.ray
 def test_ray_build_equals_sequential_and_survives_a_killed_worker(local_ray, ckpts, tmp_path):
-    from indexer.many import index_many
+    from indexer.index_many import index_many
 
     s = spec(tmp_path, ckpts, "a", "b")
     seq = tmp_path / "seq"

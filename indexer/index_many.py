@@ -300,7 +300,7 @@ def index_many(spec: str | Path, db: str | Path, *, ray: Optional[str] = None, u
     """Build every model SPEC lists into ``db``: here, one after the other, or with ``use_ray`` as
     Ray tasks (``ray``: the cluster address; None starts a local instance, or uses the one this
     process already joined)."""
-    from .dataset import check_writable, dataset_lock, open_dataset, publish
+    from .dataset import check_writable, commit, dataset_lock, open_dataset
 
     say = progress or (lambda _m: None)
     jobs = read_spec(spec)
@@ -308,7 +308,7 @@ def index_many(spec: str | Path, db: str | Path, *, ray: Optional[str] = None, u
     check_writable(db)
     with dataset_lock(db):  # the (empty) manifest first: staged shards then sit in a dataset, not a stranger's dir
         if open_dataset(db) is None:
-            publish(db, lambda m: [])
+            commit(db, lambda m: [])
     if use_ray:
         return _with_ray(jobs, db, ray, say, shard_bytes)
     report = ManyReport()
