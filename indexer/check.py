@@ -44,6 +44,7 @@ from .dataset import (
     catalog_comment,
     dataset_lock,
     directory_state,
+    delete_files,
     leftovers,
     open_dataset,
     parquet_rows,
@@ -260,8 +261,13 @@ def repair(root: str | Path) -> None:
     Damaged model files are not touched: they are repaired by re-indexing (`check` names how).
     """
     root = Path(root)
-    open_dataset(root)  # a missing or malformed manifest: --recover, said in one line
-    commit(root, lambda manifest: [])
+    with dataset_lock(root):  # re-entrant: commit takes it again
+        manifest = open_dataset(root)  # a missing or malformed manifest: --recover, said in one line
+        if manifest is not None:
+            # Leftovers first: a merge that failed on a full disk leaves its copies there, and
+            # the commit below writes (catalog, manifest) before it deletes.
+            delete_files(root, leftovers(root, manifest))
+        commit(root, lambda manifest: [])
 
 
 def recover(root: str | Path) -> dict:
@@ -323,17 +329,33 @@ def _rows_or_none(path: Path) -> int | None:
 
 
 def _newest_committed_builds(root: Path) -> dict[str, tuple[str, dict]]:
-    """slug -> (build id, models row) of its newest build whose models file reads."""
+    """slug -> (build id, models row) of its newest build whose models file reads.
+
+    Builds of one name from other weights (or, where a row records no digests, another source)
+    are not resolved by age: which one is the model is the user's call (DatasetError naming both)."""
     out: dict[str, tuple[str, dict]] = {}
+    where: dict[str, Path] = {}
     for f in sorted((root / "models").glob("model=*/*.parquet")):
         try:
             [row] = pq.read_table(f).to_pylist()
         except (OSError, pa.ArrowException, ValueError):
             continue  # damaged or not ours: that build cannot be recovered
         slug = f.parent.name.split("=", 1)[1]
+        if slug in out and _checkpoint(row) != _checkpoint(out[slug][1]):
+            a, b = where[slug].relative_to(root).as_posix(), f.relative_to(root).as_posix()
+            raise DatasetError(
+                f"model {slug} has builds of two different checkpoints ({a} from {out[slug][1].get('source')}, "
+                f"{b} from {row.get('source')}): --recover cannot tell which one is {slug}; move the files of the "
+                f"other build (named by its build id) out of {root}, then rerun")
         if slug not in out or str(row.get("created_at")) > str(out[slug][1].get("created_at")):
-            out[slug] = (f.stem, row)
+            out[slug], where[slug] = (f.stem, row), f
     return out
+
+
+def _checkpoint(row: dict) -> object:
+    """What identifies a build's checkpoint: its weights' digests, else its source."""
+    weights = row.get("weights_sha256")
+    return ("weights", weights) if weights not in (None, "", "{}", "null") else ("source", row.get("source"))
 
 
 def _recovered_entry(root: Path, slug: str, build_id: str, row: dict) -> dict:

@@ -303,8 +303,8 @@ def commit(root: Path, change: Change) -> dict:
             raise DatasetError(f"the manifest of {root} was updated but its catalog could not be replaced "
                                f"({e.strerror}): repair it with `{zeropass_command('check', '--db', root, '--repair')}`") from None
         listed = manifest_files(manifest)
-        _delete(root, (f for f in superseded if f not in listed))
-        _delete(root, leftovers(root, manifest))
+        delete_files(root, (f for f in superseded if f not in listed))
+        delete_files(root, leftovers(root, manifest))
         return manifest
 
 
@@ -476,7 +476,7 @@ def leftovers(root: Path, manifest: dict) -> list[Path]:
     return out
 
 
-def _delete(root: Path, paths: Iterable) -> None:
+def delete_files(root: Path, paths: Iterable) -> None:
     """Delete files (relative to ``root`` or absolute inside it) and the directories they empty."""
     root = Path(root)
     for p in paths:
@@ -573,7 +573,7 @@ class Build:
             self.resumed = True
         else:
             if previous:  # settings changed: the old unfinished build's files are garbage
-                _delete(self.root, (p["file"] for p in previous["done"].values()))
+                delete_files(self.root, (p["file"] for p in previous["done"].values()))
             self.build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
             self.done = {}
             self.layers_done = {}

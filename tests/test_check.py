@@ -230,3 +230,56 @@ def test_printed_commands_survive_the_shell(path, shown):
     line = zeropass_command("check", "--db", path, "--repair")
     assert line == f"zeropass check --db {shown} --repair"
     assert shlex.split(line)[3] in (path, "./" + path)
+
+
+# -- issue 20: recover never resolves a name collision by age; repair frees space first --------
+
+def test_recover_reports_two_checkpoints_under_one_name_and_deletes_nothing(db):
+    """A build of other weights planted under `a` used to become `a`, and a's genuine build was
+    then listed as leftovers that --repair deletes."""
+    (planted,) = files_of(db, "b", "models")
+    genuine = sorted(p for p in db.rglob("*.parquet") if "model=a" in p.as_posix())
+    target = db / "models" / "model=a" / planted.name
+    shutil.copy(planted, target)  # b's weights, newer than a's build, under the name a
+    (db / "manifest.json").unlink()
+    r = check(db, "--recover")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), r.stderr
+    assert "model a has builds of two different checkpoints" in r.stderr
+    assert f"models/model=a/{planted.name}" in r.stderr and "models/model=a/" in r.stderr.replace(planted.name, "", 1)
+    assert not (db / "manifest.json").exists()
+    assert all(p.is_file() for p in genuine)
+    target.unlink()  # the user moves the stranger away: recover then restores a as it was
+    assert check(db, "--recover").exit_code == 0
+    assert check(db).exit_code == 0 and all(p.is_file() for p in genuine)
+
+
+def test_repair_frees_space_before_it_writes(tmp_path, small_disk):
+    """The leftovers of a merge that failed on a full disk: --repair used to write the catalog
+    first and fail with ENOSPC, so it could never run."""
+    from indexer.check import check_dataset, repair
+    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+    from tests.disks import fill
+
+    db = small_disk / "db"
+    _model(db, "alpha", "vshared", SHARED_TOKENS, 1, PLANTED["alpha"])
+    leftover = db / "vectors" / "model=alpha" / "layer=0" / "merge-leftover.parquet"
+    leftover.write_bytes(os.urandom(400_000))
+    fill(small_disk)
+    repair(db)
+    assert not leftover.exists()
+    (small_disk / "ballast").unlink()
+    assert check_dataset(db).problems == []
+
+
+def test_repair_and_check_agree_after_a_dataset_was_published_inside_another(db, tmp_path):
+    """An old zeropass accepted `publish DB DB/vectors/pub`: DB's check must name what --repair
+    removes, and one --repair must make it clean (not the same advice forever)."""
+    from indexer.publish import publish_dataset
+
+    publish_dataset(db, tmp_path / "pub")
+    shutil.move(tmp_path / "pub", db / "vectors" / "pub")
+    first = check(db)
+    assert first.exit_code == 1 and ["check", "--db", str(db), "--repair"] in repair_commands(first)
+    assert check(db, "--repair").exit_code == 0
+    r = check(db)
+    assert r.exit_code == 0, r.stdout
