@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from schemas import TABLES
 from schemas.format import BadManifest, DigestMismatch, OtherVersion, check_version, copy_verified, first_line, \
-    model_settings, read_manifest
+    inside, model_settings, read_manifest
 from schemas.layout import manifest_files, partition_dir
 
 from .dataset import (
@@ -192,15 +192,21 @@ def merge(sources: list[str | Path], into: str | Path, *, progress: Optional[Pro
     into = Path(into)
     if not sources:
         raise MergeError("nothing to merge: give at least one source dataset")
-    check_writable(into)
     real_into = os.path.realpath(into)
     srcs = []
     for s in sources:
         if os.path.realpath(s) == real_into:
             raise MergeError(f"merge source {s} is the target --into {into}: a dataset cannot be merged into itself")
+        if inside(into, s):
+            raise MergeError(f"the target --into {into} is inside merge source {s}: a dataset cannot hold another; "
+                             f"choose a target outside every source")
+        if inside(s, into):
+            raise MergeError(f"merge source {s} is inside the target --into {into}: a dataset cannot hold another; "
+                             f"move the source out first")
         if os.path.realpath(s) in (os.path.realpath(x) for x in srcs):
             continue  # the same source twice adds nothing
         srcs.append(Path(s))
+    check_writable(into)
     manifests = {s: _read_source(s) for s in srcs}
     report = MergeReport()
     merge_id = uuid.uuid4().hex[:8]

@@ -300,8 +300,21 @@ def links_out(root: Path | str, rels: Iterable[str]) -> list[tuple[str, str]]:
     dataset does not hold.
     """
     real_root = os.path.realpath(root)
-    return [(rel, real) for rel, real in real_paths(real_root, rels)
-            if os.path.commonpath([real, real_root]) != real_root]
+    return [(rel, real) for rel, real in real_paths(real_root, rels) if not _under(real, real_root)]
+
+
+def _under(real: str, real_root: str) -> bool:
+    return os.path.commonpath([real, real_root]) == real_root
+
+
+def inside(path: Path | str, root: Path | str) -> bool:
+    """Whether local ``path`` is ``root`` or lies inside it, links resolved (``path`` need not exist).
+
+    A dataset never holds another: a target inside a source (or the reverse) would copy a
+    dataset into itself, and the outer one's `check --repair` would then delete the inner one's
+    files as its own leftovers.
+    """
+    return _under(os.path.realpath(path), os.path.realpath(root))
 
 
 # -- small shared words ------------------------------------------------------------------------
