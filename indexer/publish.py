@@ -33,12 +33,14 @@ from schemas.format import (
     copy_verified,
     first_line,
     has_scheme,
+    inside,
     is_temporary,
     parse_manifest,
     revision,
     write_atomic,
     write_bytes_atomic,
 )
+from schemas import TABLES
 from schemas.layout import CATALOG, file_info, manifest_files
 
 from .errors import DatasetError, ZeropassError
@@ -108,6 +110,47 @@ class _Dest:
                                f"({first_line(e)}): publish to an empty place, or remove it first") from None
         self.manifest_bytes = data
         return manifest
+
+    def strangers(self) -> list[str]:
+        """Top-level entries of a DEST without a manifest that no publish writes.
+
+        A killed first publish leaves table directories, temporary files and (last before the
+        manifest) our card and catalog: a rerun finishes it. Anything else is someone's data: a
+        README.md or catalog.duckdb there would be overwritten, so the publish is refused. Our
+        card is told from a user's README by its front matter (``tags: - zeropass``).
+        """
+        try:
+            names = [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.base, detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except Exception:  # noqa: BLE001 (a DEST we cannot list: the writes below say why)
+            return []
+        if names == [self.base.rsplit("/", 1)[-1]] and self.fs.isfile(self.base):
+            return names  # DEST is a file
+        ours = set(TABLES) | ({CARD, CATALOG} if CARD in names and self._card_is_ours() else set())
+        return sorted(n for n in names if n not in ours and not is_temporary(n))
+
+    def _card_is_ours(self) -> bool:
+        try:
+            head = self.fs.cat_file(self.path(CARD), start=0, end=4096)
+        except Exception:  # noqa: BLE001
+            return False
+        return head.startswith(b"---\n") and b"\ntags:\n- zeropass\n" in head.split(b"\n---", 1)[0]
+
+    def unlisted(self, listed: set[str]) -> list[str]:
+        """Parquet files in DEST's table directories that ``listed`` does not name: what a publish
+        killed between its manifest and its deletions left (the old manifest is gone by then)."""
+        out = []
+        for table in TABLES:
+            try:
+                found = self.fs.find(self.path(table))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for path in found:
+                rel = path[len(self.base) + 1:] if self.base else path
+                if rel.endswith(".parquet") and rel not in listed:
+                    out.append(rel)
+        return sorted(out)
 
     def size(self, rel: str) -> int | None:
         try:
@@ -192,7 +235,14 @@ def plan(db: str | Path, dest: str) -> tuple[Plan, bytes, dict, "_Dest"]:
     target = _Dest(dest)
     if target.local and Path(target.base) == db:
         raise PublishError(f"DEST is DB itself ({db}): publish to another place")
+    if target.local and (inside(target.base, db) or inside(db, target.base)):
+        raise PublishError(f"DEST {target.url} and DB {db} lie one inside the other: a dataset cannot hold another; "
+                           f"publish to a place outside DB")
     old = target.manifest() or {}
+    if not old and target.strangers():
+        names = target.strangers()
+        raise PublishError(f"DEST {target.url} is not empty and not a zeropass dataset (it holds "
+                           f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): publish to an empty or new place")
     new_info, old_info = file_info(manifest), file_info(old)
     p = Plan(dest=target.url, revision=revision(data))
     for rel in sorted(manifest_files(manifest)):
@@ -214,7 +264,7 @@ def plan(db: str | Path, dest: str) -> tuple[Plan, bytes, dict, "_Dest"]:
         # the card and catalog follow the manifest: written again whenever it changes
         p.upload += [CARD] + ([CATALOG] if (db / CATALOG).is_file() else []) + [MANIFEST]
     listed = set(manifest_files(manifest))
-    p.delete = sorted(rel for rel in manifest_files(old) if rel not in listed) if old else []
+    p.delete = sorted({rel for rel in manifest_files(old) if rel not in listed} | set(target.unlisted(listed)))
     return p, data, manifest, target
 
 
