@@ -157,7 +157,22 @@ def test_a_listed_file_that_links_outside_is_reported(db, tmp_path):
     target.unlink()
     target.symlink_to(outside)
     r = check(db)
-    assert r.exit_code == 1 and "model a: " in r.stdout and "link" in r.stdout
+    assert r.exit_code == 1 and "model a: " in r.stdout and "link out of the dataset" in r.stdout
+
+
+def test_a_listed_file_that_links_inside_the_dataset_passes_as_readers_accept_it(db):
+    """One link rule (schemas.format.links_out) for check and the readers: a link inside the
+    dataset reads the dataset's own bytes (check used to report any link)."""
+    from query import Dataset
+
+    target = files_of(db, "a", "heads")[0]
+    kept = db / "heads" / "kept.bin"
+    shutil.move(target, kept)
+    target.symlink_to(kept)
+    r = check(db)
+    assert r.exit_code == 0, r.stdout
+    with Dataset(db) as ds:
+        assert ds.sql("SELECT count(*) AS n FROM heads WHERE model = 'a'").column("n").to_pylist()[0] > 0
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"models": {"a": 3}}'])
