@@ -146,8 +146,27 @@ def check_writable(root: Path) -> None:
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DatasetError(f"--db {root} is a file, not a directory: give a directory path")
+    outer = enclosing_dataset(root)
+    if outer is not None:
+        raise DatasetError(f"--db {root} is inside the dataset {outer}: a dataset cannot hold another (its "
+                           f"`check --repair` would delete the inner one's files); choose a directory outside it")
     if root.is_dir():
         open_dataset(root)
+
+
+def enclosing_dataset(path: Path) -> Path | None:
+    """The dataset directory that ``path`` lies strictly inside (a parent holding a manifest), or None.
+
+    ``DIR/.builds/`` is the exception: `index-many --ray` stages its shard datasets there, and
+    leftovers never reach inside it (the writer's own progress records and spill live there)."""
+    real = Path(os.path.realpath(path))
+    for parent in real.parents:
+        if (parent / BUILDS) in (real, *real.parents):
+            return None
+        if (parent / MANIFEST).is_file() and any((parent / t).is_dir() for t in (*TABLES, BUILDS)) \
+                or (parent / MANIFEST).is_file() and (parent / CATALOG).is_file():
+            return parent
+    return None
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".probe{os.getpid()}"

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from schemas import TABLES
 from schemas.format import BadManifest, DigestMismatch, OtherVersion, check_version, copy_verified, first_line, \
     inside, model_settings, read_manifest
-from schemas.layout import manifest_files, partition_dir
+from schemas.layout import BUILDS, manifest_files, partition_dir
 
 from .dataset import (
     ZEROPASS_VERSION,
@@ -200,7 +200,7 @@ def merge(sources: list[str | Path], into: str | Path, *, progress: Optional[Pro
         if inside(into, s):
             raise MergeError(f"the target --into {into} is inside merge source {s}: a dataset cannot hold another; "
                              f"choose a target outside every source")
-        if inside(s, into):
+        if inside(s, into) and not inside(s, into / BUILDS):  # index-many --ray merges its staged shards from there
             raise MergeError(f"merge source {s} is inside the target --into {into}: a dataset cannot hold another; "
                              f"move the source out first")
         if os.path.realpath(s) in (os.path.realpath(x) for x in srcs):

@@ -422,3 +422,18 @@ def test_layers_option_indexes_only_those_layers(tmp_path):
     assert layers == {1, None}  # None: positional embeddings
     settings = json.loads(read_table(db, "models").column("settings")[0].as_py())
     assert settings["layers"] == [1]
+
+
+def test_a_db_inside_another_dataset_is_refused(tmp_path, synthetic_db):
+    """A neighbour of issue 20's nested merge/publish: `index --db DB/vectors/x` made a dataset
+    whose files DB's `check --repair` deletes as leftovers."""
+    import shutil
+
+    from indexer.dataset import check_writable
+
+    db = Path(shutil.copytree(synthetic_db, tmp_path / "db"))
+    for inner in (db / "vectors" / "x", db / "sub"):
+        with pytest.raises(DatasetError, match="is inside the dataset"):
+            check_writable(inner)
+        assert not inner.exists()
+    check_writable(tmp_path / "beside")  # a sibling is fine
