@@ -6,7 +6,7 @@ reads a shared dataset can check it (tested in tests/test_check.py).
 What is verified (docs/DATASET.md, "Failure handling"):
 
 * the manifest: valid JSON, the expected structure, this schema version, every listed path
-  relative and inside the dataset (``schemas.layout.validate_manifest``);
+  relative and inside the dataset (``schemas.format.validate_manifest``);
 * every listed file: it exists (and is no link out of the dataset), has the recorded size, its
   Parquet footer reads, its row count equals the recorded one, the per-table sums equal the
   model's ``row_counts``, and (unless ``hashes=False``) its sha256 equals the recorded one;
