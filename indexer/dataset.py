@@ -52,7 +52,16 @@ from schemas.layout import (
     sources_sql,
     table_sources,
 )
-from schemas.format import OtherVersion, check_version, file_digest, first_line, temporary_name, write_atomic, write_json_atomic
+from schemas.format import (
+    OtherVersion,
+    check_version,
+    file_digest,
+    first_line,
+    temporary_name,
+    validate_manifest,
+    write_atomic,
+    write_json_atomic,
+)
 
 from .errors import DatasetError, NameTaken, NotADatasetDir
 
@@ -305,6 +314,10 @@ def commit(root: Path, change: Change) -> dict:
         before = open_dataset(root)
         manifest = copy.deepcopy(before) if before else empty_manifest()
         superseded = list(change(manifest) or [])
+        try:  # the writer's own output passes the readers' validator, or nothing is committed
+            validate_manifest(manifest, root / MANIFEST)
+        except BadManifest as e:
+            raise DatasetError(f"refusing to commit to {root}: {e.why}") from None
         manifest["schema_version"] = SCHEMA_VERSION
         manifest["zeropass_version"] = ZEROPASS_VERSION
         catalog_tmp = _write_catalog_tmp(root, manifest)  # one-line errors; removes itself on failure
