@@ -564,6 +564,9 @@ def align_models(ref_a: str, ref_b: str, *, name_a: Optional[str] = None, name_b
 
 
 def _slug(ref: str) -> str:
+    """A checkpoint path's last part as a model name; glob characters and backslashes become '-'
+    (the name is a directory of the alignments table, and manifest paths may not hold them)."""
     import os
+    import re
 
-    return os.path.basename(os.path.normpath(str(ref))) or str(ref)
+    return re.sub(r"[*?\[\]\\]", "-", os.path.basename(os.path.normpath(str(ref))) or str(ref))

@@ -44,6 +44,7 @@ def stderr_progress(message: str) -> None:
 
 # Options land in int32 columns (models.k, models.n_pairs, ranks); anything larger is a typo.
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 _LAYER_PART = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", re.ASCII)
 _SLUG_MAX = 64
 
@@ -125,6 +126,8 @@ def index_model(
     from .load import load_canonical
 
     _check_options(k, n_pairs, variant, device, layers)
+    if step is not None and (not _whole(step) or not 0 <= step <= INT64_MAX):  # models.step: found only at the write
+        raise BadOption(f"step {step} must be a whole number from 0 to {INT64_MAX} (models.step is a 64-bit integer)")
     slug = check_slug(default_slug(model_ref) if name is None else name)
     check_writable(Path(db))
     say = progress or (lambda _m: None)

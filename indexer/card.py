@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from schemas import TABLES
+from schemas.format import model_settings
 from schemas.layout import table_files
 
 # The Hub's license identifiers for licenses models commonly carry; anything else is "other".
@@ -37,7 +38,7 @@ def _license(slug: str, entry: dict, row: dict | None) -> str | None:
     if isinstance(entry.get("license"), str):
         return entry["license"]
     try:
-        settings = json.loads((row or {}).get("settings") or "{}")
+        settings = model_settings(row)
     except ValueError:
         settings = {}
     lic = settings.get("license") if isinstance(settings, dict) else None

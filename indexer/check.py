@@ -6,7 +6,7 @@ reads a shared dataset can check it (tested in tests/test_check.py).
 What is verified (docs/DATASET.md, "Failure handling"):
 
 * the manifest: valid JSON, the expected structure, this schema version, every listed path
-  relative and inside the dataset (``schemas.layout.validate_manifest``);
+  relative and inside the dataset (``schemas.format.validate_manifest``);
 * every listed file: it exists (and is no link out of the dataset), has the recorded size, its
   Parquet footer reads, its row count equals the recorded one, the per-table sums equal the
   model's ``row_counts``, and (unless ``hashes=False``) its sha256 equals the recorded one;
@@ -20,7 +20,6 @@ manifest by :func:`recover`, which rebuilds it from the files' own contents.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import SCHEMA_VERSION, TABLES
+from schemas import TABLES
 from schemas.layout import (
     BUILDS,
     CATALOG,
@@ -37,19 +36,19 @@ from schemas.layout import (
     BadManifest,
     empty_manifest,
     read_manifest,
-    write_json_atomic,
 )
+from schemas.format import OtherVersion, check_version, file_digest, first_line, links_out, model_settings, write_json_atomic
 
 from .dataset import (
     ZEROPASS_VERSION,
     catalog_comment,
     dataset_lock,
     directory_state,
-    file_digest,
+    delete_files,
     leftovers,
     open_dataset,
     parquet_rows,
-    publish,
+    commit,
     unfinished_builds,
     write_catalog,
     writer_active,
@@ -100,10 +99,10 @@ def check_dataset(root: str | Path, *, hashes: bool = True, db: str | None = Non
             report.problems.append(Problem(f"{root} has zeropass data but no {MANIFEST}", recover_cmd))
             return report
         raise DatasetError(f"{root} is not a zeropass dataset (no {MANIFEST}, no zeropass files): check the --db path")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        report.problems.append(Problem(
-            f"{MANIFEST} is of schema version {manifest.get('schema_version')}, this zeropass reads {SCHEMA_VERSION}",
-            zeropass_command("index", "MODEL", "--db", "NEWDIR") + " (once per model)"))
+    try:
+        check_version(manifest, root)
+    except OtherVersion as e:
+        report.problems.append(Problem(str(e), zeropass_command("index", "MODEL", "--db", "NEWDIR") + " (once per model)"))
         return report
 
     real_root = root.resolve()
@@ -199,8 +198,8 @@ def _check_file(root: Path, real_root: Path, rel: str, info: dict | None, hashes
     """(rows, None) for a good file, (rows or None, why) for a damaged one."""
     info = info or {}
     path = root / rel
-    if path.is_symlink() or not path.resolve().is_relative_to(real_root):
-        return None, f"{rel} is a link (the dataset holds its files itself)"
+    if links_out(real_root, [rel]):
+        return None, f"{rel} is a link out of the dataset (the dataset holds its files itself)"
     if not path.is_file():
         return None, f"{rel} is missing"
     size = path.stat().st_size
@@ -209,7 +208,7 @@ def _check_file(root: Path, real_root: Path, rel: str, info: dict | None, hashes
     try:
         rows = parquet_rows(path)
     except (OSError, pa.ArrowException) as e:
-        return None, f"{rel} is not a readable Parquet file ({str(e).strip().splitlines()[0]})"
+        return None, f"{rel} is not a readable Parquet file ({first_line(e)})"
     if "rows" in info and rows != info["rows"]:
         return rows, f"{rel} has {rows} rows, {info['rows']} were written"
     if hashes and "sha256" in info and file_digest(path)["sha256"] != info["sha256"]:
@@ -231,7 +230,7 @@ def _catalog_problem(root: Path, manifest: dict) -> str | None:
         finally:
             con.close()
     except duckdb.Error as e:
-        return f"{CATALOG} cannot be opened ({str(e).strip().splitlines()[0]})"
+        return f"{CATALOG} cannot be opened ({first_line(e)})"
     if set(views) != set(TABLES) or any(c != want for c in views.values()):
         return f"{CATALOG} does not match {MANIFEST} (stale: written before the last change, or by an older zeropass)"
     return None
@@ -262,8 +261,13 @@ def repair(root: str | Path) -> None:
     Damaged model files are not touched: they are repaired by re-indexing (`check` names how).
     """
     root = Path(root)
-    open_dataset(root)  # a missing or malformed manifest: --recover, said in one line
-    publish(root, lambda manifest: [])
+    with dataset_lock(root):  # re-entrant: commit takes it again
+        manifest = open_dataset(root)  # a missing or malformed manifest: --recover, said in one line
+        if manifest is not None:
+            # Leftovers first: a merge that failed on a full disk leaves its copies there, and
+            # the commit below writes (catalog, manifest) before it deletes.
+            delete_files(root, leftovers(root, manifest))
+        commit(root, lambda manifest: [])
 
 
 def recover(root: str | Path) -> dict:
@@ -325,17 +329,33 @@ def _rows_or_none(path: Path) -> int | None:
 
 
 def _newest_committed_builds(root: Path) -> dict[str, tuple[str, dict]]:
-    """slug -> (build id, models row) of its newest build whose models file reads."""
+    """slug -> (build id, models row) of its newest build whose models file reads.
+
+    Builds of one name from other weights (or, where a row records no digests, another source)
+    are not resolved by age: which one is the model is the user's call (DatasetError naming both)."""
     out: dict[str, tuple[str, dict]] = {}
+    where: dict[str, Path] = {}
     for f in sorted((root / "models").glob("model=*/*.parquet")):
         try:
             [row] = pq.read_table(f).to_pylist()
         except (OSError, pa.ArrowException, ValueError):
             continue  # damaged or not ours: that build cannot be recovered
         slug = f.parent.name.split("=", 1)[1]
+        if slug in out and _checkpoint(row) != _checkpoint(out[slug][1]):
+            a, b = where[slug].relative_to(root).as_posix(), f.relative_to(root).as_posix()
+            raise DatasetError(
+                f"model {slug} has builds of two different checkpoints ({a} from {out[slug][1].get('source')}, "
+                f"{b} from {row.get('source')}): --recover cannot tell which one is {slug}; move the files of the "
+                f"other build (named by its build id) out of {root}, then rerun")
         if slug not in out or str(row.get("created_at")) > str(out[slug][1].get("created_at")):
-            out[slug] = (f.stem, row)
+            out[slug], where[slug] = (f.stem, row), f
     return out
+
+
+def _checkpoint(row: dict) -> object:
+    """What identifies a build's checkpoint: its weights' digests, else its source."""
+    weights = row.get("weights_sha256")
+    return ("weights", weights) if weights not in (None, "", "{}", "null") else ("source", row.get("source"))
 
 
 def _recovered_entry(root: Path, slug: str, build_id: str, row: dict) -> dict:
@@ -350,7 +370,7 @@ def _recovered_entry(root: Path, slug: str, build_id: str, row: dict) -> dict:
             files.setdefault(table, []).append(rel)
             info[rel] = dict(file_digest(f), rows=rows)
             counts[table] = counts.get(table, 0) + (rows or 0)
-    settings = json.loads(row.get("settings") or "{}")
+    settings = model_settings(row)
     rebuild = ["index", str(row.get("source")), "--variant", str(row.get("variant") or "raw"), "--name", slug]
     if row.get("variant") == "diff":
         rebuild = ["diff", "BASE", "TUNED", "--name", slug]  # the two sources are in models.settings

@@ -8,10 +8,10 @@ where the helpers search by token), plus the files of models committed since.
 Guarantees (docs/DATASET.md "Compaction"):
 
 * the compacted files are written under new names while the dataset lock is held, then one
-  :func:`indexer.dataset.publish` lists them in the manifest's ``compacted`` section (the
+  :func:`indexer.dataset.commit` lists them in the manifest's ``compacted`` section (the
   commit point) and deletes the compacted files they replace. A kill at any point before the
   manifest's rename leaves the dataset as it was; the unlisted files it wrote are leftovers that
-  the next publish (or `zeropass check --repair`) deletes. Rerunning the command starts over.
+  the next commit (or `zeropass check --repair`) deletes. Rerunning the command starts over.
 * the compacted files are built from the per-model files, which stay listed and on disk: they
   are the truth. A damaged compacted file is repaired by running `zeropass compact` again; a
   re-indexed model is read from its new files at once (the compacted copy of its old build is
@@ -28,7 +28,7 @@ from pathlib import Path
 from schemas import TABLES
 from schemas.layout import COMPACTED_ORDER, Sources, sources_sql, table_sources
 
-from .dataset import _duckdb_error, dataset_lock, open_dataset, publish, sorted_copy
+from .dataset import _duckdb_error, commit, dataset_lock, open_dataset, sorted_copy
 from .errors import DatasetError
 
 
@@ -41,7 +41,7 @@ def compact(root: str | Path, progress=None) -> dict:
 
     root = Path(root)
     say = progress or (lambda _m: None)
-    with dataset_lock(root):  # re-entrant: publish below takes it again; no commit can slip in between
+    with dataset_lock(root):  # re-entrant: commit below takes it again; no commit can slip in between
         manifest = open_dataset(root)
         if manifest is None:
             raise DatasetError(f"{root} holds no dataset yet: index a model first with `zeropass index MODEL --db {root}`")
@@ -65,7 +65,7 @@ def compact(root: str | Path, progress=None) -> dict:
             return [f for entry in old.values() for f in entry.get("files", [])]
 
         try:
-            publish(root, change)
+            commit(root, change)
         except duckdb.Error as e:
             raise _duckdb_error(root, e) from None
     return section

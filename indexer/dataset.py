@@ -7,7 +7,7 @@ Guarantees (DESIGN §5, docs/DATASET.md "Failure handling"):
   file that exists is complete; its size and sha256 are recorded (progress file, then manifest);
 * a build records its finished partitions, and each finished layer, in ``.builds/<slug>.json``;
   a killed build rerun with the same settings skips them and resumes where it stopped;
-* every change of what is published goes through one path, :func:`publish`: under the dataset
+* every change of the manifest goes through one path, :func:`commit`: under the dataset
   lock, write the new catalog to a temporary file, write the new manifest (the commit point),
   rename the catalog into place, then delete superseded files and leftovers. A failure before
   the manifest rename leaves manifest and catalog byte-identical. Readers therefore see, in
@@ -51,6 +51,15 @@ from schemas.layout import (
     read_manifest,
     sources_sql,
     table_sources,
+)
+from schemas.format import (
+    OtherVersion,
+    check_version,
+    file_digest,
+    first_line,
+    temporary_name,
+    validate_manifest,
+    write_atomic,
     write_json_atomic,
 )
 
@@ -98,7 +107,7 @@ def _duckdb_error(root: Path, e: Exception) -> DatasetError:
     """DuckDB's own writes (catalog, sorted copy) fail with its exception types, not OSError."""
     if "No space left" in str(e):
         return _os_error(root, OSError(errno.ENOSPC, "No space left on device"))
-    return DatasetError(f"cannot write to {root}: {str(e).strip().splitlines()[0]}")
+    return DatasetError(f"cannot write to {root}: {first_line(e)}")
 
 
 # -- is this directory a dataset we may write? -----------------------------------------------
@@ -124,10 +133,10 @@ def open_dataset(root: Path) -> dict | None:
             raise NotADatasetDir(f"--db {root} is a non-empty directory that is not a zeropass dataset: "
                                  f"choose an empty or new directory")
         return None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise NotADatasetDir(
-            f"--db {root} holds tables of schema version {manifest.get('schema_version')} and this zeropass "
-            f"writes version {SCHEMA_VERSION}: index into a new directory (--db NEWDIR), once per model")
+    try:
+        check_version(manifest, f"--db {root}")
+    except OtherVersion as e:
+        raise NotADatasetDir(str(e)) from None
     return manifest
 
 
@@ -146,8 +155,27 @@ def check_writable(root: Path) -> None:
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DatasetError(f"--db {root} is a file, not a directory: give a directory path")
+    outer = enclosing_dataset(root)
+    if outer is not None:
+        raise DatasetError(f"--db {root} is inside the dataset {outer}: a dataset cannot hold another (its "
+                           f"`check --repair` would delete the inner one's files); choose a directory outside it")
     if root.is_dir():
         open_dataset(root)
+
+
+def enclosing_dataset(path: Path) -> Path | None:
+    """The dataset directory that ``path`` lies strictly inside (a parent holding a manifest), or None.
+
+    ``DIR/.builds/`` is the exception: `index-many --ray` stages its shard datasets there, and
+    leftovers never reach inside it (the writer's own progress records and spill live there)."""
+    real = Path(os.path.realpath(path))
+    for parent in real.parents:
+        if (parent / BUILDS) in (real, *real.parents):
+            return None
+        if (parent / MANIFEST).is_file() and any((parent / t).is_dir() for t in (*TABLES, BUILDS)) \
+                or (parent / MANIFEST).is_file() and (parent / CATALOG).is_file():
+            return parent
+    return None
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".probe{os.getpid()}"
@@ -216,36 +244,23 @@ def writer_active(root: Path) -> bool:
 
 # -- files ---------------------------------------------------------------------------------
 
-def file_digest(path: Path) -> dict:
-    """``{"bytes", "sha256"}`` of a file (what the manifest records and `zeropass check` verifies)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
-
-
 def write_file_atomic(root: Path, relpath: str, write) -> dict:
     """``write(tmp_path)`` writes the file; it then appears at ``root/relpath`` complete or not at all.
 
-    Returns its ``file_digest`` (hashed from the page cache right after the write).
+    Returns its ``file_digest`` (hashed from the page cache right after the write). The
+    temporary name is ``<file>.tmp`` (the writer holds the lock; a resumed build sweeps them).
     """
     path = Path(root) / relpath
-    tmp = path.with_name(path.name + ".tmp")
+
+    def write_and_hash(tmp: Path) -> dict:
+        write(tmp)
+        return file_digest(tmp)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = file_digest(tmp)
-        os.replace(tmp, path)
-        return digest
+        return write_atomic(path, write_and_hash, tmp=path.with_name(path.name + ".tmp"))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _os_error(Path(root), e) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_parquet_atomic(root: Path, relpath: str, table: pa.Table, row_group_size: int = 256 * 1024) -> dict:
@@ -279,13 +294,13 @@ def conform(table_name: str, data: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=declared.metadata))
 
 
-# -- the one publish path ------------------------------------------------------------------
+# -- the one commit path -------------------------------------------------------------------
 
 Change = Callable[[dict], Iterable[str]]
 
 
-def publish(root: Path, change: Change) -> dict:
-    """Apply ``change`` to the manifest and publish it; returns the new manifest.
+def commit(root: Path, change: Change) -> dict:
+    """Apply ``change`` to the manifest and commit it; returns the new manifest.
 
     ``change(manifest)`` edits the manifest in place (it may write new files first) and returns
     the relative paths it superseded. Under the dataset lock: the catalog is written to a
@@ -299,6 +314,10 @@ def publish(root: Path, change: Change) -> dict:
         before = open_dataset(root)
         manifest = copy.deepcopy(before) if before else empty_manifest()
         superseded = list(change(manifest) or [])
+        try:  # the writer's own output passes the readers' validator, or nothing is committed
+            validate_manifest(manifest, root / MANIFEST)
+        except BadManifest as e:
+            raise DatasetError(f"refusing to commit to {root}: {e.why}") from None
         manifest["schema_version"] = SCHEMA_VERSION
         manifest["zeropass_version"] = ZEROPASS_VERSION
         catalog_tmp = _write_catalog_tmp(root, manifest)  # one-line errors; removes itself on failure
@@ -316,8 +335,8 @@ def publish(root: Path, change: Change) -> dict:
             raise DatasetError(f"the manifest of {root} was updated but its catalog could not be replaced "
                                f"({e.strerror}): repair it with `{zeropass_command('check', '--db', root, '--repair')}`") from None
         listed = manifest_files(manifest)
-        _delete(root, (f for f in superseded if f not in listed))
-        _delete(root, leftovers(root, manifest))
+        delete_files(root, (f for f in superseded if f not in listed))
+        delete_files(root, leftovers(root, manifest))
         return manifest
 
 
@@ -328,7 +347,7 @@ def _unlink_catalog_tmp(tmp: Path | None) -> None:
 
 
 def write_catalog(root: Path, manifest: dict) -> None:
-    """Rewrite catalog.duckdb for ``manifest`` (used by `zeropass check --repair`; the writer uses publish)."""
+    """Rewrite catalog.duckdb for ``manifest`` (used by `zeropass check --repair`; the writer uses commit)."""
     root = Path(root)
     tmp = _write_catalog_tmp(root, manifest)
     try:
@@ -369,7 +388,7 @@ def _write_catalog_tmp(root: Path, manifest: dict) -> Path:
     """
     import duckdb
 
-    tmp = root / f"{CATALOG}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = Path(temporary_name(str(root / CATALOG)))
     stand_in = Path(tempfile.mkdtemp(prefix="zeropass-catalog-"))
     try:
         if re.search(r"[,*?\[\]'#%]", str(stand_in)):
@@ -489,7 +508,7 @@ def leftovers(root: Path, manifest: dict) -> list[Path]:
     return out
 
 
-def _delete(root: Path, paths: Iterable) -> None:
+def delete_files(root: Path, paths: Iterable) -> None:
     """Delete files (relative to ``root`` or absolute inside it) and the directories they empty."""
     root = Path(root)
     for p in paths:
@@ -568,7 +587,7 @@ class Build:
         self.origin = origin
         manifest = open_dataset(self.root)
         if manifest is None:  # a new dataset: its (empty) manifest comes first, see open_dataset
-            manifest = publish(self.root, lambda m: [])
+            manifest = commit(self.root, lambda m: [])
         old = manifest["models"].get(slug)
         if old and origin is not None and old.get("origin") not in (None, origin) and not replace:
             was = old["origin"]
@@ -586,7 +605,7 @@ class Build:
             self.resumed = True
         else:
             if previous:  # settings changed: the old unfinished build's files are garbage
-                _delete(self.root, (p["file"] for p in previous["done"].values()))
+                delete_files(self.root, (p["file"] for p in previous["done"].values()))
             self.build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
             self.done = {}
             self.layers_done = {}
@@ -686,7 +705,7 @@ class Build:
             manifest["models"][self.slug] = entry
             return [f for fs in (old or {}).get("files", {}).values() for f in fs]
 
-        publish(self.root, change)
+        commit(self.root, change)
         self.progress_path.unlink(missing_ok=True)
         return entry
 
@@ -791,7 +810,7 @@ def vocabulary_damage(root: Path, vocab: dict) -> str | None:
         try:
             rows = parquet_rows(path)
         except (OSError, pa.ArrowException) as e:
-            return f"{rel} is not a readable Parquet file ({str(e).splitlines()[0]})"
+            return f"{rel} is not a readable Parquet file ({first_line(e)})"
         if vocab.get("d_vocab") is not None and len(vocab.get("files", [])) == 1 and rows != vocab["d_vocab"]:
             return f"{rel} has {rows} rows, not {vocab['d_vocab']}"
     return None
@@ -811,7 +830,7 @@ def store_alignment(root: Path, model_a: str, model_b: str, table: pa.Table) -> 
                                               "file_info": {rel: dict(digest, rows=table.num_rows)}}
         return old
 
-    publish(root, change)
+    commit(root, change)
     return rel
 
 
@@ -826,4 +845,4 @@ def remove_model(root: Path, slug: str) -> None:
         old = manifest["models"].pop(slug, None)
         return [f for fs in (old or {}).get("files", {}).values() for f in fs]
 
-    publish(root, change)
+    commit(root, change)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,8 @@ from importlib import import_module
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from schemas.format import file_sha256
 
 from .errors import BadCheckpoint, MissingDependency, ModelNotFound, NonFiniteWeights, ZeropassError
 
@@ -274,7 +275,7 @@ def _load_dir(model_ref, path: Path, *, allow_pickle, dtype, revision) -> Loaded
     tokenizer = _tokenizer(path)
     provenance = Provenance(
         source=str(model_ref), path=str(path.resolve()), format=fmt, family=adapter.FAMILY,
-        weights_sha256={f.name: _sha256(f) for f in files}, revision=revision,
+        weights_sha256={f.name: file_sha256(f) for f in files}, revision=revision,
         hf_architecture=hf_architecture, model_type=model_type,
     )
     return Loaded(canonical=canonical, tokenizer=tokenizer, config=config, provenance=provenance)
@@ -441,7 +442,7 @@ def _load_gguf(model_ref, path: Path, dtype, quiet: bool) -> Loaded:
         raise BadCheckpoint(f"the tokenizer in {path} could not be read ({_one_line(e)})") from None
     provenance = Provenance(
         source=str(model_ref), path=str(path.resolve()), format="gguf", family=adapter.FAMILY,
-        weights_sha256={name: _sha256(path)}, hf_architecture=arch, model_type=config.model_type,
+        weights_sha256={name: file_sha256(path)}, hf_architecture=arch, model_type=config.model_type,
     )
     return Loaded(canonical=canonical, tokenizer=tokenizer, config=config, provenance=provenance)
 
@@ -468,14 +469,6 @@ def _tokenizer(path: Path):
     except Exception as e:
         raise BadCheckpoint(f"the tokenizer in {path} could not be loaded ({_one_line(e)}); "
                             f"fix or remove the tokenizer files") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _one_line(e: BaseException) -> str:

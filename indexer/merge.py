@@ -15,13 +15,12 @@ Rules (docs/DATASET.md "Merging and many models"):
 * vocabularies are shared by ``vocab_id`` (copied once), alignments are kept when both of their
   models end up in DB;
 * every file is copied with its sha256 checked against the source manifest's ``file_info``, and
-  the whole merge is one :func:`indexer.dataset.publish`: a crash (even SIGKILL) before its
+  the whole merge is one :func:`indexer.dataset.commit`: a crash (even SIGKILL) before its
   manifest rename leaves DB as it was, and the copied files become leftovers the next write
   deletes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -34,15 +33,17 @@ from typing import Callable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import SCHEMA_VERSION, TABLES
-from schemas.layout import BadManifest, manifest_files, partition_dir, read_manifest
+from schemas import TABLES
+from schemas.format import BadManifest, DigestMismatch, OtherVersion, check_version, copy_verified, first_line, \
+    inside, model_settings, read_manifest
+from schemas.layout import BUILDS, manifest_files, partition_dir
 
 from .dataset import (
     ZEROPASS_VERSION,
     check_writable,
     dataset_lock,
     open_dataset,
-    publish,
+    commit,
     sort_by_token,
     vocabulary_damage,
     write_file_atomic,
@@ -86,7 +87,7 @@ class _Part:
     @property
     def settings(self) -> dict:
         try:
-            return json.loads(self.row.get("settings") or "{}")
+            return model_settings(self.row)
         except ValueError:
             return {}
 
@@ -133,9 +134,10 @@ def _read_source(src: Path) -> dict:
         raise MergeError(f"merge source {src}: {e}: repair it first with `zeropass check --db {src} --recover`") from None
     if manifest is None:
         raise MergeError(f"merge source {src} is not a zeropass dataset (it has no manifest.json)")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise MergeError(f"merge source {src} holds tables of schema version {manifest.get('schema_version')} and this "
-                         f"zeropass writes version {SCHEMA_VERSION}: rebuild it with this version first")
+    try:
+        check_version(manifest, f"merge source {src}")
+    except OtherVersion as e:
+        raise MergeError(str(e)) from None
     return manifest
 
 
@@ -147,7 +149,7 @@ def _model_row(root: Path, slug: str, entry: dict) -> dict:
     try:
         rows = pq.read_table(root / files[0]).to_pylist()
     except (OSError, pa.ArrowException) as e:
-        raise MergeError(f"model {slug!r} in {root}: {files[0]} is not readable ({str(e).splitlines()[0]}): "
+        raise MergeError(f"model {slug!r} in {root}: {files[0]} is not readable ({first_line(e)}): "
                          f"check it with `zeropass check --db {root}`") from None
     if len(rows) != 1:
         raise MergeError(f"model {slug!r} in {root}: {files[0]} has {len(rows)} rows, not 1")
@@ -190,15 +192,21 @@ def merge(sources: list[str | Path], into: str | Path, *, progress: Optional[Pro
     into = Path(into)
     if not sources:
         raise MergeError("nothing to merge: give at least one source dataset")
-    check_writable(into)
     real_into = os.path.realpath(into)
     srcs = []
     for s in sources:
         if os.path.realpath(s) == real_into:
             raise MergeError(f"merge source {s} is the target --into {into}: a dataset cannot be merged into itself")
+        if inside(into, s):
+            raise MergeError(f"the target --into {into} is inside merge source {s}: a dataset cannot hold another; "
+                             f"choose a target outside every source")
+        if inside(s, into) and not inside(s, into / BUILDS):  # index-many --ray merges its staged shards from there
+            raise MergeError(f"merge source {s} is inside the target --into {into}: a dataset cannot hold another; "
+                             f"move the source out first")
         if os.path.realpath(s) in (os.path.realpath(x) for x in srcs):
             continue  # the same source twice adds nothing
         srcs.append(Path(s))
+    check_writable(into)
     manifests = {s: _read_source(s) for s in srcs}
     report = MergeReport()
     merge_id = uuid.uuid4().hex[:8]
@@ -206,7 +214,7 @@ def merge(sources: list[str | Path], into: str | Path, *, progress: Optional[Pro
     with dataset_lock(into):
         target = open_dataset(into)
         if target is None:
-            target = publish(into, lambda m: [])
+            target = commit(into, lambda m: [])
         parts_by_slug: dict[str, list[_Part]] = {}
         for slug, entry in target["models"].items():
             parts_by_slug.setdefault(slug, []).append(_Part(into, entry, _model_row(into, slug, entry), True))
@@ -271,7 +279,7 @@ def merge(sources: list[str | Path], into: str | Path, *, progress: Optional[Pro
                     report.alignments += 1
             return superseded
 
-        publish(into, change)
+        commit(into, change)
     say(f"merged {len(srcs)} dataset(s) into {into}: {report.summary()}")
     return report
 
@@ -368,18 +376,15 @@ class _Copier:
         src = part.root / rel
 
         def write(tmp: Path) -> None:
-            h = hashlib.sha256()
             try:
-                with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                    for block in iter(lambda: fin.read(1 << 20), b""):
-                        h.update(block)
-                        fout.write(block)
+                with open(tmp, "wb") as fout:
+                    copy_verified(src, fout, expected.get("sha256") or None)
             except FileNotFoundError:
                 raise MergeError(f"{src} is listed by its dataset's manifest but missing: "
                                  f"check the source with `zeropass check --db {part.root}`") from None
-            if expected.get("sha256") and h.hexdigest() != expected["sha256"]:
-                raise MergeError(f"{src} is damaged (its sha256 is not the one its manifest records): "
-                                 f"check the source with `zeropass check --db {part.root}`, rebuild what it names")
+            except DigestMismatch as e:
+                raise MergeError(f"{e}: check the source with `zeropass check --db {part.root}`, "
+                                 f"rebuild what it names") from None
 
         digest = write_file_atomic(self.into, dest, write)
         self.info = dict(digest, rows=expected.get("rows")) if "rows" in expected else dict(digest)

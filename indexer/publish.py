@@ -21,20 +21,31 @@ data, card and manifest appear together. That path needs the network and is unte
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.layout import CATALOG, FORMAT, MANIFEST, BadManifest, file_info, manifest_files, validate_manifest
+from schemas.format import (
+    MANIFEST,
+    BadManifest,
+    DigestMismatch,
+    OtherVersion,
+    check_version,
+    copy_verified,
+    first_line,
+    has_scheme,
+    inside,
+    is_temporary,
+    parse_manifest,
+    revision,
+    write_atomic,
+    write_bytes_atomic,
+)
+from schemas import TABLES
+from schemas.layout import CATALOG, file_info, manifest_files
 
 from .errors import DatasetError, ZeropassError
 
 CARD = "README.md"
-_TMP = re.compile(r"\.tmp\d+-[0-9a-f]{8}\Z")  # the temporary names _Dest writes (see put / put_bytes)
 CHUNK = 8 << 20
 
 
@@ -67,12 +78,12 @@ class _Dest:
 
         self.url = str(dest).rstrip("/") or str(dest)
         try:
-            if "://" in self.url:
+            if has_scheme(self.url):
                 self.fs, self.base = fsspec.url_to_fs(self.url)
             else:
                 self.fs, self.base = fsspec.filesystem("file"), str(Path(self.url).expanduser().resolve())
         except (ImportError, ValueError) as e:
-            raise PublishError(f"cannot write to {self.url} ({_first(e)}): install the fsspec filesystem for it "
+            raise PublishError(f"cannot write to {self.url} ({first_line(e)}): install the fsspec filesystem for it "
                                f"(e.g. pip install s3fs / huggingface_hub)") from None
         from fsspec.implementations.local import LocalFileSystem
 
@@ -90,17 +101,56 @@ class _Dest:
         except FileNotFoundError:
             return None
         except Exception as e:  # noqa: BLE001 (each filesystem has its own errors)
-            raise PublishError(f"cannot read {self.url}/{MANIFEST} ({_first(e)}): check DEST and your access") from None
+            raise PublishError(f"cannot read {self.url}/{MANIFEST} ({first_line(e)}): check DEST and your access") from None
         try:
-            manifest = json.loads(data)
-            validate_manifest(manifest, f"{self.url}/{MANIFEST}")
-        except (ValueError, BadManifest):
-            raise PublishError(f"{self.url} holds a {MANIFEST} that is not a zeropass manifest: publish to an empty "
-                               f"place, or remove it first") from None
-        if not isinstance(manifest, dict) or manifest.get("format", FORMAT) != FORMAT:
-            raise PublishError(f"{self.url} holds another kind of {MANIFEST}: publish to an empty place")
+            manifest = parse_manifest(data, f"{self.url}/{MANIFEST}")
+            check_version(manifest, self.url)
+        except (BadManifest, OtherVersion) as e:
+            raise PublishError(f"{self.url} holds a {MANIFEST} that is not a zeropass manifest of this version "
+                               f"({first_line(e)}): publish to an empty place, or remove it first") from None
         self.manifest_bytes = data
         return manifest
+
+    def strangers(self) -> list[str]:
+        """Top-level entries of a DEST without a manifest that no publish writes.
+
+        A killed first publish leaves table directories, temporary files and (last before the
+        manifest) our card and catalog: a rerun finishes it. Anything else is someone's data: a
+        README.md or catalog.duckdb there would be overwritten, so the publish is refused. Our
+        card is told from a user's README by its front matter (``tags: - zeropass``).
+        """
+        try:
+            names = [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.base, detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except Exception:  # noqa: BLE001 (a DEST we cannot list: the writes below say why)
+            return []
+        if names == [self.base.rsplit("/", 1)[-1]] and self.fs.isfile(self.base):
+            return names  # DEST is a file
+        ours = set(TABLES) | ({CARD, CATALOG} if CARD in names and self._card_is_ours() else set())
+        return sorted(n for n in names if n not in ours and not is_temporary(n))
+
+    def _card_is_ours(self) -> bool:
+        try:
+            head = self.fs.cat_file(self.path(CARD), start=0, end=4096)
+        except Exception:  # noqa: BLE001
+            return False
+        return head.startswith(b"---\n") and b"\ntags:\n- zeropass\n" in head.split(b"\n---", 1)[0]
+
+    def unlisted(self, listed: set[str]) -> list[str]:
+        """Parquet files in DEST's table directories that ``listed`` does not name: what a publish
+        killed between its manifest and its deletions left (the old manifest is gone by then)."""
+        out = []
+        for table in TABLES:
+            try:
+                found = self.fs.find(self.path(table))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for path in found:
+                rel = path[len(self.base) + 1:] if self.base else path
+                if rel.endswith(".parquet") and rel not in listed:
+                    out.append(rel)
+        return sorted(out)
 
     def size(self, rel: str) -> int | None:
         try:
@@ -111,25 +161,26 @@ class _Dest:
     def put(self, rel: str, source: Path, sha256: str | None) -> None:
         """Copy ``source`` to ``rel``, checking its sha256 on the way; a local DEST sees it appear whole."""
         target = self.path(rel)
-        tmp = f"{target}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}" if self.local else target
-        h = hashlib.sha256()
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+
+        def copy(tmp) -> None:
+            with self.fs.open(str(tmp), "wb") as out:
+                copy_verified(source, out, sha256, CHUNK)
+
         try:
-            with open(source, "rb") as src, self.fs.open(tmp, "wb") as out:
-                for block in iter(lambda: src.read(CHUNK), b""):
-                    h.update(block)
-                    out.write(block)
-            if sha256 is not None and h.hexdigest() != sha256:
-                raise PublishError(f"{source} does not match the sha256 its manifest records (damaged since it was "
-                                   f"written): DEST's manifest is unchanged; run `zeropass check` on the dataset")
             if self.local:
-                os.replace(tmp, target)
-        except BaseException:
-            try:
-                self.fs.rm_file(tmp)
-            except Exception:  # noqa: BLE001
-                pass
-            raise
+                write_atomic(target, copy)
+            else:
+                try:
+                    copy(target)
+                except BaseException:
+                    try:
+                        self.fs.rm_file(target)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    raise
+        except DigestMismatch as e:
+            raise PublishError(f"{e}: DEST's manifest is unchanged; run `zeropass check` on the dataset") from None
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
@@ -137,12 +188,7 @@ class _Dest:
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
             self.fs.makedirs(self.base, exist_ok=True)
-            tmp = f"{target}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            write_bytes_atomic(target, data)
         else:
             self.fs.pipe_file(target, data)
 
@@ -151,7 +197,7 @@ class _Dest:
         if not self.local:
             return
         for path in Path(self.base).rglob("*.tmp*"):
-            if _TMP.search(path.name) and path.is_file():
+            if is_temporary(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
 
     def remove(self, rel: str) -> None:
@@ -159,11 +205,6 @@ class _Dest:
             self.fs.rm_file(self.path(rel))
         except FileNotFoundError:
             pass
-
-
-def _first(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def _read_source(db: Path) -> tuple[bytes, dict]:
@@ -176,10 +217,12 @@ def _read_source(db: Path) -> tuple[bytes, dict]:
     except OSError as e:
         raise PublishError(f"cannot read {path} ({e.strerror or e})") from None
     try:
-        manifest = json.loads(data)
-        validate_manifest(manifest, path)
-    except (ValueError, BadManifest) as e:
-        raise PublishError(f"{path} is not a valid manifest ({_first(e)}): run `zeropass check --db {db}`") from None
+        manifest = parse_manifest(data, path)
+        check_version(manifest, db)
+    except BadManifest as e:
+        raise PublishError(f"{path} is not a valid manifest ({first_line(e)}): run `zeropass check --db {db}`") from None
+    except OtherVersion as e:
+        raise PublishError(str(e)) from None
     if not manifest.get("models"):
         raise PublishError(f"{db} holds no models yet: index one with `zeropass index MODEL --db {db}` before publishing")
     return data, manifest
@@ -192,9 +235,16 @@ def plan(db: str | Path, dest: str) -> tuple[Plan, bytes, dict, "_Dest"]:
     target = _Dest(dest)
     if target.local and Path(target.base) == db:
         raise PublishError(f"DEST is DB itself ({db}): publish to another place")
+    if target.local and (inside(target.base, db) or inside(db, target.base)):
+        raise PublishError(f"DEST {target.url} and DB {db} lie one inside the other: a dataset cannot hold another; "
+                           f"publish to a place outside DB")
     old = target.manifest() or {}
+    if not old and target.strangers():
+        names = target.strangers()
+        raise PublishError(f"DEST {target.url} is not empty and not a zeropass dataset (it holds "
+                           f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): publish to an empty or new place")
     new_info, old_info = file_info(manifest), file_info(old)
-    p = Plan(dest=target.url, revision=hashlib.sha256(data).hexdigest()[:16])
+    p = Plan(dest=target.url, revision=revision(data))
     for rel in sorted(manifest_files(manifest)):
         size = new_info.get(rel, {}).get("bytes")
         if size is None:
@@ -214,7 +264,7 @@ def plan(db: str | Path, dest: str) -> tuple[Plan, bytes, dict, "_Dest"]:
         # the card and catalog follow the manifest: written again whenever it changes
         p.upload += [CARD] + ([CATALOG] if (db / CATALOG).is_file() else []) + [MANIFEST]
     listed = set(manifest_files(manifest))
-    p.delete = sorted(rel for rel in manifest_files(old) if rel not in listed) if old else []
+    p.delete = sorted({rel for rel in manifest_files(old) if rel not in listed} | set(target.unlisted(listed)))
     return p, data, manifest, target
 
 
@@ -258,7 +308,7 @@ def publish_dataset(db: str | Path, dest: str, *, dry_run: bool = False, progres
         except ZeropassError:
             raise
         except Exception as e:  # noqa: BLE001 (the destination's own errors: permissions, network, full disk)
-            raise PublishError(f"publishing to {target.url} failed ({_first(e)}): nothing a reader sees changed "
+            raise PublishError(f"publishing to {target.url} failed ({first_line(e)}): nothing a reader sees changed "
                                f"(the manifest goes last); fix it and run the same command again") from None
         return p
     finally:
@@ -268,7 +318,7 @@ def publish_dataset(db: str | Path, dest: str, *, dry_run: bool = False, progres
 
 def _card_url(dest: str) -> str | None:
     """DEST as the card's examples should name it (a local DEST: the examples say DIR)."""
-    return str(dest).rstrip("/") if "://" in str(dest) else None
+    return str(dest).rstrip("/") if has_scheme(dest) else None
 
 
 def _publish_hf(p: Plan, db: Path, data: bytes, manifest: dict, card: str, dest: str, say) -> None:

@@ -516,7 +516,7 @@ def index_many(spec, db, ray_address, quiet):
       zeropass index-many family.toml --db family-db
       zeropass index-many family.toml --db family-db --ray ray://head:10001
     """
-    from indexer.many import index_many as build_many
+    from indexer.index_many import index_many as build_many
 
     report = build_many(spec, db, ray=ray_address or None, use_ray=ray_address is not None, progress=_progress(quiet))
     if report.failed:

@@ -28,14 +28,15 @@ EXAMPLES = [
 
 
 def ensure_minilm(db: str) -> None:
-    from schemas import SCHEMA_VERSION
-    from schemas.layout import read_manifest
+    from schemas.format import OtherVersion, check_version, read_manifest
 
     manifest = read_manifest(db) if os.path.isdir(db) else None
-    if manifest and manifest.get("schema_version") != SCHEMA_VERSION:
+    try:
+        if manifest:
+            check_version(manifest, db)
+    except OtherVersion as e:
         raise click.ClickException(
-            f"{db} was written by an older zeropass (schema version {manifest.get('schema_version')}, this one writes "
-            f"{SCHEMA_VERSION}): delete it (rm -rf {shlex.quote(db)}) or set ZEROPASS_DB to a new directory, then rerun")
+            f"{e}; for the demo, delete it (rm -rf {shlex.quote(db)}) or set ZEROPASS_DB to a new directory, then rerun")
     if manifest and "minilm" in manifest.get("models", {}):
         click.echo(f"minilm already indexed in {db}", err=True)
         return

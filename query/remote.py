@@ -39,6 +39,7 @@ import urllib.request
 from collections import OrderedDict
 from pathlib import Path
 
+from schemas.format import first_line, is_url, revision  # noqa: F401 (is_url: query.remote.is_url for callers)
 from schemas.layout import MANIFEST, file_info, unsafe_relpath
 
 from .errors import DatasetChanged, ForbiddenSQL, NotADataset, QueryError, RemoteDenied, RemoteUnreachable
@@ -48,15 +49,6 @@ TAIL_CACHE_MAX = 4 << 20      # bytes of a file's tail kept on disk (its footer;
 MANIFEST_MAX = 64 << 20       # a URL whose manifest.json is larger is not read whole (it is not ours)
 MEMORY_CACHE = 64 << 20       # bytes of recently read ranges kept per open dataset (a repeated query reads none again)
 HTTP_TIMEOUT = 30.0           # seconds per request
-_URL = re.compile(r"\A[A-Za-z][A-Za-z0-9+.\-]*://")
-
-
-def is_url(path) -> bool:
-    """Whether ``path`` names a remote dataset (a URL other than ``file://``)."""
-    s = str(path)
-    return bool(_URL.match(s)) and not s.lower().startswith("file://")
-
-
 def local_path(path) -> str:
     """A ``file://`` URL as the directory it names; anything else unchanged."""
     s = str(path)
@@ -115,13 +107,13 @@ class HTTPStore:
             req = urllib.request.Request(f"{self._base}/{urllib.parse.quote(rel)}", method=method,
                                          headers={"User-Agent": "zeropass"})
         except ValueError as e:
-            raise RemoteUnreachable(f"{self.url} is not a usable URL ({_first(e)}): check it") from None
+            raise RemoteUnreachable(f"{self.url} is not a usable URL ({first_line(e)}): check it") from None
         if start is not None:
             req.add_header("Range", f"bytes={start}-{end - 1}")
         try:
             return urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)
         except (ValueError, http.client.InvalidURL) as e:
-            raise RemoteUnreachable(f"{self.url} is not a usable URL ({_first(e)}): check it") from None
+            raise RemoteUnreachable(f"{self.url} is not a usable URL ({first_line(e)}): check it") from None
         except urllib.error.HTTPError as e:
             e.close()
             if e.code == 404 or e.code == 410:
@@ -141,7 +133,7 @@ class HTTPStore:
             try:
                 data = r.read() if limit is None else r.read(limit + 1)
             except (http.client.HTTPException, OSError) as e:  # the connection dropped mid-body
-                raise RemoteUnreachable(f"reading {self.url}/{rel} failed ({_first(e) or type(e).__name__}): "
+                raise RemoteUnreachable(f"reading {self.url}/{rel} failed ({first_line(e) or type(e).__name__}): "
                                         f"check your network and run it again") from None
             if start is not None and r.status == 200:  # the server ignored Range: keep the part asked for
                 data = data[start:end]
@@ -171,7 +163,7 @@ class FsspecStore:
         try:
             self.fs, self.base = fsspec.url_to_fs(url)
         except (ImportError, ValueError) as e:
-            raise RemoteUnreachable(f"cannot open {url} ({_first(e)}): install the fsspec filesystem for "
+            raise RemoteUnreachable(f"cannot open {url} ({first_line(e)}): install the fsspec filesystem for "
                                     f"{url.split('://')[0]}:// (e.g. pip install s3fs / gcsfs / huggingface_hub)") from None
         self.base = self.base.rstrip("/")
         self.url = url.rstrip("/")
@@ -185,11 +177,11 @@ class FsspecStore:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.url}/{rel}: not found") from None
         except PermissionError as e:
-            raise RemoteDenied(f"access to {self.url}/{rel} was refused ({_first(e)}): check your credentials") from None
+            raise RemoteDenied(f"access to {self.url}/{rel} was refused ({first_line(e)}): check your credentials") from None
         except QueryError:
             raise
         except Exception as e:  # noqa: BLE001 (each filesystem raises its own network errors)
-            raise RemoteUnreachable(f"cannot read {self.url}/{rel} ({_first(e)}): check the URL and your network") from None
+            raise RemoteUnreachable(f"cannot read {self.url}/{rel} ({first_line(e)}): check the URL and your network") from None
 
     def cat(self, rel: str, start: int | None = None, end: int | None = None, limit: int | None = None) -> bytes:
         if limit is not None and start is None:
@@ -201,11 +193,6 @@ class FsspecStore:
 
     def exists(self, rel: str) -> bool:
         return bool(self._call(rel, lambda p: self.fs.exists(p)))
-
-
-def _first(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def store_for(url: str):
@@ -245,7 +232,7 @@ class Remote:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise NotADataset(f"{self.url} is not a zeropass dataset ({MANIFEST} is not UTF-8 text)") from None
-        self.revision = hashlib.sha256(data).hexdigest()[:16]
+        self.revision = revision(data)
         return text
 
     def use(self, manifest: dict, owners) -> None:

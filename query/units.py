@@ -6,11 +6,11 @@ text into a :class:`Unit` and checks it against a model.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 from schemas import TABLES
+from schemas.format import model_settings
 from schemas.kinds import BIAS_KIND_OF_SUFFIX
 from schemas.units import SHARED_ROUTER, FORMS, bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit, router_unit
 
@@ -145,7 +145,7 @@ def check_unit(unit: Unit, info: dict) -> None:
 
 def _conventions(info: dict) -> dict:
     try:
-        conv = json.loads(info.get("settings") or "{}").get("conventions", {})
+        conv = model_settings(info).get("conventions", {})
     except (ValueError, TypeError, AttributeError):  # settings of an older or damaged row: nothing known
         return {}
     return conv if isinstance(conv, dict) else {}

@@ -19,124 +19,29 @@ Imports only the standard library and ``schemas``.
 """
 from __future__ import annotations
 
-import json
-import os
-import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import NamedTuple
 
-from . import SCHEMA_VERSION, TABLES, Table, empty_select_sql
+from . import TABLES, Table, empty_select_sql
+# The manifest's rules live in schemas.format (one home); re-exported for the callers that
+# think of them as part of the layout.
+from .format import (  # noqa: F401
+    FORMAT,
+    MANIFEST,
+    BadManifest,
+    empty_manifest,
+    read_manifest,
+    unsafe_relpath,
+    validate_manifest,
+    write_json_atomic,
+)
 
-MANIFEST = "manifest.json"
 CATALOG = "catalog.duckdb"
 BUILDS = ".builds"
-FORMAT = "zeropass-dataset"
-
-
-def empty_manifest() -> dict:
-    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "models": {}, "vocabularies": {}, "alignments": {}}
-
-
-class BadManifest(ValueError):
-    """manifest.json exists but is not a well-formed zeropass manifest (its message says why)."""
-
-    def __init__(self, message: str, why: str | None = None):
-        super().__init__(message)
-        self.why = why or message
-
-
-def read_manifest(root: Path) -> dict | None:
-    """The manifest of dataset ``root``, or None when there is none yet.
-
-    Raises BadManifest when the file is not JSON, lacks the expected structure, or lists a
-    file outside the dataset (an absolute path or ``..``): every reader and the writer then
-    refuse it in one line instead of reading whatever a damaged or hostile manifest names.
-    """
-    path = Path(root) / MANIFEST
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadManifest(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
-    validate_manifest(manifest, path)
-    return manifest
-
-
-def validate_manifest(manifest, path: Path | str = MANIFEST) -> None:
-    """Raise BadManifest unless ``manifest`` has the structure the writer produces.
-
-    The one check of a manifest's shape, shared by the writer, `zeropass check` and the query
-    layer: objects where objects belong, known tables, and every listed file a relative,
-    normalised path to a Parquet file inside its table's directory (see ``unsafe_relpath``).
-    "format" and "schema_version" are left to the callers: each says what to do about them.
-    """
-    def bad(why: str):
-        raise BadManifest(f"{path} is malformed: {why}", why)
-
-    def kind(v) -> str:
-        return "null" if v is None else "a " + type(v).__name__
-
-    if not isinstance(manifest, dict):
-        bad(f"{kind(manifest)}, not an object")
-    if "models" not in manifest:
-        bad("it has no 'models' object")
-    for key in ("models", "vocabularies", "alignments", "compacted"):
-        if not isinstance(manifest.get(key, {}), dict):
-            bad(f"{key!r} is {kind(manifest.get(key))}, not an object")
-    for slug, entry in manifest.get("models", {}).items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("files", {}), dict):
-            bad(f"model {slug!r} has no 'files' object")
-        for table, files in entry.get("files", {}).items():
-            if table not in TABLES or table in (t for t, _ in _SHARED.values()):
-                bad(f"model {slug!r} lists files of an unknown table {table!r}")
-            _check_files(files, table, f"model {slug!r}", bad)
-    for key, (table, _) in _SHARED.items():
-        for name, entry in manifest.get(key, {}).items():
-            if not isinstance(entry, dict):
-                bad(f"{key} entry {name!r} is {kind(entry)}, not an object")
-            _check_files(entry.get("files", []), table, f"{key} entry {name!r}", bad)
-    for table, entry in manifest.get("compacted", {}).items():
-        if table not in COMPACTED_ORDER:
-            bad(f"'compacted' lists a table {table!r} that is not compacted")
-        if not isinstance(entry, dict) or not isinstance(entry.get("models", {}), dict) \
-                or not all(isinstance(b, str) for b in entry.get("models", {}).values()):
-            bad(f"compacted entry {table!r} is not an object with a 'models' object of build ids")
-        _check_files(entry.get("files", []), table, f"compacted entry {table!r}", bad)
 
 
 # Manifest sections listed apart from the models: section -> (table of its files, owner kind).
-_SHARED = {"vocabularies": ("tokens", "vocabulary"), "alignments": ("alignments", "alignment")}
-
-
-def _check_files(files, table: str, owner: str, bad) -> None:
-    if not isinstance(files, list):
-        bad(f"{owner}: 'files' is not a list")
-    for f in files:
-        why = unsafe_relpath(f)
-        if why is None and (PurePosixPath(f).parts[0] != table or PurePosixPath(f).suffix != ".parquet"):
-            why = f"which is not a Parquet file under {table}/"
-        if why:
-            bad(f"{owner} lists {f!r}, {why}")
-
-
-def unsafe_relpath(rel) -> str | None:
-    """Why ``rel`` cannot name a file inside a dataset, or None when it can.
-
-    Manifest paths are relative, forward-slashed, without ``..``: a dataset can then be moved
-    as a whole, and no manifest can make a reader open a file outside the directory.
-    """
-    if not isinstance(rel, str) or not rel:
-        return "which is not a path"
-    if "\\" in rel or "\0" in rel:
-        return "which holds a backslash or NUL"
-    p = PurePosixPath(rel)
-    if p.is_absolute():
-        return "an absolute path (manifest paths are relative to the dataset)"
-    if any(part in ("..", ".", "") for part in rel.split("/")):
-        return "which leaves the dataset or is not normalised ('..', '.', '//')"
-    return None
+SHARED = {"vocabularies": ("tokens", "vocabulary"), "alignments": ("alignments", "alignment")}
 
 
 class Owner(NamedTuple):
@@ -156,7 +61,7 @@ def manifest_files(manifest: dict) -> dict[str, Owner]:
     for slug, entry in manifest.get("models", {}).items():
         for table, files in entry.get("files", {}).items():
             out.update((f, Owner(table, "model", slug)) for f in files)
-    for key, (table, kind) in _SHARED.items():
+    for key, (table, kind) in SHARED.items():
         for name, entry in manifest.get(key, {}).items():
             out.update((f, Owner(table, kind, name)) for f in entry.get("files", []))
     for table, entry in manifest.get("compacted", {}).items():
@@ -167,30 +72,11 @@ def manifest_files(manifest: dict) -> dict[str, Owner]:
 def file_info(manifest: dict) -> dict[str, dict]:
     """Every listed file's recorded ``{"bytes", "sha256", "rows"}`` (``file_info`` of each owner; may be partial)."""
     out: dict[str, dict] = {}
-    for key in ("models", *_SHARED):
+    for key in ("models", *SHARED):
         for entry in manifest.get(key, {}).values():
             if isinstance(entry, dict) and isinstance(entry.get("file_info"), dict):
                 out.update(entry["file_info"])
     return out
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON so that a reader sees the old or the new content, never a mix.
-
-    On any failure (a full disk, a signal) the temporary file is removed and the old file is
-    left as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def partition_dir(table: str, **keys: object) -> str:

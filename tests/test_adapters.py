@@ -84,6 +84,17 @@ def built(tmp_path_factory):
     return get
 
 
+def hf_positions(pos, n: int) -> torch.Tensor:
+    """[n, d_model]: what the HF module ``pos`` adds to the residual stream at positions 0..n-1,
+    through the module's own lookup (OPTLearnedPositionalEmbedding offsets the row itself)."""
+    from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding
+
+    with torch.no_grad():
+        if isinstance(pos, OPTLearnedPositionalEmbedding):
+            return pos(torch.ones(1, n, dtype=torch.long))[0]
+        return pos(torch.arange(n))
+
+
 # --- tests ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", CASES)
@@ -185,9 +196,8 @@ def test_embeddings_match_modules(built, family):
     pos = hf.pos(model)
     if pos is None:
         assert E.W_pos is None and dims.n_ctx is None
-    else:
-        assert_close(E.W_pos, pos.weight)
-        assert dims.n_ctx == pos.weight.shape[0]
+    else:  # row p is what the module adds at position p (OPT's module reads row p + 2 itself)
+        assert_close(E.W_pos, hf_positions(pos, dims.n_ctx))
     embed_norm = hf.embed_norm(model)
     assert (embed_norm is None) == (E.ln_embed_w is None)
     if embed_norm is not None:
@@ -241,6 +251,37 @@ def test_unlisted_model_type_whose_names_match_no_layout_is_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(dict(config, model_type="no-such-type")))
     with pytest.raises(UnsupportedArchitecture, match="'no-such-type'"):
         load_canonical(str(path))
+
+
+def test_opt_position_units_name_the_position_they_encode(built, tmp_path):
+    """OPT's P0 is what the model adds at position 0 (row 2 of embed_positions), in the
+    canonical tensors and in the stored vectors; the two unused rows are gone and recorded."""
+    import pyarrow.parquet as pq
+
+    from indexer.build import index_model
+    from schemas.format import model_settings, read_manifest
+    from schemas.layout import table_files
+
+    model, loaded, path, hf = built("opt")
+    pos, E = hf.pos(model), loaded.canonical.embeddings
+    want = hf_positions(pos, model.config.max_position_embeddings)
+    assert E.W_pos.shape[0] == model.config.max_position_embeddings == pos.weight.shape[0] - 2
+    assert torch.equal(E.W_pos[0], want[0]) and not torch.equal(E.W_pos[0], pos.weight[0])
+    assert loaded.canonical.conventions["position_offset"] == 2
+    index_model(str(path), tmp_path / "db", name="opt", k=3, n_pairs=4)
+    manifest = read_manifest(tmp_path / "db")
+    rows = [r for f in table_files(manifest, "vectors", ["opt"]) for r in pq.read_table(tmp_path / "db" / f).to_pylist()
+            if r["kind"] == "pos" and r["idx"] == 0 and r["side"] == "top"]
+    with torch.no_grad():
+        scores = want[0].double() @ hf.W_U(model).double()
+    top = torch.argsort(scores, descending=True, stable=True)[:3].tolist()
+    assert [r["token_id"] for r in sorted(rows, key=lambda r: r["rank"])] == top
+    assert_close(torch.tensor([r["score"] for r in sorted(rows, key=lambda r: r["rank"])], dtype=torch.float64),
+                 scores[top], rtol=1e-5, atol=1e-5)
+    (models_file,) = table_files(manifest, "models", ["opt"])
+    row = pq.read_table(tmp_path / "db" / models_file).to_pylist()[0]
+    assert model_settings(row)["conventions"]["position_offset"] == 2
+    assert row["n_ctx"] == model.config.max_position_embeddings
 
 
 def test_cohere_logit_scale_is_recorded(built):

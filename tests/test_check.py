@@ -157,7 +157,22 @@ def test_a_listed_file_that_links_outside_is_reported(db, tmp_path):
     target.unlink()
     target.symlink_to(outside)
     r = check(db)
-    assert r.exit_code == 1 and "model a: " in r.stdout and "link" in r.stdout
+    assert r.exit_code == 1 and "model a: " in r.stdout and "link out of the dataset" in r.stdout
+
+
+def test_a_listed_file_that_links_inside_the_dataset_passes_as_readers_accept_it(db):
+    """One link rule (schemas.format.links_out) for check and the readers: a link inside the
+    dataset reads the dataset's own bytes (check used to report any link)."""
+    from query import Dataset
+
+    target = files_of(db, "a", "heads")[0]
+    kept = db / "heads" / "kept.bin"
+    shutil.move(target, kept)
+    target.symlink_to(kept)
+    r = check(db)
+    assert r.exit_code == 0, r.stdout
+    with Dataset(db) as ds:
+        assert ds.sql("SELECT count(*) AS n FROM heads WHERE model = 'a'").column("n").to_pylist()[0] > 0
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"models": {"a": 3}}'])
@@ -230,3 +245,56 @@ def test_printed_commands_survive_the_shell(path, shown):
     line = zeropass_command("check", "--db", path, "--repair")
     assert line == f"zeropass check --db {shown} --repair"
     assert shlex.split(line)[3] in (path, "./" + path)
+
+
+# -- issue 20: recover never resolves a name collision by age; repair frees space first --------
+
+def test_recover_reports_two_checkpoints_under_one_name_and_deletes_nothing(db):
+    """A build of other weights planted under `a` used to become `a`, and a's genuine build was
+    then listed as leftovers that --repair deletes."""
+    (planted,) = files_of(db, "b", "models")
+    genuine = sorted(p for p in db.rglob("*.parquet") if "model=a" in p.as_posix())
+    target = db / "models" / "model=a" / planted.name
+    shutil.copy(planted, target)  # b's weights, newer than a's build, under the name a
+    (db / "manifest.json").unlink()
+    r = check(db, "--recover")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), r.stderr
+    assert "model a has builds of two different checkpoints" in r.stderr
+    assert f"models/model=a/{planted.name}" in r.stderr and "models/model=a/" in r.stderr.replace(planted.name, "", 1)
+    assert not (db / "manifest.json").exists()
+    assert all(p.is_file() for p in genuine)
+    target.unlink()  # the user moves the stranger away: recover then restores a as it was
+    assert check(db, "--recover").exit_code == 0
+    assert check(db).exit_code == 0 and all(p.is_file() for p in genuine)
+
+
+def test_repair_frees_space_before_it_writes(tmp_path, small_disk):
+    """The leftovers of a merge that failed on a full disk: --repair used to write the catalog
+    first and fail with ENOSPC, so it could never run."""
+    from indexer.check import check_dataset, repair
+    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+    from tests.disks import fill
+
+    db = small_disk / "db"
+    _model(db, "alpha", "vshared", SHARED_TOKENS, 1, PLANTED["alpha"])
+    leftover = db / "vectors" / "model=alpha" / "layer=0" / "merge-leftover.parquet"
+    leftover.write_bytes(os.urandom(400_000))
+    fill(small_disk)
+    repair(db)
+    assert not leftover.exists()
+    (small_disk / "ballast").unlink()
+    assert check_dataset(db).problems == []
+
+
+def test_repair_and_check_agree_after_a_dataset_was_published_inside_another(db, tmp_path):
+    """An old zeropass accepted `publish DB DB/vectors/pub`: DB's check must name what --repair
+    removes, and one --repair must make it clean (not the same advice forever)."""
+    from indexer.publish import publish_dataset
+
+    publish_dataset(db, tmp_path / "pub")
+    shutil.move(tmp_path / "pub", db / "vectors" / "pub")
+    first = check(db)
+    assert first.exit_code == 1 and ["check", "--db", str(db), "--repair"] in repair_commands(first)
+    assert check(db, "--repair").exit_code == 0
+    r = check(db)
+    assert r.exit_code == 0, r.stdout

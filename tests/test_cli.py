@@ -215,6 +215,6 @@ def test_demo_refuses_a_dataset_of_another_schema_version(tmp_path):
 
     old = tmp_path / "old-db"
     old.mkdir()
-    (old / "manifest.json").write_text(json.dumps({"format": 1, "schema_version": 1, "models": {"minilm": {}}}))
+    (old / "manifest.json").write_text(json.dumps({"format": "zeropass-dataset", "schema_version": 1, "models": {"minilm": {}}}))
     r = CliRunner().invoke(demo, ["--db", str(old)])
     _one_error_line(r, "schema version 1", "rm -rf", "ZEROPASS_DB")

@@ -346,7 +346,7 @@ def test_check_repair_removes_leftovers_and_rewrites_a_stale_catalog(tmp_path, m
     assert invoke("check", "--db", db).exit_code == 0
 
 
-# -- 7. one publish path: remove_model and store_alignment take the lock -----------------------
+# -- 7. one commit path: remove_model and store_alignment take the lock -----------------------
 
 def test_remove_model_waits_for_the_writer_lock(tmp_path, models):
     from indexer.dataset import remove_model

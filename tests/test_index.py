@@ -422,3 +422,38 @@ def test_layers_option_indexes_only_those_layers(tmp_path):
     assert layers == {1, None}  # None: positional embeddings
     settings = json.loads(read_table(db, "models").column("settings")[0].as_py())
     assert settings["layers"] == [1]
+
+
+def test_a_db_inside_another_dataset_is_refused(tmp_path, synthetic_db):
+    """A neighbour of issue 20's nested merge/publish: `index --db DB/vectors/x` made a dataset
+    whose files DB's `check --repair` deletes as leftovers."""
+    import shutil
+
+    from indexer.dataset import check_writable
+
+    db = Path(shutil.copytree(synthetic_db, tmp_path / "db"))
+    for inner in (db / "vectors" / "x", db / "sub"):
+        with pytest.raises(DatasetError, match="is inside the dataset"):
+            check_writable(inner)
+        assert not inner.exists()
+    check_writable(tmp_path / "beside")  # a sibling is fine
+
+
+def test_the_writer_never_commits_a_manifest_its_readers_refuse(tmp_path, synthetic_db):
+    """A neighbour of the glob rule: `align ./ckpt[1] ...` names the alignment after the path's
+    last part; a `[` in a listed path would make every reader refuse the dataset afterwards."""
+    import shutil
+
+    from indexer.align import _slug
+    from indexer.dataset import store_alignment
+    from query import Dataset
+    from schemas import TABLES
+
+    assert _slug("/ckpts/run[1]") == "run-1-" and _slug("/ckpts/a*b?") == "a-b-"
+    db = Path(shutil.copytree(synthetic_db, tmp_path / "db"))
+    before = (db / "manifest.json").read_bytes()
+    with pytest.raises(DatasetError, match="refusing to commit.*glob character"):
+        store_alignment(db, "run[1]", "alpha", TABLES["alignments"].schema.empty_table())
+    assert (db / "manifest.json").read_bytes() == before
+    with Dataset(db) as ds:
+        assert ds.sql("SELECT count(*) AS n FROM models").column("n").to_pylist() == [3]

@@ -192,3 +192,47 @@ def test_sigkill_mid_merge_leaves_the_target_as_it_was(built, tmp_path):
     assert zp("check", "--db", out).returncode == 0
     listed = set(table_files(read_manifest(out), "vectors"))
     assert {p.relative_to(out).as_posix() for p in (out / "vectors").rglob("*.parquet")} == listed
+
+
+# -- issue 20: nested datasets, glob characters ----------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["target-inside-source", "source-inside-target"])
+def test_a_target_inside_a_source_or_the_reverse_is_refused(built, tmp_path, layout):
+    import shutil
+
+    from indexer.merge import MergeError, merge
+
+    outer = tmp_path / "outer"
+    shutil.copytree(built / "h", outer)
+    before = sorted(p.relative_to(outer) for p in outer.rglob("*"))
+    if layout == "target-inside-source":
+        src, into, match = outer, outer / "sub", "is inside merge source"
+    else:
+        shutil.copytree(built / "full", outer / "vectors" / "inner")
+        before = sorted(p.relative_to(outer) for p in outer.rglob("*"))
+        src, into, match = outer / "vectors" / "inner", outer, "is inside the target"
+    with pytest.raises(MergeError, match=match):
+        merge([src], into)
+    assert sorted(p.relative_to(outer) for p in outer.rglob("*")) == before  # nothing created, nothing copied
+
+
+def test_a_glob_character_in_a_source_path_is_refused_before_any_copy(built, tmp_path):
+    """A listed path with `*` used to leave files literally named `*` in the target."""
+    import shutil
+
+    from indexer.merge import MergeError, merge
+
+    src = tmp_path / "src"
+    shutil.copytree(built / "full", src)
+    manifest = json.loads((src / "manifest.json").read_text())
+    files = manifest["models"]["g"]["files"]["vectors"]
+    old = files[-1]
+    new = old.rsplit("/", 1)[0] + "/*.parquet"
+    (src / old).rename(src / new)
+    files[-1] = new
+    manifest["models"]["g"]["file_info"][new] = manifest["models"]["g"]["file_info"].pop(old)
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MergeError, match=r"glob character"):
+        merge([built / "h", src], tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").rglob("*") if any(c in p.name for c in "*?[")]
+    assert not list((tmp_path / "out").rglob("*.parquet"))

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 import schemas
 from schemas import TABLES, duckdb_type, empty_select_sql
@@ -111,3 +112,63 @@ def test_schemas_modules_import_without_duckdb_torch_or_numpy():
             "import schemas.kinds, schemas.units, schemas.tokens\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(DOC.parent.parent), timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# -- schemas.format: the rules writer and readers share ------------------------------------------
+
+def test_revision_is_one_contract_between_publish_and_the_remote_reader(tmp_path, synthetic_db):
+    """publish names what it writes and query.remote names what it read by the same function."""
+    import hashlib
+
+    from indexer.publish import plan
+    from schemas.format import revision
+
+    data = (synthetic_db / "manifest.json").read_bytes()
+    assert revision(data) == hashlib.sha256(data).hexdigest()[:16]
+    assert plan(synthetic_db, str(tmp_path / "dest"))[0].revision == revision(data)
+
+
+@pytest.mark.parametrize("rel,why", [
+    ("vectors/model=a/*.parquet", "glob"), ("vectors/model=a/x?.parquet", "glob"), ("vectors/model=[a]/x.parquet", "glob"),
+    ("/abs/x.parquet", "absolute"), ("vectors/../x.parquet", "leaves"), ("vectors\\x.parquet", "backslash"),
+])
+def test_unsafe_manifest_paths_are_refused_with_their_reason(rel, why):
+    from schemas.format import BadManifest, validate_manifest
+
+    with pytest.raises(BadManifest, match=why):
+        validate_manifest({"models": {"a": {"files": {"vectors": [rel]}}}})
+
+
+@pytest.mark.parametrize("manifest,error,match", [
+    ({"format": "other", "models": {}}, "OtherFormat", "not a zeropass dataset"),
+    ({"format": "zeropass-dataset", "schema_version": -1, "models": {"m": {"source": "org/m"}}}, "OtherVersion",
+     r"schema version -1 and .*`zeropass index MODEL --db NEWDIR.*models: org/m"),
+])
+def test_one_version_gate_and_one_message(manifest, error, match):
+    import schemas.format as fmt
+
+    with pytest.raises(getattr(fmt, error), match=match):
+        fmt.check_version(manifest, "DB")
+
+
+def test_the_link_rule_accepts_links_inside_and_refuses_links_out(tmp_path):
+    from schemas.format import inside, links_out
+
+    root = tmp_path / "db"
+    (root / "vectors").mkdir(parents=True)
+    (root / "vectors" / "real.parquet").write_bytes(b"x")
+    (root / "vectors" / "in.parquet").symlink_to(root / "vectors" / "real.parquet")
+    (tmp_path / "elsewhere.parquet").write_bytes(b"x")
+    (root / "vectors" / "out.parquet").symlink_to(tmp_path / "elsewhere.parquet")
+    rels = ["vectors/real.parquet", "vectors/in.parquet", "vectors/out.parquet"]
+    assert [rel for rel, _ in links_out(root, rels)] == ["vectors/out.parquet"]
+    assert inside(root / "vectors" / "new", root) and inside(root, root) and not inside(tmp_path, root)
+
+
+def test_model_settings_reads_the_settings_column():
+    from schemas.format import model_settings
+
+    assert model_settings({"settings": '{"k": 3}'}) == {"k": 3}
+    assert model_settings({"settings": None}) == {} == model_settings(None)
+    with pytest.raises(ValueError):
+        model_settings({"settings": "[1]"})

@@ -61,7 +61,8 @@ class Layout:
     """Tensor names of one family (layer tensors are suffixes after ``{layers}.N.``)."""
 
     embed: str = "embed_tokens"
-    pos: Optional[str] = None  # learned absolute positions, kept as stored (OPT: row p + 2)
+    pos: Optional[str] = None  # learned absolute positions ...
+    pos_offset: int = 0  # ... where position p reads row p + pos_offset (OPT: 2); the rows before are dropped
     ln_embed: Optional[str] = None  # a norm on the embeddings before layer 0 (BLOOM)
     final: Optional[str] = "norm"  # the norm before the unembedding
     lm_head: str = "lm_head"
@@ -189,7 +190,7 @@ LAYOUTS = {
                           ln_attn="ln_1", ln_mlp="ln_2", tied_default=True, extra_rules=_GPT_BUFFERS,
                           configure=lambda c: dict(n_kv_heads=1) if c.multi_query
                           else dict(n_kv_heads=c.num_attention_heads, fused_order="per_head")),
-    "opt": Layout(pos="embed_positions", final="final_layer_norm", o="out_proj", mlp_prefix="",
+    "opt": Layout(pos="embed_positions", pos_offset=2, final="final_layer_norm", o="out_proj", mlp_prefix="",
                   mlp=(None, "fc1", "fc2"), ln_attn="self_attn_layer_norm", ln_mlp="final_layer_norm",
                   tied_default=True, project_in="project_in", project_out="project_out", configure=_opt),
     "bloom": Layout(**_BLOOM_FALCON, ln_embed="word_embeddings_layernorm", fused_order="per_head",
@@ -343,6 +344,11 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
                                 f"inconsistent") from None
         tied = False
     W_pos = r.need(layout.pos + ".weight") if layout.pos else None
+    if W_pos is not None and layout.pos_offset:
+        # OPT's position p reads row p + 2 (OPTLearnedPositionalEmbedding.offset); rows 0 and 1
+        # are read by no position. Units name the position they encode (P0 = row 2), so the
+        # unused rows are dropped and the offset recorded in models.settings (conventions).
+        W_pos = W_pos[layout.pos_offset:].contiguous()
     gain = lambda t: None if t is None else t + layout.gain_offset  # noqa: E731
 
     def norm(name):
@@ -380,6 +386,8 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
     conventions = {k: getattr(config, k) for k in layout.recorded if getattr(config, k, None) is not None}
     if layout.embedding_multiplier:
         conventions["embedding_multiplier"] = math.sqrt(d_model)
+    if W_pos is not None and layout.pos_offset:
+        conventions["position_offset"] = layout.pos_offset
     if moe is not None:  # how the run-time routing combines experts: recorded, nothing to project
         conventions.update(n_experts=n_experts, d_ff_shared=d_ff_shared,
                            experts_per_token=cfg(config, "num_experts_per_tok"),

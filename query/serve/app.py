@@ -29,6 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from schemas import TABLES
+from schemas.format import model_settings
 from schemas.kinds import ALL_KINDS
 
 from .. import output
@@ -370,8 +371,7 @@ def _kind_heatmap(model: str, vrows: list[dict]) -> dict | None:
 
 def _settings(info: dict) -> dict:
     try:
-        s = json.loads(info.get("settings") or "{}")
-        return s if isinstance(s, dict) else {"settings": s}
+        return model_settings(info)
     except ValueError:
         return {"settings": info.get("settings")}
 

@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from schemas.format import BadManifest, model_settings, read_manifest
+
 from .errors import MissingDependency, ZeropassError
 
 Progress = Callable[[str], None]
@@ -81,8 +83,12 @@ class Job:
 
 # -- the spec ------------------------------------------------------------------------------
 
-def read_spec(path: str | Path) -> list[Job]:
-    """The jobs a SPEC file lists (relative paths are relative to the SPEC's directory)."""
+def read_spec(path: str | Path, progress: Optional[Progress] = None) -> list[Job]:
+    """The jobs a SPEC file lists (relative paths are relative to the SPEC's directory).
+
+    Every value is checked here, before any model is built: a value a build would refuse after
+    loading (minutes) fails the whole SPEC at once. ``progress`` hears what is skipped.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -109,7 +115,7 @@ def read_spec(path: str | Path) -> list[Job]:
         _check_table(s, _SERIES_KEYS, where)
         if not isinstance(s.get("name"), str) or not s["name"]:
             raise SpecError(f"{where} has no name: a series needs name = \"...\" (its models are NAME-stepN)")
-        for step, source, revision in _steps(s, base, where):
+        for step, source, revision in _steps(s, base, where, progress or (lambda _m: None)):
             job = dict(defaults, **{k: v for k, v in s.items() if k in _KEYS - {"name", "source", "revision"}}, source=source, revision=revision,
                        name=f"{s['name']}-step{step}")
             jobs.append(_job(job, base, where, series=s["name"], step=step))
@@ -174,7 +180,7 @@ def _job(m: dict, base: Path, where: str, series: Optional[str] = None, step: Op
 _STEP = re.compile(r"^(?:step|checkpoint|ckpt|global_step|iter)?[-_]?([0-9]+)$", re.I)
 
 
-def _steps(s: dict, base: Path, where: str) -> list[tuple[int, str, Optional[str]]]:
+def _steps(s: dict, base: Path, where: str, say: Progress) -> list[tuple[int, str, Optional[str]]]:
     """(step, source, revision) of each checkpoint of a series, by step."""
     given = [k for k in ("revisions", "directory", "steps") if k in s]
     if len(given) != 1:
@@ -193,10 +199,17 @@ def _steps(s: dict, base: Path, where: str) -> list[tuple[int, str, Optional[str
         d = Path(_local(str(s["directory"]), base))
         if not d.is_dir():
             raise SpecError(f"{where}: directory {s['directory']!r} does not exist")
+        skipped = []
         for sub in sorted(d.iterdir()):
             m = _STEP.match(sub.name)
             if sub.is_dir() and m:
                 out.append((int(m.group(1)), str(sub), None))
+            else:
+                skipped.append(sub.name)
+        if skipped and out:
+            say(f"{where}: skipped {len(skipped)} entr{'ies' if len(skipped) != 1 else 'y'} of {d} that "
+                f"{'are' if len(skipped) != 1 else 'is'} not a step directory (stepN/, N/, checkpoint-N/): "
+                f"{', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}")
         if not out:
             raise SpecError(f"{where}: directory {d} has no step subdirectories (step100/, 200/, checkpoint-300/)")
     else:
@@ -206,9 +219,17 @@ def _steps(s: dict, base: Path, where: str) -> list[tuple[int, str, Optional[str
             if not str(k).isdigit() or not isinstance(v, str):
                 raise SpecError(f"{where}: steps entry {k!r} = {v!r} is not N = \"path\"")
             out.append((int(k), _local(v, base), None))
-    steps = [st for st, _, _ in out]
-    if len(set(steps)) != len(steps):
-        raise SpecError(f"{where} has a step more than once")
+    from .build import INT64_MAX
+
+    by_step: dict[int, list[str]] = {}
+    for st, source, revision in out:
+        by_step.setdefault(st, []).append(revision or source)
+    for st, names in sorted(by_step.items()):
+        if not 0 <= st <= INT64_MAX:
+            raise SpecError(f"{where}: step {st} ({names[0]}) is not a step number from 0 to {INT64_MAX} "
+                            f"(models.step is a 64-bit integer)")
+        if len(names) > 1:
+            raise SpecError(f"{where} has step {st} more than once ({', '.join(names)}): keep one of them")
     return sorted(out)
 
 
@@ -216,11 +237,7 @@ def _steps(s: dict, base: Path, where: str) -> list[tuple[int, str, Optional[str
 
 def _done(db: Path, job: Job) -> bool:
     """Whether DB holds ``job``'s model from the same source with the same settings."""
-    import json
-
     import pyarrow.parquet as pq
-
-    from schemas.layout import BadManifest, read_manifest
 
     from .build import parse_layers
 
@@ -233,7 +250,7 @@ def _done(db: Path, job: Job) -> bool:
         return False
     try:
         row = pq.read_table(db / entry["files"]["models"][0]).to_pylist()[0]
-        settings = json.loads(row["settings"])
+        settings = model_settings(row)
         layers = parse_layers(job.shard or job.layers, row["n_layers"])
     except Exception:  # anything unreadable: not done, the build decides
         return False
@@ -302,15 +319,15 @@ def index_many(spec: str | Path, db: str | Path, *, ray: Optional[str] = None, u
     """Build every model SPEC lists into ``db``: here, one after the other, or with ``use_ray`` as
     Ray tasks (``ray``: the cluster address; None starts a local instance, or uses the one this
     process already joined)."""
-    from .dataset import check_writable, dataset_lock, open_dataset, publish
+    from .dataset import check_writable, commit, dataset_lock, open_dataset
 
     say = progress or (lambda _m: None)
-    jobs = read_spec(spec)
+    jobs = read_spec(spec, say)
     db = Path(db)
     check_writable(db)
     with dataset_lock(db):  # the (empty) manifest first: staged shards then sit in a dataset, not a stranger's dir
         if open_dataset(db) is None:
-            publish(db, lambda m: [])
+            commit(db, lambda m: [])
     if use_ray:
         return _with_ray(jobs, db, ray, say, shard_bytes)
     report = ManyReport()

@@ -167,7 +167,7 @@ def _ray_workers_running(name: str) -> list[int]:
 
 @pytest.mark.ray
 def test_ray_build_equals_sequential_and_survives_a_killed_worker(local_ray, ckpts, tmp_path):
-    from indexer.many import index_many
+    from indexer.index_many import index_many
 
     s = spec(tmp_path, ckpts, "a", "b")
     seq = tmp_path / "seq"
@@ -200,3 +200,58 @@ def test_ray_build_equals_sequential_and_survives_a_killed_worker(local_ray, ckp
     assert zp("check", "--db", db).returncode == 0
     # a rerun has nothing to do
     assert index_many(s, db, use_ray=True).skipped == ["a", "b"]
+
+
+# -- SPEC values are checked before anything is built (issue 20) --------------------------------
+
+def _series_spec(tmp_path, body: str) -> Path:
+    p = tmp_path / "spec.toml"
+    p.write_text("[[series]]\nname = 's'\n" + body)
+    return p
+
+
+def test_a_step_beyond_int64_is_refused_before_building(ckpts, tmp_path):
+    """It used to build the whole model and then fail writing models.step (OverflowError), every rerun."""
+    from indexer.index_many import SpecError, index_many
+
+    spec = _series_spec(tmp_path, f"steps = {{ {2**63} = '{ckpts / 'a'}' }}\n")
+    with pytest.raises(SpecError, match=f"step {2**63} .* 64-bit"):
+        index_many(spec, tmp_path / "db")
+    assert not (tmp_path / "db").exists()
+
+
+def test_a_revision_step_beyond_int64_is_refused(tmp_path):
+    from indexer.index_many import SpecError, read_spec
+
+    with pytest.raises(SpecError, match="64-bit"):
+        read_spec(_series_spec(tmp_path, f"source = 'org/m'\nrevisions = ['step{2**64}']\n"))
+
+
+def test_index_model_refuses_a_step_beyond_int64_before_loading(tmp_path):
+    from indexer.build import BadOption, index_model
+
+    with pytest.raises(BadOption, match="64-bit"):
+        index_model(str(tmp_path / "not-even-there"), tmp_path / "db", step=2**63)
+
+
+def test_directory_entries_that_are_not_steps_are_named(ckpts, tmp_path):
+    from indexer.index_many import read_spec
+
+    d = tmp_path / "ckpts"
+    (d / "step100").mkdir(parents=True)
+    (d / "best").mkdir()
+    (d / "notes.txt").write_text("x")
+    heard = []
+    jobs = read_spec(_series_spec(tmp_path, f"directory = '{d}'\n"), heard.append)
+    assert [j.step for j in jobs] == [100]
+    assert len(heard) == 1 and "skipped 2 entries" in heard[0] and "best" in heard[0] and "notes.txt" in heard[0]
+
+
+def test_a_step_present_twice_names_both_directories(tmp_path):
+    from indexer.index_many import SpecError, read_spec
+
+    d = tmp_path / "ckpts"
+    (d / "step100").mkdir(parents=True)
+    (d / "checkpoint-100").mkdir()
+    with pytest.raises(SpecError, match=r"step 100 more than once \(.*checkpoint-100, .*step100\)"):
+        read_spec(_series_spec(tmp_path, f"directory = '{d}'\n"))
