@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import duckdb
@@ -38,7 +38,7 @@ from schemas import layout
 from schemas.layout import FORMAT, MANIFEST, Owner, duckdb_path, table_files, view_sql
 
 from .errors import (BadManifest, BadSQL, DamagedFile, ForbiddenSQL, Interrupted, NotADataset, QueryError,
-                     QueryTimeout, SchemaMismatch, UnknownModel)
+                     QueryTimeout, RemoteDenied, RemoteUnreachable, SchemaMismatch, UnknownModel)
 from . import remote
 from .units import quoted
 
@@ -287,7 +287,11 @@ class Dataset:
     queries take turns on its one connection.
     """
 
-    def __init__(self, path: str | Path, cache_dir: str | Path | None = None):
+    def __init__(self, path: str | Path, cache_dir: str | Path | None = None, timeout: float | None = None):
+        """``timeout``: seconds opening a remote dataset may take in all (default
+        ``query.remote.REMOTE_TIMEOUT``); a local directory opens without network waits."""
+        if timeout is not None and (not isinstance(timeout, (int, float)) or not timeout > 0 or timeout != timeout):
+            raise BadSQL(f"timeout must be a positive number of seconds, not {timeout!r}")
         # A URL is read where it is published (query.remote); its root is the URL, for messages.
         self._remote = remote.Remote(str(path), cache_dir) if remote.is_url(path) else None
         if self._remote is not None:
@@ -306,15 +310,19 @@ class Dataset:
         self._no_compacted: set[str] = set()   # tables whose compacted file could not be bound
         self._why_stopped: str | None = None   # "timeout" / "interrupt" while a query is stopped
         self._timeout: float | None = None     # the running query's timeout, for its message
-        self._read_manifest()
-        # DuckDB spills to, and allows reading from, its temp directory: give it one nobody else controls.
-        self._tmp = tempfile.mkdtemp(prefix="zeropass-duckdb-")  # mode 0700
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        try:
-            self.con = self._connect()
-        except BaseException:
-            self._cleanup()
-            raise
+        # Opening reads the manifest and the first footer of each view: over a network, all of it
+        # within one deadline (a server that trickles bytes cannot hold the open for longer).
+        opening = self._remote.within(timeout or remote.REMOTE_TIMEOUT) if self._remote is not None else nullcontext()
+        with opening:
+            self._read_manifest()
+            # DuckDB spills to, and allows reading from, its temp directory: give it one nobody else controls.
+            self._tmp = tempfile.mkdtemp(prefix="zeropass-duckdb-")  # mode 0700
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
+            try:
+                self.con = self._connect()
+            except BaseException:
+                self._cleanup()
+                raise
 
     def _read_manifest(self) -> None:
         if self._remote is not None:
@@ -422,6 +430,7 @@ class Dataset:
                     raise duckdb.IOException(f"compacted file missing: {src.compacted}")
                 self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {head}")
             except duckdb.Error as e:
+                self._raise_remote_failure()
                 for f in src.compacted:
                     self._unreadable.setdefault(f, _first_line(e))
                 self._no_compacted.add(table)
@@ -437,6 +446,7 @@ class Dataset:
                 sql = candidate
                 break
             except duckdb.Error as e:
+                self._raise_remote_failure()
                 bad = self._listed_file_in(str(e), order)
                 if bad is None or bad in self._unreadable:
                     raise self._translate(e, None) from None
@@ -456,6 +466,14 @@ class Dataset:
             self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
         except duckdb.Error as e:  # a file deleted since it bound above (a re-index publishing now)
             raise self._translate(e, self._listed_file_in(str(e))) from None
+
+    def _raise_remote_failure(self) -> None:
+        """A failed remote read that is not the file's fault (deadline, network, Ctrl-C) stops here:
+        taking the file for damaged would hide it until a query read it."""
+        err = self._remote.last_error if self._remote is not None else None
+        if isinstance(err, (QueryTimeout, Interrupted, RemoteUnreachable, RemoteDenied, MemoryError)):
+            self._remote.last_error = None
+            raise err
 
     def source(self, table: str, models: list[str] | None = None, layers: list[int] | None = None,
                compacted: bool = True) -> str:
@@ -645,7 +663,16 @@ class Dataset:
             return
         if not isinstance(timeout, (int, float)) or not timeout > 0 or timeout != timeout:
             raise BadSQL(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if self._remote is not None:
+            # DuckDB cannot interrupt a read it is waiting on: the reads end by the deadline themselves
+            with self._remote.within(timeout), self._deadline_timer(timeout):
+                yield
+            return
+        with self._deadline_timer(timeout):
+            yield
 
+    @contextmanager
+    def _deadline_timer(self, timeout: float):
         def fire():
             self._why_stopped = "timeout"
             self.con.interrupt()
@@ -695,6 +722,11 @@ class Dataset:
                 return QueryTimeout(f"the query ran longer than {timeout:g} s and was stopped (--timeout / timeout=): "
                                     f"narrow it, or allow more time")
             return Interrupted("interrupted")
+        if isinstance(e, duckdb.PermissionException) or msg.startswith("Permission Error"):
+            # before damage: a refused path may start with a listed file's name (FILE/../../x)
+            return ForbiddenSQL(
+                f"{_first_line(e).removeprefix('Permission Error: ')}: only the dataset's own files "
+                f"(under {self.root}) can be read")
         if bad is not None:
             return self._damaged(bad, self._unreadable.get(bad) or _first_line(e))
         if isinstance(e, duckdb.PermissionException):
@@ -707,6 +739,9 @@ class Dataset:
             m = re.search(r"Table with name (.+?) does not exist", msg)
             if m and ("/" in m.group(1) or "." in m.group(1)):
                 return ForbiddenSQL(f"cannot read {m.group(1)}: only the dataset's own files (under {self.root}) can be read")
+        if "Traceback (most recent call last)" in msg:  # a Python callback failed: its last line is the error
+            lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+            return BadSQL(f"reading the dataset failed: {lines[-1] if lines else type(e).__name__}")
         return BadSQL(_first_line(e))
 
     def _damaged(self, rel: str, detail: str) -> DamagedFile:

@@ -33,21 +33,26 @@ import os
 import re
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 from schemas.layout import MANIFEST, file_info, unsafe_relpath
 
-from .errors import DatasetChanged, ForbiddenSQL, NotADataset, QueryError, RemoteDenied, RemoteUnreachable
+from .errors import (DatasetChanged, ForbiddenSQL, Interrupted, NotADataset, OutOfMemory, QueryError, RemoteDenied,
+                     RemoteTimeout, RemoteUnreachable)
 
 PROTOCOL = "zeropass"
 TAIL_CACHE_MAX = 4 << 20      # bytes of a file's tail kept on disk (its footer; a larger footer is read each time)
 MANIFEST_MAX = 64 << 20       # a URL whose manifest.json is larger is not read whole (it is not ours)
 MEMORY_CACHE = 64 << 20       # bytes of recently read ranges kept per open dataset (a repeated query reads none again)
-HTTP_TIMEOUT = 30.0           # seconds per request
+HTTP_TIMEOUT = 30.0           # seconds one socket read may wait
+REMOTE_TIMEOUT = 60.0         # seconds an open, or one read of a query without --timeout, may take in all
+CHUNK = 1 << 20               # bytes read from a response at a time (the deadline is checked between reads)
 _URL = re.compile(r"\A[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
@@ -100,17 +105,45 @@ def _host(url: str) -> str:
 
 # -- stores: where the bytes are ---------------------------------------------------------------
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows http(s) redirects only (urllib would follow one to ftp://), remembering where it went."""
+
+    def __init__(self):
+        self.last: str | None = None
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise RemoteUnreachable(f"{req.full_url} redirects to {newurl}, which is not http(s): refused; "
+                                    f"check the URL, or ask its publisher to serve it over http(s)")
+        self.last = newurl
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class HTTPStore:
-    """Files under an http(s) base URL, read with Range requests (standard library only)."""
+    """Files under an http(s) base URL, read with Range requests (standard library only).
+
+    Every request has a deadline (``self.deadline()``, a ``time.monotonic`` value): a server that
+    trickles bytes is cut off at it, however often each socket read returns. A response is read
+    in ``CHUNK``-sized pieces and never past what was asked, whatever the server sends.
+    """
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         # spaces, brackets, non-ASCII in the path are sent percent-encoded (an existing %XX stays)
         parts = urllib.parse.urlsplit(self.url)
         self._base = urllib.parse.urlunsplit(parts._replace(path=urllib.parse.quote(parts.path, safe="/%:@!$&'()*+,;=~")))
+        self.deadline = lambda: time.monotonic() + REMOTE_TIMEOUT
+        self.timed_out = lambda what: RemoteTimeout(f"{what} took longer than {REMOTE_TIMEOUT:g} s")
+
+    def _left(self, stop: float, what: str) -> float:
+        left = stop - time.monotonic()
+        if left <= 0:
+            raise self.timed_out(what)
+        return left
 
     def _request(self, rel: str, start: int | None = None, end: int | None = None, method: str = "GET"):
         url = f"{self.url}/{rel}"
+        stop = self.deadline()
         try:
             req = urllib.request.Request(f"{self._base}/{urllib.parse.quote(rel)}", method=method,
                                          headers={"User-Agent": "zeropass"})
@@ -118,8 +151,11 @@ class HTTPStore:
             raise RemoteUnreachable(f"{self.url} is not a usable URL ({_first(e)}): check it") from None
         if start is not None:
             req.add_header("Range", f"bytes={start}-{end - 1}")
+        redirects = _Redirects()
         try:
-            return urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)
+            r = urllib.request.build_opener(redirects).open(req, timeout=min(HTTP_TIMEOUT, self._left(stop, f"reading {url}")))
+        except QueryError:
+            raise
         except (ValueError, http.client.InvalidURL) as e:
             raise RemoteUnreachable(f"{self.url} is not a usable URL ({_first(e)}): check it") from None
         except urllib.error.HTTPError as e:
@@ -129,28 +165,77 @@ class HTTPStore:
             if e.code in (401, 403):
                 raise RemoteDenied(f"access to {url} was refused (HTTP {e.code}): check the URL and your credentials") from None
             raise RemoteUnreachable(f"{url} answered HTTP {e.code} {e.reason}: try again later, or check the URL") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, reset, cut short
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, reset, cut short, timed out
+            if time.monotonic() >= stop:
+                raise self.timed_out(f"reading {url}") from None
             reason = getattr(e, "reason", None) or e
-            raise RemoteUnreachable(f"cannot reach {_host(url)} ({reason}): check the URL and your network") from None
+            where = _host(redirects.last or url)  # the host that failed, after any redirect
+            raise RemoteUnreachable(f"cannot reach {where} ({reason}): check the URL and your network") from None
+        r.zeropass_stop = stop
+        return r
 
-    def cat(self, rel: str, start: int | None = None, end: int | None = None, limit: int | None = None) -> bytes:
-        """Bytes [start, end) of ``rel`` (all of it without a range; at most ``limit`` + 1 bytes when given)."""
+    def _read(self, r, n: int, what: str) -> bytes:
+        """At most ``n`` bytes of the body, a chunk at a time, each read bounded by the deadline."""
+        out = bytearray()
+        while len(out) < n:
+            left = self._left(r.zeropass_stop, what)
+            sock = getattr(getattr(getattr(r, "fp", None), "raw", None), "_sock", None)
+            if sock is not None:
+                sock.settimeout(min(HTTP_TIMEOUT, left))
+            try:
+                piece = r.read1(min(CHUNK, n - len(out)))
+            except TimeoutError:
+                raise self.timed_out(what) from None
+            except (http.client.HTTPException, OSError) as e:  # the connection dropped mid-body
+                if time.monotonic() >= r.zeropass_stop:
+                    raise self.timed_out(what) from None
+                raise RemoteUnreachable(f"{what} failed ({_first(e) or type(e).__name__}): "
+                                        f"check your network and run it again") from None
+            if not piece:
+                break
+            out += piece
+        return bytes(out)
+
+    def cat(self, rel: str, start: int | None = None, end: int | None = None, limit: int | None = None,
+            size: int | None = None) -> bytes:
+        """Bytes [start, end) of ``rel`` (all of it without a range; at most ``limit`` + 1 bytes when given).
+
+        ``size``: the file's listed size. A server that ignores Range is read up to ``end`` only
+        (the bytes before ``start`` are skipped a chunk at a time); one whose body is longer than
+        ``size`` is refused (DatasetChanged), since that is not the file the manifest lists.
+        """
         if start is not None and end <= start:
             return b""
+        what = f"reading {self.url}/{rel}"
         with self._request(rel, start, end) as r:
-            try:
-                data = r.read() if limit is None else r.read(limit + 1)
-            except (http.client.HTTPException, OSError) as e:  # the connection dropped mid-body
-                raise RemoteUnreachable(f"reading {self.url}/{rel} failed ({_first(e) or type(e).__name__}): "
-                                        f"check your network and run it again") from None
-            if start is not None and r.status == 200:  # the server ignored Range: keep the part asked for
-                data = data[start:end]
-        return data
+            if start is None:
+                return self._read(r, (limit + 1) if limit is not None else (size + 1 if size is not None else MANIFEST_MAX + 1), what)
+            if r.status != 200:
+                return self._read(r, end - start, what)
+            # the server ignored Range and sends the whole file (or more): keep the part asked for
+            length = r.headers.get("Content-Length")
+            if size is not None and length is not None and length.isdigit() and int(length) != size:
+                raise self._longer(rel, f"{int(length)} bytes")
+            skipped = 0
+            while skipped < start:
+                got = len(self._read(r, min(CHUNK, start - skipped), what))
+                if not got:
+                    break
+                skipped += got
+            data = self._read(r, end - start, what)
+            if size is not None and end >= size and self._read(r, 1, what):
+                raise self._longer(rel, "an endless body")
+            return data
+
+    def _longer(self, rel: str, got: str) -> DatasetChanged:
+        return DatasetChanged(f"{self.url}/{rel} is longer than the file the manifest lists (the server sent {got}): "
+                              f"it is not that file; the dataset changed while it was read, or the server is broken; "
+                              f"run the query again, or tell its publisher")
 
     def size(self, rel: str) -> int:
         with self._request(rel, method="HEAD") as r:
             n = r.headers.get("Content-Length")
-        if n is None:
+        if n is None or not n.strip().isdigit():
             raise RemoteUnreachable(f"{self.url}/{rel}: the server gives no size (Content-Length)")
         return int(n)
 
@@ -175,6 +260,8 @@ class FsspecStore:
                                     f"{url.split('://')[0]}:// (e.g. pip install s3fs / gcsfs / huggingface_hub)") from None
         self.base = self.base.rstrip("/")
         self.url = url.rstrip("/")
+        self.deadline = lambda: time.monotonic() + REMOTE_TIMEOUT
+        self.timed_out = lambda what: RemoteTimeout(f"{what} took longer than {REMOTE_TIMEOUT:g} s")
 
     def _path(self, rel: str) -> str:
         return f"{self.base}/{rel}" if self.base else rel
@@ -191,7 +278,11 @@ class FsspecStore:
         except Exception as e:  # noqa: BLE001 (each filesystem raises its own network errors)
             raise RemoteUnreachable(f"cannot read {self.url}/{rel} ({_first(e)}): check the URL and your network") from None
 
-    def cat(self, rel: str, start: int | None = None, end: int | None = None, limit: int | None = None) -> bytes:
+    def cat(self, rel: str, start: int | None = None, end: int | None = None, limit: int | None = None,
+            size: int | None = None) -> bytes:
+        # fsspec filesystems keep their own timeouts; the deadline is checked before each call
+        if time.monotonic() >= self.deadline():
+            raise self.timed_out(f"reading {self.url}/{rel}")
         if limit is not None and start is None:
             start, end = 0, limit + 1  # fsspec clips a range past the end
         return self._call(rel, lambda p: self.fs.cat_file(p, start=start, end=end))
@@ -223,6 +314,10 @@ class Remote:
     def __init__(self, url: str, cache_dir: str | Path | None = None):
         self.url = url.rstrip("/")
         self.store = store_for(self.url)
+        self.stop: float | None = None    # time.monotonic() by which the current operation must end
+        self.budget: float | None = None  # ... its length in seconds, for the message
+        self.store.deadline = self._deadline
+        self.store.timed_out = self._timed_out
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.revision: str | None = None
         self.sizes: dict[str, int | None] = {}
@@ -230,6 +325,28 @@ class Remote:
         self.bytes_read = 0           # bytes fetched from the store (not the cache), for the curious
         self.last_error: QueryError | None = None  # the typed error behind DuckDB's last failed read
         self.file_errors: dict[str, QueryError] = {}  # ... per listed file, until the views are bound again
+
+    def _deadline(self) -> float:
+        """When the request starting now must end: the operation's deadline, else REMOTE_TIMEOUT from now."""
+        own = time.monotonic() + REMOTE_TIMEOUT
+        return own if self.stop is None else min(own, self.stop)
+
+    def _timed_out(self, what: str) -> RemoteTimeout:
+        n = self.budget if self.stop is not None and self.budget is not None and self.budget < REMOTE_TIMEOUT else REMOTE_TIMEOUT
+        why = "--timeout / timeout=" if n is self.budget else "the default for a remote read, query.remote.REMOTE_TIMEOUT"
+        return RemoteTimeout(f"{what} took longer than {n:g} s ({why}) and was stopped: the server at {_host(self.url)} "
+                             f"is too slow; try again later, or allow more time with --timeout")
+
+    @contextmanager
+    def within(self, seconds: float | None):
+        """Every request made inside ends by ``seconds`` from now (None: REMOTE_TIMEOUT per request)."""
+        old = self.stop, self.budget
+        if seconds is not None:
+            self.stop, self.budget = time.monotonic() + seconds, seconds
+        try:
+            yield
+        finally:
+            self.stop, self.budget = old
 
     def manifest_text(self) -> str:
         """Fetch the manifest (every open; it is the commit point). Sets ``revision``."""
@@ -329,6 +446,8 @@ class DatasetFS:
         return n
 
     def _guard(self, body, rel: str | None = None):
+        """Run a read for DuckDB: whatever goes wrong is kept as a typed error (DuckDB reports an
+        exception from this callback as a Python traceback) and DuckDB gets a plain OSError."""
         try:
             return body()
         except QueryError as e:
@@ -336,6 +455,19 @@ class DatasetFS:
             raise OSError(str(e)) from None
         except FileNotFoundError as e:
             raise FileNotFoundError(str(e)) from None
+        except KeyboardInterrupt:  # Ctrl-C while this thread waited on the network
+            self._failed(rel, Interrupted("interrupted"))
+            raise OSError("interrupted") from None
+        except MemoryError:
+            err = OutOfMemory(f"memory ran out reading {self.remote.url}/{rel}: narrow the query (fewer models, "
+                              f"a LIMIT), or run it on a machine with more memory")
+            self._failed(rel, err)
+            raise OSError(str(err)) from None
+        except Exception as e:  # noqa: BLE001 (a filesystem's own error: one line naming the file)
+            err = RemoteUnreachable(f"reading {self.remote.url}/{rel} failed ({_first(e)}): check the URL and your "
+                                    f"network, and run it again")
+            self._failed(rel, err)
+            raise OSError(str(err)) from None
 
     def read(self, rel: str, start: int, end: int) -> bytes:
         size = self.size(rel)
@@ -351,7 +483,7 @@ class DatasetFS:
             if data is not None:
                 self._recent.move_to_end(key)
                 return data
-        data = self._guard(lambda: self.remote.store.cat(rel, start, end), rel)
+        data = self._guard(lambda: self.remote.store.cat(rel, start, end, size=size), rel)
         if len(data) != end - start:
             err = DatasetChanged(
                 f"{self.remote.url}/{rel} is not the file the manifest lists (got {len(data)} bytes of {end - start} "

@@ -69,3 +69,106 @@ def test_every_timestamp_duckdb_holds_renders(run_cli, fmt):
         assert r.stdout.splitlines()[1].startswith("infinity,-infinity,+10000-01-02T03:04:05.500000,+12345-06-07,-infinity,")
     else:
         assert "infinity" in r.stdout and "+12345-06-07" in r.stdout
+
+
+# -- hostile and broken servers ----------------------------------------------------------------
+
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from query import Dataset  # noqa: E402
+from query.errors import DatasetChanged, ForbiddenSQL, QueryTimeout, RemoteUnreachable  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.rangeserver import RangeServer  # noqa: E402
+
+
+def _cli(*args, timeout=60):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "query.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=timeout)
+    return r, time.monotonic() - t0
+
+
+def test_a_trickling_server_meets_the_open_deadline(synthetic_db, tmp_path):
+    with RangeServer(synthetic_db.parent, hostile="trickle", trickle_s=0.05) as srv:
+        url = f"{srv.url}/{synthetic_db.name}"
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout, match="127.0.0.1") as e:
+            Dataset(url, cache_dir=tmp_path / "c", timeout=1)
+        assert time.monotonic() - t0 < 3 and "\n" not in str(e.value)
+
+
+def test_a_trickling_server_meets_the_default_deadline(synthetic_db, tmp_path, monkeypatch):
+    from query import remote
+
+    monkeypatch.setattr(remote, "REMOTE_TIMEOUT", 1.0)
+    with RangeServer(synthetic_db.parent, hostile="trickle", trickle_s=0.05) as srv:
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout):
+            Dataset(f"{srv.url}/{synthetic_db.name}", cache_dir=tmp_path / "c")
+        assert time.monotonic() - t0 < 3
+
+
+def test_sql_timeout_covers_opening_and_reading_a_trickling_dataset(synthetic_db, tmp_path):
+    # the manifest comes at once; every Parquet byte trickles (the footers the open reads, then the data)
+    with RangeServer(synthetic_db.parent, hostile="trickle", hostile_paths=(".parquet",), trickle_s=0.05) as srv:
+        r, took = _cli("sql", "SELECT count(*) FROM vectors", "--timeout", "2", "--db", f"{srv.url}/{synthetic_db.name}",
+                       "--cache-dir", str(tmp_path / "c"))
+    assert r.returncode == 1 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr and took < 6, (took, r.stderr)
+
+
+def test_an_endless_body_is_refused_in_bounded_memory(synthetic_db, tmp_path):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with RangeServer(synthetic_db.parent, hostile="endless", hostile_paths=(".parquet",)) as srv:
+        t0 = time.monotonic()
+        with pytest.raises((DatasetChanged, RemoteUnreachable)) as e:
+            with Dataset(f"{srv.url}/{synthetic_db.name}", cache_dir=tmp_path / "c") as ds:
+                ds.sql("SELECT count(*) FROM vectors")
+        took = time.monotonic() - t0
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100 and took < 10, (grown_mb, took)
+    assert "longer than" in str(e.value) and ".parquet" in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_an_endless_manifest_is_one_line(synthetic_db, tmp_path):
+    from query.errors import NotADataset
+
+    with RangeServer(synthetic_db.parent, hostile="endless", hostile_paths=("manifest.json",)) as srv:
+        with pytest.raises(NotADataset, match="larger than"):
+            Dataset(f"{srv.url}/{synthetic_db.name}", cache_dir=tmp_path / "c")
+
+
+def test_a_redirect_off_http_is_refused_naming_its_target(synthetic_db, tmp_path):
+    with RangeServer(synthetic_db.parent, hostile="redirect", redirect_to="ftp://ftp.invalid/x") as srv:
+        with pytest.raises(RemoteUnreachable) as e:
+            Dataset(f"{srv.url}/{synthetic_db.name}", cache_dir=tmp_path / "c")
+    msg = str(e.value)
+    assert "ftp://ftp.invalid/x" in msg and "refused" in msg and "cannot reach 127.0.0.1" not in msg
+
+
+def test_dotdot_after_a_listed_file_is_a_refused_path_not_damage(synthetic_db, tmp_path):
+    import json as _json
+
+    rel = _json.loads((synthetic_db / "manifest.json").read_text())["models"]["alpha"]["files"]["vectors"][0]
+    with RangeServer(synthetic_db.parent) as srv, Dataset(f"{srv.url}/{synthetic_db.name}", cache_dir=tmp_path / "c") as ds:
+        for reader in ("read_parquet", "read_blob"):
+            with pytest.raises(ForbiddenSQL) as e:
+                ds.sql(f"SELECT * FROM {reader}('zeropass://{rel}/../../x')")
+            assert "damaged" not in str(e.value)
+
+
+@pytest.mark.parametrize("query", ["SELECT count(*) FROM models", "SELECT sum(score) FROM vectors"])
+def test_ctrl_c_during_a_remote_read_is_one_line(synthetic_db, tmp_path, query):
+    import signal
+
+    with RangeServer(synthetic_db.parent, hostile="trickle", hostile_paths=(".parquet",), trickle_s=0.05) as srv:
+        proc = subprocess.Popen([sys.executable, "-m", "query.cli", "sql", query, "--db",
+                                 f"{srv.url}/{synthetic_db.name}", "--cache-dir", str(tmp_path / "c")],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and err == "Error: interrupted\n", (proc.returncode, err)
