@@ -695,8 +695,9 @@ def cache_clear(cache_dir):
     """
     from .remote import clear_cache
 
-    where, freed = clear_cache(cache_dir)
-    click.echo(f"cleared {where} ({freed:,} bytes)", err=True)
+    where, freed, left = clear_cache(cache_dir)
+    kept = f"; left {len(left)} entries the cache did not write (e.g. {left[0]})" if left else ""
+    click.echo(f"cleared {where} ({freed:,} bytes){kept}", err=True)
 
 
 def main(argv=None):

@@ -78,3 +78,7 @@ class RemoteTimeout(QueryTimeout):
 
 class OutOfMemory(QueryError, MemoryError):
     """Memory ran out while a file of the dataset was read; the query was stopped."""
+
+
+class NotACache(QueryError, PermissionError):
+    """A directory given as the cache that zeropass did not create as one (it deletes nothing there)."""

@@ -31,7 +31,6 @@ import hashlib
 import http.client
 import os
 import re
-import shutil
 import threading
 import time
 import urllib.error
@@ -43,7 +42,7 @@ from pathlib import Path
 
 from schemas.layout import MANIFEST, file_info, unsafe_relpath
 
-from .errors import (DatasetChanged, ForbiddenSQL, Interrupted, NotADataset, OutOfMemory, QueryError, RemoteDenied,
+from .errors import (DatasetChanged, ForbiddenSQL, Interrupted, NotACache, NotADataset, OutOfMemory, QueryError, RemoteDenied,
                      RemoteTimeout, RemoteUnreachable)
 
 PROTOCOL = "zeropass"
@@ -83,24 +82,118 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "zeropass"
 
 
-def clear_cache(cache_dir: str | Path | None = None) -> tuple[Path, int]:
-    """Remove the metadata cache; returns (directory, bytes freed)."""
+# The cache's own layout: ROOT/CACHEDIR.TAG, ROOT/<url key>/<revision>/tails/<path key>.bin
+# (and a writer's .tmp files). The tag (https://bford.info/cachedir/) tells backup tools and
+# `cache clear` that the directory is a cache zeropass wrote; nothing else under ROOT is ours.
+CACHE_TAG = "CACHEDIR.TAG"
+_TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+             "# This file is a cache directory tag created by zeropass (remote datasets' Parquet footers).\n")
+_KEY = re.compile(r"\A(?:[0-9a-f]{16}|none)\Z")
+_TAIL = re.compile(r"\A[0-9a-f]{24}\.bin(?:\.\d+\.\d+\.tmp)?\Z")
+_LEVELS = (re.compile(r"\A[0-9a-f]{16}\Z"), _KEY, re.compile(r"\Atails\Z"), _TAIL)  # url key, revision, tails/, tail
+
+
+def clear_cache(cache_dir: str | Path | None = None) -> tuple[Path, int, list[str]]:
+    """Remove what the metadata cache wrote under ``cache_dir``; returns (directory, bytes freed,
+    entries left because the cache did not write them, relative to the directory).
+
+    Raises NotACache when the directory has no tag written by zeropass (``--cache-dir ~`` deletes
+    nothing). Links are never followed: a link is left where it is, whatever it points to.
+    """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    freed = 0
-    if root.is_dir():
-        for dirpath, _, files in os.walk(root):
-            for f in files:
-                try:
-                    freed += os.lstat(os.path.join(dirpath, f)).st_size
-                except OSError:
-                    pass
-        shutil.rmtree(root, ignore_errors=True)
-    return root, freed
+    if not os.path.lexists(root):
+        return root, 0, []
+    try:
+        tagged = _is_tag(root / CACHE_TAG)
+    except OSError:
+        tagged = False
+    if not root.is_dir() or not tagged:
+        raise NotACache(f"{root} is not a zeropass cache (no {CACHE_TAG} written by zeropass): nothing deleted; "
+                        f"give the cache's own directory with --cache-dir, or delete it yourself")
+    freed, left = 0, []
+
+    def walk(d: Path, depth: int):
+        nonlocal freed
+        for e in sorted(os.scandir(d), key=lambda e: e.name):
+            path = Path(e.path)
+            if depth == 0 and e.name == CACHE_TAG:
+                continue
+            if not _LEVELS[depth].match(e.name) or e.is_symlink():
+                left.append(str(path.relative_to(root)))
+            elif depth < len(_LEVELS) - 1 and e.is_dir(follow_symlinks=False):
+                walk(path, depth + 1)
+                _rmdir_if_empty(path)
+            elif depth == len(_LEVELS) - 1 and e.is_file(follow_symlinks=False):
+                freed += e.stat(follow_symlinks=False).st_size
+                os.unlink(path)
+            else:
+                left.append(str(path.relative_to(root)))
+
+    walk(root, 0)
+    if not left:
+        os.unlink(root / CACHE_TAG)
+        _rmdir_if_empty(root)
+    return root, freed, left
+
+
+def _rmdir_if_empty(d: Path) -> None:
+    try:
+        os.rmdir(d)
+    except OSError:  # something the cache did not write is left in it
+        pass
+
+
+def _is_tag(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        return f.read(len(_TAG_TEXT) + 1).decode("utf-8", "replace") == _TAG_TEXT
 
 
 def _host(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return parts.netloc or parts.scheme
+
+
+_TAIL_MAGIC = b"zeropass-tail-1\n"
+
+
+def _no_links_below(root: Path, d: Path) -> bool:
+    """Whether no directory from ``root`` (exclusive: the user may link the cache itself elsewhere)
+    down to ``d`` is a symlink."""
+    try:
+        rel = d.relative_to(root)
+    except ValueError:
+        return False
+    p = root
+    for part in rel.parts:
+        p = p / part
+        if os.path.islink(p):
+            return False
+    return True
+
+
+def _cache_dirs(root: Path, d: Path) -> bool:
+    """Create ``d`` under the cache ``root`` (and the root's tag), refusing links on the way."""
+    root.mkdir(parents=True, exist_ok=True)
+    tag = root / CACHE_TAG
+    if not os.path.lexists(tag):
+        tmp = root / f".{CACHE_TAG}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(_TAG_TEXT)
+        os.replace(tmp, tag)
+    p = root
+    for part in d.relative_to(root).parts:
+        p = p / part
+        if os.path.islink(p):
+            return False
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            pass
+        if os.path.islink(p) or not p.is_dir():  # raced into a link
+            return False
+    return True
 
 
 # -- stores: where the bytes are ---------------------------------------------------------------
@@ -320,6 +413,7 @@ class Remote:
         self.store.timed_out = self._timed_out
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.revision: str | None = None
+        self.manifest: dict | None = None
         self.sizes: dict[str, int | None] = {}
         self.fs = DatasetFS(self)
         self.bytes_read = 0           # bytes fetched from the store (not the cache), for the curious
@@ -374,6 +468,7 @@ class Remote:
             # an untrusted manifest: anything but a plain count means "ask the store"
             sizes[rel] = b if isinstance(b, int) and not isinstance(b, bool) and b >= 0 else None
         self.sizes = sizes
+        self.manifest = manifest
         self.fs.reset()
 
     def path(self, rel: str) -> str:
@@ -504,18 +599,33 @@ class DatasetFS:
     def _tail_file(self, rel: str) -> Path:
         return self.remote.cache_dir / "tails" / (hashlib.sha256(rel.encode()).hexdigest()[:24] + ".bin")
 
+    def _tail_seal(self, rel: str, data: bytes) -> bytes:
+        """What a cached tail must carry to be trusted: a digest of its bytes bound to this file
+        of this revision (its URL, path, listed size and listed sha256), so a tail that was
+        damaged on disk, or copied in from another file or revision, is fetched again."""
+        info = file_info(self.remote.manifest or {}).get(rel)
+        listed = info.get("sha256") if isinstance(info, dict) else None
+        key = "\0".join([self.remote.url, str(self.remote.revision), rel, str(self.size(rel)), str(listed)])
+        return hashlib.sha256(key.encode() + b"\0" + data).digest()
+
     def _tail(self, rel: str):
         with self._lock:
             if rel in self._tails:
                 return self._tails[rel]
+        path = self._tail_file(rel)
         try:
-            blob = self._tail_file(rel).read_bytes()
+            if not _no_links_below(self.remote.cache_root, path.parent):
+                return None
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as f:
+                blob = f.read(TAIL_CACHE_MAX + len(_TAIL_MAGIC) + 33)
         except OSError:
             return None
+        head, seal, data = blob[:len(_TAIL_MAGIC)], blob[len(_TAIL_MAGIC):len(_TAIL_MAGIC) + 32], blob[len(_TAIL_MAGIC) + 32:]
         size = self.size(rel)
-        if len(blob) > size:
-            return None
-        tail = (size - len(blob), blob)
+        if head != _TAIL_MAGIC or len(data) > size or not data.endswith(b"PAR1") or seal != self._tail_seal(rel, data):
+            return None  # damaged, foreign or from another file: read the footer again (and write it anew)
+        tail = (size - len(data), data)
         with self._lock:
             self._tails[rel] = tail
         return tail
@@ -525,9 +635,12 @@ class DatasetFS:
             self._tails[rel] = (start, data)
         path = self._tail_file(rel)
         try:  # best effort: a read-only or full cache directory only costs speed
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not _cache_dirs(self.remote.cache_root, path.parent):
+                return  # a link under the cache: it would send the write elsewhere
             tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_TAIL_MAGIC + self._tail_seal(rel, data) + data)
             os.replace(tmp, path)
         except OSError:
             pass

@@ -172,3 +172,79 @@ def test_ctrl_c_during_a_remote_read_is_one_line(synthetic_db, tmp_path, query):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and err == "Error: interrupted\n", (proc.returncode, err)
+
+
+# -- the cache deletes only what it wrote; links and damaged entries are not trusted ----------
+
+@pytest.fixture
+def served_db(synthetic_db):
+    with RangeServer(synthetic_db.parent) as srv:
+        yield srv, f"{srv.url}/{synthetic_db.name}"
+
+
+def _fill(url, cache):
+    with Dataset(url, cache_dir=cache) as ds:
+        ds.neurons("paris")
+        return ds._remote.cache_dir
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_cache_clear_refuses_a_directory_it_did_not_write(tmp_path, how):
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "thesis.tex").write_text("years of work")
+    (home / "notes.txt").write_text("keep")
+    args = ["cache", "clear"] + (["--cache-dir", str(home)] if how == "option" else [])
+    env = None if how == "option" else {**__import__("os").environ, "ZEROPASS_CACHE": str(home)}
+    r = subprocess.run([sys.executable, "-m", "query.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 1 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "not a zeropass cache" in r.stderr
+    assert (home / "docs" / "thesis.tex").read_text() == "years of work" and (home / "notes.txt").exists()
+
+
+def test_cache_clear_deletes_only_its_own_layout(served_db, tmp_path):
+    from query.remote import clear_cache
+
+    srv, url = served_db
+    cache = tmp_path / "cache"
+    where = _fill(url, cache)
+    assert any((where / "tails").iterdir())
+    (cache / "mine.txt").write_text("a file the user put here")
+    (where / "tails" / "odd name").write_text("not the cache's")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x").write_text("x")
+    (cache / "0123456789abcdef").symlink_to(outside, target_is_directory=True)  # a key-shaped link
+    _, freed, left = clear_cache(cache)
+    assert freed > 0 and (cache / "mine.txt").exists() and (where / "tails" / "odd name").exists()
+    assert (outside / "x").exists() and sorted(left) == sorted(["0123456789abcdef", "mine.txt",
+                                                                 str((where / "tails" / "odd name").relative_to(cache))])
+    assert not [p for p in cache.rglob("*.bin")]
+
+
+def test_a_link_in_the_cache_does_not_redirect_its_writes(served_db, tmp_path):
+    srv, url = served_db
+    cache = tmp_path / "cache"
+    where = _fill(url, cache)  # the layout exists; now point the revision's tails elsewhere
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    import shutil
+    shutil.rmtree(where / "tails")
+    (where / "tails").symlink_to(victim, target_is_directory=True)
+    _fill(url, cache)
+    assert list(victim.iterdir()) == []
+
+
+def test_a_damaged_cached_footer_is_not_trusted(served_db, synthetic_db, tmp_path):
+    srv, url = served_db
+    cache = tmp_path / "cache"
+    where = _fill(url, cache)
+    with Dataset(synthetic_db) as local:
+        want = local.neurons("paris")
+    for f in (where / "tails").iterdir():  # flip bytes inside every cached footer
+        data = bytearray(f.read_bytes())
+        for i in range(len(data) // 3, len(data) - 8, 7):
+            data[i] ^= 0x5A
+        f.write_bytes(bytes(data))
+    with Dataset(url, cache_dir=cache) as ds:
+        assert ds.neurons("paris").equals(want)
