@@ -39,7 +39,7 @@ from schemas.layout import FORMAT, MANIFEST, Owner, duckdb_path, table_files, vi
 
 from .errors import (BadManifest, BadSQL, DamagedFile, ForbiddenSQL, Interrupted, NotADataset, QueryError,
                      QueryTimeout, RemoteDenied, RemoteUnreachable, SchemaMismatch, UnknownModel)
-from . import remote
+from . import remote, verify
 from .units import quoted
 
 _ST = duckdb.StatementType
@@ -310,6 +310,9 @@ class Dataset:
         self._no_compacted: set[str] = set()   # tables whose compacted file could not be bound
         self._why_stopped: str | None = None   # "timeout" / "interrupt" while a query is stopped
         self._timeout: float | None = None     # the running query's timeout, for its message
+        self._corrupt: dict[str, str] = {}     # listed file -> why its bytes are not the listed ones (query.verify)
+        self._verifier = None if self._remote is not None else verify.LocalVerifier(
+            self.root, verify.record_path(Path(cache_dir).expanduser() if cache_dir else remote.default_cache_dir(), self.root))
         # Opening reads the manifest and the first footer of each view: over a network, all of it
         # within one deadline (a server that trickles bytes cannot hold the open for longer).
         opening = self._remote.within(timeout or remote.REMOTE_TIMEOUT) if self._remote is not None else nullcontext()
@@ -345,6 +348,9 @@ class Dataset:
             raise BadManifest(f"cannot read {path} ({getattr(e, 'strerror', None) or e}): check the file, or run `zeropass check --db {self.root}`") from None
         manifest = self._parse_manifest(text, path)
         self._owners = validate_manifest(manifest, self.root)
+        # each file against its listed sha256, once per version of the file (query.verify): a damaged
+        # one is then treated as unreadable, so the views name it and every other file still answers
+        self._corrupt = self._verifier.damaged(verify.all_file_info(manifest), self._owners)
         self.manifest = manifest
         self._signature = (st.st_ino, st.st_mtime_ns, st.st_size)
 
@@ -428,15 +434,17 @@ class Dataset:
             try:
                 if not all(self._exists(f) for f in src.compacted):
                     raise duckdb.IOException(f"compacted file missing: {src.compacted}")
+                if any(f in self._corrupt for f in src.compacted):
+                    raise duckdb.IOException(f"compacted file damaged: {src.compacted}")
                 self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {head}")
             except duckdb.Error as e:
                 self._raise_remote_failure()
                 for f in src.compacted:
-                    self._unreadable.setdefault(f, _first_line(e))
+                    self._unreadable.setdefault(f, self._corrupt.get(f) or _first_line(e))
                 self._no_compacted.add(table)
                 return self._create_view(name, table, models, layers, compacted)
         files = src.files
-        missing = [f for f in files if not self._exists(f)]
+        missing = [f for f in files if f in self._corrupt or not self._exists(f)]
         order = [f for f in files if f not in missing]
         sql = None
         while order and not missing:
@@ -715,6 +723,8 @@ class Dataset:
             # it happened while a view was bound (DuckDB's own message is then a Python traceback)
             err = self._remote.file_errors.get(bad) if bad is not None else None
             err, self._remote.last_error = err or self._remote.last_error, None
+            if isinstance(err, DamagedFile):  # its bytes are not the listed ones: name its model and the repair
+                return self._damaged(err.rel, err.why)
             if err is not None:
                 return err
         if isinstance(e, duckdb.InterruptException) or "INTERRUPT Error" in msg or self._why_stopped:
@@ -728,7 +738,7 @@ class Dataset:
                 f"{_first_line(e).removeprefix('Permission Error: ')}: only the dataset's own files "
                 f"(under {self.root}) can be read")
         if bad is not None:
-            return self._damaged(bad, self._unreadable.get(bad) or _first_line(e))
+            return self._damaged(bad, self._corrupt.get(bad) or self._unreadable.get(bad) or _first_line(e))
         if isinstance(e, duckdb.PermissionException):
             return ForbiddenSQL(
                 f"{_first_line(e).removeprefix('Permission Error: ')}: only the dataset's own files "

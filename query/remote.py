@@ -40,14 +40,15 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
-from schemas.layout import MANIFEST, file_info, unsafe_relpath
+from schemas.layout import MANIFEST, unsafe_relpath
 
-from .errors import (DatasetChanged, ForbiddenSQL, Interrupted, NotACache, NotADataset, OutOfMemory, QueryError, RemoteDenied,
+from .errors import (DamagedFile, DatasetChanged, ForbiddenSQL, Interrupted, NotACache, NotADataset, OutOfMemory, QueryError, RemoteDenied,
                      RemoteTimeout, RemoteUnreachable)
 
 PROTOCOL = "zeropass"
 TAIL_CACHE_MAX = 4 << 20      # bytes of a file's tail kept on disk (its footer; a larger footer is read each time)
 MANIFEST_MAX = 64 << 20       # a URL whose manifest.json is larger is not read whole (it is not ours)
+WHOLE_MAX = 1 << 20           # a file this small is fetched whole on its first read and its sha256 verified
 MEMORY_CACHE = 64 << 20       # bytes of recently read ranges kept per open dataset (a repeated query reads none again)
 HTTP_TIMEOUT = 30.0           # seconds one socket read may wait
 REMOTE_TIMEOUT = 60.0         # seconds an open, or one read of a query without --timeout, may take in all
@@ -88,9 +89,10 @@ def default_cache_dir() -> Path:
 CACHE_TAG = "CACHEDIR.TAG"
 _TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
              "# This file is a cache directory tag created by zeropass (remote datasets' Parquet footers).\n")
-_KEY = re.compile(r"\A(?:[0-9a-f]{16}|none)\Z")
-_TAIL = re.compile(r"\A[0-9a-f]{24}\.bin(?:\.\d+\.\d+\.tmp)?\Z")
-_LEVELS = (re.compile(r"\A[0-9a-f]{16}\Z"), _KEY, re.compile(r"\Atails\Z"), _TAIL)  # url key, revision, tails/, tail
+# what the cache writes, by path under its root: KEY/REVISION/tails/KEY.bin and verified/KEY.json (+ .tmp)
+_TMP = r"(?:\.\d+\.\d+\.tmp)?"
+_CACHE_DIR = re.compile(r"\A(?:[0-9a-f]{16}(?:/(?:[0-9a-f]{16}|none)(?:/tails)?)?|verified)\Z")
+_CACHE_FILE = re.compile(rf"\A(?:[0-9a-f]{{16}}/(?:[0-9a-f]{{16}}|none)/tails/[0-9a-f]{{24}}\.bin|verified/[0-9a-f]{{16}}\.json){_TMP}\Z")
 
 
 def clear_cache(cache_dir: str | Path | None = None) -> tuple[Path, int, list[str]]:
@@ -112,24 +114,25 @@ def clear_cache(cache_dir: str | Path | None = None) -> tuple[Path, int, list[st
                         f"give the cache's own directory with --cache-dir, or delete it yourself")
     freed, left = 0, []
 
-    def walk(d: Path, depth: int):
+    def walk(d: Path):
         nonlocal freed
         for e in sorted(os.scandir(d), key=lambda e: e.name):
             path = Path(e.path)
-            if depth == 0 and e.name == CACHE_TAG:
+            rel = path.relative_to(root).as_posix()
+            if rel == CACHE_TAG:
                 continue
-            if not _LEVELS[depth].match(e.name) or e.is_symlink():
-                left.append(str(path.relative_to(root)))
-            elif depth < len(_LEVELS) - 1 and e.is_dir(follow_symlinks=False):
-                walk(path, depth + 1)
+            if e.is_symlink():
+                left.append(rel)
+            elif e.is_dir(follow_symlinks=False) and _CACHE_DIR.match(rel):
+                walk(path)
                 _rmdir_if_empty(path)
-            elif depth == len(_LEVELS) - 1 and e.is_file(follow_symlinks=False):
+            elif e.is_file(follow_symlinks=False) and _CACHE_FILE.match(rel):
                 freed += e.stat(follow_symlinks=False).st_size
                 os.unlink(path)
             else:
-                left.append(str(path.relative_to(root)))
+                left.append(rel)
 
-    walk(root, 0)
+    walk(root)
     if not left:
         os.unlink(root / CACHE_TAG)
         _rmdir_if_empty(root)
@@ -461,7 +464,9 @@ class Remote:
 
     def use(self, manifest: dict, owners) -> None:
         """Serve exactly the files ``manifest`` lists (sizes from its file_info where given)."""
-        info = file_info(manifest)
+        from .verify import all_file_info
+
+        info = all_file_info(manifest)  # compacted files' sizes too (one HEAD request less each)
         sizes = {}
         for rel in owners:
             b = info[rel].get("bytes") if isinstance(info.get(rel), dict) else None
@@ -501,6 +506,8 @@ class DatasetFS:
         self._tails: dict[str, tuple[int, bytes]] = {}
         self._recent: "OrderedDict[tuple[str, int, int], bytes]" = OrderedDict()
         self._recent_bytes = 0
+        self._whole: "OrderedDict[str, bytes]" = OrderedDict()  # small files fetched whole and verified
+        self._whole_bytes = 0
         # DuckDB's metadata cache compares modification times; files of a revision never change.
         self._mtime = _dt.datetime(2000, 1, 1, tzinfo=_dt.timezone.utc)
         self._impl = _fsspec_impl(self)
@@ -510,6 +517,8 @@ class DatasetFS:
             self._tails.clear()
             self._recent.clear()
             self._recent_bytes = 0
+            self._whole.clear()
+            self._whole_bytes = 0
 
     # what DuckDB asks for a path: strip the protocol, undo DuckDB's glob escapes, check the list
     def listed(self, path: str) -> str | None:
@@ -572,6 +581,9 @@ class DatasetFS:
         tail = self._tail(rel)
         if tail is not None and start >= tail[0]:
             return tail[1][start - tail[0]:end - tail[0]]
+        whole = self._verified_whole(rel, size)
+        if whole is not None:
+            return whole[start:end]
         key = (rel, start, end)
         with self._lock:
             data = self._recent.get(key)
@@ -580,11 +592,7 @@ class DatasetFS:
                 return data
         data = self._guard(lambda: self.remote.store.cat(rel, start, end, size=size), rel)
         if len(data) != end - start:
-            err = DatasetChanged(
-                f"{self.remote.url}/{rel} is not the file the manifest lists (got {len(data)} bytes of {end - start} "
-                f"at offset {start}): the dataset changed while it was read; run the query again")
-            self._failed(rel, err)
-            raise OSError(str(err))
+            self._changed(rel, len(data), end - start, start)
         self.remote.bytes_read += len(data)
         if end == size and end - start <= TAIL_CACHE_MAX and (tail is None or start < tail[0]):
             self._keep_tail(rel, start, data)
@@ -596,6 +604,46 @@ class DatasetFS:
                     self._recent_bytes -= len(self._recent.popitem(last=False)[1])
         return data
 
+    def _changed(self, rel: str, got: int, want: int, start: int):
+        err = DatasetChanged(
+            f"{self.remote.url}/{rel} is not the file the manifest lists (got {got} bytes of {want} "
+            f"at offset {start}): the dataset changed while it was read; run the query again")
+        self._failed(rel, err)
+        raise OSError(str(err))
+
+    def _verified_whole(self, rel: str, size: int) -> bytes | None:
+        """A small file's bytes, fetched whole once and checked against its listed sha256
+        (a range of a large file cannot be checked against a whole-file digest: None)."""
+        from .verify import all_file_info, listed_digest, mismatch
+
+        if size > WHOLE_MAX:
+            return None
+        with self._lock:
+            if rel in self._whole:
+                self._whole.move_to_end(rel)
+                return self._whole[rel]
+        listed_size, sha = listed_digest(all_file_info(self.remote.manifest or {}), rel)
+        if sha is None:
+            return None
+        data = self._guard(lambda: self.remote.store.cat(rel, 0, size, size=size), rel)
+        if len(data) != size:
+            self._changed(rel, len(data), size, 0)
+        self.remote.bytes_read += len(data)
+        why = mismatch(len(data), hashlib.sha256(data).hexdigest(), listed_size, sha)
+        if why is not None:
+            err = DamagedFile(why)
+            err.rel, err.why = rel, why
+            self._failed(rel, err)
+            raise OSError(f"{rel}: {why}")
+        if data.endswith(b"PAR1"):
+            self._keep_tail(rel, 0, data)  # verified: the next process reads it from the cache
+        with self._lock:
+            self._whole[rel] = data
+            self._whole_bytes += len(data)
+            while self._whole_bytes > MEMORY_CACHE // 2:
+                self._whole_bytes -= len(self._whole.popitem(last=False)[1])
+        return data
+
     def _tail_file(self, rel: str) -> Path:
         return self.remote.cache_dir / "tails" / (hashlib.sha256(rel.encode()).hexdigest()[:24] + ".bin")
 
@@ -603,7 +651,9 @@ class DatasetFS:
         """What a cached tail must carry to be trusted: a digest of its bytes bound to this file
         of this revision (its URL, path, listed size and listed sha256), so a tail that was
         damaged on disk, or copied in from another file or revision, is fetched again."""
-        info = file_info(self.remote.manifest or {}).get(rel)
+        from .verify import all_file_info
+
+        info = all_file_info(self.remote.manifest or {}).get(rel)
         listed = info.get("sha256") if isinstance(info, dict) else None
         key = "\0".join([self.remote.url, str(self.remote.revision), rel, str(self.size(rel)), str(listed)])
         return hashlib.sha256(key.encode() + b"\0" + data).digest()

@@ -248,3 +248,84 @@ def test_a_damaged_cached_footer_is_not_trusted(served_db, synthetic_db, tmp_pat
         f.write_bytes(bytes(data))
     with Dataset(url, cache_dir=cache) as ds:
         assert ds.neurons("paris").equals(want)
+
+
+# -- damage inside a file is found when it is read ---------------------------------------------
+
+import shutil  # noqa: E402
+
+from query.errors import DamagedFile  # noqa: E402
+
+
+def _listed(db, model, table):
+    return json.loads((db / "manifest.json").read_text())["models"][model]["files"][table][0]
+
+
+def _overwrite_middle(path, frac=0.5):
+    """Bytes inside a data page: same size, the footer intact (DuckDB reads it without complaint)."""
+    data = bytearray(path.read_bytes())
+    off = int(len(data) * frac) & ~7
+    data[off:off + 8] = b"\xaa" * 8
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def damaged_copy(synthetic_db, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(synthetic_db, db)
+    return db
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.3, 0.5])
+def test_overwritten_bytes_in_a_data_page_are_damage_naming_file_model_and_repair(damaged_copy, frac, run_cli):
+    db = damaged_copy
+    rel = _listed(db, "beta", "vectors")
+    with Dataset(db) as ds:
+        want_alpha = ds.neurons("paris", model="alpha")
+    _overwrite_middle(db / rel, frac)
+    with Dataset(db) as ds:
+        with pytest.raises(DamagedFile) as e:
+            ds.sql("SELECT sum(score) FROM vectors")
+        msg = str(e.value)
+        assert rel in msg and "'beta'" in msg and "zeropass index" in msg and "sha256" in msg and "\n" not in msg
+        assert ds.neurons("paris", model="alpha").equals(want_alpha)  # the other models still answer
+    r = CliRunner().invoke(cli, ["sql", "SELECT sum(score) FROM vectors", "--db", str(db)])
+    assert r.exit_code == 1 and rel in r.output and "Traceback" not in r.output
+
+
+def test_a_damaged_compacted_file_falls_back_to_the_models_files(damaged_copy):
+    from indexer.compact import compact
+
+    db = damaged_copy
+    with Dataset(db) as ds:
+        want = ds.sql("SELECT sum(score) AS s, count(*) AS n FROM vectors")
+    compact(db)
+    comp = json.loads((db / "manifest.json").read_text())["compacted"]
+    rel = next(iter(comp["vectors"]["files"] if isinstance(comp["vectors"], dict) else comp["vectors"]))
+    _overwrite_middle(db / rel)
+    with Dataset(db) as ds:
+        assert ds.sql("SELECT sum(score) AS s, count(*) AS n FROM vectors").equals(want)
+
+
+def test_a_warm_open_hashes_nothing(damaged_copy, monkeypatch):
+    from query import verify
+
+    with Dataset(damaged_copy):
+        pass
+    calls = []
+    monkeypatch.setattr(verify, "file_sha256", lambda p: calls.append(p))
+    with Dataset(damaged_copy):
+        pass
+    assert calls == []
+
+
+def test_damage_over_http_is_found_and_named(damaged_copy, tmp_path):
+    db = damaged_copy
+    rel = _listed(db, "beta", "vectors")
+    _overwrite_middle(db / rel)
+    with RangeServer(db.parent) as srv, Dataset(f"{srv.url}/{db.name}", cache_dir=tmp_path / "c") as ds:
+        with pytest.raises(DamagedFile) as e:
+            ds.sql("SELECT sum(score) FROM vectors")
+        msg = str(e.value)
+        assert rel in msg and "'beta'" in msg and "publish" in msg and "sha256" in msg
+        assert ds.neurons("paris", model="alpha").num_rows > 0
