@@ -117,7 +117,7 @@ def test_sql_timeout_covers_opening_and_reading_a_trickling_dataset(synthetic_db
         r, took = _cli("sql", "SELECT count(*) FROM vectors", "--timeout", "2", "--db", f"{srv.url}/{synthetic_db.name}",
                        "--cache-dir", str(tmp_path / "c"))
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
-    assert "Traceback" not in r.stderr and took < 6, (took, r.stderr)
+    assert "Traceback" not in r.stderr and took < 15, (took, r.stderr)  # 2 s + a loaded machine's start-up; it was 60 s
 
 
 def test_an_endless_body_is_refused_in_bounded_memory(synthetic_db, tmp_path):
@@ -168,7 +168,10 @@ def test_ctrl_c_during_a_remote_read_is_one_line(synthetic_db, tmp_path, query):
         proc = subprocess.Popen([sys.executable, "-m", "query.cli", "sql", query, "--db",
                                  f"{srv.url}/{synthetic_db.name}", "--cache-dir", str(tmp_path / "c")],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        t0 = time.monotonic()  # Ctrl-C once it waits on a Parquet read (not while Python starts up)
+        while not any(r[1].endswith(".parquet") for r in srv.requests) and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and err == "Error: interrupted\n", (proc.returncode, err)
