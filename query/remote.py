@@ -42,8 +42,8 @@ from pathlib import Path
 
 from schemas.layout import MANIFEST, unsafe_relpath
 
-from .errors import (DamagedFile, DatasetChanged, ForbiddenSQL, Interrupted, NotACache, NotADataset, OutOfMemory, QueryError, RemoteDenied,
-                     RemoteTimeout, RemoteUnreachable)
+from .errors import (DamagedFile, DatasetChanged, ForbiddenSQL, Interrupted, NotACache, NotADataset, OutOfMemory,
+                     QueryError, QueryTimeout, RemoteDenied, RemoteTimeout, RemoteUnreachable)
 
 PROTOCOL = "zeropass"
 TAIL_CACHE_MAX = 4 << 20      # bytes of a file's tail kept on disk (its footer; a larger footer is read each time)
@@ -478,6 +478,30 @@ class Remote:
 
     def path(self, rel: str) -> str:
         return f"{PROTOCOL}://{rel}"
+
+    def attach(self, con) -> None:
+        """Make ``con`` read the dataset through :class:`DatasetFS` and nothing else: user SQL
+        can reach no other path, since ``zeropass://`` is the only allowed directory."""
+        con.register_filesystem(self.fs.filesystem())
+        con.execute(f"SET allowed_directories = ['{PROTOCOL}://']")
+
+    def error_for(self, rel: str | None) -> QueryError | None:
+        """The typed error behind DuckDB's last failed read (of ``rel`` when known), once.
+
+        DuckDB reports an exception from the filesystem as its own message (a Python traceback
+        while a view is bound); this is what actually went wrong."""
+        err = self.file_errors.get(rel) if rel is not None else None
+        err, self.last_error = err or self.last_error, None
+        return err
+
+    def failure(self) -> QueryError | None:
+        """The last failed read's error when it is not the file's fault (a deadline, the network,
+        Ctrl-C, memory), once: opening stops on it rather than taking the file for damaged."""
+        err = self.last_error
+        if isinstance(err, (QueryTimeout, Interrupted, RemoteUnreachable, RemoteDenied, OutOfMemory)):
+            self.last_error = None
+            return err
+        return None
 
     @property
     def cache_dir(self) -> Path:
