@@ -332,3 +332,12 @@ def test_damage_over_http_is_found_and_named(damaged_copy, tmp_path):
         msg = str(e.value)
         assert rel in msg and "'beta'" in msg and "publish" in msg and "sha256" in msg
         assert ds.neurons("paris", model="alpha").num_rows > 0
+
+
+def test_dotdot_after_a_listed_file_is_a_refused_path_locally_too(synthetic_db):
+    rel = _listed(synthetic_db, "alpha", "vectors")
+    with Dataset(synthetic_db) as ds:
+        for reader in ("read_parquet", "read_blob"):
+            with pytest.raises(ForbiddenSQL) as e:
+                ds.sql(f"SELECT * FROM {reader}('{synthetic_db}/{rel}/../../../../../../etc/passwd')")
+            assert "damaged" not in str(e.value)
