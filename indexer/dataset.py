@@ -161,6 +161,13 @@ def check_writable(root: Path) -> None:
                            f"`check --repair` would delete the inner one's files); choose a directory outside it")
     if root.is_dir():
         open_dataset(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink(missing_ok=True)  # a writer's clean-up may have taken it already
+    except OSError as e:
+        raise _os_error(root, e) from None
 
 
 def enclosing_dataset(path: Path) -> Path | None:
@@ -176,13 +183,6 @@ def enclosing_dataset(path: Path) -> Path | None:
                 or (parent / MANIFEST).is_file() and (parent / CATALOG).is_file():
             return parent
     return None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".probe{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink(missing_ok=True)  # a writer's clean-up may have taken it already
-    except OSError as e:
-        raise _os_error(root, e) from None
 
 
 _held = threading.local()

@@ -8,6 +8,7 @@
 >>> ds.show("minilm", "L5.H3")                             # {section: pyarrow.Table}
 >>> ds.tokens("Paris is big")
 >>> ds.similar("minilm", "L3.N17", "mpnet")
+>>> ds.history("pythia-160m", "L3.N17")                     # a unit across a series' checkpoints
 
 Imports duckdb, pyarrow and click only: never torch or transformers (docs/QUERY.md).
 """
@@ -21,13 +22,16 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from .dataset import Dataset, check_read_only, open_dataset
 from .errors import (BadManifest, BadOption, BadSQL, BadToken, BadUnit, DamagedFile, ForbiddenSQL, Interrupted, NotADataset,
                      QueryError, QueryTimeout, SchemaMismatch, UnknownModel, UnknownToken,
-                     RemoteUnreachable, RemoteDenied, DatasetChanged)
+                     RemoteUnreachable, RemoteDenied, DatasetChanged, RemoteTimeout, OutOfMemory, NotACache)
 from .helpers import heads, match_tokens, models, neurons, norm, show, similar, tokens
+from .history import history, token_history
 from .units import Unit, parse_unit
 
 __all__ = [
     "Dataset", "open_dataset", "check_read_only", "heads", "neurons", "show", "tokens", "models", "similar",
+    "history", "token_history",
     "match_tokens", "norm", "Unit", "parse_unit", "QueryError", "NotADataset", "SchemaMismatch", "UnknownModel",
     "BadUnit", "UnknownToken", "BadToken", "BadOption", "ForbiddenSQL", "BadSQL", "BadManifest", "DamagedFile",
-    "QueryTimeout", "Interrupted", "RemoteUnreachable", "RemoteDenied", "DatasetChanged",
+    "QueryTimeout", "Interrupted", "RemoteUnreachable", "RemoteDenied", "DatasetChanged", "RemoteTimeout",
+    "OutOfMemory", "NotACache",
 ]

@@ -140,11 +140,11 @@ def replace_option(f):
                         help="Replace a model of the same name indexed from another checkpoint (refused without it).")(f)
 
 
-def _open(db):
+def _open(db, timeout: float | None = None):
     from .dataset import Dataset
 
     ctx = click.get_current_context(silent=True)
-    return Dataset(db, cache_dir=ctx.meta.get("zeropass.cache_dir") if ctx else None)
+    return Dataset(db, cache_dir=ctx.meta.get("zeropass.cache_dir") if ctx else None, timeout=timeout)
 
 
 def _progress(quiet: bool):
@@ -251,8 +251,8 @@ Rows are printed as they are computed: csv and json print every row, table shows
               help="Stop the query after this many seconds (Ctrl-C stops it any time).")
 @output_options
 def sql(query, params, timeout, db, fmt, quiet):
-    # The help text (above) lists the tables from their declarations.
-    ds = _open(db)
+    # The help text (above) lists the tables from their declarations. --timeout covers the open too.
+    ds = _open(db, timeout)
     out = sys.stdout
     with _interrupt_on_sigint(ds), ds.stream(query, dict(params) or None, timeout=timeout) as batches:
         rows = iter(batches)
@@ -695,8 +695,9 @@ def cache_clear(cache_dir):
     """
     from .remote import clear_cache
 
-    where, freed = clear_cache(cache_dir)
-    click.echo(f"cleared {where} ({freed:,} bytes)", err=True)
+    where, freed, left = clear_cache(cache_dir)
+    kept = f"; left {len(left)} entries the cache did not write (e.g. {left[0]})" if left else ""
+    click.echo(f"cleared {where} ({freed:,} bytes){kept}", err=True)
 
 
 def main(argv=None):

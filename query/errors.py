@@ -70,3 +70,15 @@ class RemoteDenied(QueryError, PermissionError):
 
 class DatasetChanged(QueryError):
     """A remote dataset was replaced while it was being read (its files no longer match its manifest)."""
+
+
+class RemoteTimeout(QueryTimeout):
+    """A remote dataset's server did not deliver within the operation's deadline (--timeout, or the default)."""
+
+
+class OutOfMemory(QueryError, MemoryError):
+    """Memory ran out while a file of the dataset was read; the query was stopped."""
+
+
+class NotACache(QueryError, PermissionError):
+    """A directory given as the cache that zeropass did not create as one (it deletes nothing there)."""

@@ -8,7 +8,10 @@ and are written while the rows arrive, so memory does not grow with the result.
 
 Values (docs/QUERY.md, "Output"): TIME/DATE/TIMESTAMP as ISO 8601 text, INTERVAL as an ISO 8601
 duration (``P1M2DT3.5S``), BLOB as hex, UUID as text, DECIMAL and HUGEINT as exact numbers,
-NaN/±inf as ``null`` in JSON (``nan``/``inf`` in CSV), structs as objects, maps as objects
+NaN/±inf as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` in JSON and CSV (JSON has no
+number for them; pandas and JavaScript's ``Number()`` read these spellings back), DATE/TIMESTAMP
+values Python cannot hold (DuckDB's ``infinity``/``-infinity``, years past 9999) as DuckDB's
+``infinity``/``-infinity`` and ISO 8601 expanded years (``+10000-01-02T03:04:05``), structs as objects, maps as objects
 (string keys) or lists of ``[key, value]``, lists as arrays (JSON text inside CSV/table cells).
 Duplicate column names: CSV and table keep the names as they are; a JSON object cannot, so
 the second ``a`` is ``a_2`` (the next free ``a_N``). JSON escapes every non-printable character
@@ -105,7 +108,7 @@ def to_json_text(v) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else "null"
+        return repr(v) if math.isfinite(v) else f'"{_nonfinite(v)}"'
     if isinstance(v, decimal.Decimal):
         return f"{v:f}" if v.is_finite() else "null"
     if isinstance(v, str):
@@ -122,13 +125,18 @@ def to_json_text(v) -> str:
     return _json_str(text if text is not None else str(v))
 
 
+def _nonfinite(v: float) -> str:
+    """JSON's missing numbers, spelled as JavaScript and pandas read them back."""
+    return "NaN" if v != v else "Infinity" if v > 0 else "-Infinity"
+
+
 def _csv_cell(v) -> str:
     if v is None:
         return ""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return repr(v)
+        return repr(v) if math.isfinite(v) else _nonfinite(v)
     if isinstance(v, decimal.Decimal):
         return f"{v:f}"
     if isinstance(v, pa.MonthDayNano):
@@ -182,7 +190,85 @@ def json_keys(names: list[str]) -> list[str]:
 
 def _columns(batch) -> list[list]:
     # By position: duplicate names would collapse in a dict (to_pylist of rows).
-    return [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+    return [pylist(batch.column(i)) for i in range(batch.num_columns)]
+
+
+# DuckDB's infinite DATE/TIMESTAMP values in Arrow: the extreme int32/int64 values
+_INF = {32: 2**31 - 1, 64: 2**63 - 1}
+
+
+def pylist(arr) -> list:
+    """``arr.to_pylist()``, except that DATE/TIMESTAMP values Python cannot hold (DuckDB's
+    ``infinity``, years past 9999 or before 1) become text instead of raising OverflowError."""
+    try:
+        return arr.to_pylist()
+    except (OverflowError, ValueError):
+        pass
+    t = arr.type
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        bits = 32 if pa.types.is_date32(t) else 64
+        ints = pc.cast(arr, pa.int32() if bits == 32 else pa.int64()).to_pylist()
+        return [None if v is None else _temporal_text(t, v, _INF[bits]) for v in ints]
+    if pa.types.is_map(t):  # before lists: a MapArray is a ListArray of key/value structs
+        entries = pylist(arr.values)
+        offs = arr.offsets.to_pylist()
+        return [None if not arr[i].is_valid else [(e["key"], e["value"]) for e in entries[offs[i]:offs[i + 1]]]
+                for i in range(len(arr))]
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        values, offs = pylist(arr.values), arr.offsets.to_pylist()
+        return [values[offs[i]:offs[i + 1]] if arr[i].is_valid else None for i in range(len(arr))]
+    if pa.types.is_fixed_size_list(t):
+        values, n = pylist(arr.flatten()), t.list_size
+        return [values[i * n:(i + 1) * n] if arr[i].is_valid else None for i in range(len(arr))]
+    if pa.types.is_struct(t):
+        fields = [pylist(f) for f in arr.flatten()]
+        names = [t.field(i).name for i in range(t.num_fields)]
+        return [dict(zip(names, row)) if arr[i].is_valid else None for i, row in enumerate(zip(*fields))]
+    return [_as_py_or_text(x) for x in arr]
+
+
+def _as_py_or_text(scalar):
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError):
+        return str(scalar)
+
+
+def _temporal_text(t, v: int, inf: int) -> str:
+    """ISO 8601 text of a DATE/TIMESTAMP stored as ``v`` (days, or ``t.unit`` since 1970), any year."""
+    if v == inf:
+        return "infinity"
+    if v == -inf:
+        return "-infinity"
+    if pa.types.is_date(t):
+        days, rest, per_second = (v if pa.types.is_date32(t) else v // 86_400_000), None, 1
+    else:
+        per_second = {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}[t.unit]
+        days, rest = divmod(v, 86_400 * per_second)
+    y, m, d = _civil(days)
+    year = f"{y:04d}" if 0 <= y <= 9999 else f"{y:+05d}"  # ISO 8601's expanded years carry a sign
+    text = f"{year}-{m:02d}-{d:02d}"
+    if rest is None:
+        return text
+    secs, frac = divmod(rest, per_second)
+    text += f"T{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+    if frac:
+        digits = len(str(per_second)) - 1
+        text += "." + (f"{frac:0{digits}d}" if digits > 6 else f"{frac * 10**(6 - digits):06d}")
+    return text + ("+00:00" if t.tz else "")  # DuckDB's TIMESTAMPTZ values are UTC instants
+
+
+def _civil(days: int) -> tuple[int, int, int]:
+    """(year, month, day) of ``days`` since 1970-01-01, proleptic Gregorian, any year (H. Hinnant's algorithm)."""
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (m <= 2), m, d
 
 
 # -- writers -----------------------------------------------------------------------------------
@@ -216,7 +302,7 @@ def _csv_column(arr, terminal: bool) -> list:
         return pc.cast(arr, pa.string()).to_pylist()
     if (pa.types.is_string(t) or pa.types.is_large_string(t)) and not terminal:
         return arr.to_pylist()
-    cells = [None if v is None else _csv_cell(v) for v in arr.to_pylist()]
+    cells = [None if v is None else _csv_cell(v) for v in pylist(arr)]
     return [None if c is None else visible(c) for c in cells] if terminal else cells
 
 
@@ -225,9 +311,43 @@ def _write_csv(batches, schema, out, terminal: bool) -> Written:
     w.writerow([visible(n) if terminal else n for n in schema.names])
     n = 0
     for batch in batches:
-        w.writerows(zip(*(_csv_column(batch.column(i), terminal) for i in range(batch.num_columns))))
+        rows = zip(*(_csv_column(batch.column(i), terminal) for i in range(batch.num_columns)))
+        if terminal or not _has_cr(batch):
+            w.writerows(rows)
+        else:
+            for row in rows:
+                if any(isinstance(c, str) and "\r" in c for c in row):
+                    # Python's csv module (before 3.12) leaves a lone CR unquoted with a "\n" line end,
+                    # and readers split the row there: quote such a row's cells ourselves.
+                    out.write(",".join(_quote_csv(c) for c in row) + "\n")
+                else:
+                    w.writerow(row)
         n += batch.num_rows
     return Written(n, 0, 0)
+
+
+# Types whose CSV text never holds a raw CR (nested values are JSON text, which escapes it; BLOB is hex).
+_NO_CR = (pa.types.is_integer, pa.types.is_floating, pa.types.is_temporal, pa.types.is_nested, pa.types.is_decimal,
+          pa.types.is_boolean, pa.types.is_null, pa.types.is_binary, pa.types.is_large_binary, pa.types.is_interval)
+
+
+def _has_cr(batch) -> bool:
+    """Whether a cell of ``batch`` may hold a carriage return (text columns checked in Arrow;
+    containers are JSON text, which escapes it)."""
+    for col in batch.columns:
+        t = col.type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            if pc.any(pc.match_substring(col, "\r")).as_py():
+                return True
+        elif not any(f(t) for f in _NO_CR):
+            return True  # an ENUM's text, an extension type: look at the cells
+    return False
+
+
+def _quote_csv(c) -> str:
+    if c is None:
+        return ""
+    return '"' + c.replace('"', '""') + '"' if any(ch in c for ch in ',"\r\n') else c
 
 
 def _cut(s: str, width: int) -> str:

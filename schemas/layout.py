@@ -70,9 +70,10 @@ def manifest_files(manifest: dict) -> dict[str, Owner]:
 
 
 def file_info(manifest: dict) -> dict[str, dict]:
-    """Every listed file's recorded ``{"bytes", "sha256", "rows"}`` (``file_info`` of each owner; may be partial)."""
+    """Every listed file's recorded ``{"bytes", "sha256", "rows"}`` (``file_info`` of each owner,
+    compacted files included; may be partial)."""
     out: dict[str, dict] = {}
-    for key in ("models", *SHARED):
+    for key in ("models", *SHARED, "compacted"):
         for entry in manifest.get(key, {}).values():
             if isinstance(entry, dict) and isinstance(entry.get("file_info"), dict):
                 out.update(entry["file_info"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -16,12 +17,23 @@ from urllib.parse import unquote, urlsplit
 
 class RangeServer:
     """Serves ``root`` on 127.0.0.1 (a free port). ``deny`` (path prefixes) answer 403;
-    ``ignore_range`` makes it answer 200 with the whole file, like a server without Range."""
+    ``ignore_range`` makes it answer 200 with the whole file, like a server without Range.
 
-    def __init__(self, root: Path, deny: tuple[str, ...] = (), ignore_range: bool = False):
+    Hostile modes, for paths matching ``hostile_paths`` (suffixes; every path when empty):
+    ``trickle`` sends each body one byte per ``trickle_s`` seconds; ``endless`` ignores Range and
+    sends the file followed by zeros without a Content-Length (``endless_cap`` bytes in all, so a
+    reader that holds it all fails a test instead of the machine); ``redirect`` answers 302 to
+    ``redirect_to``.
+    """
+
+    def __init__(self, root: Path, deny: tuple[str, ...] = (), ignore_range: bool = False, hostile: str | None = None,
+                 hostile_paths: tuple[str, ...] = (), trickle_s: float = 0.2, endless_cap: int = 400 << 20,
+                 redirect_to: str = "ftp://ftp.invalid/x"):
         self.root = Path(root).resolve()
         self.deny = deny
         self.ignore_range = ignore_range
+        self.hostile, self.hostile_paths, self.trickle_s = hostile, hostile_paths, trickle_s
+        self.endless_cap, self.redirect_to = endless_cap, redirect_to
         self.bytes_served = 0
         self.requests: list[tuple[str, str, str | None]] = []   # (method, path, Range)
         self._lock = threading.Lock()
@@ -52,9 +64,36 @@ class RangeServer:
                     self.send_header("Accept-Ranges", "bytes")
                     self.end_headers()
 
+            def _hostile(self) -> str | None:
+                path = unquote(urlsplit(self.path).path)
+                if server.hostile and (not server.hostile_paths or path.endswith(server.hostile_paths)):
+                    return server.hostile
+                return None
+
             def do_GET(self):
+                mode = self._hostile()
+                if mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 real = self._file()
                 if not real:
+                    return
+                if mode == "endless":
+                    self.send_response(200)
+                    self.end_headers()  # no Content-Length: the body ends when the connection does
+                    sent = 0
+                    try:
+                        with open(real, "rb") as f:
+                            self.wfile.write(f.read())
+                        while sent < server.endless_cap:
+                            self.wfile.write(bytes(1 << 20))
+                            sent += 1 << 20
+                    except OSError:  # the reader hung up: what a careful reader does
+                        pass
+                    self.close_connection = True
                     return
                 size = os.path.getsize(real)
                 m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
@@ -71,6 +110,15 @@ class RangeServer:
                     data = f.read(end - start)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if mode == "trickle":
+                    try:
+                        for i in range(len(data)):
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(server.trickle_s)
+                    except OSError:
+                        pass
+                    return
                 self.wfile.write(data)
                 with server._lock:
                     server.bytes_served += len(data)

@@ -728,3 +728,45 @@ def test_limited_heads_and_neurons_are_the_first_rows_of_all(ds, q, limit):
     for helper in (ds.heads, ds.neurons):
         everything = helper(q, side="both", limit=None).to_pylist()
         assert helper(q, side="both", limit=limit).to_pylist() == everything[:limit]
+
+
+# -- the Dataset's helper methods are the helpers, with their signatures (issue 21) ------------
+
+def test_helper_methods_have_the_helpers_own_signatures():
+    import inspect
+
+    import importlib
+
+    import query
+    from query import helpers
+
+    history = importlib.import_module("query.history")  # `query.history` is the function
+    for name, fn in [("models", helpers.models), ("heads", helpers.heads), ("neurons", helpers.neurons),
+                     ("show", helpers.show), ("tokens", helpers.tokens), ("similar", helpers.similar),
+                     ("history", history.history), ("token_history", history.token_history)]:
+        method = inspect.signature(getattr(query.Dataset, name))
+        want = list(inspect.signature(fn).parameters.values())[1:]   # without ds
+        got = list(method.parameters.values())[1:]                   # without self
+        assert [(p.name, p.kind, p.default) for p in got] == [(p.name, p.kind, p.default) for p in want], name
+        assert not any(p.kind == p.VAR_KEYWORD for p in got), name
+        assert getattr(query, name) is fn and name in query.__all__, name
+
+
+def test_helper_methods_answer_as_the_helpers(ds):
+    from query import helpers
+
+    assert ds.heads("paris", circuit="qk", limit=3).equals(helpers.heads(ds, "paris", circuit="qk", limit=3))
+    assert ds.neurons("Paris", exact=True, side="both").equals(helpers.neurons(ds, "Paris", exact=True, side="both"))
+    with pytest.raises(TypeError):
+        ds.heads("paris", circuits="qk")  # a misspelt option is an error, not ignored
+
+
+def test_history_is_a_method_like_the_other_helpers(ds):
+    from query import history
+
+    with pytest.raises(Exception) as by_method:
+        ds.history("no-such-series", "L0.N0")
+    with pytest.raises(Exception) as by_function:
+        history(ds, "no-such-series", "L0.N0")
+    assert type(by_method.value) is type(by_function.value) and str(by_method.value) == str(by_function.value)
+    assert isinstance(by_method.value, __import__("query").QueryError)

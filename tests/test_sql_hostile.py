@@ -186,7 +186,7 @@ def test_a_listed_file_that_is_a_symlink_out_of_the_dataset_is_refused(copy_db, 
 
 def test_a_listed_directory_that_is_a_symlink_out_of_the_dataset_is_refused(copy_db, tmp_path):
     """The link may be any directory on a listed file's way (the readers resolve each shared
-    directory once, query.dataset._real_paths): a model's partition directory moved out and linked."""
+    directory once, schemas.format.real_paths): a model's partition directory moved out and linked."""
     import shutil
 
     listed = json.loads((copy_db / "manifest.json").read_text())["models"]["alpha"]["files"]["vectors"][0]
@@ -198,7 +198,7 @@ def test_a_listed_directory_that_is_a_symlink_out_of_the_dataset_is_refused(copy
 
 
 def test_real_paths_resolve_as_realpath(tmp_path):
-    from query.dataset import _real_paths
+    from schemas.format import real_paths as _real_paths
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "out").mkdir()
@@ -541,14 +541,14 @@ def test_every_duckdb_type_prints(run_cli, fmt):
     assert r.exit_code == 0, r.stderr
     if fmt == "json":
         (row,) = json.loads(r.stdout)
-        assert row["t"] == "12:34:56.500000" and row["d"] == "2024-02-29" and row["nan"] is None and row["inf"] is None
+        assert row["t"] == "12:34:56.500000" and row["d"] == "2024-02-29" and row["nan"] == "NaN" and row["inf"] == "Infinity"
         assert row["u"] == "0f3a64a2-55b4-4f5c-9d6a-5b3a5a8e8a10" and row["h"] == 2**127 - 1 and row["uh"] == str(2**128 - 1)
         assert '"dec": 12345678901234567.891,' in r.stdout and row["st"] == {"x": 1, "y": [1, 2]} and row["mp"] == {"k": 1}
         assert row["b"] == "00ff6162" and row["iv"] == "P1M2DT3.5S" and row["l"] == [1.5, None] and row["nul"] is None
     if fmt == "csv":
         header, values = r.stdout.splitlines()[:2]
         assert header.startswith("t,d,ts") and values.startswith("12:34:56.500000,2024-02-29,")
-        assert "12345678901234567.891" in values and ",nan,inf,-inf," in values
+        assert "12345678901234567.891" in values and ",NaN,Infinity,-Infinity," in values
 
 
 def test_streams_of_many_batches_keep_types(run_cli):
