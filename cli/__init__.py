@@ -1,4 +1,6 @@
-"""The ``zeropass`` command line: each command parses options, calls the library, prints.
+"""The ``zeropass`` command line, above both halves: it drives ``query`` (read) and ``indexer`` (write).
+
+Each command parses options, calls the library, prints. Nothing imports this package.
 
 Data goes to stdout, progress and notices to stderr. Typed errors (``query.errors.QueryError``,
 ``indexer.errors.ZeropassError``) become one ``Error:`` line and exit code 1. The indexer (torch,
@@ -18,8 +20,8 @@ import click
 
 from schemas.kinds import ALL_KINDS, FF_KINDS
 
-from . import output
-from .errors import Interrupted, QueryError
+from query import output
+from query.errors import Interrupted, QueryError
 
 INDEX_DEPS = {"torch", "transformers", "safetensors", "numpy", "scipy", "gguf", "accelerate", "tokenizers"}
 
@@ -76,7 +78,7 @@ _LOCAL_DB_COMMANDS = {"index", "diff", "align", "check"}
 
 
 def _check_db(ctx, param, value):
-    from .remote import is_url
+    from query.remote import is_url
 
     if value is not None and ctx.info_name in _LOCAL_DB_COMMANDS and is_url(value):
         raise click.ClickException(
@@ -141,7 +143,7 @@ def replace_option(f):
 
 
 def _open(db):
-    from .dataset import Dataset
+    from query.dataset import Dataset
 
     ctx = click.get_current_context(silent=True)
     return Dataset(db, cache_dir=ctx.meta.get("zeropass.cache_dir") if ctx else None)
@@ -547,7 +549,7 @@ def history(series, unit, token, exact, token_id, kind, side, max_rank, limit, d
       zeropass history pythia-70m L3.N117
       zeropass history pythia-70m --token Paris
     """
-    from .history import history as unit_history, token_history
+    from query.history import history as unit_history, token_history
 
     ds = _open(db)
     if (unit is None) == (token is None and token_id is None):
@@ -646,7 +648,7 @@ def serve(db, host, port):
     \b
       zeropass serve --db zeropass-db      # then open http://127.0.0.1:8765/
     """
-    from .serve import serve as run
+    from query.serve import serve as run
 
     run(_open(db), host=host, port=port, echo=lambda m: click.echo(m, err=True))
 
@@ -693,7 +695,7 @@ def cache_clear(cache_dir):
     \b
       zeropass cache clear
     """
-    from .remote import clear_cache
+    from query.remote import clear_cache
 
     where, freed = clear_cache(cache_dir)
     click.echo(f"cleared {where} ({freed:,} bytes)", err=True)
@@ -703,6 +705,3 @@ def main(argv=None):
     """Console script entry point."""
     return cli.main(args=argv, prog_name="zeropass")
 
-
-if __name__ == "__main__":
-    main()
