@@ -87,6 +87,19 @@ class Param:
     def query_key(self) -> str:
         return self.key or self.name
 
+    def read(self, values: list[str], key: str | None = None):
+        """This parameter's value from every value sent for it (none: the default)."""
+        key = key or self.query_key
+        if not values:
+            if self.required:
+                raise BadOption(f"missing ?{key}=: give {self.help or self.name}")
+            return self.default
+        if self.multiple:
+            return [self.parse(key, v) for v in values]
+        if len(values) > 1:
+            raise BadOption(f"?{key}= given {len(values)} times: give it once")
+        return (boolean if self.flag else self.parse)(key, values[0])
+
 
 @dataclass(frozen=True)
 class Helper:
@@ -110,19 +123,7 @@ def from_query(helper: Helper, get: Callable[[str], list[str]]) -> dict:
     One parser for the JSON API and the pages: a missing required value, a value that does not
     parse and a single-valued key sent twice are each a BadOption naming the key.
     """
-    out = {}
-    for p in helper.params:
-        values = get(p.query_key)
-        if not values:
-            if p.required:
-                raise BadOption(f"missing ?{p.query_key}=: give {p.help or p.name}")
-            out[p.name] = p.default
-        elif p.multiple:
-            out[p.name] = [p.parse(p.query_key, v) for v in values]
-        elif len(values) > 1:
-            raise BadOption(f"?{p.query_key}= given {len(values)} times: give it once")
-        else:
-            out[p.name] = (boolean if p.flag else p.parse)(p.query_key, values[0])
+    out = {p.name: p.read(get(p.query_key)) for p in helper.params}
     for group in helper.needs:
         if all(out[n] in (None, "") for n in group):
             keys = " or ".join(f"?{helper[n].query_key}=" for n in group)
