@@ -248,7 +248,7 @@ class Explorer:
     def sql_turn(self):
         """One of the ``sql_slots`` turns for user SQL; ServerBusy when they are taken and ``sql_queue`` wait already.
 
-        A request that waits gives up after the time limit of a query (it would be the next one's).
+        A request that waits gives up when the queries ahead of it could all have run to their time limit.
         """
         with self._pool_lock:
             got = self._sql_turns.acquire(blocking=False)
@@ -259,12 +259,12 @@ class Explorer:
                 self._sql_waiting += 1
         if not got:
             try:
-                got = self._sql_turns.acquire(timeout=self.sql_timeout)
+                got = self._sql_turns.acquire(timeout=self.sql_timeout * (1 + self.sql_queue / self.sql_slots))
             finally:
                 with self._pool_lock:
                     self._sql_waiting -= 1
             if not got:
-                raise ServerBusy(f"no SQL turn came free within {self.sql_timeout:g} s: try again shortly")
+                raise ServerBusy("no SQL turn came free in time: try again shortly (pages are not affected)")
         try:
             yield
         finally:
