@@ -20,6 +20,7 @@ After the views exist the connection is locked down (docs/QUERY.md, "SQL safety"
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -300,7 +301,8 @@ class Dataset:
                 f"or point --db / $ZEROPASS_DB at an existing one")
         self._given = path
         self._cache_dir = cache_dir
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()          # this connection's (or cursor's) one query at a time
+        self._catalog_lock = threading.RLock()  # one writer of the shared views, with the cursor() twins
         self._sources: dict[tuple, str] = {}   # (table, models, layers) -> view name
         self._unreadable: dict[str, str] = {}  # listed file -> why DuckDB could not bind it
         self._no_compacted: set[str] = set()   # tables whose compacted file could not be bound
@@ -362,10 +364,12 @@ class Dataset:
         con = duckdb.connect(":memory:")
         self.con = con
         con.execute(f"SET temp_directory = {_quote(self._tmp)}")
-        con.execute("SET python_enable_replacements = false")  # a Python variable is not a table
+        # GLOBAL: cursor() twins start from these too (a cursor does not inherit a plain SET, and
+        # cannot change a setting once lock_configuration is on)
+        con.execute("SET GLOBAL python_enable_replacements = false")  # a Python variable is not a table
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")
-        con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout, into the data
+        con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout, into the data (off by default in a cursor)
         # Parquet footers are cached, so repeated queries skip re-reading metadata.
         con.execute("SET parquet_metadata_cache = true")
         if self._remote is not None:
@@ -473,7 +477,7 @@ class Dataset:
         """
         layer_key = tuple(sorted({int(x) for x in layers})) if layers is not None and "layer" in TABLES[table].partition_by else None
         key = (table, tuple(models) if models is not None else None, layer_key, bool(compacted))
-        with self._lock:
+        with self._lock, self._catalog_lock:
             name = self._sources.get(key)
             if name is None:
                 name = f"_zeropass.src{len(self._sources)}_{table}"
@@ -492,9 +496,10 @@ class Dataset:
             if force:
                 # after a failed read: a new revision, or the same one after a network error; views
                 # that failed to bind are bound again (footers come from the caches)
-                self._read_manifest()
-                self._remote.file_errors.clear()
-                self._build_views()
+                with self._catalog_lock:
+                    self._read_manifest()
+                    self._remote.file_errors.clear()
+                    self._build_views()
             return
         try:
             st = os.stat(self.root / MANIFEST)
@@ -503,14 +508,30 @@ class Dataset:
             sig = None
         if sig == self._signature and not force:
             return
-        self._read_manifest()
-        self._build_views()
+        with self._catalog_lock:
+            self._read_manifest()
+            self._build_views()
 
     # -- running SQL ------------------------------------------------------------------------------
 
     def reopen(self) -> "Dataset":
         """Another Dataset over the same place (its own connection, e.g. one per server thread)."""
         return Dataset(self._given, cache_dir=self._cache_dir)
+
+    def cursor(self) -> "Dataset":
+        """This dataset for another thread, read through a cursor of the same connection (DuckDB's way).
+
+        The twin shares the views, settings, lock-down and Parquet footer cache (nothing is opened
+        again); it has its own running query, time limit and interrupt. Closing it closes only
+        its cursor.
+        """
+        twin = copy.copy(self)
+        with self._lock:
+            twin.con = self.con.cursor()
+        twin._lock = threading.RLock()
+        twin._why_stopped = twin._timeout = None
+        twin._cleanup = lambda: None  # the temp directory is the owner's
+        return twin
 
     def close(self) -> None:
         with self._lock:

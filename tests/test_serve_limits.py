@@ -128,3 +128,48 @@ def test_history_is_an_api_endpoint_like_every_helper(server):
 def server(synthetic_db):
     with running(synthetic_db) as url:
         yield url
+
+
+# -- one connection, a cursor per thread -------------------------------------------------------
+
+def test_a_cursor_twin_shares_the_views_and_the_lock_down(synthetic_db):
+    import duckdb
+    import pyarrow as pa
+
+    from query.errors import QueryTimeout
+
+    with Dataset(synthetic_db) as ds:
+        twin = ds.cursor()
+        assert twin.con is not ds.con
+        assert twin.sql("SELECT count(*) AS n FROM heads").equals(ds.sql("SELECT count(*) AS n FROM heads"))
+        assert twin.heads("paris").equals(ds.heads("paris"))
+        secret = pa.table({"a": [1]})  # noqa: F841 (a replacement scan would find it by name)
+        with pytest.raises(duckdb.CatalogException):
+            twin.con.execute("SELECT * FROM secret")  # a plain SET is not inherited by a cursor
+        with pytest.raises(duckdb.Error):
+            twin.con.execute("SET enable_external_access = true")
+        # a time limit stops the twin's query only
+        done = {}
+        t = threading.Thread(target=lambda: done.update(n=ds.rows("SELECT count(*) AS n FROM range(3000000)")[0]["n"]))
+        with pytest.raises(QueryTimeout):
+            t.start()
+            twin.sql(SLOW, timeout=0.5)
+        t.join(30)
+        assert done["n"] == 3000000
+        twin.close()
+        assert ds.rows("SELECT count(*) AS n FROM models")[0]["n"] > 0  # the owner reads on
+
+
+def test_pages_read_through_cursors_of_one_connection_and_sql_through_its_own(synthetic_db):
+    from query.serve.app import Explorer
+
+    with Dataset(synthetic_db) as ds:
+        ex = Explorer(ds, pool_size=2, sql_slots=1)
+        with ex.session() as a, ex.session() as b:  # two pages at once
+            assert a.ds is ds and b.ds.con is not ds.con and b.ds._tmp == ds._tmp  # a cursor twin, no second database
+            assert b.ds.heads("paris").equals(ds.heads("paris"))
+        with ex.sql_turn(), ex.session(sql=True) as c:
+            assert c.ds._tmp != ds._tmp  # user SQL has a database of its own (docs/EXPLORER.md says why)
+            assert c.ds.sql("SELECT count(*) AS n FROM models").equals(ds.sql("SELECT count(*) AS n FROM models"))
+        ex.close()
+        assert ds.rows("SELECT count(*) AS n FROM models")[0]["n"] > 0  # the owner's Dataset stays open

@@ -205,35 +205,80 @@ def _required(request: Request, name: str, what: str) -> str:
 
 @contextmanager
 def _turn(ex: "Explorer", request: Request, sql: bool):
-    """A SQL turn for a request that runs user SQL (``?q=`` given), none for the others."""
+    """A SQL turn for a request that runs user SQL (``?q=`` given), none for the others; yields whether it took one."""
     if sql and request.query_params.get("q", "").strip():
         with ex.sql_turn():
-            yield
+            yield True
     else:
-        yield
+        yield False
+
+
+class _Pool:
+    """Up to ``size`` Datasets made by ``make`` when all are lent (the first may be given), lent one at a time."""
+
+    def __init__(self, make, size: int, first=None):
+        self._make, self._size = make, size
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        self._made: list = []
+        self._lock = threading.Lock()
+        if first is not None:
+            self._free.put(first)
+            self._made.append(first)
+
+    def take(self):
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            grow = len(self._made) < self._size
+            if grow:
+                self._made.append(None)  # the place is reserved while it opens
+        if not grow:
+            return self._free.get()
+        try:
+            ds = self._make()
+        except BaseException:
+            with self._lock:
+                self._made.remove(None)
+            raise
+        with self._lock:
+            self._made[self._made.index(None)] = ds
+        return ds
+
+    def give(self, ds) -> None:
+        self._free.put(ds)
+
+    def close(self, keep=None) -> None:
+        for ds in self._made:
+            if ds is not None and ds is not keep:
+                ds.close()
 
 
 class Explorer:
     """The app's state: a small pool of open Datasets, the SQL turns, the limits and the templates.
 
     A DuckDB connection runs one query at a time, so each request borrows a Dataset of its own
-    (:meth:`session`): the one the app was made with, or another opened on the same directory
-    when all are busy, up to ``pool_size + sql_slots`` (each is its own in-memory catalog with
-    the same lock-down and its own Parquet footer cache). User SQL first takes one of
-    ``sql_slots`` turns (:meth:`sql_turn`), so however many slow queries arrive, ``pool_size``
-    Datasets are left to the pages; at most ``sql_queue`` SQL requests wait for a turn, and the
-    next is answered 503 at once. A time limit interrupts only its own query.
+    (:meth:`session`). Pages read through the one the app was made with or, when it is busy, a
+    cursor twin of it (``Dataset.cursor``: a cursor per thread over the one connection, DuckDB's
+    documented way, sharing its views, lock-down and Parquet footer cache), up to ``pool_size``.
+
+    User SQL first takes one of ``sql_slots`` turns (:meth:`sql_turn`); at most ``sql_queue``
+    requests wait for one, the next is answered 503 at once. It runs on Datasets opened for it
+    alone (``Dataset.reopen``, one per turn): cursors share their database's task scheduler, and
+    measured here a CPU-bound query then held a cursor's page for as long as it ran (``/`` 1.8 s
+    behind two slow queries, 0.2 s with SQL on its own database, docs/EXPLORER.md). A time limit
+    interrupts only its own query.
     """
 
     def __init__(self, ds, *, sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S, pool_size: int = POOL_SIZE,
                  sql_slots: int = SQL_SLOTS, sql_queue: int = SQL_QUEUE, sql_byte_cap: int = SQL_BYTE_CAP):
         self.ds = ds
-        self._free: queue.LifoQueue = queue.LifoQueue()
-        self._free.put(ds)
-        self._opened = [ds]
         self._pool_lock = threading.Lock()
         self.sql_slots = max(1, sql_slots)
-        self.pool_size = max(1, pool_size) + self.sql_slots
+        self.pool_size = max(1, pool_size)
+        self._pages = _Pool(ds.cursor, self.pool_size, first=ds)
+        self._sql_pool = _Pool(ds.reopen, self.sql_slots)
         self.sql_queue = max(0, sql_queue)
         self._sql_turns = threading.BoundedSemaphore(self.sql_slots)
         self._sql_waiting = 0
@@ -271,38 +316,25 @@ class Explorer:
             self._sql_turns.release()
 
     @contextmanager
-    def session(self):
-        """This Explorer reading through a Dataset nobody else is using until the block ends."""
-        try:
-            ds = self._free.get_nowait()
-        except queue.Empty:
-            with self._pool_lock:
-                grow = len(self._opened) < self.pool_size
-                if grow:
-                    self._opened.append(None)  # reserve the place while it opens
-            if grow:
-                try:
-                    ds = self.ds.reopen()
-                except BaseException:
-                    with self._pool_lock:
-                        self._opened.remove(None)
-                    raise
-                with self._pool_lock:
-                    self._opened[self._opened.index(None)] = ds
-            else:
-                ds = self._free.get()
+    def session(self, sql: bool = False):
+        """This Explorer reading through a Dataset nobody else is using until the block ends.
+
+        Pages read through cursors of the one connection; user SQL (``sql=True``, inside a
+        :meth:`sql_turn`) through Datasets opened for it alone (see the class).
+        """
+        pool = self._sql_pool if sql else self._pages
+        ds = pool.take()
         ex = copy.copy(self)
         ex.ds = ds
         try:
             yield ex
         finally:
-            self._free.put(ds)
+            pool.give(ds)
 
     def close(self) -> None:
-        """Close the Datasets the pool opened (the one it was given stays its owner's)."""
-        for ds in self._opened[1:]:
-            if ds is not None:
-                ds.close()
+        """Close the cursors and Datasets the pools opened (the Dataset it was given stays its owner's)."""
+        self._pages.close(keep=self.ds)
+        self._sql_pool.close()
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -356,7 +388,7 @@ def page(fn=None, *, sql: bool = False):
         explorer = request.app.state.explorer
         t = time.perf_counter()
         try:
-            with _turn(explorer, request, sql), explorer.session() as ex:
+            with _turn(explorer, request, sql) as turn, explorer.session(sql=turn) as ex:
                 resp = fn(ex, request)
         except QueryError as e:
             resp = explorer.error_page(str(e), _status(e))
@@ -375,7 +407,7 @@ def api(fn=None, *, sql: bool = False):
     def endpoint(request: Request):
         explorer = request.app.state.explorer
         try:
-            with _turn(explorer, request, sql), explorer.session() as ex:
+            with _turn(explorer, request, sql) as turn, explorer.session(sql=turn) as ex:
                 out = fn(ex, request)
         except QueryError as e:
             return JSONResponse({"error": str(e)}, status_code=_status(e), headers=SECURITY_HEADERS)
