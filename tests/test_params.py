@@ -87,3 +87,10 @@ def test_one_parser_reads_what_the_command_line_reads():
     assert from_query(HELPERS["show"], _get({"model": ["m"], "unit": ["L0.H0"]}))["limit"] == 10
     with pytest.raises(BadOption, match=r"missing \?unit="):
         from_query(HELPERS["show"], _get({"model": ["m"]}))
+
+
+@pytest.mark.parametrize("name", list(HELPERS))
+def test_every_helper_is_exported_from_query(name):
+    import query
+
+    assert name in query.__all__ and getattr(query, name) is function(HELPERS[name])
