@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .base import Place, cli, db_option, emit, format_option, output_options, progress, quiet_option
+from .base import Place, cli, db_option, emit, format_option, progress, quiet_option
 
 
 def index_options(f):
@@ -24,11 +24,6 @@ def index_options(f):
     f = click.option("--layers", default=None, help="Only these layers, e.g. 0-5 or 0,3,7 (default: all).")(f)
     f = click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) checkpoints: runs code from the file.")(f)
     return f
-
-
-def replace_option(f):
-    return click.option("--replace", is_flag=True,
-                        help="Replace a model of the same name indexed from another checkpoint (refused without it).")(f)
 
 
 def replace_option(f):
