@@ -30,7 +30,7 @@ test-all: venv
 	$(BIN)/python -m pytest -q -m ''
 
 demo: venv
-	$(BIN)/python -m query.demo
+	$(BIN)/python -m cli.demo
 
 bench: venv
 	$(BIN)/python -m benchmarks.run_all

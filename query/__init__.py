@@ -8,7 +8,7 @@
 >>> ds.show("minilm", "L5.H3")                             # {section: pyarrow.Table}
 >>> ds.tokens("Paris is big")
 >>> ds.similar("minilm", "L3.N17", "mpnet")
->>> ds.history("pythia-160m", "L3.N17")                     # a unit across a series' checkpoints
+>>> ds.history("pythia-70m", "L3.N117")                     # a unit across a checkpoint series (also query.history(ds, ...))
 
 Imports duckdb, pyarrow and click only: never torch or transformers (docs/QUERY.md).
 """
@@ -24,12 +24,14 @@ from .errors import (BadManifest, BadOption, BadSQL, BadToken, BadUnit, DamagedF
                      QueryError, QueryTimeout, SchemaMismatch, UnknownModel, UnknownToken,
                      RemoteUnreachable, RemoteDenied, DatasetChanged, RemoteTimeout, OutOfMemory, NotACache)
 from .helpers import heads, match_tokens, models, neurons, norm, show, similar, tokens
+# The function, exported like every helper; its module stays importable as ``query.history``
+# through sys.modules (``from query.history import token_history``).
 from .history import history, token_history
 from .units import Unit, parse_unit
 
 __all__ = [
-    "Dataset", "open_dataset", "check_read_only", "heads", "neurons", "show", "tokens", "models", "similar",
-    "history", "token_history",
+    "Dataset", "open_dataset", "check_read_only", "heads", "neurons", "show", "tokens", "models", "similar", "history",
+    "token_history",
     "match_tokens", "norm", "Unit", "parse_unit", "QueryError", "NotADataset", "SchemaMismatch", "UnknownModel",
     "BadUnit", "UnknownToken", "BadToken", "BadOption", "ForbiddenSQL", "BadSQL", "BadManifest", "DamagedFile",
     "QueryTimeout", "Interrupted", "RemoteUnreachable", "RemoteDenied", "DatasetChanged", "RemoteTimeout",

@@ -223,7 +223,7 @@ class Catalog:
         """
         layer_key = tuple(sorted({int(x) for x in layers})) if layers is not None and "layer" in TABLES[table].partition_by else None
         key = (table, tuple(models) if models is not None else None, layer_key, bool(compacted))
-        with self._lock:
+        with self._lock, self._catalog_lock:
             name = self._sources.get(key)
             if name is None:
                 name = f"_zeropass.src{len(self._sources)}_{table}"
@@ -242,9 +242,10 @@ class Catalog:
             if force:
                 # after a failed read: a new revision, or the same one after a network error; views
                 # that failed to bind are bound again (footers come from the caches)
-                self._read_manifest()
-                self._remote.file_errors.clear()
-                self._build_views()
+                with self._catalog_lock:
+                    self._read_manifest()
+                    self._remote.file_errors.clear()
+                    self._build_views()
             return
         try:
             st = os.stat(self.root / MANIFEST)
@@ -253,8 +254,9 @@ class Catalog:
             sig = None
         if sig == self._signature and not force:
             return
-        self._read_manifest()
-        self._build_views()
+        with self._catalog_lock:
+            self._read_manifest()
+            self._build_views()
 
     # -- models -----------------------------------------------------------------------------
 

@@ -192,10 +192,12 @@ class Connection:
         con = duckdb.connect(":memory:")
         self.con = con
         con.execute(f"SET temp_directory = {_quote(self._tmp)}")
-        con.execute("SET python_enable_replacements = false")  # a Python variable is not a table
+        # GLOBAL: cursor() twins start from these too (a cursor does not inherit a plain SET, and
+        # cannot change a setting once lock_configuration is on)
+        con.execute("SET GLOBAL python_enable_replacements = false")  # a Python variable is not a table
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")
-        con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout, into the data
+        con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout, into the data (off by default in a cursor)
         # Parquet footers are cached, so repeated queries skip re-reading metadata.
         con.execute("SET parquet_metadata_cache = true")
         if self._remote is not None:

@@ -11,6 +11,7 @@ A Dataset is put together from its jobs, one module each:
 """
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import threading
@@ -55,7 +56,8 @@ class Dataset(Catalog, Connection):
                 f"or point --db / $ZEROPASS_DB at an existing one")
         self._given = path
         self._cache_dir = cache_dir
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()          # this connection's (or cursor's) one query at a time
+        self._catalog_lock = threading.RLock()  # one writer of the shared views, with the cursor() twins
         self._sources: dict[tuple, str] = {}   # (table, models, layers) -> view name
         self._unreadable: dict[str, str] = {}  # listed file -> why DuckDB could not bind it
         self._no_compacted: set[str] = set()   # tables whose compacted file could not be bound
@@ -83,6 +85,21 @@ class Dataset(Catalog, Connection):
     def reopen(self) -> "Dataset":
         """Another Dataset over the same place (its own connection, e.g. one per server thread)."""
         return Dataset(self._given, cache_dir=self._cache_dir)
+
+    def cursor(self) -> "Dataset":
+        """This dataset for another thread, read through a cursor of the same connection (DuckDB's way).
+
+        The twin shares the views, settings, lock-down and Parquet footer cache (nothing is opened
+        again); it has its own running query, time limit and interrupt. Closing it closes only
+        its cursor.
+        """
+        twin = copy.copy(self)
+        with self._lock:
+            twin.con = self.con.cursor()
+        twin._lock = threading.RLock()
+        twin._why_stopped = twin._timeout = None
+        twin._cleanup = lambda: None  # the temp directory is the owner's
+        return twin
 
     def close(self) -> None:
         with self._lock:
@@ -141,12 +158,15 @@ class Dataset(Catalog, Connection):
 
         return helpers.similar(self, model, unit, in_model, limit=limit)
 
-    def history(self, series: str, unit: str, *, kind: str | None = None, side: str = "top",
-                max_rank: int = 10) -> pa.Table:
-        """How ``unit``'s top tokens change across the checkpoints of ``series`` (``query.history.history``)."""
+    def history(self, series: str, unit: str | None = None, *, token: str | None = None, exact: bool = False,
+                token_id: int | None = None, kind=None, side: str = "top", max_rank: int | None = 10,
+                limit: int | None = 50) -> pa.Table:
+        """``unit``'s top tokens across the checkpoints of ``series``, or the units that list a
+        token (``token``/``token_id``) there (``query.history.history``)."""
         from .history import history  # (``query.history`` is this function; the module is ``query.history`` in sys.modules)
 
-        return history(self, series, unit, kind=kind, side=side, max_rank=max_rank)
+        return history(self, series, unit, token=token, exact=exact, token_id=token_id, kind=kind, side=side,
+                       max_rank=max_rank, limit=limit)
 
     def token_history(self, series: str, token: str | None = None, *, exact: bool = False,
                       token_id: int | None = None, kind=None, side: str = "top", max_rank: int = 10,

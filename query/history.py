@@ -67,7 +67,26 @@ def _pivot(long: list[dict], key: tuple[str, ...], steps: list[int]) -> pa.Table
     return pa.table({c: pa.array(v, types.get(c)) for c, v in cols.items()})
 
 
-def history(ds, series: str, unit: str, *, kind: str | None = None, side: str = "top", max_rank: int = 10) -> pa.Table:
+def history(ds, series: str, unit: str | None = None, *, token: str | None = None, exact: bool = False,
+            token_id: int | None = None, kind=None, side: str = "top", max_rank: int | None = 10,
+            limit: int | None = 50) -> pa.Table:
+    """``zeropass history``: :func:`unit_history` of UNIT, or :func:`token_history` of a token (``token`` or ``token_id``).
+
+    >>> history(ds, "pythia-70m", "L3.N117")            # doctest: +SKIP
+    >>> history(ds, "pythia-70m", token="Paris")        # doctest: +SKIP
+    """
+    if (unit is None) == (token is None and token_id is None):
+        raise BadOption("give either UNIT or --token TOKEN (or --id N)")
+    if unit is not None:
+        kinds = [kind] if isinstance(kind, str) else list(kind or [])
+        if len(kinds) > 1:
+            raise BadOption("UNIT takes one --kind")
+        return unit_history(ds, series, unit, kind=kinds[0] if kinds else None, side=side, max_rank=max_rank)
+    return token_history(ds, series, token, exact=exact, token_id=token_id, kind=kind, side=side, max_rank=max_rank,
+                         limit=limit)
+
+
+def unit_history(ds, series: str, unit: str, *, kind: str | None = None, side: str = "top", max_rank: int | None = 10) -> pa.Table:
     """How ``unit``'s top (or bottom) tokens change across ``series``: one row per token that is in
     the first ``max_rank`` at some step. A head (``L1.H2``) is read through its OV circuit's output
     tokens; a neuron through ``kind`` (default ff_value), a head dimension likewise (default o)."""
@@ -123,7 +142,8 @@ def token_history(ds, series: str, token: str | None = None, *, exact: bool = Fa
               AND list_contains($ids, h.token_id) AND h.circuit = 'ov' AND h.role = 'output'
               AND list_contains($sides, h.side) AND h.rank <= $max_rank"""
     table = _pivot(ds._run(sql, params).to_pylist(), ("unit", "kind", "token"), [s for _, s in steps])
-    return table.slice(0, limit) if limit else table
+    limit = _bound(limit, "--limit", 0)
+    return table.slice(0, limit) if limit is not None else table
 
 
 def _kinds(kind) -> list[str]:
@@ -138,4 +158,4 @@ def _kinds(kind) -> list[str]:
     return values
 
 
-__all__ = ["history", "token_history", "series_steps", "BadUnit"]
+__all__ = ["history", "unit_history", "token_history", "series_steps", "BadUnit"]

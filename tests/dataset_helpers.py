@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def zp(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "query.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, **kw)
 
 

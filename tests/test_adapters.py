@@ -417,7 +417,7 @@ def test_inconsistent_config_is_one_error_line_in_the_cli(tmp_path):
     """The issue's case: `n_head` not dividing `d_model` printed a reshape traceback."""
     from click.testing import CliRunner
 
-    from query.cli import cli
+    from cli import cli
 
     path = _with_config(tmp_path, "gpt2", n_head=5)
     for command in (["coverage", str(path)], ["index", str(path), "--db", str(tmp_path / "db")]):

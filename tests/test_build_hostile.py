@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from indexer.build import BadOption, check_slug, default_slug, index_diff, index_model, parse_layers
 from indexer.errors import BadCheckpoint, ModelNotFound, NonFiniteWeights, UnsupportedArchitecture, ZeropassError
 from indexer.load import Provenance, load_canonical
-from query.cli import cli
+from cli import cli
 from schemas.layout import read_manifest, table_files
 from tests.tiny_models import D_VOCAB, save_tiny, tiny_model
 
@@ -208,7 +208,7 @@ def test_nan_weights_cli_quiet_prints_one_error_line_and_nothing_on_stdout(gpt2,
     """Before: exit 0, all scores NaN, and MKL's `Intel oneMKL ERROR ... DGEBAL` on stdout despite -q."""
     bad = copy_model(gpt2, tmp_path / "bad")
     edit_weights(bad, lambda s: s["transformer.h.1.attn.c_attn.weight"].view(-1)[:12].fill_(float("nan")))
-    r = subprocess.run([sys.executable, "-m", "query.cli", "index", str(bad), "--db", str(tmp_path / "db"), "-q",
+    r = subprocess.run([sys.executable, "-m", "cli", "index", str(bad), "--db", str(tmp_path / "db"), "-q",
                         "--k", str(K), "--pairs", str(N_PAIRS)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), r.stderr
@@ -465,7 +465,7 @@ def test_quiet_means_one_line_even_when_transformers_would_warn(gpt2, tmp_path):
     bad = copy_model(gpt2, tmp_path / "bad")
     _empty_embedding(bad)
     edit_config(bad, lambda c: c.update(vocab_size=0))
-    r = subprocess.run([sys.executable, "-m", "query.cli", "index", str(bad), "--db", str(tmp_path / "db"), "-q"],
+    r = subprocess.run([sys.executable, "-m", "cli", "index", str(bad), "--db", str(tmp_path / "db"), "-q"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and "d_vocab = 0" in r.stderr, r.stderr
@@ -508,7 +508,7 @@ def test_quiet_gguf_index_prints_nothing(tmp_path):
     from indexer import packaged
 
     gguf = packaged.smollm2_gguf_path()
-    r = subprocess.run([sys.executable, "-m", "query.cli", "index", str(gguf), "--db", str(tmp_path / "db"), "-q",
+    r = subprocess.run([sys.executable, "-m", "cli", "index", str(gguf), "--db", str(tmp_path / "db"), "-q",
                         "--layers", "0", "--k", "1", "--pairs", "0"], capture_output=True, text=True, cwd=REPO)
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     row = models_rows(tmp_path / "db")["smollm2-135m-instruct-q4_1"]

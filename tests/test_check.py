@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from query.cli import cli
+from cli import cli
 from schemas.layout import read_manifest
 from tests.tiny_models import save_tiny
 
@@ -219,7 +219,7 @@ def test_check_of_a_non_dataset_is_one_line(tmp_path):
 def test_check_runs_without_torch(db):
     """The checking library and `zeropass check` need only the query extra."""
     code = ("import sys; sys.modules['torch'] = None\n"  # importing torch now raises ImportError
-            "from query.cli import main\n"
+            "from cli import main\n"
             "try:\n    main(['check', '--db', sys.argv[1], '-q'])\n"
             "except SystemExit as e:\n    sys.exit(e.code)\n")
     r = subprocess.run([sys.executable, "-c", code, str(db)], env=dict(os.environ, PYTHONPATH=str(REPO)),

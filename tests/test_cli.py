@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from query.cli import cli
+from cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["index", "models", "sql", "heads", "neurons", "show", "tokens", "similar", "coverage", "align", "diff"]
@@ -177,7 +177,7 @@ def test_missing_and_old_datasets(tmp_path, synthetic_db):
 
 def _no_torch(argv: list[str]) -> subprocess.CompletedProcess:
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            f"from query.cli import main; main({argv!r})")
+            f"from cli import main; main({argv!r})")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=60,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
@@ -211,7 +211,7 @@ def test_index_then_query_real_tiny_model(tiny_db):
 
 
 def test_demo_refuses_a_dataset_of_another_schema_version(tmp_path):
-    from query.demo import main as demo
+    from cli.demo import main as demo
 
     old = tmp_path / "old-db"
     old.mkdir()

@@ -5,7 +5,7 @@ import json
 
 from click.testing import CliRunner
 
-from query.cli import cli
+from cli import cli
 from schemas.layout import read_manifest
 from tests.tiny_models import save_tiny
 

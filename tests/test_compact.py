@@ -218,7 +218,7 @@ def test_sigkill_during_compaction_leaves_the_dataset_as_it_was(synthetic_db, tm
 
 def test_compact_one_model_and_cli(synthetic_db, tmp_path):
     db = _copy(synthetic_db, tmp_path)
-    cli = [sys.executable, "-m", "query.cli"]
+    cli = [sys.executable, "-m", "cli"]
     r = subprocess.run(cli + ["compact", "--db", str(db)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "compacted 8 tables" in r.stderr, r.stderr
     r = subprocess.run(cli + ["compact", "--db", str(tmp_path / "nothing")], capture_output=True, text=True, cwd=ROOT)

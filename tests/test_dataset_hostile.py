@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from indexer.build import index_model
 from indexer.errors import DatasetError
-from query.cli import cli
+from cli import cli
 from schemas.layout import read_manifest
 from tests.disks import fill
 from tests.tiny_models import D_VOCAB, save_tiny
@@ -102,7 +102,7 @@ def test_hub_ids_of_two_organisations_with_one_name(tmp_path):
     db = tmp_path / "db"
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "query.cli", "index", *args, "--db", str(db), *SMALL],
+        return subprocess.run([sys.executable, "-m", "cli", "index", *args, "--db", str(db), *SMALL],
                               env=env, capture_output=True, text=True, timeout=300)
 
     assert run("org1/x").returncode == 0
@@ -209,7 +209,7 @@ def test_every_odd_character_at_once_through_the_real_command(tmp_path, models):
     env = dict(os.environ, PYTHONPATH=str(REPO))
 
     def zp(*args, cwd=None):
-        return subprocess.run([sys.executable, "-m", "query.cli", *map(str, args)], env=env, cwd=cwd,
+        return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], env=env, cwd=cwd,
                               capture_output=True, text=True, timeout=300)
 
     r = zp("index", models["a"], "--db", db, "--name", "m", *SMALL)
@@ -374,7 +374,7 @@ def test_remove_model_waits_for_the_writer_lock(tmp_path, models):
 def test_two_concurrent_first_index_runs_on_a_new_directory_both_land(tmp_path, models):
     db = tmp_path / "db"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-m", "query.cli", "index", str(models[m]), "--db", str(db),
+    procs = [subprocess.Popen([sys.executable, "-m", "cli", "index", str(models[m]), "--db", str(db),
                                "--name", m, *SMALL], env=env, stderr=subprocess.PIPE, text=True) for m in ("a", "b")]
     for p in procs:
         _, err = p.communicate(timeout=300)

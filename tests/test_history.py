@@ -18,7 +18,7 @@ def zp(*args):
     """The CLI in this process (the query side imports no torch): subprocesses cost seconds each."""
     from click.testing import CliRunner
 
-    from query.cli import cli
+    from cli import cli
 
     r = CliRunner().invoke(cli, [str(a) for a in args])
     r.returncode = r.exit_code

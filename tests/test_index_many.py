@@ -79,7 +79,7 @@ def test_quiet_success_prints_nothing(ckpts, tmp_path):
 def test_sigkill_mid_run_then_rerun_finishes(ckpts, tmp_path):
     db = tmp_path / "db"
     s = spec(tmp_path, ckpts, "a", "b", "c")
-    proc = subprocess.Popen([sys.executable, "-m", "query.cli", "index-many", str(s), "--db", str(db)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "index-many", str(s), "--db", str(db)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()  # the first model is done
     assert line.startswith("[1/3]"), line

@@ -170,7 +170,7 @@ def test_sigkill_mid_merge_leaves_the_target_as_it_was(built, tmp_path):
     shutil.copytree(built / "h", out)
     before = {p: p.read_bytes() for p in (out / "manifest.json", out / "catalog.duckdb")}
     listed_before = set(json.loads(before[out / "manifest.json"])["models"])
-    proc = subprocess.Popen([sys.executable, "-m", "query.cli", "merge", str(built / "shard0"), str(built / "shard1"),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "merge", str(built / "shard0"), str(built / "shard1"),
                              "--into", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # kill as soon as the first copied file is in place: the merge is then mid-way
     deadline = time.time() + 60

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from indexer.build import index_model
 from indexer.load import load_canonical
 from query import Dataset
-from query.cli import cli
+from cli import cli
 from query.errors import BadUnit
 from tests.tiny_models import D_VOCAB, N_EXPERTS, save_tiny
 

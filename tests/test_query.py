@@ -410,8 +410,8 @@ def test_query_imports_without_torch_or_transformers(synthetic_db):
 import sys
 sys.modules['torch'] = None
 sys.modules['transformers'] = None
-import query, query.cli
-from query.cli import main
+import query, cli
+from cli import main
 try:
     main(['sql', 'SELECT count(*) AS n FROM models', '--db', {str(synthetic_db)!r}, '--format', 'json'])
 except SystemExit as e:
@@ -652,7 +652,7 @@ def test_tokens_refuses_text_beyond_its_bound(ds):
 def test_hostile_cli_arguments_are_one_line(synthetic_db, args, fragments):
     from click.testing import CliRunner
 
-    from query.cli import cli
+    from cli import cli
 
     r = CliRunner().invoke(cli, args + ["--db", str(synthetic_db)], catch_exceptions=False)
     assert r.exit_code == 1, (r.stdout, r.stderr)
@@ -670,7 +670,7 @@ def test_hostile_cli_arguments_are_one_line(synthetic_db, args, fragments):
 def test_huge_cli_bounds_mean_all(synthetic_db, args):
     from click.testing import CliRunner
 
-    from query.cli import cli
+    from cli import cli
 
     r = CliRunner().invoke(cli, args + ["--db", str(synthetic_db), "--format", "json"], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
@@ -680,7 +680,7 @@ def test_huge_cli_bounds_mean_all(synthetic_db, args):
 def test_cli_help_derives_tables_and_kinds_from_their_declarations():
     from click.testing import CliRunner
 
-    from query.cli import cli
+    from cli import cli
     from schemas import TABLES
     from schemas.kinds import ALL_KINDS
 

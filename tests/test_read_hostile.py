@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from query.cli import cli
+from cli import cli
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ from tests.rangeserver import RangeServer  # noqa: E402
 
 def _cli(*args, timeout=60):
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "query.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT,
                        timeout=timeout)
     return r, time.monotonic() - t0
 
@@ -165,7 +165,7 @@ def test_ctrl_c_during_a_remote_read_is_one_line(synthetic_db, tmp_path, query):
     import signal
 
     with RangeServer(synthetic_db.parent, hostile="trickle", hostile_paths=(".parquet",), trickle_s=0.05) as srv:
-        proc = subprocess.Popen([sys.executable, "-m", "query.cli", "sql", query, "--db",
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "sql", query, "--db",
                                  f"{srv.url}/{synthetic_db.name}", "--cache-dir", str(tmp_path / "c")],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         t0 = time.monotonic()  # Ctrl-C once it waits on a Parquet read (not while Python starts up)
@@ -199,7 +199,7 @@ def test_cache_clear_refuses_a_directory_it_did_not_write(tmp_path, how):
     (home / "notes.txt").write_text("keep")
     args = ["cache", "clear"] + (["--cache-dir", str(home)] if how == "option" else [])
     env = None if how == "option" else {**__import__("os").environ, "ZEROPASS_CACHE": str(home)}
-    r = subprocess.run([sys.executable, "-m", "query.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "not a zeropass cache" in r.stderr
     assert (home / "docs" / "thesis.tex").read_text() == "years of work" and (home / "notes.txt").exists()

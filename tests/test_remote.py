@@ -94,7 +94,7 @@ def test_file_url_is_the_local_directory(synthetic_db):
 
 def test_cli_db_url_and_env(served, cache):
     srv, db, url = served
-    run = lambda *a, env=None: subprocess.run([sys.executable, "-m", "query.cli", *a], capture_output=True, text=True,  # noqa: E731
+    run = lambda *a, env=None: subprocess.run([sys.executable, "-m", "cli", *a], capture_output=True, text=True,  # noqa: E731
                                               cwd=ROOT, env=env)
     local = run("neurons", "paris", "--format", "json", "--db", str(db))
     remote = run("neurons", "paris", "--format", "json", "--db", url, "--cache-dir", str(cache))
@@ -196,7 +196,7 @@ def test_cache_is_per_revision_and_can_be_cleared(served, tmp_path):
         ds.neurons("paris")
         revision = ds._remote.revision
     assert (cache / next(iter(p.name for p in cache.iterdir() if p.name != "CACHEDIR.TAG")) / revision / "tails").is_dir()
-    r = subprocess.run([sys.executable, "-m", "query.cli", "cache", "clear", "--cache-dir", str(cache)],
+    r = subprocess.run([sys.executable, "-m", "cli", "cache", "clear", "--cache-dir", str(cache)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "cleared" in r.stderr and not cache.exists()
@@ -211,7 +211,7 @@ def test_server_without_range_support_still_answers(synthetic_db, cache):
 # -- 3. one-line errors ------------------------------------------------------------------------
 
 def _cli_error(*args) -> str:
-    r = subprocess.run([sys.executable, "-m", "query.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
     return r.stderr
@@ -391,7 +391,7 @@ def test_publish_errors_are_one_line(tmp_path):
 
 def test_publish_cli_dry_run(tmp_path):
     db = build_synthetic(tmp_path / "db")
-    r = subprocess.run([sys.executable, "-m", "query.cli", "publish", str(db), str(tmp_path / "pub"), "--dry-run"],
+    r = subprocess.run([sys.executable, "-m", "cli", "publish", str(db), str(tmp_path / "pub"), "--dry-run"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "copy manifest.json" and "would publish" in r.stderr
@@ -458,7 +458,7 @@ def test_publish_killed_midway_never_shows_half_a_dataset(three_models, tmp_path
 
     srv, db, url = three_models
     dest = tmp_path / "pub"
-    proc = subprocess.Popen([sys.executable, "-m", "query.cli", "publish", str(db), str(dest)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "publish", str(db), str(dest)], cwd=ROOT,
                             stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()  # "copying ...": the copy is under way
     assert first.startswith("copying"), first
@@ -473,7 +473,7 @@ def test_publish_killed_midway_never_shows_half_a_dataset(three_models, tmp_path
     else:
         with pytest.raises(NotADataset):
             Dataset(dest)
-    r = subprocess.run([sys.executable, "-m", "query.cli", "publish", str(db), str(dest), "-q"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "cli", "publish", str(db), str(dest), "-q"], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert not [p for p in dest.rglob("*") if ".tmp" in p.name]
@@ -563,7 +563,7 @@ def test_refused_read_does_not_color_the_next_error(served, cache):
     pytest.param(["align", "a", "b"], id="align"), pytest.param(["check"], id="check"),
 ])
 def test_writing_commands_refuse_a_url_db(tmp_path, args):
-    r = subprocess.run([sys.executable, "-m", "query.cli", *args, "--db", "http://127.0.0.1:9/db"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "cli", *args, "--db", "http://127.0.0.1:9/db"], capture_output=True,
                        text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and "read-only" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []  # no "http:" directory made on the way

@@ -101,7 +101,7 @@ def xss_server(xss_db):
 def cli_json(db, *args):
     from click.testing import CliRunner
 
-    from query.cli import cli
+    from cli import cli
 
     r = CliRunner().invoke(cli, [*args, "--db", str(db), "--format", "json"])
     assert r.exit_code == 0, r.output
@@ -309,7 +309,7 @@ def test_cli_serve_runs_and_says_where(synthetic_db):
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     sock.close()
-    cmd = [sys.executable, "-m", "query.cli", "serve", "--db", str(synthetic_db), "--port", str(port)]
+    cmd = [sys.executable, "-m", "cli", "serve", "--db", str(synthetic_db), "--port", str(port)]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(cmd, cwd=root, stderr=subprocess.PIPE, text=True)
     try:
@@ -459,7 +459,7 @@ def test_browser_markup_tokens_are_text_everywhere(xss_server, page):
 def test_cli_serve_bad_arguments_are_one_line(synthetic_db, argv, says):
     from click.testing import CliRunner
 
-    from query.cli import cli
+    from cli import cli
 
     args = ["serve", *argv] if "--db" in argv else ["serve", "--db", str(synthetic_db), *argv]
     r = CliRunner().invoke(cli, args)
@@ -467,7 +467,7 @@ def test_cli_serve_bad_arguments_are_one_line(synthetic_db, argv, says):
 
 
 def test_cli_serve_without_the_web_stack_says_what_to_install(synthetic_db):
-    code = ("import sys; sys.modules['starlette'] = None; from query.cli import main; "
+    code = ("import sys; sys.modules['starlette'] = None; from cli import main; "
             f"main(['serve', '--db', {str(synthetic_db)!r}])")
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                        text=True, timeout=60)
@@ -476,5 +476,5 @@ def test_cli_serve_without_the_web_stack_says_what_to_install(synthetic_db):
 
 
 def test_explorer_imports_without_torch():
-    code = "import sys, query.serve.app, query.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, query.serve.app, cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True, timeout=60)

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from query import BadSQL, Dataset, ForbiddenSQL, NotADataset, QueryError
-from query.cli import cli
+from cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def _snapshot(root: Path) -> dict:
 
 def _cli(*argv, env=None):
     """The real `zeropass` in a subprocess (signals, memory and exit codes are the real ones)."""
-    return subprocess.run([sys.executable, "-m", "query.cli", *argv], capture_output=True, text=True, cwd=str(ROOT),
+    return subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True, cwd=str(ROOT),
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="100", **(env or {})))
 
 
@@ -368,7 +368,7 @@ ENDLESS = "SELECT count(*) FROM range(1000000000000)"
 
 
 def test_ctrl_c_stops_a_running_query(synthetic_db):
-    p = subprocess.Popen([sys.executable, "-m", "query.cli", "sql", ENDLESS, "--db", str(synthetic_db)],
+    p = subprocess.Popen([sys.executable, "-m", "cli", "sql", ENDLESS, "--db", str(synthetic_db)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     # Wait until DuckDB is counting: more CPU than starting Python and importing ever takes.
@@ -436,7 +436,7 @@ _MEASURED = ("import atexit, sys\n"
              "    kb = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
              "    sys.stderr.write('VmHWM ' + kb + '\\n')\n"
              "atexit.register(hwm)\n"
-             "from query.cli import main\n"
+             "from cli import main\n"
              "main(sys.argv[1:])\n")
 
 
@@ -494,7 +494,7 @@ def test_table_format_caps_rows_and_says_how_many_more(synthetic_db):
 
 
 def test_a_closed_pipe_ends_quietly(synthetic_db):
-    p = subprocess.run(f"{sys.executable} -m query.cli sql 'SELECT i FROM range(3000000) t(i)' --format csv "
+    p = subprocess.run(f"{sys.executable} -m cli sql 'SELECT i FROM range(3000000) t(i)' --format csv "
                        f"--db {synthetic_db} | head -2", shell=True, capture_output=True, text=True, cwd=str(ROOT),
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     assert p.stdout == "i\n0\n" and p.stderr == "", p.stderr
@@ -740,7 +740,7 @@ def test_cli_queries_during_reindexes_all_succeed(copy_db):
     procs = []
     while writer.is_alive() or len(procs) < 6:
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "query.cli", "neurons", "paris", "--model", "alpha", "--format", "json", "--db", str(copy_db)],
+            [sys.executable, "-m", "cli", "neurons", "paris", "--model", "alpha", "--format", "json", "--db", str(copy_db)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT))))
         time.sleep(0.2)
         if len(procs) >= 24:

@@ -34,13 +34,22 @@ from schemas.kinds import ALL_KINDS
 
 from .. import output
 from ..errors import BadOption, ForbiddenSQL, QueryError, UnknownModel, UnknownToken
+from ..params import HELPERS, call, from_query, whole
 from ..units import check_unit, parse_unit
 from . import plots
 from .api import ENDPOINTS, openapi
 
 HERE = Path(__file__).parent
 SQL_ROW_CAP = 1000
+# Rows are not all alike: one `SELECT repeat('x', 50000000)` row is 50 MB. Past this many bytes of
+# Arrow data a result is cut (X-Zeropass-Truncated), and a first row alone past it is refused.
+SQL_BYTE_CAP = 8 * 2**20
 SQL_TIMEOUT_S = 10.0
+# Pages and SQL share the pool, but SQL may hold at most SQL_SLOTS of its Datasets at once, so
+# POOL_SIZE of them are always left to pages; at most SQL_QUEUE more SQL requests wait, the rest get 503.
+POOL_SIZE = 4
+SQL_SLOTS = 2
+SQL_QUEUE = 4
 SEARCH_LIMIT = 50
 UNIT_LIMIT = 20
 NEIGHBOURS = 5
@@ -59,23 +68,97 @@ SECURITY_HEADERS = {
 
 # -- SQL with a row cap and a time limit --------------------------------------------------------
 
-def run_sql(ds, query: str, *, max_rows: int = SQL_ROW_CAP, timeout: float = SQL_TIMEOUT_S):
-    """(first ``max_rows`` rows of read-only ``query`` as Arrow, whether more rows exist).
+class ServerBusy(QueryError):
+    """Every SQL slot of the explorer is taken and its queue is full: try again shortly."""
+
+
+class ResultTooLarge(QueryError):
+    """One row of a SQL result is larger than the explorer sends."""
+
+
+def run_sql(ds, query: str, *, max_rows: int = SQL_ROW_CAP, timeout: float = SQL_TIMEOUT_S,
+            max_bytes: int = SQL_BYTE_CAP):
+    """(the first rows of read-only ``query`` as Arrow, at most ``max_rows`` and ``max_bytes``; whether more exist).
 
     The one place the explorer runs user SQL: ``Dataset.stream`` (the statement check, the
     time limit, the one-line errors of ``zeropass sql``), read batch by batch and stopped once
-    ``max_rows + 1`` rows are in, so no more than that is ever fetched. Raises QueryTimeout past
-    ``timeout`` seconds.
+    ``max_rows + 1`` rows or more than ``max_bytes`` are in, so no more than that is ever
+    fetched. Raises QueryTimeout past ``timeout`` seconds, ResultTooLarge when the first row
+    alone is over ``max_bytes``.
     """
-    batches, n = [], 0
+    batches, n, size = [], 0, 0
     with ds.stream(query, timeout=timeout, batch_rows=max_rows + 1) as result:
         for batch in result:
             batches.append(batch)
             n += batch.num_rows
-            if n > max_rows:
+            size += batch.nbytes
+            if n > max_rows or size > max_bytes:
                 break
         table = pa.Table.from_batches(batches, schema=result.schema)
-    return table.slice(0, max_rows), table.num_rows > max_rows
+    more = table.num_rows > max_rows
+    table = table.slice(0, max_rows)
+    if table.nbytes > max_bytes:
+        keep = _rows_within(table, max_bytes)
+        if keep == 0:
+            raise ResultTooLarge(f"the first row of the result is larger than the explorer's {max_bytes / 2**20:g} MB "
+                                 f"limit: select fewer or shorter columns (e.g. left(col, 1000)), or use `zeropass sql`")
+        table, more = table.slice(0, keep), True
+    return table, more
+
+
+def _rows_within(table: pa.Table, max_bytes: int) -> int:
+    """How many first rows of ``table`` fit in ``max_bytes`` (a slice's nbytes counts only the bytes it references)."""
+    lo, hi = 0, table.num_rows
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if table.slice(0, mid).nbytes <= max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _temporal(t: pa.DataType) -> bool:
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(_temporal(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _temporal(t.value_type)
+    if pa.types.is_map(t):
+        return _temporal(t.key_type) or _temporal(t.item_type)
+    return False
+
+
+def renderable(table: pa.Table) -> pa.Table:
+    """``table`` with every date/time column Python cannot hold (``infinity``, years past 9999) as DuckDB's text of it.
+
+    DuckDB and Arrow hold such values; Python's datetime does not, so rows of them could not be
+    listed or written (a 500). Those columns only are cast, by DuckDB itself over the Arrow data
+    on a connection of their own that holds nothing else, so they read as DuckDB prints them.
+    """
+    bad = set()
+    for i, field in enumerate(table.schema):
+        if _temporal(field.type):
+            try:
+                table.column(i).to_pylist()
+            except (OverflowError, ValueError):
+                bad.add(i)
+    if not bad:
+        return table
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET enable_external_access = false")
+        # by position: a result's column names may repeat or hold quotes
+        rel = con.from_arrow(table.rename_columns([f"c{i}" for i in range(table.num_columns)]))
+        out = rel.project(", ".join(f"CAST(c{i} AS VARCHAR) AS c{i}" if i in bad else f"c{i}"
+                                    for i in range(table.num_columns))).arrow()
+        out = out.read_all() if hasattr(out, "read_all") else out
+        return out.rename_columns(table.column_names)
+    finally:
+        con.close()
 
 
 # -- rendering helpers -------------------------------------------------------------------------
@@ -97,6 +180,8 @@ def _env() -> Environment:
 
 
 def _status(e: QueryError) -> int:
+    if isinstance(e, ServerBusy):
+        return 503
     if isinstance(e, (UnknownModel, UnknownToken)):
         return 404
     if isinstance(e, ForbiddenSQL):
@@ -104,17 +189,12 @@ def _status(e: QueryError) -> int:
     return 400
 
 
-def _int_param(request: Request, name: str, default: int | None, lo: int = 0, hi: int = 10**6) -> int | None:
-    raw = request.query_params.get(name, "").strip()
-    if raw == "":
-        return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise BadOption(f"{name} must be a whole number, got {raw!r}") from None
-    if not lo <= v <= hi:
-        raise BadOption(f"{name} must be between {lo} and {hi}, got {v}")
-    return v
+_LAYER = whole()
+
+
+def _layer_param(request: Request, name: str) -> int | None:
+    raw = request.query_params.getlist(name)
+    return _LAYER(name, raw[-1]) if raw and raw[-1].strip() else None
 
 
 def _required(request: Request, name: str, what: str) -> str:
@@ -124,62 +204,138 @@ def _required(request: Request, name: str, what: str) -> str:
     return v
 
 
+@contextmanager
+def _turn(ex: "Explorer", request: Request, sql: bool):
+    """A SQL turn for a request that runs user SQL (``?q=`` given), none for the others; yields whether it took one."""
+    if sql and request.query_params.get("q", "").strip():
+        with ex.sql_turn():
+            yield True
+    else:
+        yield False
+
+
+class _Pool:
+    """Up to ``size`` Datasets made by ``make`` when all are lent (the first may be given), lent one at a time."""
+
+    def __init__(self, make, size: int, first=None):
+        self._make, self._size = make, size
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        self._made: list = []
+        self._lock = threading.Lock()
+        if first is not None:
+            self._free.put(first)
+            self._made.append(first)
+
+    def take(self):
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            grow = len(self._made) < self._size
+            if grow:
+                self._made.append(None)  # the place is reserved while it opens
+        if not grow:
+            return self._free.get()
+        try:
+            ds = self._make()
+        except BaseException:
+            with self._lock:
+                self._made.remove(None)
+            raise
+        with self._lock:
+            self._made[self._made.index(None)] = ds
+        return ds
+
+    def give(self, ds) -> None:
+        self._free.put(ds)
+
+    def close(self, keep=None) -> None:
+        for ds in self._made:
+            if ds is not None and ds is not keep:
+                ds.close()
+
+
 class Explorer:
-    """The app's state: a small pool of open Datasets, the limits and the templates.
+    """The app's state: a small pool of open Datasets, the SQL turns, the limits and the templates.
 
     A DuckDB connection runs one query at a time, so each request borrows a Dataset of its own
-    (:meth:`session`): the one the app was made with, or another opened on the same directory
-    when all are busy, up to ``pool_size`` (each is its own in-memory catalog with the same
-    lock-down and its own Parquet footer cache). A slow SQL query then holds up no other page,
-    and a time limit interrupts only its own query.
+    (:meth:`session`). Pages read through the one the app was made with or, when it is busy, a
+    cursor twin of it (``Dataset.cursor``: a cursor per thread over the one connection, DuckDB's
+    documented way, sharing its views, lock-down and Parquet footer cache), up to ``pool_size``.
+
+    User SQL first takes one of ``sql_slots`` turns (:meth:`sql_turn`); at most ``sql_queue``
+    requests wait for one, the next is answered 503 at once. It runs on Datasets opened for it
+    alone (``Dataset.reopen``, one per turn): cursors share their database's task scheduler, and
+    measured here a CPU-bound query then held a cursor's page for as long as it ran (``/`` 1.8 s
+    behind two slow queries, 0.2 s with SQL on its own database, docs/EXPLORER.md). A time limit
+    interrupts only its own query.
     """
 
-    def __init__(self, ds, *, sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S, pool_size: int = 4):
+    def __init__(self, ds, *, sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S, pool_size: int = POOL_SIZE,
+                 sql_slots: int = SQL_SLOTS, sql_queue: int = SQL_QUEUE, sql_byte_cap: int = SQL_BYTE_CAP):
         self.ds = ds
-        self._free: queue.LifoQueue = queue.LifoQueue()
-        self._free.put(ds)
-        self._opened = [ds]
         self._pool_lock = threading.Lock()
+        self.sql_slots = max(1, sql_slots)
         self.pool_size = max(1, pool_size)
+        self._pages = _Pool(ds.cursor, self.pool_size, first=ds)
+        self._sql_pool = _Pool(ds.reopen, self.sql_slots)
+        self.sql_queue = max(0, sql_queue)
+        self._sql_turns = threading.BoundedSemaphore(self.sql_slots)
+        self._sql_waiting = 0
         # The Dataset's views are fixed when it opens, so these small answers never go stale.
         self._cache: dict = {}
         self.sql_row_cap = sql_row_cap
+        self.sql_byte_cap = sql_byte_cap
         self.sql_timeout = sql_timeout
         self.env = _env()
 
     @contextmanager
-    def session(self):
-        """This Explorer reading through a Dataset nobody else is using until the block ends."""
-        try:
-            ds = self._free.get_nowait()
-        except queue.Empty:
-            with self._pool_lock:
-                grow = len(self._opened) < self.pool_size
-                if grow:
-                    self._opened.append(None)  # reserve the place while it opens
-            if grow:
-                try:
-                    ds = self.ds.reopen()
-                except BaseException:
-                    with self._pool_lock:
-                        self._opened.remove(None)
-                    raise
+    def sql_turn(self):
+        """One of the ``sql_slots`` turns for user SQL; ServerBusy when they are taken and ``sql_queue`` wait already.
+
+        A request that waits gives up when the queries ahead of it could all have run to their time limit.
+        """
+        with self._pool_lock:
+            got = self._sql_turns.acquire(blocking=False)
+            if not got:
+                if self._sql_waiting >= self.sql_queue:
+                    raise ServerBusy(f"the explorer is running {self.sql_slots} SQL queries and {self._sql_waiting} more "
+                                     f"wait: try again in a few seconds (pages are not affected)")
+                self._sql_waiting += 1
+        if not got:
+            try:
+                got = self._sql_turns.acquire(timeout=self.sql_timeout * (1 + self.sql_queue / self.sql_slots))
+            finally:
                 with self._pool_lock:
-                    self._opened[self._opened.index(None)] = ds
-            else:
-                ds = self._free.get()
+                    self._sql_waiting -= 1
+            if not got:
+                raise ServerBusy("no SQL turn came free in time: try again shortly (pages are not affected)")
+        try:
+            yield
+        finally:
+            self._sql_turns.release()
+
+    @contextmanager
+    def session(self, sql: bool = False):
+        """This Explorer reading through a Dataset nobody else is using until the block ends.
+
+        Pages read through cursors of the one connection; user SQL (``sql=True``, inside a
+        :meth:`sql_turn`) through Datasets opened for it alone (see the class).
+        """
+        pool = self._sql_pool if sql else self._pages
+        ds = pool.take()
         ex = copy.copy(self)
         ex.ds = ds
         try:
             yield ex
         finally:
-            self._free.put(ds)
+            pool.give(ds)
 
     def close(self) -> None:
-        """Close the Datasets the pool opened (the one it was given stays its owner's)."""
-        for ds in self._opened[1:]:
-            if ds is not None:
-                ds.close()
+        """Close the cursors and Datasets the pools opened (the Dataset it was given stays its owner's)."""
+        self._pages.close(keep=self.ds)
+        self._sql_pool.close()
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -220,37 +376,46 @@ class Explorer:
         return self.html("error.html", status=status, message=message, title=f"Error {status}")
 
 
-def page(fn):
-    """An HTML endpoint on a Dataset of its own; typed errors become a friendly page with a 4xx status."""
+def page(fn=None, *, sql: bool = False):
+    """An HTML endpoint on a Dataset of its own; typed errors become a friendly page with a 4xx (or 503) status.
+
+    ``sql=True``: it runs user SQL, which first takes a turn (:meth:`Explorer.sql_turn`) before a Dataset.
+    """
+    if fn is None:
+        return lambda f: page(f, sql=sql)
 
     @wraps(fn)
     def endpoint(request: Request):
-        with request.app.state.explorer.session() as ex:
-            t = time.perf_counter()
-            try:
+        explorer = request.app.state.explorer
+        t = time.perf_counter()
+        try:
+            with _turn(explorer, request, sql) as turn, explorer.session(sql=turn) as ex:
                 resp = fn(ex, request)
-            except QueryError as e:
-                resp = ex.error_page(str(e), _status(e))
-            resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t) * 1000:.1f}"
-            return resp
+        except QueryError as e:
+            resp = explorer.error_page(str(e), _status(e))
+        resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t) * 1000:.1f}"
+        return resp
 
     return endpoint
 
 
-def api(fn):
+def api(fn=None, *, sql: bool = False):
     """A JSON endpoint: the function returns an Arrow table (or a Response); errors are {"error": "..."}."""
+    if fn is None:
+        return lambda f: api(f, sql=sql)
 
     @wraps(fn)
     def endpoint(request: Request):
-        with request.app.state.explorer.session() as ex:
-            try:
+        explorer = request.app.state.explorer
+        try:
+            with _turn(explorer, request, sql) as turn, explorer.session(sql=turn) as ex:
                 out = fn(ex, request)
-            except QueryError as e:
-                return JSONResponse({"error": str(e)}, status_code=_status(e), headers=SECURITY_HEADERS)
+        except QueryError as e:
+            return JSONResponse({"error": str(e)}, status_code=_status(e), headers=SECURITY_HEADERS)
         if isinstance(out, Response):
             return out
         # The CLI's --format json text, byte for byte.
-        return Response(output.to_json(out), media_type="application/json", headers=SECURITY_HEADERS)
+        return Response(output.to_json(renderable(out)), media_type="application/json", headers=SECURITY_HEADERS)
 
     return endpoint
 
@@ -276,29 +441,36 @@ def _layer_ok(layer, lo, hi) -> bool:
 
 @page
 def search(ex: Explorer, request: Request):
+    """Heads and vectors listing ``q``; its filters are the heads/neurons parameters, read by the API's parser."""
+    def get(key):  # the form sends empty fields for "all"
+        return [v for v in request.query_params.getlist(key) if v != ""]
+
+    spec = HELPERS["heads"]
     q = request.query_params.get("q", "")
-    model = request.query_params.get("model", "") or None
+    model = spec["model"].read(get("model"))
+    circuit = spec["circuit"].read(get("circuit"))
+    side, exact = spec["side"].read(get("side")), spec["exact"].read(get("exact"))
+    limit = spec["limit"].read(get("limit")) if get("limit") else SEARCH_LIMIT
     kind = request.query_params.get("kind", "")
-    circuit = request.query_params.get("circuit", "") or None
-    lo, hi = _int_param(request, "layer_min", None), _int_param(request, "layer_max", None)
-    ctx = dict(title=f"search {q}" if q else "search", q=q, search_q=q, model=model or "", kind=kind, circuit=circuit or "",
-               layer_min="" if lo is None else lo, layer_max="" if hi is None else hi, kinds=ALL_KINDS,
-               heads=[], neurons=[], error=None, searched=bool(q))
+    lo, hi = _layer_param(request, "layer_min"), _layer_param(request, "layer_max")
+    ctx = dict(title=f"search {q}" if q else "search", q=q, search_q=q, model=model[0] if model else "", kind=kind,
+               circuit=circuit[0] if circuit else "", layer_min="" if lo is None else lo, layer_max="" if hi is None else hi,
+               kinds=ALL_KINDS, heads=[], neurons=[], error=None, searched=bool(q))
     if not q:
         return ex.html("search.html", **ctx)
-    if model is not None:
-        ex.model(model)
+    for m in model or []:
+        ex.model(m)
     if kind not in ("", "heads") and kind not in ALL_KINDS:
         raise BadOption(f"unknown kind {kind!r}: use heads or one of {', '.join(ALL_KINDS)}")
     # With a layer range the helpers' own limit would cut before the filter: filter, then cut.
-    limit = None if (lo is not None or hi is not None) else SEARCH_LIMIT
+    cut = None if (lo is not None or hi is not None) else limit
     try:
         if kind in ("", "heads"):
-            rows = ex.ds.heads(q, model=model, circuit=circuit, limit=limit).to_pylist()
-            ctx["heads"] = [r for r in rows if _layer_ok(r["layer"], lo, hi)][:SEARCH_LIMIT]
+            rows = ex.ds.heads(q, model=model, circuit=circuit, side=side, limit=cut, exact=exact).to_pylist()
+            ctx["heads"] = [r for r in rows if _layer_ok(r["layer"], lo, hi)][:limit]
         if kind != "heads":
-            rows = ex.ds.neurons(q, model=model, kind=kind or None, limit=limit).to_pylist()
-            ctx["neurons"] = [r for r in rows if _layer_ok(r["layer"], lo, hi)][:SEARCH_LIMIT]
+            rows = ex.ds.neurons(q, model=model, kind=kind or None, side=side, limit=cut, exact=exact).to_pylist()
+            ctx["neurons"] = [r for r in rows if _layer_ok(r["layer"], lo, hi)][:limit]
     except UnknownToken as e:
         ctx["error"] = str(e)
         return ex.html("search.html", status=404, **ctx)
@@ -488,7 +660,7 @@ EXAMPLE_SQL = [
 ]
 
 
-@page
+@page(sql=True)
 def sql_page(ex: Explorer, request: Request):
     q = request.query_params.get("q", "")
     ctx = dict(title="SQL", q=q, examples=EXAMPLE_SQL, cap=ex.sql_row_cap, timeout=ex.sql_timeout, error=None,
@@ -497,7 +669,8 @@ def sql_page(ex: Explorer, request: Request):
         return ex.html("sql.html", **ctx)
     t = time.perf_counter()
     try:
-        table, truncated = run_sql(ex.ds, q, max_rows=ex.sql_row_cap, timeout=ex.sql_timeout)
+        table, truncated = run_sql(ex.ds, q, max_rows=ex.sql_row_cap, timeout=ex.sql_timeout, max_bytes=ex.sql_byte_cap)
+        table = renderable(table)
     except QueryError as e:
         ctx["error"] = str(e)
         return ex.html("sql.html", status=_status(e), **ctx)
@@ -513,73 +686,36 @@ def api_docs(ex: Explorer, request: Request):
 
 # -- JSON API ----------------------------------------------------------------------------------
 
-def _models_param(request: Request):
-    return request.query_params.getlist("model") or None
+def _helper_api(name: str):
+    """``/api/NAME``: helper NAME's parameters read from the query string by their one declaration
+    (``query.params``), the helper called as the command line calls it, its rows as JSON."""
+    spec = HELPERS[name]
+
+    @api
+    def endpoint(ex, request):
+        values = from_query(spec, request.query_params.getlist)
+        for p in spec.params:  # a single model is named exactly (no comma list), as on its pages
+            if p.name in ("model", "in_model") and not p.multiple:
+                ex.model(values[p.name])
+        out = call(spec, ex.ds, values)
+        if isinstance(out, dict):  # show: sections
+            text = json.dumps({k: json.loads(output.to_json(renderable(t))) for k, t in out.items()}, ensure_ascii=False,
+                              indent=1)
+            return Response(text, media_type="application/json", headers=SECURITY_HEADERS)
+        return out
+
+    endpoint.__name__ = f"api_{name}"
+    return endpoint
 
 
-def _side(request: Request) -> str:
-    return request.query_params.get("side", "top")
-
-
-def _flag(request: Request, name: str) -> bool:
-    return request.query_params.get(name, "").lower() in ("1", "true", "yes", "on")
-
-
-@api
-def api_models(ex, request):
-    return ex.ds.models()
-
-
-@api
-def api_heads(ex, request):
-    token_id = _int_param(request, "id", None, hi=2**31 - 1)
-    token = request.query_params.get("token") if token_id is not None else _required(request, "token", "a token, e.g. ?token=paris")
-    return ex.ds.heads(token, model=_models_param(request), circuit=request.query_params.getlist("circuit") or None,
-                       side=_side(request), limit=_int_param(request, "limit", 20) or None, exact=_flag(request, "exact"),
-                       token_id=token_id)
-
-
-@api
-def api_neurons(ex, request):
-    token_id = _int_param(request, "id", None, hi=2**31 - 1)
-    token = request.query_params.get("token") if token_id is not None else _required(request, "token", "a token, e.g. ?token=paris")
-    return ex.ds.neurons(token, model=_models_param(request), kind=request.query_params.getlist("kind") or None,
-                         max_rank=_int_param(request, "max_rank", None), side=_side(request),
-                         limit=_int_param(request, "limit", 20) or None, exact=_flag(request, "exact"), token_id=token_id)
-
-
-@api
-def api_show(ex, request):
-    model = _required(request, "model", "a model, e.g. ?model=minilm")
-    ex.model(model)
-    sections = ex.ds.show(model, _required(request, "unit", "a unit, e.g. ?unit=L5.H3"),
-                          limit=_int_param(request, "limit", 10) or None)
-    text = json.dumps({k: json.loads(output.to_json(t)) for k, t in sections.items()}, ensure_ascii=False, indent=1)
-    return Response(text, media_type="application/json", headers=SECURITY_HEADERS)
-
-
-@api
-def api_similar(ex, request):
-    model = _required(request, "model", "a model, e.g. ?model=minilm")
-    other = _required(request, "in", "the model to search, e.g. ?in=mpnet")
-    ex.model(model)
-    ex.model(other)
-    return ex.ds.similar(model, _required(request, "unit", "a unit, e.g. ?unit=L3.N17"), other,
-                         limit=_int_param(request, "limit", 10) or None)
-
-
-@api
-def api_tokens(ex, request):
-    return ex.ds.tokens(_required(request, "text", "a text, e.g. ?text=Paris is big"), model=_models_param(request))
-
-
-@api
+@api(sql=True)
 def api_sql(ex, request):
     q = _required(request, "q", "read-only SQL, e.g. ?q=SELECT * FROM models")
     fmt = request.query_params.get("format", "json")
     if fmt not in ("json", "csv"):
         raise BadOption(f"unknown format {fmt!r}: use json or csv")
-    table, truncated = run_sql(ex.ds, q, max_rows=ex.sql_row_cap, timeout=ex.sql_timeout)
+    table, truncated = run_sql(ex.ds, q, max_rows=ex.sql_row_cap, timeout=ex.sql_timeout, max_bytes=ex.sql_byte_cap)
+    table = renderable(table)
     headers = dict(SECURITY_HEADERS, **{"X-Zeropass-Truncated": "true" if truncated else "false"})
     if fmt == "csv":
         headers["Content-Disposition"] = 'attachment; filename="zeropass.csv"'
@@ -616,7 +752,8 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, sql_timeout: float = SQL_TIMEOUT_S,
-               pool_size: int = 4) -> Starlette:
+               pool_size: int = POOL_SIZE, sql_slots: int = SQL_SLOTS, sql_queue: int = SQL_QUEUE,
+               sql_byte_cap: int = SQL_BYTE_CAP) -> Starlette:
     """The explorer app over an open ``query.Dataset``.
 
     Bound to a loopback ``host``, only requests naming a loopback host are served (so a web page
@@ -632,12 +769,7 @@ def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, s
         Route("/sql", sql_page),
         Route("/api", api_docs),
         Route("/api/openapi.json", api_openapi),
-        Route("/api/models", api_models),
-        Route("/api/heads", api_heads),
-        Route("/api/neurons", api_neurons),
-        Route("/api/show", api_show),
-        Route("/api/similar", api_similar),
-        Route("/api/tokens", api_tokens),
+        *(Route(f"/api/{name}", _helper_api(name)) for name in HELPERS),
         Route("/api/sql", api_sql),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
@@ -645,7 +777,8 @@ def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, s
     if host in LOOPBACK:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"]))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: _not_found, 405: _not_found, Exception: _server_error})
-    app.state.explorer = Explorer(ds, sql_row_cap=sql_row_cap, sql_timeout=sql_timeout, pool_size=pool_size)
+    app.state.explorer = Explorer(ds, sql_row_cap=sql_row_cap, sql_timeout=sql_timeout, pool_size=pool_size,
+                                  sql_slots=sql_slots, sql_queue=sql_queue, sql_byte_cap=sql_byte_cap)
     for name in app.state.explorer.env.list_templates():  # compile now, not on a user's first visit
         app.state.explorer.env.get_template(name)
     return app

@@ -1,6 +1,6 @@
 """`make demo`: index the real all-MiniLM-L6-v2 (shipped in a PyPI package) and query it.
 
-    python -m query.demo [--db DIR]
+    python -m cli.demo [--db DIR]
 
 Indexes into ./zeropass-db (or $ZEROPASS_DB) unless a complete ``minilm`` is already there
 (models are published atomically, so "in the manifest" means complete), then runs a few
@@ -52,7 +52,7 @@ def ensure_minilm(db: str) -> None:
 @click.option("--db", envvar="ZEROPASS_DB", default="zeropass-db", show_default=True, help="Dataset directory.")
 def main(db):
     """Index MiniLM (once) and print example queries."""
-    from .cli import cli
+    from cli import cli
 
     ensure_minilm(db)
     for args in EXAMPLES:
