@@ -31,6 +31,12 @@ if str(ROOT) not in sys.path:
 
 from indexer.tokens import normalise  # noqa: E402  (pure Python, no torch)
 
+# Under pytest-xdist two workers share the machine's cores: torch's intra-op threads (one per core
+# by default, in each worker and each CLI subprocess) would only contend on these tiny matrices.
+# Set before any test module imports torch; subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # -- synthetic dataset -------------------------------------------------------------------------
 
 SHARED_TOKENS = [
