@@ -9,6 +9,8 @@
 * ``tiny_db``: real tiny random models indexed with ``indexer.build.index_model`` (a GPT-2
   whose head L1.H2 is made to copy ``Paris``, and a BERT sharing its vocabulary). Skipped
   when the indexer cannot run here.
+* ``prebuilt``: ``prebuilt(builder, dst)`` copies what ``builder`` wrote once per test run, shared by
+  pytest-xdist's workers; both datasets above come from it (docs/TESTING.md).
 """
 from __future__ import annotations
 
