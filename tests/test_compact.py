@@ -218,10 +218,11 @@ def test_sigkill_during_compaction_leaves_the_dataset_as_it_was(synthetic_db, tm
 
 def test_compact_one_model_and_cli(synthetic_db, tmp_path):
     db = _copy(synthetic_db, tmp_path)
-    cli = [sys.executable, "-m", "cli"]
-    r = subprocess.run(cli + ["compact", "--db", str(db)], capture_output=True, text=True, cwd=ROOT)
+    from tests.dataset_helpers import invoke_cli
+
+    r = invoke_cli("compact", "--db", db)
     assert r.returncode == 0 and "compacted 8 tables" in r.stderr, r.stderr
-    r = subprocess.run(cli + ["compact", "--db", str(tmp_path / "nothing")], capture_output=True, text=True, cwd=ROOT)
+    r = invoke_cli("compact", "--db", tmp_path / "nothing")
     assert r.returncode == 1 and r.stderr.startswith("Error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     one = tmp_path / "one"
     from tests.conftest import PLANTED, SHARED_TOKENS, _model

@@ -11,18 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tests.dataset_helpers import zp as zp_process  # noqa: E402
-
-
-def zp(*args):
-    """The CLI in this process (the query side imports no torch): subprocesses cost seconds each."""
-    from click.testing import CliRunner
-
-    from cli import cli
-
-    r = CliRunner().invoke(cli, [str(a) for a in args])
-    r.returncode = r.exit_code
-    return r
+from tests.dataset_helpers import invoke_cli as zp  # noqa: E402  (in this process: a subprocess costs seconds)
 
 STEPS = (0, 50, 100, 150)
 PUSHED = "Paris"
@@ -52,15 +41,20 @@ def train_series(out: Path) -> None:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def series_db(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("history")
+def build_series(tmp: Path) -> None:
+    """The trained checkpoints under ``tmp/ckpts`` and the series indexed into ``tmp/db``."""
+    tmp.mkdir(parents=True, exist_ok=True)
     train_series(tmp / "ckpts")
     spec = tmp / "spec.toml"
     spec.write_text('[defaults]\nk = 5\npairs = 6\n[[series]]\nname = "tiny"\ndirectory = "ckpts"\n')
-    r = zp_process("index-many", spec, "--db", tmp / "db", "-q")
+    r = zp("index-many", spec, "--db", tmp / "db", "-q")
     assert r.returncode == 0, r.stderr
-    return tmp / "db"
+
+
+@pytest.fixture(scope="module")
+def series_db(tmp_path_factory, prebuilt):
+    # trained and indexed once per run (xdist workers share it), copied here
+    return prebuilt(build_series, tmp_path_factory.mktemp("history") / "series") / "db"
 
 
 def rows(r) -> list[dict]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,11 @@ pytest.importorskip("transformers")
 
 from schemas import TABLES  # noqa: E402
 from schemas.layout import read_manifest  # noqa: E402
-from tests.dataset_helpers import assert_same_model, table_rows, zp  # noqa: E402
+from tests.dataset_helpers import assert_same_model, cli_argv, invoke_cli, run_cli, table_rows  # noqa: E402
+
+# The CLI runs in this process (an interpreter start with torch costs about two seconds); the real
+# process only where it is what a test proves: SIGKILL, and --quiet silencing what libraries print.
+zp = invoke_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,14 +75,14 @@ def test_sequential_build_rerun_and_one_failure(ckpts, tmp_path):
 
 
 def test_quiet_success_prints_nothing(ckpts, tmp_path):
-    r = zp("index-many", spec(tmp_path, ckpts, "a"), "--db", tmp_path / "db", "--quiet")
+    r = run_cli("index-many", spec(tmp_path, ckpts, "a"), "--db", tmp_path / "db", "--quiet")
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
 
 
 def test_sigkill_mid_run_then_rerun_finishes(ckpts, tmp_path):
     db = tmp_path / "db"
     s = spec(tmp_path, ckpts, "a", "b", "c")
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "index-many", str(s), "--db", str(db)], cwd=ROOT,
+    proc = subprocess.Popen(cli_argv("index-many", s, "--db", db), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()  # the first model is done
     assert line.startswith("[1/3]"), line

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,15 +16,17 @@ pytest.importorskip("transformers")
 
 from schemas import TABLES  # noqa: E402
 from schemas.layout import read_manifest, table_files  # noqa: E402
-from tests.dataset_helpers import ROOT, assert_same_model, table_rows, zp  # noqa: E402
+from tests.dataset_helpers import ROOT, assert_same_model, cli_argv, invoke_cli, table_rows  # noqa: E402
+
+# merge and check in this process (same exit codes and Error: lines); the SIGKILL test starts a real one.
+zp = invoke_cli
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def build_sources(tmp):
+    """Three tiny GPT-2 checkpoints and five datasets of them: whole, two layer shards, others."""
     from indexer.build import index_model
     from tests.tiny_models import save_tiny
 
-    tmp = tmp_path_factory.mktemp("merge")
     g = save_tiny("gpt2", tmp / "ckpt-g", seed=1)
     other = save_tiny("gpt2", tmp / "ckpt-other", seed=2)
     h = save_tiny("gpt2", tmp / "ckpt-h", seed=3)
@@ -36,6 +37,12 @@ def built(tmp_path_factory):
     index_model(str(other), tmp / "other", name="g", **kw)
     index_model(str(h), tmp / "h", name="h", **kw)
     return tmp
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, prebuilt):
+    # built once per run (xdist workers share it), copied here
+    return prebuilt(build_sources, tmp_path_factory.mktemp("merge") / "built")
 
 
 def test_layer_shards_merge_into_the_one_machine_build(built, tmp_path):
@@ -170,8 +177,7 @@ def test_sigkill_mid_merge_leaves_the_target_as_it_was(built, tmp_path):
     shutil.copytree(built / "h", out)
     before = {p: p.read_bytes() for p in (out / "manifest.json", out / "catalog.duckdb")}
     listed_before = set(json.loads(before[out / "manifest.json"])["models"])
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "merge", str(built / "shard0"), str(built / "shard1"),
-                             "--into", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_argv("merge", built / "shard0", built / "shard1", "--into", out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # kill as soon as the first copied file is in place: the merge is then mid-way
     deadline = time.time() + 60
     killed = False

@@ -8,13 +8,25 @@ from indexer.kernels.pairs import top_pairs
 SMALL = dict(block_rows=64, block_cols=256, first_block_cols=32)
 
 
+def first_n(v, n, descending):
+    """The first n of ``torch.argsort(v, descending=descending, stable=True)``, without sorting all of v.
+
+    Every entry that can be among the first n is at least as good as the n-th best value (ties
+    included); ``cand`` lists them in index order, so a stable sort of them alone orders them
+    exactly as the full stable sort does (seconds less per 3000 x 3000 reference).
+    """
+    kth = torch.topk(v, n, largest=descending).values[-1]
+    cand = torch.nonzero(v >= kth if descending else v <= kth).flatten()
+    return cand[torch.argsort(v[cand], descending=descending, stable=True)][:n]
+
+
 def dense_reference(A, B, n, k, square):
     M = A.double() @ B.double().T
     R, C = M.shape
     v = M.reshape(-1)  # row-major: a stable sort breaks ties by (row, col)
     n = min(n, R * C)
-    pt = torch.argsort(v, descending=True, stable=True)[:n]
-    pb = torch.argsort(v, stable=True)[:n]
+    pt = first_n(v, n, descending=True)
+    pb = first_n(v, n, descending=False)
     out = dict(top_rows=pt // C, top_cols=pt % C, top_vals=v[pt],
                bot_rows=pb // C, bot_cols=pb % C, bot_vals=v[pb])
     for name, x, desc in (("row_top", M.amax(1), True), ("row_bot", M.amin(1), False),
@@ -35,6 +47,18 @@ def assert_matches(res, A, B, n, k, square):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=key)
         else:
             assert torch.equal(got, want), f"{key}: {got[:10]} != {want[:10]}"
+
+
+@pytest.mark.parametrize("v", [
+    pytest.param(torch.randn(5000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), id="random"),
+    pytest.param(torch.randint(-3, 4, (5000,), generator=torch.Generator().manual_seed(0)).double(), id="many-ties"),
+    pytest.param(torch.ones(50, dtype=torch.float64), id="constant"),
+])
+@pytest.mark.parametrize("n", [1, 7, 50, 1000])
+def test_reference_shortcut_is_the_full_stable_sort(v, n):
+    n = min(n, v.numel())
+    for desc in (True, False):
+        assert torch.equal(first_n(v, n, desc), torch.argsort(v, descending=desc, stable=True)[:n])
 
 
 def rand(*shape, seed=0, scale=None):

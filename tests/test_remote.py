@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from query import Dataset
 from schemas import SCHEMA_VERSION
 from query.errors import (DatasetChanged, ForbiddenSQL, NotADataset, RemoteDenied, RemoteUnreachable, SchemaMismatch)
 from tests.conftest import ROOT, build_synthetic
-from tests.dataset_helpers import build_three
+from tests.dataset_helpers import build_three, cli_argv, invoke_cli
 from tests.rangeserver import RangeServer
 
 QUERIES = [
@@ -31,10 +30,10 @@ QUERIES = [
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, prebuilt):
     """(server, local dataset, its URL): the synthetic dataset behind a loopback HTTP server."""
     base = tmp_path_factory.mktemp("served")
-    db = build_synthetic(base / "db")
+    db = prebuilt(build_synthetic, base / "db")
     (base / "secret.txt").write_text("not yours")
     with RangeServer(base, deny=("/denied",)) as srv:
         yield srv, db, srv.url + "/db"
@@ -94,8 +93,7 @@ def test_file_url_is_the_local_directory(synthetic_db):
 
 def test_cli_db_url_and_env(served, cache):
     srv, db, url = served
-    run = lambda *a, env=None: subprocess.run([sys.executable, "-m", "cli", *a], capture_output=True, text=True,  # noqa: E731
-                                              cwd=ROOT, env=env)
+    run = invoke_cli
     local = run("neurons", "paris", "--format", "json", "--db", str(db))
     remote = run("neurons", "paris", "--format", "json", "--db", url, "--cache-dir", str(cache))
     assert remote.returncode == 0, remote.stderr
@@ -151,10 +149,10 @@ def test_remote_dataset_is_read_only(served, cache):
 # -- 2. bytes read, and the metadata cache -----------------------------------------------------
 
 @pytest.fixture(scope="module")
-def three_models(tmp_path_factory):
+def three_models(tmp_path_factory, prebuilt):
     """The three-model dataset behind the loopback server."""
     base = tmp_path_factory.mktemp("three")
-    db = build_three(base / "db")
+    db = prebuilt(build_three, base / "db")
     with RangeServer(base) as srv:
         yield srv, db, srv.url + "/db"
 
@@ -196,8 +194,7 @@ def test_cache_is_per_revision_and_can_be_cleared(served, tmp_path):
         ds.neurons("paris")
         revision = ds._remote.revision
     assert (cache / next(iter(p.name for p in cache.iterdir() if p.name != "CACHEDIR.TAG")) / revision / "tails").is_dir()
-    r = subprocess.run([sys.executable, "-m", "cli", "cache", "clear", "--cache-dir", str(cache)],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = invoke_cli("cache", "clear", "--cache-dir", cache)
     assert r.returncode == 0, r.stderr
     assert "cleared" in r.stderr and not cache.exists()
 
@@ -211,7 +208,7 @@ def test_server_without_range_support_still_answers(synthetic_db, cache):
 # -- 3. one-line errors ------------------------------------------------------------------------
 
 def _cli_error(*args) -> str:
-    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT)
+    r = invoke_cli(*args)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
     return r.stderr
@@ -258,9 +255,9 @@ def test_url_that_is_not_a_zeropass_dataset(tmp_path, cache, content, error):
         _cli_error("models", "--db", srv.url + "/site")
 
 
-def test_dataset_replaced_while_read(tmp_path, cache):
+def test_dataset_replaced_while_read(tmp_path, prebuilt, cache):
     """A file rewritten in place (not how zeropass publishes) is caught by its size, in one line."""
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     with RangeServer(tmp_path) as srv, Dataset(srv.url + "/db", cache_dir=cache) as ds:
         manifest = json.loads((db / "manifest.json").read_text())
         rel = manifest["models"]["beta"]["files"]["vectors_by_token"][0]
@@ -270,9 +267,9 @@ def test_dataset_replaced_while_read(tmp_path, cache):
         assert "changed while it was read" in str(e.value)
 
 
-def test_republished_dataset_is_followed(tmp_path, cache):
+def test_republished_dataset_is_followed(tmp_path, prebuilt, cache):
     """Old files gone, a new manifest in place: the reader re-reads the manifest and answers from it."""
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     with RangeServer(tmp_path) as srv, Dataset(srv.url + "/db", cache_dir=cache) as ds:
         before = ds.sql("SELECT count(*) AS n FROM vectors WHERE model = 'beta'")
         old = json.loads((db / "manifest.json").read_text())
@@ -293,10 +290,10 @@ def _assert_same(a: dict, b: dict) -> None:
         assert b[key].equals(a[key]), key
 
 
-def test_publish_to_directory_then_query_it_in_place(tmp_path, cache):
+def test_publish_to_directory_then_query_it_in_place(tmp_path, prebuilt, cache):
     from indexer.publish import publish_dataset
 
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     dest = tmp_path / "www" / "pub"
     dry = publish_dataset(db, str(dest), dry_run=True)
     assert not dest.exists() and dry.upload[-1] == "manifest.json" and not dry.skip
@@ -317,11 +314,11 @@ def test_publish_to_directory_then_query_it_in_place(tmp_path, cache):
     assert again.upload == [] and again.upload_bytes == 0 and len(again.skip) == len(plan.upload) - 3
 
 
-def test_republish_copies_only_what_changed_and_deletes_the_superseded(tmp_path):
+def test_republish_copies_only_what_changed_and_deletes_the_superseded(tmp_path, prebuilt):
     from indexer.publish import publish_dataset
     from tests.conftest import PLANTED, SHARED_TOKENS, _model
 
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     dest = tmp_path / "pub"
     publish_dataset(db, str(dest))
     old = json.loads((dest / "manifest.json").read_text())
@@ -336,12 +333,12 @@ def test_republish_copies_only_what_changed_and_deletes_the_superseded(tmp_path)
         _assert_same(_answers(local), _answers(pub))
 
 
-def test_publish_to_memory_filesystem(tmp_path, cache):
+def test_publish_to_memory_filesystem(tmp_path, prebuilt, cache):
     import fsspec
 
     from indexer.publish import publish_dataset
 
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     fs = fsspec.filesystem("memory")
     try:
         publish_dataset(db, "memory://zp-pub/db")
@@ -352,12 +349,12 @@ def test_publish_to_memory_filesystem(tmp_path, cache):
         fs.rm("/zp-pub", recursive=True)
 
 
-def test_damaged_file_stops_publish_and_readers_keep_the_old_revision(tmp_path):
+def test_damaged_file_stops_publish_and_readers_keep_the_old_revision(tmp_path, prebuilt):
     """A file that fails its sha256 stops the publish before the manifest: DEST's readers see no change."""
     from indexer.publish import PublishError, publish_dataset
     from tests.conftest import PLANTED, SHARED_TOKENS, _model
 
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     dest = tmp_path / "pub"
     publish_dataset(db, str(dest))
     with Dataset(dest) as ds:
@@ -377,10 +374,10 @@ def test_damaged_file_stops_publish_and_readers_keep_the_old_revision(tmp_path):
     assert "sha256" in msg
 
 
-def test_publish_errors_are_one_line(tmp_path):
+def test_publish_errors_are_one_line(tmp_path, prebuilt):
     assert "not a zeropass dataset" in _cli_error("publish", str(tmp_path / "nothing"), str(tmp_path / "d"))
     assert not (tmp_path / "nothing").exists()  # nothing created on the way
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     assert "DB itself" in _cli_error("publish", str(db), str(db))
     (tmp_path / "blocker").write_text("a file")
     assert "blocker/pub" in _cli_error("publish", str(db), str(tmp_path / "blocker" / "pub"))  # a file where DEST goes
@@ -389,10 +386,9 @@ def test_publish_errors_are_one_line(tmp_path):
     assert "not a zeropass manifest" in _cli_error("publish", str(db), str(tmp_path / "other"))
 
 
-def test_publish_cli_dry_run(tmp_path):
-    db = build_synthetic(tmp_path / "db")
-    r = subprocess.run([sys.executable, "-m", "cli", "publish", str(db), str(tmp_path / "pub"), "--dry-run"],
-                       capture_output=True, text=True, cwd=ROOT)
+def test_publish_cli_dry_run(tmp_path, prebuilt):
+    db = prebuilt(build_synthetic, tmp_path / "db")
+    r = invoke_cli("publish", db, tmp_path / "pub", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "copy manifest.json" and "would publish" in r.stderr
     assert not (tmp_path / "pub").exists()
@@ -400,11 +396,11 @@ def test_publish_cli_dry_run(tmp_path):
 
 # -- 5. the dataset card -----------------------------------------------------------------------
 
-def test_card_configs_load_with_datasets(tmp_path):
+def test_card_configs_load_with_datasets(tmp_path, prebuilt):
     datasets = pytest.importorskip("datasets")
     from indexer.publish import publish_dataset
 
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     dest = tmp_path / "pub"
     publish_dataset(db, str(dest))
     card = (dest / "README.md").read_text()
@@ -422,8 +418,8 @@ def test_card_configs_load_with_datasets(tmp_path):
     pytest.param("d b", id="space"), pytest.param("a,b'c", id="comma-quote"), pytest.param("db[1]", id="bracket"),
     pytest.param("a*b?", id="glob-chars"), pytest.param("donnée", id="non-ascii"), pytest.param("50%25", id="percent"),
 ])
-def test_odd_dataset_names_over_http(tmp_path, cache, name):
-    db = build_synthetic(tmp_path / "site" / name)
+def test_odd_dataset_names_over_http(tmp_path, prebuilt, cache, name):
+    db = prebuilt(build_synthetic, tmp_path / "site" / name)
     import urllib.parse
     with RangeServer(tmp_path / "site") as srv, Dataset(db) as local:
         # as typed (a URL's '?' starts its query and '%' an escape, so those names only percent-encoded)
@@ -458,7 +454,7 @@ def test_publish_killed_midway_never_shows_half_a_dataset(three_models, tmp_path
 
     srv, db, url = three_models
     dest = tmp_path / "pub"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "publish", str(db), str(dest)], cwd=ROOT,
+    proc = subprocess.Popen(cli_argv("publish", db, dest), cwd=ROOT,
                             stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()  # "copying ...": the copy is under way
     assert first.startswith("copying"), first
@@ -473,22 +469,21 @@ def test_publish_killed_midway_never_shows_half_a_dataset(three_models, tmp_path
     else:
         with pytest.raises(NotADataset):
             Dataset(dest)
-    r = subprocess.run([sys.executable, "-m", "cli", "publish", str(db), str(dest), "-q"], capture_output=True,
-                       text=True, cwd=ROOT)
+    r = invoke_cli("publish", db, dest, "-q")
     assert r.returncode == 0, r.stderr
     assert not [p for p in dest.rglob("*") if ".tmp" in p.name]
     with Dataset(dest) as ds:
         assert ds.neurons("w123", model="two").equals(want)
 
 
-def test_damaged_published_file_is_one_line(tmp_path, cache):
+def test_damaged_published_file_is_one_line(tmp_path, prebuilt, cache):
     """Same size, wrong bytes (a damaged footer on the server): a DamagedFile naming the file; other models answer.
 
     (Zeroed data pages give DuckDB's "TProtocolException: Invalid data", which names no file, locally too.)
     """
     from query.errors import DamagedFile
 
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     rel = json.loads((db / "manifest.json").read_text())["models"]["beta"]["files"]["vectors_by_token"][0]
     data = bytearray((db / rel).read_bytes())
     data[-4:] = b"XXXX"  # the closing magic
@@ -535,9 +530,9 @@ def test_huge_manifest_is_not_read_whole(tmp_path, cache, monkeypatch):
             Dataset(srv.url + "/site", cache_dir=cache)
 
 
-def test_hostile_file_info_sizes(tmp_path, cache):
+def test_hostile_file_info_sizes(tmp_path, prebuilt, cache):
     """Sizes in an untrusted manifest that are not counts are ignored (the server's size is used)."""
-    db = build_synthetic(tmp_path / "db")
+    db = prebuilt(build_synthetic, tmp_path / "db")
     manifest = json.loads((db / "manifest.json").read_text())
     for i, info in enumerate(manifest["models"]["alpha"]["file_info"].values()):
         info["bytes"] = [True, -5, "12", None, 1.5][i % 5]
@@ -563,14 +558,14 @@ def test_refused_read_does_not_color_the_next_error(served, cache):
     pytest.param(["align", "a", "b"], id="align"), pytest.param(["check"], id="check"),
 ])
 def test_writing_commands_refuse_a_url_db(tmp_path, args):
-    r = subprocess.run([sys.executable, "-m", "cli", *args, "--db", "http://127.0.0.1:9/db"], capture_output=True,
+    r = subprocess.run(cli_argv(*args, "--db", "http://127.0.0.1:9/db"), capture_output=True,
                        text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and "read-only" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []  # no "http:" directory made on the way
 
 
-def test_host_gone_mid_session_is_one_line(tmp_path, cache):
-    db = build_synthetic(tmp_path / "db")
+def test_host_gone_mid_session_is_one_line(tmp_path, prebuilt, cache):
+    db = prebuilt(build_synthetic, tmp_path / "db")
     srv = RangeServer(tmp_path).__enter__()
     ds = Dataset(srv.url + "/db", cache_dir=cache)
     try:

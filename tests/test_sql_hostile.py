@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from query import BadSQL, Dataset, ForbiddenSQL, NotADataset, QueryError
 from cli import cli
+from tests.dataset_helpers import CLI_MODULE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -730,23 +731,42 @@ def test_concurrent_readers_never_fail_during_reindexes(copy_db):
     assert len(done) == 4 and min(done) > 0
 
 
-def test_cli_queries_during_reindexes_all_succeed(copy_db):
-    def reindex():
+# A reader process: the CLI's command run again and again (it says "ready" after the first) until the
+# writer is done (the file named by argv[1] exists), then once more. One interpreter start per reader instead of one per query.
+_READER = """
+import json, pathlib, sys
+from click.testing import CliRunner
+from {module} import cli
+stop, argv, n = pathlib.Path(sys.argv[1]), sys.argv[2:], 0
+while True:
+    last = stop.exists()
+    r = CliRunner().invoke(cli, argv)
+    if r.exit_code != 0 or not json.loads(r.stdout):
+        sys.exit(f"query {{n}} failed: exit {{r.exit_code}}: {{r.stderr or r.exception!r}}")
+    n += 1
+    if n == 1:
+        print("ready", flush=True)
+    if last:
+        break
+print(n)
+"""
+
+
+def test_cli_queries_during_reindexes_all_succeed(copy_db, tmp_path):
+    # Readers in other processes (file locks are per process) query while the writer reindexes.
+    stop = tmp_path / "writer-done"
+    argv = ["neurons", "paris", "--model", "alpha", "--format", "json", "--db", str(copy_db)]
+    procs = [subprocess.Popen([sys.executable, "-c", _READER.format(module=CLI_MODULE), str(stop), *argv],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                              env=dict(os.environ, PYTHONPATH=str(ROOT))) for _ in range(3)]
+    try:
+        assert [p.stdout.readline() for p in procs] == ["ready\n"] * 3  # every reader has answered once
         for seed in range(30, 33):
             _reindex(copy_db, seed)
-
-    writer = threading.Thread(target=reindex)
-    writer.start()
-    procs = []
-    while writer.is_alive() or len(procs) < 6:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cli", "neurons", "paris", "--model", "alpha", "--format", "json", "--db", str(copy_db)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT))))
-        time.sleep(0.2)
-        if len(procs) >= 24:
-            break
-    writer.join()
+    finally:
+        stop.touch()
     results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
     failed = [(rc, err) for _, err, rc in results if rc != 0]
     assert failed == [], failed
-    assert all(json.loads(out) for out, _, _ in results)
+    # each reader ran a query at least once after the writer began and once after it ended
+    assert all(int(out) >= 2 for out, _, _ in results), results
