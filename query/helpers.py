@@ -322,7 +322,7 @@ def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[s
         ids, texts = f"ids{i}", f"texts{i}"
         params.update({ids: match.ids, texts: match.texts})
         parts.append(f"""
-            SELECT v.model, v.layer, v.kind, v.side, v.head, v.expert, v.idx, v.rank, v.score,
+            SELECT v.model, v.layer, v.kind, v.side, v.head, v.expert, v.dictionary, v.idx, v.rank, v.score,
                    list_extract(${texts}::VARCHAR[], list_position(${ids}::INTEGER[], v.token_id)) AS token
             FROM {ds.source("vectors_by_token", models)} v
             WHERE {_in_ids("v.token_id", ids)}
@@ -330,7 +330,7 @@ def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[s
     matched_rows = " UNION ALL ".join(parts)
     limit_clause = _limit_clause(limit, params)
     # One vector is (model, layer, kind, side, head, expert, idx); layer, head and expert may be null.
-    key = ("model", "layer", "kind", "side", "head", "expert", "idx")
+    key = ("model", "layer", "kind", "side", "head", "expert", "dictionary", "idx")
     same = " AND ".join(f"v.{c} IS NOT DISTINCT FROM b.{c}" for c in key)
     order = ("rank, CASE WHEN side = 'top' THEN -score ELSE score END, model, layer, kind, head, idx, "
              "expert NULLS FIRST, side")

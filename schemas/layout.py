@@ -97,6 +97,7 @@ def validate_manifest(manifest, path: Path | str = MANIFEST) -> None:
             if not isinstance(entry, dict):
                 bad(f"{key} entry {name!r} is {kind(entry)}, not an object")
             _check_files(entry.get("files", []), table, f"{key} entry {name!r}", bad)
+    _check_dictionaries(manifest, bad, kind)
     for table, entry in manifest.get("compacted", {}).items():
         if table not in COMPACTED_ORDER:
             bad(f"'compacted' lists a table {table!r} that is not compacted")
@@ -159,6 +160,9 @@ def manifest_files(manifest: dict) -> dict[str, Owner]:
     for key, (table, kind) in _SHARED.items():
         for name, entry in manifest.get(key, {}).items():
             out.update((f, Owner(table, kind, name)) for f in entry.get("files", []))
+    for name, entry in manifest.get(DICTIONARIES, {}).items():
+        for table, files in entry.get("files", {}).items():
+            out.update((f, Owner(table, "dictionary", name)) for f in files)
     for table, entry in manifest.get("compacted", {}).items():
         out.update((f, Owner(table, "compacted", table)) for f in entry.get("files", []))
     return out
@@ -167,7 +171,7 @@ def manifest_files(manifest: dict) -> dict[str, Owner]:
 def file_info(manifest: dict) -> dict[str, dict]:
     """Every listed file's recorded ``{"bytes", "sha256", "rows"}`` (``file_info`` of each owner; may be partial)."""
     out: dict[str, dict] = {}
-    for key in ("models", *_SHARED):
+    for key in ("models", *_SHARED, DICTIONARIES):
         for entry in manifest.get(key, {}).values():
             if isinstance(entry, dict) and isinstance(entry.get("file_info"), dict):
                 out.update(entry["file_info"])
@@ -254,9 +258,21 @@ def compacted_models(manifest: dict, table: str) -> list[str]:
                   if isinstance(models.get(s), dict) and models[s].get("build_id") == b)
 
 
-def table_sources(manifest: dict, table: str, models: list[str] | None = None, use_compacted: bool = True) -> Sources:
-    """The files a view of ``table`` (restricted to ``models``) reads (see ``Sources``)."""
+def table_sources(manifest: dict, table: str, models: list[str] | None = None, use_compacted: bool = True,
+                  dictionaries: bool = True) -> Sources:
+    """The files a view of ``table`` (restricted to ``models``) reads (see ``Sources``).
+
+    ``dictionaries=False``: without the dictionaries' files (compaction folds only the models' own).
+    """
     stored = TABLES[table].derived_from or table  # a derived table reads its source's per-model files
+    if table in DICTIONARY_ONLY:
+        return Sources([], [], dictionary_files(manifest, stored, models))
+    extra = dictionary_files(manifest, stored, models) if dictionaries else []
+    src = _model_sources(manifest, table, stored, models, use_compacted)
+    return src._replace(files=src.files + extra) if extra else src
+
+
+def _model_sources(manifest: dict, table: str, stored: str, models: list[str] | None, use_compacted: bool) -> Sources:
     if table not in COMPACTED_ORDER:
         return Sources([], [], table_files(manifest, stored, models))
     covered = set(compacted_models(manifest, table)) if use_compacted else set()
@@ -305,8 +321,12 @@ def view_sql(table: Table, files: list[str], root: Path | None = None, union_by_
 
 
 def _derived_sql(table: Table, source: str) -> str:
-    """``table``'s rows from a ``SELECT`` of its source table (only ``pairs_by_token`` so far):
-    each pair under its src token, then under its dst token, in one scan (two zipped unnests)."""
+    """``table``'s rows from a ``SELECT`` of its source table: ``pairs_by_token`` has each pair
+    under its src token, then under its dst token, in one scan (two zipped unnests); the feature
+    views rename the dictionaries' vectors rows (docs/DICTIONARIES.md)."""
+    if table.name in DICTIONARY_ONLY:
+        made = {"feature": "idx AS feature", "unit": "dictionary || '.F' || idx AS unit"}
+        return f"SELECT {', '.join(made.get(c, c) for c in table.column_names)} FROM ({source}) WHERE dictionary IS NOT NULL"
     assert table.name == "pairs_by_token", table.name
     made = {"token_id": "unnest([src_id, dst_id]) AS token_id", "endpoint": "unnest(['src', 'dst']) AS endpoint"}
     return f"SELECT {', '.join(made.get(c, c) for c in table.column_names)} FROM ({source})"
@@ -324,3 +344,39 @@ def _stored_sql(table: Table, files: list[str], root: Path | None = None, union_
     # union_by_name tolerates files written by an older writer that lacked a nullable column, but
     # reads every file's footer when the view is bound; the query layer binds lazily (False).
     return f"SELECT {cols} FROM read_parquet([{quoted}], union_by_name={'true' if union_by_name else 'false'}, hive_partitioning=false)"
+
+
+# -- dictionaries (SAEs, transcoders; indexer/dictionaries/, docs/DICTIONARIES.md) ---------------
+#
+# The manifest section "dictionaries" maps a dictionary's name -> {"model", "files": {table: [...]},
+# "file_info", "row_counts", "build_id", "source", "origin"}, like a model's entry. Its `vectors` and
+# `vectors_by_token` files join the model's own in those views (never compacted: a dictionary added
+# or re-indexed after a compaction is seen at once); `features` / `features_by_token` read them alone.
+
+DICTIONARIES = "dictionaries"
+# Tables a dictionary entry lists files of.
+DICTIONARY_TABLES = ("vectors", "vectors_by_token", "dictionaries", "feature_stats", "feature_neighbours")
+# Views that read only the dictionaries' files (their own tables, and the feature views of vectors).
+DICTIONARY_ONLY = ("dictionaries", "feature_stats", "feature_neighbours", "features", "features_by_token")
+
+
+def dictionary_files(manifest: dict, table: str, models: list[str] | None = None) -> list[str]:
+    """Relative paths of the dictionaries' committed files of ``table`` (restricted to their ``models``)."""
+    return sorted(f for entry in manifest.get(DICTIONARIES, {}).values()
+                  if models is None or entry.get("model") in models for f in entry.get("files", {}).get(table, []))
+
+
+def _check_dictionaries(manifest: dict, bad, kind) -> None:
+    """validate_manifest's part for the "dictionaries" section."""
+    section = manifest.get(DICTIONARIES, {})
+    if not isinstance(section, dict):
+        bad(f"{DICTIONARIES!r} is {kind(section)}, not an object")
+    for name, entry in section.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("files", {}), dict):
+            bad(f"dictionary {name!r} has no 'files' object")
+        if not isinstance(entry.get("model"), str):
+            bad(f"dictionary {name!r} names no model")
+        for table, files in entry.get("files", {}).items():
+            if table not in DICTIONARY_TABLES:
+                bad(f"dictionary {name!r} lists files of an unknown table {table!r}")
+            _check_files(files, table, f"dictionary {name!r}", bad)
