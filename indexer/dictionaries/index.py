@@ -1,0 +1,444 @@
+"""`zeropass index-sae`: dictionaries -> projections -> the dataset, beside the model they belong to.
+
+A dictionary belongs to a model already in the dataset: its decoder rows are scored through the
+model's W_U and its encoder directions through W_E, exactly as the model's own write- and read-side
+vectors (``indexer.kernels.vectors.Projector``), so the model is loaded again from the source its
+manifest entry records (or ``model_source``) and checked against the recorded weight digests.
+
+Rows go to ``vectors`` (kinds decoder / encoder, ``dictionary`` set) and ``vectors_by_token``;
+per-dictionary tables ``dictionaries``, ``feature_stats`` and ``feature_neighbours`` beside them.
+Everything of one call is published in one commit (``indexer.dataset.publish``): readers see all
+of its dictionaries or none. docs/DICTIONARIES.md has the conventions.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from schemas import SCHEMA_VERSION, TABLES
+from schemas.layout import DICTIONARIES, partition_dir
+from schemas.units import DICTIONARY_NAME, feature_unit, neuron_unit
+
+from ..build import BadOption, Progress, _whole, stderr_progress
+from ..dataset import (ZEROPASS_VERSION, check_writable, conform, dataset_lock, file_digest, open_dataset, publish,
+                       sort_by_token, write_parquet_atomic, zeropass_command)
+from ..errors import NameTaken, ZeropassError
+from ..kernels.vectors import Projector, TopK
+from . import RESIDUAL_SITES, SITES, BadDictionary, Dictionary, find_dictionaries, open_dictionary
+
+# Features projected per block: bounds memory by a [block, d_in] slice of the weights and the
+# projector's own score buffer, whatever d_sae is (a 1M-feature dictionary is read 4096 rows at a time).
+BLOCK = 4096
+
+
+class UnknownModel(ZeropassError, LookupError):
+    """The dictionary's --model is not a model of the dataset."""
+
+
+@dataclass
+class _Job:
+    name: str
+    d: Dictionary
+    origin: str
+
+
+def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[str] = None, k: int = 50,
+                       n_neighbours: int = 10, neighbours: tuple[str, ...] = ("ff_value", "decoder"),
+                       model_source: Optional[str] = None, layer: Optional[int] = None, site: Optional[str] = None,
+                       allow_pickle: bool = False, replace: bool = False,
+                       progress: Optional[Progress] = stderr_progress) -> list[dict]:
+    """Index the dictionary (or every dictionary of the folder) ``ref`` against ``model`` of ``db``.
+
+    ``ref``: a folder, a ``params.npz`` file, or a hub id with its subfolder ``org/repo/sub/folder``.
+    Returns the manifest entries, each with its ``dictionary`` name.
+
+    >>> index_dictionaries("gpt2-res-jb/blocks.8.hook_resid_pre", "zeropass-db", model="gpt2", name="res-L8")  # doctest: +SKIP
+    """
+    say = progress or (lambda _m: None)
+    _check_options(k, n_neighbours, neighbours, site)
+    root = Path(db)
+    check_writable(root)
+    manifest = open_dataset(root) or {"models": {}}
+    entry = manifest["models"].get(model)
+    if entry is None:
+        have = ", ".join(sorted(manifest["models"])) or "none"
+        raise UnknownModel(f"model {model!r} is not in {root} (models: {have}): index it first with "
+                           f"`{zeropass_command('index', 'MODEL', '--name', model, '--db', root)}`")
+    if entry.get("variant") == "diff":
+        raise BadOption(f"model {model!r} is a fine-tuning delta (variant diff): index the dictionary against the tuned model")
+    path, revision = _resolve(ref)
+    jobs = _jobs(path, ref, name, manifest, allow_pickle=allow_pickle, layer=layer, site=site, replace=replace)
+    source = model_source or entry.get("origin") or entry.get("source")
+    canonical, token_text = _load_model(root, manifest, model, entry, source, say)
+    dims = canonical.dims
+    for job in jobs:
+        _check_fits(job, dims)
+    writer = _Writer(root, model, canonical, token_text, k=min(k, dims.d_vocab), say=say)
+    t0 = time.perf_counter()
+    done = []
+    with dataset_lock(root):
+        for job in jobs:
+            done.append(writer.project(job))
+        directions = {job.name: writer.directions[job.name] for job in jobs}
+        for job, part in zip(jobs, done):
+            part["neighbours"] = writer.neighbours(job, directions, n_neighbours, neighbours)
+        entries = {}
+        for job, part in zip(jobs, done):
+            entries[job.name] = writer.write(job, part, revision=revision, source=str(ref), n_neighbours=n_neighbours,
+                                             neighbours=neighbours, model_source=source)
+
+        def change(m: dict) -> list[str]:
+            if model not in m["models"]:  # removed meanwhile: nothing to attach the dictionaries to
+                raise UnknownModel(f"model {model!r} was removed from {root} while its dictionaries were indexed")
+            section = m.setdefault(DICTIONARIES, {})
+            old = [f for n in entries if n in section for fs in section[n].get("files", {}).values() for f in fs]
+            section.update(entries)
+            return old
+
+        publish(root, change)
+    say(f"[{model}] {len(jobs)} dictionar{'y' if len(jobs) == 1 else 'ies'} indexed in {time.perf_counter() - t0:.1f}s: "
+        + ", ".join(jobs_name.name for jobs_name in jobs))
+    return [dict(entries[j.name], dictionary=j.name) for j in jobs]
+
+
+def _check_options(k, n_neighbours, neighbours, site) -> None:
+    if not _whole(k) or not 1 <= k <= 2**31 - 1:
+        raise BadOption(f"--k {k} must be a whole number from 1 to {2**31 - 1}")
+    if not _whole(n_neighbours) or not 0 <= n_neighbours <= 10_000:
+        raise BadOption(f"--neighbours {n_neighbours} must be a whole number from 0 (none) to 10000")
+    bad = [s for s in neighbours if s not in ("ff_value", "decoder")]
+    if bad:
+        raise BadOption(f"--neighbour-scope {','.join(bad)} is unknown: use ff_value, decoder or both")
+    if site is not None and site not in SITES:
+        raise BadOption(f"--site {site!r} is unknown: use one of {', '.join(SITES)}")
+
+
+_HUB_SUB = re.compile(r"^([A-Za-z0-9][\w.-]*)/([\w.-]+)((?:/[\w.-]+)+)$")
+
+
+def _resolve(ref: str) -> tuple[Path, Optional[str]]:
+    """A local path as it is; ``org/repo/sub/folder`` fetched (only that subfolder) from the hub."""
+    p = Path(ref)
+    if p.exists():
+        return p, None
+    m = _HUB_SUB.match(str(ref))
+    if not m:
+        from . import NoDictionary
+
+        raise NoDictionary(f"{ref} does not exist: give a dictionary folder, a folder of them, a params.npz file "
+                           f"or a hub id with its subfolder (org/repo/sub/folder)")
+    from ..load import _SNAPSHOT, require
+
+    hub = require("huggingface_hub", why=f"downloading {ref!r} from the hub")
+    repo, sub = f"{m.group(1)}/{m.group(2)}", m.group(3).strip("/")
+    try:
+        local = Path(hub.snapshot_download(repo_id=repo, allow_patterns=[f"{sub}/*"]))
+    except Exception as e:
+        from . import NoDictionary
+
+        raise NoDictionary(f"{ref!r} is not a local path and {repo} could not be fetched from the hub "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    rev = _SNAPSHOT.search(str(local))
+    return local / sub, rev.group(1) if rev else None
+
+
+def _jobs(path: Path, ref: str, name: Optional[str], manifest: dict, *, allow_pickle, layer, site, replace) -> list[_Job]:
+    folders = find_dictionaries(path)
+    jobs = []
+    for folder in folders:
+        d = open_dictionary(folder, allow_pickle=allow_pickle, layer=layer, site=site)
+        if len(folders) == 1:
+            n = name or f"{d.site}-L{d.layer}"
+        else:  # a release: each dictionary named by its path inside the folder
+            rel = folder.relative_to(path).as_posix() if folder != path else folder.name
+            n = re.sub(r"[^A-Za-z0-9_-]+", "-", rel).strip("-_")
+            n = f"{name}-{n}" if name else n
+        if not DICTIONARY_NAME.fullmatch(n):
+            raise BadOption(f"dictionary name {n!r} is not valid: use letters, digits, '-' or '_' (no dots, ASCII, "
+                            f"starting with a letter or digit, at most 64), e.g. --name res-L8")
+        origin = str(folder.resolve()) if Path(ref).exists() else f"{ref}" + ("" if len(folders) == 1 else f"#{n}")
+        old = manifest.get(DICTIONARIES, {}).get(n)
+        if old and old.get("origin") != origin and not replace:
+            raise NameTaken(f"a dictionary named {n!r} indexed from {old.get('origin')} is already in the dataset, and "
+                            f"{origin} is another source: choose another name with --name NAME, or replace it with --replace")
+        if any(j.name == n for j in jobs):
+            raise NameTaken(f"two dictionaries of {ref} would both be named {n!r}: index them one at a time with --name")
+        jobs.append(_Job(n, d, origin))
+    return jobs
+
+
+def _load_model(root: Path, manifest: dict, slug: str, entry: dict, source: str, say: Progress):
+    """The model's canonical weights (its recorded variant applied) and its vocabulary's token texts."""
+    from ..load import load_canonical
+    from ..variants import fold
+
+    t = time.perf_counter()
+    try:
+        loaded = load_canonical(source, quiet=True)
+    except ZeropassError as e:
+        raise type(e)(f"model {slug!r} (recorded source {source}) cannot be loaded: {e}; "
+                      f"point to its weights with --model-source PATH") from None
+    row = _model_row(root, entry)
+    recorded = json.loads(row.get("weights_sha256") or "{}")
+    if recorded and dict(loaded.provenance.weights_sha256) != recorded:
+        raise BadOption(f"the weights at {source} are not those model {slug!r} was indexed from (their sha256 differ): "
+                        f"give the original checkpoint with --model-source PATH")
+    canonical = fold(loaded.canonical) if entry.get("variant") == "folded" else loaded.canonical
+    say(f"loaded {source} for {slug} in {time.perf_counter() - t:.1f}s")
+    vocab = manifest["vocabularies"][entry["vocab_id"]]
+    tokens = pa.concat_tables([pq.read_table(root / f, columns=["token_id", "token"]) for f in vocab["files"]])
+    tokens = tokens.sort_by("token_id")
+    return canonical, tokens.column("token").combine_chunks()
+
+
+def _model_row(root: Path, entry: dict) -> dict:
+    files = entry.get("files", {}).get("models", [])
+    rows = pq.read_table(root / files[0]).to_pylist() if files else []
+    return rows[0] if rows else {}
+
+
+def _check_fits(job: _Job, dims) -> None:
+    d = job.d
+    want = dims.n_heads * dims.d_head if d.site == "z" else dims.d_model
+    what = "n_heads x d_head" if d.site == "z" else "d_model"
+    if d.d_in != want:
+        raise BadDictionary(f"dictionary {job.name} ({d.path}) reads vectors of width {d.d_in}, but the model's {what} "
+                            f"is {want}: it was trained on another model (or another hook)")
+    if not 0 <= d.layer < dims.n_layers:
+        raise BadDictionary(f"dictionary {job.name} ({d.path}) is at layer {d.layer}, but the model has layers "
+                            f"0-{dims.n_layers - 1}")
+
+
+def _finite(t: torch.Tensor, job: _Job, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise BadDictionary(f"dictionary {job.name} ({job.d.path}): {what} holds NaN or Inf values: "
+                            f"the file is damaged, re-download it")
+    return t
+
+
+class _Writer:
+    """Projects dictionaries of one model and writes their files (the commit is the caller's)."""
+
+    def __init__(self, root: Path, slug: str, model, token_text: pa.Array, *, k: int, say: Progress):
+        self.root, self.slug, self.model, self.token_text, self.k, self.say = root, slug, model, token_text, k, say
+        emb = model.embeddings
+        same = emb.W_U.shape == emb.W_E.T.shape and torch.equal(emb.W_U, emb.W_E.T)
+        self.read = Projector(emb.W_E.T, k)  # scores = W_E @ r, as for the model's own read side
+        self.write_side = self.read if same else Projector(emb.W_U, k)  # scores = w @ W_U
+        self.build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        self.directions: dict[str, torch.Tensor] = {}  # name -> [d_sae, d_model] float32 decoder directions
+        self._layers: dict[int, object] = {}
+        self.job_layer: dict[str, int] = {}
+
+    def _layer(self, l: int):
+        if l not in self._layers:
+            self._layers[l] = self.model.layer(l)
+        return self._layers[l]
+
+    def residual(self, job: _Job, dec: torch.Tensor, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder / encoder rows as residual-stream directions.
+
+        ``z`` dictionaries read and write the heads' concatenated values: a decoder row writes
+        sum_h dec_h @ W_O[h], an encoder row reads sum_h W_V[kv(h)] @ enc_h (the direction of the
+        residual stream whose values it responds to). Every other site is already residual space.
+        """
+        if job.d.site != "z":
+            return dec, enc
+        dims = self.model.dims
+        lw = self._layer(job.d.layer)
+        n = dec.shape[0]
+        W_O = lw.W_O.float()  # [n_heads, d_head, d_model]
+        W_V = lw.W_V.float()[[dims.kv_head(h) for h in range(dims.n_heads)]]  # [n_heads, d_model, d_head]
+        dec_r = torch.einsum("nhd,hdm->nm", dec.reshape(n, dims.n_heads, dims.d_head), W_O)
+        enc_r = torch.einsum("nhd,hmd->nm", enc.reshape(n, dims.n_heads, dims.d_head), W_V)
+        return dec_r, enc_r
+
+    def project(self, job: _Job) -> dict:
+        d = job.d
+        t = time.perf_counter()
+        parts, dirs = [], []
+        dec_norm, enc_norm = [], []
+        for a in range(0, d.d_sae, BLOCK):
+            b = min(d.d_sae, a + BLOCK)
+            dec = _finite(d.decoder(a, b), job, f"W_dec rows {a}-{b - 1}")
+            enc = _finite(d.encoder(a, b), job, f"encoder directions {a}-{b - 1}")
+            dec_norm.append(dec.double().norm(dim=1))
+            enc_norm.append(enc.double().norm(dim=1))
+            dec_r, enc_r = self.residual(job, dec, enc)
+            idx = np.arange(a, b)
+            parts.append(self._table(job, "decoder", idx, self.write_side(dec_r)))
+            parts.append(self._table(job, "encoder", idx, self.read(enc_r)))
+            dirs.append(dec_r.float())
+        self.job_layer[job.name] = d.layer
+        self.directions[job.name] = torch.cat(dirs) if dirs else torch.zeros(0, self.model.dims.d_model)
+        stats = {"decoder_norm": torch.cat(dec_norm).numpy(), "encoder_norm": torch.cat(enc_norm).numpy()}
+        for name in ("b_enc", "threshold"):
+            v = d.vector(name)
+            if v is not None:
+                v = _finite(v.reshape(-1), job, name)
+                if v.numel() != d.d_sae:
+                    raise BadDictionary(f"dictionary {job.name}: {name} has {v.numel()} values for {d.d_sae} features")
+                stats[name] = v.double().numpy()
+        self.say(f"[{self.slug}] {job.name}: {d.describe()} projected in {time.perf_counter() - t:.1f}s")
+        return {"vectors": pa.concat_tables(parts), "stats": stats}
+
+    def _table(self, job: _Job, kind: str, idx: np.ndarray, topk: TopK) -> pa.Table:
+        n, k = topk.top_idx.shape
+        total = n * 2 * k
+        unit_of_row = np.repeat(np.arange(n), 2 * k)
+        token_ids = np.concatenate([topk.top_idx.numpy(), topk.bot_idx.numpy()], axis=1).reshape(-1).astype(np.int32)
+        scores = np.concatenate([topk.top_val.numpy(), topk.bot_val.numpy()], axis=1).reshape(-1)
+        zeros = pa.array(np.zeros(total, dtype=np.int32))
+        return pa.table({
+            "model": pa.DictionaryArray.from_arrays(zeros, pa.array([self.slug])),
+            "layer": pa.array(np.full(total, job.d.layer, dtype=np.int16)),
+            "kind": pa.DictionaryArray.from_arrays(zeros, pa.array([kind])),
+            "head": pa.nulls(total, pa.int16()),
+            "expert": pa.nulls(total, pa.int16()),
+            "dictionary": pa.DictionaryArray.from_arrays(zeros, pa.array([job.name])),
+            "idx": pa.array(idx.astype(np.int32)[unit_of_row]),
+            "unit": pa.DictionaryArray.from_arrays(pa.array(unit_of_row.astype(np.int32)),
+                                                   pa.array([feature_unit(job.name, int(i)) for i in idx])),
+            "side": pa.DictionaryArray.from_arrays(pa.array(np.tile(np.repeat(np.array([0, 1], dtype=np.int32), k), n)),
+                                                   pa.array(["top", "bottom"])),
+            "rank": pa.array(np.tile(np.tile(np.arange(1, k + 1, dtype=np.int32), 2), n)),
+            "token_id": pa.array(token_ids),
+            "token": pa.DictionaryArray.from_arrays(pa.array(token_ids), self.token_text),
+            "score": pa.array(scores.astype(np.float32)),
+        })
+
+    def neighbours(self, job: _Job, directions: dict[str, torch.Tensor], n: int, scope: tuple[str, ...]) -> pa.Table:
+        """Top-``n`` cosines of each decoder direction among the FF values of layers <= its layer and the
+        decoder directions of the other dictionaries of this call at layers <= its layer.
+
+        Candidates are picked by float32 GEMMs, ``n + 8`` per feature, then their cosines are recomputed
+        in float64 and re-ranked (ties by candidate order: FF values by layer and neuron, then features)."""
+        X = directions[job.name]
+        rows = {c: [] for c in ("feature", "rank", "neighbour", "neighbour_kind", "neighbour_layer", "cosine")}
+        if n == 0 or X.shape[0] == 0:
+            return self._neighbour_table(job, rows)
+        groups = []  # (kind, layer, names fn, [m, d] directions)
+        if "ff_value" in scope:
+            for l in range(job.d.layer + 1):
+                W = self._layer(l).W_out.float()
+                groups.append(("ff_value", l, lambda i, l=l: neuron_unit(l, i), W))
+        if "decoder" in scope:
+            for other, D in directions.items():
+                layer = self.job_layer[other]
+                if other != job.name and layer <= job.d.layer:
+                    groups.append(("decoder", layer, lambda i, o=other: feature_unit(o, i), D))
+        if not groups:
+            return self._neighbour_table(job, rows)
+        cand = [torch.nn.functional.normalize(g[3], dim=1) for g in groups]
+        everything = torch.cat([g[3] for g in groups])  # the raw candidates, for the float64 cosines
+        offsets = np.cumsum([0] + [c.shape[0] for c in cand])
+        m = min(n + 8, int(offsets[-1]))
+        for a in range(0, X.shape[0], BLOCK):
+            Xb = torch.nn.functional.normalize(X[a:a + BLOCK], dim=1)
+            best_v = torch.full((Xb.shape[0], 0), -2.0)
+            best_i = torch.zeros((Xb.shape[0], 0), dtype=torch.int64)
+            for g, C in enumerate(cand):
+                s = Xb @ C.T
+                top = torch.topk(s, min(m, s.shape[1]), dim=1)
+                best_v = torch.cat([best_v, top.values], dim=1)
+                best_i = torch.cat([best_i, top.indices + int(offsets[g])], dim=1)
+                keep = torch.topk(best_v, min(m, best_v.shape[1]), dim=1)
+                best_v, best_i = keep.values, best_i.gather(1, keep.indices)
+            # exact re-ranking in float64, ties by the lower candidate (stable sort of id-sorted candidates)
+            for c in range(0, Xb.shape[0], 512):
+                ids = best_i[c:c + 512].sort(dim=1).values
+                Xd = X[a + c:a + c + 512].double()
+                Xd = Xd / Xd.norm(dim=1, keepdim=True).clamp_min(1e-300)
+                vecs = everything[ids].double()  # [rows, m, d_model]
+                cos = torch.einsum("rmd,rd->rm", vecs / vecs.norm(dim=2, keepdim=True).clamp_min(1e-300), Xd)
+                order = torch.sort(cos, dim=1, descending=True, stable=True).indices[:, :n]
+                cos, ids = cos.gather(1, order), ids.gather(1, order)
+                for r in range(ids.shape[0]):
+                    for rank in range(ids.shape[1]):
+                        i = int(ids[r, rank])
+                        g = int(np.searchsorted(offsets, i, side="right") - 1)
+                        kind, layer, name_of, _ = groups[g]
+                        rows["feature"].append(a + c + r)
+                        rows["rank"].append(rank + 1)
+                        rows["neighbour"].append(name_of(i - int(offsets[g])))
+                        rows["neighbour_kind"].append(kind)
+                        rows["neighbour_layer"].append(layer)
+                        rows["cosine"].append(float(cos[r, rank]))
+        return self._neighbour_table(job, rows)
+
+    def _neighbour_table(self, job: _Job, rows: dict) -> pa.Table:
+        n = len(rows["feature"])
+        return pa.table({
+            "model": [self.slug] * n, "dictionary": [job.name] * n,
+            "layer": pa.array(np.full(n, job.d.layer, dtype=np.int16)),
+            "feature": pa.array(rows["feature"], pa.int32()),
+            "unit": [feature_unit(job.name, f) for f in rows["feature"]],
+            "rank": pa.array(rows["rank"], pa.int32()),
+            "neighbour": pa.array(rows["neighbour"], pa.string()),
+            "neighbour_kind": pa.array(rows["neighbour_kind"], pa.string()),
+            "neighbour_layer": pa.array(rows["neighbour_layer"], pa.int16()),
+            "cosine": pa.array(rows["cosine"], pa.float64()),
+        })
+
+    def write(self, job: _Job, part: dict, *, revision, source: str, n_neighbours: int, neighbours, model_source) -> dict:
+        """Write one dictionary's files; returns its manifest entry (published by the caller)."""
+        d, name = job.d, job.name
+        files: dict[str, list[str]] = {}
+        info: dict[str, dict] = {}
+
+        def put(table: str, data: pa.Table, **keys) -> str:
+            rel = f"{partition_dir(table, model=self.slug, **keys)}/{self.build_id}.parquet"
+            if table == "vectors":  # as a model's vectors: sorted by token, small row groups (indexer.dataset)
+                digest = write_parquet_atomic(self.root, rel, conform(table, data.sort_by("token_id")), row_group_size=16 * 1024)
+            else:
+                digest = write_parquet_atomic(self.root, rel, conform(table, data))
+            files.setdefault(table, []).append(rel)
+            info[rel] = dict(digest, rows=data.num_rows)
+            return rel
+
+        vec = put("vectors", part["vectors"], layer=d.layer, dictionary=name)
+        rel = f"{partition_dir('vectors_by_token', model=self.slug, dictionary=name)}/{self.build_id}.parquet"
+        rows, digest = sort_by_token(self.root, f"{self.slug}.{name}", [vec], rel)
+        files["vectors_by_token"] = [rel]
+        info[rel] = dict(digest, rows=rows)
+        stats = part["stats"]
+        idx = np.arange(d.d_sae)
+        put("feature_stats", pa.table({
+            "model": [self.slug] * d.d_sae, "dictionary": [name] * d.d_sae,
+            "layer": pa.array(np.full(d.d_sae, d.layer, dtype=np.int16)), "feature": pa.array(idx.astype(np.int32)),
+            "unit": [feature_unit(name, int(i)) for i in idx],
+            "decoder_norm": stats["decoder_norm"], "encoder_norm": stats["encoder_norm"],
+            "b_enc": stats.get("b_enc", pa.nulls(d.d_sae, pa.float64())),
+            "threshold": stats.get("threshold", pa.nulls(d.d_sae, pa.float64())),
+        }), dictionary=name)
+        put("feature_neighbours", part["neighbours"], dictionary=name)
+        weights = {p.name: file_digest(p)["sha256"] for p in d.files}
+        settings = {"config": d.config, "neighbour_scope": list(neighbours),
+                    "model_source": model_source, "weights_sha256": weights, "path": str(d.path)}
+        created = datetime.now(timezone.utc).replace(microsecond=0)
+        put("dictionaries", pa.Table.from_pylist([{
+            "model": self.slug, "dictionary": name, "layer": d.layer, "site": d.site, "hook": d.hook,
+            "d_in": d.d_in, "d_sae": d.d_sae, "architecture": d.architecture, "format": d.format, "source": source,
+            "revision": revision, "k": self.k, "n_neighbours": n_neighbours,
+            "settings": json.dumps(settings, sort_keys=True, default=str), "zeropass_version": ZEROPASS_VERSION,
+            "created_at": created}], schema=TABLES["dictionaries"].schema), dictionary=name)
+        return {
+            "model": self.slug, "build_id": self.build_id, "origin": job.origin, "source": source,
+            "files": {t: sorted(f) for t, f in sorted(files.items())},
+            "file_info": dict(sorted(info.items())),
+            "row_counts": {t: sum(info[f]["rows"] for f in fs) for t, fs in sorted(files.items())},
+            "committed_at": created.isoformat(), "schema_version": SCHEMA_VERSION,
+        }
+
+

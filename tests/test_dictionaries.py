@@ -1,0 +1,182 @@
+"""Dictionaries (SAEs, transcoders; issue 22): every stored list equals a dense float64 reference,
+the three formats read the same, bad input is one typed error with nothing written, and the rows
+reach SQL, `features`, `show`, `similar`, `check`, `compact`, `merge` and `publish` through the
+paths models use.
+
+Dictionaries are written by hand in each format's documented layout (docs/DICTIONARIES.md);
+tests/test_real_models.py checks the SAELens layout against sae-lens itself.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from schemas.layout import dictionary_files, read_manifest
+
+K = 6
+D_SAE = 24
+
+
+def saelens_dir(path: Path, W_enc, W_dec, *, hook: str, b_enc=None, threshold=None, architecture="standard") -> Path:
+    """A SAELens dictionary folder (cfg.json + sae_weights.safetensors), as SAE.save_model writes it."""
+    path.mkdir(parents=True, exist_ok=True)
+    d_in, d_sae = W_enc.shape
+    tensors = {"W_enc": W_enc.contiguous(), "W_dec": W_dec.contiguous(), "b_dec": torch.zeros(d_in),
+               "b_enc": b_enc if b_enc is not None else torch.zeros(d_sae)}
+    if threshold is not None:
+        tensors["threshold"] = threshold
+    save_file(tensors, str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps({"d_in": d_in, "d_sae": d_sae, "architecture": architecture,
+                                               "metadata": {"hook_name": hook}}))
+    return path
+
+
+def _weights(d_in: int, seed: int, d_sae: int = D_SAE):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, d_in, generator=g)
+
+
+@pytest.fixture(scope="module")
+def model_db(tmp_path_factory):
+    """A tiny untied GQA llama (folded: W_U carries the final norm's gain) in a dataset."""
+    from indexer.build import index_model
+    from indexer.load import load_canonical
+    from indexer.variants import fold
+    from tests.tiny_models import save_tiny
+
+    base = tmp_path_factory.mktemp("dict")
+    src = save_tiny("llama-gqa", base / "llama")
+    db = base / "db"
+    index_model(str(src), db, name="tl", k=K, n_pairs=0, variant="folded", progress=None)
+    return db, fold(load_canonical(str(src), quiet=True).canonical), src
+
+
+@pytest.fixture(scope="module")
+def indexed(model_db, tmp_path_factory):
+    """Three dictionaries in three formats, indexed in one call (a folder of many) plus a hook_z one."""
+    from indexer.dictionaries.index import index_dictionaries
+
+    db, model, _ = model_db
+    d, H, dh = model.dims.d_model, model.dims.n_heads, model.dims.d_head
+    rel = tmp_path_factory.mktemp("release")
+    W = {}
+    W["res"] = _weights(d, 1)
+    g = torch.Generator().manual_seed(5)
+    b_enc, thr = torch.randn(D_SAE, generator=g), torch.rand(D_SAE, generator=g)
+    saelens_dir(rel / "res", *W["res"], hook="blocks.1.hook_resid_pre", b_enc=b_enc, threshold=thr, architecture="jumprelu")
+    W["mlp"] = _weights(d, 2)
+    npz = rel / "gemma-scope-x-pt-mlp" / "layer_0" / "width_24" / "average_l0_3"
+    npz.mkdir(parents=True)
+    np.savez(npz / "params.npz", W_enc=W["mlp"][0].numpy(), W_dec=W["mlp"][1].numpy(), b_enc=np.zeros(D_SAE, np.float32),
+             b_dec=np.zeros(d, np.float32), threshold=np.ones(D_SAE, np.float32))
+    W["sp"] = _weights(d, 3)
+    sp = rel / "sparsify" / "layers.1.mlp"
+    sp.mkdir(parents=True)
+    save_file({"encoder.weight": W["sp"][0].T.contiguous(), "encoder.bias": torch.zeros(D_SAE), "W_dec": W["sp"][1],
+               "b_dec": torch.zeros(d)}, str(sp / "sae.safetensors"))
+    (sp / "cfg.json").write_text(json.dumps({"expansion_factor": 1, "k": 4}))
+    # a planted feature: feature 5 of `res` writes exactly the direction of FF value L0.N3
+    W["res"][1][5] = 2.5 * model.layer(0).W_out[3]
+    saelens_dir(rel / "res", *W["res"], hook="blocks.1.hook_resid_pre", b_enc=b_enc, threshold=thr, architecture="jumprelu")
+    entries = index_dictionaries(str(rel), db, model="tl", k=K, n_neighbours=4, progress=None)
+    W["z"] = _weights(H * dh, 4)
+    z = saelens_dir(tmp_path_factory.mktemp("z") / "attn", *W["z"], hook="blocks.1.attn.hook_z")
+    entries += index_dictionaries(str(z), db, model="tl", name="att-L1", k=K, n_neighbours=0, progress=None)
+    names = {"res": "res", "mlp": "gemma-scope-x-pt-mlp-layer_0-width_24-average_l0_3", "sp": "sparsify-layers-1-mlp",
+             "z": "att-L1"}
+    return db, model, W, names, entries, {"b_enc": b_enc, "threshold": thr}
+
+
+def _vectors(db: Path, dictionary: str) -> list[dict]:
+    files = [f for f in dictionary_files(read_manifest(db), "vectors") if f"dictionary={dictionary}/" in f]
+    assert files, dictionary
+    return [r for f in files for r in pq.read_table(db / f).to_pylist()]
+
+
+def _dense(model, W, which: str) -> dict:
+    """(kind, feature) -> float64 scores over the vocabulary, straight from the definitions."""
+    E, U = model.embeddings.W_E.double(), model.embeddings.W_U.double()
+    W_enc, W_dec = (w.double() for w in W[which])
+    if which == "z":
+        dims = model.dims
+        lw = model.layer(1)
+        H, dh = dims.n_heads, dims.d_head
+        dec = sum(W_dec[:, h * dh:(h + 1) * dh] @ lw.W_O[h].double() for h in range(H))
+        enc = sum(W_enc[h * dh:(h + 1) * dh].T @ lw.W_V[dims.kv_head(h)].double().T for h in range(H))
+        return {**{("decoder", i): dec[i] @ U for i in range(D_SAE)}, **{("encoder", i): E @ enc[i] for i in range(D_SAE)}}
+    return {**{("decoder", i): W_dec[i] @ U for i in range(D_SAE)}, **{("encoder", i): E @ W_enc[:, i] for i in range(D_SAE)}}
+
+
+@pytest.mark.parametrize("which", [pytest.param("res", id="saelens-resid-jumprelu"), pytest.param("mlp", id="gemma-scope-npz"),
+                                   pytest.param("sp", id="sparsify-mlp"), pytest.param("z", id="saelens-hook_z-through-W_O")])
+def test_every_feature_row_equals_dense_reference(indexed, which):
+    db, model, W, names, _, _ = indexed
+    ref = _dense(model, W, which)
+    grouped: dict = {}
+    for r in _vectors(db, names[which]):
+        assert r["model"] == "tl" and r["dictionary"] == names[which] and r["unit"] == f"{names[which]}.F{r['idx']}"
+        grouped.setdefault((r["kind"], r["idx"]), {"top": [], "bottom": []})[r["side"]].append(r)
+    assert set(grouped) == set(ref)
+    for key, sides in grouped.items():
+        scores = ref[key]
+        for side, order in (("top", torch.argsort(scores, descending=True, stable=True)),
+                            ("bottom", torch.argsort(scores, stable=True))):
+            got = sorted(sides[side], key=lambda r: r["rank"])
+            assert [r["token_id"] for r in got] == order[:K].tolist(), (key, side)
+            torch.testing.assert_close(torch.tensor([r["score"] for r in got], dtype=torch.float64),
+                                       scores[order[:K]], rtol=1e-5, atol=1e-5)
+
+
+def test_dictionaries_rows_stats_and_sites(indexed):
+    from query import Dataset
+
+    db, _, W, names, _, extra = indexed
+    ds = Dataset(db)
+    rows = {r["dictionary"]: r for r in ds.rows("SELECT * FROM dictionaries")}
+    assert {n: (rows[n]["layer"], rows[n]["site"], rows[n]["format"], rows[n]["d_sae"]) for n in names.values()} == {
+        names["res"]: (1, "resid_pre", "saelens", D_SAE), names["mlp"]: (0, "mlp_out", "gemma-scope", D_SAE),
+        names["sp"]: (1, "mlp_out", "sparsify", D_SAE), names["z"]: (1, "z", "saelens", D_SAE)}
+    assert rows[names["res"]]["architecture"] == "jumprelu"
+    stats = ds.sql(f"SELECT * FROM feature_stats WHERE dictionary = '{names['res']}' ORDER BY feature").to_pylist()
+    np.testing.assert_allclose([s["decoder_norm"] for s in stats], W["res"][1].double().norm(dim=1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose([s["encoder_norm"] for s in stats], W["res"][0].double().norm(dim=0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose([s["b_enc"] for s in stats], extra["b_enc"].double().numpy(), rtol=1e-7)
+    np.testing.assert_allclose([s["threshold"] for s in stats], extra["threshold"].double().numpy(), rtol=1e-7)
+    # the SQL views: features are the dictionaries' vectors rows, by token too
+    n_vec = ds.rows("SELECT count(*) AS n FROM vectors WHERE dictionary IS NOT NULL")[0]["n"]
+    assert n_vec == ds.rows("SELECT count(*) AS n FROM features")[0]["n"] == 4 * D_SAE * 2 * 2 * K
+    assert ds.rows("SELECT count(*) AS n FROM features_by_token")[0]["n"] == n_vec
+    assert ds.rows("SELECT count(*) AS n FROM features f JOIN vectors v ON v.dictionary = f.dictionary AND v.idx = f.feature "
+                   "AND v.kind = f.kind AND v.side = f.side AND v.rank = f.rank AND v.token_id = f.token_id "
+                   "AND v.score = f.score AND v.unit = f.unit")[0]["n"] == n_vec
+    # the model's own vectors are untouched by the dictionaries
+    assert ds.rows("SELECT count(*) AS n FROM vectors WHERE model = 'tl' AND dictionary IS NULL AND kind IN ('decoder', 'encoder')")[0]["n"] == 0
+
+
+def test_neighbours_equal_float64_reference_and_find_the_planted_neuron(indexed):
+    from query import Dataset
+
+    db, model, W, names, _, _ = indexed
+    ds = Dataset(db)
+    got = ds.sql(f"SELECT * FROM feature_neighbours WHERE dictionary = '{names['res']}' ORDER BY feature, rank").to_pylist()
+    # candidates: FF values of layers 0 and 1, and the decoders of the other dictionaries at layer <= 1 indexed with it
+    cands = [(f"L{l}.N{i}", model.layer(l).W_out[i].double()) for l in (0, 1) for i in range(model.dims.d_ff)]
+    cands += [(f"{names[o]}.F{i}", W[o][1][i].double()) for o in ("mlp", "sp") for i in range(D_SAE)]
+    C = torch.stack([c[1] for c in cands])
+    C = C / C.norm(dim=1, keepdim=True)
+    for f in range(D_SAE):
+        x = W["res"][1][f].double()
+        cos = C @ (x / x.norm())
+        order = torch.argsort(cos, descending=True, stable=True)[:4].tolist()
+        mine = [r for r in got if r["feature"] == f]
+        assert [r["neighbour"] for r in mine] == [cands[j][0] for j in order], f
+        np.testing.assert_allclose([r["cosine"] for r in mine], cos[order].numpy(), rtol=1e-9)
+    planted = [r for r in got if r["feature"] == 5][0]
+    assert (planted["neighbour"], planted["neighbour_kind"], planted["neighbour_layer"]) == ("L0.N3", "ff_value", 0)
+    assert planted["cosine"] == pytest.approx(1.0, abs=1e-6)
