@@ -818,6 +818,11 @@ class Dataset:
 
         return helpers.similar(self, model, unit, in_model, **kw)
 
+    def features(self, token=None, **kw) -> pa.Table:
+        from . import features
+
+        return features.features(self, token, **kw)
+
 
 def open_dataset(path: str | Path) -> Dataset:
     """Open the dataset directory ``path`` read-only."""

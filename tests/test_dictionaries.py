@@ -180,3 +180,51 @@ def test_neighbours_equal_float64_reference_and_find_the_planted_neuron(indexed)
     planted = [r for r in got if r["feature"] == 5][0]
     assert (planted["neighbour"], planted["neighbour_kind"], planted["neighbour_layer"]) == ("L0.N3", "ff_value", 0)
     assert planted["cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+# -- the query side: features, show, similar ------------------------------------------------------
+
+def test_features_helper_finds_the_features_whose_lists_hold_a_token(indexed):
+    from query import Dataset
+
+    db, _, _, names, _, _ = indexed
+    ds = Dataset(db)
+    # the token at rank 1 of feature 7's decoder list of `res`, straight from SQL
+    top = ds.rows(f"SELECT token_id, token FROM features WHERE dictionary = '{names['res']}' AND feature = 7 "
+                  f"AND kind = 'decoder' AND side = 'top' AND rank = 1")[0]
+    got = ds.features(token_id=top["token_id"], dictionary=[names["res"]], kind=["decoder"], max_rank=1, limit=None).to_pylist()
+    want = ds.rows(f"SELECT feature FROM features WHERE dictionary = '{names['res']}' AND kind = 'decoder' AND side = 'top' "
+                   f"AND rank = 1 AND token_id = {top['token_id']} ORDER BY feature")
+    assert sorted(r["feature"] for r in got) == [r["feature"] for r in want] and 7 in {r["feature"] for r in got}
+    assert all(r["dictionary"] == names["res"] and r["unit"] == f"{names['res']}.F{r['feature']}" and r["rank"] == 1 for r in got)
+    # every dictionary, both kinds: the same as a plain scan of `features`
+    all_rows = ds.features(token_id=top["token_id"], limit=None, max_rank=2).to_pylist()
+    scan = ds.rows(f"SELECT DISTINCT dictionary, feature, kind FROM features WHERE token_id = {top['token_id']} "
+                   f"AND side = 'top' AND rank <= 2")
+    assert {(r["dictionary"], r["feature"], r["kind"]) for r in all_rows} == {(r["dictionary"], r["feature"], r["kind"]) for r in scan}
+
+
+def test_show_and_similar_take_feature_units(indexed):
+    from query import Dataset
+    from query.errors import BadUnit
+
+    db, _, _, names, _, _ = indexed
+    ds = Dataset(db)
+    unit = f"{names['res']}.F5"
+    sections = ds.show("tl", unit, limit=3)
+    assert list(sections) == ["vectors", "stats", "neighbours"]
+    v = sections["vectors"].to_pylist()
+    assert {r["kind"] for r in v} == {"decoder", "encoder"} and {r["unit"] for r in v} == {unit} and len(v) == 6
+    assert sections["neighbours"].to_pylist()[0]["neighbour"] == "L0.N3"
+    # the same feature searched among the model's features: itself first, similarity 1
+    sim = ds.similar("tl", unit, "tl", limit=3).to_pylist()
+    assert sim and all(r["unit"] != unit for r in sim)  # `similar` within one model leaves the unit itself out
+    assert all("." in r["unit"] and ".F" in r["unit"] for r in sim)
+    for bad, why in ((f"nope.F1", "no dictionary 'nope'"), (f"{names['res']}.F{D_SAE}", "out of range")):
+        with pytest.raises(BadUnit, match=why):
+            ds.show("tl", bad)
+    # model units still parse as before: a feature spelling never shadows them
+    from query.units import parse_unit
+
+    assert parse_unit("L1.N3").kind == "neuron" and parse_unit("L1.H0.d2").kind == "head_dim"
+    assert parse_unit("res-L8.F17").kind == "feature" and parse_unit("L5.F3").dictionary == "L5"

@@ -53,7 +53,7 @@ class _Job:
     origin: str
 
 
-def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[str] = None, k: int = 50,
+def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[str] = None, k: Optional[int] = None,
                        n_neighbours: int = 10, neighbours: tuple[str, ...] = ("ff_value", "decoder"),
                        model_source: Optional[str] = None, layer: Optional[int] = None, site: Optional[str] = None,
                        allow_pickle: bool = False, replace: bool = False,
@@ -61,12 +61,13 @@ def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[s
     """Index the dictionary (or every dictionary of the folder) ``ref`` against ``model`` of ``db``.
 
     ``ref``: a folder, a ``params.npz`` file, or a hub id with its subfolder ``org/repo/sub/folder``.
-    Returns the manifest entries, each with its ``dictionary`` name.
+    Returns the manifest entries, each with its ``dictionary`` name. ``k`` (tokens per side)
+    defaults to the model's own, so that `similar` weighs a feature's lists like the model's.
 
     >>> index_dictionaries("gpt2-res-jb/blocks.8.hook_resid_pre", "zeropass-db", model="gpt2", name="res-L8")  # doctest: +SKIP
     """
     say = progress or (lambda _m: None)
-    _check_options(k, n_neighbours, neighbours, site)
+    _check_options(50 if k is None else k, n_neighbours, neighbours, site)
     root = Path(db)
     check_writable(root)
     manifest = open_dataset(root) or {"models": {}}
@@ -77,6 +78,8 @@ def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[s
                            f"`{zeropass_command('index', 'MODEL', '--name', model, '--db', root)}`")
     if entry.get("variant") == "diff":
         raise BadOption(f"model {model!r} is a fine-tuning delta (variant diff): index the dictionary against the tuned model")
+    if k is None:
+        k = int(_model_row(root, entry).get("k") or 50)
     path, revision = _resolve(ref)
     jobs = _jobs(path, ref, name, manifest, allow_pickle=allow_pickle, layer=layer, site=site, replace=replace)
     source = model_source or entry.get("origin") or entry.get("source")
