@@ -138,6 +138,16 @@ def check_dataset(root: str | Path, *, hashes: bool = True, db: str | None = Non
         for why in _listed_file_problems(root, real_root, entry, entry.get("rows"), "the manifest says", hashes, report):
             report.problems.append(Problem(f"alignment {a} / {b}: {why}", zeropass_command("align", a, b, "--db", db)))
 
+    for name, entry in sorted(manifest.get("dictionaries", {}).items()):  # indexer/dictionaries: listed like a model's files
+        fix = zeropass_command("index-sae", entry.get("source") or "PATH", "--model", entry.get("model"), "--name", name,
+                               "--db", db, "--replace")
+        if entry.get("model") not in manifest["models"]:
+            report.problems.append(Problem(f"dictionary {name}: its model {entry.get('model')} is not in the manifest", fix))
+        for table, files in sorted(entry.get("files", {}).items()):
+            for why in _listed_file_problems(root, real_root, {"files": files, "file_info": entry.get("file_info", {})},
+                                             None, "", hashes, report):
+                report.problems.append(Problem(f"dictionary {name}: {why}", fix))
+
     for table, entry in sorted(manifest.get("compacted", {}).items()):
         # A derived copy of the per-model files (still listed and checked above): readers skip a
         # damaged one, and `zeropass compact` rebuilds it from them.

@@ -228,3 +228,169 @@ def test_show_and_similar_take_feature_units(indexed):
 
     assert parse_unit("L1.N3").kind == "neuron" and parse_unit("L1.H0.d2").kind == "head_dim"
     assert parse_unit("res-L8.F17").kind == "feature" and parse_unit("L5.F3").dictionary == "L5"
+
+
+# -- bad input: one typed error, one line in the CLI, nothing written ------------------------------
+
+def _snapshot(db: Path) -> dict:
+    return {p.relative_to(db).as_posix(): p.read_bytes() for p in sorted(db.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture
+def fresh_db(model_db, tmp_path):
+    """A copy of the model's dataset that a test may damage."""
+    import shutil
+
+    db = tmp_path / "db"
+    shutil.copytree(model_db[0], db)
+    return db, model_db[1]
+
+
+def _bad_cases(tmp: Path, model):
+    d, H, dh = model.dims.d_model, model.dims.n_heads, model.dims.d_head
+    W = _weights(d, 9)
+    yield "d_in", saelens_dir(tmp / "wide", *_weights(d + 1, 9), hook="blocks.0.hook_resid_pre"), {}, "width 33, but the model's d_model is 32"
+    yield "z-width", saelens_dir(tmp / "z", *_weights(H * dh + 4, 9), hook="blocks.0.attn.hook_z"), {}, "n_heads x d_head"
+    yield "model", saelens_dir(tmp / "ok", *W, hook="blocks.0.hook_resid_pre"), {"model": "nope"}, "model 'nope' is not in"
+    yield "hook", saelens_dir(tmp / "hook", *W, hook="blocks.0.hook_q"), {}, "hook 'blocks.0.hook_q' is not one"
+    yield "layer", saelens_dir(tmp / "deep", *W, hook="blocks.7.hook_resid_pre"), {}, "at layer 7, but the model has layers 0-1"
+    nan = W[1].clone()
+    nan[3, 4] = float("nan")
+    yield "nan", saelens_dir(tmp / "nan", W[0], nan, hook="blocks.0.hook_resid_pre"), {}, "NaN or Inf"
+    inf = W[0].clone()
+    inf[0, 0] = float("inf")
+    yield "inf", saelens_dir(tmp / "inf", inf, W[1], hook="blocks.0.hook_resid_pre"), {}, "NaN or Inf"
+    cut = saelens_dir(tmp / "cut", *W, hook="blocks.0.hook_resid_pre")
+    f = cut / "sae_weights.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    yield "truncated-safetensors", cut, {}, "truncated or damaged"
+    npz = tmp / "gemma-scope-x-pt-res" / "layer_0" / "width_24" / "l0_3"
+    npz.mkdir(parents=True)
+    np.savez(npz / "params.npz", W_enc=W[0].numpy(), W_dec=W[1].numpy())
+    (npz / "params.npz").write_bytes((npz / "params.npz").read_bytes()[:-300])
+    yield "truncated-npz", npz, {}, "truncated or damaged"
+    pt = tmp / "pickled"
+    pt.mkdir()
+    torch.save({"W_enc": W[0], "W_dec": W[1]}, pt / "sae_weights.pt")
+    (pt / "cfg.json").write_text(json.dumps({"metadata": {"hook_name": "blocks.0.hook_resid_pre"}}))
+    yield "pickle", pt, {}, "--allow-pickle"
+    yield "name", saelens_dir(tmp / "dotted", *W, hook="blocks.0.hook_resid_pre"), {"name": "a.b"}, "is not valid"
+    yield "missing", tmp / "nowhere", {}, "does not exist"
+    empty = tmp / "empty"
+    empty.mkdir()
+    yield "empty-folder", empty, {}, "holds no dictionary"
+
+
+def test_bad_input_is_one_error_and_writes_nothing(fresh_db, tmp_path):
+    from indexer.dictionaries.index import index_dictionaries
+    from indexer.errors import ZeropassError
+
+    db, model = fresh_db
+    before = _snapshot(db)
+    seen = []
+    for what, path, kw, message in _bad_cases(tmp_path / "src", model):
+        kw = {"model": "tl", **kw}
+        with pytest.raises(ZeropassError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            index_dictionaries(str(path), db, progress=None, **kw)
+        assert _snapshot(db) == before, what
+        seen.append(what)
+    assert len(seen) == 13
+
+
+def test_name_collision_with_another_source_is_refused_then_replaced(fresh_db, tmp_path):
+    from indexer.dictionaries.index import index_dictionaries
+    from indexer.errors import NameTaken
+
+    db, model = fresh_db
+    a = saelens_dir(tmp_path / "a", *_weights(model.dims.d_model, 11), hook="blocks.0.hook_resid_post")
+    b = saelens_dir(tmp_path / "b", *_weights(model.dims.d_model, 12), hook="blocks.0.hook_resid_post")
+    index_dictionaries(str(a), db, model="tl", name="x", n_neighbours=1, progress=None)
+    index_dictionaries(str(a), db, model="tl", name="x", n_neighbours=1, progress=None)  # the same source again: fine
+    before = _snapshot(db)
+    with pytest.raises(NameTaken, match="already in the dataset"):
+        index_dictionaries(str(b), db, model="tl", name="x", progress=None)
+    assert _snapshot(db) == before
+    index_dictionaries(str(b), db, model="tl", name="x", n_neighbours=1, replace=True, progress=None)
+    m = read_manifest(db)
+    assert m["dictionaries"]["x"]["origin"] == str(b.resolve())
+    # the replaced files are gone, only the new ones are listed and on disk
+    on_disk = {p.relative_to(db).as_posix() for p in db.rglob("*.parquet") if "dictionary=x" in p.as_posix()}
+    assert on_disk == {f for fs in m["dictionaries"]["x"]["files"].values() for f in fs if "dictionary=x" in f}
+
+
+def test_cli_index_sae_and_features_errors_are_one_line(fresh_db, tmp_path):
+    from click.testing import CliRunner
+
+    from query.cli import cli
+
+    db, model = fresh_db
+    src = saelens_dir(tmp_path / "w", *_weights(model.dims.d_model + 2, 9), hook="blocks.0.hook_resid_pre")
+    r = CliRunner().invoke(cli, ["index-sae", str(src), "--model", "tl", "--db", str(db)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("Error: dictionary resid_pre-L0"), r.output
+    ok = saelens_dir(tmp_path / "ok", *_weights(model.dims.d_model, 9), hook="blocks.1.hook_resid_post")
+    r = CliRunner().invoke(cli, ["index-sae", str(ok), "--model", "tl", "--db", str(db), "--name", "rp", "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["features", "--id", "7", "-d", "rp", "--db", str(db), "--format", "json", "--limit", "0", "-q"])
+    rows = json.loads(r.output)
+    assert r.exit_code == 0 and rows and all(row["dictionary"] == "rp" and "feature" in row for row in rows)
+    r = CliRunner().invoke(cli, ["features", "paris", "--kind", "ff_key", "--db", str(db)])
+    assert r.exit_code == 1 and r.output.startswith("Error: unknown kind") and r.output.count("\n") == 1
+    r = CliRunner().invoke(cli, ["show", "tl", "rp.F3", "--db", str(db), "--format", "json"])
+    assert r.exit_code == 0 and set(json.loads(r.output)) == {"vectors", "stats", "neighbours"}
+
+
+# -- the dataset's life: check, compact, merge, publish, remote reading ---------------------------
+
+def _feature_rows(db) -> list:
+    from query import Dataset
+
+    return Dataset(str(db)).sql("SELECT * FROM features ORDER BY dictionary, feature, kind, side, rank").to_pylist()
+
+
+def test_check_verifies_dictionary_files(indexed, tmp_path):
+    import shutil
+
+    from indexer.check import check_dataset
+
+    db = tmp_path / "db"
+    shutil.copytree(indexed[0], db)
+    report = check_dataset(db)
+    assert not report.problems
+    victim = next(f for f in dictionary_files(read_manifest(db), "feature_stats"))
+    data = bytearray((db / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (db / victim).write_bytes(bytes(data))
+    problems = check_dataset(db).problems
+    assert len(problems) == 1 and problems[0].what.startswith("dictionary ") and "index-sae" in problems[0].repair
+
+
+def test_compact_merge_publish_and_remote_keep_every_feature(indexed, tmp_path):
+    import shutil
+
+    from indexer.build import index_model
+    from indexer.compact import compact
+    from indexer.merge import merge
+    from indexer.publish import publish_dataset
+    from query import Dataset
+    from tests.rangeserver import RangeServer
+
+    db = tmp_path / "db"
+    shutil.copytree(indexed[0], db)
+    want = _feature_rows(db)
+    # compaction needs two models; dictionaries stay in their own files, read beside the compacted ones
+    index_model(str(indexed[0].parent / "llama"), db, name="tl2", k=K, n_pairs=0, progress=None)
+    compact(db)
+    assert read_manifest(db)["compacted"]["vectors"]["models"] and _feature_rows(db) == want
+    n = Dataset(str(db)).rows("SELECT count(*) AS n FROM vectors WHERE model = 'tl'")[0]["n"]
+    assert n == Dataset(str(indexed[0])).rows("SELECT count(*) AS n FROM vectors WHERE model = 'tl'")[0]["n"]
+    merged = tmp_path / "merged"
+    merge([indexed[0]], merged)
+    assert _feature_rows(merged) == want and read_manifest(merged)["dictionaries"].keys() == read_manifest(db)["dictionaries"].keys()
+    pub = tmp_path / "pub"
+    publish_dataset(db, str(pub))
+    assert _feature_rows(pub) == want
+    with RangeServer(tmp_path) as srv:
+        remote = Dataset(srv.url + "/pub")
+        assert remote.sql("SELECT * FROM features ORDER BY dictionary, feature, kind, side, rank").to_pylist() == want
+        unit = f"{indexed[3]['res']}.F5"
+        assert remote.show("tl", unit)["neighbours"].to_pylist() == Dataset(str(db)).show("tl", unit)["neighbours"].to_pylist()

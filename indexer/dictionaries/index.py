@@ -78,15 +78,16 @@ def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[s
                            f"`{zeropass_command('index', 'MODEL', '--name', model, '--db', root)}`")
     if entry.get("variant") == "diff":
         raise BadOption(f"model {model!r} is a fine-tuning delta (variant diff): index the dictionary against the tuned model")
-    if k is None:
+    if k is None:  # the model's own, so that `similar` weighs a feature's lists like the model's
         k = int(_model_row(root, entry).get("k") or 50)
     path, revision = _resolve(ref)
     jobs = _jobs(path, ref, name, manifest, allow_pickle=allow_pickle, layer=layer, site=site, replace=replace)
+    row = _model_row(root, entry)
+    for job in jobs:  # from the recorded dimensions: refused before the model is loaded
+        _check_fits(job, row)
     source = model_source or entry.get("origin") or entry.get("source")
-    canonical, token_text = _load_model(root, manifest, model, entry, source, say)
+    canonical, token_text = _load_model(root, manifest, model, entry, row, source, say)
     dims = canonical.dims
-    for job in jobs:
-        _check_fits(job, dims)
     writer = _Writer(root, model, canonical, token_text, k=min(k, dims.d_vocab), say=say)
     t0 = time.perf_counter()
     done = []
@@ -181,7 +182,7 @@ def _jobs(path: Path, ref: str, name: Optional[str], manifest: dict, *, allow_pi
     return jobs
 
 
-def _load_model(root: Path, manifest: dict, slug: str, entry: dict, source: str, say: Progress):
+def _load_model(root: Path, manifest: dict, slug: str, entry: dict, row: dict, source: str, say: Progress):
     """The model's canonical weights (its recorded variant applied) and its vocabulary's token texts."""
     from ..load import load_canonical
     from ..variants import fold
@@ -192,7 +193,6 @@ def _load_model(root: Path, manifest: dict, slug: str, entry: dict, source: str,
     except ZeropassError as e:
         raise type(e)(f"model {slug!r} (recorded source {source}) cannot be loaded: {e}; "
                       f"point to its weights with --model-source PATH") from None
-    row = _model_row(root, entry)
     recorded = json.loads(row.get("weights_sha256") or "{}")
     if recorded and dict(loaded.provenance.weights_sha256) != recorded:
         raise BadOption(f"the weights at {source} are not those model {slug!r} was indexed from (their sha256 differ): "
@@ -211,16 +211,17 @@ def _model_row(root: Path, entry: dict) -> dict:
     return rows[0] if rows else {}
 
 
-def _check_fits(job: _Job, dims) -> None:
+def _check_fits(job: _Job, row: dict) -> None:
+    """Refuse a dictionary that does not fit the model's ``models`` row (width, layer)."""
     d = job.d
-    want = dims.n_heads * dims.d_head if d.site == "z" else dims.d_model
+    want = row["n_heads"] * row["d_head"] if d.site == "z" else row["d_model"]
     what = "n_heads x d_head" if d.site == "z" else "d_model"
     if d.d_in != want:
         raise BadDictionary(f"dictionary {job.name} ({d.path}) reads vectors of width {d.d_in}, but the model's {what} "
                             f"is {want}: it was trained on another model (or another hook)")
-    if not 0 <= d.layer < dims.n_layers:
+    if not 0 <= d.layer < row["n_layers"]:
         raise BadDictionary(f"dictionary {job.name} ({d.path}) is at layer {d.layer}, but the model has layers "
-                            f"0-{dims.n_layers - 1}")
+                            f"0-{row['n_layers'] - 1}")
 
 
 def _finite(t: torch.Tensor, job: _Job, what: str) -> torch.Tensor:
