@@ -394,3 +394,25 @@ def test_compact_merge_publish_and_remote_keep_every_feature(indexed, tmp_path):
         assert remote.sql("SELECT * FROM features ORDER BY dictionary, feature, kind, side, rank").to_pylist() == want
         unit = f"{indexed[3]['res']}.F5"
         assert remote.show("tl", unit)["neighbours"].to_pylist() == Dataset(str(db)).show("tl", unit)["neighbours"].to_pylist()
+
+
+def test_explorer_shows_a_feature_through_show(indexed):
+    pytest.importorskip("starlette")
+    import urllib.parse
+    import urllib.request
+
+    from click.testing import CliRunner
+
+    from query.cli import cli
+    from query.serve import running
+
+    db, _, _, names, _, _ = indexed
+    unit = f"{names['res']}.F5"
+    want = json.loads(CliRunner().invoke(cli, ["show", "tl", unit, "--db", str(db), "--format", "json"]).stdout)
+    with running(db) as url:
+        q = urllib.parse.urlencode({"model": "tl", "unit": unit})
+        with urllib.request.urlopen(f"{url}/api/show?{q}") as r:
+            assert json.loads(r.read()) == want and want["neighbours"][0]["neighbour"] == "L0.N3"
+        with urllib.request.urlopen(f"{url}/model/tl/unit/{urllib.parse.quote(unit)}") as r:
+            page = r.read().decode()
+        assert r.status == 200 and "decoder" in page and "encoder" in page
