@@ -416,3 +416,26 @@ def test_explorer_shows_a_feature_through_show(indexed):
         with urllib.request.urlopen(f"{url}/model/tl/unit/{urllib.parse.quote(unit)}") as r:
             page = r.read().decode()
         assert r.status == 200 and "decoder" in page and "encoder" in page
+
+
+def test_hub_id_with_subfolder_reads_the_local_hub_cache(fresh_db, tmp_path, monkeypatch):
+    """`org/repo/sub/folder` goes through huggingface_hub; offline, a hub-cache snapshot stands in for the hub."""
+    from indexer.dictionaries.index import index_dictionaries
+    from indexer.errors import ZeropassError
+
+    db, model = fresh_db
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--some-org--some-saes"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    saelens_dir(repo / "snapshots" / commit / "res" / "blocks.1.hook_resid_post", *_weights(model.dims.d_model, 21),
+                hook="blocks.1.hook_resid_post")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    [entry] = index_dictionaries("some-org/some-saes/res/blocks.1.hook_resid_post", db, model="tl", name="hubbed",
+                                 n_neighbours=0, progress=None)
+    row = pq.read_table(db / entry["files"]["dictionaries"][0]).to_pylist()[0]
+    assert (row["revision"], row["source"], row["layer"]) == (commit, "some-org/some-saes/res/blocks.1.hook_resid_post", 1)
+    with pytest.raises(ZeropassError, match="could not be fetched from the hub"):
+        index_dictionaries("some-org/absent/res/x", db, model="tl", progress=None)
