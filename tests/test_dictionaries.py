@@ -439,3 +439,47 @@ def test_hub_id_with_subfolder_reads_the_local_hub_cache(fresh_db, tmp_path, mon
     assert (row["revision"], row["source"], row["layer"]) == (commit, "some-org/some-saes/res/blocks.1.hook_resid_post", 1)
     with pytest.raises(ZeropassError, match="could not be fetched from the hub"):
         index_dictionaries("some-org/absent/res/x", db, model="tl", progress=None)
+
+
+# -- the readers alone -----------------------------------------------------------------------------
+
+def test_readers_tell_layer_site_and_transcoders_and_read_blocks(tmp_path):
+    from indexer.dictionaries import BadDictionary, UnknownHook, find_dictionaries, open_dictionary
+
+    W_enc, W_dec = _weights(8, 30, d_sae=10)
+    # Gemma Scope: compressed members are read whole, stored ones mapped; both give the same blocks
+    for name, save in (("stored", np.savez), ("compressed", np.savez_compressed)):
+        p = tmp_path / name / "gemma-scope-9b-pt-transcoders" / "layer_4" / "width_10" / "l0_2"
+        p.mkdir(parents=True)
+        save(p / "params.npz", W_enc=W_enc.numpy(), W_dec=W_dec.numpy(), threshold=np.ones(10, np.float32))
+        d = open_dictionary(p)
+        assert (d.layer, d.site, d.d_in, d.d_sae, d.architecture) == (4, "transcoder", 8, 10, "jumprelu")
+        assert torch.equal(d.decoder(3, 7), W_dec[3:7]) and torch.equal(d.encoder(2, 9), W_enc[:, 2:9].T)
+    # no layer in the path: flags give it
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    np.savez(bare / "params.npz", W_enc=W_enc.numpy(), W_dec=W_dec.numpy())
+    with pytest.raises(UnknownHook, match="give --layer and --site"):
+        open_dictionary(bare)
+    assert (lambda d: (d.layer, d.site))(open_dictionary(bare, layer=2, site="resid_post")) == (2, "resid_post")
+    # sparsify: the folder names the hook; W_skip or `transcode` makes a transcoder
+    for folder, cfg, extra, site in (("layers.3", {}, {}, "resid_post"), ("layers.3.mlp", {}, {}, "mlp_out"),
+                                     ("t/layers.3.mlp", {"transcode": True}, {}, "transcoder"),
+                                     ("s/layers.3.mlp", {}, {"W_skip": torch.zeros(8, 8)}, "transcoder")):
+        p = tmp_path / "sp" / folder
+        p.mkdir(parents=True)
+        save_file({"encoder.weight": W_enc.T.contiguous(), "encoder.bias": torch.arange(10.0), "W_dec": W_dec,
+                   "b_dec": torch.zeros(8), **extra}, str(p / "sae.safetensors"))
+        (p / "cfg.json").write_text(json.dumps(cfg))
+        d = open_dictionary(p)
+        assert (d.layer, d.site) == (3, site) and torch.equal(d.vector("b_enc"), torch.arange(10.0))
+        assert torch.equal(d.encoder(0, 10), W_enc.T)
+    assert len(find_dictionaries(tmp_path / "sp")) == 4
+    # a SAELens transcoder, and a W_dec of the wrong shape
+    t = saelens_dir(tmp_path / "tc", W_enc, W_dec, hook="blocks.5.hook_mlp_out")
+    cfg = json.loads((t / "cfg.json").read_text())
+    (t / "cfg.json").write_text(json.dumps(dict(cfg, metadata=dict(cfg["metadata"], hook_name_out="blocks.5.hook_mlp_out"))))
+    assert (lambda d: (d.layer, d.site))(open_dictionary(t)) == (5, "transcoder")
+    bad = saelens_dir(tmp_path / "badshape", W_enc, W_dec[:, :7], hook="blocks.5.hook_mlp_out")
+    with pytest.raises(BadDictionary, match=r"W_dec must be \[d_sae, d_in\] = \[10, 8\]"):
+        open_dictionary(bad)
