@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         t_bare = _time(bare, args.repeats)
         t_proj = _time(lambda: writer.project(job), args.repeats)
 
-        X = torch.nn.functional.normalize(writer.directions["bench"], dim=1)
+        X = torch.nn.functional.normalize(d.decoder(0, d.d_sae), dim=1)
         W_all = torch.nn.functional.normalize(torch.cat([model.layer(l).W_out for l in range(args.layers)]), dim=1)
         out = torch.empty(min(BLOCK, d.d_sae), W_all.shape[0])
 
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
                 _matmul_into(X[a:b], W_all.T, out[: b - a])
 
         t_nb_bare = _time(bare_nb, args.repeats)
-        t_nb = _time(lambda: writer.neighbours(job, writer.directions, 10, ("ff_value",)), args.repeats)
+        t_nb = _time(lambda: writer.neighbours(job, [job], 10, ("ff_value",)), args.repeats)
     result = {"d_sae": args.d_sae, "d_model": D_MODEL, "d_vocab": D_VOCAB, "ff_values": args.layers * D_FF,
               "bare_s": round(t_bare, 3), "project_s": round(t_proj, 3), "project_ratio": round(t_proj / t_bare, 3),
               "neighbours_bare_s": round(t_nb_bare, 3), "neighbours_s": round(t_nb, 3),

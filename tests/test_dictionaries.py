@@ -99,6 +99,12 @@ def _vectors(db: Path, dictionary: str) -> list[dict]:
     return [r for f in files for r in pq.read_table(db / f).to_pylist()]
 
 
+def _folder(db: Path, name: str) -> Path:
+    """Where dictionary ``name`` was read from (its `dictionaries.settings`)."""
+    rel = read_manifest(db)["dictionaries"][name]["files"]["dictionaries"][0]
+    return Path(json.loads(pq.read_table(db / rel).to_pylist()[0]["settings"])["path"])
+
+
 def _dense(model, W, which: str) -> dict:
     """(kind, feature) -> float64 scores over the vocabulary, straight from the definitions."""
     E, U = model.embeddings.W_E.double(), model.embeddings.W_U.double()
@@ -177,6 +183,20 @@ def test_neighbours_equal_float64_reference_and_find_the_planted_neuron(indexed)
         mine = [r for r in got if r["feature"] == f]
         assert [r["neighbour"] for r in mine] == [cands[j][0] for j in order], f
         np.testing.assert_allclose([r["cosine"] for r in mine], cos[order].numpy(), rtol=1e-9)
+    # blocks and chunks of any size give the same rows: 5-feature blocks, 10-feature chunks
+    import indexer.dictionaries.index as index
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(index, "BLOCK", 5)
+    mp.setattr(index, "_CHUNK_BYTES", 10 * 4 * model.dims.d_model)
+    try:
+        writer = index._Writer(db, "tl", model, None, k=K, say=lambda _m: None)
+        jobs = [index._Job(n, index.open_dictionary(_folder(db, n)), "") for n in (names["mlp"], names["sp"], names["res"])]
+        small = writer.neighbours(jobs[2], jobs, 4, ("ff_value", "decoder")).to_pylist()
+    finally:
+        mp.undo()
+    assert [(r["feature"], r["rank"], r["neighbour"]) for r in small] == [(r["feature"], r["rank"], r["neighbour"]) for r in got]
+    np.testing.assert_allclose([r["cosine"] for r in small], [r["cosine"] for r in got], rtol=1e-12)
     planted = [r for r in got if r["feature"] == 5][0]
     assert (planted["neighbour"], planted["neighbour_kind"], planted["neighbour_layer"]) == ("L0.N3", "ff_value", 0)
     assert planted["cosine"] == pytest.approx(1.0, abs=1e-6)

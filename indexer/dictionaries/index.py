@@ -40,6 +40,8 @@ from . import RESIDUAL_SITES, SITES, BadDictionary, Dictionary, find_dictionarie
 # Features projected per block: bounds memory by a [block, d_in] slice of the weights and the
 # projector's own score buffer, whatever d_sae is (a 1M-feature dictionary is read 4096 rows at a time).
 BLOCK = 4096
+# Decoder directions held at once while neighbours are sought (a chunk of features, float32).
+_CHUNK_BYTES = 256 * 2**20
 
 
 class UnknownModel(ZeropassError, LookupError):
@@ -94,9 +96,8 @@ def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[s
     with dataset_lock(root):
         for job in jobs:
             done.append(writer.project(job))
-        directions = {job.name: writer.directions[job.name] for job in jobs}
         for job, part in zip(jobs, done):
-            part["neighbours"] = writer.neighbours(job, directions, n_neighbours, neighbours)
+            part["neighbours"] = writer.neighbours(job, jobs, n_neighbours, neighbours)
         entries = {}
         for job, part in zip(jobs, done):
             entries[job.name] = writer.write(job, part, revision=revision, source=str(ref), n_neighbours=n_neighbours,
@@ -241,37 +242,36 @@ class _Writer:
         self.read = Projector(emb.W_E.T, k)  # scores = W_E @ r, as for the model's own read side
         self.write_side = self.read if same else Projector(emb.W_U, k)  # scores = w @ W_U
         self.build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-        self.directions: dict[str, torch.Tensor] = {}  # name -> [d_sae, d_model] float32 decoder directions
-        self._layers: dict[int, object] = {}
-        self.job_layer: dict[str, int] = {}
+        self._z_layer: tuple[int, object] | None = None  # the layer whose W_O / W_V a z dictionary needs
 
-    def _layer(self, l: int):
-        if l not in self._layers:
-            self._layers[l] = self.model.layer(l)
-        return self._layers[l]
+    def _attention(self, l: int):
+        """Layer ``l``'s weights for z dictionaries (kept while consecutive dictionaries share the layer)."""
+        if self._z_layer is None or self._z_layer[0] != l:
+            self._z_layer = (l, self.model.layer(l))
+        return self._z_layer[1]
 
-    def residual(self, job: _Job, dec: torch.Tensor, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder / encoder rows as residual-stream directions.
-
-        ``z`` dictionaries read and write the heads' concatenated values: a decoder row writes
-        sum_h dec_h @ W_O[h], an encoder row reads sum_h W_V[kv(h)] @ enc_h (the direction of the
-        residual stream whose values it responds to). Every other site is already residual space.
-        """
+    def write_direction(self, job: _Job, dec: torch.Tensor) -> torch.Tensor:
+        """Decoder rows as residual-stream directions. ``z`` dictionaries write the heads' concatenated
+        values: a decoder row writes sum_h dec_h @ W_O[h]. Every other site is residual space already."""
         if job.d.site != "z":
-            return dec, enc
+            return dec
         dims = self.model.dims
-        lw = self._layer(job.d.layer)
-        n = dec.shape[0]
-        W_O = lw.W_O.float()  # [n_heads, d_head, d_model]
-        W_V = lw.W_V.float()[[dims.kv_head(h) for h in range(dims.n_heads)]]  # [n_heads, d_model, d_head]
-        dec_r = torch.einsum("nhd,hdm->nm", dec.reshape(n, dims.n_heads, dims.d_head), W_O)
-        enc_r = torch.einsum("nhd,hmd->nm", enc.reshape(n, dims.n_heads, dims.d_head), W_V)
-        return dec_r, enc_r
+        W_O = self._attention(job.d.layer).W_O.float()  # [n_heads, d_head, d_model]
+        return torch.einsum("nhd,hdm->nm", dec.reshape(dec.shape[0], dims.n_heads, dims.d_head), W_O)
+
+    def read_direction(self, job: _Job, enc: torch.Tensor) -> torch.Tensor:
+        """Encoder directions in the residual stream. A ``z`` encoder reads the values: its residual
+        direction is sum_h W_V[kv(h)] @ enc_h (query head h reads value head kv(h))."""
+        if job.d.site != "z":
+            return enc
+        dims = self.model.dims
+        W_V = self._attention(job.d.layer).W_V.float()[[dims.kv_head(h) for h in range(dims.n_heads)]]
+        return torch.einsum("nhd,hmd->nm", enc.reshape(enc.shape[0], dims.n_heads, dims.d_head), W_V)
 
     def project(self, job: _Job) -> dict:
         d = job.d
         t = time.perf_counter()
-        parts, dirs = [], []
+        parts = []
         dec_norm, enc_norm = [], []
         for a in range(0, d.d_sae, BLOCK):
             b = min(d.d_sae, a + BLOCK)
@@ -279,13 +279,9 @@ class _Writer:
             enc = _finite(d.encoder(a, b), job, f"encoder directions {a}-{b - 1}")
             dec_norm.append(dec.double().norm(dim=1))
             enc_norm.append(enc.double().norm(dim=1))
-            dec_r, enc_r = self.residual(job, dec, enc)
             idx = np.arange(a, b)
-            parts.append(self._table(job, "decoder", idx, self.write_side(dec_r)))
-            parts.append(self._table(job, "encoder", idx, self.read(enc_r)))
-            dirs.append(dec_r.float())
-        self.job_layer[job.name] = d.layer
-        self.directions[job.name] = torch.cat(dirs) if dirs else torch.zeros(0, self.model.dims.d_model)
+            parts.append(self._table(job, "decoder", idx, self.write_side(self.write_direction(job, dec))))
+            parts.append(self._table(job, "encoder", idx, self.read(self.read_direction(job, enc))))
         stats = {"decoder_norm": torch.cat(dec_norm).numpy(), "encoder_norm": torch.cat(enc_norm).numpy()}
         for name in ("b_enc", "threshold"):
             v = d.vector(name)
@@ -322,64 +318,84 @@ class _Writer:
             "score": pa.array(scores.astype(np.float32)),
         })
 
-    def neighbours(self, job: _Job, directions: dict[str, torch.Tensor], n: int, scope: tuple[str, ...]) -> pa.Table:
+    def neighbours(self, job: _Job, jobs: list[_Job], n: int, scope: tuple[str, ...]) -> pa.Table:
         """Top-``n`` cosines of each decoder direction among the FF values of layers <= its layer and the
-        decoder directions of the other dictionaries of this call at layers <= its layer.
+        decoder directions of the other dictionaries of this call (``jobs``) at layers <= its layer.
 
         Candidates are picked by float32 GEMMs, ``n + 8`` per feature, then their cosines are recomputed
-        in float64 and re-ranked (ties by candidate order: FF values by layer and neuron, then features)."""
-        X = directions[job.name]
+        in float64 and re-ranked, ties by the lower candidate (FF values by layer and neuron, then
+        features). Memory: one chunk of the feature's directions, one candidate group (a layer's FF
+        values or a block of another dictionary's decoder) and the chunk's candidates at a time."""
         rows = {c: [] for c in ("feature", "rank", "neighbour", "neighbour_kind", "neighbour_layer", "cosine")}
-        if n == 0 or X.shape[0] == 0:
+        groups = self._candidate_groups(job, jobs, scope)
+        if n == 0 or not groups or job.d.d_sae == 0:
             return self._neighbour_table(job, rows)
-        groups = []  # (kind, layer, names fn, [m, d] directions)
+        d_model = self.model.dims.d_model
+        chunk = max(BLOCK, (_CHUNK_BYTES // (4 * d_model)) // BLOCK * BLOCK)
+        for c0 in range(0, job.d.d_sae, chunk):
+            c1 = min(job.d.d_sae, c0 + chunk)
+            X = torch.cat([self._decoder_directions(job, a, min(c1, a + BLOCK)) for a in range(c0, c1, BLOCK)])
+            Xn = torch.nn.functional.normalize(X, dim=1)
+            starts = range(0, c1 - c0, BLOCK)
+            best_v = {a: torch.zeros((min(BLOCK, c1 - c0 - a), 0)) for a in starts}  # per block of features
+            best_i = {a: torch.zeros((min(BLOCK, c1 - c0 - a), 0), dtype=torch.int64) for a in starts}
+            offset = 0
+            offsets = []
+            for g, (_, _, _, load) in enumerate(groups):
+                C = torch.nn.functional.normalize(load(), dim=1)
+                offsets.append(offset)
+                for a in starts:
+                    s = Xn[a:a + BLOCK] @ C.T
+                    top = torch.topk(s, min(n + 8, s.shape[1]), dim=1)
+                    v = torch.cat([best_v[a], top.values], dim=1)
+                    i = torch.cat([best_i[a], top.indices + offset], dim=1)
+                    keep = torch.topk(v, min(n + 8, v.shape[1]), dim=1)
+                    best_v[a], best_i[a] = keep.values, i.gather(1, keep.indices)
+                offset += C.shape[0]
+            del C
+            best_i = torch.cat([best_i[a] for a in starts])
+            # exact re-ranking: the chosen candidates' cosines in float64, group by group
+            ids = best_i.sort(dim=1).values  # ascending ids: the stable sort below breaks ties by the lower one
+            Xd = X.double()
+            Xd = Xd / Xd.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            cos = torch.zeros(ids.shape, dtype=torch.float64)
+            bounds = offsets + [offset]
+            for g, (_, _, _, load) in enumerate(groups):
+                r, j = ((ids >= bounds[g]) & (ids < bounds[g + 1])).nonzero(as_tuple=True)
+                if len(r):
+                    vec = load()[ids[r, j] - bounds[g]].double()
+                    cos[r, j] = (vec * Xd[r]).sum(dim=1) / vec.norm(dim=1).clamp_min(1e-300)
+            order = torch.sort(cos, dim=1, descending=True, stable=True).indices[:, :n]
+            cos, ids = cos.gather(1, order).numpy(), ids.gather(1, order).numpy()
+            which = np.searchsorted(np.asarray(bounds), ids, side="right") - 1
+            for r in range(ids.shape[0]):
+                for rank in range(ids.shape[1]):
+                    kind, layer, name_of, _ = groups[which[r, rank]]
+                    rows["feature"].append(c0 + r)
+                    rows["rank"].append(rank + 1)
+                    rows["neighbour"].append(name_of(int(ids[r, rank] - bounds[which[r, rank]])))
+                    rows["neighbour_kind"].append(kind)
+                    rows["neighbour_layer"].append(layer)
+                    rows["cosine"].append(float(cos[r, rank]))
+        return self._neighbour_table(job, rows)
+
+    def _decoder_directions(self, job: _Job, a: int, b: int) -> torch.Tensor:
+        return self.write_direction(job, job.d.decoder(a, b)).float()
+
+    def _candidate_groups(self, job: _Job, jobs: list[_Job], scope: tuple[str, ...]) -> list[tuple]:
+        """(kind, layer, unit of the i-th row, loader of the rows [m, d_model]) per candidate group, in tie order."""
+        groups = []
         if "ff_value" in scope:
             for l in range(job.d.layer + 1):
-                W = self._layer(l).W_out.float()
-                groups.append(("ff_value", l, lambda i, l=l: neuron_unit(l, i), W))
+                groups.append(("ff_value", l, lambda i, l=l: neuron_unit(l, i), lambda l=l: self.model.layer(l).W_out.float()))
         if "decoder" in scope:
-            for other, D in directions.items():
-                layer = self.job_layer[other]
-                if other != job.name and layer <= job.d.layer:
-                    groups.append(("decoder", layer, lambda i, o=other: feature_unit(o, i), D))
-        if not groups:
-            return self._neighbour_table(job, rows)
-        cand = [torch.nn.functional.normalize(g[3], dim=1) for g in groups]
-        everything = torch.cat([g[3] for g in groups])  # the raw candidates, for the float64 cosines
-        offsets = np.cumsum([0] + [c.shape[0] for c in cand])
-        m = min(n + 8, int(offsets[-1]))
-        for a in range(0, X.shape[0], BLOCK):
-            Xb = torch.nn.functional.normalize(X[a:a + BLOCK], dim=1)
-            best_v = torch.full((Xb.shape[0], 0), -2.0)
-            best_i = torch.zeros((Xb.shape[0], 0), dtype=torch.int64)
-            for g, C in enumerate(cand):
-                s = Xb @ C.T
-                top = torch.topk(s, min(m, s.shape[1]), dim=1)
-                best_v = torch.cat([best_v, top.values], dim=1)
-                best_i = torch.cat([best_i, top.indices + int(offsets[g])], dim=1)
-                keep = torch.topk(best_v, min(m, best_v.shape[1]), dim=1)
-                best_v, best_i = keep.values, best_i.gather(1, keep.indices)
-            # exact re-ranking in float64, ties by the lower candidate (stable sort of id-sorted candidates)
-            for c in range(0, Xb.shape[0], 512):
-                ids = best_i[c:c + 512].sort(dim=1).values
-                Xd = X[a + c:a + c + 512].double()
-                Xd = Xd / Xd.norm(dim=1, keepdim=True).clamp_min(1e-300)
-                vecs = everything[ids].double()  # [rows, m, d_model]
-                cos = torch.einsum("rmd,rd->rm", vecs / vecs.norm(dim=2, keepdim=True).clamp_min(1e-300), Xd)
-                order = torch.sort(cos, dim=1, descending=True, stable=True).indices[:, :n]
-                cos, ids = cos.gather(1, order), ids.gather(1, order)
-                for r in range(ids.shape[0]):
-                    for rank in range(ids.shape[1]):
-                        i = int(ids[r, rank])
-                        g = int(np.searchsorted(offsets, i, side="right") - 1)
-                        kind, layer, name_of, _ = groups[g]
-                        rows["feature"].append(a + c + r)
-                        rows["rank"].append(rank + 1)
-                        rows["neighbour"].append(name_of(i - int(offsets[g])))
-                        rows["neighbour_kind"].append(kind)
-                        rows["neighbour_layer"].append(layer)
-                        rows["cosine"].append(float(cos[r, rank]))
-        return self._neighbour_table(job, rows)
+            for other in jobs:
+                if other.name != job.name and other.d.layer <= job.d.layer:
+                    for a in range(0, other.d.d_sae, BLOCK):
+                        b = min(other.d.d_sae, a + BLOCK)
+                        groups.append(("decoder", other.d.layer, lambda i, o=other.name, a=a: feature_unit(o, a + i),
+                                       lambda o=other, a=a, b=b: self._decoder_directions(o, a, b)))
+        return groups
 
     def _neighbour_table(self, job: _Job, rows: dict) -> pa.Table:
         n = len(rows["feature"])
