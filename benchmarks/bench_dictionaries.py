@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 D_MODEL, D_VOCAB, D_FF = 768, 50257, 3072

@@ -338,6 +338,22 @@ def test_name_collision_with_another_source_is_refused_then_replaced(fresh_db, t
     assert on_disk == {f for fs in m["dictionaries"]["x"]["files"].values() for f in fs if "dictionary=x" in f}
 
 
+def test_pickle_is_read_only_when_allowed(fresh_db, tmp_path):
+    from indexer.dictionaries.index import index_dictionaries
+
+    db, model = fresh_db
+    W_enc, W_dec = _weights(model.dims.d_model, 13)
+    pt = tmp_path / "pickled"
+    pt.mkdir()
+    torch.save({"W_enc": W_enc, "W_dec": W_dec, "b_enc": torch.ones(D_SAE)}, pt / "sae_weights.pt")
+    (pt / "cfg.json").write_text(json.dumps({"metadata": {"hook_name": "blocks.0.hook_resid_post"}}))
+    [entry] = index_dictionaries(str(pt), db, model="tl", name="pk", allow_pickle=True, n_neighbours=0, progress=None)
+    got = {(r["kind"], r["idx"], r["side"], r["rank"]): r["token_id"] for r in _vectors(db, "pk")}
+    U = model.embeddings.W_U.double()
+    assert [got[("decoder", 2, "top", r)] for r in range(1, K + 1)] == \
+        torch.argsort(W_dec[2].double() @ U, descending=True, stable=True)[:K].tolist()
+
+
 def test_cli_index_sae_and_features_errors_are_one_line(fresh_db, tmp_path):
     from click.testing import CliRunner
 

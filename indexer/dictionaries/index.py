@@ -35,7 +35,7 @@ from ..dataset import (ZEROPASS_VERSION, check_writable, conform, dataset_lock, 
                        sort_by_token, write_parquet_atomic, zeropass_command)
 from ..errors import NameTaken, ZeropassError
 from ..kernels.vectors import Projector, TopK
-from . import RESIDUAL_SITES, SITES, BadDictionary, Dictionary, find_dictionaries, open_dictionary
+from . import SITES, BadDictionary, Dictionary, find_dictionaries, open_dictionary
 
 # Features projected per block: bounds memory by a [block, d_in] slice of the weights and the
 # projector's own score buffer, whatever d_sae is (a 1M-feature dictionary is read 4096 rows at a time).
@@ -113,7 +113,7 @@ def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[s
 
         publish(root, change)
     say(f"[{model}] {len(jobs)} dictionar{'y' if len(jobs) == 1 else 'ies'} indexed in {time.perf_counter() - t0:.1f}s: "
-        + ", ".join(jobs_name.name for jobs_name in jobs))
+        + ", ".join(job.name for job in jobs))
     return [dict(entries[j.name], dictionary=j.name) for j in jobs]
 
 
