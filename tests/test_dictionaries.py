@@ -299,6 +299,7 @@ def _bad_cases(tmp: Path, model):
     empty = tmp / "empty"
     empty.mkdir()
     yield "empty-folder", empty, {}, "holds no dictionary"
+    yield "no-dataset", tmp / "ok", {"db": tmp / "not-a-db"}, "holds no dataset"
 
 
 def test_bad_input_is_one_error_and_writes_nothing(fresh_db, tmp_path):
@@ -309,12 +310,12 @@ def test_bad_input_is_one_error_and_writes_nothing(fresh_db, tmp_path):
     before = _snapshot(db)
     seen = []
     for what, path, kw, message in _bad_cases(tmp_path / "src", model):
-        kw = {"model": "tl", **kw}
+        kw = {"model": "tl", "db": db, **kw}
         with pytest.raises(ZeropassError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-            index_dictionaries(str(path), db, progress=None, **kw)
+            index_dictionaries(str(path), progress=None, **kw)
         assert _snapshot(db) == before, what
         seen.append(what)
-    assert len(seen) == 13
+    assert len(seen) == 14 and not (tmp_path / "src" / "not-a-db").exists()
 
 
 def test_name_collision_with_another_source_is_refused_then_replaced(fresh_db, tmp_path):

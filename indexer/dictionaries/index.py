@@ -71,6 +71,9 @@ def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[s
     say = progress or (lambda _m: None)
     _check_options(50 if k is None else k, n_neighbours, neighbours, site)
     root = Path(db)
+    if not (root / "manifest.json").is_file():  # a dictionary needs its model: never create a dataset here
+        raise UnknownModel(f"{root} holds no dataset: index model {model!r} first with "
+                           f"`{zeropass_command('index', 'MODEL', '--name', model, '--db', root)}`")
     check_writable(root)
     manifest = open_dataset(root) or {"models": {}}
     entry = manifest["models"].get(model)
@@ -107,6 +110,11 @@ def index_dictionaries(ref: str, db: str | Path, *, model: str, name: Optional[s
             if model not in m["models"]:  # removed meanwhile: nothing to attach the dictionaries to
                 raise UnknownModel(f"model {model!r} was removed from {root} while its dictionaries were indexed")
             section = m.setdefault(DICTIONARIES, {})
+            for job in jobs:  # another writer may have taken a name since _jobs looked
+                taken = section.get(job.name)
+                if taken and taken.get("origin") != job.origin and not replace:
+                    raise NameTaken(f"a dictionary named {job.name!r} indexed from {taken.get('origin')} was added to "
+                                    f"{root} meanwhile: choose another name with --name NAME, or replace it with --replace")
             old = [f for n in entries if n in section for fs in section[n].get("files", {}).values() for f in fs]
             section.update(entries)
             return old
