@@ -401,6 +401,22 @@ def test_check_verifies_dictionary_files(indexed, tmp_path):
     assert len(problems) == 1 and problems[0].what.startswith("dictionary ") and "index-sae" in problems[0].repair
 
 
+def test_recover_lists_the_dictionaries_again(indexed, tmp_path):
+    import shutil
+
+    from indexer.check import check_dataset, recover
+
+    db = tmp_path / "db"
+    shutil.copytree(indexed[0], db)
+    want = _feature_rows(db)
+    before = read_manifest(db)["dictionaries"]
+    (db / "manifest.json").write_text("{ torn")
+    recover(db)
+    after = read_manifest(db)["dictionaries"]
+    assert {n: (e["files"], e["build_id"]) for n, e in after.items()} == {n: (e["files"], e["build_id"]) for n, e in before.items()}
+    assert _feature_rows(db) == want and not check_dataset(db).problems
+
+
 def test_compact_merge_publish_and_remote_keep_every_feature(indexed, tmp_path):
     import shutil
 
