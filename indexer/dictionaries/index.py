@@ -375,16 +375,15 @@ class _Writer:
                     cos[r, j] = (vec * Xd[r]).sum(dim=1) / vec.norm(dim=1).clamp_min(1e-300)
             order = torch.sort(cos, dim=1, descending=True, stable=True).indices[:, :n]
             cos, ids = cos.gather(1, order).numpy(), ids.gather(1, order).numpy()
-            which = np.searchsorted(np.asarray(bounds), ids, side="right") - 1
-            for r in range(ids.shape[0]):
-                for rank in range(ids.shape[1]):
-                    kind, layer, name_of, _ = groups[which[r, rank]]
-                    rows["feature"].append(c0 + r)
-                    rows["rank"].append(rank + 1)
-                    rows["neighbour"].append(name_of(int(ids[r, rank] - bounds[which[r, rank]])))
-                    rows["neighbour_kind"].append(kind)
-                    rows["neighbour_layer"].append(layer)
-                    rows["cosine"].append(float(cos[r, rank]))
+            which = (np.searchsorted(np.asarray(bounds), ids, side="right") - 1).ravel()
+            local = (ids.ravel() - np.asarray(bounds)[which]).tolist()
+            R, m = ids.shape
+            rows["feature"].extend((c0 + np.repeat(np.arange(R), m)).tolist())
+            rows["rank"].extend(np.tile(np.arange(1, m + 1), R).tolist())
+            rows["neighbour"].extend(groups[g][2](i) for g, i in zip(which.tolist(), local))
+            rows["neighbour_kind"].extend(groups[g][0] for g in which.tolist())
+            rows["neighbour_layer"].extend(groups[g][1] for g in which.tolist())
+            rows["cosine"].extend(cos.ravel().tolist())
         return self._neighbour_table(job, rows)
 
     def _decoder_directions(self, job: _Job, a: int, b: int) -> torch.Tensor:
