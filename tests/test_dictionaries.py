@@ -161,6 +161,11 @@ def test_dictionaries_rows_stats_and_sites(indexed):
     assert ds.rows("SELECT count(*) AS n FROM features f JOIN vectors v ON v.dictionary = f.dictionary AND v.idx = f.feature "
                    "AND v.kind = f.kind AND v.side = f.side AND v.rank = f.rank AND v.token_id = f.token_id "
                    "AND v.score = f.score AND v.unit = f.unit")[0]["n"] == n_vec
+    # the unit names the by-token rows compute in SQL are the stored ones
+    from schemas.units import vector_unit_sql
+
+    assert ds.rows(f"SELECT count(*) AS n FROM (SELECT DISTINCT {vector_unit_sql('v')} AS unit FROM vectors_by_token v "
+                   f"WHERE v.dictionary IS NOT NULL EXCEPT SELECT DISTINCT unit FROM vectors WHERE dictionary IS NOT NULL)")[0]["n"] == 0
     # the model's own vectors are untouched by the dictionaries
     assert ds.rows("SELECT count(*) AS n FROM vectors WHERE model = 'tl' AND dictionary IS NULL AND kind IN ('decoder', 'encoder')")[0]["n"] == 0
 
@@ -217,6 +222,9 @@ def test_features_helper_finds_the_features_whose_lists_hold_a_token(indexed):
                    f"AND rank = 1 AND token_id = {top['token_id']} ORDER BY feature")
     assert sorted(r["feature"] for r in got) == [r["feature"] for r in want] and 7 in {r["feature"] for r in got}
     assert all(r["dictionary"] == names["res"] and r["unit"] == f"{names['res']}.F{r['feature']}" and r["rank"] == 1 for r in got)
+    # `neurons --kind decoder` finds the same features by their vectors rows, named by schemas.units
+    via_neurons = ds.neurons(token_id=top["token_id"], kind=["decoder"], max_rank=1, limit=None).to_pylist()
+    assert {r["unit"] for r in via_neurons if r["unit"].startswith(names["res"] + ".")} == {r["unit"] for r in got}
     # every dictionary, both kinds: the same as a plain scan of `features`
     all_rows = ds.features(token_id=top["token_id"], limit=None, max_rank=2).to_pylist()
     scan = ds.rows(f"SELECT DISTINCT dictionary, feature, kind FROM features WHERE token_id = {top['token_id']} "
