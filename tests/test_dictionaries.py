@@ -544,3 +544,18 @@ def test_readers_tell_layer_site_and_transcoders_and_read_blocks(tmp_path):
     bad = saelens_dir(tmp_path / "badshape", W_enc, W_dec[:, :7], hook="blocks.5.hook_mlp_out")
     with pytest.raises(BadDictionary, match=r"W_dec must be \[d_sae, d_in\] = \[10, 8\]"):
         open_dictionary(bad)
+
+
+def test_plain_duckdb_catalog_has_the_feature_views(indexed, monkeypatch):
+    import duckdb
+
+    db = indexed[0]
+    monkeypatch.chdir(db)  # the catalog's views name files relative to the dataset, as the plain duckdb CLI reads them
+    con = duckdb.connect("catalog.duckdb", read_only=True)
+    try:
+        n = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+             for t in ("features", "features_by_token", "dictionaries", "feature_stats", "feature_neighbours")}
+    finally:
+        con.close()
+    assert n == {"features": 4 * D_SAE * 2 * 2 * K, "features_by_token": 4 * D_SAE * 2 * 2 * K, "dictionaries": 4,
+                 "feature_stats": 4 * D_SAE, "feature_neighbours": 3 * D_SAE * 4}
