@@ -559,3 +559,15 @@ def test_plain_duckdb_catalog_has_the_feature_views(indexed, monkeypatch):
         con.close()
     assert n == {"features": 4 * D_SAE * 2 * 2 * K, "features_by_token": 4 * D_SAE * 2 * 2 * K, "dictionaries": 4,
                  "feature_stats": 4 * D_SAE, "feature_neighbours": 3 * D_SAE * 4}
+
+
+def test_removing_a_model_removes_its_dictionaries(indexed, fresh_db):  # indexed first: the copy holds them
+    from indexer.check import check_dataset
+    from indexer.dataset import remove_model
+
+    db, _ = fresh_db
+    assert read_manifest(db)["dictionaries"]
+    remove_model(db, "tl")
+    m = read_manifest(db)
+    assert not m["models"] and not m["dictionaries"]
+    assert not [p for p in db.rglob("*.parquet") if "dictionary=" in p.as_posix()] and not check_dataset(db).problems
