@@ -95,6 +95,12 @@ def main(argv=None) -> None:
     cmd_serve = [PY, "-m", "benchmarks.bench_serve", "--db", str(out / "db")]
     page += serve_section(run(cmd_serve, out / "serve.log"), " ".join(cmd_serve[1:]))
     page += render_7b(json.loads((out / "7b.json").read_text()), " ".join(cmd_7b[1:]))
+    from benchmarks.bench_dictionaries import section as dictionaries_section  # issue 22
+
+    cmd_dict = [PY, "-m", "benchmarks.bench_dictionaries", "--json", str(out / "dictionaries.json")] + (
+        ["--d-sae", "2048"] if args.quick else [])
+    run(cmd_dict, out / "dictionaries.log")
+    page += dictionaries_section(json.loads((out / "dictionaries.json").read_text()), _rel(" ".join(cmd_dict[1:])))
     (ROOT / "docs" / "BENCHMARKS.md").write_text(page)
     print(page)
 

@@ -200,6 +200,20 @@ def tokens(db, fmt, quiet, **given):
 
 
 @cli.command()
+@helper_options("features")
+@output_options
+def features(db, fmt, quiet, **given):
+    """Dictionary features (SAEs, transcoders) whose decoder or encoder tokens contain TOKEN, by rank then score.
+
+    \b
+      zeropass features paris --kind decoder --max-rank 5
+    """
+    v = helper_values("features", given)
+    emit(call(HELPERS["features"], open_dataset(db), v), fmt, quiet,
+         empty=f"No feature lists {_token_label(v['token'], v['token_id'])} in its {v['side']} tokens.")
+
+
+@cli.command()
 @helper_options("similar")
 @output_options
 def similar(db, fmt, quiet, **given):

@@ -1,4 +1,4 @@
-"""The write commands: index, diff, align, index-many, merge, compact, check, publish, and coverage.
+"""The write commands: index, index-sae, diff, align, index-many, merge, compact, check, publish, and coverage.
 
 Each ``--db`` (and ``merge --into``) they write into is declared ``write=True`` (``cli.base.Place``):
 a URL is refused while the arguments are parsed, before a directory or lock exists.
@@ -275,3 +275,40 @@ def publish(db, dest, dry_run, quiet):
             click.echo(f"delete {rel}")
     if not quiet or dry_run:
         click.echo(("would publish: " if dry_run else f"published {db} to {plan.dest}: ") + plan.summary(), err=True)
+
+
+# -- dictionaries (SAEs, transcoders; docs/DICTIONARIES.md) ----------------------------------------
+
+@cli.command("index-sae")
+@click.argument("ref", metavar="PATH")
+@click.option("--model", "model", required=True, help="The dataset's model the dictionary was trained on (its name).")
+@db_option(write=True)
+@click.option("--name", help="Dictionary name (default SITE-LLAYER; in a folder of many, a prefix of their paths).")
+@click.option("--k", "k", type=int, default=None, help="Tokens kept per side for each feature (default: the model's k).")
+@click.option("--neighbours", "n_neighbours", type=int, default=10, show_default=True, help="Neighbours stored per feature (0: none).")
+@click.option("--neighbour-scope", default="ff_value,decoder", show_default=True,
+              help="Where neighbours are sought: ff_value (the model's FF values), decoder (the other dictionaries indexed with it).")
+@click.option("--model-source", default=None, help="Where the model's weights are (default: the source it was indexed from).")
+@click.option("--layer", type=int, default=None, help="The dictionary's layer, when its files do not say.")
+@click.option("--site", default=None, help="Its site (resid_pre, resid_post, mlp_out, attn_out, z, transcoder), when its files do not say.")
+@click.option("--allow-pickle", is_flag=True, help="Allow a pickled (.pt) dictionary: runs code from the file.")
+@replace_option
+@quiet_option
+def index_sae(ref, model, db, name, k, n_neighbours, neighbour_scope, model_source, layer, site, allow_pickle, replace, quiet):
+    """Project a dictionary (SAE, transcoder) of MODEL, or every dictionary of a folder, into the dataset.
+
+    PATH is a SAELens folder, a Gemma Scope params.npz (or its folder), a sparsify folder, a folder of
+    many, or a hub id with its subfolder (org/repo/sub/folder).
+
+    \b
+      zeropass index-sae ./gpt2-res-jb/blocks.8.hook_resid_pre --model gpt2 --name res-L8
+    """
+    from indexer.dictionaries.index import index_dictionaries
+
+    entries = index_dictionaries(ref, db, model=model, name=name, k=k, n_neighbours=n_neighbours,
+                                 neighbours=tuple(s.strip() for s in neighbour_scope.split(",") if s.strip()),
+                                 model_source=model_source, layer=layer, site=site, allow_pickle=allow_pickle,
+                                 replace=replace, progress=progress(quiet))
+    if not quiet:
+        click.echo(f"indexed {len(entries)} dictionar{'y' if len(entries) == 1 else 'ies'} of {model} into {db}: "
+                   + ", ".join(e["dictionary"] for e in entries), err=True)

@@ -137,6 +137,16 @@ def check_dataset(root: str | Path, *, hashes: bool = True, db: str | None = Non
         for why in _listed_file_problems(root, real_root, entry, entry.get("rows"), "the manifest says", hashes, report):
             report.problems.append(Problem(f"alignment {a} / {b}: {why}", zeropass_command("align", a, b, "--db", db)))
 
+    for name, entry in sorted(manifest.get("dictionaries", {}).items()):  # indexer/dictionaries: listed like a model's files
+        fix = zeropass_command("index-sae", entry.get("source") or "PATH", "--model", entry.get("model"), "--name", name,
+                               "--db", db, "--replace")
+        if entry.get("model") not in manifest["models"]:
+            report.problems.append(Problem(f"dictionary {name}: its model {entry.get('model')} is not in the manifest", fix))
+        for table, files in sorted(entry.get("files", {}).items()):
+            for why in _listed_file_problems(root, real_root, {"files": files, "file_info": entry.get("file_info", {})},
+                                             None, "", hashes, report):
+                report.problems.append(Problem(f"dictionary {name}: {why}", fix))
+
     for table, entry in sorted(manifest.get("compacted", {}).items()):
         # A derived copy of the per-model files (still listed and checked above): readers skip a
         # damaged one, and `zeropass compact` rebuilds it from them.
@@ -305,6 +315,7 @@ def recover(root: str | Path) -> dict:
                     rows = None
                 manifest["vocabularies"][vocab_id] = {"files": [rel], "d_vocab": rows,
                                                       "file_info": {rel: dict(file_digest(root / rel), rows=rows)}}
+        _recover_dictionaries(root, manifest)
         for pair_dir in sorted((root / "alignments").glob("model_a=*/model_b=*")):
             files = sorted(pair_dir.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
             if files:
@@ -326,6 +337,38 @@ def _rows_or_none(path: Path) -> int | None:
         return parquet_rows(path)
     except (OSError, pa.ArrowException):
         return None
+
+
+def _recover_dictionaries(root: Path, manifest: dict) -> None:
+    """The newest committed build of each dictionary (its `dictionaries` file is there) of a recovered
+    model, listed with its files (docs/DICTIONARIES.md); the source and origin come from its row."""
+    from schemas.layout import DICTIONARY_TABLES
+
+    newest: dict[str, tuple[str, dict]] = {}
+    for f in sorted((root / "dictionaries").glob("model=*/dictionary=*/*.parquet")):
+        try:
+            [row] = pq.read_table(f).to_pylist()
+        except (OSError, pa.ArrowException, ValueError):
+            continue
+        if row.get("model") in manifest["models"] and (
+                row["dictionary"] not in newest or str(row.get("created_at")) > str(newest[row["dictionary"]][1].get("created_at"))):
+            newest[row["dictionary"]] = (f.stem, row)
+    for name, (build_id, row) in sorted(newest.items()):
+        files: dict[str, list[str]] = {}
+        info: dict[str, dict] = {}
+        for table in DICTIONARY_TABLES:
+            for f in sorted((root / table / f"model={row['model']}").rglob(f"dictionary={name}/{build_id}.parquet")):
+                rel = f.relative_to(root).as_posix()
+                files.setdefault(table, []).append(rel)
+                info[rel] = dict(file_digest(f), rows=_rows_or_none(f))
+        try:
+            settings = model_settings(row)
+        except ValueError:  # a damaged settings column: the origin is not known
+            settings = {}
+        manifest.setdefault("dictionaries", {})[name] = {
+            "model": row["model"], "build_id": build_id, "source": row.get("source"), "origin": settings.get("path"),
+            "files": files, "file_info": info,
+            "row_counts": {t: sum(info[f]["rows"] or 0 for f in fs) for t, fs in files.items()}}
 
 
 def _newest_committed_builds(root: Path) -> dict[str, tuple[str, dict]]:

@@ -50,7 +50,7 @@ def compact(root: str | Path, progress=None) -> dict:
         if len(models) >= 2:
             run = uuid.uuid4().hex[:12]
             for table in COMPACTED_ORDER:
-                src = table_sources(manifest, table, use_compacted=False)
+                src = table_sources(manifest, table, use_compacted=False, dictionaries=False)  # dictionaries stay apart
                 if not src.files:
                     continue
                 rel = f"{table}/compacted/{run}.parquet"

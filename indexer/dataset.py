@@ -843,6 +843,9 @@ def remove_model(root: Path, slug: str) -> None:
     def change(manifest: dict) -> list[str]:
         (root / BUILDS / f"{slug}.json").unlink(missing_ok=True)  # its files become leftovers
         old = manifest["models"].pop(slug, None)
-        return [f for fs in (old or {}).get("files", {}).values() for f in fs]
+        # its dictionaries (docs/DICTIONARIES.md) go with it: they cannot be read without its vocabulary
+        mine = [n for n, d in manifest.get("dictionaries", {}).items() if d.get("model") == slug]
+        gone = [manifest["dictionaries"].pop(n) for n in mine]
+        return [f for e in [old or {}, *gone] for fs in e.get("files", {}).values() for f in fs]
 
     commit(root, change)

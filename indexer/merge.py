@@ -277,6 +277,15 @@ def merge(sources: list[str | Path], into: str | Path, *, progress: Optional[Pro
                         new["file_info"][new["files"][-1]] = copier.info
                     manifest["alignments"][key] = new
                     report.alignments += 1
+                # dictionaries (indexer/dictionaries) of the merged models, unless the target has one of that name
+                for name, d in src_manifest.get("dictionaries", {}).items():
+                    if name in manifest.get("dictionaries", {}) or d.get("model") not in manifest["models"]:
+                        continue
+                    new = dict(d, files={}, file_info={})
+                    for table, files in d.get("files", {}).items():
+                        for rel in files:
+                            _add(new, table, copier.copy(_Part(s, d, {}, False), rel), copier.info)
+                    manifest.setdefault("dictionaries", {})[name] = new
             return superseded
 
         commit(into, change)

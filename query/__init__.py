@@ -7,6 +7,7 @@
 >>> ds.neurons("paris", kind="ff_value", max_rank=5)
 >>> ds.show("minilm", "L5.H3")                             # {section: pyarrow.Table}
 >>> ds.tokens("Paris is big")
+>>> ds.features("paris", kind="decoder")                   # SAE / transcoder features (docs/DICTIONARIES.md)
 >>> ds.similar("minilm", "L3.N17", "mpnet")
 >>> ds.history("pythia-70m", "L3.N117")                     # a unit across a checkpoint series (also query.history(ds, ...))
 
@@ -27,11 +28,12 @@ from .helpers import heads, match_tokens, models, neurons, norm, show, similar, 
 # The function, exported like every helper; its module stays importable as ``query.history``
 # through sys.modules (``from query.history import token_history``).
 from .history import history, token_history
+from .features import features
 from .units import Unit, parse_unit
 
 __all__ = [
     "Dataset", "open_dataset", "check_read_only", "heads", "neurons", "show", "tokens", "models", "similar", "history",
-    "token_history",
+    "token_history", "features",
     "match_tokens", "norm", "Unit", "parse_unit", "QueryError", "NotADataset", "SchemaMismatch", "UnknownModel",
     "BadUnit", "UnknownToken", "BadToken", "BadOption", "ForbiddenSQL", "BadSQL", "BadManifest", "DamagedFile",
     "QueryTimeout", "Interrupted", "RemoteUnreachable", "RemoteDenied", "DatasetChanged", "RemoteTimeout",

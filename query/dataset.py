@@ -178,6 +178,15 @@ class Dataset(Catalog, Connection):
         return token_history(self, series, token, exact=exact, token_id=token_id, kind=kind, side=side,
                              max_rank=max_rank, limit=limit)
 
+    def features(self, token: str | None = None, *, model=None, dictionary=None, kind=None, side: str = "top",
+                 max_rank: int | None = None, limit: int | None = 20, exact: bool = False,
+                 token_id: int | None = None) -> pa.Table:
+        """Dictionary features whose decoder or encoder lists hold TOKEN (``query.features.features``)."""
+        from . import features
+
+        return features.features(self, token, model=model, dictionary=dictionary, kind=kind, side=side,
+                                 max_rank=max_rank, limit=limit, exact=exact, token_id=token_id)
+
 
 def open_dataset(path: str | Path) -> Dataset:
     """Open the dataset directory ``path`` read-only."""

@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from schemas.kinds import (ALL_KINDS, BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KV_KINDS, POS, POS_KINDS, ROUTER, ROUTER_KINDS,
-                           QUERY_HEAD_KINDS, order_sql)
+from schemas.kinds import (ALL_KINDS, BIAS, FEATURE, FEATURE_KINDS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KV_KINDS, POS, POS_KINDS,
+                           ROUTER, ROUTER_KINDS, QUERY_HEAD_KINDS, order_sql)
 from schemas.tokens import normalise
 from schemas.units import head_unit_sql, vector_unit_sql
 
@@ -322,7 +322,7 @@ def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[s
         ids, texts = f"ids{i}", f"texts{i}"
         params.update({ids: match.ids, texts: match.texts})
         parts.append(f"""
-            SELECT v.model, v.layer, v.kind, v.side, v.head, v.expert, v.idx, v.rank, v.score,
+            SELECT v.model, v.layer, v.kind, v.side, v.head, v.expert, v.dictionary, v.idx, v.rank, v.score,
                    list_extract(${texts}::VARCHAR[], list_position(${ids}::INTEGER[], v.token_id)) AS token
             FROM {ds.source("vectors_by_token", models)} v
             WHERE {_in_ids("v.token_id", ids)}
@@ -330,7 +330,7 @@ def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[s
     matched_rows = " UNION ALL ".join(parts)
     limit_clause = _limit_clause(limit, params)
     # One vector is (model, layer, kind, side, head, expert, idx); layer, head and expert may be null.
-    key = ("model", "layer", "kind", "side", "head", "expert", "idx")
+    key = ("model", "layer", "kind", "side", "head", "expert", "dictionary", "idx")
     same = " AND ".join(f"v.{c} IS NOT DISTINCT FROM b.{c}" for c in key)
     order = ("rank, CASE WHEN side = 'top' THEN -score ELSE score END, model, layer, kind, head, idx, "
              "expert NULLS FIRST, side")
@@ -442,6 +442,9 @@ def show_vectors_query(ds, model: str, u: Unit, kv: int | None, limit: int | Non
         params = dict(_HEAD_DIM_PARAMS, l=u.layer, i=u.index, h=u.head, kv=kv)
     elif u.kind == "pos":
         where, params = "idx = $i AND list_contains($kinds, kind)", {"i": u.index, "kinds": list(POS_KINDS)}
+    elif u.kind == "feature":
+        where = "layer = $l AND dictionary = $d AND idx = $i AND list_contains($kinds, kind)"
+        params = {"l": u.layer, "d": u.dictionary, "i": u.index, "kinds": list(FEATURE_KINDS)}
     else:
         where, params = "layer = $l AND kind = $kind", {"l": u.layer, "kind": u.bias_kind}
     rank = _rank_clause("rank", limit, params, "lim")
@@ -476,6 +479,10 @@ def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[s
     u = parse_unit(unit)
     check_unit(u, info)
     limit = _bound(limit, "limit", 0)
+    if u.kind == "feature":  # res-L8.F17: a dictionary's feature (query/features.py)
+        from .features import show_feature
+
+        return show_feature(ds, slug, u, limit)
     kv = _kv_head(ds, info, u.layer, u.head) if u.head is not None else None
     if u.kind != "head":
         return OrderedDict(vectors=ds._run(*show_vectors_query(ds, slug, u, kv, limit)))
@@ -568,14 +575,14 @@ def _segment(ds, vocab_id: str, text: str) -> dict:
 
 
 # Unit.kind -> the schemas.kinds group whose kinds are the channels of its signature
-_GROUP_OF_UNIT = {"neuron": FF, "head_dim": HEAD_DIM, "pos": POS, "bias": BIAS, "router": ROUTER}
+_GROUP_OF_UNIT = {"neuron": FF, "head_dim": HEAD_DIM, "pos": POS, "bias": BIAS, "router": ROUTER, "feature": FEATURE}
 
 
 def _signature_kinds(u: Unit) -> list[str]:
     if u.kind == "bias":
         return [u.bias_kind]
     return {FF: list(FF_KINDS), HEAD_DIM: list(HEAD_DIM_KINDS), POS: list(POS_KINDS),
-            ROUTER: list(ROUTER_KINDS)}[_GROUP_OF_UNIT[u.kind]]
+            ROUTER: list(ROUTER_KINDS), FEATURE: list(FEATURE_KINDS)}[_GROUP_OF_UNIT[u.kind]]
 
 
 def _rank_weight(k_param: str) -> str:
@@ -673,6 +680,10 @@ def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10)
     a, b = ds.resolve_model(model), ds.resolve_model(in_model, what="--in")
     ia, ib = ds.model_info(a), ds.model_info(b)
     u = parse_unit(unit)
+    if u.kind == "feature":  # its layer is its dictionary's
+        from .features import resolve_feature
+
+        u = resolve_feature(ds, a, u)
     check_unit(u, ia)
     limit = _bound(limit, "limit", 0)
     if u.kind == "head":
@@ -684,7 +695,7 @@ def similar(ds, model: str, unit: str, in_model: str, *, limit: int | None = 10)
     else:
         kinds = _signature_kinds(u)
         k_a, k_b = float(ia["k"] or 1), float(ib["k"] or 1)
-        if len(kinds) == 1 or u.kind == "head_dim":
+        if len(kinds) == 1 or u.kind in ("head_dim", "feature"):  # a feature has both lists
             channels_b = len(kinds)
         else:  # which FF kinds model b has (gated or not): one layer file tells
             channels_b = ds.rows(

@@ -187,14 +187,27 @@ HELPERS: dict[str, Helper] = {h.name: h for h in [
         _limit(50, "units (token only)"),
     ), "How a unit's top tokens change across a checkpoint series, or when units start promoting a token.",
         needs=(("unit", "token", "token_id"),)),
+    Helper("features", (
+        _TOKEN, _MODEL,
+        Param("dictionary", multiple=True, short="-d", help="Only these dictionaries (repeat or comma list)."),
+        Param("kind", multiple=True, choices=("decoder", "encoder"),
+              help="decoder (what a feature writes) and/or encoder (what it reads). Default: both."),
+        _SIDE,
+        Param("max_rank", whole(), help="Only matches at this rank or better."),
+        _limit(20), _EXACT, _ID,
+    ), "Dictionary features (SAEs, transcoders) whose decoder or encoder tokens contain TOKEN.",
+        needs=(("token", "token_id"),)),
 ]}
+
+# The module of each helper that is not in query.helpers.
+_MODULE = {"history": "query.history", "features": "query.features"}
 
 
 def function(helper: Helper) -> Callable:
-    """The helper's Python function (``query.history.history`` or ``query.helpers.<name>``)."""
+    """The helper's Python function (``query.helpers.<name>``, or its own module's: ``_MODULE``)."""
     import importlib
 
-    return getattr(importlib.import_module("query.history" if helper.name == "history" else "query.helpers"), helper.name)
+    return getattr(importlib.import_module(_MODULE.get(helper.name, "query.helpers")), helper.name)
 
 
 def call(helper: Helper, ds, values: dict):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from schemas import TABLES
 from schemas.format import model_settings
 from schemas.kinds import BIAS_KIND_OF_SUFFIX
-from schemas.units import SHARED_ROUTER, FORMS, bias_unit, head_dim_unit, head_unit, neuron_unit, position_unit, router_unit
+from schemas.units import (FEATURE_UNIT, SHARED_ROUTER, FORMS, bias_unit, feature_unit, head_dim_unit, head_unit, neuron_unit,
+                           position_unit, router_unit)
 
 from .errors import BadUnit
 
@@ -51,6 +52,7 @@ class Unit:
     index: int | None = None  # neuron, dimension or position
     bias: str | None = None   # a bias unit suffix: attn_bias / ff_bias
     expert: int | None = None  # a routed expert (neuron, router); None: dense / shared
+    dictionary: str | None = None  # a feature's dictionary (index: the feature; layer: the dictionary's, once resolved)
 
     @property
     def name(self) -> str:
@@ -65,6 +67,8 @@ class Unit:
             return router_unit(self.layer, self.expert)
         if self.kind == "pos":
             return position_unit(self.index)
+        if self.kind == "feature":
+            return feature_unit(self.dictionary, self.index)
         return bias_unit(self.layer, self.bias_kind)
 
     @property
@@ -88,6 +92,9 @@ def parse_unit(text: str) -> Unit:
         if kind == "bias":
             values["bias"] = m.group(2).lower()
         return Unit(kind, **values)
+    m = FEATURE_UNIT.match(s)  # after the model units: no model unit has the ".F" of a feature
+    if m:
+        return Unit("feature", index=_number(s, "feature", m.group(2), _MAX["index"]), dictionary=m.group(1))
     raise BadUnit(f"malformed unit {quoted(text)}: use one of {FORMS}")
 
 

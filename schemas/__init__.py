@@ -16,7 +16,7 @@ from .kinds import FF_KINDS, HEAD_DIM_KINDS, KINDS, READ_KINDS, WRITE_KINDS
 
 # Bump when a table changes in a way old datasets cannot be read with; datasets record it in
 # their manifest and the query layer refuses a mismatch with a "rebuild" message.
-SCHEMA_VERSION = 3  # 2: vectors_by_token; 3: vectors.expert (mixture of experts), models.series, models.step
+SCHEMA_VERSION = 4  # 2: vectors_by_token; 3: vectors.expert (mixture of experts), models.series, models.step; 4: dictionaries
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,9 @@ VECTORS = _table(
     _c("kind", pa.string(), "; ".join(f"`{k.name}`: {k.doc}, {k.side} side" for k in KINDS) + "."),
     _c("head", pa.int16(), "Head for q/o; key/value head for k/v (equal to the query head without GQA); null otherwise.", nullable=True),
     _c("expert", pa.int16(), "Mixture of experts: the routed expert of an ff_* vector or a router row, 0-based; null for dense FF neurons, a shared expert's neurons and its gate, and every other kind.", nullable=True),
-    _c("idx", pa.int32(), "Neuron index (ff_*), dimension within the head (q/k/v/o), position (pos), expert (router; 0 for the shared expert's gate), 0 for biases."),
-    _c("unit", pa.string(), "Human name: `L5.N123` (FF neuron), `L5.E3.N123` (neuron of expert 3), `L5.E3.router` / `L5.shared_router` (router rows), `L5.H3.d7` (head dim), `L5.attn_bias`, `L5.ff_bias`, `P12` (position)."),
+    _c("dictionary", pa.string(), "Dictionary (SAE, transcoder; `zeropass index-sae`) of a decoder/encoder row; null for the model's own vectors.", nullable=True),
+    _c("idx", pa.int32(), "Neuron index (ff_*), dimension within the head (q/k/v/o), position (pos), expert (router; 0 for the shared expert's gate), feature (decoder/encoder), 0 for biases."),
+    _c("unit", pa.string(), "Human name: `L5.N123` (FF neuron), `L5.E3.N123` (neuron of expert 3), `L5.E3.router` / `L5.shared_router` (router rows), `L5.H3.d7` (head dim), `L5.attn_bias`, `L5.ff_bias`, `P12` (position), `res-L8.F17` (feature 17 of dictionary res-L8)."),
     _SIDE,
     _RANK,
     _c("token_id", pa.int32(), "Token id in the model's vocabulary."),
@@ -140,7 +141,7 @@ VECTORS_BY_TOKEN = _table(
     "follows from layer, kind, head, expert and idx.",
     ("model",),
     *(next(c for c in VECTORS.columns if c.name == name)
-      for name in ("model", "token_id", "layer", "kind", "head", "expert", "idx", "side", "rank", "score")),
+      for name in ("model", "token_id", "layer", "kind", "head", "expert", "dictionary", "idx", "side", "rank", "score")),
 )
 
 PAIRS = _table(
@@ -248,6 +249,109 @@ ALIGNMENTS = _table(
     _c("score", pa.float64(), "Level `layer`: mean over model_a's units of the best similarity in layer_b (|Pearson rho| for neurons, mean canonical correlation for heads). Level `unit`: the pair's similarity."),
     _c("matched", pa.bool_(), "Level `layer`: the layer pair is in the Hungarian layer matching. Level `unit`: the pair is in the Hungarian unit matching (false rows give model_a's unit's best model_b unit when that differs)."),
     _c("n_tokens", pa.int32(), "Rows the correlations run over: shared vocabulary tokens (`embedding`) or d_model coordinates (`raw`)."),
+)
+
+
+# -- dictionaries (SAEs, transcoders; docs/DICTIONARIES.md) ---------------------------------------
+# A dictionary's projections are rows of `vectors` (kinds decoder / encoder, `dictionary` set), in
+# files listed under the manifest's "dictionaries" section: `show`, `similar`, token search, remote
+# reading, merge, publish and `check` read them as they read a model's vectors. `features` and
+# `features_by_token` are views of those rows alone (schemas.layout.table_sources).
+
+_DICTIONARY = _c("dictionary", pa.string(), "Dictionary name (`zeropass index-sae --name`), unique in the dataset.")
+_FEATURE = _c("feature", pa.int32(), "Feature index within the dictionary, 0-based.")
+_FEATURE_UNIT = _c("unit", pa.string(), "Human name of the feature, `res-L8.F17`.")
+
+DICTIONARIES = _table(
+    "dictionaries",
+    "One row per dictionary (sparse autoencoder or transcoder) indexed against a model of the dataset.",
+    ("model", "dictionary"),
+    _MODEL,
+    _DICTIONARY,
+    _c("layer", pa.int16(), "Layer of the hook the dictionary was trained on."),
+    _c("site", pa.string(), "Where it reads and writes: `resid_pre`, `resid_post`, `resid_mid`, `mlp_out`, `attn_out`, `z` (per-head attention values, decoded through W_O) or `transcoder` (reads the MLP input, writes the MLP output)."),
+    _c("hook", pa.string(), "The hook name as the dictionary's files give it (e.g. `blocks.8.hook_resid_pre`, `layers.8.mlp`)."),
+    _c("d_in", pa.int32(), "Width of the activations it reads (d_model; n_heads x d_head for `z`)."),
+    _c("d_sae", pa.int32(), "Number of features."),
+    _c("architecture", pa.string(), "`standard`, `topk`, `jumprelu`, `gated`, ... as the files name it."),
+    _c("format", pa.string(), "`saelens`, `gemma-scope` or `sparsify`."),
+    _c("source", pa.string(), "What was passed to `zeropass index-sae` (a path or hub id with subfolder)."),
+    _c("revision", pa.string(), "Hub commit of the dictionary, when known.", nullable=True),
+    _c("k", pa.int32(), "Tokens kept per side for each decoder / encoder row."),
+    _c("n_neighbours", pa.int32(), "Neighbours kept per feature (`feature_neighbours`)."),
+    _c("settings", pa.string(), "All settings as JSON (the file's own config, variant, neighbour scope, weights sha256)."),
+    _c("zeropass_version", pa.string(), "Version of zeropass that wrote the dictionary."),
+    _c("created_at", pa.timestamp("s", tz="UTC"), "When indexing finished."),
+)
+
+FEATURES = _table(
+    "features",
+    "Top-k and bottom-k vocabulary tokens of every dictionary feature: the decoder row scored as w @ W_U (write side), "
+    "the encoder column as W_E @ r (read side). The `vectors` rows of kind decoder / encoder, feature = vectors.idx.",
+    ("model", "layer"),
+    _MODEL,
+    _DICTIONARY,
+    _LAYER,
+    _FEATURE,
+    _FEATURE_UNIT,
+    _c("kind", pa.string(), "`decoder` (what the feature writes) or `encoder` (what it reads)."),
+    _SIDE,
+    _RANK,
+    _c("token_id", pa.int32(), "Token id in the model's vocabulary."),
+    _c("token", pa.string(), "Decoded token text."),
+    _c("score", pa.float32(), "Projection score."),
+    derived_from="vectors",
+)
+
+FEATURES_BY_TOKEN = _table(
+    "features_by_token",
+    "The rows of `features` from the dictionaries' `vectors_by_token` files, sorted by token_id: token search over "
+    "features. Without the token text (join `tokens`).",
+    ("model",),
+    _MODEL,
+    _c("token_id", pa.int32(), "Token id in the model's vocabulary."),
+    _DICTIONARY,
+    _LAYER,
+    _FEATURE,
+    _FEATURE_UNIT,
+    _c("kind", pa.string(), "`decoder` or `encoder`."),
+    _SIDE,
+    _RANK,
+    _c("score", pa.float32(), "Projection score."),
+    derived_from="vectors_by_token",
+)
+
+FEATURE_STATS = _table(
+    "feature_stats",
+    "Per dictionary feature, what a reader needs beside the token lists.",
+    ("model", "dictionary"),
+    _MODEL,
+    _DICTIONARY,
+    _LAYER,
+    _FEATURE,
+    _FEATURE_UNIT,
+    _c("decoder_norm", pa.float64(), "L2 norm of the decoder row as stored (before W_O for hook_z)."),
+    _c("encoder_norm", pa.float64(), "L2 norm of the encoder column."),
+    _c("b_enc", pa.float64(), "Encoder bias of the feature.", nullable=True),
+    _c("threshold", pa.float64(), "JumpReLU threshold; null for other architectures.", nullable=True),
+)
+
+FEATURE_NEIGHBOURS = _table(
+    "feature_neighbours",
+    "Per feature, the top-N write-side directions by cosine with its decoder direction (in the residual stream): "
+    "the model's FF values at or below its layer and the decoder rows of the dictionaries indexed with it at or "
+    "below its layer (docs/DICTIONARIES.md).",
+    ("model", "dictionary"),
+    _MODEL,
+    _DICTIONARY,
+    _LAYER,
+    _FEATURE,
+    _FEATURE_UNIT,
+    _RANK,
+    _c("neighbour", pa.string(), "Unit of the neighbour: `L5.N123` (FF value) or `res-L8.F3` (another feature)."),
+    _c("neighbour_kind", pa.string(), "`ff_value` or `decoder`."),
+    _c("neighbour_layer", pa.int16(), "Layer of the neighbour."),
+    _c("cosine", pa.float64(), "Cosine similarity of the two directions, computed in float64."),
 )
 
 

@@ -29,6 +29,11 @@ from . import SCHEMA_VERSION, TABLES
 
 MANIFEST = "manifest.json"
 FORMAT = "zeropass-dataset"
+# The manifest section of dictionaries (SAEs, transcoders; docs/DICTIONARIES.md): name -> {"model",
+# "files": {table: [...]}, "file_info", "row_counts", "build_id", "source", "origin"}, like a model's entry.
+DICTIONARIES = "dictionaries"
+# Tables a dictionary entry lists files of.
+DICTIONARY_TABLES = ("vectors", "vectors_by_token", "dictionaries", "feature_stats", "feature_neighbours")
 CHUNK = 1 << 20
 
 
@@ -142,6 +147,23 @@ def validate_manifest(manifest, path: Path | str = MANIFEST) -> None:
                 or not all(isinstance(b, str) for b in entry.get("models", {}).values()):
             bad(f"compacted entry {table!r} is not an object with a 'models' object of build ids")
         _check_files(entry.get("files", []), table, f"compacted entry {table!r}", bad)
+    _check_dictionaries(manifest, bad, kind)
+
+
+def _check_dictionaries(manifest: dict, bad, kind) -> None:
+    """validate_manifest's part for the "dictionaries" section."""
+    section = manifest.get(DICTIONARIES, {})
+    if not isinstance(section, dict):
+        bad(f"{DICTIONARIES!r} is {kind(section)}, not an object")
+    for name, entry in section.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("files", {}), dict):
+            bad(f"dictionary {name!r} has no 'files' object")
+        if not isinstance(entry.get("model"), str):
+            bad(f"dictionary {name!r} names no model")
+        for table, files in entry.get("files", {}).items():
+            if table not in DICTIONARY_TABLES:
+                bad(f"dictionary {name!r} lists files of an unknown table {table!r}")
+            _check_files(files, table, f"dictionary {name!r}", bad)
 
 
 def _check_files(files, table: str, owner: str, bad) -> None:

@@ -10,7 +10,7 @@ channels of ``similar``, the order of ``show``), the alignment and the column do
 this table. Imports the standard library only.
 
 >>> [k.name for k in KINDS if k.side == READ]
-['ff_key', 'ff_gate', 'q', 'k', 'v', 'router']
+['ff_key', 'ff_gate', 'q', 'k', 'v', 'router', 'encoder']
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ HEAD_DIM = "head_dim"  # one dimension of a head's Q/K/V/O: L5.H3.d7
 BIAS = "bias"          # one output bias of a layer: L5.attn_bias
 POS = "pos"            # one learned position: P12
 ROUTER = "router"      # one expert's router row: L5.E3.router (the shared-expert gate: L5.shared_router)
+FEATURE = "feature"    # one feature of a dictionary (SAE, transcoder): res-L8.F17 (docs/DICTIONARIES.md)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ KINDS: tuple[Kind, ...] = (
     Kind("pos", WRITE, POS, "learned position, row of W_pos"),
     Kind("router", READ, ROUTER, "mixture of experts: expert e's router row, column e of W_router (the shared "
          "expert's gate when `expert` is null)"),
+    # Dictionaries (docs/DICTIONARIES.md): rows with `vectors.dictionary` set, read by the `features` view.
+    Kind("decoder", WRITE, FEATURE, "dictionary feature's decoder direction, row of W_dec (through the heads' W_O for "
+         "hook_z)"),
+    Kind("encoder", READ, FEATURE, "dictionary feature's encoder direction, column of W_enc"),
 )
 
 KIND: dict[str, Kind] = {k.name: k for k in KINDS}
@@ -69,6 +74,7 @@ HEAD_DIM_KINDS = names(group=HEAD_DIM)  # q, k, v, o
 BIAS_KINDS = names(group=BIAS)          # bias_attn_out, bias_ff_out
 POS_KINDS = names(group=POS)            # pos
 ROUTER_KINDS = names(group=ROUTER)      # router
+FEATURE_KINDS = names(group=FEATURE)    # decoder, encoder
 KV_KINDS = tuple(k.name for k in KINDS if k.kv)                               # k, v: indexed by kv head
 QUERY_HEAD_KINDS = tuple(k for k in HEAD_DIM_KINDS if k not in KV_KINDS)      # q, o: indexed by query head
 READ_KINDS = names(side=READ)

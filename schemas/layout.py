@@ -26,6 +26,8 @@ from . import TABLES, Table, empty_select_sql
 # The manifest's rules live in schemas.format (one home); re-exported for the callers that
 # think of them as part of the layout.
 from .format import (  # noqa: F401
+    DICTIONARIES,
+    DICTIONARY_TABLES,
     FORMAT,
     MANIFEST,
     BadManifest,
@@ -64,6 +66,9 @@ def manifest_files(manifest: dict) -> dict[str, Owner]:
     for key, (table, kind) in SHARED.items():
         for name, entry in manifest.get(key, {}).items():
             out.update((f, Owner(table, kind, name)) for f in entry.get("files", []))
+    for name, entry in manifest.get(DICTIONARIES, {}).items():
+        for table, files in entry.get("files", {}).items():
+            out.update((f, Owner(table, "dictionary", name)) for f in files)
     for table, entry in manifest.get("compacted", {}).items():
         out.update((f, Owner(table, "compacted", table)) for f in entry.get("files", []))
     return out
@@ -73,7 +78,7 @@ def file_info(manifest: dict) -> dict[str, dict]:
     """Every listed file's recorded ``{"bytes", "sha256", "rows"}`` (``file_info`` of each owner,
     compacted files included; may be partial)."""
     out: dict[str, dict] = {}
-    for key in ("models", *SHARED, "compacted"):
+    for key in ("models", *SHARED, DICTIONARIES, "compacted"):
         for entry in manifest.get(key, {}).values():
             if isinstance(entry, dict) and isinstance(entry.get("file_info"), dict):
                 out.update(entry["file_info"])
@@ -141,9 +146,21 @@ def compacted_models(manifest: dict, table: str) -> list[str]:
                   if isinstance(models.get(s), dict) and models[s].get("build_id") == b)
 
 
-def table_sources(manifest: dict, table: str, models: list[str] | None = None, use_compacted: bool = True) -> Sources:
-    """The files a view of ``table`` (restricted to ``models``) reads (see ``Sources``)."""
+def table_sources(manifest: dict, table: str, models: list[str] | None = None, use_compacted: bool = True,
+                  dictionaries: bool = True) -> Sources:
+    """The files a view of ``table`` (restricted to ``models``) reads (see ``Sources``).
+
+    ``dictionaries=False``: without the dictionaries' files (compaction folds only the models' own).
+    """
     stored = TABLES[table].derived_from or table  # a derived table reads its source's per-model files
+    if table in DICTIONARY_ONLY:
+        return Sources([], [], dictionary_files(manifest, stored, models))
+    extra = dictionary_files(manifest, stored, models) if dictionaries else []
+    src = _model_sources(manifest, table, stored, models, use_compacted)
+    return src._replace(files=src.files + extra) if extra else src
+
+
+def _model_sources(manifest: dict, table: str, stored: str, models: list[str] | None, use_compacted: bool) -> Sources:
     if table not in COMPACTED_ORDER:
         return Sources([], [], table_files(manifest, stored, models))
     covered = set(compacted_models(manifest, table)) if use_compacted else set()
@@ -192,8 +209,12 @@ def view_sql(table: Table, files: list[str], root: Path | None = None, union_by_
 
 
 def _derived_sql(table: Table, source: str) -> str:
-    """``table``'s rows from a ``SELECT`` of its source table (only ``pairs_by_token`` so far):
-    each pair under its src token, then under its dst token, in one scan (two zipped unnests)."""
+    """``table``'s rows from a ``SELECT`` of its source table: ``pairs_by_token`` has each pair
+    under its src token, then under its dst token, in one scan (two zipped unnests); the feature
+    views rename the dictionaries' vectors rows (docs/DICTIONARIES.md)."""
+    if table.name in DICTIONARY_ONLY:
+        made = {"feature": "idx AS feature", "unit": "dictionary || '.F' || idx AS unit"}
+        return f"SELECT {', '.join(made.get(c, c) for c in table.column_names)} FROM ({source}) WHERE dictionary IS NOT NULL"
     assert table.name == "pairs_by_token", table.name
     made = {"token_id": "unnest([src_id, dst_id]) AS token_id", "endpoint": "unnest(['src', 'dst']) AS endpoint"}
     return f"SELECT {', '.join(made.get(c, c) for c in table.column_names)} FROM ({source})"
@@ -211,3 +232,20 @@ def _stored_sql(table: Table, files: list[str], root: Path | None = None, union_
     # union_by_name tolerates files written by an older writer that lacked a nullable column, but
     # reads every file's footer when the view is bound; the query layer binds lazily (False).
     return f"SELECT {cols} FROM read_parquet([{quoted}], union_by_name={'true' if union_by_name else 'false'}, hive_partitioning=false)"
+
+
+# -- dictionaries (SAEs, transcoders; indexer/dictionaries/, docs/DICTIONARIES.md) ---------------
+#
+# The manifest section "dictionaries" maps a dictionary's name -> {"model", "files": {table: [...]},
+# "file_info", "row_counts", "build_id", "source", "origin"}, like a model's entry. Its `vectors` and
+# `vectors_by_token` files join the model's own in those views (never compacted: a dictionary added
+# or re-indexed after a compaction is seen at once); `features` / `features_by_token` read them alone.
+
+# Views that read only the dictionaries' files (their own tables, and the feature views of vectors).
+DICTIONARY_ONLY = ("dictionaries", "feature_stats", "feature_neighbours", "features", "features_by_token")
+
+
+def dictionary_files(manifest: dict, table: str, models: list[str] | None = None) -> list[str]:
+    """Relative paths of the dictionaries' committed files of ``table`` (restricted to their ``models``)."""
+    return sorted(f for entry in manifest.get(DICTIONARIES, {}).values()
+                  if models is None or entry.get("model") in models for f in entry.get("files", {}).get(table, []))

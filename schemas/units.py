@@ -16,12 +16,15 @@ is the query layer's job (``query.units.parse_unit``). Imports the standard libr
 """
 from __future__ import annotations
 
-from .kinds import BIAS, FF, HEAD_DIM, KIND, KINDS, POS, ROUTER
+import re
+
+from .kinds import BIAS, FEATURE, FF, HEAD_DIM, KIND, KINDS, POS, ROUTER
 
 # What a user may type, for error messages and docs.
 FORMS = ("L5.H3 (head), L5.N123 (FF neuron), L5.H3.d7 (dimension of a head's Q/K/V/O), P12 (position), "
          + ", ".join(f"L5.{k.unit_suffix}" for k in KINDS if k.group == BIAS)
          + ", L5.E3.N123 (neuron of expert 3), L5.E3.router (expert 3's router row), L5.shared_router")
+FORMS += ", res-L8.F17 (feature 17 of dictionary res-L8)"
 SHARED_ROUTER = "shared_router"  # the unit suffix of a shared expert's gate (router row, expert null)
 
 
@@ -51,9 +54,23 @@ def bias_unit(layer: int, kind: str) -> str:
     return f"L{layer}.{KIND[kind].unit_suffix}"
 
 
-def vector_unit(kind: str, layer: int | None, head: int | None, idx: int, expert: int | None = None) -> str:
-    """The unit name of a ``vectors`` row from its kind, layer, head, idx and expert columns."""
+# A dictionary's name (``index-sae --name``): no dot, so ``NAME.F17`` splits at its only dot, and
+# the ``.F`` suffix keeps it apart from every model unit (``L5.N123``, ``L5.H3``, ``P12``, ...).
+DICTIONARY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", re.ASCII)
+FEATURE_UNIT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.F([0-9]+)$", re.ASCII)
+
+
+def feature_unit(dictionary: str, feature: int) -> str:
+    """``res-L8.F17``: feature 17 of dictionary ``res-L8`` (its decoder and encoder rows)."""
+    return f"{dictionary}.F{feature}"
+
+
+def vector_unit(kind: str, layer: int | None, head: int | None, idx: int, expert: int | None = None,
+                dictionary: str | None = None) -> str:
+    """The unit name of a ``vectors`` row from its kind, layer, head, idx, expert and dictionary columns."""
     group = KIND[kind].group
+    if group == FEATURE:
+        return feature_unit(dictionary, idx)
     if group == FF:
         return neuron_unit(layer, idx, expert)
     if group == ROUTER:
@@ -73,7 +90,7 @@ def head_unit_sql(alias: str) -> str:
 
 
 def vector_unit_sql(alias: str) -> str:
-    """SQL for :func:`vector_unit` over the kind, layer, head, idx and expert columns of table alias ``alias``.
+    """SQL for :func:`vector_unit` over the kind, layer, head, idx, expert and dictionary columns of table alias ``alias``.
 
     ``alias`` is a trusted identifier written by the caller, never user input.
     """
@@ -84,7 +101,8 @@ def vector_unit_sql(alias: str) -> str:
     for group, name_sql in ((FF, f"'L' || {a}.layer || {expert} || '.N' || {a}.idx"),
                             (ROUTER, f"'L' || {a}.layer || {router}"),
                             (HEAD_DIM, f"'L' || {a}.layer || '.H' || {a}.head || '.d' || {a}.idx"),
-                            (POS, f"'P' || {a}.idx")):
+                            (POS, f"'P' || {a}.idx"),
+                            (FEATURE, f"{a}.dictionary || '.F' || {a}.idx")):
         kinds = ", ".join(f"'{k.name}'" for k in KINDS if k.group == group)
         whens.append(f"WHEN {a}.kind IN ({kinds}) THEN {name_sql}")
     whens += [f"WHEN {a}.kind = '{k.name}' THEN 'L' || {a}.layer || '.{k.unit_suffix}'" for k in KINDS if k.group == BIAS]

@@ -56,8 +56,8 @@ def test_a_file_url_is_the_directory_it_names(tmp_path, monkeypatch):
     assert not (tmp_path / "file:").exists()  # the path it names, not ./file:/...
 
 
-READS = {"models", "sql", "heads", "neurons", "show", "tokens", "similar", "history", "serve", "coverage"}
-WRITES = {"index", "diff", "align", "index-many", "merge", "compact", "check", "publish", "cache clear"}
+READS = {"models", "sql", "heads", "neurons", "show", "tokens", "similar", "history", "features", "serve", "coverage"}
+WRITES = {"index", "index-sae", "diff", "align", "index-many", "merge", "compact", "check", "publish", "cache clear"}
 
 
 def _commands(group: click.Group, prefix: str = ""):

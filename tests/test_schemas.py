@@ -48,13 +48,13 @@ def test_kinds_are_declared_once_with_side_and_group():
 
     assert len({k.name for k in kinds.KINDS}) == len(kinds.KINDS)
     for k in kinds.KINDS:
-        assert k.side in (kinds.READ, kinds.WRITE) and k.group in (kinds.FF, kinds.HEAD_DIM, kinds.BIAS, kinds.POS, kinds.ROUTER)
+        assert k.side in (kinds.READ, kinds.WRITE) and k.group in (kinds.FF, kinds.HEAD_DIM, kinds.BIAS, kinds.POS, kinds.ROUTER, kinds.FEATURE)
         assert (k.unit_suffix is not None) == (k.group == kinds.BIAS)
         assert not k.kv or k.group == kinds.HEAD_DIM
-    # DESIGN §3: read-side vectors are FF keys/gates, Q/K/V columns and router rows (§7); the rest write.
-    assert kinds.READ_KINDS == ("ff_key", "ff_gate", "q", "k", "v", "router")
+    # DESIGN §3: read-side vectors are FF keys/gates, Q/K/V columns, router rows (§7) and dictionary encoders; the rest write.
+    assert kinds.READ_KINDS == ("ff_key", "ff_gate", "q", "k", "v", "router", "encoder")
     assert set(kinds.ALL_KINDS) == set(kinds.READ_KINDS) | set(kinds.WRITE_KINDS)
-    assert kinds.ALL_KINDS == kinds.FF_KINDS + kinds.HEAD_DIM_KINDS + kinds.BIAS_KINDS + kinds.POS_KINDS + kinds.ROUTER_KINDS
+    assert kinds.ALL_KINDS == kinds.FF_KINDS + kinds.HEAD_DIM_KINDS + kinds.BIAS_KINDS + kinds.POS_KINDS + kinds.ROUTER_KINDS + kinds.FEATURE_KINDS
     doc = next(c.doc for c in TABLES["vectors"].columns if c.name == "kind")
     assert all(f"`{k}`" in doc for k in kinds.ALL_KINDS)
 
@@ -68,9 +68,9 @@ def _unit_cases():
                 layer = None
             if k.group == "bias":
                 idx = 0
-            yield k.name, layer, head, idx, None
+            yield k.name, layer, head, idx, None, ("res-L8" if k.group == "feature" else None)
             if k.group in ("ff", "router"):  # mixture of experts: a routed expert's unit
-                yield k.name, layer, head, idx, 3
+                yield k.name, layer, head, idx, 3, None
 
 
 def test_unit_names_and_their_sql_twin_agree():
@@ -82,14 +82,16 @@ def test_unit_names_and_their_sql_twin_agree():
     con = duckdb.connect()
     rows = con.execute(
         f"SELECT {vector_unit_sql('v')} FROM (SELECT unnest($kind) AS kind, unnest($layer::SMALLINT[]) AS layer, "
-        f"unnest($head::SMALLINT[]) AS head, unnest($idx::INTEGER[]) AS idx, unnest($expert::SMALLINT[]) AS expert) v",
+        f"unnest($head::SMALLINT[]) AS head, unnest($idx::INTEGER[]) AS idx, unnest($expert::SMALLINT[]) AS expert, "
+        f"unnest($dictionary::VARCHAR[]) AS dictionary) v",
         {"kind": [c[0] for c in cases], "layer": [c[1] for c in cases], "head": [c[2] for c in cases],
-         "idx": [c[3] for c in cases], "expert": [c[4] for c in cases]}).fetchall()
+         "idx": [c[3] for c in cases], "expert": [c[4] for c in cases], "dictionary": [c[5] for c in cases]}).fetchall()
     assert [r[0] for r in rows] == [vector_unit(*c) for c in cases]
     assert {vector_unit("ff_value", 5, None, 123), vector_unit("q", 5, 3, 7), vector_unit("pos", None, None, 12),
             vector_unit("bias_attn_out", 5, None, 0), vector_unit("bias_ff_out", 5, None, 0),
             vector_unit("ff_key", 5, None, 123, 3), vector_unit("router", 5, None, 3, 3), vector_unit("router", 5, None, 0)} == \
         {"L5.N123", "L5.H3.d7", "P12", "L5.attn_bias", "L5.ff_bias", "L5.E3.N123", "L5.E3.router", "L5.shared_router"}
+    assert vector_unit("decoder", 8, None, 17, dictionary="res-L8") == "res-L8.F17"
     assert con.execute(f"SELECT {head_unit_sql('h')} FROM (SELECT 5::SMALLINT AS layer, 3::SMALLINT AS head) h").fetchall() \
         == [(head_unit(5, 3),)] == [("L5.H3",)]
 

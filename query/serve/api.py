@@ -6,7 +6,8 @@ from ..params import HELPERS
 # What each helper endpoint's example asks ({model}: the first indexed model).
 _EXAMPLES = {"models": "", "heads": "token=paris", "neurons": "token=paris&kind=ff_value",
              "show": "model={model}&unit=L0.H0", "similar": "model={model}&unit=L0.N0&in={model}",
-             "tokens": "text=Paris is big", "history": "series=SERIES&unit=L0.N0"}
+             "tokens": "text=Paris is big", "history": "series=SERIES&unit=L0.N0",
+             "features": "token=paris&kind=decoder"}
 
 
 def _helper_endpoint(name: str) -> tuple:
