@@ -822,3 +822,13 @@ class Dataset:
 def open_dataset(path: str | Path) -> Dataset:
     """Open the dataset directory ``path`` read-only."""
     return Dataset(path)
+
+
+def _enrich(self, tokens, **kw) -> pa.Table:
+    """Units whose stored lists are enriched in a token set (``query.enrich.enrich``)."""
+    from . import enrich
+
+    return enrich.enrich(self, tokens, **kw)
+
+
+Dataset.enrich = _enrich

@@ -1,0 +1,234 @@
+"""Token-set enrichment (issue 23): the statistics against independent computations, and
+``enrich`` ranking a planted unit first across two models with different tokenizers."""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from indexer.tokens import normalise
+from query import Dataset
+from query.enrich import (MAX_SET, benjamini_hochberg, hypergeom_sf, mhg, mhg_pvalue, named_set, read_tokens_file,
+                          set_matches, set_names, token_set)
+from query.errors import BadOption, BadToken, UnknownToken
+
+# -- the statistics ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N,M,n", [(10, 4, 5), (30522, 20, 50), (49152, 60, 100), (100, 60, 50), (7, 7, 3), (50, 1, 50)])
+def test_hypergeometric_tail_equals_scipy(N, M, n):
+    stats = pytest.importorskip("scipy.stats")
+    for k in range(0, min(n, M) + 2):
+        want = float(stats.hypergeom.sf(k - 1, N, M, n))
+        got = hypergeom_sf(k, N, M, n)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-300), (k, got, want)
+
+
+def _brute_pvalue(N, M, K, s):
+    """P(mHG <= s) by enumerating every placement of the M members among N ranks (exact, small N)."""
+    hits = total = 0
+    for members in itertools.combinations(range(1, N + 1), M):
+        ranks = [r for r in members if r <= K]
+        stat = mhg(ranks, N, M, K)[0] if ranks else 1.0
+        hits += stat <= s * (1 + 1e-9)
+        total += 1
+    return hits / total
+
+
+@pytest.mark.parametrize("N,M,K,ranks", [(12, 3, 5, [1]), (12, 3, 5, [2, 5]), (14, 4, 6, [1, 2, 3]),
+                                          (10, 5, 10, [3, 4, 9]), (15, 2, 4, [4])])
+def test_mhg_pvalue_equals_enumeration(N, M, K, ranks):
+    s, _ = mhg(ranks, N, M, K)
+    assert mhg_pvalue(s, N, M, K) == pytest.approx(_brute_pvalue(N, M, K, s), rel=1e-12)
+
+
+def test_mhg_prefers_members_at_the_top():
+    N, M, K = 30000, 20, 50
+    top, low = mhg(list(range(1, 21)), N, M, K), mhg(list(range(31, 51)), N, M, K)
+    assert top[1] == 20 and low[1] == 50 and top[0] < low[0]
+    assert mhg_pvalue(top[0], N, M, K) < mhg_pvalue(low[0], N, M, K)
+
+
+def test_benjamini_hochberg_equals_statsmodels_formula():
+    p = [0.01, 0.04, 0.03, 0.2]
+    # by hand, m = 10: sorted 0.01, 0.03, 0.04, 0.2 -> 0.1, 0.15, 0.1333, 0.5; step-up min from the end
+    assert benjamini_hochberg(p, 10) == pytest.approx([0.1, 0.13333333333333333, 0.13333333333333333, 0.5])
+    assert benjamini_hochberg([0.5], 0) == [0.5]  # m is never below the p-values given
+
+
+# -- the set ---------------------------------------------------------------------------------------------
+
+def test_duplicates_count_once_and_empty_is_refused():
+    assert token_set(["Paris", " paris", "PARIS", "London"]) == ["Paris", "London"]
+    for empty in ([], ["", "  "]):
+        with pytest.raises(BadToken, match="empty"):
+            token_set(empty)
+
+
+def test_tokens_file_errors_are_one_line(tmp_path):
+    with pytest.raises(BadToken, match="does not exist"):
+        read_tokens_file(tmp_path / "nope.txt")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(BadToken, match="not UTF-8"):
+        read_tokens_file(bad)
+    with pytest.raises(BadToken, match="directory"):
+        read_tokens_file(tmp_path)
+    big = tmp_path / "big.txt"
+    big.write_text("\n".join(f"w{i}" for i in range(100_000)))
+    with pytest.raises(BadToken, match=f"at most {MAX_SET:,}"):
+        read_tokens_file(big)
+    ok = tmp_path / "ok.txt"
+    ok.write_text("# capitals\nParis\n\n  # indented comment\nLondon\nParis\n")
+    assert token_set(read_tokens_file(ok)) == ["Paris", "London"]
+
+
+def test_named_sets_ship_with_a_source():
+    names = set_names()
+    for want in ("months", "weekdays", "digits", "number_words", "pronouns", "countries", "capitals", "colours",
+                 "common_words"):
+        assert want in names
+    assert named_set("months")[0] == "January" and len(named_set("months")) == 12
+    assert len(token_set(named_set("weekdays"))) == 7
+    with pytest.raises(BadOption, match="months"):
+        named_set("planets")
+
+
+# -- a dataset: two models, two tokenizers --------------------------------------------------------------
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+SET20 = MONTHS + ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "weekend"]
+K, D_FF, N_HEADS = 30, 8, 2
+PLANT = {"bpe": ("L0.N5", "ff_value"), "wp": ("L0.N2", "ff_value")}
+
+
+def _vocab(style: str) -> list[tuple[str, str]]:
+    """(piece, token): a byte-level vocabulary (`` January`` and ``January``) or a lower-cased WordPiece one."""
+    if style == "bpe":
+        words = [(f"Ġ{w}", f" {w}") for w in SET20] + [(w, w) for w in SET20[:5]]
+        filler = [(f"Ġf{i}", f" f{i}") for i in range(400)]
+    else:
+        words = [(w.lower(), w.lower()) for w in SET20 if w != "weekend"]  # 'weekend' is missing here
+        filler = [(f"##g{i}", f"##g{i}") for i in range(300)]
+    return [("<s>", "<s>")] + words + filler
+
+
+def _model(root: Path, slug: str, seed: int) -> None:
+    from indexer.dataset import Build
+
+    vocab = _vocab(slug)
+    rng = random.Random(seed)
+    members = [i for i, (_, t) in enumerate(vocab) if normalise(t) in {normalise(w) for w in SET20}]
+    others = [i for i, (_, t) in enumerate(vocab) if i and i not in members]
+    b = Build(root, slug, {"enrich": seed})
+    vec, roles = [], []
+    planted_unit, planted_kind = PLANT[slug]
+    for kind in ("ff_key", "ff_value"):
+        for n in range(D_FF):
+            for side in ("top", "bottom"):
+                ids = rng.sample(others, K)
+                if (f"L0.N{n}", kind, side) == (planted_unit, planted_kind, "top"):
+                    ids = rng.sample(members, min(20, len(members))) + ids
+                elif (n, kind, side) == (1, "ff_key", "top"):  # a decoy: members lower in the list
+                    ids = ids[:K // 2] + rng.sample(members, 8) + ids[K // 2:]
+                elif rng.random() < 0.5:  # noise: one member somewhere
+                    ids.insert(rng.randrange(K), rng.choice(members))
+                for r, t in enumerate(ids[:K], start=1):
+                    vec.append(dict(model=slug, layer=0, kind=kind, head=None, idx=n, unit=f"L0.N{n}", side=side, rank=r,
+                                    token_id=t, token=vocab[t][1], score=float(K - r)))
+    for h in range(N_HEADS):
+        for circuit, role in (("ov", "source"), ("ov", "output"), ("qk", "query"), ("qk", "key")):
+            for side in ("top", "bottom"):
+                ids = rng.sample(others, K)
+                if slug == "wp" and (h, role, side) == (1, "output", "top"):
+                    ids = rng.sample(members, 10) + ids
+                for r, t in enumerate(ids[:K], start=1):
+                    roles.append(dict(model=slug, layer=0, head=h, circuit=circuit, role=role, side=side, rank=r,
+                                      token_id=t, token=vocab[t][1], score=float(K - r)))
+    b.write("vectors", pa.Table.from_pylist(vec), layer=0)
+    b.write("head_tokens", pa.Table.from_pylist(roles), layer=0)
+    b.write("heads", pa.Table.from_pylist([dict(model=slug, layer=0, head=h, kv_head=h, unit=f"L0.H{h}") for h in range(N_HEADS)]),
+            layer=0)
+    tokens = pa.table({"vocab_id": [f"v{slug}"] * len(vocab), "token_id": pa.array(range(len(vocab)), pa.int32()),
+                       "piece": [p for p, _ in vocab], "token": [t for _, t in vocab],
+                       "norm": [normalise(t) for _, t in vocab], "special": [i == 0 for i in range(len(vocab))]})
+    b.commit(dict(source=f"synthetic:{slug}", revision=None, architecture="gpt2", hf_architecture=None, n_layers=1,
+                  n_heads=N_HEADS, n_kv_heads=N_HEADS, d_model=4, d_head=2, d_ff=D_FF, d_vocab=len(vocab), n_ctx=None,
+                  tied=True, vocab_id=f"v{slug}", variant="raw", k=K, n_pairs=4, settings=json.dumps({"synthetic": True}),
+                  weights_sha256="{}"), f"v{slug}", tokens)
+
+
+@pytest.fixture(scope="module")
+def eds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enrich") / "db"
+    _model(root, "bpe", 1)
+    _model(root, "wp", 2)
+    d = Dataset(root)
+    yield d
+    d.close()
+
+
+def test_planted_units_rank_first_across_tokenizers(eds):
+    out = eds.enrich(SET20, kind="ff_key,ff_value", limit=None).to_pylist()
+    assert {(r["model"], r["unit"], r["list"]) for r in out[:2]} == {("bpe", "L0.N5", "ff_value"), ("wp", "L0.N2", "ff_value")}
+    first = {r["model"]: r for r in out[:2]}
+    # bpe: 20 words match 25 ids (five words twice: ' January' and 'January'); wp: 19 words, 'weekend' missing
+    assert first["bpe"]["set_size"] == 25 and first["bpe"]["missing"] == []
+    assert first["wp"]["set_size"] == 19 and first["wp"]["missing"] == ["weekend"]
+    assert first["bpe"]["hits"] == 20 and first["bpe"]["cutoff"] == 20
+    assert first["wp"]["hits"] == 19 and first["wp"]["cutoff"] == 19
+    for r in out[:2]:
+        assert r["p_value"] < 1e-25 and r["q_value"] < 1e-25 and r["list_size"] == K
+        assert r["members"][0].endswith("#1")
+    # the decoy (8 members at ranks 16-23) is next for each model, far weaker
+    decoys = [r for r in out if (r["unit"], r["list"]) == ("L0.N1", "ff_key")]
+    assert len(decoys) == 2 and all(d["p_value"] > first[d["model"]]["p_value"] * 1e6 for d in decoys)
+    assert out.index(decoys[0]) in (2, 3) and out.index(decoys[1]) in (2, 3)
+    # p-values are sorted and every q >= its p
+    assert [r["p_value"] for r in out] == sorted(r["p_value"] for r in out)
+    assert all(r["q_value"] >= r["p_value"] for r in out)
+
+
+def test_head_role_lists_are_units(eds):
+    out = eds.enrich(SET20, model="wp", kind="ov:output", limit=3).to_pylist()
+    assert (out[0]["unit"], out[0]["list"], out[0]["hits"]) == ("L0.H1", "ov:output", 10)
+
+
+def test_statistics_agree_with_a_recomputation(eds):
+    """The row's numbers are the module's functions applied to the list read back with plain SQL."""
+    r = eds.enrich(SET20, model="bpe", kind="ff_value", limit=1).to_pylist()[0]
+    ids = {x["token_id"] for x in set_matches(eds, SET20, model="bpe").to_pylist()}
+    ranks = [x["rank"] for x in eds.sql("SELECT rank, token_id FROM vectors WHERE model = 'bpe' AND unit = 'L0.N5' "
+                                        "AND kind = 'ff_value' AND side = 'top'").to_pylist() if x["token_id"] in ids]
+    N = len(_vocab("bpe"))
+    stat, cut = mhg(ranks, N, len(ids), K)
+    assert (r["statistic"], r["cutoff"], r["background"]) == (stat, cut, N)
+    assert r["p_value"] == mhg_pvalue(stat, N, len(ids), K)
+    tests = 2 * D_FF  # ff_value lists of one model, side top: one test each
+    assert r["q_value"] == pytest.approx(r["p_value"] * tests, rel=1e-12)
+
+
+def test_set_matches_show_ids_and_misses(eds):
+    m = set_matches(eds, ["january", "weekend", "nothing-here"]).to_pylist()
+    bpe = [(x["word"], x["token"]) for x in m if x["model"] == "bpe"]
+    assert bpe == [("january", " January"), ("january", "January"), ("weekend", " weekend"), ("nothing-here", None)]
+    wp = [(x["word"], x["token"]) for x in m if x["model"] == "wp"]
+    assert wp == [("january", "january"), ("weekend", None), ("nothing-here", None)]
+
+
+def test_no_match_is_one_line(eds):
+    with pytest.raises(UnknownToken, match="no token of the set"):
+        eds.enrich(["zzz", "qqq"])
+    with pytest.raises(BadOption, match="unknown kind"):
+        eds.enrich(SET20, kind="ff_nope")
+
+
+def test_side_bottom_reads_bottom_lists(eds):
+    out = eds.enrich(SET20, side="bottom", kind="ff_value", limit=None).to_pylist()
+    assert all(r["side"] == "bottom" for r in out)
+    assert not any(r["unit"] in ("L0.N5", "L0.N2") and r["hits"] > 1 for r in out)
