@@ -699,6 +699,45 @@ def cache_clear(cache_dir):
     click.echo(f"cleared {where} ({freed:,} bytes)", err=True)
 
 
+# -- enrich (issue 23) --------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("tokens", nargs=-1)
+@click.option("--tokens-file", default=None, metavar="FILE", help="One token a line ('#' comments).")
+@click.option("--set", "sets", multiple=True, metavar="NAME", help="A named set shipped with zeropass (see --list-sets).")
+@click.option("--list-sets", is_flag=True, help="List the named sets and their sources, then stop.")
+@click.option("--matches", is_flag=True, help="Print which words match which token ids in each model, then stop.")
+@model_option
+@click.option("--kind", multiple=True, help="Lists to search (repeat or comma list): vector kinds, ov:source, ov:output, "
+              "qk:query, qk:key. Default: FF neurons, head dimensions and head role lists.")
+@click.option("--side", type=click.Choice(["top", "bottom", "both"]), default="top", show_default=True,
+              help="Search the top (largest) or bottom (most negative) lists.")
+@click.option("--limit", "-n", type=int, default=20, show_default=True, help="At most this many rows (0: all).")
+@output_options
+def enrich(tokens, tokens_file, sets, list_sets, matches, model, kind, side, limit, db, fmt, quiet):
+    """Units whose stored token lists are enriched in a set of tokens (a concept), best first.
+
+    \b
+      zeropass enrich paris london berlin rome madrid
+      zeropass enrich --set months --kind ff_value
+      zeropass enrich --tokens-file capitals.txt --format json
+    """
+    from . import enrich as lib
+
+    if list_sets:
+        return _emit(lib.set_sources(), fmt, quiet)
+    words = lib.gather(tokens, tokens_file=tokens_file, sets=sets)
+    ds = _open(db)
+    found = lib.set_matches(ds, words, model=model or None)
+    if matches:
+        return _emit(found, fmt, quiet)
+    table = ds.enrich(words, model=model or None, kind=kind or None, side=side, limit=_limit(limit))
+    if not quiet:
+        for line in lib.match_summary(found):
+            click.echo(line, err=True)
+    _emit(table, fmt, quiet, empty="No list of the kinds searched holds a token of the set.")
+
+
 def main(argv=None):
     """Console script entry point."""
     return cli.main(args=argv, prog_name="zeropass")

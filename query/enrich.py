@@ -36,12 +36,12 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
-from schemas.kinds import ALL_KINDS, FF_KINDS, HEAD_DIM_KINDS, KV_KINDS, KIND, FF, HEAD_DIM, POS, BIAS, ROUTER
+from schemas.kinds import ALL_KINDS, BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KIND, KV_KINDS, POS
 from schemas.tokens import normalise
 from schemas.units import head_unit, vector_unit
 
 from .errors import BadOption, BadToken, UnknownToken
-from .helpers import Query, _bound, _in_ids, _sides, _text, same_tokens, Matches
+from .helpers import Matches, Query, _bound, _in_ids, _sides, _text, same_tokens
 from .units import quoted
 
 # A set (a file, a list of arguments) holds at most this many distinct words: enough for any
@@ -300,6 +300,30 @@ def set_sources() -> pa.Table:
         source = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("# source:")), "")
         rows.append({"name": name, "size": len(token_set(_words(text.splitlines()))), "source": source})
     return pa.Table.from_pylist(rows, schema=pa.schema([("name", pa.string()), ("size", pa.int64()), ("source", pa.string())]))
+
+
+def gather(tokens=(), *, tokens_file=None, sets=()) -> list[str]:
+    """The set from every source a caller may give: words, a tokens file, named sets (duplicates once)."""
+    words = list(tokens)
+    if tokens_file is not None:
+        words += read_tokens_file(tokens_file)
+    for name in sets:
+        words += named_set(name)
+    return token_set(words)
+
+
+def match_summary(matches: pa.Table) -> list[str]:
+    """One line per model of :func:`set_matches`: how many words matched how many ids, and the misses."""
+    out = []
+    for m in dict.fromkeys(matches.column("model").to_pylist()):
+        rows = [r for r in matches.to_pylist() if r["model"] == m]
+        words = list(dict.fromkeys(r["word"] for r in rows))
+        missed = [w for w in words if all(r["token_id"] is None for r in rows if r["word"] == w)]
+        ids = sum(r["token_id"] is not None for r in rows)
+        shown = ", ".join(quoted(w) for w in missed[:10]) + (f" and {len(missed) - 10} more" if len(missed) > 10 else "")
+        out.append(f"{m}: {len(words) - len(missed)} of {len(words)} words match {ids} token ids"
+                   + (f"; no match: {shown}" if missed else ""))
+    return out
 
 
 # -- matching the set --------------------------------------------------------------------------------

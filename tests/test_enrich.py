@@ -232,3 +232,61 @@ def test_side_bottom_reads_bottom_lists(eds):
     out = eds.enrich(SET20, side="bottom", kind="ff_value", limit=None).to_pylist()
     assert all(r["side"] == "bottom" for r in out)
     assert not any(r["unit"] in ("L0.N5", "L0.N2") and r["hits"] > 1 for r in out)
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+def _cli(eds, *args):
+    from click.testing import CliRunner
+
+    from query.cli import cli
+
+    return CliRunner().invoke(cli, [*args, "--db", str(eds.root)], catch_exceptions=False)
+
+
+def _one_error_line(r, *fragments):
+    assert r.exit_code == 1 and r.stdout == "", (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.stderr, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_cli_enrich_json_rows_carry_unit(eds, tmp_path):
+    f = tmp_path / "set.txt"
+    f.write_text("# months and days\n" + "\n".join(SET20 + SET20[:3]) + "\n")
+    r = _cli(eds, "enrich", "--tokens-file", str(f), "--kind", "ff_value", "--format", "json", "-n", "2")
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {(x["model"], x["unit"]) for x in rows} == {("bpe", "L0.N5"), ("wp", "L0.N2")}
+    assert "wp: 19 of 20 words match 19 token ids; no match: 'weekend'" in r.stderr
+    assert "bpe: 20 of 20 words match 25 token ids" in r.stderr
+
+
+def test_cli_named_sets_and_matches(eds):
+    r = _cli(eds, "enrich", "--list-sets", "--format", "csv")
+    assert r.exit_code == 0 and "months,12," in r.stdout
+    r = _cli(eds, "enrich", "--set", "months", "--kind", "ff_value", "--format", "json", "-n", "0")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["unit"] in ("L0.N5", "L0.N2")
+    r = _cli(eds, "enrich", "january", "weekend", "--matches", "--model", "wp", "--format", "csv")
+    assert r.stdout.splitlines() == ["model,word,token_id,token", "wp,january,1,january", "wp,weekend,,"]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    ((), ("token set is empty",)),
+    (("--tokens-file", "/nonexistent/set.txt"), ("does not exist",)),
+    (("--set", "planets"), ("unknown token set", "months")),
+    (("zzz", "qqq"), ("no token of the set",)),
+    (("january", "--kind", "nope"), ("unknown kind",)),
+], ids=["empty", "missing-file", "unknown-set", "no-match", "bad-kind"])
+def test_cli_bad_input_is_one_line(eds, args, fragments):
+    _one_error_line(_cli(eds, "enrich", *args), *fragments)
+
+
+def test_cli_big_and_binary_files_are_one_line(eds, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text("\n".join(f"w{i}" for i in range(100_000)))
+    _one_error_line(_cli(eds, "enrich", "--tokens-file", str(big)), "at most 10,000")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00j\x00a\x00n")
+    _one_error_line(_cli(eds, "enrich", "--tokens-file", str(binary)), "not UTF-8")
