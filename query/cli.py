@@ -355,15 +355,19 @@ def neurons(token, model, kind, max_rank, exact, token_id, side, limit, db, fmt,
 @click.argument("model")
 @click.argument("unit")
 @click.option("--limit", "-n", type=int, default=10, show_default=True, help="Ranks shown per list (0: all).")
+@click.option("--readable", is_flag=True, help="Hide list entries whose text is not letters (fragments, digits, punctuation).")
 @output_options
-def show(model, unit, limit, db, fmt, quiet):
+def show(model, unit, limit, readable, db, fmt, quiet):
     """Everything stored about one unit: L5.H3 (head), L5.N123 (neuron), L5.H3.d7, P12.
 
     \b
       zeropass show minilm L5.H3
       zeropass show minilm L2.N100 --format json
     """
-    sections = _open(db).show(model, unit, limit=_limit(limit))
+    sections = _open(db).show(model, unit, limit=_limit(limit), readable=readable)
+    if readable and not quiet:
+        hidden = sum(int((t.schema.metadata or {}).get(b"hidden_rows", 0)) for t in sections.values())
+        click.echo(f"(--readable: {hidden:,} list entr{'y' if hidden == 1 else 'ies'} hidden within the ranks shown)", err=True)
     if all(t.num_rows == 0 for t in sections.values()):
         if not quiet:
             click.echo(f"Nothing stored for {unit} of {model} (was its layer indexed?).", err=True)

@@ -389,9 +389,10 @@ def _head_dims_where(prefix: str = "") -> str:
 _HEAD_DIM_PARAMS = {"query_head_kinds": list(QUERY_HEAD_KINDS), "kv_kinds": list(KV_KINDS)}
 
 
-def show_head_queries(ds, model: str, layer: int, head: int, kv: int, limit: int | None) -> "OrderedDict[str, Query]":
+def show_head_queries(ds, model: str, layer: int, head: int, kv: int, limit: int | None,
+                      readable: bool = False) -> "OrderedDict[str, Query]":
     """The SQL of :func:`show` for a head ``L{layer}.H{head}`` (key/value head ``kv``), by section."""
-    src = {t: ds.source(t, [model], [layer]) for t in ("heads", "pairs", "head_tokens", "vectors")}
+    src = {t: _readable(ds.source(t, [model], [layer]), t, readable) for t in ("heads", "pairs", "head_tokens", "vectors")}
     where = "layer = $l AND head = $h"
     base = {"l": layer, "h": head}
     out: OrderedDict[str, Query] = OrderedDict()
@@ -429,7 +430,24 @@ def show_head_queries(ds, model: str, layer: int, head: int, kv: int, limit: int
     return out
 
 
-def show_vectors_query(ds, model: str, u: Unit, kv: int | None, limit: int | None) -> Query:
+# --readable (issue 23): a list entry is readable when its text is letters, surrounding whitespace
+# aside (the word-boundary marker decodes to a space): the query-time twin of `index --vocab-filter
+# alpha` (indexer/vocab_filter.py, str.isalpha; RE2's \p{L} is the same letter categories).
+READABLE_SQL = "regexp_full_match({col}, '\\s*\\p{{L}}+\\s*')"
+_TOKEN_COLUMNS = {"pairs": ("src", "dst"), "head_tokens": ("token",), "vectors": ("token",)}
+# the columns of show's sections that hold list entries (counted to say how many were hidden)
+SHOWN_TOKEN_COLUMNS = ("top", "bottom", "src", "token", "ov_source", "ov_output", "qk_query", "qk_key")
+
+
+def _readable(source: str, table: str, readable: bool) -> str:
+    """``source``, or (``readable``) a subquery of its rows whose tokens are all readable."""
+    cols = _TOKEN_COLUMNS.get(table)
+    if not readable or not cols:
+        return source
+    return f"(SELECT * FROM {source} WHERE {' AND '.join(READABLE_SQL.format(col=c) for c in cols)})"
+
+
+def show_vectors_query(ds, model: str, u: Unit, kv: int | None, limit: int | None, readable: bool = False) -> Query:
     """The SQL of :func:`show` for a unit made of vectors (neuron, head dimension, position, bias)."""
     # MoE (issue 12): an expert's neuron / router row is picked by the expert column (null: dense or shared).
     if u.kind == "neuron":
@@ -453,12 +471,12 @@ def show_vectors_query(ds, model: str, u: Unit, kv: int | None, limit: int | Non
                    max(score) FILTER (WHERE side = 'top') AS top_score,
                    max(token) FILTER (WHERE side = 'bottom') AS bottom,
                    max(score) FILTER (WHERE side = 'bottom') AS bottom_score
-            FROM {ds.source("vectors", [model], layers)} WHERE {where} {rank}
+            FROM {_readable(ds.source("vectors", [model], layers), "vectors", readable)} WHERE {where} {rank}
             GROUP BY kind, unit, head, idx, rank
             ORDER BY {order_sql("kind")}, head, idx, rank""", params)
 
 
-def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[str, pa.Table]":
+def show(ds, model: str, unit: str, *, limit: int | None = 10, readable: bool = False) -> "OrderedDict[str, pa.Table]":
     """Everything stored about one unit, as named sections (an ordered dict of Arrow tables).
 
     * ``L5.H3``: ``metrics`` (the heads row, one metric per row), ``pairs`` (top and bottom
@@ -469,8 +487,20 @@ def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[s
     * ``L5.H3.d7``: ``vectors`` for q/o of head 3 and k/v of its key/value head, dimension 7;
     * ``P12``, ``L5.attn_bias``, ``L5.ff_bias``: ``vectors`` for that vector.
 
-    ``limit=None``: every rank.
+    ``limit=None``: every rank. ``readable``: list entries whose text is not letters (fragments,
+    punctuation, digits) are left out (ranks keep their stored numbers); each table's schema
+    metadata ``hidden_rows`` says how many entries within the ranks shown were left out.
     """
+    if readable:
+        full = _show(ds, model, unit, limit, False)
+        kept = _show(ds, model, unit, limit, True)
+        count = lambda t: sum(t.num_rows - t.column(c).null_count for c in SHOWN_TOKEN_COLUMNS if c in t.column_names)  # noqa: E731
+        return OrderedDict((name, t.replace_schema_metadata({"hidden_rows": str(count(full[name]) - count(t))}))
+                           for name, t in kept.items())
+    return _show(ds, model, unit, limit, False)
+
+
+def _show(ds, model: str, unit: str, limit, readable: bool) -> "OrderedDict[str, pa.Table]":
     slug = ds.resolve_model(model)
     info = ds.model_info(slug)
     u = parse_unit(unit)
@@ -478,9 +508,9 @@ def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[s
     limit = _bound(limit, "limit", 0)
     kv = _kv_head(ds, info, u.layer, u.head) if u.head is not None else None
     if u.kind != "head":
-        return OrderedDict(vectors=ds._run(*show_vectors_query(ds, slug, u, kv, limit)))
+        return OrderedDict(vectors=ds._run(*show_vectors_query(ds, slug, u, kv, limit, readable)))
     out: OrderedDict[str, pa.Table] = OrderedDict()
-    for name, query in show_head_queries(ds, slug, u.layer, u.head, kv, limit).items():
+    for name, query in show_head_queries(ds, slug, u.layer, u.head, kv, limit, readable).items():
         if name == "metrics":  # one metric per row
             row = ds.rows(*query)
             metrics = list(row[0].items()) if row else []

@@ -290,3 +290,25 @@ def test_cli_big_and_binary_files_are_one_line(eds, tmp_path):
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00j\x00a\x00n")
     _one_error_line(_cli(eds, "enrich", "--tokens-file", str(binary)), "not UTF-8")
+
+
+# -- --readable (query time) ----------------------------------------------------------------------------
+
+def test_show_readable_hides_fragments_and_counts_them(ds, synthetic_db):
+    """alpha's L1.N0 ff_key top list holds O'Brien, a\\b, 100%, snake_case, line\\nbreak at ranks 1-5."""
+    full = ds.show("alpha", "L1.N0")["vectors"].to_pylist()
+    got = ds.show("alpha", "L1.N0", readable=True)["vectors"]
+    rows = got.to_pylist()
+    assert not any(r["kind"] == "ff_key" and r["top"] is not None and r["rank"] <= 5 for r in rows)
+    shown = [t for r in rows for t in (r["top"], r["bottom"]) if t is not None]
+    assert shown and all(t.strip().isalpha() for t in shown)
+    total = sum((r["top"] is not None) + (r["bottom"] is not None) for r in full)
+    assert int(got.schema.metadata[b"hidden_rows"]) == total - len(shown) >= 5
+    head = ds.show("alpha", "L1.H0", readable=True)
+    assert all(r["src"].strip().isalpha() and r["dst"].strip().isalpha() for r in head["pairs"].to_pylist())
+    from click.testing import CliRunner
+
+    from query.cli import cli
+
+    r = CliRunner().invoke(cli, ["show", "alpha", "L1.N0", "--readable", "--db", str(synthetic_db)])
+    assert r.exit_code == 0 and f"--readable: {total - len(shown)} list entries hidden" in r.stderr
