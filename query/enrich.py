@@ -97,6 +97,18 @@ def _vector_count(info: dict, kind: str) -> int:
     return 0  # routers: the lists seen are counted instead (see _tests)
 
 
+def _background(info: dict) -> int:
+    """N: the tokens a list was chosen from: the vocabulary, or those a --vocab-filter allowed.
+
+    Under a filter M still counts every matched id (the allowed ones are not stored): a larger M
+    only raises the tails, so p-values stay conservative."""
+    try:
+        allowed = json.loads(info.get("settings") or "{}").get("vocab_filter", {}).get("allowed")
+    except (ValueError, AttributeError):
+        allowed = None
+    return int(allowed) if isinstance(allowed, int) and allowed > 0 else int(info["d_vocab"])
+
+
 LISTS: dict[str, Lists] = {
     "vectors": Lists(
         source="vectors_by_token", kinds=tuple(ALL_KINDS),
@@ -424,7 +436,8 @@ def enrich(ds, tokens, *, model=None, kind=None, side: str = "top", limit: int |
     rows = []
     for key, members in found.items():
         m, info = key[0], infos[key[0]]
-        N, M = int(info["d_vocab"]), len(ids[m])
+        N = _background(info)
+        M = min(len(ids[m]), N)
         K = min(int(info["k"]), N)
         ranks = sorted({r["rank"] for r in members if r["rank"] <= K})
         if not ranks:

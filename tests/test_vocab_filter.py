@@ -95,3 +95,12 @@ def test_unfiltered_is_untouched_and_names_never_mix(filtered, tmp_path):
     empty.write_text("zzz\n")
     with pytest.raises(BadVocabFilter, match="allows no token"):
         index_model(str(src), tmp_path / "db2", k=K, progress=None, vocab_filter=str(empty))
+
+
+def test_enrich_uses_the_filtered_background(filtered):
+    _, db, _ = filtered
+    with Dataset(db) as ds:
+        rows = ds.enrich(["Paris", "France", "Berlin", "Germany", "Rome", "Italy"], limit=None).to_pylist()
+    backgrounds = {r["model"]: r["background"] for r in rows}
+    assert backgrounds.get("raw") == len(VOCAB)
+    assert backgrounds.get("alpha") == len(_allowed("alpha"))
