@@ -326,14 +326,15 @@ def gather(tokens=(), *, tokens_file=None, sets=()) -> list[str]:
 
 def match_summary(matches: pa.Table) -> list[str]:
     """One line per model of :func:`set_matches`: how many words matched how many ids, and the misses."""
+    per: dict[str, dict[str, int]] = {}  # model -> word -> ids matched
+    for m, w, i in zip(*(matches.column(c).to_pylist() for c in ("model", "word", "token_id"))):
+        words = per.setdefault(m, {})
+        words[w] = words.get(w, 0) + (i is not None)
     out = []
-    for m in dict.fromkeys(matches.column("model").to_pylist()):
-        rows = [r for r in matches.to_pylist() if r["model"] == m]
-        words = list(dict.fromkeys(r["word"] for r in rows))
-        missed = [w for w in words if all(r["token_id"] is None for r in rows if r["word"] == w)]
-        ids = sum(r["token_id"] is not None for r in rows)
+    for m, words in per.items():
+        missed = [w for w, n in words.items() if n == 0]
         shown = ", ".join(quoted(w) for w in missed[:10]) + (f" and {len(missed) - 10} more" if len(missed) > 10 else "")
-        out.append(f"{m}: {len(words) - len(missed)} of {len(words)} words match {ids} token ids"
+        out.append(f"{m}: {len(words) - len(missed)} of {len(words)} words match {sum(words.values())} token ids"
                    + (f"; no match: {shown}" if missed else ""))
     return out
 

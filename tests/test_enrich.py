@@ -312,3 +312,18 @@ def test_show_readable_hides_fragments_and_counts_them(ds, synthetic_db):
 
     r = CliRunner().invoke(cli, ["show", "alpha", "L1.N0", "--readable", "--db", str(synthetic_db)])
     assert r.exit_code == 0 and f"--readable: {total - len(shown)} list entries hidden" in r.stderr
+
+
+def test_a_set_at_the_bound_stays_fast(eds, tmp_path):
+    """MAX_SET distinct words (most matching nothing) through the command: bounded and quick."""
+    import time
+
+    f = tmp_path / "big.txt"
+    f.write_text("\n".join(SET20 + [f"zz{i}" for i in range(MAX_SET - len(SET20))]))
+    t = time.perf_counter()
+    r = _cli(eds, "enrich", "--tokens-file", str(f), "--kind", "ff_value", "-n", "1", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert time.perf_counter() - t < 3
+    assert "and 9970 more" in r.stderr or "and 9971 more" in r.stderr
+    f.write_text("\n".join(f"zz{i}" for i in range(MAX_SET + 1)))
+    _one_error_line(_cli(eds, "enrich", "--tokens-file", str(f)), f"at most {MAX_SET:,}")
