@@ -83,6 +83,18 @@ def _layers(info: dict) -> int:
     return len(layers) if isinstance(layers, list) else int(info["n_layers"])
 
 
+def _layer_kinds(ds, info: dict) -> set[str]:
+    """The vector kinds a model has (ff_gate only when gated, biases only when present): one
+    layer file tells. Positions live in their own partition and are counted from ``n_ctx``."""
+    try:
+        layers = json.loads(info.get("settings") or "{}").get("layers")
+    except (ValueError, AttributeError):
+        layers = None
+    first = layers[0] if isinstance(layers, list) and layers else 0
+    kinds = {r["kind"] for r in ds.rows(f"SELECT DISTINCT kind FROM {ds.source('vectors', [info['model']], [first])}", {})}
+    return kinds | ({"pos"} if info.get("n_ctx") else set())
+
+
 def _vector_count(info: dict, kind: str) -> int:
     group, n = KIND[kind].group, _layers(info)
     if group == FF:
@@ -122,7 +134,8 @@ LISTS: dict[str, Lists] = {
                        NULL::INTEGER AS idx, t.side, t.rank, t.token_id""",
         where_kind="list_contains($kinds, t.circuit || ':' || t.role)",
         unit=lambda r: head_unit(r["layer"], r["head"]),
-        count=lambda info, kind: _layers(info) * int(info["n_heads"])),
+        # role lists are written with the pairs: none when indexed with --pairs 0
+        count=lambda info, kind: _layers(info) * int(info["n_heads"]) if info.get("n_pairs") else 0),
 }
 # What `--kind` means when not given: FF neurons, head dimensions and heads' role lists.
 DEFAULT_KINDS = tuple(FF_KINDS) + tuple(HEAD_DIM_KINDS) + HEAD_LISTS
@@ -453,7 +466,9 @@ def enrich(ds, tokens, *, model=None, kind=None, side: str = "top", limit: int |
                                                   for r in members],
                      "missing": missing[m]})
     # Every list of the kinds asked is a test: those without a member have p = 1.
-    tests = sum(LISTS[_table_of(k)].count(infos[m], k) * len(sides) for m in infos for k in kinds)
+    present = {m: _layer_kinds(ds, info) for m, info in infos.items()}
+    tests = sum(LISTS[_table_of(k)].count(infos[m], k) * len(sides)
+                for m in infos for k in kinds if _table_of(k) != "vectors" or k in present[m])
     for r, q in zip(rows, benjamini_hochberg([r["p_value"] for r in rows], tests)):
         r["q_value"] = q
     rows.sort(key=lambda r: (r["p_value"], r["statistic"], -r["hits"], r["model"], r["layer"] if r["layer"] is not None else -1,

@@ -25,7 +25,7 @@ def test_hypergeometric_tail_equals_scipy(N, M, n):
     for k in range(0, min(n, M) + 2):
         want = float(stats.hypergeom.sf(k - 1, N, M, n))
         got = hypergeom_sf(k, N, M, n)
-        assert got == pytest.approx(want, rel=1e-12, abs=1e-300), (k, got, want)
+        assert got == pytest.approx(want, rel=1e-12, abs=0), (k, got, want)
 
 
 def _brute_pvalue(N, M, K, s):
@@ -43,7 +43,7 @@ def _brute_pvalue(N, M, K, s):
                                           (10, 5, 10, [3, 4, 9]), (15, 2, 4, [4])])
 def test_mhg_pvalue_equals_enumeration(N, M, K, ranks):
     s, _ = mhg(ranks, N, M, K)
-    assert mhg_pvalue(s, N, M, K) == pytest.approx(_brute_pvalue(N, M, K, s), rel=1e-12)
+    assert mhg_pvalue(s, N, M, K) == pytest.approx(_brute_pvalue(N, M, K, s), rel=1e-12, abs=0)
 
 
 def test_mhg_prefers_members_at_the_top():
@@ -56,7 +56,7 @@ def test_mhg_prefers_members_at_the_top():
 def test_benjamini_hochberg_equals_statsmodels_formula():
     p = [0.01, 0.04, 0.03, 0.2]
     # by hand, m = 10: sorted 0.01, 0.03, 0.04, 0.2 -> 0.1, 0.15, 0.1333, 0.5; step-up min from the end
-    assert benjamini_hochberg(p, 10) == pytest.approx([0.1, 0.13333333333333333, 0.13333333333333333, 0.5])
+    assert benjamini_hochberg(p, 10) == pytest.approx([0.1, 0.13333333333333333, 0.13333333333333333, 0.5], rel=1e-12, abs=0)
     assert benjamini_hochberg([0.5], 0) == [0.5]  # m is never below the p-values given
 
 
@@ -209,8 +209,8 @@ def test_statistics_agree_with_a_recomputation(eds):
     stat, cut = mhg(ranks, N, len(ids), K)
     assert (r["statistic"], r["cutoff"], r["background"]) == (stat, cut, N)
     assert r["p_value"] == mhg_pvalue(stat, N, len(ids), K)
-    tests = 2 * D_FF  # ff_value lists of one model, side top: one test each
-    assert r["q_value"] == pytest.approx(r["p_value"] * tests, rel=1e-12)
+    tests = D_FF  # the ff_value lists of one model's one layer, side top: one test each
+    assert r["q_value"] == pytest.approx(r["p_value"] * tests, rel=1e-12, abs=0)
 
 
 def test_set_matches_show_ids_and_misses(eds):
@@ -327,3 +327,10 @@ def test_a_set_at_the_bound_stays_fast(eds, tmp_path):
     assert "and 9970 more" in r.stderr or "and 9971 more" in r.stderr
     f.write_text("\n".join(f"zz{i}" for i in range(MAX_SET + 1)))
     _one_error_line(_cli(eds, "enrich", "--tokens-file", str(f)), f"at most {MAX_SET:,}")
+
+
+def test_lists_a_model_lacks_are_not_tests(eds):
+    """ff_gate (not written by these ungated models) and role lists add no tests to the BH count."""
+    q = lambda kind: eds.enrich(SET20, model="bpe", kind=kind, limit=1).column("q_value")[0].as_py()  # noqa: E731
+    assert q("ff_value") == q("ff_value,ff_gate")
+    assert q("ff_value,qk:key") == pytest.approx(q("ff_value") * (D_FF + N_HEADS) / D_FF, rel=1e-12, abs=0)
