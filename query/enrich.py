@@ -432,7 +432,8 @@ def enrich(ds, tokens, *, model=None, kind=None, side: str = "top", limit: int |
     ids: dict[str, dict[int, str]] = {}
     for r in hits:
         ids.setdefault(r["model"], {})[r["token_id"]] = r["token"]
-    infos = {m: ds.model_info(m) for m in models if m in ids}
+    infos = {r["model"]: r for r in ds.rows("SELECT * FROM models WHERE list_contains($m, model) ORDER BY model",
+                                            {"m": [m for m in models if m in ids]})}
     matched_norms = {m: {r["norm"] for r in hits if r["model"] == m} for m in ids}
     missing = {m: [w for w, n in zip(words, norms) if n not in matched_norms[m]] for m in ids}
     matches = [Matches(m, sorted(ids[m]), [ids[m][i] for i in sorted(ids[m])]) for m in infos]

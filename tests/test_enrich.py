@@ -334,3 +334,24 @@ def test_lists_a_model_lacks_are_not_tests(eds):
     q = lambda kind: eds.enrich(SET20, model="bpe", kind=kind, limit=1).column("q_value")[0].as_py()  # noqa: E731
     assert q("ff_value") == q("ff_value,ff_gate")
     assert q("ff_value,qk:key") == pytest.approx(q("ff_value") * (D_FF + N_HEADS) / D_FF, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("tokens,kw,error,fragment", [
+    (["january", 5], {}, BadToken, "is not text"),
+    (["jan\ud800"], {}, BadToken, "lone surrogate"),
+    (["   "], {}, BadToken, "empty"),
+    (SET20, {"limit": -1}, BadOption, "limit"),
+    (SET20, {"limit": True}, BadOption, "whole number"),
+    (SET20, {"side": "sideways"}, BadOption, "unknown side"),
+    (SET20, {"kind": ","}, BadOption, "no kind"),
+], ids=["not-text", "surrogate", "blank", "negative-limit", "bool-limit", "side", "empty-kind"])
+def test_library_refuses_bad_arguments_with_typed_errors(eds, tokens, kw, error, fragment):
+    with pytest.raises(error, match=fragment):
+        eds.enrich(tokens, **kw)
+
+
+def test_unknown_model_is_typed(eds):
+    from query.errors import UnknownModel
+
+    with pytest.raises(UnknownModel):
+        eds.enrich(SET20, model="nope")
