@@ -103,3 +103,23 @@ def test_enrich_uses_the_filtered_background(filtered):
     backgrounds = {r["model"]: r["background"] for r in rows}
     assert backgrounds.get("raw") == len(VOCAB)
     assert backgrounds.get("alpha") == len(_allowed("alpha"))
+
+
+def test_which_tokens_each_filter_allows(tmp_path):
+    """alpha: letters once whitespace is stripped; words: letter tokens of common_words; FILE: its lines."""
+    import pyarrow as pa
+
+    from indexer.vocab_filter import allowed_ids
+
+    texts = ["<s>", " Paris", "Paris", "##is", "100%", " the", "thé", " ", "snake_case", " house", "中文"]
+    tokens = pa.table({"token_id": pa.array(range(len(texts)), pa.int32()), "token": texts,
+                       "special": [t == "<s>" for t in texts]})
+    ids, record = allowed_ids("alpha", tokens)
+    assert [texts[i] for i in ids] == [" Paris", "Paris", " the", "thé", " house", "中文"]
+    assert record["filter"] == "alpha" and record["allowed"] == 6 and len(record["allowed_sha256"]) == 64
+    ids, record = allowed_ids("words", tokens)
+    assert [texts[i] for i in ids] == [" the", " house"]
+    f = tmp_path / "list.txt"
+    f.write_text("# mine\nparis\n100%\n")
+    ids, record = allowed_ids(str(f), tokens)
+    assert [texts[i] for i in ids] == [" Paris", "Paris", "100%"] and record["filter"] == "file"
