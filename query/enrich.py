@@ -396,7 +396,10 @@ def enrich_query(ds, table: str, matches: list[Matches], *, kinds: list[str], si
         params[ids] = match.ids
         parts.append(f"""{lists.rows} FROM {ds.source(lists.source, models)} t
             WHERE {_in_ids("t.token_id", ids)} AND {lists.where_kind} AND list_contains($sides, t.side)""")
-    return Query(" UNION ALL ".join(parts), params)
+    # one row per list holding a member: its members' ranks and ids, best first
+    return Query(f"""SELECT model, list, side, layer, head, expert, idx,
+                            list(rank ORDER BY rank, token_id) AS ranks, list(token_id ORDER BY rank, token_id) AS ids
+                     FROM ({" UNION ALL ".join(parts)}) GROUP BY ALL""", params)
 
 
 _SCHEMA = pa.schema([
@@ -438,42 +441,47 @@ def enrich(ds, tokens, *, model=None, kind=None, side: str = "top", limit: int |
     missing = {m: [w for w, n in zip(words, norms) if n not in matched_norms[m]] for m in ids}
     matches = [Matches(m, sorted(ids[m]), [ids[m][i] for i in sorted(ids[m])]) for m in infos]
 
-    # every list holding a member: (model, list, side, layer, head, expert, idx) -> its member rows
-    found: dict[tuple, list[dict]] = {}
+    # every list holding a member: (model, list, side, layer, head, expert, idx) -> (ranks, ids), best first
+    found: dict[tuple, tuple[list[int], list[int]]] = {}
     for table in LISTS:
         wanted = [k for k in kinds if _table_of(k) == table]
         if not wanted:
             continue
-        for r in ds.rows(*enrich_query(ds, table, matches, kinds=wanted, sides=sides)):
-            key = (r["model"], r["list"], r["side"], r["layer"], r["head"], r["expert"], r["idx"])
-            found.setdefault(key, []).append(r)
+        t = ds._run(*enrich_query(ds, table, matches, kinds=wanted, sides=sides))
+        cols = [t.column(c).to_pylist() for c in ("model", "list", "side", "layer", "head", "expert", "idx", "ranks", "ids")]
+        for *key, ranks, member_ids in zip(*cols):
+            found[tuple(key)] = (ranks, member_ids)
 
-    rows = []
-    for key, members in found.items():
+    # Score every list (BH needs every p-value); name units and format members for the rows kept only.
+    scored = []
+    for key, (member_ranks, _) in found.items():
         m, info = key[0], infos[key[0]]
         N = _background(info)
         M = min(len(ids[m]), N)
         K = min(int(info["k"]), N)
-        ranks = sorted({r["rank"] for r in members if r["rank"] <= K})
+        ranks = sorted({r for r in member_ranks if r <= K})
         if not ranks:
             continue
         stat, cutoff = mhg(ranks, N, M, K)
-        in_cut = sum(1 for r in ranks if r <= cutoff)
-        members.sort(key=lambda r: (r["rank"], r["token_id"]))
-        rows.append({"model": m, "unit": LISTS[_table_of(key[1])].unit(members[0]), "list": key[1], "side": key[2],
-                     "layer": key[3], "p_value": mhg_pvalue(stat, N, M, K), "statistic": stat, "cutoff": cutoff,
-                     "hits": len(ranks), "fold": (in_cut / cutoff) / (M / N), "set_size": M, "list_size": K,
-                     "background": N, "members": [f"{json.dumps(ids[m][r['token_id']], ensure_ascii=False)} #{r['rank']}"
-                                                  for r in members],
-                     "missing": missing[m]})
+        order = (mhg_pvalue(stat, N, M, K), stat, -len(ranks), m, *(-1 if v is None else v for v in (key[3], key[4], key[5], key[6])),
+                 key[1], key[2])
+        scored.append((order, key, cutoff, ranks, N, M, K))
     # Every list of the kinds asked is a test: those without a member have p = 1.
     present = {m: _layer_kinds(ds, info) for m, info in infos.items()}
     tests = sum(LISTS[_table_of(k)].count(infos[m], k) * len(sides)
                 for m in infos for k in kinds if _table_of(k) != "vectors" or k in present[m])
-    for r, q in zip(rows, benjamini_hochberg([r["p_value"] for r in rows], tests)):
-        r["q_value"] = q
-    rows.sort(key=lambda r: (r["p_value"], r["statistic"], -r["hits"], r["model"], r["layer"] if r["layer"] is not None else -1,
-                             r["list"], r["unit"], r["side"]))
-    if limit is not None:
-        rows = rows[:limit]
+    q_values = benjamini_hochberg([s[0][0] for s in scored], tests)
+    best = sorted(range(len(scored)), key=lambda i: scored[i][0])
+    rows = []
+    for i in best if limit is None else best[:limit]:
+        (p, stat, *_), key, cutoff, ranks, N, M, K = scored[i]
+        m, (member_ranks, member_ids) = key[0], found[key]
+        in_cut = sum(1 for r in ranks if r <= cutoff)
+        unit = LISTS[_table_of(key[1])].unit(dict(zip(("model", "list", "side", "layer", "head", "expert", "idx"), key)))
+        rows.append({"model": m, "unit": unit, "list": key[1], "side": key[2],
+                     "layer": key[3], "p_value": p, "q_value": q_values[i], "statistic": stat, "cutoff": cutoff,
+                     "hits": len(ranks), "fold": (in_cut / cutoff) / (M / N), "set_size": M, "list_size": K,
+                     "background": N, "members": [f"{json.dumps(ids[m][t], ensure_ascii=False)} #{r}"
+                                                  for r, t in zip(member_ranks, member_ids) if r <= K],
+                     "missing": missing[m]})
     return pa.Table.from_pylist(rows, schema=_SCHEMA)
