@@ -316,9 +316,10 @@ def _interrupt_on_sigint(ds):
 @click.argument("token", required=False)
 @model_option
 @click.option("--circuit", type=click.Choice(["ov", "qk"]), multiple=True, help="Only this circuit (default both).")
+@click.option("--readable", is_flag=True, help="Leave out pairs whose other token is not letters (fragments, digits, punctuation).")
 @token_options
 @output_options
-def heads(token, model, circuit, exact, token_id, side, limit, db, fmt, quiet):
+def heads(token, model, circuit, readable, exact, token_id, side, limit, db, fmt, quiet):
     """Attention heads whose circuits (top pairs, role lists) contain TOKEN, best first.
 
     Ranked by relevance = sum of 1/rank over the matching entries; the evidence column lists
@@ -328,7 +329,10 @@ def heads(token, model, circuit, exact, token_id, side, limit, db, fmt, quiet):
       zeropass heads paris --circuit ov --limit 10
     """
     table = _open(db).heads(token, model=model or None, circuit=circuit or None, side=side, limit=_limit(limit),
-                            exact=exact, token_id=token_id)
+                            exact=exact, token_id=token_id, readable=readable)
+    if readable and not quiet:
+        hidden = int((table.schema.metadata or {}).get(b"hidden_rows", 0))
+        click.echo(f"(--readable: {hidden:,} pair{'' if hidden == 1 else 's'} with an unreadable other token left out)", err=True)
     _emit(table, fmt, quiet, empty=f"No head lists {_token_label(token, token_id)} in its {side} entries.")
 
 

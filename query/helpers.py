@@ -241,13 +241,16 @@ def models(ds) -> pa.Table:
     return ds._run(*models_query())
 
 
-def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[str], limit: int | None) -> Query:
+def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[str], limit: int | None,
+                readable: bool = False) -> Query:
     """The SQL of :func:`heads` for the tokens matched per model.
 
     The heads are ranked on numbers alone and cut to ``limit`` first; evidence strings are
     built for the heads kept only (at 200 models a token has ~17,000 evidence rows, and
-    formatting and grouping their strings cost more than finding them, docs/QUERY.md)."""
+    formatting and grouping their strings cost more than finding them, docs/QUERY.md).
+    ``readable``: pairs whose other token is not readable (``READABLE_SQL``) are no evidence."""
     params: dict = {"circuits": circuits, "sides": sides}
+    partner = f"AND {READABLE_SQL.format(col=_PAIR_PARTNER)}" if readable else ""
     parts = []
     # One scan per group of models with the same matches, over their files only.
     for i, (models, match) in enumerate(same_tokens(matches)):
@@ -259,7 +262,7 @@ def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[
             FROM {ds.source("pairs_by_token", models)} p
             WHERE {_in_ids("p.token_id", ids)}
               AND (p.endpoint = 'src' OR NOT {_in_ids("p.src_id", ids)})  -- a pair matching at both ends counts once
-              AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
+              AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side) {partner}
             UNION ALL
             SELECT h.model, h.layer, h.head, h.rank, h.score, h.circuit, h.side, h.role, h.token AS a, NULL AS b
             FROM {ds.source("head_tokens", models)} h
@@ -289,8 +292,24 @@ def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[
         ORDER BY {order}""", params)
 
 
+_PAIR_PARTNER = "CASE WHEN p.endpoint = 'src' THEN p.dst ELSE p.src END"  # the other token of a pair row
+
+
+def hidden_pairs_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[str]) -> Query:
+    """How many pair rows :func:`heads_query` with ``readable`` leaves out (their other token is not readable)."""
+    params: dict = {"circuits": circuits, "sides": sides}
+    parts = []
+    for i, (models, match) in enumerate(same_tokens(matches)):
+        params[f"ids{i}"] = match.ids
+        parts.append(f"""SELECT count(*) AS n FROM {ds.source("pairs_by_token", models)} p
+            WHERE {_in_ids("p.token_id", f"ids{i}")} AND (p.endpoint = 'src' OR NOT {_in_ids("p.src_id", f"ids{i}")})
+              AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
+              AND NOT {READABLE_SQL.format(col=_PAIR_PARTNER)}""")
+    return Query(f"SELECT sum(n)::BIGINT AS n FROM ({' UNION ALL '.join(parts)})", params)
+
+
 def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str = "top", limit: int | None = 20,
-          exact: bool = False, token_id: int | None = None) -> pa.Table:
+          exact: bool = False, token_id: int | None = None, readable: bool = False) -> pa.Table:
     """Heads whose stored circuit entries contain TOKEN, best first.
 
     Evidence is every ``pairs`` row of the head with TOKEN as its source/query (``src``) or
@@ -299,13 +318,20 @@ def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str =
     rank-10 entry 0.1), ties by best rank, then model, layer, head. One row per head:
     model, unit, layer, head, relevance, best_rank, hits, evidence (list, best first; each item
     says circuit, list, side, rank, the token(s) and the score). ``limit=None``: all heads.
+    ``readable``: pairs whose other token is not letters are left out; the table's schema
+    metadata ``hidden_rows`` says how many pair rows that was.
 
     >>> heads(ds, "paris", circuit="ov")   # doctest: +SKIP
     """
     circuits = _list_option(circuit or ["ov", "qk"], ("ov", "qk"), "circuit")
     sides, limit = _sides(side), _bound(limit, "limit", 0)
     hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
-    return ds._run(*heads_query(ds, matches_by_model(hits), circuits=circuits, sides=sides, limit=limit))
+    matches = matches_by_model(hits)
+    out = ds._run(*heads_query(ds, matches, circuits=circuits, sides=sides, limit=limit, readable=readable))
+    if readable:
+        hidden = ds.rows(*hidden_pairs_query(ds, matches, circuits=circuits, sides=sides))[0]["n"] or 0
+        out = out.replace_schema_metadata({"hidden_rows": str(hidden)})
+    return out
 
 
 def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[str], max_rank: int | None,

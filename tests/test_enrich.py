@@ -355,3 +355,30 @@ def test_unknown_model_is_typed(eds):
 
     with pytest.raises(UnknownModel):
         eds.enrich(SET20, model="nope")
+
+
+def test_heads_readable_drops_pairs_with_unreadable_partners(ds, synthetic_db):
+    full = ds.heads("paris", limit=None)
+    kept = ds.heads("paris", limit=None, readable=True)
+    hidden = int(kept.schema.metadata[b"hidden_rows"])
+    # independently: every pair row with a 'paris' token at one end and an unreadable token at the other
+    ids = {r["token_id"] for r in ds.sql("SELECT token_id FROM tokens WHERE vocab_id = 'vshared' AND norm = 'paris'").to_pylist()}
+    ids_odd = {r["token_id"] for r in ds.sql("SELECT token_id FROM tokens WHERE vocab_id = 'vodd' AND norm = 'paris'").to_pylist()}
+    want = 0
+    for r in ds.sql("SELECT model, src_id, dst_id, src, dst FROM pairs WHERE side = 'top'").to_pylist():
+        mine = ids_odd if r["model"] == "gamma" else ids
+        partner = r["dst"] if r["src_id"] in mine else r["src"] if r["dst_id"] in mine else None
+        want += partner is not None and not partner.strip().isalpha()
+    assert hidden == want > 0
+    assert sum(full.column("hits").to_pylist()) - sum(kept.column("hits").to_pylist()) == hidden
+    for ev in kept.column("evidence").to_pylist():
+        for e in ev:
+            if " pair #" in e:  # 'ov top pair #1 " Paris" -> " Paris" (99)'
+                a, b = (json.loads(x) for x in e.split(" pair #", 1)[1].split(" ", 1)[1].rsplit(" (", 1)[0].split(" -> "))
+                assert a.strip().isalpha() and b.strip().isalpha(), e
+    from click.testing import CliRunner
+
+    from query.cli import cli
+
+    r = CliRunner().invoke(cli, ["heads", "paris", "--readable", "--db", str(synthetic_db)])
+    assert r.exit_code == 0 and f"--readable: {hidden} pair" in r.stderr
