@@ -342,16 +342,20 @@ def heads(token, model, circuit, readable, exact, token_id, side, limit, db, fmt
 @click.option("--kind", multiple=True, help=f"Vector kinds (repeat or comma list): {', '.join(ALL_KINDS)}. "
               f"Default: {', '.join(FF_KINDS)}.")
 @click.option("--max-rank", type=int, default=None, help="Only matches at this rank or better.")
+@click.option("--readable", is_flag=True, help="Add readable_rank: the rank once entries that are not letters are left out.")
 @token_options
 @output_options
-def neurons(token, model, kind, max_rank, exact, token_id, side, limit, db, fmt, quiet):
+def neurons(token, model, kind, max_rank, readable, exact, token_id, side, limit, db, fmt, quiet):
     """FF neurons (or other vectors, --kind) whose top-k tokens contain TOKEN, by rank then score.
 
     \b
       zeropass neurons paris --kind ff_value --max-rank 5
     """
     table = _open(db).neurons(token, model=model or None, kind=kind or None, max_rank=max_rank, side=side,
-                              limit=_limit(limit), exact=exact, token_id=token_id)
+                              limit=_limit(limit), exact=exact, token_id=token_id, readable=readable)
+    if readable and not quiet:
+        hidden = int((table.schema.metadata or {}).get(b"hidden_rows", 0))
+        click.echo(f"(--readable: {hidden:,} unreadable entr{'y' if hidden == 1 else 'ies'} above the matches left out of readable_rank)", err=True)
     _emit(table, fmt, quiet, empty=f"No vector lists {_token_label(token, token_id)} in its {side} tokens.")
 
 

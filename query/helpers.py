@@ -375,8 +375,36 @@ def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[s
         ORDER BY {order}""", params)
 
 
+_KEY_TYPES = {"model": "VARCHAR", "layer": "SMALLINT", "kind": "VARCHAR", "side": "VARCHAR", "head": "SMALLINT",
+              "expert": "SMALLINT", "idx": "INTEGER", "rank": "INTEGER"}
+
+
+def _vector_key(row: dict) -> tuple:
+    """(head, expert, idx) of a ``neurons`` row, from its unit name (the columns are not in the result)."""
+    u = parse_unit(row["unit"])
+    if u.kind == "router":
+        return None, u.expert, 0 if u.expert is None else u.expert
+    return u.head, u.expert, 0 if u.kind == "bias" else u.index
+
+
+def unreadable_above_query(ds, rows: list[dict]) -> Query:
+    """For each vector of ``rows`` (model, layer, kind, side, head, expert, idx, rank): how many of its
+    list's entries ranked above ``rank`` are not readable (``READABLE_SQL``), as ``above``."""
+    models = sorted({r["model"] for r in rows})
+    layers = None if any(r["layer"] is None for r in rows) else sorted({r["layer"] for r in rows})
+    params = {f"r_{c}": [r[c] for r in rows] for c in _KEY_TYPES}
+    cols = ", ".join(f"unnest($r_{c}::{t}[]) AS {c}" for c, t in _KEY_TYPES.items())
+    same = " AND ".join(f"v.{c} IS NOT DISTINCT FROM r.{c}" for c in _KEY_TYPES if c != "rank")
+    return Query(
+        f"""WITH r AS (SELECT {cols})
+            SELECT r.*, count(v.rank) AS above
+            FROM r LEFT JOIN {ds.source("vectors", models, layers)} v
+              ON {same} AND v.rank < r.rank AND NOT {READABLE_SQL.format(col="v.token")}
+            GROUP BY ALL""", params)
+
+
 def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: int | None = None, side: str = "top",
-            limit: int | None = 20, exact: bool = False, token_id: int | None = None) -> pa.Table:
+            limit: int | None = 20, exact: bool = False, token_id: int | None = None, readable: bool = False) -> pa.Table:
     """Vectors (FF neurons by default; any ``vectors.kind`` via ``kind``) whose top-k list holds TOKEN.
 
     One row per (model, unit, kind, side): rank (best rank of a matching token), score (at that
@@ -385,12 +413,24 @@ def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: in
     ``top``, most negative first for ``bottom``), then model, layer, unit. ``max_rank=None`` and
     ``limit=None``: no bound.
 
+    ``readable``: adds ``readable_rank``, the rank once the list's entries that are not letters
+    are left out (what ``index --vocab-filter alpha`` would store, within the stored k); the
+    table's schema metadata ``hidden_rows`` counts the entries left out above the rows' ranks.
+
     >>> neurons(ds, "paris", kind=["ff_value"], max_rank=5)   # doctest: +SKIP
     """
     kinds = _list_option(kind or list(FF_KINDS), ALL_KINDS, "kind")
     sides, limit, max_rank = _sides(side), _bound(limit, "limit", 0), _bound(max_rank, "max rank", 1)
     hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
-    return ds._run(*neurons_query(ds, matches_by_model(hits), kinds=kinds, sides=sides, max_rank=max_rank, limit=limit))
+    out = ds._run(*neurons_query(ds, matches_by_model(hits), kinds=kinds, sides=sides, max_rank=max_rank, limit=limit))
+    if not readable:
+        return out
+    rows = out.to_pylist()
+    keys = [dict(r, **dict(zip(("head", "expert", "idx"), _vector_key(r)))) for r in rows]
+    above = {tuple(a[c] for c in _KEY_TYPES): a["above"] for a in ds.rows(*unreadable_above_query(ds, keys))} if rows else {}
+    gaps = [above[tuple(k[c] for c in _KEY_TYPES)] for k in keys]
+    out = out.append_column("readable_rank", pa.array([r["rank"] - g for r, g in zip(rows, gaps)], pa.int32()))
+    return out.replace_schema_metadata({"hidden_rows": str(sum(gaps))})
 
 
 def kv_head_query(ds, model: str, layer: int, head: int) -> Query:

@@ -382,3 +382,27 @@ def test_heads_readable_drops_pairs_with_unreadable_partners(ds, synthetic_db):
 
     r = CliRunner().invoke(cli, ["heads", "paris", "--readable", "--db", str(synthetic_db)])
     assert r.exit_code == 0 and f"--readable: {hidden} pair" in r.stderr
+
+
+def test_neurons_readable_rank_skips_unreadable_entries_above(ds, synthetic_db):
+    """readable_rank = rank - the list's non-letter entries ranked above it, recomputed from the vectors table."""
+    out = ds.neurons("paris", kind=list(("ff_key", "ff_gate", "ff_value", "q", "k", "v", "o")), side="both", limit=None,
+                     readable=True).to_pylist()
+    assert out
+    total = 0
+    for r in out:
+        entries = ds.sql("SELECT rank, token FROM vectors WHERE model = $m AND unit = $u AND kind = $k AND side = $s",
+                         {"m": r["model"], "u": r["unit"], "k": r["kind"], "s": r["side"]}).to_pylist()
+        gap = sum(1 for e in entries if e["rank"] < r["rank"] and not e["token"].strip().isalpha())
+        assert r["readable_rank"] == r["rank"] - gap, r
+        total += gap
+    got = ds.neurons("paris", kind="ff_key,ff_gate,ff_value,q,k,v,o", side="both", limit=None, readable=True)
+    assert int(got.schema.metadata[b"hidden_rows"]) == total > 0
+    from click.testing import CliRunner
+
+    from query.cli import cli
+
+    r = CliRunner().invoke(cli, ["neurons", "paris", "--readable", "--side", "both", "--kind", "ff_key,ff_gate,ff_value,q,k,v,o",
+                                 "-n", "0", "--db", str(synthetic_db), "--format", "json"])
+    assert r.exit_code == 0 and f"--readable: {total} unreadable entries" in r.stderr
+    assert [x["readable_rank"] for x in json.loads(r.stdout)] == [x["readable_rank"] for x in out]
