@@ -19,10 +19,12 @@ as ``heads``/``neurons`` match a TOKEN: ``paris`` is `` Paris``, ``Paris`` and `
 byte-level vocabulary, ``paris`` in a WordPiece one. The set in a model is the ids its words
 match there; M counts ids, so a list holding `` Paris`` and ``Paris`` holds two members.
 
-Reads are by token (``vectors_by_token``), so the cost follows the set's rows, not the models'
-sizes. The hypergeometric tail is computed here with ``math.lgamma`` (the query side does not
-depend on scipy); tests/test_enrich.py checks it against scipy and the p-value against brute
-force. Adding a table of units (dictionary features) is one entry of :data:`LISTS`.
+Vectors are read by token (``vectors_by_token``, as ``neurons``), so their cost follows the set's
+rows, not the models' sizes; head role lists are read from ``head_tokens`` (small: heads x 8
+lists x K per model, as ``heads`` reads them). The hypergeometric tail is computed exactly in
+integers here (the query side does not depend on scipy); tests/test_enrich.py checks it against
+scipy and the p-value against brute force. Adding a table of units (dictionary features) is one
+entry of :data:`LISTS`.
 """
 from __future__ import annotations
 
