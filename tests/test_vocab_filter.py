@@ -123,3 +123,16 @@ def test_which_tokens_each_filter_allows(tmp_path):
     f.write_text("# mine\nparis\n100%\n")
     ids, record = allowed_ids(str(f), tokens)
     assert [texts[i] for i in ids] == [" Paris", "Paris", "100%"] and record["filter"] == "file"
+
+
+def test_cli_bad_filter_is_one_line_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from query.cli import cli
+
+    r = CliRunner().invoke(cli, ["index", str(tmp_path / "no-model"), "--vocab-filter", str(tmp_path / "nope.txt"),
+                                 "--db", str(tmp_path / "db")])
+    assert r.exit_code == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: --vocab-filter") and "neither alpha nor words" in lines[0]
+    assert not (tmp_path / "db").exists()  # refused before anything was loaded or written
