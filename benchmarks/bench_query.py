@@ -82,6 +82,7 @@ def cases(ds) -> list[tuple[str, callable]]:
     layer = min(3, info["n_layers"] - 1)
     head_unit = f"L{layer}.H{min(5, info['n_heads'] - 1)}"
     neuron = f"L{layer}.N{min(100, info['d_ff'] - 1)}"
+    set20 = enrich_set(ds)
     return [
         ("models()", lambda d: d.models()),
         ("sql count(*) vectors", lambda d: d.sql("SELECT count(*) FROM vectors")),
@@ -95,7 +96,25 @@ def cases(ds) -> list[tuple[str, callable]]:
         ("tokens('Paris is the capital of France')", lambda d: d.tokens("Paris is the capital of France")),
         (f"similar({a!r}, {neuron!r}, in {b!r})", lambda d: d.similar(a, neuron, b)),
         (f"similar({a!r}, {head_unit!r}, in {b!r})", lambda d: d.similar(a, head_unit, b)),
+        ("enrich(20 tokens)", lambda d: d.enrich(set20)),
+        ("enrich(20 tokens, kind=ff_value)", lambda d: d.enrich(set20, kind="ff_value")),
     ]
+
+
+# A 20-token concept set for enrich: months, weekdays and 'today' (what a user would try first).
+ENRICH_SET = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+              "November", "December", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+              "today"]
+
+
+def enrich_set(ds) -> list[str]:
+    """ENRICH_SET, or (a synthetic vocabulary without those words) 20 of the vocabulary's own words."""
+    from schemas.tokens import normalise
+
+    if ds.sql("SELECT count(*) AS n FROM tokens WHERE list_contains($n, norm)",
+              {"n": [normalise(w) for w in ENRICH_SET]}).column("n")[0].as_py():
+        return ENRICH_SET
+    return ds.sql("SELECT DISTINCT norm FROM tokens WHERE norm <> '' AND NOT special ORDER BY norm LIMIT 20").column("norm").to_pylist()
 
 
 def main(argv=None) -> int:

@@ -149,8 +149,9 @@ def helper_options(name: str):
     def decorate(f):
         for p in reversed(HELPERS[name].params):
             if p.argument:
-                f = click.argument(p.name, required=p.required, type=Spec(p), metavar=p.name.upper()
-                                   if p.required else f"[{p.name.upper()}]")(f)
+                f = click.argument(p.name, required=p.required, type=Spec(p), nargs=-1 if p.multiple else 1,
+                                   metavar=p.name.upper() + ("..." if p.multiple else "")
+                                   if p.required else f"[{p.name.upper()}]{'...' if p.multiple else ''}")(f)
                 continue
             decls = [p.cli_name] + ([p.short] if p.short else []) + [p.name]
             if p.flag:

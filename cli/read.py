@@ -18,6 +18,11 @@ from query.params import HELPERS, call
 from .base import Place, cli, db_option, emit, helper_options, helper_values, notices, open_dataset, output_options
 
 
+def _hidden(table) -> int:
+    """How many rows ``readable`` left out (the helpers record it in the table's metadata)."""
+    return int((table.schema.metadata or {}).get(b"hidden_rows", 0))
+
+
 def _token_label(token, token_id) -> str:
     return f"token id {token_id}" if token_id is not None else repr(token)
 
@@ -137,7 +142,11 @@ def heads(db, fmt, quiet, **given):
       zeropass heads paris --circuit ov --limit 10
     """
     v = helper_values("heads", given)
-    emit(call(HELPERS["heads"], open_dataset(db), v), fmt, quiet,
+    table = call(HELPERS["heads"], open_dataset(db), v)
+    if v["readable"] and not quiet:
+        hidden = _hidden(table)
+        click.echo(f"(--readable: {hidden:,} pair{'' if hidden == 1 else 's'} with an unreadable other token left out)", err=True)
+    emit(table, fmt, quiet,
          empty=f"No head lists {_token_label(v['token'], v['token_id'])} in its {v['side']} entries.")
 
 
@@ -151,7 +160,11 @@ def neurons(db, fmt, quiet, **given):
       zeropass neurons paris --kind ff_value --max-rank 5
     """
     v = helper_values("neurons", given)
-    emit(call(HELPERS["neurons"], open_dataset(db), v), fmt, quiet,
+    table = call(HELPERS["neurons"], open_dataset(db), v)
+    if v["readable"] and not quiet:
+        hidden = _hidden(table)
+        click.echo(f"(--readable: {hidden:,} unreadable entr{'y' if hidden == 1 else 'ies'} above the matches left out of readable_rank)", err=True)
+    emit(table, fmt, quiet,
          empty=f"No vector lists {_token_label(v['token'], v['token_id'])} in its {v['side']} tokens.")
 
 
@@ -167,6 +180,9 @@ def show(db, fmt, quiet, **given):
     """
     v = helper_values("show", given)
     sections = call(HELPERS["show"], open_dataset(db), v)
+    if v["readable"] and not quiet:
+        hidden = sum(_hidden(t) for t in sections.values())
+        click.echo(f"(--readable: {hidden:,} list entr{'y' if hidden == 1 else 'ies'} hidden within the ranks shown)", err=True)
     if all(t.num_rows == 0 for t in sections.values()):
         if not quiet:
             click.echo(f"Nothing stored for {v['unit']} of {v['model']} (was its layer indexed?).", err=True)
@@ -211,6 +227,38 @@ def features(db, fmt, quiet, **given):
     v = helper_values("features", given)
     emit(call(HELPERS["features"], open_dataset(db), v), fmt, quiet,
          empty=f"No feature lists {_token_label(v['token'], v['token_id'])} in its {v['side']} tokens.")
+
+
+@cli.command()
+@helper_options("enrich")
+@click.option("--tokens-file", default=None, metavar="FILE", help="One token a line ('#' comments).")
+@click.option("--set", "sets", multiple=True, metavar="NAME", help="A named set shipped with zeropass (see --list-sets).")
+@click.option("--list-sets", is_flag=True, help="List the named sets and their sources, then stop.")
+@click.option("--matches", is_flag=True, help="Print which words match which token ids in each model, then stop.")
+@output_options
+def enrich(db, fmt, quiet, tokens_file, sets, list_sets, matches, **given):
+    """Units whose stored token lists are enriched in a set of tokens (a concept), best first.
+
+    \b
+      zeropass enrich paris london berlin rome madrid
+      zeropass enrich --set months --kind ff_value
+      zeropass enrich --tokens-file capitals.txt --format json
+    """
+    from query.enrich import gather, match_summary, set_matches, set_sources
+
+    if list_sets:
+        return emit(set_sources(), fmt, quiet)
+    v = helper_values("enrich", given)
+    v["tokens"] = gather(v["tokens"] or (), tokens_file=tokens_file, sets=sets)
+    ds = open_dataset(db)
+    found = set_matches(ds, v["tokens"], model=v["model"])
+    if matches:
+        return emit(found, fmt, quiet)
+    table = call(HELPERS["enrich"], ds, v)
+    if not quiet:
+        for line in match_summary(found):
+            click.echo(line, err=True)
+    emit(table, fmt, quiet, empty="No list of the kinds searched holds a token of the set.")
 
 
 @cli.command()

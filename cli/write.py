@@ -38,9 +38,11 @@ def replace_option(f):
 @click.option("--variant", type=click.Choice(["raw", "folded"]), default="raw", show_default=True,
               help="raw (the paper) or folded (norm gains folded in).")
 @index_options
+@click.option("--vocab-filter", default=None, metavar="alpha|words|FILE",
+              help="Lists over readable tokens only: alpha (letters), words (common English words) or a word-list FILE.")
 @replace_option
 @quiet_option
-def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle, replace, quiet):
+def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle, vocab_filter, replace, quiet):
     """Project every parameter of MODEL and add it to the dataset.
 
     MODEL is a local Hugging Face directory, a GGUF file or a hub id.
@@ -51,7 +53,8 @@ def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle
     from indexer.build import index_model
 
     entry = index_model(model_ref, db, name=name, k=k, n_pairs=n_pairs, variant=variant, device=device,
-                        layers=layers, allow_pickle=allow_pickle, replace=replace, progress=progress(quiet))
+                        layers=layers, allow_pickle=allow_pickle, replace=replace, progress=progress(quiet),
+                        vocab_filter=vocab_filter)
     if not quiet:
         rows = ", ".join(f"{t} {n}" for t, n in entry.get("row_counts", {}).items())
         click.echo(f"indexed {model_ref} into {db} ({rows})", err=True)

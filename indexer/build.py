@@ -27,6 +27,7 @@ from .errors import ZeropassError
 from .kernels.vectors import Projector, TopK
 from .tokens import numbered_vocabulary, vocabulary
 from .variants import VARIANTS, fold
+from .vocab_filter import allowed_ids, check_filter, check_filter_name, filter_suffix, restrict
 
 if TYPE_CHECKING:
     from .load import Provenance
@@ -113,11 +114,14 @@ def index_model(
     progress: Optional[Progress] = stderr_progress,
     series: Optional[str] = None,
     step: Optional[int] = None,
+    vocab_filter: Optional[str] = None,
 ) -> dict:
     """Index one checkpoint into the dataset at ``db``; returns its manifest entry.
 
     ``series`` / ``step``: the training-checkpoint series it belongs to (``models.series`` /
-    ``models.step``, set by `zeropass index-many`).
+    ``models.step``, set by `zeropass index-many`). ``vocab_filter``: ``alpha``, ``words`` or a
+    word-list file: lists over those tokens only (indexer/vocab_filter.py); the default name gets
+    the suffix ``-alpha`` / ``-words`` / ``-list``.
 
     A model of the same name from another checkpoint is refused (NameTaken) unless ``replace``.
 
@@ -128,7 +132,8 @@ def index_model(
     _check_options(k, n_pairs, variant, device, layers)
     if step is not None and (not _whole(step) or not 0 <= step <= INT64_MAX):  # models.step: found only at the write
         raise BadOption(f"step {step} must be a whole number from 0 to {INT64_MAX} (models.step is a 64-bit integer)")
-    slug = check_slug(default_slug(model_ref) if name is None else name)
+    check_filter(vocab_filter)
+    slug = check_slug(default_slug(model_ref, filter_suffix(vocab_filter)) if name is None else name)
     check_writable(Path(db))
     say = progress or (lambda _m: None)
     t = time.perf_counter()
@@ -137,7 +142,7 @@ def index_model(
     return index_canonical(
         loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
         k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers, replace=replace, progress=progress,
-        series=series, step=step,
+        series=series, step=step, vocab_filter=vocab_filter,
     )
 
 
@@ -228,6 +233,7 @@ def index_canonical(
     progress: Optional[Progress] = stderr_progress,
     series: Optional[str] = None,
     step: Optional[int] = None,
+    vocab_filter: Optional[str] = None,
 ) -> dict:
     """Project a canonical model into the dataset at ``db`` under the name ``slug``.
 
@@ -242,7 +248,6 @@ def index_canonical(
     dims = model.dims
     layer_list = parse_layers(layers, dims.n_layers)
     k_asked, n_pairs_asked = int(k), int(n_pairs)
-    k, n_pairs = _effective_sizes(k_asked, n_pairs_asked, dims.d_vocab, say, slug)
     if variant == "folded":
         model = fold(model)
     if tokenizer is not None:
@@ -250,6 +255,13 @@ def index_canonical(
     else:
         say("no tokenizer found: tokens are named by id (<123>)")
         vocab_id, tokens = numbered_vocabulary(dims.d_vocab)
+    allowed, filter_record = None, None
+    check_filter_name(Path(db), slug, vocab_filter)
+    if vocab_filter is not None:
+        allowed, filter_record = allowed_ids(vocab_filter, tokens)
+        model = restrict(model, allowed)  # lists over the allowed tokens; positions mapped back below
+        say(f"[{slug}] --vocab-filter {vocab_filter}: {allowed.size:,} of {dims.d_vocab:,} tokens allowed")
+    k, n_pairs = _effective_sizes(k_asked, n_pairs_asked, model.dims.d_vocab, say, slug)
     settings = {
         "k": k, "k_requested": k_asked, "n_pairs": n_pairs, "n_pairs_requested": n_pairs_asked,
         "variant": variant, "layers": layer_list, "device": device,
@@ -257,6 +269,8 @@ def index_canonical(
         # What `raw` leaves unapplied (Gemma's sqrt(d_model) embedding multiplier, softcapping, ...).
         "conventions": dict(model.conventions),
     }
+    if filter_record is not None:  # absent when unfiltered, so unfiltered builds keep their fingerprint
+        settings["vocab_filter"] = filter_record
     fingerprint = {
         "settings": {key: v for key, v in settings.items() if key != "device"},
         "weights": dict(provenance.weights_sha256),
@@ -271,7 +285,7 @@ def index_canonical(
         build = Build(root, slug, json.loads(json.dumps(fingerprint, default=str)), origin=origin, replace=replace)
         if build.resumed:
             say(f"resuming the unfinished build of {slug} ({len(build.done)} partitions already written)")
-        writer = _ModelWriter(model, build, token_text, k=k, n_pairs=n_pairs, device=device)
+        writer = _ModelWriter(model, build, token_text, k=k, n_pairs=n_pairs, device=device, allowed=allowed)
         t0 = time.perf_counter()
         if dims.n_ctx is not None and model.embeddings.W_pos is not None and not build.has("vectors", layer="pos"):
             build.write("vectors", writer.position_vectors(), layer="pos")
@@ -301,7 +315,8 @@ def index_canonical(
         build.write_by_token()
         say(f"[{slug}] vectors_by_token (all vectors sorted by token) written in {time.perf_counter() - t_sort:.1f}s")
         entry = build.commit(model_row, vocab_id, tokens,
-                             rebuild_args=_rebuild_args(provenance, slug, k, n_pairs, variant, layer_list, dims.n_layers))
+                             rebuild_args=_rebuild_args(provenance, slug, k, n_pairs, variant, layer_list, dims.n_layers)
+                             + (["--vocab-filter", vocab_filter] if vocab_filter is not None else []))
     say(f"[{slug}] indexed in {_hms(time.perf_counter() - t0)}: "
         + ", ".join(f"{t} {n:,}" for t, n in entry["row_counts"].items()))
     return dict(entry, model=slug)
@@ -362,7 +377,13 @@ def _parameters_table(model: Canonical, slug: str) -> pa.Table:
 class _ModelWriter:
     """Computes and writes one model's partitions; holds the projection bases once."""
 
-    def __init__(self, model: Canonical, build: Build, token_text: pa.Array, *, k: int, n_pairs: int, device: str):
+    def __init__(self, model: Canonical, build: Build, token_text: pa.Array, *, k: int, n_pairs: int, device: str,
+                 allowed: Optional[np.ndarray] = None):
+        # --vocab-filter: the model's bases hold the allowed tokens only; list positions are
+        # token ids through ``allowed`` (and texts through the cut ``token_text``).
+        self.allowed = allowed
+        if allowed is not None:
+            token_text = token_text.take(pa.array(allowed))
         self.model, self.build, self.token_text = model, build, token_text
         self.k, self.n_pairs, self.device = k, n_pairs, device
         emb = model.embeddings
@@ -379,6 +400,11 @@ class _ModelWriter:
             # freed (2 GB at V 128256), and build the float64 circuit factors from them block by
             # block (_factor) instead of holding float64 copies of both bases (8 GB at V 128256).
             model.embeddings = dataclasses.replace(emb, W_E=self.read.basis.T, W_U=self.write_side.basis)
+
+    def _ids(self, positions: np.ndarray) -> np.ndarray:
+        """Token ids (int32) of basis positions: the same numbers, or through ``allowed`` under a vocabulary filter."""
+        positions = np.asarray(positions)
+        return (positions if self.allowed is None else self.allowed[positions]).astype(np.int32)
 
     # -- vectors ---------------------------------------------------------------------------
 
@@ -468,7 +494,7 @@ class _ModelWriter:
             "unit": pa.DictionaryArray.from_arrays(pa.array(unit_of_row.astype(np.int32)), pa.array(units)),
             "side": pa.DictionaryArray.from_arrays(pa.array(side_idx), pa.array(["top", "bottom"])),
             "rank": pa.array(rank),
-            "token_id": pa.array(token_ids.astype(np.int32)),
+            "token_id": pa.array(self._ids(token_ids)),
             "token": pa.DictionaryArray.from_arrays(pa.array(token_ids.astype(np.int32)), self.token_text),
             "score": pa.array(scores.astype(np.float32)),
         }
@@ -554,9 +580,9 @@ class _ModelWriter:
             "circuit": pa.array([circuit] * n, pa.string()),
             "side": pa.DictionaryArray.from_arrays(pa.array(side), pa.array(["top", "bottom"])),
             "rank": pa.array(rank),
-            "src_id": pa.array(src),
+            "src_id": pa.array(self._ids(src)),
             "src": pa.DictionaryArray.from_arrays(pa.array(src), self.token_text),
-            "dst_id": pa.array(dst),
+            "dst_id": pa.array(self._ids(dst)),
             "dst": pa.DictionaryArray.from_arrays(pa.array(dst), self.token_text),
             "score": pa.array(score),
         })
@@ -577,7 +603,7 @@ class _ModelWriter:
             "role": pa.array([x[0] for x in lists for _ in range(len(x[2]))], pa.string()),
             "side": pa.array([x[1] for x in lists for _ in range(len(x[2]))], pa.string()),
             "rank": pa.array(np.concatenate([np.arange(1, len(x[2]) + 1, dtype=np.int32) for x in lists])),
-            "token_id": pa.array(ids),
+            "token_id": pa.array(self._ids(ids)),
             "token": pa.DictionaryArray.from_arrays(pa.array(ids), self.token_text),
             "score": pa.array(np.concatenate([x[3].cpu().numpy() for x in lists]).astype(np.float64)),
         })

@@ -28,12 +28,13 @@ from .helpers import heads, match_tokens, models, neurons, norm, show, similar, 
 # The function, exported like every helper; its module stays importable as ``query.history``
 # through sys.modules (``from query.history import token_history``).
 from .history import history, token_history
+from .enrich import enrich
 from .features import features
 from .units import Unit, parse_unit
 
 __all__ = [
     "Dataset", "open_dataset", "check_read_only", "heads", "neurons", "show", "tokens", "models", "similar", "history",
-    "token_history", "features",
+    "token_history", "features", "enrich",
     "match_tokens", "norm", "Unit", "parse_unit", "QueryError", "NotADataset", "SchemaMismatch", "UnknownModel",
     "BadUnit", "UnknownToken", "BadToken", "BadOption", "ForbiddenSQL", "BadSQL", "BadManifest", "DamagedFile",
     "QueryTimeout", "Interrupted", "RemoteUnreachable", "RemoteDenied", "DatasetChanged", "RemoteTimeout",

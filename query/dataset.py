@@ -124,27 +124,34 @@ class Dataset(Catalog, Connection):
         return helpers.models(self)
 
     def heads(self, token: str | None = None, *, model=None, circuit=None, side: str = "top",
-              limit: int | None = 20, exact: bool = False, token_id: int | None = None) -> pa.Table:
+              limit: int | None = 20, exact: bool = False, token_id: int | None = None,
+              readable: bool = False) -> pa.Table:
         """Heads whose stored circuit entries contain TOKEN, best first (``query.helpers.heads``)."""
         from . import helpers
 
         return helpers.heads(self, token, model=model, circuit=circuit, side=side, limit=limit, exact=exact,
-                             token_id=token_id)
+                             token_id=token_id, readable=readable)
 
     def neurons(self, token: str | None = None, *, model=None, kind=None, max_rank: int | None = None,
                 side: str = "top", limit: int | None = 20, exact: bool = False,
-                token_id: int | None = None) -> pa.Table:
+                token_id: int | None = None, readable: bool = False) -> pa.Table:
         """Vectors whose top-k list holds TOKEN (``query.helpers.neurons``)."""
         from . import helpers
 
         return helpers.neurons(self, token, model=model, kind=kind, max_rank=max_rank, side=side, limit=limit,
-                               exact=exact, token_id=token_id)
+                               exact=exact, token_id=token_id, readable=readable)
 
-    def show(self, model: str, unit: str, *, limit: int | None = 10) -> dict[str, pa.Table]:
+    def show(self, model: str, unit: str, *, limit: int | None = 10, readable: bool = False) -> dict[str, pa.Table]:
         """Everything stored about one unit, as named sections (``query.helpers.show``)."""
         from . import helpers
 
-        return helpers.show(self, model, unit, limit=limit)
+        return helpers.show(self, model, unit, limit=limit, readable=readable)
+
+    def enrich(self, tokens=None, *, model=None, kind=None, side: str = "top", limit: int | None = 20) -> pa.Table:
+        """Units whose stored lists are enriched in a token set, most significant first (``query.enrich.enrich``)."""
+        from .enrich import enrich  # (``query.enrich`` is this function; the module is in sys.modules)
+
+        return enrich(self, tokens, model=model, kind=kind, side=side, limit=limit)
 
     def tokens(self, text: str, *, model=None) -> pa.Table:
         """How TEXT maps to tokens of each selected vocabulary (``query.helpers.tokens``)."""
@@ -182,12 +189,13 @@ class Dataset(Catalog, Connection):
                  max_rank: int | None = None, limit: int | None = 20, exact: bool = False,
                  token_id: int | None = None) -> pa.Table:
         """Dictionary features whose decoder or encoder lists hold TOKEN (``query.features.features``)."""
-        from . import features
+        from .features import features  # (``query.features`` is this function; the module is in sys.modules)
 
-        return features.features(self, token, model=model, dictionary=dictionary, kind=kind, side=side,
+        return features(self, token, model=model, dictionary=dictionary, kind=kind, side=side,
                                  max_rank=max_rank, limit=limit, exact=exact, token_id=token_id)
 
 
 def open_dataset(path: str | Path) -> Dataset:
     """Open the dataset directory ``path`` read-only."""
     return Dataset(path)
+

@@ -241,13 +241,16 @@ def models(ds) -> pa.Table:
     return ds._run(*models_query())
 
 
-def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[str], limit: int | None) -> Query:
+def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[str], limit: int | None,
+                readable: bool = False) -> Query:
     """The SQL of :func:`heads` for the tokens matched per model.
 
     The heads are ranked on numbers alone and cut to ``limit`` first; evidence strings are
     built for the heads kept only (at 200 models a token has ~17,000 evidence rows, and
-    formatting and grouping their strings cost more than finding them, docs/QUERY.md)."""
+    formatting and grouping their strings cost more than finding them, docs/QUERY.md).
+    ``readable``: pairs whose other token is not readable (``READABLE_SQL``) are no evidence."""
     params: dict = {"circuits": circuits, "sides": sides}
+    partner = f"AND {READABLE_SQL.format(col=_PAIR_PARTNER)}" if readable else ""
     parts = []
     # One scan per group of models with the same matches, over their files only.
     for i, (models, match) in enumerate(same_tokens(matches)):
@@ -259,7 +262,7 @@ def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[
             FROM {ds.source("pairs_by_token", models)} p
             WHERE {_in_ids("p.token_id", ids)}
               AND (p.endpoint = 'src' OR NOT {_in_ids("p.src_id", ids)})  -- a pair matching at both ends counts once
-              AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
+              AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side) {partner}
             UNION ALL
             SELECT h.model, h.layer, h.head, h.rank, h.score, h.circuit, h.side, h.role, h.token AS a, NULL AS b
             FROM {ds.source("head_tokens", models)} h
@@ -289,8 +292,24 @@ def heads_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[
         ORDER BY {order}""", params)
 
 
+_PAIR_PARTNER = "CASE WHEN p.endpoint = 'src' THEN p.dst ELSE p.src END"  # the other token of a pair row
+
+
+def hidden_pairs_query(ds, matches: list[Matches], *, circuits: list[str], sides: list[str]) -> Query:
+    """How many pair rows :func:`heads_query` with ``readable`` leaves out (their other token is not readable)."""
+    params: dict = {"circuits": circuits, "sides": sides}
+    parts = []
+    for i, (models, match) in enumerate(same_tokens(matches)):
+        params[f"ids{i}"] = match.ids
+        parts.append(f"""SELECT count(*) AS n FROM {ds.source("pairs_by_token", models)} p
+            WHERE {_in_ids("p.token_id", f"ids{i}")} AND (p.endpoint = 'src' OR NOT {_in_ids("p.src_id", f"ids{i}")})
+              AND list_contains($circuits, p.circuit) AND list_contains($sides, p.side)
+              AND NOT {READABLE_SQL.format(col=_PAIR_PARTNER)}""")
+    return Query(f"SELECT sum(n)::BIGINT AS n FROM ({' UNION ALL '.join(parts)})", params)
+
+
 def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str = "top", limit: int | None = 20,
-          exact: bool = False, token_id: int | None = None) -> pa.Table:
+          exact: bool = False, token_id: int | None = None, readable: bool = False) -> pa.Table:
     """Heads whose stored circuit entries contain TOKEN, best first.
 
     Evidence is every ``pairs`` row of the head with TOKEN as its source/query (``src``) or
@@ -299,13 +318,20 @@ def heads(ds, token: str | None = None, *, model=None, circuit=None, side: str =
     rank-10 entry 0.1), ties by best rank, then model, layer, head. One row per head:
     model, unit, layer, head, relevance, best_rank, hits, evidence (list, best first; each item
     says circuit, list, side, rank, the token(s) and the score). ``limit=None``: all heads.
+    ``readable``: pairs whose other token is not letters are left out; the table's schema
+    metadata ``hidden_rows`` says how many pair rows that was.
 
     >>> heads(ds, "paris", circuit="ov")   # doctest: +SKIP
     """
     circuits = _list_option(circuit or ["ov", "qk"], ("ov", "qk"), "circuit")
     sides, limit = _sides(side), _bound(limit, "limit", 0)
     hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
-    return ds._run(*heads_query(ds, matches_by_model(hits), circuits=circuits, sides=sides, limit=limit))
+    matches = matches_by_model(hits)
+    out = ds._run(*heads_query(ds, matches, circuits=circuits, sides=sides, limit=limit, readable=readable))
+    if readable:
+        hidden = ds.rows(*hidden_pairs_query(ds, matches, circuits=circuits, sides=sides))[0]["n"] or 0
+        out = out.replace_schema_metadata({"hidden_rows": str(hidden)})
+    return out
 
 
 def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[str], max_rank: int | None,
@@ -349,8 +375,36 @@ def neurons_query(ds, matches: list[Matches], *, kinds: list[str], sides: list[s
         ORDER BY {order}""", params)
 
 
+_KEY_TYPES = {"model": "VARCHAR", "layer": "SMALLINT", "kind": "VARCHAR", "side": "VARCHAR", "head": "SMALLINT",
+              "expert": "SMALLINT", "idx": "INTEGER", "rank": "INTEGER"}
+
+
+def _vector_key(row: dict) -> tuple:
+    """(head, expert, idx) of a ``neurons`` row, from its unit name (the columns are not in the result)."""
+    u = parse_unit(row["unit"])
+    if u.kind == "router":
+        return None, u.expert, 0 if u.expert is None else u.expert
+    return u.head, u.expert, 0 if u.kind == "bias" else u.index
+
+
+def unreadable_above_query(ds, rows: list[dict]) -> Query:
+    """For each vector of ``rows`` (model, layer, kind, side, head, expert, idx, rank): how many of its
+    list's entries ranked above ``rank`` are not readable (``READABLE_SQL``), as ``above``."""
+    models = sorted({r["model"] for r in rows})
+    layers = None if any(r["layer"] is None for r in rows) else sorted({r["layer"] for r in rows})
+    params = {f"r_{c}": [r[c] for r in rows] for c in _KEY_TYPES}
+    cols = ", ".join(f"unnest($r_{c}::{t}[]) AS {c}" for c, t in _KEY_TYPES.items())
+    same = " AND ".join(f"v.{c} IS NOT DISTINCT FROM r.{c}" for c in _KEY_TYPES if c != "rank")
+    return Query(
+        f"""WITH r AS (SELECT {cols})
+            SELECT r.*, count(v.rank) AS above
+            FROM r LEFT JOIN {ds.source("vectors", models, layers)} v
+              ON {same} AND v.rank < r.rank AND NOT {READABLE_SQL.format(col="v.token")}
+            GROUP BY ALL""", params)
+
+
 def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: int | None = None, side: str = "top",
-            limit: int | None = 20, exact: bool = False, token_id: int | None = None) -> pa.Table:
+            limit: int | None = 20, exact: bool = False, token_id: int | None = None, readable: bool = False) -> pa.Table:
     """Vectors (FF neurons by default; any ``vectors.kind`` via ``kind``) whose top-k list holds TOKEN.
 
     One row per (model, unit, kind, side): rank (best rank of a matching token), score (at that
@@ -359,12 +413,24 @@ def neurons(ds, token: str | None = None, *, model=None, kind=None, max_rank: in
     ``top``, most negative first for ``bottom``), then model, layer, unit. ``max_rank=None`` and
     ``limit=None``: no bound.
 
+    ``readable``: adds ``readable_rank``, the rank once the list's entries that are not letters
+    are left out (what ``index --vocab-filter alpha`` would store, within the stored k); the
+    table's schema metadata ``hidden_rows`` counts the entries left out above the rows' ranks.
+
     >>> neurons(ds, "paris", kind=["ff_value"], max_rank=5)   # doctest: +SKIP
     """
     kinds = _list_option(kind or list(FF_KINDS), ALL_KINDS, "kind")
     sides, limit, max_rank = _sides(side), _bound(limit, "limit", 0), _bound(max_rank, "max rank", 1)
     hits = match_tokens(ds, token, model=model, exact=exact, token_id=token_id)
-    return ds._run(*neurons_query(ds, matches_by_model(hits), kinds=kinds, sides=sides, max_rank=max_rank, limit=limit))
+    out = ds._run(*neurons_query(ds, matches_by_model(hits), kinds=kinds, sides=sides, max_rank=max_rank, limit=limit))
+    if not readable:
+        return out
+    rows = out.to_pylist()
+    keys = [dict(r, **dict(zip(("head", "expert", "idx"), _vector_key(r)))) for r in rows]
+    above = {tuple(a[c] for c in _KEY_TYPES): a["above"] for a in ds.rows(*unreadable_above_query(ds, keys))} if rows else {}
+    gaps = [above[tuple(k[c] for c in _KEY_TYPES)] for k in keys]
+    out = out.append_column("readable_rank", pa.array([r["rank"] - g for r, g in zip(rows, gaps)], pa.int32()))
+    return out.replace_schema_metadata({"hidden_rows": str(sum(gaps))})
 
 
 def kv_head_query(ds, model: str, layer: int, head: int) -> Query:
@@ -389,9 +455,10 @@ def _head_dims_where(prefix: str = "") -> str:
 _HEAD_DIM_PARAMS = {"query_head_kinds": list(QUERY_HEAD_KINDS), "kv_kinds": list(KV_KINDS)}
 
 
-def show_head_queries(ds, model: str, layer: int, head: int, kv: int, limit: int | None) -> "OrderedDict[str, Query]":
+def show_head_queries(ds, model: str, layer: int, head: int, kv: int, limit: int | None,
+                      readable: bool = False) -> "OrderedDict[str, Query]":
     """The SQL of :func:`show` for a head ``L{layer}.H{head}`` (key/value head ``kv``), by section."""
-    src = {t: ds.source(t, [model], [layer]) for t in ("heads", "pairs", "head_tokens", "vectors")}
+    src = {t: _readable(ds.source(t, [model], [layer]), t, readable) for t in ("heads", "pairs", "head_tokens", "vectors")}
     where = "layer = $l AND head = $h"
     base = {"l": layer, "h": head}
     out: OrderedDict[str, Query] = OrderedDict()
@@ -429,7 +496,24 @@ def show_head_queries(ds, model: str, layer: int, head: int, kv: int, limit: int
     return out
 
 
-def show_vectors_query(ds, model: str, u: Unit, kv: int | None, limit: int | None) -> Query:
+# --readable (issue 23): a list entry is readable when its text is letters, surrounding whitespace
+# aside (the word-boundary marker decodes to a space): the query-time twin of `index --vocab-filter
+# alpha` (indexer/vocab_filter.py, str.isalpha; RE2's \p{L} is the same letter categories).
+READABLE_SQL = "regexp_full_match({col}, '\\s*\\p{{L}}+\\s*')"
+_TOKEN_COLUMNS = {"pairs": ("src", "dst"), "head_tokens": ("token",), "vectors": ("token",)}
+# the columns of show's sections that hold list entries (counted to say how many were hidden)
+SHOWN_TOKEN_COLUMNS = ("top", "bottom", "src", "token", "ov_source", "ov_output", "qk_query", "qk_key")
+
+
+def _readable(source: str, table: str, readable: bool) -> str:
+    """``source``, or (``readable``) a subquery of its rows whose tokens are all readable."""
+    cols = _TOKEN_COLUMNS.get(table)
+    if not readable or not cols:
+        return source
+    return f"(SELECT * FROM {source} WHERE {' AND '.join(READABLE_SQL.format(col=c) for c in cols)})"
+
+
+def show_vectors_query(ds, model: str, u: Unit, kv: int | None, limit: int | None, readable: bool = False) -> Query:
     """The SQL of :func:`show` for a unit made of vectors (neuron, head dimension, position, bias)."""
     # MoE (issue 12): an expert's neuron / router row is picked by the expert column (null: dense or shared).
     if u.kind == "neuron":
@@ -456,12 +540,12 @@ def show_vectors_query(ds, model: str, u: Unit, kv: int | None, limit: int | Non
                    max(score) FILTER (WHERE side = 'top') AS top_score,
                    max(token) FILTER (WHERE side = 'bottom') AS bottom,
                    max(score) FILTER (WHERE side = 'bottom') AS bottom_score
-            FROM {ds.source("vectors", [model], layers)} WHERE {where} {rank}
+            FROM {_readable(ds.source("vectors", [model], layers), "vectors", readable)} WHERE {where} {rank}
             GROUP BY kind, unit, head, idx, rank
             ORDER BY {order_sql("kind")}, head, idx, rank""", params)
 
 
-def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[str, pa.Table]":
+def show(ds, model: str, unit: str, *, limit: int | None = 10, readable: bool = False) -> "OrderedDict[str, pa.Table]":
     """Everything stored about one unit, as named sections (an ordered dict of Arrow tables).
 
     * ``L5.H3``: ``metrics`` (the heads row, one metric per row), ``pairs`` (top and bottom
@@ -472,8 +556,20 @@ def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[s
     * ``L5.H3.d7``: ``vectors`` for q/o of head 3 and k/v of its key/value head, dimension 7;
     * ``P12``, ``L5.attn_bias``, ``L5.ff_bias``: ``vectors`` for that vector.
 
-    ``limit=None``: every rank.
+    ``limit=None``: every rank. ``readable``: list entries whose text is not letters (fragments,
+    punctuation, digits) are left out (ranks keep their stored numbers); each table's schema
+    metadata ``hidden_rows`` says how many entries within the ranks shown were left out.
     """
+    if readable:
+        full = _show(ds, model, unit, limit, False)
+        kept = _show(ds, model, unit, limit, True)
+        count = lambda t: sum(t.num_rows - t.column(c).null_count for c in SHOWN_TOKEN_COLUMNS if c in t.column_names)  # noqa: E731
+        return OrderedDict((name, t.replace_schema_metadata({"hidden_rows": str(count(full[name]) - count(t))}))
+                           for name, t in kept.items())
+    return _show(ds, model, unit, limit, False)
+
+
+def _show(ds, model: str, unit: str, limit, readable: bool) -> "OrderedDict[str, pa.Table]":
     slug = ds.resolve_model(model)
     info = ds.model_info(slug)
     u = parse_unit(unit)
@@ -485,9 +581,9 @@ def show(ds, model: str, unit: str, *, limit: int | None = 10) -> "OrderedDict[s
         return show_feature(ds, slug, u, limit)
     kv = _kv_head(ds, info, u.layer, u.head) if u.head is not None else None
     if u.kind != "head":
-        return OrderedDict(vectors=ds._run(*show_vectors_query(ds, slug, u, kv, limit)))
+        return OrderedDict(vectors=ds._run(*show_vectors_query(ds, slug, u, kv, limit, readable)))
     out: OrderedDict[str, pa.Table] = OrderedDict()
-    for name, query in show_head_queries(ds, slug, u.layer, u.head, kv, limit).items():
+    for name, query in show_head_queries(ds, slug, u.layer, u.head, kv, limit, readable).items():
         if name == "metrics":  # one metric per row
             row = ds.rows(*query)
             metrics = list(row[0].items()) if row else []

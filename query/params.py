@@ -141,6 +141,10 @@ _ID = Param("token_id", whole(), option="--id", key="id", metavar="N", help="Mat
 _TOKEN = Param("token", argument=True, help="a token, e.g. paris (case-insensitive, stripped)")
 
 
+def _readable(what: str) -> Param:
+    return Param("readable", boolean, False, flag=True, help=what)
+
+
 def _limit(default: int, what: str = "rows") -> Param:
     return Param("limit", whole(zero_is_all=True), default, short="-n", help=f"At most this many {what} (0: all).")
 
@@ -151,6 +155,7 @@ HELPERS: dict[str, Helper] = {h.name: h for h in [
         _TOKEN, _MODEL,
         Param("circuit", choice("ov", "qk"), multiple=True, choices=("ov", "qk"), help="Only this circuit (default both)."),
         _SIDE, _limit(20), _EXACT, _ID,
+        _readable("Leave out pairs whose other token is not letters (fragments, digits, punctuation)."),
     ), "Heads whose circuits (top pairs, role lists) contain TOKEN, best first.", needs=(("token", "token_id"),)),
     Helper("neurons", (
         _TOKEN, _MODEL,
@@ -158,11 +163,13 @@ HELPERS: dict[str, Helper] = {h.name: h for h in [
               help=f"Vector kinds (repeat or comma list): {', '.join(ALL_KINDS)}. Default: {', '.join(FF_KINDS)}."),
         Param("max_rank", whole(), help="Only matches at this rank or better."),
         _SIDE, _limit(20), _EXACT, _ID,
+        _readable("Add readable_rank: the rank once entries that are not letters are left out."),
     ), "FF neurons (or other vectors, kind) whose top-k tokens contain TOKEN.", needs=(("token", "token_id"),)),
     Helper("show", (
         Param("model", argument=True, required=True, help="a model, e.g. minilm"),
         Param("unit", argument=True, required=True, help="a unit: L5.H3, L5.N123, L5.H3.d7, P12, L5.attn_bias"),
         _limit(10, "ranks per list"),
+        _readable("Hide list entries whose text is not letters (fragments, digits, punctuation)."),
     ), "Everything stored about one unit."),
     Helper("tokens", (
         Param("text", argument=True, required=True, help="a text, e.g. Paris is big"), _MODEL,
@@ -197,10 +204,18 @@ HELPERS: dict[str, Helper] = {h.name: h for h in [
         _limit(20), _EXACT, _ID,
     ), "Dictionary features (SAEs, transcoders) whose decoder or encoder tokens contain TOKEN.",
         needs=(("token", "token_id"),)),
+    Helper("enrich", (
+        Param("tokens", argument=True, multiple=True, help="the token set, e.g. paris london berlin (a concept)"),
+        _MODEL,
+        Param("kind", multiple=True, help="Lists to search (repeat or comma list): vector kinds, ov:source, ov:output, "
+                                          "qk:query, qk:key. Default: FF neurons, head dimensions and head role lists."),
+        _SIDE, _limit(20),
+    ), "Units whose stored token lists are enriched in a set of tokens (a concept), most significant first.",
+        needs=(("tokens",),)),
 ]}
 
 # The module of each helper that is not in query.helpers.
-_MODULE = {"history": "query.history", "features": "query.features"}
+_MODULE = {"history": "query.history", "features": "query.features", "enrich": "query.enrich"}
 
 
 def function(helper: Helper) -> Callable:

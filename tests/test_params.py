@@ -35,11 +35,16 @@ def test_the_python_signature_is_the_declaration(name):
             assert p.default == d.default, (p, d.default)
 
 
+# Options of the command line alone: they gather or inspect the set before the helper runs
+# (a file, the shipped sets), so neither the Python function nor a URL takes them.
+CLI_ONLY = {"enrich": {"tokens_file", "sets", "list_sets", "matches"}}
+
+
 @pytest.mark.parametrize("name", list(HELPERS))
 def test_the_command_is_the_declaration(name):
     spec = HELPERS[name]
     cmd = cli.commands[name]
-    shared = {"db", "cache_dir", "fmt", "quiet", "help"}
+    shared = {"db", "cache_dir", "fmt", "quiet", "help"} | CLI_ONLY.get(name, set())
     mine = [p for p in cmd.params if p.name not in shared]
     assert [p.name for p in mine] == spec.names()
     for p, d in zip(mine, spec.params):
@@ -82,7 +87,7 @@ def test_one_parser_refuses_what_it_cannot_read(qs, needle):
 def test_one_parser_reads_what_the_command_line_reads():
     values = from_query(HELPERS["heads"], _get({"token": ["paris"], "limit": ["0"], "exact": ["1"], "model": ["a", "b"]}))
     assert values == {"token": "paris", "model": ["a", "b"], "circuit": None, "side": "top", "limit": None, "exact": True,
-                      "token_id": None}
+                      "token_id": None, "readable": False}
     assert from_query(HELPERS["neurons"], _get({"id": ["7"]}))["token_id"] == 7
     assert from_query(HELPERS["show"], _get({"model": ["m"], "unit": ["L0.H0"]}))["limit"] == 10
     with pytest.raises(BadOption, match=r"missing \?unit="):
