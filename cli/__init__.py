@@ -1,6 +1,6 @@
 """The ``zeropass`` command line, above both halves: it drives ``query`` (read) and ``indexer`` (write).
 
-Each command parses options, calls the library, prints (STYLE §1); nothing imports this package.
+Each command parses options, calls the library, prints (docs/DESIGN.md §1); nothing imports this package.
 ``cli.base`` holds the group and the shared options, ``cli.read`` the commands that read a
 dataset (SQL, the helpers, serve), ``cli.write`` those that build or change one. Data goes to
 stdout, progress and notices to stderr; typed errors become one ``Error:`` line and exit code 1.

@@ -1,4 +1,4 @@
-"""The click group and the options every command shares, each declared once (STYLE §2).
+"""The click group and the options every command shares, each declared once.
 
 Typed errors (``query.errors.QueryError``, ``indexer.errors.ZeropassError``) become one ``Error:``
 line and exit code 1. A helper's arguments and options are made from its declaration in

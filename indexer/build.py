@@ -506,7 +506,7 @@ class _ModelWriter:
 
     def _factor(self, side: str, W: torch.Tensor) -> torch.Tensor:
         """float64 ``W_E @ W`` (side "E") or ``W_U^T @ W`` (side "U") for W [d_model, d_head]:
-        exact float64 products (DESIGN §3). On a GPU from float64 bases built once; on the CPU
+        exact float64 products (docs/DESIGN.md §3). On a GPU from float64 bases built once; on the CPU
         from the float32 projector bases, converted one block of vocabulary rows at a time."""
         W64 = W.to(self.device, torch.float64)
         if self.device != "cpu":

@@ -1,4 +1,4 @@
-"""Canonical weights: every supported architecture is read into these tensors (DESIGN §2).
+"""Canonical weights: every supported architecture is read into these tensors (docs/DESIGN.md §2).
 
 Row-vector convention throughout: a layer computes ``x @ W``. Shapes use the same
 dimension names everywhere: ``d_model``, ``d_head``, ``d_ff``, ``d_vocab``, ``n_heads``,

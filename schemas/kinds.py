@@ -1,4 +1,4 @@
-"""The vector kinds of the ``vectors`` table, declared once (DESIGN §3, §4).
+"""The vector kinds of the ``vectors`` table, declared once (docs/DESIGN.md §3, §4).
 
 Each kind says which side of the residual stream its vectors are on (``read``: scored against
 the input embedding, ``scores = W_E @ r``; ``write``: scored against the unembedding,

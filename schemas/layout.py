@@ -1,4 +1,4 @@
-"""The dataset directory on disk (DESIGN §5), shared by the writer (indexer) and readers (query).
+"""The dataset directory on disk (docs/DESIGN.md §5), shared by the writer (indexer) and readers (query).
 
     DIR/
       manifest.json                      the commit point: which files make up each model

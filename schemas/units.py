@@ -1,4 +1,4 @@
-"""Unit names as people say them (DESIGN §4), declared once with their SQL twin.
+"""Unit names as people say them (docs/DESIGN.md §4), declared once with their SQL twin.
 
 ``L5.N123`` (FF neuron 123 of layer 5), ``L5.H3`` (head 3), ``L5.H3.d7`` (dimension 7 of that
 head's Q/K/V/O), ``P12`` (position 12), ``L5.attn_bias`` / ``L5.ff_bias`` (output biases).

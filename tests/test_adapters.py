@@ -1,4 +1,4 @@
-"""Adapters: canonical tensors reproduce the Hugging Face modules' own computation (DESIGN §2).
+"""Adapters: canonical tensors reproduce the Hugging Face modules' own computation (docs/DESIGN.md §2).
 
 Each tiny random model is saved with ``save_pretrained`` (safetensors), read back through
 ``load_canonical``, and random inputs are fed through the HF modules themselves: the query /

@@ -51,7 +51,7 @@ def test_kinds_are_declared_once_with_side_and_group():
         assert k.side in (kinds.READ, kinds.WRITE) and k.group in (kinds.FF, kinds.HEAD_DIM, kinds.BIAS, kinds.POS, kinds.ROUTER, kinds.FEATURE)
         assert (k.unit_suffix is not None) == (k.group == kinds.BIAS)
         assert not k.kv or k.group == kinds.HEAD_DIM
-    # DESIGN §3: read-side vectors are FF keys/gates, Q/K/V columns, router rows (§7) and dictionary encoders; the rest write.
+    # docs/DESIGN.md §3: read-side vectors are FF keys/gates, Q/K/V columns, router rows and dictionary encoders; the rest write.
     assert kinds.READ_KINDS == ("ff_key", "ff_gate", "q", "k", "v", "router", "encoder")
     assert set(kinds.ALL_KINDS) == set(kinds.READ_KINDS) | set(kinds.WRITE_KINDS)
     assert kinds.ALL_KINDS == kinds.FF_KINDS + kinds.HEAD_DIM_KINDS + kinds.BIAS_KINDS + kinds.POS_KINDS + kinds.ROUTER_KINDS + kinds.FEATURE_KINDS

@@ -5,7 +5,7 @@ Per attention head the indexer needs, for ``QK = (W_E W_Q)(W_E W_K)ᵀ`` and
 row / column maxima (and smallest minima), and how often a row's largest entry is on the
 diagonal. ``M`` is never built: V = 50257 would be 10 GB.
 
-Exactness contract (DESIGN §3): every result is identical to the dense float64 computation
+Exactness contract (docs/DESIGN.md §3): every result is identical to the dense float64 computation
 ``M = A.double() @ B.double().T`` -- same entries, same order, ties broken by lower row then lower
 column index (lower index for the role lists). Reported values are float64 dot products of the
 original factors.

@@ -1,4 +1,4 @@
-"""Top-k / bottom-k vocabulary projection of many vectors at once (DESIGN §3).
+"""Top-k / bottom-k vocabulary projection of many vectors at once (docs/DESIGN.md §3).
 
 Every vector projection is ``X @ basis`` followed by a top-k along the vocabulary:
 
@@ -158,7 +158,7 @@ def _sorted(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
 
 def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> None:
     """``out = a @ b``. On the CPU through numpy: its OpenBLAS fp32 GEMM is ~1.5x faster than
-    torch's here (shared/MODELS.md); ``out`` shares memory with the numpy view, so no copy."""
+    torch's on this machine class (docs/BENCHMARKS.md); ``out`` shares memory with the numpy view, so no copy."""
     if out.device.type == "cpu":
         import numpy as np
 
