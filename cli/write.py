@@ -41,8 +41,10 @@ def replace_option(f):
 @click.option("--vocab-filter", default=None, metavar="alpha|words|FILE",
               help="Lists over readable tokens only: alpha (letters), words (common English words) or a word-list FILE.")
 @replace_option
+@click.option("--profile", is_flag=True,
+              help="At the end, print on stderr the seconds of each phase and layer beside the GEMMs' arithmetic floor.")
 @quiet_option
-def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle, vocab_filter, replace, quiet):
+def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle, vocab_filter, replace, profile, quiet):
     """Project every parameter of MODEL and add it to the dataset.
 
     MODEL is a local Hugging Face directory, a GGUF file or a hub id.
@@ -54,7 +56,7 @@ def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle
 
     entry = index_model(model_ref, db, name=name, k=k, n_pairs=n_pairs, variant=variant, device=device,
                         layers=layers, allow_pickle=allow_pickle, replace=replace, progress=progress(quiet),
-                        vocab_filter=vocab_filter)
+                        vocab_filter=vocab_filter, profile=profile)
     if not quiet:
         rows = ", ".join(f"{t} {n}" for t, n in entry.get("row_counts", {}).items())
         click.echo(f"indexed {model_ref} into {db} ({rows})", err=True)

@@ -25,6 +25,7 @@ from .canonical import Canonical
 from .dataset import Build, ZEROPASS_VERSION, check_writable, checkpoint_origin, dataset_lock, origin_of
 from .errors import ZeropassError
 from .kernels.vectors import Projector, TopK
+from .profile import phase, profiling, set_layer
 from .tokens import numbered_vocabulary, vocabulary
 from .variants import VARIANTS, fold
 from .vocab_filter import allowed_ids, check_filter, check_filter_name, filter_suffix, restrict
@@ -115,9 +116,11 @@ def index_model(
     series: Optional[str] = None,
     step: Optional[int] = None,
     vocab_filter: Optional[str] = None,
+    profile: bool = False,
 ) -> dict:
     """Index one checkpoint into the dataset at ``db``; returns its manifest entry.
 
+    ``profile``: print seconds per phase and per layer on stderr at the end (indexer/profile.py).
     ``series`` / ``step``: the training-checkpoint series it belongs to (``models.series`` /
     ``models.step``, set by `zeropass index-many`). ``vocab_filter``: ``alpha``, ``words`` or a
     word-list file: lists over those tokens only (indexer/vocab_filter.py); the default name gets
@@ -136,14 +139,16 @@ def index_model(
     slug = check_slug(default_slug(model_ref, filter_suffix(vocab_filter)) if name is None else name)
     check_writable(Path(db))
     say = progress or (lambda _m: None)
-    t = time.perf_counter()
-    loaded = load_canonical(model_ref, allow_pickle=allow_pickle, quiet=progress is None)
-    say(f"loaded {model_ref} in {time.perf_counter() - t:.1f}s: {_describe(loaded.canonical.dims)}")
-    return index_canonical(
-        loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
-        k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers, replace=replace, progress=progress,
-        series=series, step=step, vocab_filter=vocab_filter,
-    )
+    with profiling(profile, report=stderr_progress):
+        t = time.perf_counter()
+        with phase("load/dequantise"):
+            loaded = load_canonical(model_ref, allow_pickle=allow_pickle, quiet=progress is None)
+        say(f"loaded {model_ref} in {time.perf_counter() - t:.1f}s: {_describe(loaded.canonical.dims)}")
+        return index_canonical(
+            loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
+            k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers, replace=replace, progress=progress,
+            series=series, step=step, vocab_filter=vocab_filter, profile=profile,
+        )
 
 
 def index_diff(
@@ -234,6 +239,7 @@ def index_canonical(
     series: Optional[str] = None,
     step: Optional[int] = None,
     vocab_filter: Optional[str] = None,
+    profile: bool = False,
 ) -> dict:
     """Project a canonical model into the dataset at ``db`` under the name ``slug``.
 
@@ -241,7 +247,8 @@ def index_canonical(
     ``models.k`` / ``models.n_pairs`` hold what was used, ``settings`` both.
 
     ``replace``: replace a published model of that name even when it came from another
-    checkpoint (without it, NameTaken).
+    checkpoint (without it, NameTaken). ``profile``: as in `index_model` (from the dataset lock on,
+    when called directly).
     """
     root = Path(db)
     say = progress or (lambda _m: None)
@@ -249,7 +256,8 @@ def index_canonical(
     layer_list = parse_layers(layers, dims.n_layers)
     k_asked, n_pairs_asked = int(k), int(n_pairs)
     if variant == "folded":
-        model = fold(model)
+        with phase("canonicalise and fold"):
+            model = fold(model)
     if tokenizer is not None:
         vocab_id, tokens = vocabulary(tokenizer, dims.d_vocab)
     else:
@@ -281,7 +289,7 @@ def index_canonical(
 
     origin = origin_of(provenance)
     check_writable(root)
-    with dataset_lock(root):
+    with dataset_lock(root), profiling(profile, report=stderr_progress):
         build = Build(root, slug, json.loads(json.dumps(fingerprint, default=str)), origin=origin, replace=replace)
         if build.resumed:
             say(f"resuming the unfinished build of {slug} ({len(build.done)} partitions already written)")
@@ -293,8 +301,10 @@ def index_canonical(
             build.write("parameters", _parameters_table(model, slug))
         for i, l in enumerate(layer_list):
             t_layer = time.perf_counter()
+            set_layer(l)
             writer.layer(l)
             _release_freed_memory()
+            set_layer(None)
             elapsed = time.perf_counter() - t0
             eta = elapsed / (i + 1) * (len(layer_list) - i - 1)
             say(f"[{slug}] layer {l} done ({i + 1}/{len(layer_list)}) in {time.perf_counter() - t_layer:.1f}s, "
@@ -424,7 +434,8 @@ class _ModelWriter:
         """Write layer ``l``'s partitions that are not on disk yet, then record it complete."""
         if self.build.layer_done(l):
             return
-        lw = self.model.layer(l)
+        with phase("canonicalise and fold"):
+            lw = self.model.layer(l)
         if not self.build.has("vectors", layer=l):
             self.build.write("vectors", self.vectors(l, lw), layer=l)
         if not all(self.build.has(t, layer=l) for t in self._HEAD_TABLES):
@@ -476,6 +487,10 @@ class _ModelWriter:
 
     def _vector_table(self, kind: str, layer, heads, idx, units: list[str], topk: TopK, experts=None) -> pa.Table:
         """``experts``: per unit, its routed expert (``vectors.expert``); None: null for every row."""
+        with phase("vector tables"):
+            return self._vector_columns(kind, layer, heads, idx, units, topk, experts)
+
+    def _vector_columns(self, kind: str, layer, heads, idx, units: list[str], topk: TopK, experts) -> pa.Table:
         n, k = topk.top_idx.shape
         rows_per_unit = 2 * k
         total = n * rows_per_unit
@@ -508,6 +523,11 @@ class _ModelWriter:
         """float64 ``W_E @ W`` (side "E") or ``W_U^T @ W`` (side "U") for W [d_model, d_head]:
         exact float64 products (docs/DESIGN.md §3). On a GPU from float64 bases built once; on the CPU
         from the float32 projector bases, converted one block of vocabulary rows at a time."""
+        V, d_model = self.model.embeddings.W_E.shape
+        with phase("circuit factors", flops=2 * V * d_model * W.shape[1], dtype="fp64"):
+            return self._factor_product(side, W)
+
+    def _factor_product(self, side: str, W: torch.Tensor) -> torch.Tensor:
         W64 = W.to(self.device, torch.float64)
         if self.device != "cpu":
             E, UT = self._factors_base()
@@ -552,8 +572,9 @@ class _ModelWriter:
                 results["qk"] = top_pairs(A_qk, E_K, self.n_pairs, self.k, square=True, device=dev)
                 results["ov"] = top_pairs(E_V, B_ov, self.n_pairs, self.k, square=True, device=dev)
             for circuit, res in results.items():
-                pair_parts.append(self._pair_table(l, h, circuit, res))
-                role_parts.append(self._role_table(l, h, circuit, res))
+                with phase("head tables"):
+                    pair_parts.append(self._pair_table(l, h, circuit, res))
+                    role_parts.append(self._role_table(l, h, circuit, res))
             metrics = head_metrics(
                 self.model.embeddings.W_E, self.model.embeddings.W_U, lw.W_Q[h], lw.W_K[kv], lw.W_V[kv], lw.W_O[h],
                 results.get("ov"), results.get("qk"),

@@ -64,6 +64,7 @@ from schemas.format import (
 )
 
 from .errors import DatasetError, NameTaken, NotADatasetDir
+from .profile import phase
 
 ZEROPASS_VERSION = "0.1.0"
 LOCK = ".lock"
@@ -635,6 +636,10 @@ class Build:
 
     def write(self, table: str, data: pa.Table, **keys) -> None:
         """Write one partition of ``table`` (keys beyond ``model``, e.g. ``layer=3``)."""
+        with phase("parquet writes"):
+            self._write(table, data, **keys)
+
+    def _write(self, table: str, data: pa.Table, **keys) -> None:
         rel_dir = self.key(table, **keys)
         relpath = f"{rel_dir}/{self.build_id}.parquet"
         layout = _ROW_LAYOUT.get(table)
@@ -646,6 +651,10 @@ class Build:
 
     def write_by_token(self) -> None:
         """Write the ``vectors_by_token`` partition from this build's ``vectors`` partitions."""
+        with phase("by-token sort"):
+            self._write_by_token()
+
+    def _write_by_token(self) -> None:
         rel_dir = self.key("vectors_by_token")
         if rel_dir in self.done:
             return
@@ -668,6 +677,10 @@ class Build:
         ``rebuild_args`` is the `zeropass` command line (without ``--db``) that rebuilds this
         model; `zeropass check` prints it as the repair of a damaged model.
         """
+        with phase("commit"):
+            return self._commit(model_row, vocab_id, tokens, rebuild_args)
+
+    def _commit(self, model_row: dict, vocab_id: str, tokens: pa.Table | None, rebuild_args: list[str] | None) -> dict:
         self.write_by_token()
         model_row = dict(model_row, model=self.slug, schema_version=SCHEMA_VERSION,
                          zeropass_version=ZEROPASS_VERSION, created_at=datetime.now(timezone.utc).replace(microsecond=0))

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..profile import phase
 from .pairs import PairResult
 
 __all__ = ["head_metrics", "copying_score", "factored_fro_norm"]
@@ -56,6 +57,11 @@ def head_metrics(
     >>> sorted(m)[:3]
     ['ov_copying_score', 'ov_copying_score_full', 'ov_norm']
     """
+    with phase("head metrics"):
+        return _head_metrics(W_E, W_U, W_Q_h, W_K_kv, W_V_kv, W_O_h, ov, qk, factors)
+
+
+def _head_metrics(W_E, W_U, W_Q_h, W_K_kv, W_V_kv, W_O_h, ov, qk, factors) -> dict:
     W_Q, W_K, W_V, W_O = (w.double() for w in (W_Q_h, W_K_kv, W_V_kv, W_O_h))
     # The indexer passes the float64 circuit factors it already built (E_Q = W_E W_Q, E_K, E_V
     # [d_vocab, d_head] and OU = (W_O W_U)^T [d_vocab, d_head]), which saves four V-sized

@@ -51,6 +51,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..profile import add_flops, phase
+
 __all__ = ["PairResult", "top_pairs"]
 
 _NEG_INF = -math.inf
@@ -261,13 +263,16 @@ def top_pairs(
     block_cols = block_cols or (65536 if gpu else 8192)
     t_start = time.perf_counter()
     with _strict_matmul(dev):
-        scan = _Screening(A, B, n, k, square=square, device=dev, screen_dtype=screen_dtype,
-                          basis=basis, row_cell=block_rows, max_block_cols=block_cols,
-                          seed_cols=first_block_cols, cell_cols=min(cell_cols, block_cols))
-        scan.screen_seed_columns()
-        scan.screen_cells()
+        with phase("circuit basis and layout"):
+            scan = _Screening(A, B, n, k, square=square, device=dev, screen_dtype=screen_dtype,
+                              basis=basis, row_cell=block_rows, max_block_cols=block_cols,
+                              seed_cols=first_block_cols, cell_cols=min(cell_cols, block_cols))
+        with phase("screening"):
+            scan.screen_seed_columns()
+            scan.screen_cells()
         t_screen = time.perf_counter()
-        res = scan.result()
+        with phase("exact rescoring"):
+            res = scan.result()
     res.stats["t_screen_s"] = t_screen - t_start
     res.stats["t_total_s"] = time.perf_counter() - t_start
     return res
@@ -643,6 +648,7 @@ class _Screening:
         """Multiply one block in the screen dtype and fold it into the state."""
         self.stats["blocks_computed"] += 1
         self.stats["entries_screened"] += int(rows.numel()) * int(cidx.numel())
+        add_flops("screening", 2.0 * int(rows.numel()) * int(cidx.numel()) * lhs.shape[1], "bf16")
         S = torch.mm(lhs, rhs.T)  # [rows, q] screened values
         # Every screened entry of the block is within this of its exact value.
         marg = self.c_screen * a_max * float(self.beta_s[cidx].max()) + self.eps_screen
@@ -754,6 +760,7 @@ class _FullRows:
         sgn = 1.0 if largest else -1.0
         for s in range(0, idx.numel(), self.CHUNK):
             r = idx[s : s + self.CHUNK]
+            add_flops("exact rescoring", 2.0 * r.numel() * Y32.shape[0] * Y32.shape[1], "fp32")
             T = torch.mm(X32[r], Y32.T)
             if not largest:
                 T.neg_()
@@ -806,6 +813,7 @@ class _FullRows:
         bmax = self.sides[False][5]
         for s in range(0, idx.numel(), self.CHUNK):
             r = idx[s : s + self.CHUNK]
+            add_flops("exact rescoring", 2.0 * r.numel() * self.B32.shape[0] * self.B32.shape[1], "fp32")
             T = torch.mm(self.A32[r], self.B32.T)
             ar = torch.arange(r.numel(), device=T.device)
             T[ar, r] = _NEG_INF

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..profile import phase
+
 # ~128 MB of fp32 scores per block at V = 50k: large enough for GEMM efficiency, small enough
 # that top-k over the block stays in cache-friendly passes.
 _BLOCK_BYTES = 128 * 2**20
@@ -80,9 +82,11 @@ class Projector:
         for start in range(0, n, self.block):
             stop = min(n, start + self.block)
             padded = self._scores(stop - start)
-            _matmul_into(X[start:stop], self.basis, padded[:, : self.d_vocab])
-            for largest, val, idx in ((True, out.top_val, out.top_idx), (False, out.bot_val, out.bot_idx)):
-                val[start:stop], idx[start:stop] = select(padded, self.d_vocab, k, largest)
+            with phase("vector GEMMs", flops=2 * (stop - start) * X.shape[1] * self.d_vocab):
+                _matmul_into(X[start:stop], self.basis, padded[:, : self.d_vocab])
+            with phase("top-k selection"):
+                for largest, val, idx in ((True, out.top_val, out.top_idx), (False, out.bot_val, out.bot_idx)):
+                    val[start:stop], idx[start:stop] = select(padded, self.d_vocab, k, largest)
         _check_scores(out, X, self.basis)
         return out
 

@@ -1,0 +1,70 @@
+"""`zeropass index --profile`: every phase named, and its seconds add up to the wall time."""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from indexer import profile
+from tests.dataset_helpers import invoke_cli
+
+pytest.importorskip("transformers")
+
+# The phases a tiny decoder's build goes through (no fold: raw variant; "other" is what no hook claims).
+BUILD_PHASES = ["load/dequantise", "canonicalise and fold", "vector GEMMs", "top-k selection", "vector tables",
+                "circuit factors", "circuit basis and layout", "screening", "exact rescoring", "head metrics",
+                "head tables", "parquet writes", "by-token sort", "commit"]
+
+
+def _table(stderr: str) -> dict[str, float]:
+    rows = {}
+    for line in stderr.splitlines():
+        m = re.match(r"^(\S.*?)\s+(\d+\.\d\d)\s+\d+\.\d%", line)
+        if m:
+            rows[m.group(1)] = float(m.group(2))
+    return rows
+
+
+def test_profile_names_every_phase_and_adds_up_to_the_wall_time(tmp_path):
+    from tests.tiny_models import save_tiny
+
+    path = save_tiny("llama-gqa", tmp_path / "m")
+    t = time.perf_counter()
+    r = invoke_cli("index", path, "--db", tmp_path / "db", "--name", "m", "--k", "5", "--pairs", "10",
+                   "--profile", "--quiet")
+    outside = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr
+    rows = _table(r.stderr)
+    assert set(BUILD_PHASES) <= set(rows), r.stderr
+    wall = float(re.search(r"profile: ([0-9.]+) s wall", r.stderr).group(1))
+    # The phases are exclusive and "other" takes the rest: they sum to the wall time, which is
+    # the build's share of the command (the rates are measured after it).
+    assert rows["sum"] == pytest.approx(wall, abs=0.02)
+    assert sum(v for k, v in rows.items() if k != "sum") == pytest.approx(wall, abs=0.05)
+    assert wall <= outside
+    # Every GEMM phase has its floor and ratio; layers 0 and 1 have a line of their own.
+    for name in ("vector GEMMs", "circuit factors", "screening", "exact rescoring"):
+        line = next(x for x in r.stderr.splitlines() if x.startswith(name))
+        assert len(line.split()) - len(name.split()) == 5, line
+    assert re.search(r"^\s+0 .*\n\s+1 ", r.stderr, flags=re.M), r.stderr
+
+
+def test_phase_is_a_shared_no_op_without_a_profile():
+    assert profile.phase("screening", flops=1e9) is profile.phase("vector GEMMs")
+    with profile.phase("screening"):
+        pass
+    profile.add_flops("screening", 1.0, "bf16")
+    profile.set_layer(3)  # nothing runs: nothing recorded, nothing raised
+
+
+def test_nested_phases_are_exclusive():
+    with profile.profiling(True, report=None) as prof:
+        with profile.phase("commit"):
+            time.sleep(0.05)
+            with profile.phase("by-token sort"):
+                time.sleep(0.1)
+    totals = prof.by_phase()
+    assert totals["by-token sort"] == pytest.approx(0.1, abs=0.05)
+    assert totals["commit"] == pytest.approx(0.05, abs=0.04)
+    assert sum(totals.values()) == pytest.approx(prof.wall, abs=1e-6)
