@@ -552,7 +552,7 @@ class _ModelWriter:
         from schemas import TABLES
 
         from .kernels.head_metrics import head_metrics
-        from .kernels.pairs import top_pairs
+        from .kernels.pairs import submit_top_pairs, top_pairs
 
         dims = self.model.dims
         dev = self.device
@@ -566,11 +566,16 @@ class _ModelWriter:
                 E_K = E_V = None  # freed before the next group's are built
                 E_K, E_V, factors_of = self._factor("E", lw.W_K[kv]), self._factor("E", lw.W_V[kv]), kv
             A_qk = self._factor("E", lw.W_Q[h])
+            # The QK circuit runs on a second thread while this one builds B_ov and runs the OV
+            # circuit: a circuit's many small tensor operations leave a core idle (docs/PAIRS.md).
+            qk = submit_top_pairs(A_qk, E_K, self.n_pairs, self.k, square=True, device=dev) if self.n_pairs else None
             B_ov = self._factor("U", lw.W_O[h].T)  # (W_O W_U)^T = W_U^T W_O^T: [d_vocab, d_head]
             results = {}
             if self.n_pairs > 0:
-                results["qk"] = top_pairs(A_qk, E_K, self.n_pairs, self.k, square=True, device=dev)
-                results["ov"] = top_pairs(E_V, B_ov, self.n_pairs, self.k, square=True, device=dev)
+                ov = top_pairs(E_V, B_ov, self.n_pairs, self.k, square=True, device=dev)
+                with phase("waiting for the other circuit"):
+                    results["qk"] = qk.result()
+                results["ov"] = ov
             for circuit, res in results.items():
                 with phase("head tables"):
                     pair_parts.append(self._pair_table(l, h, circuit, res))

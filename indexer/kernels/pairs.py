@@ -43,7 +43,9 @@ only rise, so anything skipped at any time is provably outside the result.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -53,7 +55,7 @@ from torch import Tensor
 
 from ..profile import add_flops, phase
 
-__all__ = ["PairResult", "top_pairs"]
+__all__ = ["PairResult", "submit_top_pairs", "top_pairs"]
 
 _NEG_INF = -math.inf
 _POS_INF = math.inf
@@ -195,19 +197,35 @@ def _screen_margin(d: int, dtype: torch.dtype) -> tuple[float, float]:
     return 2 * c, 2 * eps_abs
 
 
+_strict_lock = threading.Lock()
+_strict_users = 0
+_strict_saved: Optional[tuple[bool, bool]] = None
+
+
 @contextmanager
 def _strict_matmul(device: torch.device):
-    """fp32-accumulating GEMMs on CUDA (no TF32, no reduced-precision bf16 reductions)."""
+    """fp32-accumulating GEMMs on CUDA (no TF32, no reduced-precision bf16 reductions).
+
+    The switches are process-wide and two circuits can run at once (``submit_top_pairs``): they
+    are turned off when the first circuit enters and restored when the last one leaves, so that
+    one circuit's exit never turns TF32 back on under another's GEMMs."""
+    global _strict_users, _strict_saved
     if device.type != "cuda":
         yield
         return
     m = torch.backends.cuda.matmul
-    saved = (m.allow_tf32, m.allow_bf16_reduced_precision_reduction)
-    m.allow_tf32, m.allow_bf16_reduced_precision_reduction = False, False
+    with _strict_lock:
+        if _strict_users == 0:
+            _strict_saved = (m.allow_tf32, m.allow_bf16_reduced_precision_reduction)
+            m.allow_tf32, m.allow_bf16_reduced_precision_reduction = False, False
+        _strict_users += 1
     try:
         yield
     finally:
-        m.allow_tf32, m.allow_bf16_reduced_precision_reduction = saved
+        with _strict_lock:
+            _strict_users -= 1
+            if _strict_users == 0:
+                m.allow_tf32, m.allow_bf16_reduced_precision_reduction = _strict_saved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +294,26 @@ def top_pairs(
     res.stats["t_screen_s"] = t_screen - t_start
     res.stats["t_total_s"] = time.perf_counter() - t_start
     return res
+
+
+_BACKGROUND: Optional[ThreadPoolExecutor] = None
+
+
+def submit_top_pairs(A: Tensor, B: Tensor, n: int = 200, k: int = 50, **options) -> Future:
+    """``top_pairs(A, B, n, k, **options)`` on a background thread; ``.result()`` gives its
+    PairResult (or raises its error).
+
+    Why: one circuit's screening is thousands of small tensor operations between short GEMMs,
+    and on a 2-core CPU it keeps the second core mostly idle; two circuits at once (the indexer
+    runs a head's QK here while it runs its OV) take about 1.5x less wall time. The results are
+    the same: a circuit's state is its own, and every value it reports is either an exact fp64
+    dot product or a decision proven for any summation order a GEMM may use. One worker: at most
+    two circuits' working sets are alive at once (docs/PAIRS.md "Two circuits at once").
+    """
+    global _BACKGROUND
+    if _BACKGROUND is None:
+        _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeropass-circuit")
+    return _BACKGROUND.submit(top_pairs, A, B, n, k, **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -649,7 +687,10 @@ class _Screening:
         self.stats["blocks_computed"] += 1
         self.stats["entries_screened"] += int(rows.numel()) * int(cidx.numel())
         add_flops("screening", 2.0 * int(rows.numel()) * int(cidx.numel()) * lhs.shape[1], "bf16")
-        S = torch.mm(lhs, rhs.T)  # [rows, q] screened values
+        # [rows, q] screened values. Widened to float32 once (exact: every bfloat16 is a float32),
+        # because the passes below (row / column extremes, comparisons) run several times faster
+        # on float32 than on bfloat16 on a CPU; the values, hence every decision, are unchanged.
+        S = torch.mm(lhs, rhs.T).float()
         # Every screened entry of the block is within this of its exact value.
         marg = self.c_screen * a_max * float(self.beta_s[cidx].max()) + self.eps_screen
         rmax = S.amax(1).double()
@@ -657,7 +698,7 @@ class _Screening:
         self._fold_extremes(S, rows, cidx, marg, rmax, rmin)
         self._fold_entries(S, rows, cidx, marg, rmax, rmin)
         if self.square:
-            self._fold_self(S, rows, cidx, marg)  # last: masks S's diagonal in place
+            self._fold_self(S, rows, cidx, marg, rmax)  # last: masks S's diagonal in place
 
     def _exact(self, r_pos: Tensor, c_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Original indices and exact fp64 values of the entries at the given positions."""
@@ -687,7 +728,7 @@ class _Screening:
                 # (any n exact entries bound the n-th value). They are not added here: the filter
                 # below catches every entry of the block that reaches the threshold, seeds included.
                 m = min(pool.n, S.numel())
-                flat = torch.topk(S.reshape(-1).float() * sign, m).indices
+                flat = torch.topk(S.reshape(-1) * sign, m).indices
                 _, _, seed = self._exact(ridx[flat // q], cidx[flat % q])
                 known = torch.cat([pool.vals, seed]) * sign
                 if known.numel() >= pool.n:
@@ -695,16 +736,22 @@ class _Screening:
             rows = torch.nonzero(ext * sign >= t * sign - marg).squeeze(1)
             if rows.numel() == 0:
                 continue
-            sub = S[rows].float()
+            sub = S[rows]
             hit = torch.nonzero(sub * sign >= t * sign - marg)
             if hit.numel():
                 pool.add(*self._exact(ridx[rows[hit[:, 0]]], cidx[hit[:, 1]]))
 
-    def _fold_self(self, S, ridx, cidx, marg) -> None:
+    def _fold_self(self, S, ridx, cidx, marg, rmax) -> None:
         """Off-diagonal maxima of the undecided rows (decided rows stay decided; ``off_diag_upper``
         is read only for undecided rows). A row is proven "not self" when the exact value of its
         best screened off-diagonal entry is above the (exact) diagonal; only rows where the screen
-        says it could be are rescored. Overwrites the diagonal entries of ``S``."""
+        says it could be are rescored. Overwrites the diagonal entries of ``S``.
+
+        ``rmax`` (the block's row maxima) is the off-diagonal maximum of every row whose diagonal
+        is not in the block; only the rows whose diagonal is are reduced again after masking it,
+        and the arg-max column is found only for the rows that get rescored (any column holding
+        the maximum will do: the rescored entry is one exact off-diagonal entry of the row, which
+        is all the proof needs), instead of a max-with-index pass over every undecided row."""
         und = torch.nonzero(self.undecided[ridx]).squeeze(1)
         if und.numel() == 0:
             return
@@ -712,20 +759,17 @@ class _Screening:
         self.place_in_block[cidx] = torch.arange(int(cidx.numel()), device=self.dev)
         dc = self.place_in_block[self.diag_col[rows_u]]
         self.place_in_block[cidx] = -1
+        offv = rmax[und]
         inb = torch.nonzero(dc >= 0).squeeze(1)
         if inb.numel():
             S[und[inb], dc[inb]] = _NEG_INF
-        if 2 * und.numel() >= S.shape[0]:
-            offv, offj = S.max(1)
-            offv, offj = offv[und], offj[und]
-        else:
-            offv, offj = S[und].max(1)
-        offv = offv.double()
+            offv[inb] = S[und[inb]].amax(1).double()
         self.off_diag_upper[rows_u] = torch.maximum(self.off_diag_upper[rows_u], offv + marg)
         dg = self.diag[rows_u]
         cand = torch.nonzero(offv + marg >= dg).squeeze(1)
         if cand.numel():
-            _, _, ex = self._exact(rows_u[cand], cidx[offj[cand]])
+            offj = S[und[cand]].argmax(1)
+            _, _, ex = self._exact(rows_u[cand], cidx[offj])
             beaten = cand[ex > dg[cand]]
             self.undecided[rows_u[beaten]] = False
 
