@@ -412,9 +412,41 @@ def _pickle_source(files: list[Path]) -> StateDictSource:
     return StateDictSource(state)
 
 
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """Within the block, ``gguf.GGUFReader`` of a file already read returns that reader.
+
+    transformers parses the whole GGUF header (metadata, the tokenizer's 49k-entry arrays, the
+    tensor index) in every ``from_pretrained``: for the config, the model's config, the weights
+    and the tokenizer, 4 parses of 2-8 s each for SmolLM2 on this project's 2-core machine, about
+    half of its load time. The reader is a read-only memory map of the file, so one serves all
+    four (transformers imports the name from ``gguf`` at each call, which is what is swapped)."""
+    import gguf
+
+    real = gguf.GGUFReader
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 def _load_gguf(model_ref, path: Path, dtype, quiet: bool) -> Loaded:
     require("gguf", hint="pip install gguf", why=f"reading the GGUF file {path.name}")
     require("accelerate", hint="pip install accelerate", why=f"reading the GGUF file {path.name}")
+    with _one_gguf_parse():
+        return _load_gguf_parsed_once(model_ref, path, dtype, quiet)
+
+
+def _load_gguf_parsed_once(model_ref, path: Path, dtype, quiet: bool) -> Loaded:
     transformers = require("transformers")
     from .adapters import adapter_for
 
