@@ -52,6 +52,9 @@ class Profile:
     def __init__(self):
         self.thread = threading.get_ident()
         self.seconds: dict[tuple[str, object], float] = {}
+        # Process CPU seconds (every thread's) while each phase ran: on a machine shared with other
+        # jobs, wall seconds stretch with their load and CPU seconds much less.
+        self.cpu: dict[str, float] = {}
         self.overlapped: dict[str, float] = {}  # phases run on other threads (seconds of theirs)
         self.flops: dict[str, float] = {}
         self.dtype: dict[str, str] = {}
@@ -59,6 +62,7 @@ class Profile:
         self.layer: object = None  # the layer the build is on (None: model-wide work)
         self._stack: list[str] = [OTHER]
         self._since = time.perf_counter()
+        self._cpu_since = time.process_time()
         self.t0 = self._since
         self.wall: Optional[float] = None
 
@@ -66,6 +70,9 @@ class Profile:
         key = (self._stack[-1], self.layer)
         self.seconds[key] = self.seconds.get(key, 0.0) + now - self._since
         self._since = now
+        cpu = time.process_time()
+        self.cpu[key[0]] = self.cpu.get(key[0], 0.0) + cpu - self._cpu_since
+        self._cpu_since = cpu
 
     @contextmanager
     def phase(self, name: str, flops: float = 0.0, dtype: Optional[str] = None):
@@ -111,15 +118,16 @@ class Profile:
         names += [OTHER] if OTHER in totals else []
         lines = [f"profile: {wall:.2f} s wall; GEMM rates measured in this run: "
                  + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s" for d, r in sorted(self.rates.items())),
-                 f"{'phase':<26} {'seconds':>8} {'share':>6} {'GFLOP':>8} {'floor s':>8} {'s/floor':>8}"]
+                 f"{'phase':<30} {'seconds':>8} {'share':>6} {'CPU s':>8} {'GFLOP':>8} {'floor s':>8} {'s/floor':>8}"]
         for name in names:
             s, fl = totals[name], self.floor(name)
             gf = f"{self.flops[name] / 1e9:.0f}" if name in self.flops else ""
-            lines.append(f"{name:<26} {s:8.2f} {s / wall:6.1%} {gf:>8} "
+            lines.append(f"{name:<30} {s:8.2f} {s / wall:6.1%} {self.cpu.get(name, 0.0):8.2f} {gf:>8} "
                          + (f"{fl:8.2f} {s / fl:8.1f}" if fl else f"{'':>8} {'':>8}"))
-        lines.append(f"{'sum':<26} {sum(totals.values()):8.2f} {sum(totals.values()) / wall:6.1%}")
+        lines.append(f"{'sum':<30} {sum(totals.values()):8.2f} {sum(totals.values()) / wall:6.1%} "
+                     f"{sum(self.cpu.values()):8.2f}")
         for name, s in self.overlapped.items():
-            lines.append(f"{name + ' (background)':<26} {s:8.2f}   (on another thread, overlapping the above)")
+            lines.append(f"{name + ' (background)':<30} {s:8.2f}   (wall seconds on another thread, within the above)")
         layers = sorted({lay for (_n, lay) in self.seconds if isinstance(lay, int)})
         if layers:
             cols = [n for n in names if any((n, lay) in self.seconds for lay in layers)]

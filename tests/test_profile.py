@@ -46,7 +46,7 @@ def test_profile_names_every_phase_and_adds_up_to_the_wall_time(tmp_path):
     # Every GEMM phase has its floor and ratio; layers 0 and 1 have a line of their own.
     for name in ("vector GEMMs", "circuit factors", "screening", "exact rescoring"):
         line = next(x for x in r.stderr.splitlines() if x.startswith(name))
-        assert len(line.split()) - len(name.split()) == 5, line
+        assert len(line.split()) - len(name.split()) == 6, line
     assert re.search(r"^\s+0 .*\n\s+1 ", r.stderr, flags=re.M), r.stderr
 
 
