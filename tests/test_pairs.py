@@ -238,3 +238,35 @@ def test_self_rows_with_small_cells_no_duplicate_entries():
     for rows, cols in ((res.top_rows, res.top_cols), (res.bot_rows, res.bot_cols)):
         key = rows * 3000 + cols
         assert torch.unique(key).numel() == key.numel()
+
+
+def test_two_circuits_at_once_equal_the_dense_reference():
+    # The indexer runs a head's QK circuit on a second thread while its OV runs (submit_top_pairs):
+    # both, ties included, must be what each gives alone.
+    from indexer.kernels.pairs import submit_top_pairs
+
+    qk = (integer(300, 4), integer(300, 4, seed=1))
+    ov = (rand(1111, 24), rand(1111, 24, seed=1))
+    background = submit_top_pairs(*qk, 100, 20, **SMALL)
+    assert_matches(top_pairs(*ov, 200, 50, **SMALL), *ov, 200, 50, True)
+    assert_matches(background.result(), *qk, 100, 20, True)
+
+
+def test_strict_matmul_stays_strict_until_the_last_circuit_leaves():
+    # TF32 / reduced-precision bf16 sums would break the screen's proven margin on CUDA: with two
+    # circuits at once, the first one to finish must not turn them back on under the other.
+    from indexer.kernels.pairs import _strict_matmul
+
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_tf32, m.allow_bf16_reduced_precision_reduction)
+    try:
+        m.allow_tf32, m.allow_bf16_reduced_precision_reduction = True, True
+        first, second = _strict_matmul(torch.device("cuda")), _strict_matmul(torch.device("cuda"))
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert (m.allow_tf32, m.allow_bf16_reduced_precision_reduction) == (False, False)
+        second.__exit__(None, None, None)
+        assert (m.allow_tf32, m.allow_bf16_reduced_precision_reduction) == (True, True)
+    finally:
+        m.allow_tf32, m.allow_bf16_reduced_precision_reduction = saved
