@@ -208,3 +208,30 @@ def test_errors_are_zeropass_errors():
 
     for cls in (BadCheckpoint, MissingDependency, ModelNotFound, UnsupportedArchitecture):
         assert issubclass(cls, ZeropassError)
+
+
+def test_gguf_is_parsed_once_per_load_and_gguf_is_restored(tmp_path):
+    # transformers parses a GGUF file in each from_pretrained (4 per load) and builds gguf's
+    # tensor-name map per submodule: within a load, one of each serves every call.
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from indexer.load import _one_gguf_parse
+
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 2), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _one_gguf_parse():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first
+        assert first.get_tensor(0).name == "token_embd.weight"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 3) is not gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+    assert gguf.GGUFReader(path) is not first
