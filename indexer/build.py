@@ -439,6 +439,10 @@ class _ModelWriter:
         if not self.build.has("vectors", layer=l):
             self.build.write("vectors", self.vectors(l, lw), layer=l)
         if not all(self.build.has(t, layer=l) for t in self._HEAD_TABLES):
+            # The circuits never use the projectors' score buffers (128 MB each): freed while they
+            # run, they leave room for the second circuit that runs at once (docs/PAIRS.md).
+            self.read.release_buffer()
+            self.write_side.release_buffer()
             self._heads(l, lw)  # the three head tables come from one pass: all or none
         self.build.mark_layer_done(l, ("vectors",) + self._HEAD_TABLES)
 

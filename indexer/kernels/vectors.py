@@ -90,6 +90,10 @@ class Projector:
         _check_scores(out, X, self.basis)
         return out
 
+    def release_buffer(self) -> None:
+        """Free the score buffer until the next call (which allocates it again)."""
+        self._buf = None
+
     def _scores(self, rows: int) -> Tensor:
         if self._buf is None or self._buf.shape[0] < rows:
             self._buf = torch.empty(rows, self.width, dtype=torch.float32, device=self.device)
