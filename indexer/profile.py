@@ -185,7 +185,7 @@ def profiling(enabled: bool, report=None):
         report(prof.report())
 
 
-def measure_rates(budget_s: float = 0.2) -> dict[str, float]:
+def measure_rates(budget_s: float = 0.1) -> dict[str, float]:
     """FLOP/s of this machine's GEMMs on the indexer's shapes, each timed for about ``budget_s``
     after a warm-up: fp32 through numpy (the vector projections: [block, d_model] @ [d_model,
     d_vocab]), bf16 through torch (a screened block: [512, 64] @ [64, 8192]) and fp64 through torch
@@ -201,11 +201,12 @@ def measure_rates(budget_s: float = 0.2) -> dict[str, float]:
             n += 1
         return n * flops / (time.perf_counter() - t)
 
-    a = np.random.rand(256, 576).astype(np.float32)
-    b = np.random.rand(576, 49152).astype(np.float32)
+    # Constant operands: a GEMM's speed does not depend on its (normal) values, and drawing
+    # random ones would take longer than the timing.
+    a, b = np.full((256, 576), 0.5, dtype=np.float32), np.full((576, 49152), 0.25, dtype=np.float32)
     out = np.empty((256, 49152), dtype=np.float32)
-    A, B = torch.randn(512, 64).bfloat16(), torch.randn(8192, 64).bfloat16()
-    E, W = torch.randn(4096, 576, dtype=torch.float64), torch.randn(576, 64, dtype=torch.float64)
+    A, B = torch.full((512, 64), 0.5, dtype=torch.bfloat16), torch.full((8192, 64), 0.25, dtype=torch.bfloat16)
+    E, W = torch.full((4096, 576), 0.5, dtype=torch.float64), torch.full((576, 64), 0.25, dtype=torch.float64)
     return {
         "fp32": rate(lambda: np.matmul(a, b, out=out), 2 * 256 * 576 * 49152),
         "bf16": rate(lambda: torch.mm(A, B.T), 2 * 512 * 64 * 8192),

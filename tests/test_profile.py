@@ -68,3 +68,26 @@ def test_nested_phases_are_exclusive():
     assert totals["by-token sort"] == pytest.approx(0.1, abs=0.05)
     assert totals["commit"] == pytest.approx(0.05, abs=0.04)
     assert sum(totals.values()) == pytest.approx(prof.wall, abs=1e-6)
+
+
+def test_two_circuits_at_once_build_the_tables_of_one_at_a_time(tmp_path, monkeypatch):
+    # The build runs a head's QK circuit on a second thread while its OV runs: every table, in
+    # file order, must be what one circuit at a time gives (GQA: heads share a kv head's factors).
+    from concurrent.futures import Future
+
+    import indexer.kernels.pairs as pairs
+    from indexer.build import index_model
+    from tests.test_index import _contents
+    from tests.tiny_models import save_tiny
+
+    path = save_tiny("llama-gqa", tmp_path / "m")
+    index_model(str(path), tmp_path / "at_once", name="m", k=5, n_pairs=12, progress=None)
+
+    def one_at_a_time(*args, **kw):
+        done = Future()
+        done.set_result(pairs.top_pairs(*args, **kw))
+        return done
+
+    monkeypatch.setattr(pairs, "submit_top_pairs", one_at_a_time)
+    index_model(str(path), tmp_path / "in_turn", name="m", k=5, n_pairs=12, progress=None)
+    assert _contents(tmp_path / "at_once") == _contents(tmp_path / "in_turn")
