@@ -51,6 +51,7 @@ class Profile:
 
     def __init__(self):
         self.thread = threading.get_ident()
+        self._lock = threading.Lock()  # flops and overlapped are added to from two threads
         self.seconds: dict[tuple[str, object], float] = {}
         # Process CPU seconds (every thread's) while each phase ran: on a machine shared with other
         # jobs, wall seconds stretch with their load and CPU seconds much less.
@@ -77,14 +78,14 @@ class Profile:
     @contextmanager
     def phase(self, name: str, flops: float = 0.0, dtype: Optional[str] = None):
         if flops:
-            self.flops[name] = self.flops.get(name, 0.0) + flops
-            self.dtype[name] = dtype or "fp32"
+            self.add_flops(name, flops, dtype or "fp32")
         if threading.get_ident() != self.thread:
             t = time.perf_counter()
             try:
                 yield self
             finally:
-                self.overlapped[name] = self.overlapped.get(name, 0.0) + time.perf_counter() - t
+                with self._lock:
+                    self.overlapped[name] = self.overlapped.get(name, 0.0) + time.perf_counter() - t
             return
         self._charge(time.perf_counter())
         self._stack.append(name)
@@ -93,6 +94,11 @@ class Profile:
         finally:
             self._charge(time.perf_counter())
             self._stack.pop()
+
+    def add_flops(self, name: str, flops: float, dtype: str) -> None:
+        with self._lock:
+            self.flops[name] = self.flops.get(name, 0.0) + flops
+            self.dtype[name] = dtype
 
     def stop(self) -> None:
         now = time.perf_counter()
@@ -155,8 +161,7 @@ def phase(name: str, flops: float = 0.0, dtype: Optional[str] = None):
 def add_flops(name: str, flops: float, dtype: str) -> None:
     """Count GEMM work for ``name`` done inside a phase that also does other work (no timer)."""
     if _active is not None:
-        _active.flops[name] = _active.flops.get(name, 0.0) + flops
-        _active.dtype[name] = dtype
+        _active.add_flops(name, flops, dtype)
 
 
 def set_layer(layer: object) -> None:
