@@ -571,3 +571,37 @@ def test_removing_a_model_removes_its_dictionaries(indexed, fresh_db):  # indexe
     m = read_manifest(db)
     assert not m["models"] and not m["dictionaries"]
     assert not [p for p in db.rglob("*.parquet") if "dictionary=" in p.as_posix()] and not check_dataset(db).problems
+
+
+def test_enrich_ranks_the_feature_whose_decoder_list_holds_the_set_first(indexed):
+    """Features are units of `enrich` (issue 23): a set made of one feature's top decoder tokens
+    ranks that feature first; K is its dictionary's k and every feature of the model's
+    dictionaries is one test of Benjamini-Hochberg, per side searched."""
+    from query import Dataset
+    from query.enrich import benjamini_hochberg, mhg, mhg_pvalue
+    from schemas.tokens import normalise
+
+    db, _, _, names, _, _ = indexed
+    res = names["res"]
+    with Dataset(db) as ds:
+        top = ds.rows(f"SELECT token_id, token FROM features WHERE dictionary = '{res}' AND feature = 7 "
+                      f"AND kind = 'decoder' AND side = 'top' ORDER BY rank LIMIT 6")
+        got = ds.enrich([r["token"] for r in top], kind="decoder", limit=None).to_pylist()
+        dicts = ds.rows("SELECT dictionary, d_sae, k FROM dictionaries WHERE model = 'tl'")
+        vocab = ds.rows("SELECT d_vocab FROM models WHERE model = 'tl'")[0]["d_vocab"]
+        ids = {r["token_id"] for r in ds.rows(
+            "SELECT token_id FROM tokens t JOIN models m ON t.vocab_id = m.vocab_id WHERE m.model = 'tl' "
+            "AND list_contains($n, t.norm)", {"n": sorted({normalise(r["token"]) for r in top})})}
+    assert got[0]["unit"] == f"{res}.F7" and got[0]["list"] == "decoder" and got[0]["side"] == "top"
+    assert all(r["unit"].split(".F")[0] in {d["dictionary"] for d in dicts} for r in got)  # features only
+    k = {d["dictionary"]: d["k"] for d in dicts}
+    assert all(r["list_size"] == min(k[r["unit"].split(".F")[0]], vocab) for r in got)
+    # the statistic, p-value and q-value recomputed from the rows' own ranks
+    first = got[0]
+    ranks = sorted(int(m.rsplit("#", 1)[1]) for m in first["members"])
+    assert first["set_size"] == len(ids)
+    stat, cutoff = mhg(ranks, first["background"], first["set_size"], first["list_size"])
+    assert (first["statistic"], first["cutoff"]) == (stat, cutoff)
+    assert first["p_value"] == mhg_pvalue(stat, first["background"], first["set_size"], first["list_size"])
+    tests = sum(d["d_sae"] for d in dicts)  # one decoder list per feature, side top
+    assert [r["q_value"] for r in got] == benjamini_hochberg([r["p_value"] for r in got], tests)
