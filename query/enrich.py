@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
-from schemas.kinds import ALL_KINDS, BIAS, FEATURE_KINDS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KIND, KV_KINDS, POS
+from schemas.kinds import ALL_KINDS, FEATURE_KINDS, FF_KINDS, HEAD_DIM_KINDS, KIND, POS
 from schemas.tokens import normalise
 from schemas.units import feature_unit, head_unit, vector_unit
 
@@ -85,30 +85,24 @@ def _layers(info: dict) -> int:
     return len(layers) if isinstance(layers, list) else int(info["n_layers"])
 
 
-def _layer_kinds(ds, info: dict) -> set[str]:
-    """The vector kinds a model has (ff_gate only when gated, biases only when present): one
-    layer file tells. Positions live in their own partition and are counted from ``n_ctx``."""
+def _vector_lists(ds, info: dict) -> dict[str, int]:
+    """How many lists of each vector kind a model has (per side): counted in the first indexed
+    layer's file (one rank-1 row per list), times the layers indexed; positions from ``n_ctx``.
+
+    Counting the stored lists rather than deriving them from the dimensions gets mixtures of
+    experts right (experts x d_ff per FF kind, plus shared experts and one router list per
+    expert), and kinds a model lacks (ff_gate, biases) count nothing."""
     try:
         layers = json.loads(info.get("settings") or "{}").get("layers")
     except (ValueError, AttributeError):
         layers = None
     first = layers[0] if isinstance(layers, list) and layers else 0
-    kinds = {r["kind"] for r in ds.rows(f"SELECT DISTINCT kind FROM {ds.source('vectors', [info['model']], [first])}", {})}
-    return kinds | ({"pos"} if info.get("n_ctx") else set())
-
-
-def _vector_count(info: dict, kind: str) -> int:
-    group, n = KIND[kind].group, _layers(info)
-    if group == FF:
-        return n * int(info["d_ff"])
-    if group == HEAD_DIM:
-        heads = info["n_kv_heads"] if kind in KV_KINDS else info["n_heads"]
-        return n * int(heads) * int(info["d_head"])
-    if group == POS:
-        return int(info.get("n_ctx") or 0)
-    if group == BIAS:
-        return n
-    return 0  # routers: the lists seen are counted instead (see _tests)
+    per_layer = ds.rows(f"SELECT kind, count(*) AS n FROM {ds.source('vectors', [info['model']], [first])} "
+                        f"WHERE rank = 1 AND side = 'top' AND dictionary IS NULL GROUP BY kind", {})
+    out = {r["kind"]: int(r["n"]) * _layers(info) for r in per_layer if KIND[r["kind"]].group != POS}
+    if info.get("n_ctx"):
+        out["pos"] = int(info["n_ctx"])
+    return out
 
 
 def _background(info: dict) -> int:
@@ -130,7 +124,7 @@ LISTS: dict[str, Lists] = {
                        NULL::VARCHAR AS dictionary""",
         where_kind="list_contains($kinds, t.kind)",
         unit=lambda r: vector_unit(r["list"], r["layer"], r["head"], r["idx"], r["expert"]),
-        count=_vector_count),
+        count=lambda info, kind: info["vector_lists"].get(kind, 0)),
     "head_tokens": Lists(
         source="head_tokens", kinds=HEAD_LISTS,
         rows="""SELECT t.model, t.layer, t.circuit || ':' || t.role AS list, t.head, NULL::SMALLINT AS expert,
@@ -216,6 +210,8 @@ def mhg(ranks: list[int], N: int, M: int, K: int) -> tuple[float, int]:
     for j, r in enumerate(sorted(ranks), start=1):  # only a member's rank can lower the minimum
         if t[r][j] < best:
             best, cutoff = t[r][j], r
+    if cutoff == 0 and ranks:  # no prefix is unlikely (members only where they must be): the whole stretch
+        cutoff = max(ranks)
     return best, cutoff
 
 
@@ -487,9 +483,9 @@ def enrich(ds, tokens=None, *, model=None, kind=None, side: str = "top", limit: 
                  *(-1 if v is None else v for v in (key[3], key[4], key[5], key[6])), key[1], key[2])
         scored.append((order, key, cutoff, ranks, N, M, K))
     # Every list of the kinds asked is a test: those without a member have p = 1.
-    present = {m: _layer_kinds(ds, info) for m, info in infos.items()}
-    tests = sum(LISTS[_table_of(k)].count(infos[m], k) * len(sides)
-                for m in infos for k in kinds if _table_of(k) != "vectors" or k in present[m])
+    for info in infos.values():
+        info["vector_lists"] = _vector_lists(ds, info) if any(_table_of(k) == "vectors" for k in kinds) else {}
+    tests = sum(LISTS[_table_of(k)].count(infos[m], k) * len(sides) for m in infos for k in kinds)
     q_values = benjamini_hochberg([s[0][0] for s in scored], tests)
     best = sorted(range(len(scored)), key=lambda i: scored[i][0])
     rows = []
