@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from schemas.format import BadManifest, model_settings, read_manifest
+from schemas.format import BadManifest, first_line, model_settings, read_manifest
 
 from .errors import MissingDependency, ZeropassError
 
@@ -279,7 +279,7 @@ def _ref(job: Job) -> str:
 
         return snapshot_download(job.source, revision=job.revision)
     except Exception as e:  # offline, unknown revision, ...
-        raise SpecError(f"{job.source} at revision {job.revision} cannot be fetched: {str(e).splitlines()[0]}") from None
+        raise SpecError(f"{job.source} at revision {job.revision} cannot be fetched: {first_line(e)}") from None
 
 
 def build_one(job: Job, db: str | Path) -> dict:

@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
+from schemas.format import settings_or_empty
 from schemas.kinds import ALL_KINDS, BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KIND, KV_KINDS, POS
 from schemas.tokens import normalise
 from schemas.units import head_unit, vector_unit
@@ -78,20 +79,14 @@ class Lists:
 
 def _layers(info: dict) -> int:
     """Layers indexed (``--layers`` may have kept fewer than the model has)."""
-    try:
-        layers = json.loads(info.get("settings") or "{}").get("layers")
-    except (ValueError, AttributeError):
-        layers = None
+    layers = settings_or_empty(info).get("layers")
     return len(layers) if isinstance(layers, list) else int(info["n_layers"])
 
 
 def _layer_kinds(ds, info: dict) -> set[str]:
     """The vector kinds a model has (ff_gate only when gated, biases only when present): one
     layer file tells. Positions live in their own partition and are counted from ``n_ctx``."""
-    try:
-        layers = json.loads(info.get("settings") or "{}").get("layers")
-    except (ValueError, AttributeError):
-        layers = None
+    layers = settings_or_empty(info).get("layers")
     first = layers[0] if isinstance(layers, list) and layers else 0
     kinds = {r["kind"] for r in ds.rows(f"SELECT DISTINCT kind FROM {ds.source('vectors', [info['model']], [first])}", {})}
     return kinds | ({"pos"} if info.get("n_ctx") else set())
@@ -116,10 +111,8 @@ def _background(info: dict) -> int:
 
     Under a filter M still counts every matched id (the allowed ones are not stored): a larger M
     only raises the tails, so p-values stay conservative."""
-    try:
-        allowed = json.loads(info.get("settings") or "{}").get("vocab_filter", {}).get("allowed")
-    except (ValueError, AttributeError):
-        allowed = None
+    vocab_filter = settings_or_empty(info).get("vocab_filter")
+    allowed = vocab_filter.get("allowed") if isinstance(vocab_filter, dict) else None
     return int(allowed) if isinstance(allowed, int) and allowed > 0 else int(info["d_vocab"])
 
 

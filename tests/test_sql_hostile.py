@@ -669,9 +669,9 @@ def test_damaged_and_missing_files_stay_with_their_model(copy_db):
 # -- 8. readers during a re-index ------------------------------------------------------------
 
 def _reindex(root: Path, seed: int) -> None:
-    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+    from tests.builders import PLANTED, SHARED_TOKENS, synthetic_model
 
-    _model(root, "alpha", "vshared", SHARED_TOKENS, seed, PLANTED["alpha"])
+    synthetic_model(root, "alpha", "vshared", SHARED_TOKENS, seed, PLANTED["alpha"])
 
 
 def test_an_open_dataset_follows_a_reindex(copy_db):
