@@ -44,7 +44,7 @@ from schemas.tokens import normalise
 from schemas.units import head_unit, vector_unit
 
 from .errors import BadOption, BadToken, UnknownToken
-from .helpers import Matches, Query, _bound, _in_ids, _sides, _text, same_tokens
+from .helpers import Matches, Query, _bound, _in_ids, _list_option, _sides, _text, same_tokens
 from .units import quoted
 
 # A set (a file, a list of arguments) holds at most this many distinct words: enough for any
@@ -144,14 +144,7 @@ def _kinds(kind) -> list[str]:
     allowed = tuple(k for lists in LISTS.values() for k in lists.kinds)
     if kind is None:
         return list(DEFAULT_KINDS)
-    items = [kind] if isinstance(kind, str) else list(kind)
-    out = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
-    if not out:
-        raise BadOption(f"no kind given in {kind!r}: use one or more of {', '.join(allowed)}")
-    for s in out:
-        if s not in allowed:
-            raise BadOption(f"unknown kind {quoted(s)}: use one of {', '.join(allowed)}")
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(_list_option(kind, allowed, "kind")))
 
 
 # -- the statistics --------------------------------------------------------------------------------
