@@ -85,6 +85,20 @@ def ds(synthetic_db):
     d.close()
 
 
+
+@pytest.fixture
+def synthetic_cli(synthetic_db):
+    """``synthetic_cli(*args)``: the CLI in this process over ``synthetic_db`` (wide terminal, exceptions raised)."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    def run(*args):
+        return CliRunner().invoke(cli, list(args) + ["--db", str(synthetic_db)], env={"COLUMNS": "200"},
+                                  catch_exceptions=False)
+    return run
+
+
 # -- real tiny models --------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
