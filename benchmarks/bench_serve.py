@@ -30,15 +30,10 @@ TARGET_MS = 300
 
 
 def tiny_dataset(base: Path) -> Path:
-    """Two tiny random models (the test suite's tiny_db): needs the index extra."""
-    from indexer.build import index_model
-    from tests.conftest import _copying_gpt2
-    from tests.tiny_models import save_tiny
+    """Two tiny random models (the test suite's tiny_db, tests/builders.py): needs the index extra."""
+    from tests.builders import build_tiny
 
-    db = base / "db"
-    index_model(str(_copying_gpt2(base / "gpt2")), db, name="tgpt2", k=8, n_pairs=20, progress=None)
-    index_model(str(save_tiny("bert", base / "bert")), db, name="tbert", k=8, n_pairs=20, progress=None)
-    return db
+    return build_tiny(base)
 
 
 def pages(ds, token: str) -> list[tuple[str, str]]:

@@ -38,12 +38,13 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
+from schemas.format import settings_or_empty
 from schemas.kinds import ALL_KINDS, FEATURE_KINDS, FF_KINDS, HEAD_DIM_KINDS, KIND, POS
 from schemas.tokens import normalise
 from schemas.units import feature_unit, head_unit, vector_unit
 
 from .errors import BadOption, BadToken, UnknownToken
-from .helpers import Matches, Query, _bound, _in_ids, _sides, _text, same_tokens
+from .helpers import Matches, Query, _bound, _in_ids, _list_option, _sides, _text, same_tokens
 from .units import quoted
 
 # A set (a file, a list of arguments) holds at most this many distinct words: enough for any
@@ -78,10 +79,7 @@ class Lists:
 
 def _layers(info: dict) -> int:
     """Layers indexed (``--layers`` may have kept fewer than the model has)."""
-    try:
-        layers = json.loads(info.get("settings") or "{}").get("layers")
-    except (ValueError, AttributeError):
-        layers = None
+    layers = settings_or_empty(info).get("layers")
     return len(layers) if isinstance(layers, list) else int(info["n_layers"])
 
 
@@ -92,10 +90,7 @@ def _vector_lists(ds, info: dict) -> dict[str, int]:
     Counting the stored lists rather than deriving them from the dimensions gets mixtures of
     experts right (experts x d_ff per FF kind, plus shared experts and one router list per
     expert), and kinds a model lacks (ff_gate, biases) count nothing."""
-    try:
-        layers = json.loads(info.get("settings") or "{}").get("layers")
-    except (ValueError, AttributeError):
-        layers = None
+    layers = settings_or_empty(info).get("layers")
     first = layers[0] if isinstance(layers, list) and layers else 0
     per_layer = ds.rows(f"SELECT kind, count(*) AS n FROM {ds.source('vectors', [info['model']], [first])} "
                         f"WHERE rank = 1 AND side = 'top' AND dictionary IS NULL GROUP BY kind", {})
@@ -110,10 +105,8 @@ def _background(info: dict) -> int:
 
     Under a filter M still counts every matched id (the allowed ones are not stored): a larger M
     only raises the tails, so p-values stay conservative."""
-    try:
-        allowed = json.loads(info.get("settings") or "{}").get("vocab_filter", {}).get("allowed")
-    except (ValueError, AttributeError):
-        allowed = None
+    vocab_filter = settings_or_empty(info).get("vocab_filter")
+    allowed = vocab_filter.get("allowed") if isinstance(vocab_filter, dict) else None
     return int(allowed) if isinstance(allowed, int) and allowed > 0 else int(info["d_vocab"])
 
 
@@ -154,14 +147,7 @@ def _kinds(kind) -> list[str]:
     allowed = tuple(k for lists in LISTS.values() for k in lists.kinds)
     if kind is None:
         return list(DEFAULT_KINDS)
-    items = [kind] if isinstance(kind, str) else list(kind)
-    out = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
-    if not out:
-        raise BadOption(f"no kind given in {kind!r}: use one or more of {', '.join(allowed)}")
-    for s in out:
-        if s not in allowed:
-            raise BadOption(f"unknown kind {quoted(s)}: use one of {', '.join(allowed)}")
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(_list_option(kind, allowed, "kind")))
 
 
 # -- the statistics --------------------------------------------------------------------------------

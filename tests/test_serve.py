@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tests.conftest import SHARED_TOKENS, _model
+from tests.builders import SHARED_TOKENS, synthetic_model
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 XSS = "<script>alert(1)</script>"
@@ -80,7 +80,7 @@ def xss_db(tmp_path_factory) -> Path:
     plant = {("xss", "L0.H0", "ov", "top", "src"): {1: XSS}, ("xss", "L0.H0", "ov", "top", "dst"): {1: XSS_IMG},
              ("xss", "L0.H0", "source", "top"): {1: XSS}, ("xss", "L0.H0", "output", "top"): {1: XSS_IMG},
              ("xss", "L0.N0", "ff_value", "top"): {1: XSS, 2: XSS_IMG}}
-    _model(db, "xss", "vxss", vocab, 7, plant)
+    synthetic_model(db, "xss", "vxss", vocab, 7, plant)
     rows = [dict(model_a="xss", model_b="xss", space="embedding", kind="layer", level="layer", layer_a=a, layer_b=b,
                  idx_a=None, idx_b=None, unit_a=None, unit_b=None, score=1.0 if a == b else 0.2, matched=a == b, n_tokens=60)
             for a in range(2) for b in range(2)]
