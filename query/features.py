@@ -33,14 +33,15 @@ def resolve_feature(ds, model: str, u):
     return dataclasses.replace(u, layer=rows[0]["layer"])
 
 
-def show_feature(ds, model: str, u, limit: int | None) -> "OrderedDict[str, pa.Table]":
+def show_feature(ds, model: str, u, limit: int | None, readable: bool = False) -> "OrderedDict[str, pa.Table]":
     """`show MODEL res-L8.F17`: ``vectors`` (decoder / encoder lists side by side, as for a neuron),
-    ``stats`` (norms, b_enc, threshold) and ``neighbours`` (stored nearest write-side directions)."""
+    ``stats`` (norms, b_enc, threshold) and ``neighbours`` (stored nearest write-side directions).
+    ``readable``: the lists without entries whose text is not letters, as for a neuron."""
     u = resolve_feature(ds, model, u)
     params = {"d": u.dictionary, "f": u.index}
     where = "dictionary = $d AND feature = $f"
     out: OrderedDict[str, pa.Table] = OrderedDict()
-    out["vectors"] = ds._run(*show_vectors_query(ds, model, u, None, limit))
+    out["vectors"] = ds._run(*show_vectors_query(ds, model, u, None, limit, readable))
     out["stats"] = ds._run(f"""SELECT decoder_norm, encoder_norm, b_enc, threshold
                                FROM {ds.source('feature_stats', [model])} WHERE {where}""", params)
     out["neighbours"] = ds._run(f"""SELECT rank, neighbour, neighbour_kind, neighbour_layer, cosine

@@ -96,6 +96,52 @@ def xss_server(xss_db):
         yield url
 
 
+def build_features(base: Path) -> Path:
+    """A tiny GPT-2 (``tf``) whose vocabulary holds the markup tokens (in place of ``w0`` and
+    ``night``), with one SAELens dictionary ``res`` at layer 1: feature 0 writes the direction
+    of the first markup token and reads the second's, feature 1 writes ``Paris``'s."""
+    import torch
+
+    from indexer.build import index_model
+    from indexer.dictionaries.index import index_dictionaries
+    from tests.tiny_models import VOCAB, save_tiny
+
+    src = save_tiny("gpt2", base / "gpt2")
+    tj = json.loads((src / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    vocab[XSS], vocab[XSS_IMG] = vocab.pop("w0"), vocab.pop("night")
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    db = base / "db"
+    index_model(str(src), db, name="tf", k=8, n_pairs=10, progress=None)
+    from safetensors.torch import load_file, save_file
+
+    W_E = next(v for k, v in load_file(str(src / "model.safetensors")).items() if k.endswith("wte.weight"))
+    g = torch.Generator().manual_seed(7)
+    W_enc, W_dec = torch.randn(W_E.shape[1], 8, generator=g), torch.randn(8, W_E.shape[1], generator=g)
+    W_dec[0], W_enc[:, 0] = 10 * W_E[VOCAB.index("w0")], 10 * W_E[VOCAB.index("night")]
+    W_dec[1] = 10 * W_E[VOCAB.index("Paris")]
+    sae = base / "sae"
+    sae.mkdir()
+    save_file({"W_enc": W_enc.contiguous(), "W_dec": W_dec.contiguous(), "b_enc": torch.arange(8.0), "b_dec": torch.zeros(W_E.shape[1]),
+               "threshold": torch.full((8,), 0.5)}, str(sae / "sae_weights.safetensors"))
+    (sae / "cfg.json").write_text(json.dumps({"d_in": W_E.shape[1], "d_sae": 8, "architecture": "jumprelu",
+                                              "metadata": {"hook_name": "blocks.1.hook_resid_post"}}))
+    index_dictionaries(str(sae), db, model="tf", name="res", n_neighbours=3, progress=None)
+    return db
+
+
+@pytest.fixture(scope="session")
+def features_db(tmp_path_factory, prebuilt) -> Path:
+    pytest.importorskip("torch")
+    return prebuilt(build_features, tmp_path_factory.mktemp("features") / "f") / "db"
+
+
+@pytest.fixture(scope="session")
+def features_server(features_db):
+    with running(features_db) as url:
+        yield url
+
+
 # -- the JSON API: the CLI's --format json rows --------------------------------------------------
 
 def cli_json(db, *args):
