@@ -770,6 +770,112 @@ def align_page(ex: Explorer, request: Request):
                    matched=sorted(matched), units=units, link_a=a in have, link_b=b in have)
 
 
+# -- enrichment (issue 23): a concept's units, and where they sit -------------------------------
+
+ENRICH_ROWS = 50
+NEURON_BANDS = 32  # FF neurons are drawn in at most this many bands per layer
+P_FLOOR = 1e-300   # -log10(p) of a p-value that underflowed to 0 is drawn as 300
+
+
+def _words(text: str) -> list[str]:
+    """The words of the page's text box: split on whitespace and commas (a token with a space inside is
+    given one per ``tokens=`` instead, as the API takes it)."""
+    return [w for w in text.replace(",", " ").split() if w]
+
+
+def _strength(p: float) -> float:
+    import math
+
+    return -math.log10(max(p, P_FLOOR))
+
+
+def _enrich_heatmaps(ex: Explorer, rows: list[dict]) -> list[dict]:
+    """Per model: layer x head (head role lists and head dimensions) and layer x neuron band (FF lists) of the
+    strongest enrichment, -log10(p) of the best list in the cell; each cell links to that list's unit."""
+    out = []
+    for m in dict.fromkeys(r["model"] for r in rows):
+        info = ex.model(m)
+        layers = list(range(int(info["n_layers"])))
+        heads, neurons = {}, {}
+        d_ff = int(info.get("d_ff") or 0)
+        band = max(1, -(-d_ff // NEURON_BANDS)) if d_ff else 1
+        for r in rows:
+            if r["model"] != m:
+                continue
+            try:
+                u = parse_unit(r["unit"])
+            except QueryError:
+                continue
+            if u.kind in ("head", "head_dim"):
+                key, grid = (u.layer, u.head), heads
+            elif u.kind == "neuron" and u.expert is None and d_ff:
+                key, grid = (u.layer, u.index // band), neurons
+            else:
+                continue
+            if key not in grid or r["p_value"] < grid[key]["p_value"]:
+                grid[key] = r
+        maps = {"model": m, "heads": None, "neurons": None, "band": band}
+        link = lambda grid: lambda r, c: (f"/model/{quote(m, safe='')}/unit/{quote(grid[(r, c)]['unit'], safe='')}"  # noqa: E731
+                                          if (r, c) in grid else None)
+        tip = lambda grid, what: lambda r, c, v: (  # noqa: E731
+            f"L{r} {what(c)}: best {grid[(r, c)]['unit']} {grid[(r, c)]['list']} p={grid[(r, c)]['p_value']:.3g} "
+            f"q={grid[(r, c)]['q_value']:.3g}, {grid[(r, c)]['hits']} member(s)" if (r, c) in grid else f"L{r} {what(c)}: no member")
+        if heads:
+            cols = list(range(int(info["n_heads"])))
+            values = {(l, h): _strength(heads[(l, h)]["p_value"]) if (l, h) in heads else 0.0 for l in layers for h in cols}
+            maps["heads"] = plots.heatmap(values, layers, cols, row_label=lambda r: f"L{r}", col_label=lambda c: f"H{c}",
+                                          href=link(heads), title=tip(heads, lambda c: f"H{c}"), signed=False, floor=0.0)
+        if neurons:
+            cols = list(range(-(-d_ff // band)))
+            values = {(l, b): _strength(neurons[(l, b)]["p_value"]) if (l, b) in neurons else 0.0 for l in layers for b in cols}
+            what = lambda c: f"N{c * band}-{min(d_ff, (c + 1) * band) - 1}"  # noqa: E731
+            maps["neurons"] = plots.heatmap(values, layers, cols, row_label=lambda r: f"L{r}", col_label=lambda c: str(c * band),
+                                            href=link(neurons), title=tip(neurons, what), signed=False, cell_w=30, floor=0.0)
+        out.append(maps)
+    return out
+
+
+@page
+def enrich_page(ex: Explorer, request: Request):
+    """Token-set enrichment: a set (words, or a shipped set) -> the units whose lists are crowded with it,
+    as a table and as heatmaps over layer x head and layer x neuron band. Bad input is one line on the page."""
+    from ..enrich import match_summary, named_set, set_matches, set_sources, token_set
+
+    def get(key):  # the form sends empty fields for "all"
+        return [v for v in request.query_params.getlist(key) if v != ""]
+
+    spec = HELPERS["enrich"]
+    text = request.query_params.get("words", "")
+    set_name = request.query_params.get("set", "")
+    ctx = dict(title="enrich", words=text, set_name=set_name, sets=set_sources().to_pylist(), model="", kind="",
+               side="top", limit=ENRICH_ROWS, error=None, rows=None, maps=[], summary=[], api=None, n_words=0)
+    asked = any(k in request.query_params for k in ("words", "set", "tokens"))  # the form sent: an empty set is an error
+    try:
+        model, kind = spec["model"].read(get("model")), spec["kind"].read(get("kind"))
+        side = spec["side"].read(get("side"))
+        limit = spec["limit"].read(get("limit")) if get("limit") else ENRICH_ROWS
+        ctx.update(model=model[0] if model else "", kind=",".join(kind or []), side=side, limit=limit)
+        if not asked:
+            return ex.html("enrich.html", **ctx)
+        for m in model or []:
+            ex.model(m)
+        words = token_set(_words(text) + (spec["tokens"].read(get("tokens")) or []) + (named_set(set_name) if set_name else []))
+        ctx["n_words"] = len(words)
+        table = ex.ds.enrich(words, model=model, kind=kind, side=side, limit=None)
+        ctx["summary"] = match_summary(set_matches(ex.ds, words, model=model))
+    except QueryError as e:
+        ctx["error"] = str(e)
+        return ex.html("enrich.html", status=_status(e), **ctx)
+    rows = table.to_pylist()
+    ctx["rows"] = rows if limit is None else rows[:limit]
+    ctx["total"] = len(rows)
+    ctx["maps"] = _enrich_heatmaps(ex, rows)
+    if len(words) <= 200:  # the twin's URL names every word
+        query = [("tokens", w) for w in words] + [("model", m) for m in model or []] + [("kind", k) for k in kind or []]
+        ctx["api"] = "/api/enrich?" + urlencode(query + [("side", side), ("limit", 0 if limit is None else limit)])
+    return ex.html("enrich.html", **ctx)
+
+
 EXAMPLE_SQL = [
     "SELECT model, layer, head, ov_copying_score FROM heads ORDER BY ov_copying_score DESC NULLS LAST LIMIT 10",
     "SELECT model, token_id, token FROM tokens t JOIN models m USING (vocab_id) WHERE norm = 'paris'",
@@ -884,6 +990,7 @@ def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, s
         Route("/model/{model}/unit/{unit}/neighbours", neighbours_page),
         Route("/model/{model}/dictionary/{dictionary}", dictionary_page),
         Route("/align/{a}/{b}", align_page),
+        Route("/enrich", enrich_page),
         Route("/sql", sql_page),
         Route("/api", api_docs),
         Route("/api/openapi.json", api_openapi),
