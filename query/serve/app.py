@@ -35,6 +35,7 @@ from schemas.units import feature_unit
 
 from .. import output
 from ..errors import BadOption, ForbiddenSQL, QueryError, UnknownModel, UnknownToken
+from ..helpers import _bound
 from ..params import HELPERS, call, from_query, whole
 from ..units import check_unit, parse_unit
 from . import plots
@@ -853,7 +854,8 @@ def enrich_page(ex: Explorer, request: Request):
     try:
         model, kind = spec["model"].read(get("model")), spec["kind"].read(get("kind"))
         side = spec["side"].read(get("side"))
-        limit = spec["limit"].read(get("limit")) if get("limit") else ENRICH_ROWS
+        # the table shows `limit` rows; the helper runs unbounded for the heatmaps, so its bound is checked here
+        limit = _bound(spec["limit"].read(get("limit")) if get("limit") else ENRICH_ROWS, "limit", 0)
         ctx.update(model=model[0] if model else "", kind=",".join(kind or []), side=side, limit=limit)
         if not asked:
             return ex.html("enrich.html", **ctx)
