@@ -571,3 +571,50 @@ def test_removing_a_model_removes_its_dictionaries(indexed, fresh_db):  # indexe
     m = read_manifest(db)
     assert not m["models"] and not m["dictionaries"]
     assert not [p for p in db.rglob("*.parquet") if "dictionary=" in p.as_posix()] and not check_dataset(db).problems
+
+
+def test_reindexing_from_another_checkpoint_removes_its_dictionaries(indexed, fresh_db, tmp_path):
+    """`index --replace` with the same weights keeps the dictionaries; another checkpoint removes them in
+    the same commit (they were projected through the old W_U / W_E), says so, and leaves a clean dataset."""
+    from indexer.build import index_model
+    from indexer.check import check_dataset
+    from tests.dataset_helpers import invoke_cli
+    from tests.tiny_models import save_tiny
+
+    db, _ = fresh_db
+    names = sorted(read_manifest(db)["dictionaries"])
+    src = indexed[0].parent / "llama"
+    entry = index_model(str(src), db, name="tl", k=K + 1, n_pairs=0, variant="folded", replace=True, progress=None)
+    assert entry["removed_dictionaries"] == [] and sorted(read_manifest(db)["dictionaries"]) == names
+    assert not check_dataset(db).problems
+    other = save_tiny("llama-gqa", tmp_path / "other", seed=1)
+    r = invoke_cli("index", other, "--name", "tl", "--variant", "folded", "--k", K, "--pairs", 0, "--db", db,
+                   "--replace", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (f"removed the dictionaries of tl ({', '.join(names)}): they were projected through its previous "
+                        f"weights; index them again with `zeropass index-sae`\n")
+    m = read_manifest(db)
+    assert not m["dictionaries"] and not [p for p in db.rglob("*.parquet") if "dictionary=" in p.as_posix()]
+    assert not check_dataset(db).problems
+    from query import Dataset
+
+    with Dataset(db) as ds:
+        assert ds.rows("SELECT count(*) AS n FROM features")[0]["n"] == 0
+        assert ds.rows("SELECT count(*) AS n FROM vectors WHERE model = 'tl'")[0]["n"] > 0
+
+
+def test_dataset_card_lists_the_dictionaries_and_their_files(indexed):
+    from indexer.card import render_card
+
+    db, _, _, names, _, _ = indexed
+    manifest = read_manifest(db)
+    card = render_card(db, manifest)
+    assert "## Dictionaries" in card
+    assert f"| {names['res']} | tl | 1 | resid_pre | {D_SAE} | jumprelu |" in card
+    assert f"| {names['z']} | tl | 1 | z | {D_SAE} | standard |" in card
+    header = card.split("\n---\n")[0]
+    for table in ("dictionaries", "feature_stats", "feature_neighbours", "vectors"):
+        assert f"- config_name: {table}" in header
+        for f in dictionary_files(manifest, table):
+            assert json.dumps(f) in header, (table, f)
+    assert f"| `feature_stats` | {4 * D_SAE:,} |" in card
