@@ -195,12 +195,12 @@ def _status(e: QueryError) -> int:
     return 400
 
 
-_LAYER = whole()
+_WHOLE = whole()
 
 
 def _layer_param(request: Request, name: str) -> int | None:
     raw = request.query_params.getlist(name)
-    return _LAYER(name, raw[-1]) if raw and raw[-1].strip() else None
+    return _WHOLE(name, raw[-1]) if raw and raw[-1].strip() else None
 
 
 def _required(request: Request, name: str, what: str) -> str:
@@ -661,7 +661,7 @@ def dictionary_page(ex: Explorer, request: Request):
     def get(key):  # the form sends empty fields for "all"
         return [v for v in request.query_params.getlist(key) if v != ""]
 
-    start = _LAYER("start", get("start")[-1]) if get("start") else 0
+    start = _WHOLE("start", get("start")[-1]) if get("start") else 0
     if start < 0 or start >= max(d["d_sae"], 1):
         raise BadOption(f"start must be a feature of {dname} (0..{d['d_sae'] - 1}), got {start}")
     token = request.query_params.get("token", "")
@@ -848,7 +848,9 @@ def enrich_page(ex: Explorer, request: Request):
     spec = HELPERS["enrich"]
     text = request.query_params.get("words", "")
     set_name = request.query_params.get("set", "")
-    ctx = dict(title="enrich", words=text, set_name=set_name, sets=set_sources().to_pylist(), model="", kind="",
+    if "sets" not in ex._cache:  # the shipped sets do not change while the explorer runs
+        ex._cache["sets"] = set_sources().to_pylist()
+    ctx = dict(title="enrich", words=text, set_name=set_name, sets=ex._cache["sets"], model="", kind="",
                side="top", limit=ENRICH_ROWS, error=None, rows=None, maps=[], summary=[], api=None, n_words=0)
     asked = any(k in request.query_params for k in ("words", "set", "tokens"))  # the form sent: an empty set is an error
     try:
