@@ -370,7 +370,20 @@ def test_feature_page_is_show_with_links(features_db, features_server):
     # the search page lists exactly the helper's features for the token
     status, _, page = get(features_server + "/search?q=paris&kind=features&limit=0")
     assert [r["unit"] for r in rows] == [u.split('">')[0] for u in page.split('class="feature-link" href="/model/tf/unit/')[1:]]
-    assert get(features_server + "/model/tf/dictionary/res")[2].count('class="feature-link"') == 8
+    listing = get(features_server + "/model/tf/dictionary/res")[2]
+    assert listing.count('class="feature-link"') == 8
+    # each feature's row: its first three decoder and encoder tokens, as `features` holds them
+    import html as html_lib
+
+    with Dataset(features_db) as ds:
+        for f in (0, 1):
+            row = listing.split(f'href="/model/tf/unit/res.F{f}">')[1].split("</tr>")[0]
+            cells = row.split('<td class="tok">')[1:]
+            for cell, kind in zip(cells, ("decoder", "encoder")):
+                want = [r["token"] for r in ds.rows("SELECT token FROM features WHERE dictionary = 'res' AND feature = $f "
+                                                    "AND kind = $k AND side = 'top' AND rank <= 3 ORDER BY rank",
+                                                    {"f": f, "k": kind})]
+                assert cell.split("</td>")[0] == ", ".join(html_lib.escape(t, quote=True) for t in want), (f, kind)
 
 
 def test_api_features_is_the_cli_json(features_db, features_server):

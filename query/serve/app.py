@@ -679,10 +679,11 @@ def dictionary_page(ex: Explorer, request: Request):
         return ex.html("dictionary.html", **ctx)
     stop = min(start + DICTIONARY_PAGE, d["d_sae"])
     p = {"d": dname, "a": start, "b": stop}
-    firsts = ex.ds.rows(f"""SELECT idx AS feature, kind, list(token ORDER BY rank) AS tokens
-                            FROM {ex.ds.source("vectors", [name], [d["layer"]])}
-                            WHERE dictionary = $d AND side = 'top' AND rank <= 3 AND idx >= $a AND idx < $b
-                            GROUP BY idx, kind""", p)
+    # `features` reads the dictionaries' files alone, never the model's own vectors
+    firsts = ex.ds.rows(f"""SELECT feature, kind, list(token ORDER BY rank) AS tokens
+                            FROM {ex.ds.source("features", [name])}
+                            WHERE dictionary = $d AND side = 'top' AND rank <= 3 AND feature >= $a AND feature < $b
+                            GROUP BY feature, kind""", p)
     stats = {r["feature"]: r for r in ex.ds.rows(
         f"""SELECT feature, decoder_norm, encoder_norm, b_enc, threshold FROM {ex.ds.source("feature_stats", [name])}
             WHERE dictionary = $d AND feature >= $a AND feature < $b""", p)}
