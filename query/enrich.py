@@ -23,8 +23,9 @@ Vectors are read by token (``vectors_by_token``, as ``neurons``), so their cost 
 rows, not the models' sizes; head role lists are read from ``head_tokens`` (small: heads x 8
 lists x K per model, as ``heads`` reads them). The hypergeometric tail is computed exactly in
 integers here (the query side does not depend on scipy); tests/test_enrich.py checks it against
-scipy and the p-value against brute force. Adding a table of units (dictionary features) is one
-entry of :data:`LISTS`.
+scipy and the p-value against brute force. A table of units is one entry of :data:`LISTS`:
+dictionary features (``decoder`` / ``encoder`` lists, read from ``features_by_token``, named
+``D.F17`` and as long as their dictionary's ``k``) are one.
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
-from schemas.kinds import ALL_KINDS, BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KIND, KV_KINDS, POS
+from schemas.kinds import ALL_KINDS, BIAS, FEATURE_KINDS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KIND, KV_KINDS, POS
 from schemas.tokens import normalise
-from schemas.units import head_unit, vector_unit
+from schemas.units import feature_unit, head_unit, vector_unit
 
 from .errors import BadOption, BadToken, UnknownToken
 from .helpers import Matches, Query, _bound, _in_ids, _sides, _text, same_tokens
@@ -62,8 +63,8 @@ HEAD_LISTS = ("ov:source", "ov:output", "qk:query", "qk:key")
 class Lists:
     """One table of ranked token lists that enrichment can search.
 
-    ``rows`` is SQL over alias ``t`` selecting (model, layer, list, head, expert, idx, side, rank,
-    token_id), ``list`` the list's name (a kind, ``ov:output``, ...); ``source`` the table read
+    ``rows`` is SQL over alias ``t`` selecting (model, layer, list, head, expert, idx, dictionary, side,
+    rank, token_id), ``list`` the list's name (a kind, ``ov:output``, ...); ``source`` the table read
     (a ``by_token`` one where it exists); ``unit`` names a row's unit; ``count`` is how many lists
     of ``kind`` a model has per side (the m of Benjamini-Hochberg); ``where_kind`` filters ``t``
     to the bound ``$kinds``."""
@@ -123,21 +124,35 @@ def _background(info: dict) -> int:
     return int(allowed) if isinstance(allowed, int) and allowed > 0 else int(info["d_vocab"])
 
 
+def _feature_count(info: dict, kind: str) -> int:
+    """Features of the model's dictionaries (``_dictionaries``: name -> (d_sae, k), set by :func:`enrich`)."""
+    return sum(d_sae for d_sae, _ in info.get("_dictionaries", {}).values())
+
+
 LISTS: dict[str, Lists] = {
     "vectors": Lists(
-        source="vectors_by_token", kinds=tuple(ALL_KINDS),
-        rows="SELECT t.model, t.layer, t.kind AS list, t.head, t.expert, t.idx, t.side, t.rank, t.token_id",
+        source="vectors_by_token", kinds=tuple(k for k in ALL_KINDS if k not in FEATURE_KINDS),
+        rows="SELECT t.model, t.layer, t.kind AS list, t.head, t.expert, t.idx, NULL::VARCHAR AS dictionary, t.side, t.rank, "
+             "t.token_id",
         where_kind="list_contains($kinds, t.kind)",
         unit=lambda r: vector_unit(r["list"], r["layer"], r["head"], r["idx"], r["expert"]),
         count=_vector_count),
     "head_tokens": Lists(
         source="head_tokens", kinds=HEAD_LISTS,
         rows="""SELECT t.model, t.layer, t.circuit || ':' || t.role AS list, t.head, NULL::SMALLINT AS expert,
-                       NULL::INTEGER AS idx, t.side, t.rank, t.token_id""",
+                       NULL::INTEGER AS idx, NULL::VARCHAR AS dictionary, t.side, t.rank, t.token_id""",
         where_kind="list_contains($kinds, t.circuit || ':' || t.role)",
         unit=lambda r: head_unit(r["layer"], r["head"]),
         # role lists are written with the pairs: none when indexed with --pairs 0
         count=lambda info, kind: _layers(info) * int(info["n_heads"]) if info.get("n_pairs") else 0),
+    # dictionary features (docs/DICTIONARIES.md): each feature's decoder / encoder list, named by its dictionary
+    "features": Lists(
+        source="features_by_token", kinds=tuple(FEATURE_KINDS),
+        rows="""SELECT t.model, t.layer, t.kind AS list, NULL::SMALLINT AS head, NULL::SMALLINT AS expert,
+                       t.feature AS idx, t.dictionary, t.side, t.rank, t.token_id""",
+        where_kind="list_contains($kinds, t.kind)",
+        unit=lambda r: feature_unit(r["dictionary"], r["idx"]),
+        count=_feature_count),
 }
 # What `--kind` means when not given: FF neurons, head dimensions and heads' role lists.
 DEFAULT_KINDS = tuple(FF_KINDS) + tuple(HEAD_DIM_KINDS) + HEAD_LISTS
@@ -399,10 +414,13 @@ def enrich_query(ds, table: str, matches: list[Matches], *, kinds: list[str], si
         parts.append(f"""{lists.rows} FROM {ds.source(lists.source, models)} t
             WHERE {_in_ids("t.token_id", ids)} AND {lists.where_kind} AND list_contains($sides, t.side)""")
     # one row per list holding a member: its members' ranks and ids, best first
-    return Query(f"""SELECT model, list, side, layer, head, expert, idx,
+    return Query(f"""SELECT {", ".join(KEY)},
                             list(rank ORDER BY rank, token_id) AS ranks, list(token_id ORDER BY rank, token_id) AS ids
                      FROM ({" UNION ALL ".join(parts)}) GROUP BY ALL""", params)
 
+
+# What names one list: a row of :func:`enrich_query` without its members.
+KEY = ("model", "list", "side", "layer", "head", "expert", "idx", "dictionary")
 
 _SCHEMA = pa.schema([
     ("model", pa.string()), ("unit", pa.string()), ("list", pa.string()), ("side", pa.string()),
@@ -442,15 +460,19 @@ def enrich(ds, tokens=None, *, model=None, kind=None, side: str = "top", limit: 
     matched_norms = {m: {r["norm"] for r in hits if r["model"] == m} for m in ids}
     missing = {m: [w for w, n in zip(words, norms) if n not in matched_norms[m]] for m in ids}
     matches = [Matches(m, sorted(ids[m]), [ids[m][i] for i in sorted(ids[m])]) for m in infos]
+    if any(_table_of(k) == "features" for k in kinds):  # each dictionary's features and k (its lists' length)
+        for r in ds.rows("SELECT model, dictionary, d_sae, k FROM dictionaries WHERE list_contains($m, model)", {"m": list(infos)}):
+            infos[r["model"]] = dict(infos[r["model"]], _dictionaries={**infos[r["model"]].get("_dictionaries", {}),
+                                                                      r["dictionary"]: (int(r["d_sae"]), int(r["k"]))})
 
-    # every list holding a member: (model, list, side, layer, head, expert, idx) -> (ranks, ids), best first
+    # every list holding a member: KEY -> (ranks, ids), best first
     found: dict[tuple, tuple[list[int], list[int]]] = {}
     for table in LISTS:
         wanted = [k for k in kinds if _table_of(k) == table]
         if not wanted:
             continue
         t = ds._run(*enrich_query(ds, table, matches, kinds=wanted, sides=sides))
-        cols = [t.column(c).to_pylist() for c in ("model", "list", "side", "layer", "head", "expert", "idx", "ranks", "ids")]
+        cols = [t.column(c).to_pylist() for c in (*KEY, "ranks", "ids")]
         for *key, ranks, member_ids in zip(*cols):
             found[tuple(key)] = (ranks, member_ids)
 
@@ -460,13 +482,13 @@ def enrich(ds, tokens=None, *, model=None, kind=None, side: str = "top", limit: 
         m, info = key[0], infos[key[0]]
         N = _background(info)
         M = min(len(ids[m]), N)
-        K = min(int(info["k"]), N)
+        K = min(int(info["k"] if key[7] is None else info["_dictionaries"][key[7]][1]), N)
         ranks = sorted({r for r in member_ranks if r <= K})
         if not ranks:
             continue
         stat, cutoff = mhg(ranks, N, M, K)
-        order = (mhg_pvalue(stat, N, M, K), stat, -len(ranks), m, *(-1 if v is None else v for v in (key[3], key[4], key[5], key[6])),
-                 key[1], key[2])
+        order = (mhg_pvalue(stat, N, M, K), stat, -len(ranks), m, key[7] or "",
+                 *(-1 if v is None else v for v in (key[3], key[4], key[5], key[6])), key[1], key[2])
         scored.append((order, key, cutoff, ranks, N, M, K))
     # Every list of the kinds asked is a test: those without a member have p = 1.
     present = {m: _layer_kinds(ds, info) for m, info in infos.items()}
@@ -479,7 +501,7 @@ def enrich(ds, tokens=None, *, model=None, kind=None, side: str = "top", limit: 
         (p, stat, *_), key, cutoff, ranks, N, M, K = scored[i]
         m, (member_ranks, member_ids) = key[0], found[key]
         in_cut = sum(1 for r in ranks if r <= cutoff)
-        unit = LISTS[_table_of(key[1])].unit(dict(zip(("model", "list", "side", "layer", "head", "expert", "idx"), key)))
+        unit = LISTS[_table_of(key[1])].unit(dict(zip(KEY, key)))
         rows.append({"model": m, "unit": unit, "list": key[1], "side": key[2],
                      "layer": key[3], "p_value": p, "q_value": q_values[i], "statistic": stat, "cutoff": cutoff,
                      "hits": len(ranks), "fold": (in_cut / cutoff) / (M / N), "set_size": M, "list_size": K,

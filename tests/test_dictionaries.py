@@ -618,3 +618,31 @@ def test_dataset_card_lists_the_dictionaries_and_their_files(indexed):
         for f in dictionary_files(manifest, table):
             assert json.dumps(f) in header, (table, f)
     assert f"| `feature_stats` | {4 * D_SAE:,} |" in card
+
+
+def test_enrich_searches_features_per_dictionary(indexed):
+    """`enrich --kind decoder`: a feature's whole decoder list as the set ranks that feature first, units are
+    named by their dictionary (feature i of two dictionaries is two lists), K is the dictionary's k."""
+    from query import Dataset
+    from query.enrich import set_matches
+
+    db, _, _, names, _, _ = indexed
+    with Dataset(db) as ds:
+        want = ds.rows(f"SELECT token_id, token FROM features WHERE dictionary = '{names['res']}' AND feature = 7 "
+                       f"AND kind = 'decoder' AND side = 'top' ORDER BY rank")
+        words = [r["token"] for r in want]
+        rows = ds.enrich(words, kind=["decoder", "encoder"], limit=None).to_pylist()
+        n_features = ds.rows("SELECT sum(d_sae)::BIGINT AS n FROM dictionaries")[0]["n"]
+        ids = [i for i in set_matches(ds, words).column("token_id").to_pylist() if i is not None]
+        members = ds.rows("SELECT DISTINCT dictionary, feature, kind FROM features WHERE side = 'top' "
+                          "AND list_contains($ids, token_id)", {"ids": ids})
+    assert rows[0]["unit"] == f"{names['res']}.F7" and rows[0]["list"] == "decoder"
+    assert rows[0]["list_size"] == K and rows[0]["hits"] >= len(words)
+    # one row per (dictionary, feature, kind) holding a member, named by schemas.units
+    assert sorted((r["unit"], r["list"]) for r in rows) == sorted((f"{m['dictionary']}.F{m['feature']}", m["kind"]) for m in members)
+    assert len({r["unit"].split(".F")[0] for r in rows}) > 1  # several dictionaries, never 'None.F...'
+    # Benjamini-Hochberg over every feature list searched: both kinds, one side
+    first = rows[0]
+    assert first["q_value"] == pytest.approx(min(1.0, min(r["p_value"] * 2 * n_features / (i + 1)
+                                                          for i, r in enumerate(sorted(rows, key=lambda r: r["p_value"]))
+                                                          if r["p_value"] >= first["p_value"])))
