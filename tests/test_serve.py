@@ -338,6 +338,8 @@ def check_page(url: str, status: int, says: str) -> str:
     pytest.param("/model/tf/dictionary/res?token=paris&side=left", 400, "unknown side", id="dictionary-bad-side"),
     pytest.param("/model/tf/unit/res.F8", 400, "feature 8 is out of range for res (features 0..7)", id="feature-out-of-range"),
     pytest.param("/model/tf/unit/nope.F1", 400, "tf has no dictionary &#39;nope&#39;", id="feature-unknown-dictionary"),
+    pytest.param("/model/tf/unit/res.F1/neighbours", 200, "in tf", id="feature-neighbours"),
+    pytest.param("/model/tf/unit/res.F8/neighbours", 400, "feature 8 is out of range for res", id="feature-neighbours-bad"),
 ])
 def test_dictionary_pages(features_server, path, status, says):
     check_page(features_server + path, status, says)

@@ -35,6 +35,7 @@ from schemas.units import feature_unit
 
 from .. import output
 from ..errors import BadOption, ForbiddenSQL, QueryError, UnknownModel, UnknownToken
+from ..features import resolve_feature
 from ..helpers import _bound
 from ..params import HELPERS, call, from_query, whole
 from ..units import check_unit, parse_unit
@@ -700,6 +701,8 @@ def neighbours_page(ex: Explorer, request: Request):
     name, unit = request.path_params["model"], request.path_params["unit"]
     u = parse_unit(unit)
     check_unit(u, ex.model(name))  # a bad unit is one error, not one per model
+    if u.kind == "feature":  # its dictionary and range are the model's to check
+        resolve_feature(ex.ds, name, u)
     rows = _neighbours(ex, name, u.name)
     if "fragment" in request.query_params:
         html = ex.env.get_template("macros.html").module.neighbours(name, rows)
