@@ -112,7 +112,7 @@ def build_features(base: Path) -> Path:
     vocab[XSS], vocab[XSS_IMG] = vocab.pop("w0"), vocab.pop("night")
     (src / "tokenizer.json").write_text(json.dumps(tj))
     db = base / "db"
-    index_model(str(src), db, name="tf", k=8, n_pairs=10, progress=None)
+    index_model(str(src), db, name="tf", k=8, n_pairs=0, progress=None)  # no pairs: the head circuits are not what is tested here
     from safetensors.torch import load_file, save_file
 
     W_E = next(v for k, v in load_file(str(src / "model.safetensors")).items() if k.endswith("wte.weight"))
