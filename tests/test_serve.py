@@ -426,6 +426,7 @@ def test_readable_toggle_says_how_many_were_hidden(server, ds):
     pytest.param({"words": "", "set": ""}, 400, "the token set is empty", id="empty-set"),
     pytest.param({"set": "nope"}, 400, "unknown token set &#39;nope&#39;: use one of", id="unknown-set"),
     pytest.param({"set": "months"}, 404, "no token of the set (January", id="named-set-no-match"),
+    pytest.param([("set", "months"), ("set", "nope")], 400, "unknown token set &#39;nope&#39;", id="second-set-unknown"),
     pytest.param({"words": "zzqqxx"}, 404, "no token of the set (zzqqxx)", id="no-match"),
     pytest.param({"words": "paris", "kind": "nope"}, 400, "unknown kind &#39;nope&#39;", id="bad-kind"),
     pytest.param({"words": "paris", "model": "nope"}, 404, "unknown model &#39;nope&#39;", id="bad-model"),

@@ -850,8 +850,9 @@ def enrich_page(ex: Explorer, request: Request):
         return [v for v in request.query_params.getlist(key) if v != ""]
 
     spec = HELPERS["enrich"]
-    text = request.query_params.get("words", "")
-    set_name = request.query_params.get("set", "")
+    text = " ".join(request.query_params.getlist("words"))
+    sets = get("set")  # repeatable, as `--set` is
+    set_name = sets[0] if sets else ""
     if "sets" not in ex._cache:  # the shipped sets do not change while the explorer runs
         ex._cache["sets"] = set_sources().to_pylist()
     ctx = dict(title="enrich", words=text, set_name=set_name, sets=ex._cache["sets"], model="", kind="",
@@ -867,7 +868,7 @@ def enrich_page(ex: Explorer, request: Request):
             return ex.html("enrich.html", **ctx)
         for m in model or []:
             ex.model(m)
-        words = token_set(_words(text) + (spec["tokens"].read(get("tokens")) or []) + (named_set(set_name) if set_name else []))
+        words = token_set(_words(text) + (spec["tokens"].read(get("tokens")) or []) + [w for n in sets for w in named_set(n)])
         ctx["n_words"] = len(words)
         table = ex.ds.enrich(words, model=model, kind=kind, side=side, limit=None)
         ctx["summary"] = match_summary(set_matches(ex.ds, words, model=model))
