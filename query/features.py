@@ -1,5 +1,5 @@
-"""Dictionary features (SAEs, transcoders; docs/DICTIONARIES.md): the `features TOKEN` helper and
-the feature page of `show`.
+"""Dictionary features (SAEs, transcoders; docs/DICTIONARIES.md): the `features TOKEN` and
+`dictionaries` helpers and the feature page of `show`.
 
 A feature's rows are `vectors` rows (kinds decoder / encoder, `dictionary` set), so `show` and
 `similar` read them as they read a neuron's; this module only adds what a feature has and a
@@ -104,6 +104,25 @@ def features(ds, token: str | None = None, *, model=None, dictionary=None, kind=
         return _EMPTY.empty_table()
     return ds._run(*features_query(ds, matches, kinds=kinds, sides=sides, dictionaries=dictionaries,
                                    max_rank=max_rank, limit=limit))
+
+
+_DICTIONARY_COLUMNS = ("model", "dictionary", "layer", "site", "hook", "d_in", "d_sae", "architecture", "format", "source",
+                       "revision", "k", "n_neighbours")
+
+
+def dictionaries(ds, *, model=None) -> pa.Table:
+    """The indexed dictionaries (SAEs, transcoders), by model and name: layer, site, hook, width
+    (d_in -> d_sae features), architecture, format, source, revision, k, stored neighbours.
+
+    ``model=None``: every model's (an empty table when there are none).
+
+    >>> dictionaries(ds, model="gpt2")   # doctest: +SKIP
+    """
+    where, params = "", {}
+    if model is not None:
+        params["m"] = ds.resolve_models(model)
+        where = "WHERE list_contains($m, model)"
+    return ds._run(f"SELECT {', '.join(_DICTIONARY_COLUMNS)} FROM dictionaries {where} ORDER BY model, dictionary", params)
 
 
 def _dictionary_names(ds) -> list[str]:

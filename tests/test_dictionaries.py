@@ -382,6 +382,10 @@ def test_cli_index_sae_and_features_errors_are_one_line(fresh_db, tmp_path):
     assert r.exit_code == 1 and r.output.startswith("Error: unknown kind") and r.output.count("\n") == 1
     r = CliRunner().invoke(cli, ["show", "tl", "rp.F3", "--db", str(db), "--format", "json"])
     assert r.exit_code == 0 and set(json.loads(r.output)) == {"vectors", "stats", "neighbours"}
+    r = CliRunner().invoke(cli, ["dictionaries", "--model", "tl", "--db", str(db), "--format", "json"])
+    assert r.exit_code == 0 and "rp" in [row["dictionary"] for row in json.loads(r.output)]
+    r = CliRunner().invoke(cli, ["dictionaries", "--model", "nope", "--db", str(db)])
+    assert r.exit_code == 1 and r.output.startswith("Error: unknown model 'nope'") and r.output.count("\n") == 1
 
 
 # -- the dataset's life: check, compact, merge, publish, remote reading ---------------------------

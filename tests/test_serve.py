@@ -388,9 +388,13 @@ def test_feature_page_is_show_with_links(features_db, features_server):
                 assert cell.split("</td>")[0] == ", ".join(html_lib.escape(t, quote=True) for t in want), (f, kind)
 
 
-def test_api_features_is_the_cli_json(features_db, features_server):
+def test_api_features_and_dictionaries_are_the_cli_json(features_db, features_server):
     status, rows = api(features_server, "/api/features", token="paris", dictionary="res")
     assert status == 200 and rows and rows == cli_json(features_db, "features", "paris", "--dictionary", "res")
+    status, rows = api(features_server, "/api/dictionaries", model="tf")
+    assert status == 200 and rows == cli_json(features_db, "dictionaries", "--model", "tf")
+    assert [(r["dictionary"], r["layer"], r["site"], r["d_in"], r["d_sae"]) for r in rows] == [("res", 1, "resid_post", 32, 8)]
+    assert api(features_server, "/api/dictionaries", model="nope")[0] == 404
 
 
 # -- the readable toggle -------------------------------------------------------------------------

@@ -371,9 +371,7 @@ class Explorer:
     def dictionaries(self, model: str | None = None) -> list[dict]:
         """The ``dictionaries`` rows (of ``model``, or all), by model and name."""
         if "dictionaries" not in self._cache:
-            self._cache["dictionaries"] = self.ds.rows(
-                "SELECT model, dictionary, layer, site, hook, d_in, d_sae, architecture, format, source, revision, k, "
-                "n_neighbours FROM dictionaries ORDER BY model, dictionary")
+            self._cache["dictionaries"] = self.ds.dictionaries().to_pylist()
         return [d for d in self._cache["dictionaries"] if model is None or d["model"] == model]
 
     def dictionary(self, model: str, name: str) -> dict:
