@@ -230,6 +230,19 @@ def features(db, fmt, quiet, **given):
 
 
 @cli.command()
+@helper_options("dictionaries")
+@output_options
+def dictionaries(db, fmt, quiet, **given):
+    """The indexed dictionaries (SAEs, transcoders) of each model: layer, site, width, source.
+
+    \b
+      zeropass dictionaries --model gpt2
+    """
+    emit(call(HELPERS["dictionaries"], open_dataset(db), helper_values("dictionaries", given)), fmt, quiet,
+         empty="No dictionaries indexed: add one with `zeropass index-sae PATH --model M`.")
+
+
+@cli.command()
 @helper_options("enrich")
 @click.option("--tokens-file", default=None, metavar="FILE", help="One token a line ('#' comments).")
 @click.option("--set", "sets", multiple=True, metavar="NAME", help="A named set shipped with zeropass (see --list-sets).")

@@ -58,6 +58,9 @@ def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle
     if not quiet:
         rows = ", ".join(f"{t} {n}" for t, n in entry.get("row_counts", {}).items())
         click.echo(f"indexed {model_ref} into {db} ({rows})", err=True)
+    if quiet and entry.get("removed_dictionaries"):  # progress says it otherwise; said even with --quiet: data left the dataset
+        click.echo(f"removed the dictionaries of {entry['model']} ({', '.join(entry['removed_dictionaries'])}): they were "
+                   f"projected through its previous weights; index them again with `zeropass index-sae`", err=True)
 
 
 @cli.command()

@@ -317,7 +317,10 @@ def index_canonical(model: Canonical, tokenizer, db: str | Path, *, slug: str, p
                              + (["--vocab-filter", vocab_filter] if vocab_filter is not None else []))
     say(f"[{slug}] indexed in {_hms(time.perf_counter() - t0)}: "
         + ", ".join(f"{t} {n:,}" for t, n in entry["row_counts"].items()))
-    return dict(entry, model=slug)
+    if build.removed_dictionaries:
+        say(f"[{slug}] removed its dictionaries {', '.join(build.removed_dictionaries)}: they were projected through the "
+            f"weights it had before (index them again with `zeropass index-sae PATH --model {slug}`)")
+    return dict(entry, model=slug, removed_dictionaries=build.removed_dictionaries)
 
 
 def _rebuild_args(provenance: Provenance, slug: str, k: int, n_pairs: int, variant: str, layer_list: list[int],
