@@ -1,4 +1,4 @@
-"""Latency of ``enrich`` (issue 23) on the three-model dataset of tests/dataset_helpers.py (``build_three``:
+"""Latency of ``enrich`` (issue 23) on the three-model dataset of tests/builders.py (``build_three``:
 two vocabularies of 20,000 tokens, 131,072 vector rows per model), cold and warm, for sets of 20 and 200 tokens.
 
     python -m benchmarks.bench_enrich [--repeat 10]
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=10)
     args = p.parse_args(argv)
     from query import Dataset
-    from tests.dataset_helpers import build_three
+    from tests.builders import build_three
 
     with tempfile.TemporaryDirectory() as tmp:
         db = build_three(Path(tmp) / "db")

@@ -3,8 +3,8 @@ support, tests/rangeserver.py), beside the same helpers on the local directory.
 
     python benchmarks/bench_remote.py [--repeat 5]
 
-Datasets: the test suite's synthetic three-model dataset (tests/conftest.py, 212 KB) and the
-three-model dataset of the byte-count test (tests/dataset_helpers.py ``build_three``, 15.5 MB).
+Datasets: the test suite's synthetic three-model dataset (tests/builders.py ``build_synthetic``, 212 KB) and the
+three-model dataset of the byte-count test (tests/builders.py ``build_three``, 15.5 MB).
 For each helper:
 
 * local: median of --repeat calls on an open local Dataset;
@@ -63,9 +63,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    from tests.conftest import build_synthetic
+    from tests.builders import build_synthetic, build_three
     from tests.rangeserver import RangeServer
-    from tests.dataset_helpers import build_three
 
     base = Path(tempfile.mkdtemp(prefix="zeropass-bench-remote-"))
     try:
@@ -73,7 +72,7 @@ def main() -> None:
         three = build_three(base / "three")
         size = lambda d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / 1024  # noqa: E731
         with RangeServer(base) as srv:
-            print(f"synthetic dataset (tests/conftest.py, {size(small):,.0f} KB):")
+            print(f"synthetic dataset (tests/builders.py build_synthetic, {size(small):,.0f} KB):")
             run(small, srv, {
                 "models()": lambda ds: ds.models(),
                 "sql count(*) vectors": lambda ds: ds.sql("SELECT count(*) FROM vectors"),
@@ -84,7 +83,7 @@ def main() -> None:
                 "tokens('Paris is big')": lambda ds: ds.tokens("Paris is big"),
                 "similar('alpha', 'L0.N1', in 'beta')": lambda ds: ds.similar("alpha", "L0.N1", "beta"),
             }, args.repeat, base / "cache")
-            print(f"\nthree-model dataset (tests/dataset_helpers.py build_three, {size(three):,.0f} KB):")
+            print(f"\nthree-model dataset (tests/builders.py build_three, {size(three):,.0f} KB):")
             run(three, srv, {
                 "models()": lambda ds: ds.models(),
                 "neurons('w123', model='two')": lambda ds: ds.neurons("w123", model="two"),

@@ -30,19 +30,37 @@ TARGET_MS = 300
 
 
 def tiny_dataset(base: Path) -> Path:
-    """Two tiny random models (the test suite's tiny_db): needs the index extra."""
-    from indexer.build import index_model
-    from tests.conftest import _copying_gpt2
-    from tests.tiny_models import save_tiny
+    """Two tiny random models (the test suite's tiny_db, tests/builders.py) and a dictionary: needs the index extra."""
+    from tests.builders import build_tiny
 
-    db = base / "db"
-    index_model(str(_copying_gpt2(base / "gpt2")), db, name="tgpt2", k=8, n_pairs=20, progress=None)
-    index_model(str(save_tiny("bert", base / "bert")), db, name="tbert", k=8, n_pairs=20, progress=None)
+    db = build_tiny(base)
+    _tiny_dictionary(base / "sae", db)
     return db
+
+
+def _tiny_dictionary(path: Path, db: Path, d_sae: int = 256) -> None:
+    """A random SAELens dictionary of tgpt2's layer 1 (``res``), for the dictionary and feature pages."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from indexer.dictionaries.index import index_dictionaries
+    from tests.tiny_models import D_MODEL
+
+    g = torch.Generator().manual_seed(0)
+    path.mkdir(parents=True)
+    save_file({"W_enc": torch.randn(D_MODEL, d_sae, generator=g), "W_dec": torch.randn(d_sae, D_MODEL, generator=g),
+               "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(D_MODEL)}, str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps({"d_in": D_MODEL, "d_sae": d_sae, "architecture": "standard",
+                                               "metadata": {"hook_name": "blocks.1.hook_resid_post"}}))
+    index_dictionaries(str(path), db, model="tgpt2", name="res", progress=None)
 
 
 def pages(ds, token: str) -> list[tuple[str, str]]:
     """(label, path) of each page worth timing, chosen from the dataset's own answers."""
+    from query.enrich import named_set
+
     q = urllib.parse.quote
     models = ds.model_names()
     m = models[0]
@@ -66,6 +84,17 @@ def pages(ds, token: str) -> list[tuple[str, str]]:
         ("api show head", f"/api/show?model={q(hm)}&unit={q(hu)}"),
         ("api similar", f"/api/similar?model={q(nm)}&unit={q(nu)}&in={q(models[-1])}"),
     ]
+    out += [
+        (f"search {token} readable", f"/search?q={q(token)}&readable=1"),
+        (f"neuron {nm} {nu} readable", f"/model/{q(nm)}/unit/{q(nu)}?readable=1"),
+        ("enrich capitals", "/enrich?set=capitals"),
+        ("api enrich capitals", "/api/enrich?" + urllib.parse.urlencode([("tokens", w) for w in named_set("capitals")])),
+    ]
+    for d in ds.rows("SELECT model, dictionary FROM dictionaries ORDER BY ALL LIMIT 1"):
+        dm, dn = d["model"], d["dictionary"]
+        out += [(f"dictionary {dm} {dn}", f"/model/{q(dm)}/dictionary/{q(dn)}"),
+                (f"dictionary {dn} + token", f"/model/{q(dm)}/dictionary/{q(dn)}?token={q(token)}"),
+                (f"feature {dm} {dn}.F0", f"/model/{q(dm)}/unit/{q(dn + '.F0')}")]
     for a in ds.rows("SELECT DISTINCT model_a, model_b FROM alignments ORDER BY ALL LIMIT 1"):
         out.append((f"align {a['model_a']} / {a['model_b']}", f"/align/{q(a['model_a'])}/{q(a['model_b'])}"))
     return out
@@ -141,6 +170,8 @@ def main(argv=None) -> int:
                          ("neuron", next(pth for lbl, pth in todo if lbl.startswith("neuron "))),
                          ("sql", by["sql page"])]
                 shots += [("align", pth) for lbl, pth in todo if lbl.startswith("align ")]
+                shots += [("enrich", by["enrich capitals"])]
+                shots += [(lbl.split()[0], pth) for lbl, pth in todo if lbl.startswith(("dictionary ", "feature ")) and "+" not in lbl]
                 screenshots(base, shots, args.screenshots)
         print(f"{len(todo) - slow} of {len(todo)} pages under {TARGET_MS} ms (median)")
         return 0

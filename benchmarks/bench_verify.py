@@ -2,7 +2,7 @@
 
     python benchmarks/bench_verify.py [--repeat 5]
 
-Dataset: the three-model dataset of tests/dataset_helpers.py ``build_three`` (15.5 MB in 20 files).
+Dataset: the three-model dataset of tests/builders.py ``build_three`` (15.5 MB in 20 files).
 For each: the median of --repeat runs of
 
 * open: ``Dataset(db)`` (the manifest, the views' first footers, and the files' check);
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     from query import Dataset, verify
-    from tests.dataset_helpers import build_three
+    from tests.builders import build_three
 
     base = Path(tempfile.mkdtemp(prefix="zp-bench-verify-"))
     try:

@@ -24,6 +24,7 @@ EXAMPLES = [
     ["sql", "SELECT layer, head, round(ov_copying_score, 3) AS ov_copying, round(ov_self_top1_frac, 3) AS self_top1 "
             "FROM heads WHERE model = 'minilm' ORDER BY ov_copying_score DESC NULLS LAST LIMIT 5"],
     ["similar", "minilm", "L5.N100", "--in", "minilm", "--limit", "5"],
+    ["enrich", "--set", "months", "--limit", "5"],
 ]
 
 

@@ -18,9 +18,11 @@ from query.params import HELPERS, call
 from .base import Place, cli, db_option, emit, helper_options, helper_values, notices, open_dataset, output_options
 
 
-def _hidden(table) -> int:
-    """How many rows ``readable`` left out (the helpers record it in the table's metadata)."""
-    return int((table.schema.metadata or {}).get(b"hidden_rows", 0))
+def _say_hidden(v: dict, quiet: bool, tables, one: str, many: str) -> None:
+    """With ``readable``: how many rows it left out (the helpers record it in each table's metadata)."""
+    if v["readable"] and not quiet:
+        hidden = sum(int((t.schema.metadata or {}).get(b"hidden_rows", 0)) for t in tables)
+        click.echo(f"(--readable: {hidden:,} {one if hidden == 1 else many})", err=True)
 
 
 def _token_label(token, token_id) -> str:
@@ -143,9 +145,7 @@ def heads(db, fmt, quiet, **given):
     """
     v = helper_values("heads", given)
     table = call(HELPERS["heads"], open_dataset(db), v)
-    if v["readable"] and not quiet:
-        hidden = _hidden(table)
-        click.echo(f"(--readable: {hidden:,} pair{'' if hidden == 1 else 's'} with an unreadable other token left out)", err=True)
+    _say_hidden(v, quiet, [table], "pair with an unreadable other token left out", "pairs with an unreadable other token left out")
     emit(table, fmt, quiet,
          empty=f"No head lists {_token_label(v['token'], v['token_id'])} in its {v['side']} entries.")
 
@@ -161,9 +161,8 @@ def neurons(db, fmt, quiet, **given):
     """
     v = helper_values("neurons", given)
     table = call(HELPERS["neurons"], open_dataset(db), v)
-    if v["readable"] and not quiet:
-        hidden = _hidden(table)
-        click.echo(f"(--readable: {hidden:,} unreadable entr{'y' if hidden == 1 else 'ies'} above the matches left out of readable_rank)", err=True)
+    _say_hidden(v, quiet, [table], "unreadable entry above the matches left out of readable_rank",
+                "unreadable entries above the matches left out of readable_rank")
     emit(table, fmt, quiet,
          empty=f"No vector lists {_token_label(v['token'], v['token_id'])} in its {v['side']} tokens.")
 
@@ -180,9 +179,8 @@ def show(db, fmt, quiet, **given):
     """
     v = helper_values("show", given)
     sections = call(HELPERS["show"], open_dataset(db), v)
-    if v["readable"] and not quiet:
-        hidden = sum(_hidden(t) for t in sections.values())
-        click.echo(f"(--readable: {hidden:,} list entr{'y' if hidden == 1 else 'ies'} hidden within the ranks shown)", err=True)
+    _say_hidden(v, quiet, sections.values(), "list entry hidden within the ranks shown",
+                "list entries hidden within the ranks shown")
     if all(t.num_rows == 0 for t in sections.values()):
         if not quiet:
             click.echo(f"Nothing stored for {v['unit']} of {v['model']} (was its layer indexed?).", err=True)
@@ -227,6 +225,19 @@ def features(db, fmt, quiet, **given):
     v = helper_values("features", given)
     emit(call(HELPERS["features"], open_dataset(db), v), fmt, quiet,
          empty=f"No feature lists {_token_label(v['token'], v['token_id'])} in its {v['side']} tokens.")
+
+
+@cli.command()
+@helper_options("dictionaries")
+@output_options
+def dictionaries(db, fmt, quiet, **given):
+    """The indexed dictionaries (SAEs, transcoders) of each model: layer, site, width, source.
+
+    \b
+      zeropass dictionaries --model gpt2
+    """
+    emit(call(HELPERS["dictionaries"], open_dataset(db), helper_values("dictionaries", given)), fmt, quiet,
+         empty="No dictionaries indexed: add one with `zeropass index-sae PATH --model M`.")
 
 
 @cli.command()

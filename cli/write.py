@@ -14,7 +14,7 @@ from .base import Place, cli, db_option, emit, format_option, progress, quiet_op
 
 
 def index_options(f):
-    # Ranges are checked by the library (indexer.build._check_options), before the model is loaded,
+    # Ranges are checked by the library (indexer.build.IndexOptions), before the model is loaded,
     # so that library callers get the same one-line BadOption as the command line.
     f = click.option("--k", "k", type=int, default=50, show_default=True,
                      help="Tokens kept per side for each vector (more than the vocabulary: the whole vocabulary).")(f)
@@ -52,14 +52,18 @@ def index(model_ref, db, name, variant, k, n_pairs, device, layers, allow_pickle
     \b
       zeropass index ./all-MiniLM-L6-v2 --name minilm --db zeropass-db
     """
-    from indexer.build import index_model
+    from indexer.build import IndexOptions, index_model
 
-    entry = index_model(model_ref, db, name=name, k=k, n_pairs=n_pairs, variant=variant, device=device,
-                        layers=layers, allow_pickle=allow_pickle, replace=replace, progress=progress(quiet),
-                        vocab_filter=vocab_filter, profile=profile)
+    options = IndexOptions(k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers,
+                           allow_pickle=allow_pickle, replace=replace, progress=progress(quiet), vocab_filter=vocab_filter,
+                           profile=profile)
+    entry = index_model(model_ref, db, options, name=name)
     if not quiet:
         rows = ", ".join(f"{t} {n}" for t, n in entry.get("row_counts", {}).items())
         click.echo(f"indexed {model_ref} into {db} ({rows})", err=True)
+    if quiet and entry.get("removed_dictionaries"):  # progress says it otherwise; said even with --quiet: data left the dataset
+        click.echo(f"removed the dictionaries of {entry['model']} ({', '.join(entry['removed_dictionaries'])}): they were "
+                   f"projected through its previous weights; index them again with `zeropass index-sae`", err=True)
 
 
 @cli.command()
@@ -146,10 +150,11 @@ def diff(base, tuned, db, name, k, n_pairs, device, layers, allow_pickle, replac
       zeropass diff ./base ./tuned --name tuned-diff
       zeropass neurons paris --model tuned-diff
     """
-    from indexer.build import index_diff
+    from indexer.build import IndexOptions, index_diff
 
-    entry = index_diff(base, tuned, db, name=name, k=k, n_pairs=n_pairs, device=device, layers=layers,
-                       allow_pickle=allow_pickle, replace=replace, progress=progress(quiet))
+    options = IndexOptions(k=k, n_pairs=n_pairs, device=device, layers=layers, allow_pickle=allow_pickle,
+                           replace=replace, progress=progress(quiet))
+    entry = index_diff(base, tuned, db, options, name=name)
     if not quiet:
         rows = ", ".join(f"{t} {n}" for t, n in entry.get("row_counts", {}).items())
         click.echo(f"indexed {tuned} - {base} into {db} ({rows})", err=True)

@@ -100,110 +100,124 @@ def check_slug(slug: str) -> str:
     return slug
 
 
-def index_model(
-    model_ref: str,
-    db: str | Path,
-    *,
-    name: Optional[str] = None,
-    k: int = 50,
-    n_pairs: int = 200,
-    variant: str = "raw",
-    device: str = "cpu",
-    layers: Optional[str] = None,
-    allow_pickle: bool = False,
-    replace: bool = False,
-    progress: Optional[Progress] = stderr_progress,
-    series: Optional[str] = None,
-    step: Optional[int] = None,
-    vocab_filter: Optional[str] = None,
-    profile: bool = False,
-) -> dict:
+@dataclasses.dataclass(frozen=True)
+class IndexOptions:
+    """How a model is indexed: the options `index_model`, `index_diff` and `index_canonical` share.
+
+    Checked once, when made (BadOption), so that an unusable value is refused before a model
+    that takes minutes to load is loaded. ``series`` / ``step``: the training-checkpoint series
+    it belongs to (``models.series`` / ``models.step``, set by `zeropass index-many`).
+    ``vocab_filter``: ``alpha``, ``words`` or a word-list file: lists over those tokens only
+    (indexer/vocab_filter.py). ``replace``: replace a model of the same name indexed from
+    another checkpoint (without it, NameTaken). ``progress``: where progress lines go (None: nowhere).
+    ``profile``: print on stderr, at the end, the seconds of each phase and layer beside each GEMM
+    phase's arithmetic floor (indexer/profile.py).
+
+    >>> IndexOptions(k=10, layers="0-3").n_pairs
+    200
+    """
+
+    k: int = 50
+    n_pairs: int = 200
+    variant: str = "raw"
+    device: str = "cpu"
+    layers: Optional[str] = None
+    allow_pickle: bool = False
+    replace: bool = False
+    vocab_filter: Optional[str] = None
+    series: Optional[str] = None
+    step: Optional[int] = None
+    progress: Optional[Progress] = stderr_progress
+    profile: bool = False
+
+    def __post_init__(self) -> None:
+        k, n_pairs, device = self.k, self.n_pairs, self.device
+        if not _whole(k) or not 1 <= k <= INT32_MAX:
+            raise BadOption(f"--k {k} must be a whole number from 1 to {INT32_MAX} "
+                            f"(more than the vocabulary size keeps the whole vocabulary)")
+        if not _whole(n_pairs) or not 0 <= n_pairs <= INT32_MAX:
+            raise BadOption(f"--pairs {n_pairs} must be a whole number from 0 (no pairs) to {INT32_MAX}")
+        if self.variant not in VARIANTS:
+            raise BadOption(f"--variant {self.variant!r} is unknown: use one of {', '.join(VARIANTS)}")
+        m = re.fullmatch(r"cpu|cuda(?::([0-9]{1,4}))?", device, flags=re.ASCII) if isinstance(device, str) else None
+        if not m:
+            raise BadOption(f"--device {device!r} is unknown: use cpu, cuda or cuda:N")
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise BadOption("--device cuda was asked for but torch sees no GPU here: use --device cpu")
+            if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+                raise BadOption(f"--device {device} does not exist: torch sees {torch.cuda.device_count()} GPU(s), "
+                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        layer_ranges(self.layers)
+        step = self.step
+        if step is not None and (not _whole(step) or not 0 <= step <= INT64_MAX):  # models.step: found only at the write
+            raise BadOption(f"step {step} must be a whole number from 0 to {INT64_MAX} (models.step is a 64-bit integer)")
+        check_filter(self.vocab_filter)
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+
+def _options(options: Optional[IndexOptions], changes: dict) -> IndexOptions:
+    """``options`` (default: IndexOptions()) with the keyword arguments a caller gave instead; checked."""
+    return dataclasses.replace(options or IndexOptions(), **changes) if changes or options is None else options
+
+
+def index_model(model_ref: str, db: str | Path, options: Optional[IndexOptions] = None, *,
+                name: Optional[str] = None, **changes) -> dict:
     """Index one checkpoint into the dataset at ``db``; returns its manifest entry.
 
-    ``profile``: print seconds per phase and per layer on stderr at the end (indexer/profile.py).
-    ``series`` / ``step``: the training-checkpoint series it belongs to (``models.series`` /
-    ``models.step``, set by `zeropass index-many`). ``vocab_filter``: ``alpha``, ``words`` or a
-    word-list file: lists over those tokens only (indexer/vocab_filter.py); the default name gets
-    the suffix ``-alpha`` / ``-words`` / ``-list``.
+    ``options``: an IndexOptions; its fields can be given as keywords too (``k=10``), which
+    replace those of ``options``. ``name``: the model's name in the dataset; by default from
+    ``model_ref``, with the suffix ``-alpha`` / ``-words`` / ``-list`` for a ``vocab_filter``.
 
     A model of the same name from another checkpoint is refused (NameTaken) unless ``replace``.
 
-    >>> index_model("path/to/minilm", "zeropass-db", name="minilm")  # doctest: +SKIP
+    >>> index_model("path/to/minilm", "zeropass-db", name="minilm", k=20)  # doctest: +SKIP
     """
     from .load import load_canonical
 
-    _check_options(k, n_pairs, variant, device, layers)
-    if step is not None and (not _whole(step) or not 0 <= step <= INT64_MAX):  # models.step: found only at the write
-        raise BadOption(f"step {step} must be a whole number from 0 to {INT64_MAX} (models.step is a 64-bit integer)")
-    check_filter(vocab_filter)
-    slug = check_slug(default_slug(model_ref, filter_suffix(vocab_filter)) if name is None else name)
+    options = _options(options, changes)
+    slug = check_slug(default_slug(model_ref, filter_suffix(options.vocab_filter)) if name is None else name)
     check_writable(Path(db))
-    say = progress or (lambda _m: None)
-    with profiling(profile, report=stderr_progress):
+    with profiling(options.profile, report=stderr_progress):
         t = time.perf_counter()
         with phase("load/dequantise"):
-            loaded = load_canonical(model_ref, allow_pickle=allow_pickle, quiet=progress is None)
-        say(f"loaded {model_ref} in {time.perf_counter() - t:.1f}s: {_describe(loaded.canonical.dims)}")
-        return index_canonical(
-            loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
-            k=k, n_pairs=n_pairs, variant=variant, device=device, layers=layers, replace=replace, progress=progress,
-            series=series, step=step, vocab_filter=vocab_filter, profile=profile,
-        )
+            loaded = load_canonical(model_ref, allow_pickle=options.allow_pickle, quiet=options.progress is None)
+        options.say(f"loaded {model_ref} in {time.perf_counter() - t:.1f}s: {_describe(loaded.canonical.dims)}")
+        return index_canonical(loaded.canonical, loaded.tokenizer, db, slug=slug, provenance=loaded.provenance,
+                               options=options)
 
 
-def index_diff(
-    base_ref: str,
-    tuned_ref: str,
-    db: str | Path,
-    *,
-    name: Optional[str] = None,
-    k: int = 50,
-    n_pairs: int = 200,
-    device: str = "cpu",
-    layers: Optional[str] = None,
-    allow_pickle: bool = False,
-    replace: bool = False,
-    progress: Optional[Progress] = stderr_progress,
-) -> dict:
-    """Index theta_tuned - theta_base as its own model (variant ``diff``), see indexer/diff.py."""
+def index_diff(base_ref: str, tuned_ref: str, db: str | Path, options: Optional[IndexOptions] = None, *,
+               name: Optional[str] = None, **changes) -> dict:
+    """Index theta_tuned - theta_base as its own model (variant ``diff``), see indexer/diff.py.
+
+    ``options`` / ``changes`` as for `index_model`; the difference is indexed as it is (no
+    ``variant``), over the whole vocabulary (no ``vocab_filter``) and outside any series.
+    """
     from .diff import diff_models
 
-    _check_options(k, n_pairs, "raw", device, layers)
+    options = _options(options, changes)
+    unused = [f"{f}={getattr(options, f)!r}" for f in ("variant", "vocab_filter", "series", "step")
+              if getattr(options, f) != getattr(_DEFAULTS, f)]
+    if unused:
+        raise BadOption(f"a diff takes no {', '.join(unused)}: it is indexed raw, as the variant diff")
     slug = check_slug(default_slug(tuned_ref, "-diff") if name is None else name)
     check_writable(Path(db))
-    say = progress or (lambda _m: None)
-    delta = diff_models(base_ref, tuned_ref, allow_pickle=allow_pickle, quiet=progress is None)
-    say(f"loaded {base_ref} and {tuned_ref}: {_describe(delta.canonical.dims)}")
-    return index_canonical(
-        delta.canonical, delta.tokenizer, db, slug=slug, provenance=delta.provenance, k=k, n_pairs=n_pairs,
-        variant="diff", device=device, layers=layers, replace=replace, progress=progress,
-    )
-
-
-def _check_options(k: int, n_pairs: int, variant: str, device: str, layers: Optional[str] = None) -> None:
-    """Refuse unusable options before anything is loaded (a large model takes minutes to load)."""
-    if not _whole(k) or not 1 <= k <= INT32_MAX:
-        raise BadOption(f"--k {k} must be a whole number from 1 to {INT32_MAX} "
-                        f"(more than the vocabulary size keeps the whole vocabulary)")
-    if not _whole(n_pairs) or not 0 <= n_pairs <= INT32_MAX:
-        raise BadOption(f"--pairs {n_pairs} must be a whole number from 0 (no pairs) to {INT32_MAX}")
-    if variant not in VARIANTS:
-        raise BadOption(f"--variant {variant!r} is unknown: use one of {', '.join(VARIANTS)}")
-    m = re.fullmatch(r"cpu|cuda(?::([0-9]{1,4}))?", device, flags=re.ASCII)
-    if not m:
-        raise BadOption(f"--device {device!r} is unknown: use cpu, cuda or cuda:N")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BadOption("--device cuda was asked for but torch sees no GPU here: use --device cpu")
-        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-            raise BadOption(f"--device {device} does not exist: torch sees {torch.cuda.device_count()} GPU(s), "
-                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    layer_ranges(layers)
+    delta = diff_models(base_ref, tuned_ref, allow_pickle=options.allow_pickle, quiet=options.progress is None)
+    options.say(f"loaded {base_ref} and {tuned_ref}: {_describe(delta.canonical.dims)}")
+    return index_canonical(delta.canonical, delta.tokenizer, db, slug=slug, provenance=delta.provenance,
+                           options=options, variant="diff")
 
 
 def _whole(v) -> bool:
     """An integer (numpy's too), not a bool, a float or a string."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+_DEFAULTS = IndexOptions()
 
 
 def _effective_sizes(k: int, n_pairs: int, d_vocab: int, say: Progress, slug: str) -> tuple[int, int]:
@@ -222,36 +236,19 @@ def _effective_sizes(k: int, n_pairs: int, d_vocab: int, say: Progress, slug: st
     return k_eff, pairs_eff
 
 
-def index_canonical(
-    model: Canonical,
-    tokenizer,
-    db: str | Path,
-    *,
-    slug: str,
-    provenance: "Provenance",
-    k: int = 50,
-    n_pairs: int = 200,
-    variant: str = "raw",
-    device: str = "cpu",
-    layers: Optional[str] = None,
-    replace: bool = False,
-    progress: Optional[Progress] = stderr_progress,
-    series: Optional[str] = None,
-    step: Optional[int] = None,
-    vocab_filter: Optional[str] = None,
-    profile: bool = False,
-) -> dict:
+def index_canonical(model: Canonical, tokenizer, db: str | Path, *, slug: str, provenance: "Provenance",
+                    options: IndexOptions = _DEFAULTS, variant: Optional[str] = None) -> dict:
     """Project a canonical model into the dataset at ``db`` under the name ``slug``.
 
     ``k`` and ``n_pairs`` larger than the vocabulary allows are clamped (``_effective_sizes``):
     ``models.k`` / ``models.n_pairs`` hold what was used, ``settings`` both.
 
-    ``replace``: replace a published model of that name even when it came from another
-    checkpoint (without it, NameTaken). ``profile``: as in `index_model` (from the dataset lock on,
-    when called directly).
+    ``variant``: what ``models.variant`` records when not ``options.variant`` (`index_diff`: ``diff``).
     """
+    k, n_pairs, layers, device, replace = options.k, options.n_pairs, options.layers, options.device, options.replace
+    series, step, vocab_filter, variant = options.series, options.step, options.vocab_filter, variant or options.variant
     root = Path(db)
-    say = progress or (lambda _m: None)
+    say = options.say
     dims = model.dims
     layer_list = parse_layers(layers, dims.n_layers)
     k_asked, n_pairs_asked = int(k), int(n_pairs)
@@ -289,7 +286,7 @@ def index_canonical(
 
     origin = origin_of(provenance)
     check_writable(root)
-    with dataset_lock(root), profiling(profile, report=stderr_progress):
+    with dataset_lock(root), profiling(options.profile, report=stderr_progress):
         build = Build(root, slug, json.loads(json.dumps(fingerprint, default=str)), origin=origin, replace=replace)
         if build.resumed:
             say(f"resuming the unfinished build of {slug} ({len(build.done)} partitions already written)")
@@ -329,7 +326,10 @@ def index_canonical(
                              + (["--vocab-filter", vocab_filter] if vocab_filter is not None else []))
     say(f"[{slug}] indexed in {_hms(time.perf_counter() - t0)}: "
         + ", ".join(f"{t} {n:,}" for t, n in entry["row_counts"].items()))
-    return dict(entry, model=slug)
+    if build.removed_dictionaries:
+        say(f"[{slug}] removed its dictionaries {', '.join(build.removed_dictionaries)}: they were projected through the "
+            f"weights it had before (index them again with `zeropass index-sae PATH --model {slug}`)")
+    return dict(entry, model=slug, removed_dictionaries=build.removed_dictionaries)
 
 
 def _rebuild_args(provenance: Provenance, slug: str, k: int, n_pairs: int, variant: str, layer_list: list[int],

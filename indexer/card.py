@@ -12,25 +12,30 @@ import json
 from pathlib import Path
 
 from schemas import TABLES
-from schemas.format import model_settings
-from schemas.layout import table_files
+from schemas.format import DICTIONARIES, model_settings
+from schemas.layout import dictionary_files, table_files
 
 # The Hub's license identifiers for licenses models commonly carry; anything else is "other".
 _HUB_LICENSES = {"apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "llama2", "llama3",
                  "llama3.1", "llama3.2", "gemma", "openrail", "bigscience-openrail-m", "other"}
 
 
-def _models(db: Path, manifest: dict) -> list[dict]:
-    """The ``models`` rows (pyarrow only; a file that cannot be read leaves its model out of the table)."""
+def _rows(db: Path, files: list[str], key: str) -> list[dict]:
+    """The rows of small files (pyarrow only; a file that cannot be read leaves its rows out of the table)."""
     import pyarrow.parquet as pq
 
     rows = []
-    for rel in table_files(manifest, "models"):
+    for rel in files:
         try:
             rows += pq.read_table(db / rel).to_pylist()
         except Exception:  # noqa: BLE001 (a damaged file: the card still names the model from the manifest)
             pass
-    return sorted(rows, key=lambda r: r["model"])
+    return sorted(rows, key=lambda r: r[key])
+
+
+def _models(db: Path, manifest: dict) -> list[dict]:
+    """The ``models`` rows."""
+    return _rows(db, table_files(manifest, "models"), "model")
 
 
 def _license(slug: str, entry: dict, row: dict | None) -> str | None:
@@ -60,7 +65,7 @@ def render_card(db: Path, manifest: dict, url: str | None = None) -> str:
     else:
         license_id = "other"
     counts: dict[str, int] = {}
-    for entry in manifest.get("models", {}).values():
+    for entry in [*manifest.get("models", {}).values(), *manifest.get(DICTIONARIES, {}).values()]:
         for table, n in (entry.get("row_counts") or {}).items():
             counts[table] = counts.get(table, 0) + int(n)
     for vocab in manifest.get("vocabularies", {}).values():
@@ -69,7 +74,7 @@ def render_card(db: Path, manifest: dict, url: str | None = None) -> str:
     head = ["---", f"license: {license_id}", f"pretty_name: {_yaml_str('zeropass projections: ' + ', '.join(slugs))}",
             "tags:", "- zeropass", "- interpretability", "- embedding-space", "configs:"]
     for table in TABLES:
-        files = table_files(manifest, table)
+        files = table_files(manifest, table) + dictionary_files(manifest, table)  # a dictionary's rows are its table's rows
         if not files:
             continue
         head += [f"- config_name: {table}", "  data_files:", "  - split: train", "    path:"]
@@ -94,6 +99,18 @@ def render_card(db: Path, manifest: dict, url: str | None = None) -> str:
                  r.get("variant") or manifest["models"][s].get("variant") or "?", r.get("k", "?"), r.get("n_pairs", "?"),
                  licenses[s] or "unknown (see the model's own card)"]
         body.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    dictionaries = _rows(Path(db), dictionary_files(manifest, "dictionaries"), "dictionary")
+    if manifest.get(DICTIONARIES):
+        body += ["", "## Dictionaries", "",
+                 "Sparse autoencoders and transcoders of the models above, their features projected like the models' own "
+                 "vectors (`features`, `feature_stats`, `feature_neighbours`; docs/DICTIONARIES.md of zeropass).", "",
+                 "| dictionary | model | layer | site | features | architecture | source |", "|---|---|---|---|---|---|---|"]
+        seen = {r["dictionary"]: r for r in dictionaries}
+        for name in sorted(manifest[DICTIONARIES]):
+            r = seen.get(name, {})
+            cells = [name, manifest[DICTIONARIES][name].get("model", "?"), r.get("layer", "?"), r.get("site", "?"),
+                     r.get("d_sae", "?"), r.get("architecture", "?"), r.get("source") or manifest[DICTIONARIES][name].get("source") or "?"]
+            body.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     body += ["", "The license of each model's weights applies to what is derived from them here."
              + (" Where it says unknown, check the model's own card." if license_id == "other" else ""), "",
              "## Tables", "", "| table | rows |", "|---|---|"]

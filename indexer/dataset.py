@@ -586,6 +586,7 @@ class Build:
         self.slug = slug
         self.fingerprint = fingerprint
         self.origin = origin
+        self.removed_dictionaries: list[str] = []  # set by commit: the model's dictionaries a new checkpoint made stale
         manifest = open_dataset(self.root)
         if manifest is None:  # a new dataset: its (empty) manifest comes first, see open_dataset
             manifest = commit(self.root, lambda m: [])
@@ -716,7 +717,15 @@ class Build:
                                                       "file_info": {rel: dict(digest, rows=tokens.num_rows)}}
             old = manifest["models"].get(self.slug)
             manifest["models"][self.slug] = entry
-            return [f for fs in (old or {}).get("files", {}).values() for f in fs]
+            superseded = [f for fs in (old or {}).get("files", {}).values() for f in fs]
+            # Dictionaries were projected through the old weights (W_U, W_E, W_O/W_V, the FF values of
+            # their neighbours): another checkpoint makes them wrong, so they go in this same commit.
+            self.removed_dictionaries = [] if old is None or _same_projection(self.root, old, entry, model_row) else \
+                sorted(n for n, d in manifest.get("dictionaries", {}).items() if d.get("model") == self.slug)
+            for name in self.removed_dictionaries:
+                gone = manifest["dictionaries"].pop(name)
+                superseded += [f for fs in gone.get("files", {}).values() for f in fs]
+            return superseded
 
         commit(self.root, change)
         self.progress_path.unlink(missing_ok=True)
@@ -761,6 +770,22 @@ class Build:
             if base.exists():
                 for tmp in base.rglob("*.tmp"):
                     tmp.unlink(missing_ok=True)
+
+
+def _same_projection(root: Path, old: dict, entry: dict, model_row: dict) -> bool:
+    """Whether a model re-indexed as ``entry`` projects its dictionaries as the ``old`` entry did: the
+    same weights (``models.weights_sha256``), variant (``folded`` changes W_U) and vocabulary.
+    A published models file that cannot be read counts as different (nothing stale is kept)."""
+    if old.get("vocab_id") != entry.get("vocab_id") or old.get("variant") != entry.get("variant"):
+        return False
+    try:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(root / old["files"]["models"][0], columns=["weights_sha256"]).to_pylist()
+        before = json.loads(rows[0]["weights_sha256"] or "null")
+    except Exception:  # noqa: BLE001 (missing, damaged, or an older file without the column)
+        return False
+    return before is not None and before == json.loads(model_row.get("weights_sha256") or "null")
 
 
 def sorted_copy(root: Path, relpath: str, select_sql: str, order_by: str, spill: Path) -> tuple[int, dict]:

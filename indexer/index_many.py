@@ -41,11 +41,14 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from schemas.format import BadManifest, model_settings, read_manifest
+from schemas.format import BadManifest, first_line, model_settings, read_manifest
 
 from .errors import MissingDependency, ZeropassError
+
+if TYPE_CHECKING:
+    from .build import IndexOptions
 
 Progress = Callable[[str], None]
 STAGING = Path(".builds") / "staging"
@@ -79,6 +82,14 @@ class Job:
     @property
     def label(self) -> str:
         return f"{self.name} layers {self.shard}" if self.shard else self.name
+
+    def options(self) -> "IndexOptions":
+        """How this job (its shard, if any) is indexed; BadOption if a value is unusable."""
+        from .build import IndexOptions
+
+        return IndexOptions(k=self.k, n_pairs=self.pairs, variant=self.variant, device=self.device,
+                            layers=self.shard or self.layers, allow_pickle=self.allow_pickle, progress=None,
+                            series=self.series, step=self.step)
 
 
 # -- the spec ------------------------------------------------------------------------------
@@ -154,7 +165,7 @@ def _local(source: str, base: Path) -> str:
 
 
 def _job(m: dict, base: Path, where: str, series: Optional[str] = None, step: Optional[int] = None) -> Job:
-    from .build import _check_options, check_slug, default_slug
+    from .build import check_slug, default_slug
 
     if not isinstance(m.get("source"), str) or not m["source"].strip():
         raise SpecError(f"{where} has no source: give source = \"path, .gguf file or hub id\"")
@@ -171,7 +182,7 @@ def _job(m: dict, base: Path, where: str, series: Optional[str] = None, step: Op
                   k=m.get("k", 50), pairs=m.get("pairs", 200),
                   layers=None if m.get("layers") is None else str(m["layers"]), device=m.get("device", "cpu"),
                   allow_pickle=m.get("allow_pickle", False), series=series, step=step)
-        _check_options(job.k, job.pairs, job.variant, job.device, job.layers)
+        job.options()  # checked here, before any model is loaded
     except ZeropassError as e:
         raise SpecError(f"{where}: {e}") from None
     return job
@@ -268,16 +279,14 @@ def _ref(job: Job) -> str:
 
         return snapshot_download(job.source, revision=job.revision)
     except Exception as e:  # offline, unknown revision, ...
-        raise SpecError(f"{job.source} at revision {job.revision} cannot be fetched: {str(e).splitlines()[0]}") from None
+        raise SpecError(f"{job.source} at revision {job.revision} cannot be fetched: {first_line(e)}") from None
 
 
 def build_one(job: Job, db: str | Path) -> dict:
     """Index one job into ``db`` (resumes an unfinished build of it)."""
     from .build import index_model
 
-    return index_model(_ref(job), db, name=job.name, k=job.k, n_pairs=job.pairs, variant=job.variant,
-                       device=job.device, layers=job.shard or job.layers, allow_pickle=job.allow_pickle,
-                       progress=None, series=job.series, step=job.step)
+    return index_model(_ref(job), db, job.options(), name=job.name)
 
 
 # -- driving -------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from schemas import TABLES
 from schemas.format import BadManifest, DigestMismatch, OtherVersion, check_version, copy_verified, first_line, \
-    inside, model_settings, read_manifest
+    inside, read_manifest, settings_or_empty
 from schemas.layout import BUILDS, manifest_files, partition_dir
 
 from .dataset import (
@@ -86,10 +86,7 @@ class _Part:
 
     @property
     def settings(self) -> dict:
-        try:
-            return model_settings(self.row)
-        except ValueError:
-            return {}
+        return settings_or_empty(self.row)
 
     def identity(self) -> dict:
         ident = {c: self.row.get(c) for c in _IDENTITY_COLUMNS}

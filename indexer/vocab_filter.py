@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from schemas.format import model_settings
 from schemas.tokens import normalise
 
 from .errors import ZeropassError
@@ -83,8 +84,6 @@ def check_filter_name(root: Path, slug: str, spec: str | None) -> None:
 
     Filtered and unfiltered lists of one checkpoint must never mix silently under one name: the
     reader would take a readable list for the raw top-k, or the other way round."""
-    import json
-
     import pyarrow.parquet as pq
 
     from schemas.layout import read_manifest
@@ -92,7 +91,7 @@ def check_filter_name(root: Path, slug: str, spec: str | None) -> None:
     try:
         entry = ((read_manifest(root) or {}).get("models") or {}).get(slug)
         files = entry.get("files", {}).get("models", []) if isinstance(entry, dict) else []
-        settings = json.loads(pq.read_table(root / files[0], columns=["settings"]).column(0)[0].as_py()) if files else None
+        settings = model_settings(pq.read_table(root / files[0], columns=["settings"]).to_pylist()[0]) if files else None
     except (OSError, ValueError, IndexError, TypeError):
         return  # no readable earlier model of that name: nothing to mix with
     if settings is None:

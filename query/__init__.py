@@ -29,12 +29,12 @@ from .helpers import heads, match_tokens, models, neurons, norm, show, similar, 
 # through sys.modules (``from query.history import token_history``).
 from .history import history, token_history
 from .enrich import enrich
-from .features import features
+from .features import dictionaries, features
 from .units import Unit, parse_unit
 
 __all__ = [
     "Dataset", "open_dataset", "check_read_only", "heads", "neurons", "show", "tokens", "models", "similar", "history",
-    "token_history", "features", "enrich",
+    "token_history", "features", "dictionaries", "enrich",
     "match_tokens", "norm", "Unit", "parse_unit", "QueryError", "NotADataset", "SchemaMismatch", "UnknownModel",
     "BadUnit", "UnknownToken", "BadToken", "BadOption", "ForbiddenSQL", "BadSQL", "BadManifest", "DamagedFile",
     "QueryTimeout", "Interrupted", "RemoteUnreachable", "RemoteDenied", "DatasetChanged", "RemoteTimeout",

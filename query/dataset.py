@@ -185,6 +185,12 @@ class Dataset(Catalog, Connection):
         return token_history(self, series, token, exact=exact, token_id=token_id, kind=kind, side=side,
                              max_rank=max_rank, limit=limit)
 
+    def dictionaries(self, *, model=None) -> pa.Table:
+        """The indexed dictionaries (SAEs, transcoders) of each model (``query.features.dictionaries``)."""
+        from .features import dictionaries
+
+        return dictionaries(self, model=model)
+
     def features(self, token: str | None = None, *, model=None, dictionary=None, kind=None, side: str = "top",
                  max_rank: int | None = None, limit: int | None = 20, exact: bool = False,
                  token_id: int | None = None) -> pa.Table:

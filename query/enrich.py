@@ -23,8 +23,8 @@ Vectors are read by token (``vectors_by_token``, as ``neurons``), so their cost 
 rows, not the models' sizes; head role lists are read from ``head_tokens`` (small: heads x 8
 lists x K per model, as ``heads`` reads them). The hypergeometric tail is computed exactly in
 integers here (the query side does not depend on scipy); tests/test_enrich.py checks it against
-scipy and the p-value against brute force. Adding a table of units (dictionary features) is one
-entry of :data:`LISTS`.
+scipy and the p-value against brute force. Dictionary features (``decoder`` / ``encoder``) are
+read from ``features_by_token``; adding another table of units is one entry of :data:`LISTS`.
 """
 from __future__ import annotations
 
@@ -38,12 +38,13 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
-from schemas.kinds import ALL_KINDS, BIAS, FF, FF_KINDS, HEAD_DIM, HEAD_DIM_KINDS, KIND, KV_KINDS, POS
+from schemas.format import settings_or_empty
+from schemas.kinds import ALL_KINDS, FEATURE_KINDS, FF_KINDS, HEAD_DIM_KINDS, KIND, POS
 from schemas.tokens import normalise
-from schemas.units import head_unit, vector_unit
+from schemas.units import feature_unit, head_unit, vector_unit
 
 from .errors import BadOption, BadToken, UnknownToken
-from .helpers import Matches, Query, _bound, _in_ids, _sides, _text, same_tokens
+from .helpers import Matches, Query, _bound, _in_ids, _list_option, _sides, _text, same_tokens
 from .units import quoted
 
 # A set (a file, a list of arguments) holds at most this many distinct words: enough for any
@@ -63,7 +64,7 @@ class Lists:
     """One table of ranked token lists that enrichment can search.
 
     ``rows`` is SQL over alias ``t`` selecting (model, layer, list, head, expert, idx, side, rank,
-    token_id), ``list`` the list's name (a kind, ``ov:output``, ...); ``source`` the table read
+    token_id, dictionary), ``list`` the list's name (a kind, ``ov:output``, ...); ``source`` the table read
     (a ``by_token`` one where it exists); ``unit`` names a row's unit; ``count`` is how many lists
     of ``kind`` a model has per side (the m of Benjamini-Hochberg); ``where_kind`` filters ``t``
     to the bound ``$kinds``."""
@@ -78,37 +79,25 @@ class Lists:
 
 def _layers(info: dict) -> int:
     """Layers indexed (``--layers`` may have kept fewer than the model has)."""
-    try:
-        layers = json.loads(info.get("settings") or "{}").get("layers")
-    except (ValueError, AttributeError):
-        layers = None
+    layers = settings_or_empty(info).get("layers")
     return len(layers) if isinstance(layers, list) else int(info["n_layers"])
 
 
-def _layer_kinds(ds, info: dict) -> set[str]:
-    """The vector kinds a model has (ff_gate only when gated, biases only when present): one
-    layer file tells. Positions live in their own partition and are counted from ``n_ctx``."""
-    try:
-        layers = json.loads(info.get("settings") or "{}").get("layers")
-    except (ValueError, AttributeError):
-        layers = None
+def _vector_lists(ds, info: dict) -> dict[str, int]:
+    """How many lists of each vector kind a model has (per side): counted in the first indexed
+    layer's file (one rank-1 row per list), times the layers indexed; positions from ``n_ctx``.
+
+    Counting the stored lists rather than deriving them from the dimensions gets mixtures of
+    experts right (experts x d_ff per FF kind, plus shared experts and one router list per
+    expert), and kinds a model lacks (ff_gate, biases) count nothing."""
+    layers = settings_or_empty(info).get("layers")
     first = layers[0] if isinstance(layers, list) and layers else 0
-    kinds = {r["kind"] for r in ds.rows(f"SELECT DISTINCT kind FROM {ds.source('vectors', [info['model']], [first])}", {})}
-    return kinds | ({"pos"} if info.get("n_ctx") else set())
-
-
-def _vector_count(info: dict, kind: str) -> int:
-    group, n = KIND[kind].group, _layers(info)
-    if group == FF:
-        return n * int(info["d_ff"])
-    if group == HEAD_DIM:
-        heads = info["n_kv_heads"] if kind in KV_KINDS else info["n_heads"]
-        return n * int(heads) * int(info["d_head"])
-    if group == POS:
-        return int(info.get("n_ctx") or 0)
-    if group == BIAS:
-        return n
-    return 0  # routers: the lists seen are counted instead (see _tests)
+    per_layer = ds.rows(f"SELECT kind, count(*) AS n FROM {ds.source('vectors', [info['model']], [first])} "
+                        f"WHERE rank = 1 AND side = 'top' AND dictionary IS NULL GROUP BY kind", {})
+    out = {r["kind"]: int(r["n"]) * _layers(info) for r in per_layer if KIND[r["kind"]].group != POS}
+    if info.get("n_ctx"):
+        out["pos"] = int(info["n_ctx"])
+    return out
 
 
 def _background(info: dict) -> int:
@@ -116,31 +105,38 @@ def _background(info: dict) -> int:
 
     Under a filter M still counts every matched id (the allowed ones are not stored): a larger M
     only raises the tails, so p-values stay conservative."""
-    try:
-        allowed = json.loads(info.get("settings") or "{}").get("vocab_filter", {}).get("allowed")
-    except (ValueError, AttributeError):
-        allowed = None
+    vocab_filter = settings_or_empty(info).get("vocab_filter")
+    allowed = vocab_filter.get("allowed") if isinstance(vocab_filter, dict) else None
     return int(allowed) if isinstance(allowed, int) and allowed > 0 else int(info["d_vocab"])
 
 
 LISTS: dict[str, Lists] = {
-    "vectors": Lists(
-        source="vectors_by_token", kinds=tuple(ALL_KINDS),
-        rows="SELECT t.model, t.layer, t.kind AS list, t.head, t.expert, t.idx, t.side, t.rank, t.token_id",
+    "vectors": Lists(  # the model's own vectors (a dictionary's rows of `vectors` are read as features)
+        source="vectors_by_token", kinds=tuple(k for k in ALL_KINDS if k not in FEATURE_KINDS),
+        rows="""SELECT t.model, t.layer, t.kind AS list, t.head, t.expert, t.idx, t.side, t.rank, t.token_id,
+                       NULL::VARCHAR AS dictionary""",
         where_kind="list_contains($kinds, t.kind)",
         unit=lambda r: vector_unit(r["list"], r["layer"], r["head"], r["idx"], r["expert"]),
-        count=_vector_count),
+        count=lambda info, kind: info["vector_lists"].get(kind, 0)),
     "head_tokens": Lists(
         source="head_tokens", kinds=HEAD_LISTS,
         rows="""SELECT t.model, t.layer, t.circuit || ':' || t.role AS list, t.head, NULL::SMALLINT AS expert,
-                       NULL::INTEGER AS idx, t.side, t.rank, t.token_id""",
+                       NULL::INTEGER AS idx, t.side, t.rank, t.token_id, NULL::VARCHAR AS dictionary""",
         where_kind="list_contains($kinds, t.circuit || ':' || t.role)",
         unit=lambda r: head_unit(r["layer"], r["head"]),
         # role lists are written with the pairs: none when indexed with --pairs 0
         count=lambda info, kind: _layers(info) * int(info["n_heads"]) if info.get("n_pairs") else 0),
+    "features": Lists(  # dictionary features: one decoder and one encoder list each (docs/DICTIONARIES.md)
+        source="features_by_token", kinds=tuple(FEATURE_KINDS),
+        rows="""SELECT t.model, t.layer, t.kind AS list, NULL::SMALLINT AS head, NULL::SMALLINT AS expert,
+                       t.feature AS idx, t.side, t.rank, t.token_id, t.dictionary""",
+        where_kind="list_contains($kinds, t.kind)",
+        unit=lambda r: feature_unit(r["dictionary"], r["idx"]),
+        count=lambda info, kind: sum(d_sae for d_sae, _ in info["dictionaries"].values())),
 }
-# What `--kind` means when not given: FF neurons, head dimensions and heads' role lists.
-DEFAULT_KINDS = tuple(FF_KINDS) + tuple(HEAD_DIM_KINDS) + HEAD_LISTS
+# What `--kind` means when not given: FF neurons, head dimensions, heads' role lists, and the
+# decoder and encoder lists of the model's dictionaries (none: no lists, no tests).
+DEFAULT_KINDS = tuple(FF_KINDS) + tuple(HEAD_DIM_KINDS) + HEAD_LISTS + tuple(FEATURE_KINDS)
 
 
 def _table_of(kind: str) -> str:
@@ -151,14 +147,7 @@ def _kinds(kind) -> list[str]:
     allowed = tuple(k for lists in LISTS.values() for k in lists.kinds)
     if kind is None:
         return list(DEFAULT_KINDS)
-    items = [kind] if isinstance(kind, str) else list(kind)
-    out = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
-    if not out:
-        raise BadOption(f"no kind given in {kind!r}: use one or more of {', '.join(allowed)}")
-    for s in out:
-        if s not in allowed:
-            raise BadOption(f"unknown kind {quoted(s)}: use one of {', '.join(allowed)}")
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(_list_option(kind, allowed, "kind")))
 
 
 # -- the statistics --------------------------------------------------------------------------------
@@ -207,6 +196,8 @@ def mhg(ranks: list[int], N: int, M: int, K: int) -> tuple[float, int]:
     for j, r in enumerate(sorted(ranks), start=1):  # only a member's rank can lower the minimum
         if t[r][j] < best:
             best, cutoff = t[r][j], r
+    if cutoff == 0 and ranks:  # no prefix is unlikely (members only where they must be): the whole stretch
+        cutoff = max(ranks)
     return best, cutoff
 
 
@@ -399,10 +390,13 @@ def enrich_query(ds, table: str, matches: list[Matches], *, kinds: list[str], si
         parts.append(f"""{lists.rows} FROM {ds.source(lists.source, models)} t
             WHERE {_in_ids("t.token_id", ids)} AND {lists.where_kind} AND list_contains($sides, t.side)""")
     # one row per list holding a member: its members' ranks and ids, best first
-    return Query(f"""SELECT model, list, side, layer, head, expert, idx,
+    return Query(f"""SELECT model, list, side, layer, head, expert, idx, dictionary,
                             list(rank ORDER BY rank, token_id) AS ranks, list(token_id ORDER BY rank, token_id) AS ids
                      FROM ({" UNION ALL ".join(parts)}) GROUP BY ALL""", params)
 
+
+# What identifies one list (one test): its unit's coordinates, the list's name and side.
+_KEY = ("model", "list", "side", "layer", "head", "expert", "idx", "dictionary")
 
 _SCHEMA = pa.schema([
     ("model", pa.string()), ("unit", pa.string()), ("list", pa.string()), ("side", pa.string()),
@@ -439,18 +433,24 @@ def enrich(ds, tokens=None, *, model=None, kind=None, side: str = "top", limit: 
         ids.setdefault(r["model"], {})[r["token_id"]] = r["token"]
     infos = {r["model"]: r for r in ds.rows("SELECT * FROM models WHERE list_contains($m, model) ORDER BY model",
                                             {"m": [m for m in models if m in ids]})}
+    for info in infos.values():  # each model's dictionaries: name -> (features, tokens stored per list)
+        info["dictionaries"] = {}
+    if ds.manifest.get("dictionaries"):
+        for r in ds.rows("SELECT model, dictionary, d_sae, k FROM dictionaries WHERE list_contains($m, model)",
+                         {"m": list(infos)}):
+            infos[r["model"]]["dictionaries"][r["dictionary"]] = (int(r["d_sae"]), int(r["k"]))
     matched_norms = {m: {r["norm"] for r in hits if r["model"] == m} for m in ids}
     missing = {m: [w for w, n in zip(words, norms) if n not in matched_norms[m]] for m in ids}
     matches = [Matches(m, sorted(ids[m]), [ids[m][i] for i in sorted(ids[m])]) for m in infos]
 
-    # every list holding a member: (model, list, side, layer, head, expert, idx) -> (ranks, ids), best first
+    # every list holding a member: (model, list, side, layer, head, expert, idx, dictionary) -> (ranks, ids), best first
     found: dict[tuple, tuple[list[int], list[int]]] = {}
     for table in LISTS:
         wanted = [k for k in kinds if _table_of(k) == table]
-        if not wanted:
+        if not wanted or table == "features" and not any(info["dictionaries"] for info in infos.values()):
             continue
         t = ds._run(*enrich_query(ds, table, matches, kinds=wanted, sides=sides))
-        cols = [t.column(c).to_pylist() for c in ("model", "list", "side", "layer", "head", "expert", "idx", "ranks", "ids")]
+        cols = [t.column(c).to_pylist() for c in _KEY + ("ranks", "ids")]
         for *key, ranks, member_ids in zip(*cols):
             found[tuple(key)] = (ranks, member_ids)
 
@@ -460,18 +460,18 @@ def enrich(ds, tokens=None, *, model=None, kind=None, side: str = "top", limit: 
         m, info = key[0], infos[key[0]]
         N = _background(info)
         M = min(len(ids[m]), N)
-        K = min(int(info["k"]), N)
+        K = min(int(info["dictionaries"][key[7]][1] if key[7] is not None else info["k"]), N)
         ranks = sorted({r for r in member_ranks if r <= K})
         if not ranks:
             continue
         stat, cutoff = mhg(ranks, N, M, K)
-        order = (mhg_pvalue(stat, N, M, K), stat, -len(ranks), m, *(-1 if v is None else v for v in (key[3], key[4], key[5], key[6])),
-                 key[1], key[2])
+        order = (mhg_pvalue(stat, N, M, K), stat, -len(ranks), m, key[7] or "",
+                 *(-1 if v is None else v for v in (key[3], key[4], key[5], key[6])), key[1], key[2])
         scored.append((order, key, cutoff, ranks, N, M, K))
     # Every list of the kinds asked is a test: those without a member have p = 1.
-    present = {m: _layer_kinds(ds, info) for m, info in infos.items()}
-    tests = sum(LISTS[_table_of(k)].count(infos[m], k) * len(sides)
-                for m in infos for k in kinds if _table_of(k) != "vectors" or k in present[m])
+    for info in infos.values():
+        info["vector_lists"] = _vector_lists(ds, info) if any(_table_of(k) == "vectors" for k in kinds) else {}
+    tests = sum(LISTS[_table_of(k)].count(infos[m], k) * len(sides) for m in infos for k in kinds)
     q_values = benjamini_hochberg([s[0][0] for s in scored], tests)
     best = sorted(range(len(scored)), key=lambda i: scored[i][0])
     rows = []
@@ -479,7 +479,7 @@ def enrich(ds, tokens=None, *, model=None, kind=None, side: str = "top", limit: 
         (p, stat, *_), key, cutoff, ranks, N, M, K = scored[i]
         m, (member_ranks, member_ids) = key[0], found[key]
         in_cut = sum(1 for r in ranks if r <= cutoff)
-        unit = LISTS[_table_of(key[1])].unit(dict(zip(("model", "list", "side", "layer", "head", "expert", "idx"), key)))
+        unit = LISTS[_table_of(key[1])].unit(dict(zip(_KEY, key)))
         rows.append({"model": m, "unit": unit, "list": key[1], "side": key[2],
                      "layer": key[3], "p_value": p, "q_value": q_values[i], "statistic": stat, "cutoff": cutoff,
                      "hits": len(ranks), "fold": (in_cut / cutoff) / (M / N), "set_size": M, "list_size": K,

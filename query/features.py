@@ -1,5 +1,5 @@
-"""Dictionary features (SAEs, transcoders; docs/DICTIONARIES.md): the `features TOKEN` helper and
-the feature page of `show`.
+"""Dictionary features (SAEs, transcoders; docs/DICTIONARIES.md): the `features TOKEN` and
+`dictionaries` helpers and the feature page of `show`.
 
 A feature's rows are `vectors` rows (kinds decoder / encoder, `dictionary` set), so `show` and
 `similar` read them as they read a neuron's; this module only adds what a feature has and a
@@ -33,14 +33,15 @@ def resolve_feature(ds, model: str, u):
     return dataclasses.replace(u, layer=rows[0]["layer"])
 
 
-def show_feature(ds, model: str, u, limit: int | None) -> "OrderedDict[str, pa.Table]":
+def show_feature(ds, model: str, u, limit: int | None, readable: bool = False) -> "OrderedDict[str, pa.Table]":
     """`show MODEL res-L8.F17`: ``vectors`` (decoder / encoder lists side by side, as for a neuron),
-    ``stats`` (norms, b_enc, threshold) and ``neighbours`` (stored nearest write-side directions)."""
+    ``stats`` (norms, b_enc, threshold) and ``neighbours`` (stored nearest write-side directions).
+    ``readable``: the lists without entries whose text is not letters, as for a neuron."""
     u = resolve_feature(ds, model, u)
     params = {"d": u.dictionary, "f": u.index}
     where = "dictionary = $d AND feature = $f"
     out: OrderedDict[str, pa.Table] = OrderedDict()
-    out["vectors"] = ds._run(*show_vectors_query(ds, model, u, None, limit))
+    out["vectors"] = ds._run(*show_vectors_query(ds, model, u, None, limit, readable))
     out["stats"] = ds._run(f"""SELECT decoder_norm, encoder_norm, b_enc, threshold
                                FROM {ds.source('feature_stats', [model])} WHERE {where}""", params)
     out["neighbours"] = ds._run(f"""SELECT rank, neighbour, neighbour_kind, neighbour_layer, cosine
@@ -103,6 +104,25 @@ def features(ds, token: str | None = None, *, model=None, dictionary=None, kind=
         return _EMPTY.empty_table()
     return ds._run(*features_query(ds, matches, kinds=kinds, sides=sides, dictionaries=dictionaries,
                                    max_rank=max_rank, limit=limit))
+
+
+_DICTIONARY_COLUMNS = ("model", "dictionary", "layer", "site", "hook", "d_in", "d_sae", "architecture", "format", "source",
+                       "revision", "k", "n_neighbours")
+
+
+def dictionaries(ds, *, model=None) -> pa.Table:
+    """The indexed dictionaries (SAEs, transcoders), by model and name: layer, site, hook, width
+    (d_in -> d_sae features), architecture, format, source, revision, k, stored neighbours.
+
+    ``model=None``: every model's (an empty table when there are none).
+
+    >>> dictionaries(ds, model="gpt2")   # doctest: +SKIP
+    """
+    where, params = "", {}
+    if model is not None:
+        params["m"] = ds.resolve_models(model)
+        where = "WHERE list_contains($m, model)"
+    return ds._run(f"SELECT {', '.join(_DICTIONARY_COLUMNS)} FROM dictionaries {where} ORDER BY model, dictionary", params)
 
 
 def _dictionary_names(ds) -> list[str]:

@@ -578,7 +578,7 @@ def _show(ds, model: str, unit: str, limit, readable: bool) -> "OrderedDict[str,
     if u.kind == "feature":  # res-L8.F17: a dictionary's feature (query/features.py)
         from .features import show_feature
 
-        return show_feature(ds, slug, u, limit)
+        return show_feature(ds, slug, u, limit, readable)
     kv = _kv_head(ds, info, u.layer, u.head) if u.head is not None else None
     if u.kind != "head":
         return OrderedDict(vectors=ds._run(*show_vectors_query(ds, slug, u, kv, limit, readable)))

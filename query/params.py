@@ -204,6 +204,7 @@ HELPERS: dict[str, Helper] = {h.name: h for h in [
         _limit(20), _EXACT, _ID,
     ), "Dictionary features (SAEs, transcoders) whose decoder or encoder tokens contain TOKEN.",
         needs=(("token", "token_id"),)),
+    Helper("dictionaries", (_MODEL,), "The indexed dictionaries (SAEs, transcoders) of each model: layer, site, width, source."),
     Helper("enrich", (
         Param("tokens", argument=True, multiple=True, help="the token set, e.g. paris london berlin (a concept)"),
         _MODEL,
@@ -215,7 +216,7 @@ HELPERS: dict[str, Helper] = {h.name: h for h in [
 ]}
 
 # The module of each helper that is not in query.helpers.
-_MODULE = {"history": "query.history", "features": "query.features", "enrich": "query.enrich"}
+_MODULE = {"history": "query.history", "features": "query.features", "dictionaries": "query.features", "enrich": "query.enrich"}
 
 
 def function(helper: Helper) -> Callable:

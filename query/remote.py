@@ -40,7 +40,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
-from schemas.format import first_line, is_url, revision  # noqa: F401 (is_url: query.remote.is_url for callers)
+from schemas.format import TEMPORARY_SUFFIX, first_line, is_url, revision, write_bytes_atomic  # noqa: F401 (is_url: query.remote.is_url for callers)
 from schemas.layout import MANIFEST, file_info, unsafe_relpath
 
 from .errors import (DamagedFile, DatasetChanged, ForbiddenSQL, Interrupted, NotACache, NotADataset, OutOfMemory,
@@ -84,7 +84,7 @@ CACHE_TAG = "CACHEDIR.TAG"
 _TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
              "# This file is a cache directory tag created by zeropass (remote datasets' Parquet footers).\n")
 # what the cache writes, by path under its root: KEY/REVISION/tails/KEY.bin and verified/KEY.json (+ .tmp)
-_TMP = r"(?:\.\d+\.\d+\.tmp)?"
+_TMP = rf"(?:{TEMPORARY_SUFFIX})?"  # schemas.format.write_bytes_atomic's temporary files
 _CACHE_DIR = re.compile(r"\A(?:[0-9a-f]{16}(?:/(?:[0-9a-f]{16}|none)(?:/tails)?)?|verified)\Z")
 _CACHE_FILE = re.compile(rf"\A(?:[0-9a-f]{{16}}/(?:[0-9a-f]{{16}}|none)/tails/[0-9a-f]{{24}}\.bin|verified/[0-9a-f]{{16}}\.json){_TMP}\Z")
 
@@ -174,11 +174,7 @@ def _cache_dirs(root: Path, d: Path) -> bool:
     root.mkdir(parents=True, exist_ok=True)
     tag = root / CACHE_TAG
     if not os.path.lexists(tag):
-        tmp = root / f".{CACHE_TAG}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(_TAG_TEXT)
-        os.replace(tmp, tag)
+        write_bytes_atomic(tag, _TAG_TEXT.encode("ascii"), mode=0o644, durable=False)
     p = root
     for part in d.relative_to(root).parts:
         p = p / part
@@ -697,11 +693,7 @@ class DatasetFS:
         try:  # best effort: a read-only or full cache directory only costs speed
             if not _cache_dirs(self.remote.cache_root, path.parent):
                 return  # a link under the cache: it would send the write elsewhere
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(_TAIL_MAGIC + self._tail_seal(rel, data) + data)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, _TAIL_MAGIC + self._tail_seal(rel, data) + data, mode=0o600, durable=False)
         except OSError:
             pass
 

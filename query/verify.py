@@ -24,7 +24,7 @@ import re
 import threading
 from pathlib import Path
 
-from schemas.format import file_sha256
+from schemas.format import file_sha256, write_bytes_atomic
 from schemas.layout import file_info  # noqa: F401 (query.verify.file_info: what a reader checks)
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
@@ -126,11 +126,8 @@ class LocalVerifier:
             root = self.record.parent.parent
             if not _cache_dirs(root, self.record.parent):
                 return
-            tmp = self.record.with_name(f"{self.record.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self._known, f)
-            os.replace(tmp, self.record)
+            # never through a link planted in a hostile cache directory (tests/test_read_hostile.py)
+            write_bytes_atomic(self.record, json.dumps(self._known).encode("utf-8"), mode=0o600, durable=False)
         except OSError:
             pass
 

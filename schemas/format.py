@@ -215,6 +215,14 @@ def model_settings(row: dict | None) -> dict:
     return settings
 
 
+def settings_or_empty(row: dict | None) -> dict:
+    """``model_settings``, or ``{}`` when they cannot be read: for a reader that carries on without them."""
+    try:
+        return model_settings(row)
+    except (ValueError, TypeError):
+        return {}
+
+
 # -- files: digests, verified copies, atomic writes ----------------------------------------
 
 def file_sha256(path: Path | str) -> str:
@@ -250,7 +258,9 @@ def copy_verified(source: Path | str, out: BinaryIO, sha256: str | None, chunk: 
     return h.hexdigest()
 
 
-_TMP = re.compile(r"\.tmp\d+-[0-9a-f]{8}\Z")
+# What ``temporary_name`` appends (a pattern: the pid and 8 random hex digits).
+TEMPORARY_SUFFIX = r"\.tmp\d+-[0-9a-f]{8}"
+_TMP = re.compile(TEMPORARY_SUFFIX + r"\Z")
 
 
 def temporary_name(path: str) -> str:
@@ -263,19 +273,22 @@ def is_temporary(name: str) -> bool:
     return bool(_TMP.search(name))
 
 
-def write_atomic(path: Path | str, write: Callable[[Path], object], tmp: Path | str | None = None):
+def write_atomic(path: Path | str, write: Callable[[Path], object], tmp: Path | str | None = None, *,
+                 durable: bool = True):
     """``write(tmp)`` writes the file; it then appears at ``path`` complete or not at all.
 
     The temporary file (``temporary_name(path)`` unless ``tmp`` names one) is fsynced before the
-    rename; on any failure (a full disk, a signal) it is removed and the old file at ``path`` is
-    left as it was. Returns what ``write`` returned.
+    rename (``durable=False``: not, when ``write`` did or a lost file costs nothing); on any failure
+    (a full disk, a signal) it is removed and the old file at ``path`` is left as it was. Returns
+    what ``write`` returned.
     """
     path = Path(path)
     tmp = Path(tmp if tmp is not None else temporary_name(str(path)))
     try:
         out = write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         return out
     except BaseException:
@@ -283,8 +296,26 @@ def write_atomic(path: Path | str, write: Callable[[Path], object], tmp: Path | 
         raise
 
 
-def write_bytes_atomic(path: Path | str, data: bytes) -> None:
-    write_atomic(path, lambda tmp: tmp.write_bytes(data))
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def write_bytes_atomic(path: Path | str, data: bytes, *, mode: int = 0o666, durable: bool = True) -> None:
+    """``data`` at ``path``, complete or not at all (``write_atomic``).
+
+    The temporary file is created new (O_EXCL) and never through a link (O_NOFOLLOW), so a link
+    planted at its name (a cache directory others can write) fails the write instead of sending
+    it elsewhere. ``mode``: its permissions before the umask. ``durable=False`` skips the fsync,
+    for caches, where a lost write only costs reading the data again.
+    """
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+
+    write_atomic(path, write, durable=False)
 
 
 def write_json_atomic(path: Path | str, obj: dict) -> None:

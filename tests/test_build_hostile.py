@@ -513,3 +513,27 @@ def test_quiet_gguf_index_prints_nothing(tmp_path):
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     row = models_rows(tmp_path / "db")["smollm2-135m-instruct-q4_1"]
     assert (row["hf_architecture"], row["architecture"]) == ("LlamaForCausalLM", "llama")
+
+
+def test_index_options_are_checked_once_when_made_and_frozen(tmp_path):
+    import dataclasses
+
+    from indexer.build import IndexOptions
+
+    with pytest.raises(BadOption, match="--k 0"):
+        IndexOptions(k=0)
+    options = IndexOptions(k=3, layers="0-1", progress=None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.k = 0
+    with pytest.raises(BadOption, match="--pairs -1"):  # a keyword replaces the field, and is checked too
+        index_model(str(tmp_path / "nothing-here"), tmp_path / "db", options, n_pairs=-1)
+    with pytest.raises(TypeError, match="colour"):
+        index_model(str(tmp_path / "nothing-here"), tmp_path / "db", options, colour="red")
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("field,value", [("variant", "folded"), ("vocab_filter", "alpha"), ("series", "s"), ("step", 1)])
+def test_a_diff_refuses_options_it_does_not_apply_before_loading(tmp_path, field, value):
+    with pytest.raises(BadOption, match=f"a diff takes no {field}="):
+        index_diff(str(tmp_path / "a"), str(tmp_path / "b"), tmp_path / "db", progress=None, **{field: value})
+    assert not (tmp_path / "db").exists()

@@ -272,11 +272,11 @@ def test_repair_frees_space_before_it_writes(tmp_path, small_disk):
     """The leftovers of a merge that failed on a full disk: --repair used to write the catalog
     first and fail with ENOSPC, so it could never run."""
     from indexer.check import check_dataset, repair
-    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+    from tests.builders import PLANTED, SHARED_TOKENS, synthetic_model
     from tests.disks import fill
 
     db = small_disk / "db"
-    _model(db, "alpha", "vshared", SHARED_TOKENS, 1, PLANTED["alpha"])
+    synthetic_model(db, "alpha", "vshared", SHARED_TOKENS, 1, PLANTED["alpha"])
     leftover = db / "vectors" / "model=alpha" / "layer=0" / "merge-leftover.parquet"
     leftover.write_bytes(os.urandom(400_000))
     fill(small_disk)

@@ -205,7 +205,7 @@ def test_indexer_errors_are_one_line(tmp_path):
 def test_index_then_query_real_tiny_model(tiny_db):
     r = CliRunner().invoke(cli, ["heads", "paris", "--model", "tgpt2", "--circuit", "ov", "--db", str(tiny_db), "--format", "json"])
     assert r.exit_code == 0, r.stderr
-    from tests.conftest import COPY_HEAD, COPY_LAYER
+    from tests.builders import COPY_HEAD, COPY_LAYER
 
     assert json.loads(r.stdout)[0]["unit"] == f"L{COPY_LAYER}.H{COPY_HEAD}"
 

@@ -56,7 +56,7 @@ def test_a_file_url_is_the_directory_it_names(tmp_path, monkeypatch):
     assert not (tmp_path / "file:").exists()  # the path it names, not ./file:/...
 
 
-READS = {"models", "sql", "heads", "neurons", "show", "tokens", "similar", "history", "features", "enrich", "serve", "coverage"}
+READS = {"models", "sql", "heads", "neurons", "show", "tokens", "similar", "history", "features", "dictionaries", "enrich", "serve", "coverage"}
 WRITES = {"index", "index-sae", "diff", "align", "index-many", "merge", "compact", "check", "publish", "cache clear"}
 
 

@@ -126,9 +126,9 @@ def test_plain_duckdb_catalog_after_compaction(synthetic_db, tmp_path):
 
 def _beta_again(db: Path, seed: int) -> None:
     """Re-commit model beta with other rows (a re-index through the real writer path)."""
-    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+    from tests.builders import PLANTED, SHARED_TOKENS, synthetic_model
 
-    _model(db, "beta", "vshared", SHARED_TOKENS, seed, PLANTED["beta"])
+    synthetic_model(db, "beta", "vshared", SHARED_TOKENS, seed, PLANTED["beta"])
 
 
 def test_reindex_after_compaction_reads_the_new_model(synthetic_db, tmp_path):
@@ -225,9 +225,9 @@ def test_compact_one_model_and_cli(synthetic_db, tmp_path):
     r = invoke_cli("compact", "--db", tmp_path / "nothing")
     assert r.returncode == 1 and r.stderr.startswith("Error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     one = tmp_path / "one"
-    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+    from tests.builders import PLANTED, SHARED_TOKENS, synthetic_model
 
-    _model(one, "alpha", "vshared", SHARED_TOKENS, 1, PLANTED["alpha"])
+    synthetic_model(one, "alpha", "vshared", SHARED_TOKENS, 1, PLANTED["alpha"])
     assert _compact(one) == {}
     assert "compacted" not in str(sorted(p.as_posix() for p in one.rglob("*")))
 

@@ -382,6 +382,10 @@ def test_cli_index_sae_and_features_errors_are_one_line(fresh_db, tmp_path):
     assert r.exit_code == 1 and r.output.startswith("Error: unknown kind") and r.output.count("\n") == 1
     r = CliRunner().invoke(cli, ["show", "tl", "rp.F3", "--db", str(db), "--format", "json"])
     assert r.exit_code == 0 and set(json.loads(r.output)) == {"vectors", "stats", "neighbours"}
+    r = CliRunner().invoke(cli, ["dictionaries", "--model", "tl", "--db", str(db), "--format", "json"])
+    assert r.exit_code == 0 and "rp" in [row["dictionary"] for row in json.loads(r.output)]
+    r = CliRunner().invoke(cli, ["dictionaries", "--model", "nope", "--db", str(db)])
+    assert r.exit_code == 1 and r.output.startswith("Error: unknown model 'nope'") and r.output.count("\n") == 1
 
 
 # -- the dataset's life: check, compact, merge, publish, remote reading ---------------------------
@@ -571,3 +575,112 @@ def test_removing_a_model_removes_its_dictionaries(indexed, fresh_db):  # indexe
     m = read_manifest(db)
     assert not m["models"] and not m["dictionaries"]
     assert not [p for p in db.rglob("*.parquet") if "dictionary=" in p.as_posix()] and not check_dataset(db).problems
+
+
+def test_enrich_ranks_the_feature_whose_decoder_list_holds_the_set_first(indexed):
+    """Features are units of `enrich` (issue 23): a set made of one feature's top decoder tokens
+    ranks that feature first; K is its dictionary's k and every feature of the model's
+    dictionaries is one test of Benjamini-Hochberg, per side searched."""
+    from query import Dataset
+    from query.enrich import benjamini_hochberg, mhg, mhg_pvalue
+    from schemas.tokens import normalise
+
+    db, _, _, names, _, _ = indexed
+    res = names["res"]
+    with Dataset(db) as ds:
+        top = ds.rows(f"SELECT token_id, token FROM features WHERE dictionary = '{res}' AND feature = 7 "
+                      f"AND kind = 'decoder' AND side = 'top' ORDER BY rank LIMIT 6")
+        got = ds.enrich([r["token"] for r in top], kind="decoder", limit=None).to_pylist()
+        dicts = ds.rows("SELECT dictionary, d_sae, k FROM dictionaries WHERE model = 'tl'")
+        vocab = ds.rows("SELECT d_vocab FROM models WHERE model = 'tl'")[0]["d_vocab"]
+        ids = {r["token_id"] for r in ds.rows(
+            "SELECT token_id FROM tokens t JOIN models m ON t.vocab_id = m.vocab_id WHERE m.model = 'tl' "
+            "AND list_contains($n, t.norm)", {"n": sorted({normalise(r["token"]) for r in top})})}
+    assert got[0]["unit"] == f"{res}.F7" and got[0]["list"] == "decoder" and got[0]["side"] == "top"
+    assert all(r["unit"].split(".F")[0] in {d["dictionary"] for d in dicts} for r in got)  # features only
+    k = {d["dictionary"]: d["k"] for d in dicts}
+    assert all(r["list_size"] == min(k[r["unit"].split(".F")[0]], vocab) for r in got)
+    # the statistic, p-value and q-value recomputed from the rows' own ranks
+    first = got[0]
+    ranks = sorted(int(m.rsplit("#", 1)[1]) for m in first["members"])
+    assert first["set_size"] == len(ids)
+    stat, cutoff = mhg(ranks, first["background"], first["set_size"], first["list_size"])
+    assert (first["statistic"], first["cutoff"]) == (stat, cutoff)
+    assert first["p_value"] == mhg_pvalue(stat, first["background"], first["set_size"], first["list_size"])
+    tests = sum(d["d_sae"] for d in dicts)  # one decoder list per feature, side top
+    assert [r["q_value"] for r in got] == benjamini_hochberg([r["p_value"] for r in got], tests)
+
+
+def test_reindexing_from_another_checkpoint_removes_its_dictionaries(indexed, fresh_db, tmp_path):
+    """`index --replace` with the same weights keeps the dictionaries; another checkpoint removes them in
+    the same commit (they were projected through the old W_U / W_E), says so, and leaves a clean dataset."""
+    from indexer.build import index_model
+    from indexer.check import check_dataset
+    from tests.dataset_helpers import invoke_cli
+    from tests.tiny_models import save_tiny
+
+    db, _ = fresh_db
+    names = sorted(read_manifest(db)["dictionaries"])
+    src = indexed[0].parent / "llama"
+    entry = index_model(str(src), db, name="tl", k=K + 1, n_pairs=0, variant="folded", replace=True, progress=None)
+    assert entry["removed_dictionaries"] == [] and sorted(read_manifest(db)["dictionaries"]) == names
+    assert not check_dataset(db).problems
+    other = save_tiny("llama-gqa", tmp_path / "other", seed=1)
+    r = invoke_cli("index", other, "--name", "tl", "--variant", "folded", "--k", K, "--pairs", 0, "--db", db,
+                   "--replace", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (f"removed the dictionaries of tl ({', '.join(names)}): they were projected through its previous "
+                        f"weights; index them again with `zeropass index-sae`\n")
+    m = read_manifest(db)
+    assert not m["dictionaries"] and not [p for p in db.rglob("*.parquet") if "dictionary=" in p.as_posix()]
+    assert not check_dataset(db).problems
+    from query import Dataset
+
+    with Dataset(db) as ds:
+        assert ds.rows("SELECT count(*) AS n FROM features")[0]["n"] == 0
+        assert ds.rows("SELECT count(*) AS n FROM vectors WHERE model = 'tl'")[0]["n"] > 0
+
+
+def test_dataset_card_lists_the_dictionaries_and_their_files(indexed):
+    from indexer.card import render_card
+
+    db, _, _, names, _, _ = indexed
+    manifest = read_manifest(db)
+    card = render_card(db, manifest)
+    assert "## Dictionaries" in card
+    assert f"| {names['res']} | tl | 1 | resid_pre | {D_SAE} | jumprelu |" in card
+    assert f"| {names['z']} | tl | 1 | z | {D_SAE} | standard |" in card
+    header = card.split("\n---\n")[0]
+    for table in ("dictionaries", "feature_stats", "feature_neighbours", "vectors"):
+        assert f"- config_name: {table}" in header
+        for f in dictionary_files(manifest, table):
+            assert json.dumps(f) in header, (table, f)
+    assert f"| `feature_stats` | {4 * D_SAE:,} |" in card
+
+
+def test_enrich_searches_features_per_dictionary(indexed):
+    """`enrich --kind decoder`: a feature's whole decoder list as the set ranks that feature first, units are
+    named by their dictionary (feature i of two dictionaries is two lists), K is the dictionary's k."""
+    from query import Dataset
+    from query.enrich import set_matches
+
+    db, _, _, names, _, _ = indexed
+    with Dataset(db) as ds:
+        want = ds.rows(f"SELECT token_id, token FROM features WHERE dictionary = '{names['res']}' AND feature = 7 "
+                       f"AND kind = 'decoder' AND side = 'top' ORDER BY rank")
+        words = [r["token"] for r in want]
+        rows = ds.enrich(words, kind=["decoder", "encoder"], limit=None).to_pylist()
+        n_features = ds.rows("SELECT sum(d_sae)::BIGINT AS n FROM dictionaries")[0]["n"]
+        ids = [i for i in set_matches(ds, words).column("token_id").to_pylist() if i is not None]
+        members = ds.rows("SELECT DISTINCT dictionary, feature, kind FROM features WHERE side = 'top' "
+                          "AND list_contains($ids, token_id)", {"ids": ids})
+    assert rows[0]["unit"] == f"{names['res']}.F7" and rows[0]["list"] == "decoder"
+    assert rows[0]["list_size"] == K and rows[0]["hits"] >= len(words)
+    # one row per (dictionary, feature, kind) holding a member, named by schemas.units
+    assert sorted((r["unit"], r["list"]) for r in rows) == sorted((f"{m['dictionary']}.F{m['feature']}", m["kind"]) for m in members)
+    assert len({r["unit"].split(".F")[0] for r in rows}) > 1  # several dictionaries, never 'None.F...'
+    # Benjamini-Hochberg over every feature list searched: both kinds, one side
+    first = rows[0]
+    assert first["q_value"] == pytest.approx(min(1.0, min(r["p_value"] * 2 * n_features / (i + 1)
+                                                          for i, r in enumerate(sorted(rows, key=lambda r: r["p_value"]))
+                                                          if r["p_value"] >= first["p_value"])))

@@ -406,3 +406,10 @@ def test_neurons_readable_rank_skips_unreadable_entries_above(ds, synthetic_db):
                                  "-n", "0", "--db", str(synthetic_db), "--format", "json"])
     assert r.exit_code == 0 and f"--readable: {total} unreadable entries" in r.stderr
     assert [x["readable_rank"] for x in json.loads(r.stdout)] == [x["readable_rank"] for x in out]
+
+
+def test_a_list_whose_members_sit_only_where_they_must_has_a_cutoff():
+    # k = the whole vocabulary and the one member last: no prefix is unlikely (every tail is 1);
+    # the cutoff is the stretch holding the members, not 0 (fold divided by it: ZeroDivisionError)
+    assert mhg([5], 5, 1, 5) == (1.0, 5)
+    assert mhg([4, 5], 5, 2, 5) == (1.0, 5)

@@ -131,3 +131,25 @@ def test_bad_expert_units_are_one_line(moe_db, model, unit, match):
             ds.show(model, unit)
     r = invoke("show", model, unit, "--db", str(db))
     assert r.exit_code == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("Error:")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_enrich_counts_every_expert_list_as_a_test(moe_db, family):
+    """Benjamini-Hochberg's m for an MoE model counts every stored list: n_experts x d_ff expert
+    neurons plus the shared expert's per layer, and one router list per expert (plus the shared
+    gate). Before, m was n_layers x d_ff and routers counted nothing (q-values too small)."""
+    from query.enrich import _vector_lists
+
+    db, paths = moe_db
+    c = load_canonical(str(paths[family])).canonical
+    d = c.dims
+    ff = d.n_layers * (d.n_experts * d.d_ff + d.d_ff_shared)
+    routers = sum(d.n_experts + (c.layer(l).W_shared_gate is not None) for l in range(d.n_layers))
+    slug = family.replace("_", "-")
+    with Dataset(db) as ds:
+        info = ds.rows("SELECT * FROM models WHERE model = $m", {"m": slug})[0]
+        counted = _vector_lists(ds, info)
+        # k is the whole vocabulary here, so every list holds the set: one row per list and side
+        got = ds.enrich(["Paris"], model=slug, kind="ff_value,router", side="both", limit=None).to_pylist()
+    assert (counted["ff_value"], counted["router"]) == (ff, routers)
+    assert len(got) == 2 * (ff + routers)

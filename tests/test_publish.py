@@ -10,7 +10,7 @@ import pytest
 from indexer.publish import PublishError, publish_dataset
 from schemas.format import read_manifest
 from schemas.layout import manifest_files
-from tests.conftest import build_synthetic
+from tests.builders import build_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -427,7 +427,7 @@ assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]
 # -- real tiny models --------------------------------------------------------------------------
 
 def test_real_copying_head_is_found_first(tiny_db):
-    from tests.conftest import COPY_HEAD, COPY_LAYER
+    from tests.builders import COPY_HEAD, COPY_LAYER
 
     with Dataset(tiny_db) as d:
         rows = d.heads("paris", model="tgpt2", circuit="ov").to_pylist()

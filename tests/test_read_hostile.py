@@ -16,18 +16,10 @@ from click.testing import CliRunner
 from cli import cli
 
 
-@pytest.fixture
-def run_cli(synthetic_db):
-    def _run(*args):
-        return CliRunner().invoke(cli, list(args) + ["--db", str(synthetic_db)], env={"COLUMNS": "200"},
-                                  catch_exceptions=False)
-    return _run
-
-
 # -- output: every value renders, losslessly ---------------------------------------------------
 
-def test_csv_quotes_a_carriage_return(run_cli):
-    r = run_cli("sql", "SELECT 'a' || chr(13) || 'b' AS v, 1 AS n UNION ALL SELECT 'c', 2 ORDER BY n", "--format", "csv")
+def test_csv_quotes_a_carriage_return(synthetic_cli):
+    r = synthetic_cli("sql", "SELECT 'a' || chr(13) || 'b' AS v, 1 AS n UNION ALL SELECT 'c', 2 ORDER BY n", "--format", "csv")
     assert r.exit_code == 0
     assert r.stdout == 'v,n\n"a\rb",1\nc,2\n'
     df = pd.read_csv(io.StringIO(r.stdout))
@@ -38,12 +30,12 @@ def test_csv_quotes_a_carriage_return(run_cli):
 NONFINITE = "SELECT 'nan'::DOUBLE AS a, 'inf'::DOUBLE AS b, '-inf'::FLOAT AS c, 1.5::DOUBLE AS d, [ 'inf'::DOUBLE ] AS l"
 
 
-def test_non_finite_numbers_are_written_as_named_strings(run_cli):
-    r = run_cli("sql", NONFINITE, "--format", "json")
+def test_non_finite_numbers_are_written_as_named_strings(synthetic_cli):
+    r = synthetic_cli("sql", NONFINITE, "--format", "json")
     assert r.exit_code == 0
     (row,) = json.loads(r.stdout)
     assert row == {"a": "NaN", "b": "Infinity", "c": "-Infinity", "d": 1.5, "l": ["Infinity"]}
-    r = run_cli("sql", NONFINITE, "--format", "csv")
+    r = synthetic_cli("sql", NONFINITE, "--format", "csv")
     assert r.stdout.splitlines()[1] == 'NaN,Infinity,-Infinity,1.5,"[""Infinity""]"'
     df = pd.read_csv(io.StringIO(r.stdout))
     import math
@@ -57,8 +49,8 @@ ODD_TIMES = ("SELECT 'infinity'::TIMESTAMP AS a, DATE '-infinity' AS b, TIMESTAM
 
 
 @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
-def test_every_timestamp_duckdb_holds_renders(run_cli, fmt):
-    r = run_cli("sql", ODD_TIMES, "--format", fmt)
+def test_every_timestamp_duckdb_holds_renders(synthetic_cli, fmt):
+    r = synthetic_cli("sql", ODD_TIMES, "--format", fmt)
     assert r.exit_code == 0, r.stderr
     if fmt == "json":
         (row,) = json.loads(r.stdout)
@@ -280,7 +272,7 @@ def damaged_copy(synthetic_db, tmp_path):
 
 
 @pytest.mark.parametrize("frac", [0.1, 0.3, 0.5])
-def test_overwritten_bytes_in_a_data_page_are_damage_naming_file_model_and_repair(damaged_copy, frac, run_cli):
+def test_overwritten_bytes_in_a_data_page_are_damage_naming_file_model_and_repair(damaged_copy, frac, synthetic_cli):
     db = damaged_copy
     rel = _listed(db, "beta", "vectors")
     with Dataset(db) as ds:

@@ -15,8 +15,9 @@ import pytest
 from query import Dataset
 from schemas import SCHEMA_VERSION
 from query.errors import (DatasetChanged, ForbiddenSQL, NotADataset, RemoteDenied, RemoteUnreachable, SchemaMismatch)
-from tests.conftest import ROOT, build_synthetic
-from tests.dataset_helpers import build_three, cli_argv, invoke_cli
+from tests.builders import build_synthetic, build_three
+from tests.conftest import ROOT
+from tests.dataset_helpers import cli_argv, invoke_cli
 from tests.rangeserver import RangeServer
 
 QUERIES = [
@@ -316,13 +317,13 @@ def test_publish_to_directory_then_query_it_in_place(tmp_path, prebuilt, cache):
 
 def test_republish_copies_only_what_changed_and_deletes_the_superseded(tmp_path, prebuilt):
     from indexer.publish import publish_dataset
-    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+    from tests.builders import PLANTED, SHARED_TOKENS, synthetic_model
 
     db = prebuilt(build_synthetic, tmp_path / "db")
     dest = tmp_path / "pub"
     publish_dataset(db, str(dest))
     old = json.loads((dest / "manifest.json").read_text())
-    _model(db, "beta", "vshared", SHARED_TOKENS, 22, PLANTED["beta"])  # beta re-indexed: new files
+    synthetic_model(db, "beta", "vshared", SHARED_TOKENS, 22, PLANTED["beta"])  # beta re-indexed: new files
     plan = publish_dataset(db, str(dest))
     beta_old = {f for fs in old["models"]["beta"]["files"].values() for f in fs}
     beta_new = {f for fs in json.loads((db / "manifest.json").read_text())["models"]["beta"]["files"].values() for f in fs}
@@ -352,14 +353,14 @@ def test_publish_to_memory_filesystem(tmp_path, prebuilt, cache):
 def test_damaged_file_stops_publish_and_readers_keep_the_old_revision(tmp_path, prebuilt):
     """A file that fails its sha256 stops the publish before the manifest: DEST's readers see no change."""
     from indexer.publish import PublishError, publish_dataset
-    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+    from tests.builders import PLANTED, SHARED_TOKENS, synthetic_model
 
     db = prebuilt(build_synthetic, tmp_path / "db")
     dest = tmp_path / "pub"
     publish_dataset(db, str(dest))
     with Dataset(dest) as ds:
         before = _answers(ds)
-    _model(db, "beta", "vshared", SHARED_TOKENS, 22, PLANTED["beta"])
+    synthetic_model(db, "beta", "vshared", SHARED_TOKENS, 22, PLANTED["beta"])
     manifest = json.loads((db / "manifest.json").read_text())
     rel = manifest["models"]["beta"]["files"]["vectors"][-1]
     data = bytearray((db / rel).read_bytes())

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tests.conftest import SHARED_TOKENS, _model
+from tests.builders import SHARED_TOKENS, synthetic_model
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 XSS = "<script>alert(1)</script>"
@@ -80,7 +80,7 @@ def xss_db(tmp_path_factory) -> Path:
     plant = {("xss", "L0.H0", "ov", "top", "src"): {1: XSS}, ("xss", "L0.H0", "ov", "top", "dst"): {1: XSS_IMG},
              ("xss", "L0.H0", "source", "top"): {1: XSS}, ("xss", "L0.H0", "output", "top"): {1: XSS_IMG},
              ("xss", "L0.N0", "ff_value", "top"): {1: XSS, 2: XSS_IMG}}
-    _model(db, "xss", "vxss", vocab, 7, plant)
+    synthetic_model(db, "xss", "vxss", vocab, 7, plant)
     rows = [dict(model_a="xss", model_b="xss", space="embedding", kind="layer", level="layer", layer_a=a, layer_b=b,
                  idx_a=None, idx_b=None, unit_a=None, unit_b=None, score=1.0 if a == b else 0.2, matched=a == b, n_tokens=60)
             for a in range(2) for b in range(2)]
@@ -93,6 +93,52 @@ def xss_db(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def xss_server(xss_db):
     with running(xss_db) as url:
+        yield url
+
+
+def build_features(base: Path) -> Path:
+    """A tiny GPT-2 (``tf``) whose vocabulary holds the markup tokens (in place of ``w0`` and
+    ``night``), with one SAELens dictionary ``res`` at layer 1: feature 0 writes the direction
+    of the first markup token and reads the second's, feature 1 writes ``Paris``'s."""
+    import torch
+
+    from indexer.build import index_model
+    from indexer.dictionaries.index import index_dictionaries
+    from tests.tiny_models import VOCAB, save_tiny
+
+    src = save_tiny("gpt2", base / "gpt2")
+    tj = json.loads((src / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    vocab[XSS], vocab[XSS_IMG] = vocab.pop("w0"), vocab.pop("night")
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    db = base / "db"
+    index_model(str(src), db, name="tf", k=8, n_pairs=0, progress=None)  # no pairs: the head circuits are not what is tested here
+    from safetensors.torch import load_file, save_file
+
+    W_E = next(v for k, v in load_file(str(src / "model.safetensors")).items() if k.endswith("wte.weight"))
+    g = torch.Generator().manual_seed(7)
+    W_enc, W_dec = torch.randn(W_E.shape[1], 8, generator=g), torch.randn(8, W_E.shape[1], generator=g)
+    W_dec[0], W_enc[:, 0] = 10 * W_E[VOCAB.index("w0")], 10 * W_E[VOCAB.index("night")]
+    W_dec[1] = 10 * W_E[VOCAB.index("Paris")]
+    sae = base / "sae"
+    sae.mkdir()
+    save_file({"W_enc": W_enc.contiguous(), "W_dec": W_dec.contiguous(), "b_enc": torch.arange(8.0), "b_dec": torch.zeros(W_E.shape[1]),
+               "threshold": torch.full((8,), 0.5)}, str(sae / "sae_weights.safetensors"))
+    (sae / "cfg.json").write_text(json.dumps({"d_in": W_E.shape[1], "d_sae": 8, "architecture": "jumprelu",
+                                              "metadata": {"hook_name": "blocks.1.hook_resid_post"}}))
+    index_dictionaries(str(sae), db, model="tf", name="res", n_neighbours=3, progress=None)
+    return db
+
+
+@pytest.fixture(scope="session")
+def features_db(tmp_path_factory, prebuilt) -> Path:
+    pytest.importorskip("torch")
+    return prebuilt(build_features, tmp_path_factory.mktemp("features") / "f") / "db"
+
+
+@pytest.fixture(scope="session")
+def features_server(features_db):
+    with running(features_db) as url:
         yield url
 
 
@@ -258,12 +304,161 @@ def test_run_sql_time_limit_interrupts_and_the_connection_recovers(ds):
     pytest.param("/nowhere", 404, "no page at /nowhere", id="no-page"),
 ])
 def test_pages(server, path, status, says):
-    got, headers, html = get(server + path)
-    assert got == status and says in html
+    check_page(server + path, status, says)
+
+
+def check_page(url: str, status: int, says: str) -> str:
+    """The page at ``url``: its status, ``says`` in it, one error line when it fails, no traceback, the CSP."""
+    got, headers, html = get(url)
+    assert got == status and says in html, html[-2000:]
     assert "Traceback" not in html
-    if status >= 400:
-        assert html.count('class="error"') == 1
+    assert html.count('class="error"') == (1 if status >= 400 else 0)
     assert "script-src 'self'" in headers["Content-Security-Policy"]
+    return html
+
+
+# -- dictionaries: features in search, the dictionary page, the feature page --------------------------
+
+@pytest.mark.parametrize("path,status,says", [
+    pytest.param("/", 200, 'href="/model/tf/dictionary/res"', id="home-lists-dictionaries"),
+    pytest.param("/model/tf", 200, 'href="/model/tf/dictionary/res"', id="model-lists-dictionaries"),
+    pytest.param("/search?q=paris", 200, 'class="feature-link" href="/model/tf/unit/res.F1"', id="search-features"),
+    pytest.param("/search?q=paris&kind=features", 200, 'href="/model/tf/unit/res.F1"', id="search-features-only"),
+    pytest.param("/model/tf/dictionary/res", 200, "d_in 32 → 8 features", id="dictionary"),
+    pytest.param("/model/tf/dictionary/res?token=paris&kind=decoder", 200, 'href="/model/tf/unit/res.F1"', id="dictionary-token"),
+    pytest.param("/model/tf/unit/res.F0", 200, "Nearest directions", id="feature"),
+    pytest.param("/model/tf/unit/res.F0?readable=1", 200, "Readable only:", id="feature-readable"),
+    pytest.param(f"/search?q={urllib.parse.quote(XSS)}&kind=features", 200, 'href="/model/tf/unit/res.F0"', id="search-markup-feature"),
+    pytest.param("/model/tf/unit/res.F0", 200, "&lt;script&gt;alert(1)&lt;/script&gt;</text>", id="feature-markup-bar"),
+    pytest.param("/model/tf/dictionary/nope", 404, "tf has no dictionary &#39;nope&#39; (its dictionaries: res)", id="unknown-dictionary"),
+    pytest.param("/model/nope/dictionary/res", 404, "unknown model &#39;nope&#39;", id="dictionary-unknown-model"),
+    pytest.param("/model/tf/dictionary/res?start=8", 400, "start must be a feature of res (0..7), got 8", id="dictionary-bad-start"),
+    pytest.param("/model/tf/dictionary/res?start=x", 400, "start must be a whole number", id="dictionary-start-not-a-number"),
+    pytest.param("/model/tf/dictionary/res?token=zzqqxx", 404, "in no vocabulary", id="dictionary-unknown-token"),
+    pytest.param("/model/tf/dictionary/res?token=paris&side=left", 400, "unknown side", id="dictionary-bad-side"),
+    pytest.param("/model/tf/unit/res.F8", 400, "feature 8 is out of range for res (features 0..7)", id="feature-out-of-range"),
+    pytest.param("/model/tf/unit/nope.F1", 400, "tf has no dictionary &#39;nope&#39;", id="feature-unknown-dictionary"),
+    pytest.param("/model/tf/unit/res.F1/neighbours", 200, "in tf", id="feature-neighbours"),
+    pytest.param("/model/tf/unit/res.F8/neighbours", 400, "feature 8 is out of range for res", id="feature-neighbours-bad"),
+])
+def test_dictionary_pages(features_server, path, status, says):
+    check_page(features_server + path, status, says)
+
+
+def test_feature_page_is_show_with_links(features_db, features_server):
+    """The feature page draws the rows `show` returns: every decoder/encoder token as a bar, the stats,
+    and each stored neighbour linked to its own page (which answers)."""
+    from query import Dataset
+
+    with Dataset(features_db) as ds:
+        sections = ds.show("tf", "res.F1", limit=20)
+        rows = ds.features("paris", model="tf", dictionary="res", limit=None).to_pylist()
+    status, _, html = get(features_server + "/model/tf/unit/res.F1")
+    assert status == 200
+    vectors = sections["vectors"].to_pylist()
+    for kind in ("decoder", "encoder"):
+        part = html.split(f'id="{kind}"')[1].split("</section>")[0]
+        bars = [r for r in vectors if r["kind"] == kind]
+        assert part.count('<g class="bar">') == 2 * len(bars)  # top and bottom
+    assert any(r["kind"] == "decoder" and r["top"] == "Paris" for r in vectors)
+    stats = sections["stats"].to_pylist()[0]
+    assert f"<th>b_enc</th><td>{stats['b_enc']:g}</td>" in html and stats["b_enc"] == 1.0
+    near = sections["neighbours"].to_pylist()
+    assert len(near) == 3
+    for r in near:
+        link = f'href="/model/tf/unit/{r["neighbour"]}"'
+        assert html.count(link) == 2  # the bar and the table row
+        assert get(features_server + f"/model/tf/unit/{r['neighbour']}")[0] == 200
+    # the search page lists exactly the helper's features for the token
+    status, _, page = get(features_server + "/search?q=paris&kind=features&limit=0")
+    assert [r["unit"] for r in rows] == [u.split('">')[0] for u in page.split('class="feature-link" href="/model/tf/unit/')[1:]]
+    listing = get(features_server + "/model/tf/dictionary/res")[2]
+    assert listing.count('class="feature-link"') == 8
+    # each feature's row: its first three decoder and encoder tokens, as `features` holds them
+    import html as html_lib
+
+    with Dataset(features_db) as ds:
+        for f in (0, 1):
+            row = listing.split(f'href="/model/tf/unit/res.F{f}">')[1].split("</tr>")[0]
+            cells = row.split('<td class="tok">')[1:]
+            for cell, kind in zip(cells, ("decoder", "encoder")):
+                want = [r["token"] for r in ds.rows("SELECT token FROM features WHERE dictionary = 'res' AND feature = $f "
+                                                    "AND kind = $k AND side = 'top' AND rank <= 3 ORDER BY rank",
+                                                    {"f": f, "k": kind})]
+                assert cell.split("</td>")[0] == ", ".join(html_lib.escape(t, quote=True) for t in want), (f, kind)
+
+
+def test_api_features_and_dictionaries_are_the_cli_json(features_db, features_server):
+    status, rows = api(features_server, "/api/features", token="paris", dictionary="res")
+    assert status == 200 and rows and rows == cli_json(features_db, "features", "paris", "--dictionary", "res")
+    status, rows = api(features_server, "/api/dictionaries", model="tf")
+    assert status == 200 and rows == cli_json(features_db, "dictionaries", "--model", "tf")
+    assert [(r["dictionary"], r["layer"], r["site"], r["d_in"], r["d_sae"]) for r in rows] == [("res", 1, "resid_post", 32, 8)]
+    assert api(features_server, "/api/dictionaries", model="nope")[0] == 404
+
+
+# -- the readable toggle -------------------------------------------------------------------------
+
+def test_readable_toggle_says_how_many_were_hidden(server, ds):
+    """`?readable=1` on unit pages and the search: the helpers' own count of hidden entries is on the page."""
+    import re
+
+    for unit in ("L0.N1", "L1.H0"):
+        sections = ds.show("alpha", unit, limit=20, readable=True)
+        hidden = sum(int((t.schema.metadata or {}).get(b"hidden_rows", b"0")) for t in sections.values())
+        status, _, html = get(f"{server}/model/alpha/unit/{unit}?readable=1")
+        assert status == 200 and f"Readable only: {hidden} entr" in html, unit
+        assert f'<a href="/model/alpha/unit/{unit}">Show every entry</a>' in html
+        assert f'href="/model/alpha/unit/{unit}?readable=1">Readable only</a>' in get(f"{server}/model/alpha/unit/{unit}")[2]
+    assert hidden > 0  # the synthetic lists hold fragments
+    heads = ds.heads("paris", readable=True, limit=50)
+    neurons = ds.neurons("paris", readable=True, limit=50)
+    status, _, html = get(f"{server}/search?q=paris&readable=1")
+    said = re.search(r'id="hidden">Readable only: (\d+) pair rows?.* (\d+) entr', html)
+    assert status == 200 and said
+    assert [int(x) for x in said.groups()] == [int(t.schema.metadata[b"hidden_rows"]) for t in (heads, neurons)]
+    assert "<th>readable rank</th>" in html
+    assert get(f"{server}/search?q=paris&readable=maybe")[0] == 400
+
+
+# -- enrichment ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query,status,says", [
+    pytest.param({}, 200, 'id="enrich-form"', id="form"),
+    pytest.param({"words": "paris france london city big", "model": "gamma"}, 200, 'class="enrich-unit" href="/model/gamma/unit/L0.N0"',
+                 id="planted-first"),
+    pytest.param({"words": "", "set": ""}, 400, "the token set is empty", id="empty-set"),
+    pytest.param({"set": "nope"}, 400, "unknown token set &#39;nope&#39;: use one of", id="unknown-set"),
+    pytest.param({"set": "months"}, 404, "no token of the set (January", id="named-set-no-match"),
+    pytest.param([("set", "months"), ("set", "nope")], 400, "unknown token set &#39;nope&#39;", id="second-set-unknown"),
+    pytest.param({"words": "zzqqxx"}, 404, "no token of the set (zzqqxx)", id="no-match"),
+    pytest.param({"words": "paris", "kind": "nope"}, 400, "unknown kind &#39;nope&#39;", id="bad-kind"),
+    pytest.param({"words": "paris", "model": "nope"}, 404, "unknown model &#39;nope&#39;", id="bad-model"),
+    pytest.param({"words": "paris", "limit": "-1"}, 400, "limit", id="bad-limit"),
+    pytest.param({"words": " ".join(f"w{i}" for i in range(100_000))}, 400, "more than 10,000 distinct tokens", id="100k-words"),
+])
+def test_enrich_page(server, query, status, says):
+    check_page(f"{server}/enrich?{urllib.parse.urlencode(query)}", status, says)
+
+
+def test_enrich_page_is_the_helper_with_heatmaps(server, ds):
+    """The table is `enrich`'s rows; each heatmap cell links the best list of its layer x head or neuron band."""
+    words = ["paris", "france", "london", "city", "big"]
+    rows = ds.enrich(words, limit=None).to_pylist()
+    status, _, html = get(f"{server}/enrich?" + urllib.parse.urlencode({"words": " ".join(words), "limit": "0"}))
+    assert status == 200
+    table = html.split('id="enrich-results"')[1]
+    assert [u.split('">')[0] for u in table.split('class="enrich-unit" href="/model/')[1:]] == \
+        [f"{r['model']}/unit/{r['unit']}" for r in rows]
+    gamma = html.split("<h2>gamma ")[1].split("</section>")[0]
+    neurons = gamma.split('class="plot enrich-neurons"')[1]
+    best = min((r for r in rows if r["model"] == "gamma" and r["unit"].startswith("L0.N")), key=lambda r: r["p_value"])
+    assert best["unit"] == "L0.N0" and 'href="/model/gamma/unit/L0.N0"' in neurons
+    assert f"best L0.N0 {best['list']} p={best['p_value']:.3g}" in neurons
+    # the JSON twin of the page's set is the helper's rows
+    twin = html.split('JSON: <a href="')[1].split('"')[0].replace("&amp;", "&")
+    status, body = api(server, twin.split("?")[0], **urllib.parse.parse_qs(twin.split("?")[1]))
+    assert status == 200 and [r["unit"] for r in body] == [r["unit"] for r in rows]
 
 
 def test_read_only_and_loopback_only(server):
@@ -449,6 +644,30 @@ def test_browser_markup_tokens_are_text_everywhere(xss_server, page):
         assert page.locator("img").count() == 0, path
         assert page.get_by_text(XSS).count() + page.get_by_text(XSS_IMG).count() >= 1, path
     assert page.dialogs == []
+
+
+def test_browser_features_and_enrich_markup_is_text_and_cells_link(features_server, page):
+    """Markup tokens in a dictionary's lists and in a token set stay text on the search, feature,
+    dictionary and enrich pages; an enrich heatmap cell and a stored neighbour open their units."""
+    q = urllib.parse.quote(XSS)
+    pages = [f"/search?q={q}", "/model/tf/unit/res.F0", "/model/tf/dictionary/res", f"/model/tf/dictionary/res?token={q}",
+             "/enrich?" + urllib.parse.urlencode({"words": f"{XSS} {XSS_IMG} Paris"})]
+    for path in pages:
+        page.goto(features_server + path)
+        if "/unit/" in path:
+            page.wait_for_selector("#neighbours h3")  # filled in by the page's script
+        assert page.locator("script").count() == 1, path  # only /static/app.js
+        assert page.locator("img").count() == 0, path
+        assert page.get_by_text(XSS).count() + page.get_by_text(XSS_IMG).count() >= 1, path
+    assert page.dialogs == []
+    page.locator(".enrich-heads a.cell, .enrich-neurons a.cell").first.click()
+    page.wait_for_url("**/model/tf/unit/**")
+    page.goto(features_server + "/model/tf/unit/res.F0")
+    page.click("#readable-toggle a")
+    page.wait_for_url("**/model/tf/unit/res.F0?readable=1")
+    assert "hidden" in page.locator("#readable-toggle").inner_text()
+    page.locator("a.neighbour-link").first.click()
+    page.wait_for_url("**/model/tf/unit/L*.N*")
 
 
 @pytest.mark.parametrize("argv,says", [

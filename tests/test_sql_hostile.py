@@ -510,15 +510,15 @@ def test_library_stream(ds):
 
 # -- 5/6. every type, duplicate names, escape sequences ----------------------------------------
 
-def test_duplicate_column_names_keep_every_column(run_cli):
+def test_duplicate_column_names_keep_every_column(synthetic_cli):
     q = "SELECT 1 AS a, 2 AS a, 3 AS a_2, 4 AS A"
-    r = run_cli("sql", q, "--format", "csv")
+    r = synthetic_cli("sql", q, "--format", "csv")
     assert r.exit_code == 0 and r.stdout == "a,a,a_2,A\n1,2,3,4\n"
-    r = run_cli("sql", q, "--format", "json")
+    r = synthetic_cli("sql", q, "--format", "json")
     assert r.exit_code == 0
     row = json.loads(r.stdout)[0]
     assert sorted(row.values()) == [1, 2, 3, 4] and list(row)[0] == "a" and len(row) == 4
-    r = run_cli("sql", q)
+    r = synthetic_cli("sql", q)
     assert r.exit_code == 0 and r.stdout.split("\n")[2].split() == ["1", "2", "3", "4"]
 
 
@@ -537,8 +537,8 @@ def _types_query():
 
 
 @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
-def test_every_duckdb_type_prints(run_cli, fmt):
-    r = run_cli("sql", _types_query(), "--format", fmt)
+def test_every_duckdb_type_prints(synthetic_cli, fmt):
+    r = synthetic_cli("sql", _types_query(), "--format", fmt)
     assert r.exit_code == 0, r.stderr
     if fmt == "json":
         (row,) = json.loads(r.stdout)
@@ -552,8 +552,8 @@ def test_every_duckdb_type_prints(run_cli, fmt):
         assert "12345678901234567.891" in values and ",NaN,Infinity,-Infinity," in values
 
 
-def test_streams_of_many_batches_keep_types(run_cli):
-    r = run_cli("sql", "SELECT i, TIME '01:00:00' + INTERVAL (i) SECOND AS t FROM range(5000) t(i)", "--format", "json")
+def test_streams_of_many_batches_keep_types(synthetic_cli):
+    r = synthetic_cli("sql", "SELECT i, TIME '01:00:00' + INTERVAL (i) SECOND AS t FROM range(5000) t(i)", "--format", "json")
     rows = json.loads(r.stdout)
     assert len(rows) == 5000 and rows[4999]["t"] == "02:23:19"
 
@@ -561,30 +561,30 @@ def test_streams_of_many_batches_keep_types(run_cli):
 ESC_NAME = 'SELECT 1 AS "a\x1b[31mred\x07", \'x\x1b]0;title\x07\x9b2J\u202edcba\' AS "v\u202e"'
 
 
-def test_escape_sequences_never_reach_the_terminal_in_table_output(run_cli):
-    r = run_cli("sql", ESC_NAME)
+def test_escape_sequences_never_reach_the_terminal_in_table_output(synthetic_cli):
+    r = synthetic_cli("sql", ESC_NAME)
     assert r.exit_code == 0
     for bad in ("\x1b", "\x07", "\x9b", "\u202e"):
         assert bad not in r.stdout and bad not in r.stderr
     assert "\\u001b[31m" in r.stdout and "\\u202e" in r.stdout
 
 
-def test_error_lines_echo_no_escape_sequences(run_cli):
-    r = run_cli("sql", 'SELECT "\x1b[2J\u202e" FROM models')
+def test_error_lines_echo_no_escape_sequences(synthetic_cli):
+    r = synthetic_cli("sql", 'SELECT "\x1b[2J\u202e" FROM models')
     assert r.exit_code == 1 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
     assert "\x1b" not in r.stderr and "\u202e" not in r.stderr and "\\u001b[2J" in r.stderr
 
 
-def test_json_escapes_controls_and_keeps_the_data(run_cli):
-    r = run_cli("sql", ESC_NAME, "--format", "json")
+def test_json_escapes_controls_and_keeps_the_data(synthetic_cli):
+    r = synthetic_cli("sql", ESC_NAME, "--format", "json")
     for bad in ("\x1b", "\x07", "\x9b", "\u202e"):
         assert bad not in r.stdout
     (row,) = json.loads(r.stdout)
     assert row == {"a\x1b[31mred\x07": 1, "v\u202e": "x\x1b]0;title\x07\x9b2J\u202edcba"}
 
 
-def test_csv_is_exact_when_piped(run_cli):
-    r = run_cli("sql", ESC_NAME, "--format", "csv")
+def test_csv_is_exact_when_piped(synthetic_cli):
+    r = synthetic_cli("sql", ESC_NAME, "--format", "csv")
     assert r.stdout.splitlines()[1] == "1,x\x1b]0;title\x07\x9b2J\u202edcba"
 
 
@@ -595,14 +595,6 @@ def test_csv_to_a_terminal_escapes_controls():
     output.write(iter([pa.record_batch({"c\x1b": ["a\x1bb"]})]), pa.schema([("c\x1b", pa.string())]), "csv", buf,
                  terminal=True)
     assert "\x1b" not in buf.getvalue() and "\\u001b" in buf.getvalue()
-
-
-@pytest.fixture
-def run_cli(synthetic_db):
-    def _run(*args):
-        return CliRunner().invoke(cli, list(args) + ["--db", str(synthetic_db)], env={"COLUMNS": "200"},
-                                  catch_exceptions=False)
-    return _run
 
 
 # -- 9. parameters: exactly the ones the SQL uses --------------------------------------------
@@ -622,8 +614,8 @@ def test_unknown_or_missing_parameters_are_refused(ds, query, params, match):
     assert "\n" not in str(e.value)
 
 
-def test_cli_unused_param_is_one_line(run_cli):
-    r = run_cli("sql", "SELECT $a AS a", "-p", "a", "1", "-p", "b", "2")
+def test_cli_unused_param_is_one_line(synthetic_cli):
+    r = synthetic_cli("sql", "SELECT $a AS a", "-p", "a", "1", "-p", "b", "2")
     assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "b" in r.stderr and r.stderr.count("\n") == 1
 
 
@@ -669,9 +661,9 @@ def test_damaged_and_missing_files_stay_with_their_model(copy_db):
 # -- 8. readers during a re-index ------------------------------------------------------------
 
 def _reindex(root: Path, seed: int) -> None:
-    from tests.conftest import PLANTED, SHARED_TOKENS, _model
+    from tests.builders import PLANTED, SHARED_TOKENS, synthetic_model
 
-    _model(root, "alpha", "vshared", SHARED_TOKENS, seed, PLANTED["alpha"])
+    synthetic_model(root, "alpha", "vshared", SHARED_TOKENS, seed, PLANTED["alpha"])
 
 
 def test_an_open_dataset_follows_a_reindex(copy_db):

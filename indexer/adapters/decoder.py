@@ -305,28 +305,64 @@ def split_fused_qkv(w, order: str, n_heads: int, n_kv: int, d_head: int):
 
 
 def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
-    import torch
+    """The checkpoint in ``source`` as a Canonical model, read through ``LAYOUTS[family]``."""
+    layout, config = _configured(LAYOUTS[family], config)
+    r = Reader(source, Names(source.keys(), [layout.embed + ".weight"], family), dtype)
+    sizes = _sizes(config, layout, family)
+    blocks = _Blocks(r, layout, sizes, act=layout.act or cfg(config, "hidden_activation", "hidden_act",
+                                                             "activation_function", "activation", default="silu"))
+    emb, tied = _embeddings(blocks, config)
+    dims = Dims(
+        architecture=family, n_layers=cfg(config, "num_hidden_layers", "n_layer"), n_heads=sizes.n_heads,
+        n_kv_heads=sizes.n_kv, d_model=sizes.d_model, d_head=sizes.d_head, d_ff=sizes.d_ff, d_vocab=emb.W_E.shape[0],
+        n_ctx=None if emb.W_pos is None else emb.W_pos.shape[0], tied=tied,
+        gated=bool(layout.mlp[0] or layout.fused_gate_up), norm_position=layout.norm_position,
+        parallel_attn_mlp=layout.parallel, qk_norm=layout.qk_norm, centred_norms=layout.centred_norms,
+        n_experts=sizes.n_experts, d_ff_shared=sizes.d_ff_shared,
+    )
+    conventions = _conventions(config, layout, family, sizes, has_positions=emb.W_pos is not None)
+    return finish(r, dims, emb, blocks.layer, rules(layout), conventions)
 
-    from ..errors import BadCheckpoint
 
-    layout = LAYOUTS[family]
+def _configured(layout: Layout, config) -> tuple[Layout, object]:
+    """The layout with the fields this config decides, and the config of the text model."""
     if layout.text_config:
         config = config.get_text_config()
     if layout.configure is not None:
         layout = dataclasses.replace(layout, **layout.configure(config))
-    r = Reader(source, Names(source.keys(), [layout.embed + ".weight"], family), dtype)
+    return layout, config
 
+
+@dataclass(frozen=True)
+class _Sizes:
+    d_model: int
+    n_heads: int
+    n_kv: int  # key/value heads (GQA, MQA: fewer than n_heads)
+    d_head: int
+    d_ff: int  # of the dense MLP, or of one routed expert
+    n_experts: int = 0
+    d_ff_shared: int = 0  # Qwen2-MoE's shared expert
+
+
+def _sizes(config, layout: Layout, family: str) -> _Sizes:
     d_model = cfg(config, "hidden_size", "n_embd")
     n_heads = cfg(config, "num_attention_heads", "n_head")
-    n_kv = layout.n_kv_heads or cfg(config, "num_key_value_heads", default=n_heads)
-    d_head = head_dim(config, d_model, n_heads)
     d_ff = cfg(config, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size") or (
         4 * d_model if isinstance(d_model, int) else d_model)
-    moe = layout.moe
     n_experts = d_ff_shared = 0
-    if moe is not None:
-        n_experts, d_ff, d_ff_shared = _moe_sizes(config, family, moe, d_ff)
+    if layout.moe is not None:
+        n_experts, d_ff, d_ff_shared = _moe_sizes(config, family, layout.moe, d_ff)
+    return _Sizes(d_model=d_model, n_heads=n_heads,
+                  n_kv=layout.n_kv_heads or cfg(config, "num_key_value_heads", default=n_heads),
+                  d_head=head_dim(config, d_model, n_heads), d_ff=d_ff, n_experts=n_experts, d_ff_shared=d_ff_shared)
 
+
+def _embeddings(blocks: "_Blocks", config) -> tuple[Embeddings, bool]:
+    """(Embeddings, tied): W_E and W_U (through OPT-350m's project_in / project_out), the learned
+    positions, the final norm and BLOOM's norm on the embeddings."""
+    from ..errors import BadCheckpoint
+
+    r, layout = blocks.r, blocks.layout
     W_E = r.need(layout.embed + ".weight")
     W_U, tied = unembedding(r, W_E, layout.lm_head + ".weight", config, layout.tied_default)
     P_in = r.opt(layout.project_in + ".weight") if layout.project_in else None
@@ -349,73 +385,112 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
         # are read by no position. Units name the position they encode (P0 = row 2), so the
         # unused rows are dropped and the offset recorded in models.settings (conventions).
         W_pos = W_pos[layout.pos_offset:].contiguous()
-    gain = lambda t: None if t is None else t + layout.gain_offset  # noqa: E731
+    final_w, final_b = blocks.norm(layout.final)
+    embed_w, embed_b = blocks.norm(layout.ln_embed)
+    return Embeddings(W_E=W_E, W_U=W_U, W_pos=W_pos, b_U=r.head(layout.lm_head + ".bias"),
+                      ln_final_w=final_w, ln_final_b=final_b, ln_embed_w=embed_w, ln_embed_b=embed_b), tied
 
-    def norm(name):
-        if name is None:
-            return None, None
-        return gain(r.need(name + ".weight")), r.opt(name + ".bias")
 
-    def qk_norm(name, n):
-        """(gain, bias or None) of a q/k norm, each [n, d_head]: one row per head."""
-        if layout.qk_gain == "modules":  # one norm module per head, in head order
-            w = torch.stack([gain(r.need(f"{name}.norms.{h}.weight")) for h in range(n)])
-            b = None if r.opt(f"{name}.norms.0.bias") is None else torch.stack(
-                [r.need(f"{name}.norms.{h}.bias") for h in range(n)])
-            return w, b
-        w, b = norm(name)
-        if layout.qk_gain == "shared":  # one [d_head] gain (and bias) for every head
-            return w.expand(n, d_head).contiguous(), None if b is None else b.expand(n, d_head).contiguous()
-        rows = lambda t: None if t is None else t.reshape(n, d_head)  # noqa: E731
-        return rows(w), rows(b)  # one per column of q_proj / k_proj
-
-    final_w, final_b = norm(layout.final)
-    embed_w, embed_b = norm(layout.ln_embed)
-    dims = Dims(
-        architecture=family, n_layers=cfg(config, "num_hidden_layers", "n_layer"), n_heads=n_heads,
-        n_kv_heads=n_kv, d_model=d_model, d_head=d_head, d_ff=d_ff, d_vocab=W_E.shape[0],
-        n_ctx=None if W_pos is None else W_pos.shape[0], tied=tied,
-        gated=bool(layout.mlp[0] or layout.fused_gate_up), norm_position=layout.norm_position,
-        parallel_attn_mlp=layout.parallel, qk_norm=layout.qk_norm, centred_norms=layout.centred_norms,
-        n_experts=n_experts, d_ff_shared=d_ff_shared,
-    )
-    emb = Embeddings(W_E=W_E, W_U=W_U, W_pos=W_pos, b_U=r.head(layout.lm_head + ".bias"),
-                     ln_final_w=final_w, ln_final_b=final_b, ln_embed_w=embed_w, ln_embed_b=embed_b)
-    act = layout.act or cfg(config, "hidden_activation", "hidden_act", "activation_function",
-                            "activation", default="silu")
+def _conventions(config, layout: Layout, family: str, sizes: _Sizes, has_positions: bool) -> dict:
+    """What the computation does beyond the parameters (recorded in models.settings, not projected)."""
     conventions = {k: getattr(config, k) for k in layout.recorded if getattr(config, k, None) is not None}
     if layout.embedding_multiplier:
-        conventions["embedding_multiplier"] = math.sqrt(d_model)
-    if W_pos is not None and layout.pos_offset:
+        conventions["embedding_multiplier"] = math.sqrt(sizes.d_model)
+    if has_positions and layout.pos_offset:
         conventions["position_offset"] = layout.pos_offset
-    if moe is not None:  # how the run-time routing combines experts: recorded, nothing to project
-        conventions.update(n_experts=n_experts, d_ff_shared=d_ff_shared,
+    if layout.moe is not None:  # how the run-time routing combines experts: recorded, nothing to project
+        conventions.update(n_experts=sizes.n_experts, d_ff_shared=sizes.d_ff_shared,
                            experts_per_token=cfg(config, "num_experts_per_tok"),
                            norm_topk_prob=bool(cfg(config, "norm_topk_prob", default=family == "mixtral")))
+    return conventions
 
-    def layer(l: int) -> LayerWeights:
-        p = f"{layout.layers}.{l}."
-        a, m = p + layout.attn, p + layout.mlp_prefix
-        heads = lambda b, n: None if b is None else b.reshape(n, d_head)  # noqa: E731
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Reads one transformer block at a time through a layout: attention, MLP (dense or mixture
+    of experts) and the norms around them (``layer`` is what ``finish`` runs on every layer)."""
+
+    r: Reader
+    layout: Layout
+    sizes: _Sizes
+    act: str
+
+    def layer(self, l: int) -> LayerWeights:
+        p = f"{self.layout.layers}.{l}."
+        attn = p + self.layout.attn
+        return LayerWeights(**self.attention(attn), **self.qk_norms(attn), **self.mlp(p + self.layout.mlp_prefix),
+                            **self.block_norms(p), act=self.act)
+
+    # -- attention ----------------------------------------------------------------------------
+
+    def attention(self, a: str) -> dict:
+        """W_Q / W_K / W_V per head (split from a fused projection where there is one), their
+        biases, W_O and b_O."""
+        layout, r, s = self.layout, self.r, self.sizes
         if layout.fused_qkv:
-            split = lambda t: split_fused_qkv(t, layout.fused_order, n_heads, n_kv, d_head)  # noqa: E731
+            split = lambda t: split_fused_qkv(t, layout.fused_order, s.n_heads, s.n_kv, s.d_head)  # noqa: E731
             w_q, w_k, w_v = split(r.need(a + layout.fused_qkv + ".weight"))
             b = r.opt(a + layout.fused_qkv + ".bias")
             b_q, b_k, b_v = (None, None, None) if b is None else split(b)
         else:
             w_q, w_k, w_v = (r.need(a + x + ".weight") for x in (layout.q, layout.k, layout.v))
             b_q, b_k, b_v = (r.opt(a + x + ".bias") for x in (layout.q, layout.k, layout.v))
+        heads = lambda b, n: None if b is None else b.reshape(n, s.d_head)  # noqa: E731
+        return dict(W_Q=linear_in(w_q, s.n_heads, s.d_head), W_K=linear_in(w_k, s.n_kv, s.d_head),
+                    W_V=linear_in(w_v, s.n_kv, s.d_head),
+                    b_Q=heads(b_q, s.n_heads), b_K=heads(b_k, s.n_kv), b_V=heads(b_v, s.n_kv),
+                    W_O=linear_out(r.need(a + layout.o + ".weight"), s.n_heads, s.d_head),
+                    b_O=r.opt(a + layout.o + ".bias"))
+
+    def qk_norms(self, a: str) -> dict:
+        """The gains (and biases) of the norms on the query and key states, one row per head."""
+        layout = self.layout
+        if not layout.qk_norm:
+            return {}
+        q_norm_w, q_norm_b = self._qk_norm(a + layout.qk_names[0], self.sizes.n_heads)
+        k_norm_w, k_norm_b = self._qk_norm(a + layout.qk_names[1], self.sizes.n_kv)
+        return dict(q_norm_w=q_norm_w, q_norm_b=q_norm_b, k_norm_w=k_norm_w, k_norm_b=k_norm_b)
+
+    def _qk_norm(self, name: str, n: int):
+        """(gain, bias or None) of a q/k norm, each [n, d_head]: one row per head."""
+        import torch
+
+        r, d_head = self.r, self.sizes.d_head
+        if self.layout.qk_gain == "modules":  # one norm module per head, in head order
+            w = torch.stack([self._gain(r.need(f"{name}.norms.{h}.weight")) for h in range(n)])
+            b = None if r.opt(f"{name}.norms.0.bias") is None else torch.stack(
+                [r.need(f"{name}.norms.{h}.bias") for h in range(n)])
+            return w, b
+        w, b = self.norm(name)
+        if self.layout.qk_gain == "shared":  # one [d_head] gain (and bias) for every head
+            return w.expand(n, d_head).contiguous(), None if b is None else b.expand(n, d_head).contiguous()
+        rows = lambda t: None if t is None else t.reshape(n, d_head)  # noqa: E731
+        return rows(w), rows(b)  # one per column of q_proj / k_proj
+
+    # -- MLP ----------------------------------------------------------------------------------
+
+    def mlp(self, m: str) -> dict:
+        """The MLP's weights: a dense one, or routed experts with their router (and a shared
+        expert, read as the dense MLP, where the family has one)."""
+        moe = self.layout.moe
+        if moe is None:
+            return self.dense_mlp(m)
+        experts, W_router, W_shared_gate = _moe_layer(self.r, m, moe, self.sizes.n_experts, self.sizes.d_model)
+        routed = dict(experts=experts, W_router=W_router, W_shared_gate=W_shared_gate)
+        if moe.shared:
+            return dict(self.dense_mlp(m + moe.shared + "."), **routed)
+        d_model, empty = self.sizes.d_model, self.r.dtype_empty
+        # no dense FF in this layer: empty, not absent
+        return dict(W_gate=empty(0, d_model).T.contiguous(), b_gate=None, W_in=empty(0, d_model).T.contiguous(),
+                    b_in=None, W_out=empty(d_model, 0).T.contiguous(), b_out=None, **routed)
+
+    def dense_mlp(self, m: str) -> dict:
+        """W_gate (gated MLPs; split from a fused [gate | up] where there is one), W_in, W_out and
+        their biases, in row-vector form."""
+        layout, r = self.layout, self.r
         gate, up, down = layout.mlp
         w_gate = b_gate = None
-        experts = W_router = W_shared_gate = None
-        if moe is not None:
-            experts, W_router, W_shared_gate = _moe_layer(r, m, moe, n_experts, d_model)
-            if moe.shared:
-                m = m + moe.shared + "."
-        if moe is not None and not moe.shared:  # no dense FF in this layer: empty, not absent
-            w_gate, b_gate = r.dtype_empty(0, d_model), None
-            w_in, b_in = r.dtype_empty(0, d_model), None
-        elif layout.fused_gate_up:
+        if layout.fused_gate_up:
             w_gate, w_in = r.need(m + layout.fused_gate_up + ".weight").chunk(2, dim=0)
             b = r.opt(m + layout.fused_gate_up + ".bias")
             b_gate, b_in = (None, None) if b is None else b.chunk(2)
@@ -423,34 +498,33 @@ def adapt(source: TensorSource, config, dtype, family: str) -> Canonical:
             if gate:
                 w_gate, b_gate = r.need(m + gate + ".weight"), r.opt(m + gate + ".bias")
             w_in, b_in = r.need(m + up + ".weight"), r.opt(m + up + ".bias")
-        ln_attn_w, ln_attn_b = norm(p + layout.ln_attn if layout.ln_attn else None)
-        mlp_norm = layout.ln_mlp or (layout.ln_attn if layout.parallel else None)
-        ln_mlp_w, ln_mlp_b = norm(p + mlp_norm if mlp_norm else None)
-        ln_attn_out_w, ln_attn_out_b = norm(p + layout.ln_attn_out if layout.ln_attn_out else None)
-        ln_mlp_out_w, ln_mlp_out_b = norm(p + layout.ln_mlp_out if layout.ln_mlp_out else None)
-        q_norm = k_norm = q_norm_b = k_norm_b = None
-        if layout.qk_norm:
-            q_norm, q_norm_b = qk_norm(a + layout.qk_names[0], n_heads)
-            k_norm, k_norm_b = qk_norm(a + layout.qk_names[1], n_kv)
-        return LayerWeights(
-            W_Q=linear_in(w_q, n_heads, d_head), W_K=linear_in(w_k, n_kv, d_head),
-            W_V=linear_in(w_v, n_kv, d_head),
-            b_Q=heads(b_q, n_heads), b_K=heads(b_k, n_kv), b_V=heads(b_v, n_kv),
-            W_O=linear_out(r.need(a + layout.o + ".weight"), n_heads, d_head),
-            b_O=r.opt(a + layout.o + ".bias"),
-            W_gate=None if w_gate is None else w_gate.T.contiguous(), b_gate=b_gate,
-            W_in=w_in.T.contiguous(), b_in=b_in,
-            W_out=(r.dtype_empty(d_model, 0) if moe is not None and not moe.shared
-                   else r.need(m + down + ".weight")).T.contiguous(),
-            b_out=None if moe is not None and not moe.shared else r.opt(m + down + ".bias"),
-            ln_attn_w=ln_attn_w, ln_attn_b=ln_attn_b, ln_mlp_w=ln_mlp_w, ln_mlp_b=ln_mlp_b,
-            ln_attn_out_w=ln_attn_out_w, ln_attn_out_b=ln_attn_out_b,
-            ln_mlp_out_w=ln_mlp_out_w, ln_mlp_out_b=ln_mlp_out_b,
-            q_norm_w=q_norm, k_norm_w=k_norm, q_norm_b=q_norm_b, k_norm_b=k_norm_b, act=act,
-            W_router=W_router, experts=experts, W_shared_gate=W_shared_gate,
-        )
+        return dict(W_gate=None if w_gate is None else w_gate.T.contiguous(), b_gate=b_gate,
+                    W_in=w_in.T.contiguous(), b_in=b_in,
+                    W_out=r.need(m + down + ".weight").T.contiguous(), b_out=r.opt(m + down + ".bias"))
 
-    return finish(r, dims, emb, layer, rules(layout), conventions)
+    # -- norms --------------------------------------------------------------------------------
+
+    def block_norms(self, p: str) -> dict:
+        """The norms before attention and MLP (a parallel block's MLP reads ln_attn's when it
+        has none of its own) and after them (Gemma 2/3, OLMo-2)."""
+        layout = self.layout
+        at = lambda name: p + name if name else None  # noqa: E731
+        ln_attn_w, ln_attn_b = self.norm(at(layout.ln_attn))
+        ln_mlp_w, ln_mlp_b = self.norm(at(layout.ln_mlp or (layout.ln_attn if layout.parallel else None)))
+        ln_attn_out_w, ln_attn_out_b = self.norm(at(layout.ln_attn_out))
+        ln_mlp_out_w, ln_mlp_out_b = self.norm(at(layout.ln_mlp_out))
+        return dict(ln_attn_w=ln_attn_w, ln_attn_b=ln_attn_b, ln_mlp_w=ln_mlp_w, ln_mlp_b=ln_mlp_b,
+                    ln_attn_out_w=ln_attn_out_w, ln_attn_out_b=ln_attn_out_b,
+                    ln_mlp_out_w=ln_mlp_out_w, ln_mlp_out_b=ln_mlp_out_b)
+
+    def norm(self, name: Optional[str]):
+        """(gain as the multiplier, bias or None) of the norm ``name``; (None, None) for none."""
+        if name is None:
+            return None, None
+        return self._gain(self.r.need(name + ".weight")), self.r.opt(name + ".bias")
+
+    def _gain(self, t):
+        return None if t is None else t + self.layout.gain_offset  # Gemma stores w - 1
 
 
 def _moe_sizes(config, family: str, moe: Moe, d_ff_dense) -> tuple:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from schemas.format import first_line
+
 from ..errors import BadCheckpoint, ZeropassError
 
 
@@ -129,7 +131,7 @@ def read_json(path: Path) -> dict:
     try:
         cfg = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise BadDictionary(f"{path} is not readable JSON ({str(e).splitlines()[0]}): the download is damaged") from None
+        raise BadDictionary(f"{path} is not readable JSON ({first_line(e)}): the download is damaged") from None
     if not isinstance(cfg, dict):
         raise BadDictionary(f"{path} is not a JSON object")
     return cfg
@@ -147,7 +149,7 @@ class SafetensorsTensors:
             self.names = set(self._f.keys())
             self.shapes = {n: tuple(self._f.get_slice(n).get_shape()) for n in self.names}
         except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
-            raise BadDictionary(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+            raise BadDictionary(f"{path} is not a readable safetensors file ({first_line(e)}): "
                                 f"the file is truncated or damaged") from None
 
     def rows(self, name: str, a: int, b: int):
@@ -163,5 +165,5 @@ class SafetensorsTensors:
         try:
             return take(self._f.get_slice(name)).float()
         except Exception as e:
-            raise BadDictionary(f"{self.path}: tensor {name} cannot be read ({str(e).splitlines()[0]}): "
+            raise BadDictionary(f"{self.path}: tensor {name} cannot be read ({first_line(e)}): "
                                 f"the file is truncated or damaged") from None

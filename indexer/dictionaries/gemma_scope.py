@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from schemas.format import first_line
+
 from . import BadDictionary, Dictionary, UnknownHook
 
 _LAYER = re.compile(r"^layer_(\d+)$")
@@ -103,5 +105,5 @@ class NpzArrays:
             with zipfile.ZipFile(self.path) as z, z.open(info) as f:
                 return np.lib.format.read_array(f, allow_pickle=False)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise BadDictionary(f"{self.path}: array {info.filename} cannot be read ({str(e).splitlines()[0]}): "
+            raise BadDictionary(f"{self.path}: array {info.filename} cannot be read ({first_line(e)}): "
                                 f"the file is truncated or damaged") from None

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from schemas.format import first_line
+
 from . import BadDictionary, Dictionary, SafetensorsTensors, parse_hook, read_json
 
 
@@ -57,7 +59,7 @@ class _PickleTensors:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise BadDictionary(f"{path} cannot be read ({str(e).splitlines()[0]})") from None
+            raise BadDictionary(f"{path} cannot be read ({first_line(e)})") from None
         self.state = {k: v for k, v in state.items() if hasattr(v, "shape")}
         self.names = set(self.state)
         self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from ..errors import QueryError
 
 SERVE_DEPS = ("starlette", "uvicorn", "jinja2")
+MAX_REQUEST_LINE = 2**20
 
 
 class ServeUnavailable(QueryError, ImportError):
@@ -72,7 +73,10 @@ def make_server(ds, sock: socket.socket, *, host: str = "127.0.0.1", log_level: 
     app = create_app(ds, host=host, **kw)
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
+    # A request line may be as long as a token set's file may be (query.enrich.MAX_FILE_BYTES): a set
+    # past enrich's bound then gets the page's one-line answer, not h11's bare 400 (its default is 16 KB).
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off", http="h11",
+                            h11_max_incomplete_event_size=MAX_REQUEST_LINE)
     return uvicorn.Server(config)
 
 

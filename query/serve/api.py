@@ -7,7 +7,7 @@ from ..params import HELPERS
 _EXAMPLES = {"models": "", "heads": "token=paris", "neurons": "token=paris&kind=ff_value",
              "show": "model={model}&unit=L0.H0", "similar": "model={model}&unit=L0.N0&in={model}",
              "tokens": "text=Paris is big", "history": "series=SERIES&unit=L0.N0",
-             "features": "token=paris&kind=decoder", "enrich": "tokens=january&tokens=february&tokens=march"}
+             "features": "token=paris&kind=decoder", "dictionaries": "", "enrich": "tokens=january&tokens=february&tokens=march"}
 
 
 def _helper_endpoint(name: str) -> tuple:

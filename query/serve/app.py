@@ -31,9 +31,12 @@ from starlette.staticfiles import StaticFiles
 from schemas import TABLES
 from schemas.format import model_settings
 from schemas.kinds import ALL_KINDS
+from schemas.units import feature_unit
 
 from .. import output
 from ..errors import BadOption, ForbiddenSQL, QueryError, UnknownModel, UnknownToken
+from ..features import resolve_feature
+from ..helpers import _bound
 from ..params import HELPERS, call, from_query, whole
 from ..units import check_unit, parse_unit
 from . import plots
@@ -74,6 +77,10 @@ class ServerBusy(QueryError):
 
 class ResultTooLarge(QueryError):
     """One row of a SQL result is larger than the explorer sends."""
+
+
+class UnknownDictionary(UnknownModel):
+    """The model has no dictionary of that name (a 404 like an unknown model)."""
 
 
 def run_sql(ds, query: str, *, max_rows: int = SQL_ROW_CAP, timeout: float = SQL_TIMEOUT_S,
@@ -189,12 +196,12 @@ def _status(e: QueryError) -> int:
     return 400
 
 
-_LAYER = whole()
+_WHOLE = whole()
 
 
 def _layer_param(request: Request, name: str) -> int | None:
     raw = request.query_params.getlist(name)
-    return _LAYER(name, raw[-1]) if raw and raw[-1].strip() else None
+    return _WHOLE(name, raw[-1]) if raw and raw[-1].strip() else None
 
 
 def _required(request: Request, name: str, what: str) -> str:
@@ -361,6 +368,23 @@ class Explorer:
             self._cache[key] = {(r["layer"], r["head"]): r["v"] for r in rows}
         return self._cache[key]
 
+    def dictionaries(self, model: str | None = None) -> list[dict]:
+        """The ``dictionaries`` rows (of ``model``, or all), by model and name."""
+        if "dictionaries" not in self._cache:
+            self._cache["dictionaries"] = self.ds.dictionaries().to_pylist()
+        return [d for d in self._cache["dictionaries"] if model is None or d["model"] == model]
+
+    def dictionary(self, model: str, name: str) -> dict:
+        """The dictionaries row of ``name`` in ``model``; UnknownDictionary naming the model's dictionaries otherwise."""
+        self.model(model)
+        mine = self.dictionaries(model)
+        row = next((d for d in mine if d["dictionary"] == name), None)
+        if row is None:
+            have = ", ".join(d["dictionary"] for d in mine[:20]) + (", ..." if len(mine) > 20 else "")
+            raise UnknownDictionary(f"{model} has no dictionary {name!r} (its dictionaries: "
+                                    f"{have or 'none; add one with `zeropass index-sae`'})")
+        return row
+
     def alignments(self) -> list[dict]:
         if "alignments" not in self._cache:
             self._cache["alignments"] = self.ds.rows("SELECT DISTINCT model_a, model_b FROM alignments ORDER BY model_a, model_b")
@@ -428,7 +452,7 @@ def home(ex: Explorer, request: Request):
     cols = [c for c in ("model", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_ff",
                         "d_vocab", "tied", "variant", "k", "n_pairs", "source") if c in table.column_names]
     return ex.html("home.html", title="zeropass explorer", cols=cols, rows=table.select(cols).to_pylist(),
-                   alignments=ex.alignments())
+                   alignments=ex.alignments(), dictionaries=ex.dictionaries())
 
 
 def _layer_ok(layer, lo, hi) -> bool:
@@ -439,9 +463,16 @@ def _layer_ok(layer, lo, hi) -> bool:
     return (lo is None or layer >= lo) and (hi is None or layer <= hi)
 
 
+def _hidden(table) -> int:
+    """How many entries ``readable`` left out of a helper's table (its schema metadata ``hidden_rows``)."""
+    meta = table.schema.metadata or {}
+    return int(meta.get(b"hidden_rows", b"0"))
+
+
 @page
 def search(ex: Explorer, request: Request):
-    """Heads and vectors listing ``q``; its filters are the heads/neurons parameters, read by the API's parser."""
+    """Heads, vectors and dictionary features listing ``q``; its filters are the heads/neurons/features
+    parameters, read by the API's parsers."""
     def get(key):  # the form sends empty fields for "all"
         return [v for v in request.query_params.getlist(key) if v != ""]
 
@@ -450,30 +481,40 @@ def search(ex: Explorer, request: Request):
     model = spec["model"].read(get("model"))
     circuit = spec["circuit"].read(get("circuit"))
     side, exact = spec["side"].read(get("side")), spec["exact"].read(get("exact"))
+    readable = spec["readable"].read(get("readable"))
     limit = spec["limit"].read(get("limit")) if get("limit") else SEARCH_LIMIT
     kind = request.query_params.get("kind", "")
     lo, hi = _layer_param(request, "layer_min"), _layer_param(request, "layer_max")
+    has_features = bool(ex.dictionaries())
     ctx = dict(title=f"search {q}" if q else "search", q=q, search_q=q, model=model[0] if model else "", kind=kind,
                circuit=circuit[0] if circuit else "", layer_min="" if lo is None else lo, layer_max="" if hi is None else hi,
-               kinds=ALL_KINDS, heads=[], neurons=[], error=None, searched=bool(q))
+               kinds=ALL_KINDS, heads=[], neurons=[], features=[], has_features=has_features, readable=readable,
+               hidden=None, error=None, searched=bool(q))
     if not q:
         return ex.html("search.html", **ctx)
     for m in model or []:
         ex.model(m)
-    if kind not in ("", "heads") and kind not in ALL_KINDS:
-        raise BadOption(f"unknown kind {kind!r}: use heads or one of {', '.join(ALL_KINDS)}")
+    if kind not in ("", "heads", "features") and kind not in ALL_KINDS:
+        raise BadOption(f"unknown kind {kind!r}: use heads, features or one of {', '.join(ALL_KINDS)}")
     # With a layer range the helpers' own limit would cut before the filter: filter, then cut.
     cut = None if (lo is not None or hi is not None) else limit
+    hidden = {}
     try:
         if kind in ("", "heads"):
-            rows = ex.ds.heads(q, model=model, circuit=circuit, side=side, limit=cut, exact=exact).to_pylist()
-            ctx["heads"] = [r for r in rows if _layer_ok(r["layer"], lo, hi)][:limit]
-        if kind != "heads":
-            rows = ex.ds.neurons(q, model=model, kind=kind or None, side=side, limit=cut, exact=exact).to_pylist()
-            ctx["neurons"] = [r for r in rows if _layer_ok(r["layer"], lo, hi)][:limit]
+            table = ex.ds.heads(q, model=model, circuit=circuit, side=side, limit=cut, exact=exact, readable=readable)
+            hidden["heads"] = _hidden(table)
+            ctx["heads"] = [r for r in table.to_pylist() if _layer_ok(r["layer"], lo, hi)][:limit]
+        if kind not in ("heads", "features"):
+            table = ex.ds.neurons(q, model=model, kind=kind or None, side=side, limit=cut, exact=exact, readable=readable)
+            hidden["neurons"] = _hidden(table)
+            ctx["neurons"] = [r for r in table.to_pylist() if _layer_ok(r["layer"], lo, hi)][:limit]
+        if kind in ("", "features") and has_features:
+            rows = ex.ds.features(q, model=model, side=side, limit=cut, exact=exact).to_pylist()
+            ctx["features"] = [r for r in rows if _layer_ok(r["layer"], lo, hi)][:limit]
     except UnknownToken as e:
         ctx["error"] = str(e)
         return ex.html("search.html", status=404, **ctx)
+    ctx["hidden"] = hidden if readable else None
     return ex.html("search.html", **ctx)
 
 
@@ -503,7 +544,8 @@ def model_page(ex: Explorer, request: Request):
                top_heads=[{"unit": f"L{l}.H{h}", "value": v} for v, (l, h) in ranked],
                settings=_settings(info), token=token, token_error=None, token_heads=None, token_vectors=None,
                head_rows=[], vector_rows=[],
-               aligned=[a for a in ex.alignments() if name in (a["model_a"], a["model_b"])])
+               aligned=[a for a in ex.alignments() if name in (a["model_a"], a["model_b"])],
+               dictionaries=ex.dictionaries(name))
     if token:
         try:
             hrows = ex.ds.heads(token, model=[name], limit=None).to_pylist()
@@ -552,18 +594,8 @@ def _bar_items(rows: list[dict], label, score: str = "score") -> list[dict]:
     return [{"label": label(r), "score": r.get(score), "title": f"#{r.get('rank')} {label(r)}  {r.get(score)}"} for r in rows]
 
 
-@page
-def unit_page(ex: Explorer, request: Request):
-    name, unit = request.path_params["model"], request.path_params["unit"]
-    info = ex.model(name)
-    u = parse_unit(unit)  # BadUnit for a malformed name; show() checks the range
-    sections = ex.ds.show(name, unit, limit=UNIT_LIMIT)
-    # Neighbours cost one `similar` per model: they come from their own URL (fetched by the page's
-    # script, or followed as a link), so the page itself stays fast however many models there are.
-    neighbours = f"/model/{quote(name, safe='')}/unit/{quote(u.name, safe='')}/neighbours"
-    if u.kind == "head":
-        return _head_page(ex, name, info, u, sections, neighbours)
-    vectors = sections["vectors"].to_pylist()
+def _vector_lists(vectors: list[dict]) -> list[dict]:
+    """A unit's ``vectors`` section (top and bottom side by side) as score bars per (kind, unit)."""
     lists = []
     for key in dict.fromkeys((r["kind"], r["unit"]) for r in vectors):
         rows = [r for r in vectors if (r["kind"], r["unit"]) == key]
@@ -571,8 +603,94 @@ def unit_page(ex: Explorer, request: Request):
         bottom = [dict(rank=r["rank"], token=r["bottom"], score=r["bottom_score"]) for r in rows if r["bottom"] is not None]
         lists.append({"kind": key[0], "unit": key[1], "top": plots.bars(_bar_items(top, lambda r: tok(r["token"]))),
                       "bottom": plots.bars(_bar_items(bottom, lambda r: tok(r["token"])))})
+    return lists
+
+
+def _readable_ctx(request: Request, sections: dict, path: str) -> dict:
+    """The readable toggle of a unit page: whether it is on, how many entries it hid, the link that flips it."""
+    readable = HELPERS["show"]["readable"].read(request.query_params.getlist("readable"))
+    hidden = sum(_hidden(t) for t in sections.values()) if readable else None
+    return {"readable": readable, "hidden": hidden, "toggle": path if readable else f"{path}?readable=1"}
+
+
+@page
+def unit_page(ex: Explorer, request: Request):
+    name, unit = request.path_params["model"], request.path_params["unit"]
+    info = ex.model(name)
+    u = parse_unit(unit)  # BadUnit for a malformed name; show() checks the range
+    readable = HELPERS["show"]["readable"].read(request.query_params.getlist("readable"))
+    sections = ex.ds.show(name, unit, limit=UNIT_LIMIT, readable=readable)
+    # Neighbours cost one `similar` per model: they come from their own URL (fetched by the page's
+    # script, or followed as a link), so the page itself stays fast however many models there are.
+    path = f"/model/{quote(name, safe='')}/unit/{quote(u.name, safe='')}"
+    neighbours = f"{path}/neighbours"
+    toggle = _readable_ctx(request, sections, path)
+    if u.kind == "head":
+        return _head_page(ex, name, info, u, sections, neighbours, toggle)
+    if u.kind == "feature":
+        return _feature_page(ex, name, info, u, sections, neighbours, toggle)
+    lists = _vector_lists(sections["vectors"].to_pylist())
     return ex.html("unit.html", title=f"{name} {u.name}", name=name, unit=u.name, info=info, lists=lists,
-                   neighbours=neighbours, parent=f"L{u.layer}.H{u.head}" if u.head is not None else None)
+                   neighbours=neighbours, parent=f"L{u.layer}.H{u.head}" if u.head is not None else None, **toggle)
+
+
+def _feature_page(ex, name, info, u, sections, neighbours, toggle):
+    """A dictionary feature: decoder / encoder bars, its stats, and its stored nearest directions (linked)."""
+    d = ex.dictionary(name, u.dictionary)
+    stats = sections["stats"].to_pylist()
+    near = sections["neighbours"].to_pylist()
+    bars = plots.bars([{"label": r["neighbour"], "score": r["cosine"], "href": f"/model/{quote(name, safe='')}/unit/{quote(r['neighbour'], safe='')}",
+                        "title": f"#{r['rank']} {r['neighbour']} ({r['neighbour_kind']}, layer {r['neighbour_layer']}): cosine {r['cosine']:.4g}"}
+                       for r in near], label_w=200)
+    return ex.html("feature.html", title=f"{name} {u.name}", name=name, unit=u.name, info=info, dictionary=d, feature=u.index,
+                   lists=_vector_lists(sections["vectors"].to_pylist()), stats=stats[0] if stats else None,
+                   near=near, near_bars=bars, neighbours=neighbours, **toggle)
+
+
+DICTIONARY_PAGE = 100
+
+
+@page
+def dictionary_page(ex: Explorer, request: Request):
+    """A dictionary: what it is, and its features (a page of them with their first tokens, or those listing ?token=)."""
+    name, dname = request.path_params["model"], request.path_params["dictionary"]
+    d = ex.dictionary(name, dname)
+    spec = HELPERS["features"]
+
+    def get(key):  # the form sends empty fields for "all"
+        return [v for v in request.query_params.getlist(key) if v != ""]
+
+    start = _WHOLE("start", get("start")[-1]) if get("start") else 0
+    if start < 0 or start >= max(d["d_sae"], 1):
+        raise BadOption(f"start must be a feature of {dname} (0..{d['d_sae'] - 1}), got {start}")
+    token = request.query_params.get("token", "")
+    kind, side = spec["kind"].read(get("kind")), spec["side"].read(get("side"))
+    exact = spec["exact"].read(get("exact"))
+    ctx = dict(title=f"{name} {dname}", name=name, d=d, info=ex.model(name), token=token, kind=kind[0] if kind else "",
+               side=side, matches=None, token_error=None, start=start, size=DICTIONARY_PAGE, rows=[])
+    if token:
+        try:
+            ctx["matches"] = ex.ds.features(token, model=[name], dictionary=[dname], kind=kind, side=side, exact=exact,
+                                            limit=SEARCH_LIMIT).to_pylist()
+        except UnknownToken as e:
+            ctx["token_error"] = str(e)
+            return ex.html("dictionary.html", status=404, **ctx)
+        return ex.html("dictionary.html", **ctx)
+    stop = min(start + DICTIONARY_PAGE, d["d_sae"])
+    p = {"d": dname, "a": start, "b": stop}
+    # `features` reads the dictionaries' files alone, never the model's own vectors
+    firsts = ex.ds.rows(f"""SELECT feature, kind, list(token ORDER BY rank) AS tokens
+                            FROM {ex.ds.source("features", [name])}
+                            WHERE dictionary = $d AND side = 'top' AND rank <= 3 AND feature >= $a AND feature < $b
+                            GROUP BY feature, kind""", p)
+    stats = {r["feature"]: r for r in ex.ds.rows(
+        f"""SELECT feature, decoder_norm, encoder_norm, b_enc, threshold FROM {ex.ds.source("feature_stats", [name])}
+            WHERE dictionary = $d AND feature >= $a AND feature < $b""", p)}
+    tokens = {(r["feature"], r["kind"]): r["tokens"] for r in firsts}
+    ctx["rows"] = [dict(feature=f, unit=feature_unit(dname, f), decoder=tokens.get((f, "decoder"), []),
+                        encoder=tokens.get((f, "encoder"), []), **{k: v for k, v in stats.get(f, {}).items() if k != "feature"})
+                   for f in range(start, stop)]
+    return ex.html("dictionary.html", **ctx)
 
 
 @page
@@ -581,6 +699,8 @@ def neighbours_page(ex: Explorer, request: Request):
     name, unit = request.path_params["model"], request.path_params["unit"]
     u = parse_unit(unit)
     check_unit(u, ex.model(name))  # a bad unit is one error, not one per model
+    if u.kind == "feature":  # its dictionary and range are the model's to check
+        resolve_feature(ex.ds, name, u)
     rows = _neighbours(ex, name, u.name)
     if "fragment" in request.query_params:
         html = ex.env.get_template("macros.html").module.neighbours(name, rows)
@@ -600,7 +720,7 @@ def _neighbours(ex: Explorer, name: str, unit: str) -> list[dict]:
     return out
 
 
-def _head_page(ex, name, info, u, sections, neighbours):
+def _head_page(ex, name, info, u, sections, neighbours, toggle):
     metrics = sections["metrics"].to_pylist()
     pairs = sections["pairs"].to_pylist()
     blocks = []
@@ -620,7 +740,7 @@ def _head_page(ex, name, info, u, sections, neighbours):
     return ex.html("head.html", title=f"{name} {u.name}", name=name, unit=u.name, info=info, metrics=metrics,
                    blocks=blocks, roles_top=sections["head_tokens_top"].to_pylist(),
                    roles_bottom=sections["head_tokens_bottom"].to_pylist(), dims=sections["dims"].to_pylist(),
-                   neighbours=neighbours, place=place, layer=u.layer, head=u.head, d_head=info.get("d_head"))
+                   neighbours=neighbours, place=place, layer=u.layer, head=u.head, d_head=info.get("d_head"), **toggle)
 
 
 @page
@@ -651,6 +771,116 @@ def align_page(ex: Explorer, request: Request):
     have = set(ex.ds.model_names())
     return ex.html("align.html", title=f"align {a} / {b}", a=a, b=b, space=space, kind=kind, options=options, heat=heat,
                    matched=sorted(matched), units=units, link_a=a in have, link_b=b in have)
+
+
+# -- enrichment (issue 23): a concept's units, and where they sit -------------------------------
+
+ENRICH_ROWS = 50
+NEURON_BANDS = 32  # FF neurons are drawn in at most this many bands per layer
+P_FLOOR = 1e-300   # -log10(p) of a p-value that underflowed to 0 is drawn as 300
+
+
+def _words(text: str) -> list[str]:
+    """The words of the page's text box: split on whitespace and commas (a token with a space inside is
+    given one per ``tokens=`` instead, as the API takes it)."""
+    return [w for w in text.replace(",", " ").split() if w]
+
+
+def _strength(p: float) -> float:
+    import math
+
+    return -math.log10(max(p, P_FLOOR))
+
+
+def _enrich_heatmaps(ex: Explorer, rows: list[dict]) -> list[dict]:
+    """Per model: layer x head (head role lists and head dimensions) and layer x neuron band (FF lists) of the
+    strongest enrichment, -log10(p) of the best list in the cell; each cell links to that list's unit."""
+    out = []
+    for m in dict.fromkeys(r["model"] for r in rows):
+        info = ex.model(m)
+        layers = list(range(int(info["n_layers"])))
+        heads, neurons = {}, {}
+        d_ff = int(info.get("d_ff") or 0)
+        band = max(1, -(-d_ff // NEURON_BANDS)) if d_ff else 1
+        for r in rows:
+            if r["model"] != m:
+                continue
+            try:
+                u = parse_unit(r["unit"])
+            except QueryError:
+                continue
+            if u.kind in ("head", "head_dim"):
+                key, grid = (u.layer, u.head), heads
+            elif u.kind == "neuron" and u.expert is None and d_ff:
+                key, grid = (u.layer, u.index // band), neurons
+            else:
+                continue
+            if key not in grid or r["p_value"] < grid[key]["p_value"]:
+                grid[key] = r
+        maps = {"model": m, "heads": None, "neurons": None, "band": band}
+        link = lambda grid: lambda r, c: (f"/model/{quote(m, safe='')}/unit/{quote(grid[(r, c)]['unit'], safe='')}"  # noqa: E731
+                                          if (r, c) in grid else None)
+        tip = lambda grid, what: lambda r, c, v: (  # noqa: E731
+            f"L{r} {what(c)}: best {grid[(r, c)]['unit']} {grid[(r, c)]['list']} p={grid[(r, c)]['p_value']:.3g} "
+            f"q={grid[(r, c)]['q_value']:.3g}, {grid[(r, c)]['hits']} member(s)" if (r, c) in grid else f"L{r} {what(c)}: no member")
+        if heads:
+            cols = list(range(int(info["n_heads"])))
+            values = {(l, h): _strength(heads[(l, h)]["p_value"]) if (l, h) in heads else 0.0 for l in layers for h in cols}
+            maps["heads"] = plots.heatmap(values, layers, cols, row_label=lambda r: f"L{r}", col_label=lambda c: f"H{c}",
+                                          href=link(heads), title=tip(heads, lambda c: f"H{c}"), signed=False, floor=0.0)
+        if neurons:
+            cols = list(range(-(-d_ff // band)))
+            values = {(l, b): _strength(neurons[(l, b)]["p_value"]) if (l, b) in neurons else 0.0 for l in layers for b in cols}
+            what = lambda c: f"N{c * band}-{min(d_ff, (c + 1) * band) - 1}"  # noqa: E731
+            maps["neurons"] = plots.heatmap(values, layers, cols, row_label=lambda r: f"L{r}", col_label=lambda c: str(c * band),
+                                            href=link(neurons), title=tip(neurons, what), signed=False, cell_w=30, floor=0.0)
+        out.append(maps)
+    return out
+
+
+@page
+def enrich_page(ex: Explorer, request: Request):
+    """Token-set enrichment: a set (words, or a shipped set) -> the units whose lists are crowded with it,
+    as a table and as heatmaps over layer x head and layer x neuron band. Bad input is one line on the page."""
+    from ..enrich import match_summary, named_set, set_matches, set_sources, token_set
+
+    def get(key):  # the form sends empty fields for "all"
+        return [v for v in request.query_params.getlist(key) if v != ""]
+
+    spec = HELPERS["enrich"]
+    text = " ".join(request.query_params.getlist("words"))
+    sets = get("set")  # repeatable, as `--set` is
+    set_name = sets[0] if sets else ""
+    if "sets" not in ex._cache:  # the shipped sets do not change while the explorer runs
+        ex._cache["sets"] = set_sources().to_pylist()
+    ctx = dict(title="enrich", words=text, set_name=set_name, sets=ex._cache["sets"], model="", kind="",
+               side="top", limit=ENRICH_ROWS, error=None, rows=None, maps=[], summary=[], api=None, n_words=0)
+    asked = any(k in request.query_params for k in ("words", "set", "tokens"))  # the form sent: an empty set is an error
+    try:
+        model, kind = spec["model"].read(get("model")), spec["kind"].read(get("kind"))
+        side = spec["side"].read(get("side"))
+        # the table shows `limit` rows; the helper runs unbounded for the heatmaps, so its bound is checked here
+        limit = _bound(spec["limit"].read(get("limit")) if get("limit") else ENRICH_ROWS, "limit", 0)
+        ctx.update(model=model[0] if model else "", kind=",".join(kind or []), side=side, limit=limit)
+        if not asked:
+            return ex.html("enrich.html", **ctx)
+        for m in model or []:
+            ex.model(m)
+        words = token_set(_words(text) + (spec["tokens"].read(get("tokens")) or []) + [w for n in sets for w in named_set(n)])
+        ctx["n_words"] = len(words)
+        table = ex.ds.enrich(words, model=model, kind=kind, side=side, limit=None)
+        ctx["summary"] = match_summary(set_matches(ex.ds, words, model=model))
+    except QueryError as e:
+        ctx["error"] = str(e)
+        return ex.html("enrich.html", status=_status(e), **ctx)
+    rows = table.to_pylist()
+    ctx["rows"] = rows if limit is None else rows[:limit]
+    ctx["total"] = len(rows)
+    ctx["maps"] = _enrich_heatmaps(ex, rows)
+    if len(words) <= 200:  # the twin's URL names every word
+        query = [("tokens", w) for w in words] + [("model", m) for m in model or []] + [("kind", k) for k in kind or []]
+        ctx["api"] = "/api/enrich?" + urlencode(query + [("side", side), ("limit", 0 if limit is None else limit)])
+    return ex.html("enrich.html", **ctx)
 
 
 EXAMPLE_SQL = [
@@ -765,7 +995,9 @@ def create_app(ds, *, host: str = "127.0.0.1", sql_row_cap: int = SQL_ROW_CAP, s
         Route("/model/{model}", model_page),
         Route("/model/{model}/unit/{unit}", unit_page),
         Route("/model/{model}/unit/{unit}/neighbours", neighbours_page),
+        Route("/model/{model}/dictionary/{dictionary}", dictionary_page),
         Route("/align/{a}/{b}", align_page),
+        Route("/enrich", enrich_page),
         Route("/sql", sql_page),
         Route("/api", api_docs),
         Route("/api/openapi.json", api_openapi),

@@ -59,14 +59,20 @@ def bars(items: list[dict], *, width: int = 500, label_w: int = 210, row_h: int 
 
 
 def heatmap(values: dict, rows: list, cols: list, *, row_label=str, col_label=str, href=None, title=None,
-            marked: set | None = None, signed: bool | None = None, cell_w: int = 26, cell_h: int = 18) -> dict:
+            marked: set | None = None, signed: bool | None = None, cell_w: int = 26, cell_h: int = 18,
+            floor: float | None = None) -> dict:
     """A rows x cols grid; ``values`` maps (row, col) to a number (missing: grey, no link).
+
+    ``floor``: the colour scale starts there (or lower) instead of at the smallest value, for a
+    quantity whose zero means "nothing" (an enrichment's -log10 p).
 
     ``href(r, c)`` and ``title(r, c, v)`` give each present cell's link and tooltip; ``marked``
     cells get a black outline (the current head, matched layer pairs).
     """
     finite = [v for v in values.values() if _finite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    if floor is not None:
+        lo, hi = min(lo, floor), max(hi, floor)
     if signed is None:
         signed = lo < 0 < hi or (lo < 0 and hi <= 0)
     left, top = 44, 22
