@@ -149,9 +149,9 @@ def helper_options(name: str):
     def decorate(f):
         for p in reversed(HELPERS[name].params):
             if p.argument:
+                label, more = p.name.upper(), "..." if p.multiple else ""  # a repeated argument: TOKENS...
                 f = click.argument(p.name, required=p.required, type=Spec(p), nargs=-1 if p.multiple else 1,
-                                   metavar=p.name.upper() + ("..." if p.multiple else "")
-                                   if p.required else f"[{p.name.upper()}]{'...' if p.multiple else ''}")(f)
+                                   metavar=f"{label}{more}" if p.required else f"[{label}]{more}")(f)
                 continue
             decls = [p.cli_name] + ([p.short] if p.short else []) + [p.name]
             if p.flag:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from schemas import TABLES
-from schemas.format import DICTIONARIES, model_settings
+from schemas.format import DICTIONARIES, settings_or_empty
 from schemas.layout import dictionary_files, table_files
 
 # The Hub's license identifiers for licenses models commonly carry; anything else is "other".
@@ -42,11 +42,7 @@ def _license(slug: str, entry: dict, row: dict | None) -> str | None:
     """A model's license where the dataset records one (the manifest entry or the index settings)."""
     if isinstance(entry.get("license"), str):
         return entry["license"]
-    try:
-        settings = model_settings(row)
-    except ValueError:
-        settings = {}
-    lic = settings.get("license") if isinstance(settings, dict) else None
+    lic = settings_or_empty(row).get("license")
     return lic if isinstance(lic, str) else None
 
 

@@ -37,7 +37,8 @@ from schemas.layout import (
     empty_manifest,
     read_manifest,
 )
-from schemas.format import OtherVersion, check_version, file_digest, first_line, links_out, model_settings, write_json_atomic
+from schemas.format import (OtherVersion, check_version, file_digest, first_line, links_out, model_settings,
+                            settings_or_empty, write_json_atomic)
 
 from .dataset import (
     ZEROPASS_VERSION,
@@ -361,10 +362,7 @@ def _recover_dictionaries(root: Path, manifest: dict) -> None:
                 rel = f.relative_to(root).as_posix()
                 files.setdefault(table, []).append(rel)
                 info[rel] = dict(file_digest(f), rows=_rows_or_none(f))
-        try:
-            settings = model_settings(row)
-        except ValueError:  # a damaged settings column: the origin is not known
-            settings = {}
+        settings = settings_or_empty(row)  # a damaged settings column: the origin is not known
         manifest.setdefault("dictionaries", {})[name] = {
             "model": row["model"], "build_id": build_id, "source": row.get("source"), "origin": settings.get("path"),
             "files": files, "file_info": info,

@@ -21,7 +21,6 @@ from schemas import layout
 from schemas.format import OtherFormat, OtherVersion, check_version, first_line, links_out
 from schemas.layout import MANIFEST, Owner, view_sql
 
-from . import verify
 from .connection import _quote
 from .errors import BadManifest, NotADataset, SchemaMismatch, UnknownModel
 from .units import quoted
@@ -99,7 +98,7 @@ class Catalog:
         self._owners = validate_manifest(manifest, self.root)
         # each file against its listed sha256, once per version of the file (query.verify): a damaged
         # one is then treated as unreadable, so the views name it and every other file still answers
-        self._corrupt = self._verifier.damaged(verify.file_info(manifest), self._owners)
+        self._corrupt = self._verifier.damaged(layout.file_info(manifest), self._owners)
         self.manifest = manifest
         self._signature = (st.st_ino, st.st_mtime_ns, st.st_size)
 

@@ -198,7 +198,7 @@ class Dataset(Catalog, Connection):
         from .features import features  # (``query.features`` is this function; the module is in sys.modules)
 
         return features(self, token, model=model, dictionary=dictionary, kind=kind, side=side,
-                                 max_rank=max_rank, limit=limit, exact=exact, token_id=token_id)
+                        max_rank=max_rank, limit=limit, exact=exact, token_id=token_id)
 
 
 def open_dataset(path: str | Path) -> Dataset:

@@ -402,6 +402,7 @@ class Remote:
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.revision: str | None = None
         self.manifest: dict | None = None
+        self.info: dict[str, dict] = {}  # the manifest's file_info of every listed file, read once per revision
         self.sizes: dict[str, int | None] = {}
         self.fs = DatasetFS(self)
         self.bytes_read = 0           # bytes fetched from the store (not the cache), for the curious
@@ -456,6 +457,7 @@ class Remote:
             # an untrusted manifest: anything but a plain count means "ask the store"
             sizes[rel] = b if isinstance(b, int) and not isinstance(b, bool) and b >= 0 else None
         self.sizes = sizes
+        self.info = info
         self.manifest = manifest
         self.fs.reset()
 
@@ -629,7 +631,7 @@ class DatasetFS:
             if rel in self._whole:
                 self._whole.move_to_end(rel)
                 return self._whole[rel]
-        listed_size, sha = listed_digest(file_info(self.remote.manifest or {}), rel)
+        listed_size, sha = listed_digest(self.remote.info, rel)
         if sha is None:
             return None
         data = self._guard(lambda: self.remote.store.cat(rel, 0, size, size=size), rel)
@@ -658,8 +660,7 @@ class DatasetFS:
         """What a cached tail must carry to be trusted: a digest of its bytes bound to this file
         of this revision (its URL, path, listed size and listed sha256), so a tail that was
         damaged on disk, or copied in from another file or revision, is fetched again."""
-
-        info = file_info(self.remote.manifest or {}).get(rel)
+        info = self.remote.info.get(rel)
         listed = info.get("sha256") if isinstance(info, dict) else None
         key = "\0".join([self.remote.url, str(self.remote.revision), rel, str(self.size(rel)), str(listed)])
         return hashlib.sha256(key.encode() + b"\0" + data).digest()

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from schemas import TABLES
-from schemas.format import model_settings
+from schemas.format import settings_or_empty
 from schemas.kinds import BIAS_KIND_OF_SUFFIX
 from schemas.units import (FEATURE_UNIT, SHARED_ROUTER, FORMS, bias_unit, feature_unit, head_dim_unit, head_unit, neuron_unit,
                            position_unit, router_unit)
@@ -151,10 +151,7 @@ def check_unit(unit: Unit, info: dict) -> None:
 
 
 def _conventions(info: dict) -> dict:
-    try:
-        conv = model_settings(info).get("conventions", {})
-    except (ValueError, TypeError, AttributeError):  # settings of an older or damaged row: nothing known
-        return {}
+    conv = settings_or_empty(info).get("conventions", {})  # settings of an older or damaged row: nothing known
     return conv if isinstance(conv, dict) else {}
 
 

@@ -25,7 +25,6 @@ import threading
 from pathlib import Path
 
 from schemas.format import file_sha256, write_bytes_atomic
-from schemas.layout import file_info  # noqa: F401 (query.verify.file_info: what a reader checks)
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _seen: dict[tuple, bool] = {}   # (real path, size, mtime_ns, ctime_ns, ino, sha256) -> verified, for this process
