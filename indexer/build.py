@@ -521,7 +521,7 @@ class _ModelWriter:
 
     # -- heads -----------------------------------------------------------------------------
 
-    _FACTOR_ROWS = 4096  # vocabulary rows per float64 block in _factor (128 MB at d_model 4096)
+    _FACTOR_ROWS = 2048  # vocabulary rows per float64 block in _factor (64 MB at d_model 4096)
 
     def _factor(self, side: str, W: torch.Tensor) -> torch.Tensor:
         """float64 ``W_E @ W`` (side "E") or ``W_U^T @ W`` (side "U") for W [d_model, d_head]:
@@ -538,10 +538,15 @@ class _ModelWriter:
             return (E if side == "E" else UT) @ W64
         basis = (self.read if side == "E" else self.write_side).basis  # [d_model, d_vocab] float32
         V = basis.shape[1]
+        # Each block as W^T [d_head, d_model] @ basis block [d_model, rows], written transposed:
+        # the BLAS runs this wide shape about 2x faster than the tall [rows, d_model] @ [d_model,
+        # d_head] (measured on SmolLM2's factors, docs/BENCHMARKS.md §11). Both are float64 dot
+        # products of the same numbers; only the order of the additions may differ (last bits).
+        WT = W64.T.contiguous()
         out = torch.empty(V, W64.shape[1], dtype=torch.float64)
         for i in range(0, V, self._FACTOR_ROWS):
             j = min(V, i + self._FACTOR_ROWS)
-            torch.matmul(basis[:, i:j].T.to(torch.float64), W64, out=out[i:j])
+            out[i:j] = (WT @ basis[:, i:j].to(torch.float64)).T
         return out
 
     def _factors_base(self):

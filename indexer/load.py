@@ -412,6 +412,24 @@ def _pickle_source(files: list[Path]) -> StateDictSource:
     return StateDictSource(state)
 
 
+class _PlainArrays:
+    """numpy, except that ``memmap`` returns a plain ndarray view of the map (same pages, read
+    lazily from the file). gguf's reader slices its map once per header field part (147k times
+    for SmolLM2's tokenizer arrays), and every slice of an ``np.memmap`` runs memmap's Python
+    ``__array_finalize__``: 3.4 s -> 1.1 s to read SmolLM2's header with plain views."""
+
+    def __getattr__(self, name):
+        import numpy
+
+        return getattr(numpy, name)
+
+    @staticmethod
+    def memmap(*args, **kwargs):
+        import numpy
+
+        return numpy.memmap(*args, **kwargs).view(numpy.ndarray)
+
+
 @contextlib.contextmanager
 def _one_gguf_parse():
     """Within the block, ``gguf.GGUFReader`` of a file already read returns that reader, and
@@ -425,17 +443,30 @@ def _one_gguf_parse():
     a read-only memory map of the file and the map is not changed after it is built, so one of
     each serves every call (transformers imports both names from ``gguf`` at each call, which is
     what is swapped). Measured on SmolLM2: the same tensors and tokenizer, load 32 s -> 14 s
-    (docs/BENCHMARKS.md §11)."""
+    (docs/BENCHMARKS.md §11).
+
+    The one reader is built over plain array views of the map (``_PlainArrays``), and each
+    header value transformers converts to Python (``_gguf_parse_value``, 150k per parse of
+    SmolLM2's header, every one of the four parses) is converted once: the parts are the one
+    reader's own arrays, alive for the whole block, so their ids are stable keys."""
     import gguf
+    import gguf.gguf_reader as gguf_reader
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
 
     real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    real_numpy, real_parse = gguf_reader.np, hf_gguf._gguf_parse_value
     readers: dict = {}
     maps: dict = {}
+    parsed: dict = {}
 
     def reader(path, mode="r"):
         key = (os.path.realpath(os.fspath(path)), mode)
         if key not in readers:
-            readers[key] = real_reader(path, mode)
+            gguf_reader.np = _PlainArrays()
+            try:
+                readers[key] = real_reader(path, mode)
+            finally:
+                gguf_reader.np = real_numpy
         return readers[key]
 
     def tensor_name_map(arch, n_blocks):
@@ -443,11 +474,19 @@ def _one_gguf_parse():
             maps[arch, n_blocks] = real_map(arch, n_blocks)
         return maps[arch, n_blocks]
 
+    def parse_value(part, types):
+        key = (id(part), tuple(types))
+        if key not in parsed:
+            parsed[key] = (part, real_parse(part, types))  # the part is held: its id stays its own
+        return parsed[key][1]
+
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
+    hf_gguf._gguf_parse_value = parse_value
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+        hf_gguf._gguf_parse_value = real_parse
 
 
 def _load_gguf(model_ref, path: Path, dtype, quiet: bool) -> Loaded:

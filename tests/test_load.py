@@ -225,13 +225,25 @@ def test_gguf_is_parsed_once_per_load_and_gguf_is_restored(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    import gguf.gguf_reader as gguf_reader
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
+
+    def header(reader):
+        return {k: [hf_gguf._gguf_parse_value(f.parts[i], f.types) for i in f.data] for k, f in reader.fields.items()}
+
+    real = (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_reader.np, hf_gguf._gguf_parse_value)
+    plain = gguf.GGUFReader(path)
+    want, want_tensor = header(plain), np.array(plain.get_tensor(0).data)
     with _one_gguf_parse():
         first = gguf.GGUFReader(path)
         assert gguf.GGUFReader(str(path)) is first
         assert first.get_tensor(0).name == "token_embd.weight"
+        # Plain array views of the map and values converted once: the same header and tensor.
+        assert header(first) == want == header(first)
+        assert np.array_equal(first.get_tensor(0).data, want_tensor)
+        assert type(first.data) is np.ndarray and gguf_reader.np is np
         arch = gguf.MODEL_ARCH.LLAMA
         assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
         assert gguf.get_tensor_name_map(arch, 3) is not gguf.get_tensor_name_map(arch, 2)
-    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_reader.np, hf_gguf._gguf_parse_value) == real
     assert gguf.GGUFReader(path) is not first

@@ -101,6 +101,9 @@ def test_smollm2_gguf_reproduces_llama_model():
 
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    # The load's one parse of the header (indexer.load._one_gguf_parse) gives transformers' tokenizer.
+    from transformers import AutoTokenizer
+    assert loaded.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).get_vocab()
     E = loaded.canonical.embeddings
     assert_close(E.W_E, model.model.embed_tokens.weight)
     assert_close(E.W_U, model.lm_head.weight.T)

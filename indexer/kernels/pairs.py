@@ -176,8 +176,9 @@ def _balanced_basis(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, float]:
 
 
 def _screen_margin(d: int, dtype: torch.dtype) -> tuple[float, float]:
-    """``(c, eps_abs)`` with ``|S_ij - a'_i·b'_j| <= c ‖a'_i‖‖b'_j‖ + eps_abs`` for a screened
-    product ``S = fl(fl(A') fl(B')^T)`` in ``dtype`` with float32 accumulation.
+    """``(c, eps_abs)`` with ``|S_ij - a'_i·b'_j| <= c ‖a'_i‖‖b'_j‖ + eps_abs`` for a product
+    ``S = fl(fl(A') fl(B')^T)`` in ``dtype`` with float32 accumulation, from the norms alone.
+    The fp32 full rows of phase 3 use it; the screened blocks use the tighter ``_ScreenMargin``.
 
     Proof (standard floating-point model, any summation order): rounding inputs to ``dtype``
     gives ``x̂ = x(1+δ)``, ``|δ| <= u_in`` (plus an absolute error below 2^-126 for subnormals that
@@ -195,6 +196,44 @@ def _screen_margin(d: int, dtype: torch.dtype) -> tuple[float, float]:
     c = (1 + u_in) ** 2 * (1 + gam) * (1 + u_out) - 1
     eps_abs = 4 * (d + 2) * 2.0**-126
     return 2 * c, 2 * eps_abs
+
+
+class _ScreenMargin:
+    """Proven error of a screened block, from the inputs' actual rounding residuals and the
+    block's own largest value: ``|S_ij - a'_i·b'_j| <= margin`` for every entry of the block.
+
+    Write ``â = fl(a')``, ``r_a = a' - â`` (computed exactly: ``â`` is ``a'`` rounded, so the
+    fp64 difference is exact by Sterbenz's lemma), likewise ``b̂``, ``r_b``. Then
+    ``a'·b' - â·b̂ = â·r_b + r_a·b̂ + r_a·r_b``, at most ``‖â‖‖r_b‖ + ‖r_a‖‖b̂‖ + ‖r_a‖‖r_b‖``
+    (Cauchy–Schwarz). The GEMM sums the d exact products ``â_k b̂_k`` in float32 in any order,
+    error at most ``γ_d ‖â‖‖b̂‖`` (``γ_d = d u32 / (1 - d u32)``), giving ``s``; the output is
+    rounded to the screen dtype once: ``|S - s| <= ε |s| <= ε/(1-ε) |S|`` with ``ε`` the dtype's
+    machine epsilon (twice its unit roundoff, so truncation is covered too). Subnormal inputs or
+    outputs a GEMM may flush add at most ``2^-120 d (1 + ‖â‖)(1 + ‖b̂‖)``. With each norm the
+    block's largest, the sum bounds every entry; it is rounded up by a relative 2^-40 for the
+    fp64 evaluation of the norms and of the sum.
+
+    Why: the norm-only bound (``_screen_margin``: ``(1+u)^3 - 1`` for both input roundings
+    and the output rounding at the full ``‖a'‖‖b'‖``, doubled) is about 5x this one on real
+    heads, whose entries are far below ``‖a'‖‖b'‖``; a wider margin lowers every threshold,
+    so more cells are screened and more rows reach the exact phase (docs/PAIRS.md "Speed").
+    """
+
+    def __init__(self, X: Tensor, Xs: Tensor):
+        """``X`` [n, d] float64 vectors, ``Xs`` their screen-dtype copy: per-vector norms."""
+        Xh = Xs.double()
+        self.norm_hat = torch.linalg.norm(Xh, dim=1)
+        self.norm_res = torch.linalg.norm(X - Xh, dim=1)
+
+    @staticmethod
+    def bound(d: int, dtype: torch.dtype, a_hat: float, a_res: float, b_hat: float, b_res: float,
+              s_max: float) -> float:
+        u32 = 2.0**-24
+        gam = d * u32 / (1 - d * u32)
+        eps = torch.finfo(dtype).eps
+        inputs = a_hat * b_res + a_res * b_hat + a_res * b_res
+        tiny = 2.0**-120 * d * (1 + a_hat) * (1 + b_hat)
+        return (inputs + gam * a_hat * b_hat + eps / (1 - eps) * s_max + tiny) * (1 + 2.0**-40)
 
 
 _strict_lock = threading.Lock()
@@ -480,9 +519,9 @@ class _Screening:
         # |a'_i·b'_j - a_i·b_j| <= c_T ‖a_i‖‖b_j‖ <= basis_err, for every entry.
         a_max, b_max = float(torch.linalg.norm(A64, dim=1).max()), float(torch.linalg.norm(B64, dim=1).max())
         self.basis_err = c_T * a_max * b_max
-        # Screen margin: |S_ij - M_ij| <= c_screen ‖a'_i‖‖b'_j‖ + eps_screen.
-        self.c_screen, eps = _screen_margin(d, screen_dtype)
-        self.eps_screen = eps + self.basis_err
+        # Screen margin of a block: _ScreenMargin.bound of its rows' and columns' largest norms
+        # and its largest |value|, plus the basis error (the screen computes a'·b', not a·b).
+        self.screen_dtype = screen_dtype
         # Cell bounds are of a'·b' (so they miss M by up to basis_err) and rounded in fp64.
         self.slack = self.basis_err + 1e-12 * float(alpha.max()) * float(beta.max())
 
@@ -497,6 +536,8 @@ class _Screening:
         self.a1_s, self.a_rest_s = a1[self.row_order], a_rest[self.row_order]
         self.As = Ab[self.row_order].to(screen_dtype)
         self.Bs = Bb[self.col_order].to(screen_dtype)  # [C, d]; blocks use Bs[cols].T
+        self.row_marg = _ScreenMargin(Ab[self.row_order], self.As)
+        self.col_marg = _ScreenMargin(Bb[self.col_order], self.Bs)
         # Per column cell: range of b_1, largest ‖b_rest‖, largest ‖b‖ (at least one cell: the
         # seeds are never all the columns).
         lens = torch.tensor(self.col_edges, device=dev).diff()
@@ -508,6 +549,7 @@ class _Screening:
         self.cell_rest_max, self.cell_norm_max = per_cell(b_rest, "max"), per_cell(beta, "max")
         self.cell_of = torch.repeat_interleave(torch.arange(n_cells, device=dev), lens)
         self.seed_rows = max(row_cell, 2048)
+        self.cells_per_block = max(1, max_block_cols // (4 * cell_cols))
 
         # Running state.
         n = min(n, R * C)
@@ -620,10 +662,14 @@ class _Screening:
         ub, lb = _dot_bounds(x1[:, None], xr[:, None], xn[:, None],
                              lo[cells], hi[cells], rho[cells], bm[cells])
         need = (ub >= th_hi) | (lb <= th_lo)
-        ridx = torch.nonzero(need.any(1)).squeeze(1)
-        if ridx.numel():
-            sel = cells[need[ridx].any(0)]
-            self._screen(r0, r1, None if ridx.numel() == r1 - r0 else ridx, self._cell_columns(sel))
+        # Needed cells in groups of ``cells_per_block``, each screened against the rows that need
+        # one of its cells: the rows of a cell need different cells, and (rows needing any cell) ×
+        # (every needed cell) screened about twice what groups screen on real heads.
+        sel = torch.nonzero(need.any(0)).squeeze(1)
+        for g0 in range(0, sel.numel(), self.cells_per_block):
+            part = sel[g0 : g0 + self.cells_per_block]
+            ridx = torch.nonzero(need[:, part].any(1)).squeeze(1)
+            self._screen(r0, r1, None if ridx.numel() == r1 - r0 else ridx, self._cell_columns(cells[part]))
         if self_pending:
             self._screen_self_cells(r0, r1, cells, ub, need)
 
@@ -665,11 +711,12 @@ class _Screening:
         the bookkeeping passes over a block are memory-bound)."""
         if ridx is None:
             lhs, rows = self.As[r0:r1], torch.arange(r0, r1, device=self.dev)
-            a_max = float(self.alpha_s[r0:r1].max())
+            pick = slice(r0, r1)
         else:
             rows = ridx + r0
             lhs = self.As[rows]
-            a_max = float(self.alpha_s[rows].max())
+            pick = rows
+        a_norms = (float(self.row_marg.norm_hat[pick].max()), float(self.row_marg.norm_res[pick].max()))
         if isinstance(cols, slice):
             cidx_all = torch.arange(cols.start, cols.stop, device=self.dev)
         else:
@@ -680,10 +727,12 @@ class _Screening:
                 rhs = self.Bs[cols.start + p0 : cols.start + p0 + cidx.numel()]
             else:
                 rhs = self.Bs.index_select(0, cidx)
-            self._screen_block(lhs, rows, a_max, rhs, cidx)
+            self._screen_block(lhs, rows, a_norms, rhs, cidx)
 
-    def _screen_block(self, lhs: Tensor, rows: Tensor, a_max: float, rhs: Tensor, cidx: Tensor) -> None:
-        """Multiply one block in the screen dtype and fold it into the state."""
+    def _screen_block(self, lhs: Tensor, rows: Tensor, a_norms: tuple[float, float], rhs: Tensor,
+                      cidx: Tensor) -> None:
+        """Multiply one block in the screen dtype and fold it into the state. ``a_norms``: the
+        rows' largest ``‖â‖`` and ``‖r_a‖`` (``_ScreenMargin``)."""
         self.stats["blocks_computed"] += 1
         self.stats["entries_screened"] += int(rows.numel()) * int(cidx.numel())
         add_flops("screening", 2.0 * int(rows.numel()) * int(cidx.numel()) * lhs.shape[1], "bf16")
@@ -691,10 +740,13 @@ class _Screening:
         # because the passes below (row / column extremes, comparisons) run several times faster
         # on float32 than on bfloat16 on a CPU; the values, hence every decision, are unchanged.
         S = torch.mm(lhs, rhs.T).float()
-        # Every screened entry of the block is within this of its exact value.
-        marg = self.c_screen * a_max * float(self.beta_s[cidx].max()) + self.eps_screen
         rmax = S.amax(1).double()
         rmin = S.amin(1).double()
+        # Every screened entry of the block is within this of its exact value.
+        s_max = max(float(rmax.max()), -float(rmin.min()))
+        marg = _ScreenMargin.bound(lhs.shape[1], self.screen_dtype, *a_norms,
+                                   float(self.col_marg.norm_hat[cidx].max()),
+                                   float(self.col_marg.norm_res[cidx].max()), s_max) + self.basis_err
         self._fold_extremes(S, rows, cidx, marg, rmax, rmin)
         self._fold_entries(S, rows, cidx, marg, rmax, rmin)
         if self.square:
@@ -743,9 +795,10 @@ class _Screening:
 
     def _fold_self(self, S, ridx, cidx, marg, rmax) -> None:
         """Off-diagonal maxima of the undecided rows (decided rows stay decided; ``off_diag_upper``
-        is read only for undecided rows). A row is proven "not self" when the exact value of its
-        best screened off-diagonal entry is above the (exact) diagonal; only rows where the screen
-        says it could be are rescored. Overwrites the diagonal entries of ``S``.
+        is read only for undecided rows). A row is proven "not self" when its best screened
+        off-diagonal value minus the margin is above the (exact) diagonal, or, where the margin
+        can't tell, when the exact value of that entry is: only those rows are rescored (most rows
+        are decided by the screen alone). Overwrites the diagonal entries of ``S``.
 
         ``rmax`` (the block's row maxima) is the off-diagonal maximum of every row whose diagonal
         is not in the block; only the rows whose diagonal is are reduced again after masking it,
@@ -766,7 +819,9 @@ class _Screening:
             offv[inb] = S[und[inb]].amax(1).double()
         self.off_diag_upper[rows_u] = torch.maximum(self.off_diag_upper[rows_u], offv + marg)
         dg = self.diag[rows_u]
-        cand = torch.nonzero(offv + marg >= dg).squeeze(1)
+        # Beaten by the screen alone: an off-diagonal entry is >= its screened value - marg > M_ii.
+        self.undecided[rows_u[offv - marg > dg]] = False
+        cand = torch.nonzero((offv + marg >= dg) & (offv - marg <= dg)).squeeze(1)
         if cand.numel():
             offj = S[und[cand]].argmax(1)
             _, _, ex = self._exact(rows_u[cand], cidx[offj])
