@@ -5,6 +5,7 @@ partitions written as soon as they are computed, so a killed build resumes where
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import numbers
@@ -558,47 +559,69 @@ class _ModelWriter:
         return self._E64, self._U64T
 
     def _heads(self, l: int, lw) -> None:
+        """Head tables of layer ``l``: per head its factors, both circuits and its metrics.
+
+        A pipeline (docs/PAIRS.md "Speed"): a head's two circuits run on the circuit workers
+        (``submit_top_pairs``) while this thread builds the next head's factors (float64 GEMMs),
+        then it finishes the older head (waits for its circuits, computes its metrics, makes its
+        rows). At most two heads are in flight: the factors of three heads at most are alive."""
         from schemas import TABLES
 
-        from .kernels.head_metrics import head_metrics
-        from .kernels.pairs import submit_top_pairs, top_pairs
+        from .kernels.pairs import submit_top_pairs
 
         dims = self.model.dims
         dev = self.device
-        pair_parts, role_parts, head_rows = [], [], []
-        # Only the current kv head's factors are held (heads of a kv group are consecutive): keeping
-        # every kv head's E_K and E_V held 2 GB at Llama-2-7B and Llama-3-8B shapes (issue 12).
+        parts: dict = {"pairs": [], "head_tokens": [], "heads": []}
+        in_flight: collections.deque = collections.deque()
+        # Only the current kv head's factors are held here (heads of a kv group are consecutive):
+        # keeping every kv head's E_K and E_V held 2 GB at Llama-2-7B and Llama-3-8B shapes
+        # (issue 12); heads in flight hold their own group's until they are finished.
         factors_of, E_K, E_V = None, None, None
-        for h in range(dims.n_heads):
-            kv = dims.kv_head(h)
-            if kv != factors_of:
-                E_K = E_V = None  # freed before the next group's are built
-                E_K, E_V, factors_of = self._factor("E", lw.W_K[kv]), self._factor("E", lw.W_V[kv]), kv
-            A_qk = self._factor("E", lw.W_Q[h])
-            # The QK circuit runs on a second thread while this one builds B_ov and runs the OV
-            # circuit: a circuit's many small tensor operations leave a core idle (docs/PAIRS.md).
-            qk = submit_top_pairs(A_qk, E_K, self.n_pairs, self.k, square=True, device=dev) if self.n_pairs else None
-            B_ov = self._factor("U", lw.W_O[h].T)  # (W_O W_U)^T = W_U^T W_O^T: [d_vocab, d_head]
-            results = {}
-            if self.n_pairs > 0:
-                ov = top_pairs(E_V, B_ov, self.n_pairs, self.k, square=True, device=dev)
-                with phase("waiting for the other circuit"):
-                    results["qk"] = qk.result()
-                results["ov"] = ov
-            for circuit, res in results.items():
-                with phase("head tables"):
-                    pair_parts.append(self._pair_table(l, h, circuit, res))
-                    role_parts.append(self._role_table(l, h, circuit, res))
-            metrics = head_metrics(
-                self.model.embeddings.W_E, self.model.embeddings.W_U, lw.W_Q[h], lw.W_K[kv], lw.W_V[kv], lw.W_O[h],
-                results.get("ov"), results.get("qk"),
-                factors={"E_Q": A_qk, "E_K": E_K, "E_V": E_V, "OU": B_ov},
-            )
-            head_rows.append(dict(metrics, model=self.build.slug, layer=l, head=h, kv_head=kv, unit=head_unit(l, h)))
-        empty = lambda t: pa.Table.from_pylist([], schema=TABLES[t].schema)  # noqa: E731
-        self.build.write("pairs", pa.concat_tables(pair_parts) if pair_parts else empty("pairs"), layer=l)
-        self.build.write("head_tokens", pa.concat_tables(role_parts) if role_parts else empty("head_tokens"), layer=l)
-        self.build.write("heads", pa.Table.from_pylist(head_rows, schema=TABLES["heads"].schema), layer=l)
+        try:
+            for h in range(dims.n_heads):
+                kv = dims.kv_head(h)
+                if kv != factors_of:
+                    E_K = E_V = None  # freed before the next group's are built (unless in flight)
+                    E_K, E_V, factors_of = self._factor("E", lw.W_K[kv]), self._factor("E", lw.W_V[kv]), kv
+                A_qk = self._factor("E", lw.W_Q[h])
+                B_ov = self._factor("U", lw.W_O[h].T)  # (W_O W_U)^T = W_U^T W_O^T: [d_vocab, d_head]
+                circuits = {}
+                if self.n_pairs > 0:
+                    circuits = {"qk": submit_top_pairs(A_qk, E_K, self.n_pairs, self.k, square=True, device=dev),
+                                "ov": submit_top_pairs(E_V, B_ov, self.n_pairs, self.k, square=True, device=dev)}
+                in_flight.append((h, kv, {"E_Q": A_qk, "E_K": E_K, "E_V": E_V, "OU": B_ov}, circuits))
+                del A_qk, B_ov
+                if len(in_flight) > 1:
+                    self._finish_head(l, lw, *in_flight.popleft(), parts)
+            while in_flight:
+                self._finish_head(l, lw, *in_flight.popleft(), parts)
+        except BaseException:
+            # Queued circuits are dropped; running ones end on their own (a thread can't be stopped).
+            for *_, circuits in in_flight:
+                for future in circuits.values():
+                    future.cancel()
+            raise
+        for table, rows in parts.items():
+            if table == "heads":
+                data = pa.Table.from_pylist(rows, schema=TABLES[table].schema)
+            else:
+                data = pa.concat_tables(rows) if rows else pa.Table.from_pylist([], schema=TABLES[table].schema)
+            self.build.write(table, data, layer=l)
+
+    def _finish_head(self, l: int, lw, h: int, kv: int, factors: dict, circuits: dict, parts: dict) -> None:
+        """Wait for head ``h``'s circuits, then its pair / role rows and its metrics row."""
+        from .kernels.head_metrics import head_metrics
+
+        with phase("waiting for the circuits"):
+            results = {circuit: future.result() for circuit, future in circuits.items()}
+        for circuit, res in results.items():
+            with phase("head tables"):
+                parts["pairs"].append(self._pair_table(l, h, circuit, res))
+                parts["head_tokens"].append(self._role_table(l, h, circuit, res))
+        emb = self.model.embeddings
+        metrics = head_metrics(emb.W_E, emb.W_U, lw.W_Q[h], lw.W_K[kv], lw.W_V[kv], lw.W_O[h],
+                               results.get("ov"), results.get("qk"), factors=factors)
+        parts["heads"].append(dict(metrics, model=self.build.slug, layer=l, head=h, kv_head=kv, unit=head_unit(l, h)))
 
     def _pair_table(self, l: int, h: int, circuit: str, res) -> pa.Table:
         sides = [("top", res.top_rows, res.top_cols, res.top_vals), ("bottom", res.bot_rows, res.bot_cols, res.bot_vals)]

@@ -5,8 +5,8 @@ no profile is running, ``phase`` returns one shared do-nothing context (an attri
 call), so the hooks cost nothing in a normal build. While one runs, time is *exclusive*: entering
 a phase pauses the phase around it, so the phases' seconds add up to the run's wall time (what
 no phase claims is reported as ``other``). Only the thread that started the profile is accounted
-that way; a phase entered on another thread (the background Parquet writer) is reported apart,
-as time that overlapped the main thread's.
+that way; a phase entered on another thread (the circuit workers, the background Parquet writer)
+is reported apart, in thread seconds that overlapped the main thread's.
 
 The floor of a GEMM phase is its FLOPs over this machine's GEMM rate for that dtype, measured in
 the same run on the shapes the indexer uses (``measure_rates``), so ``seconds / floor`` says how
@@ -132,8 +132,15 @@ class Profile:
                          + (f"{fl:8.2f} {s / fl:8.1f}" if fl else f"{'':>8} {'':>8}"))
         lines.append(f"{'sum':<30} {sum(totals.values()):8.2f} {sum(totals.values()) / wall:6.1%} "
                      f"{sum(self.cpu.values()):8.2f}")
-        for name, s in self.overlapped.items():
-            lines.append(f"{name + ' (background)':<30} {s:8.2f}   (wall seconds on another thread, within the above)")
+        if self.overlapped:
+            # The circuits run on worker threads (two at once) beside the main thread: their
+            # seconds are summed over the workers and overlap the table above.
+            lines.append(f"{'on other threads':<30} {'thread s':>8} {'':>6} {'':>8} {'GFLOP':>8} {'floor s':>8} {'s/floor':>8}")
+            for name in [p for p in PHASES if p in self.overlapped] + [p for p in self.overlapped if p not in PHASES]:
+                s, fl = self.overlapped[name], self.floor(name)
+                gf = f"{self.flops[name] / 1e9:.0f}" if name in self.flops and name not in totals else ""
+                ratio = f"{fl:8.2f} {s / fl:8.1f}" if fl and name not in totals else f"{'':>8} {'':>8}"
+                lines.append(f"{name + ' (background)':<30} {s:8.2f} {'':>6} {'':>8} {gf:>8} " + ratio)
         layers = sorted({lay for (_n, lay) in self.seconds if isinstance(lay, int)})
         if layers:
             cols = [n for n in names if any((n, lay) in self.seconds for lay in layers)]
@@ -194,7 +201,7 @@ def measure_rates(budget_s: float = 0.1) -> dict[str, float]:
     """FLOP/s of this machine's GEMMs on the indexer's shapes, each timed for about ``budget_s``
     after a warm-up: fp32 through numpy (the vector projections: [block, d_model] @ [d_model,
     d_vocab]), bf16 through torch (a screened block: [512, 64] @ [64, 8192]) and fp64 through torch
-    (a circuit factor: [4096, 576] @ [576, 64])."""
+    (a block of a circuit factor: [64, 576] @ [576, 2048], indexer/build.py ``_factor_product``)."""
     import numpy as np
     import torch
 
@@ -211,9 +218,9 @@ def measure_rates(budget_s: float = 0.1) -> dict[str, float]:
     a, b = np.full((256, 576), 0.5, dtype=np.float32), np.full((576, 49152), 0.25, dtype=np.float32)
     out = np.empty((256, 49152), dtype=np.float32)
     A, B = torch.full((512, 64), 0.5, dtype=torch.bfloat16), torch.full((8192, 64), 0.25, dtype=torch.bfloat16)
-    E, W = torch.full((4096, 576), 0.5, dtype=torch.float64), torch.full((576, 64), 0.25, dtype=torch.float64)
+    W, E = torch.full((64, 576), 0.5, dtype=torch.float64), torch.full((576, 2048), 0.25, dtype=torch.float64)
     return {
         "fp32": rate(lambda: np.matmul(a, b, out=out), 2 * 256 * 576 * 49152),
         "bf16": rate(lambda: torch.mm(A, B.T), 2 * 512 * 64 * 8192),
-        "fp64": rate(lambda: E @ W, 2 * 4096 * 576 * 64),
+        "fp64": rate(lambda: W @ E, 2 * 64 * 576 * 2048),
     }

@@ -350,23 +350,27 @@ def top_pairs(
     return res
 
 
+CIRCUIT_WORKERS = 2
 _BACKGROUND: Optional[ThreadPoolExecutor] = None
+_BACKGROUND_LOCK = threading.Lock()
 
 
 def submit_top_pairs(A: Tensor, B: Tensor, n: int = 200, k: int = 50, **options) -> Future:
-    """``top_pairs(A, B, n, k, **options)`` on a background thread; ``.result()`` gives its
-    PairResult (or raises its error).
+    """``top_pairs(A, B, n, k, **options)`` on one of ``CIRCUIT_WORKERS`` threads; ``.result()``
+    gives its PairResult (or raises its error). Circuits start in the order submitted.
 
     Why: one circuit's screening is thousands of small tensor operations between short GEMMs,
-    and on a 2-core CPU it keeps the second core mostly idle; two circuits at once (the indexer
-    runs a head's QK here while it runs its OV) take about 1.5x less wall time. The results are
-    the same: a circuit's state is its own, and every value it reports is either an exact fp64
-    dot product or a decision proven for any summation order a GEMM may use. One worker: at most
-    two circuits' working sets are alive at once (docs/PAIRS.md "Two circuits at once").
+    and on a 2-core CPU it keeps the second core mostly idle; two circuits at once take about
+    1.5x less wall time, and the indexer builds the next head's float64 factors on its own
+    thread meanwhile (docs/PAIRS.md "Speed"). The results are the same: a circuit's state is
+    its own, and every value it reports is either an exact fp64 dot product or a decision proven
+    for any summation order a GEMM may use. Two workers: at most two circuits' working sets are
+    alive at once (docs/PAIRS.md "Two circuits at once").
     """
     global _BACKGROUND
-    if _BACKGROUND is None:
-        _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeropass-circuit")
+    with _BACKGROUND_LOCK:
+        if _BACKGROUND is None:
+            _BACKGROUND = ThreadPoolExecutor(max_workers=CIRCUIT_WORKERS, thread_name_prefix="zeropass-circuit")
     return _BACKGROUND.submit(top_pairs, A, B, n, k, **options)
 
 
