@@ -136,45 +136,71 @@ class _EntryPool:
 # basis and error margins
 
 
-def _balanced_basis(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, float]:
-    """Return ``A' = A T``, ``B' = B S`` with ``T S^T ≈ I`` and a bound ``c_T`` such that
-    ``|a'_i·b'_j - a_i·b_j| <= c_T ‖a_i‖‖b_j‖`` (all in float64).
+_U32, _U64 = 2.0**-24, 2.0**-53
+
+
+def _gamma(m: int, u: float) -> float:
+    return m * u / (1 - m * u)
+
+
+def _norms(X: Tensor) -> Tensor:
+    """Row norms of X in float64 (X float32 or float64): within 2^-40 (relative) of exact."""
+    return torch.linalg.vector_norm(X, dim=1, dtype=torch.float64)
+
+
+def _plain_basis(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, float, bool]:
+    """The given factors rounded to float32 (``c_T = 0``: only ``_ROUND32`` applies)."""
+    return A.float(), B.float(), 0.0, False
+
+
+# |a'·b' - p·q| <= _ROUND32 ‖a'‖‖b'‖ when a' = fl32(p), b' = fl32(q) (p, q float64 vectors):
+# with a' = p + ρ, ‖ρ‖ <= u‖p‖ <= u'‖a'‖ (u' = u/(1-u), u = 2^-24) and b' = q + σ alike,
+# |ρ·q + p·σ + ρ·σ| <= (2u'/(1-u) + u'²)‖a'‖‖b'‖. Rounded up a little for its own evaluation.
+_ROUND32 = (2 * (_U32 / (1 - _U32)) / (1 - _U32) + (_U32 / (1 - _U32)) ** 2) * (1 + 2.0**-20)
+
+
+def _balanced_basis(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, float, bool]:
+    """Return float32 ``A' = fl32(A T)``, ``B' = fl32(B S)`` (products in float64) with
+    ``T S^T ≈ I``, a bound ``c_T`` such that ``|p_i·q_j - a_i·b_j| <= c_T ‖a_i‖‖b_j‖`` for the
+    float64 products ``p = fl(aT)``, ``q = fl(bS)``, and whether the SVD basis was used (else
+    the plain factors). Rounding p and q to float32 adds at most ``_ROUND32 ‖a'_i‖‖b'_j‖``.
 
     Proof of the bound: with ``E = T S^T - I`` and ``δa = fl(aT) - aT``,
-    ``a'·b' - a·b = a E b^T + δa (bS)^T + (aT) δb^T + δa δb^T``. The first term is at most
+    ``p·q - a·b = a E b^T + δa (bS)^T + (aT) δb^T + δa δb^T``. The first term is at most
     ``‖a‖‖b‖‖E‖_F``. Each component of ``fl(aT)`` is a d-term dot product, so
     ``|δa| <= γ_d |a||T|`` and ``‖δa‖ <= γ_d ‖a‖‖T‖_F``; likewise ``‖δb‖ <= γ_d ‖b‖‖S‖_F``, and
     ``‖bS‖ <= ‖b‖‖S‖_F``. Summing: ``c_T = ‖E‖_F + (2γ_d + γ_d²)‖T‖_F‖S‖_F``; ``‖E‖_F`` itself is
     evaluated in fp64 with error below ``γ_{d+1}‖T‖_F‖S‖_F + u``, which we add.
+
+    Why float32 afterwards: every use of ``A'`` and ``B'`` is a bound with a margin (the bfloat16
+    screen, the float32 full rows, the cell bounds), reported values come from the float64
+    originals, and float32 halves the memory every pass over them reads (docs/PAIRS.md "Speed").
     """
     d = A.shape[1]
     eye = torch.eye(d, dtype=torch.float64, device=A.device)
     if min(A.shape[0], B.shape[0]) <= d:
-        return A, B, 0.0
+        return _plain_basis(A, B)
     # Any invertible R_a, R_b give T S^T = I exactly in real arithmetic; Cholesky factors of the
-    # Gram matrices (A = Q_a R_a with orthonormal Q_a) are cheap, and T S^T - I is measured below.
-    # The Gram matrices only choose the basis (any invertible R_a, R_b will do, and T S^T - I is
-    # measured below), so float32 ones serve: half the time of float64 ones.
+    # Gram matrices (A = Q_a R_a with orthonormal Q_a) are cheap, and T S^T - I is measured below,
+    # so the Gram matrices only choose the basis: float32 ones serve.
     La, info_a = torch.linalg.cholesky_ex(_gram32(A))
     Lb, info_b = torch.linalg.cholesky_ex(_gram32(B))
     if int(info_a) or int(info_b):
-        return A, B, 0.0
+        return _plain_basis(A, B)
     Ra, Rb = La.T, Lb.T
     diag = torch.cat([Ra.diagonal().abs(), Rb.diagonal().abs()])
     if bool(diag.min() <= 1e-6 * diag.max()):  # (near) rank-deficient: keep the given basis
-        return A, B, 0.0
+        return _plain_basis(A, B)
     U, sig, Wh = torch.linalg.svd(Ra @ Rb.T)
     root = sig.sqrt()
     T = torch.linalg.solve_triangular(Ra, U * root, upper=True)
     S = torch.linalg.solve_triangular(Rb, Wh.T * root, upper=True)
     E = torch.linalg.norm(T @ S.T - eye)
-    u64 = 2.0**-53
-    gam = lambda m: m * u64 / (1 - m * u64)  # noqa: E731
     tf, sf = float(torch.linalg.norm(T)), float(torch.linalg.norm(S))
-    c_T = float(E) + (2 * gam(d) + gam(d) ** 2 + gam(d + 1)) * tf * sf + u64
+    c_T = float(E) + (2 * _gamma(d, _U64) + _gamma(d, _U64) ** 2 + _gamma(d + 1, _U64)) * tf * sf + _U64
     if c_T > 1e-6:  # ill-conditioned transform: not worth it
-        return A, B, 0.0
-    return _times(A, T), _times(B, S), c_T
+        return _plain_basis(A, B)
+    return _times32(A, T), _times32(B, S), c_T, True
 
 
 def _gram32(X: Tensor) -> Tensor:
@@ -183,11 +209,12 @@ def _gram32(X: Tensor) -> Tensor:
     return (X32.T @ X32).double()
 
 
-def _times(X: Tensor, T: Tensor) -> Tensor:
-    """``X @ T`` for a tall X [n, d] and a small T [d, d], in float64, row-major. Computed as
-    ``(Tᵀ Xᵀ)ᵀ``: the same float64 dot products (d terms each, so ``_balanced_basis``'s bound
-    holds whatever the order), and the BLAS runs the wide shape about twice as fast."""
-    return (T.T @ X.T).T.contiguous()
+def _times32(X: Tensor, T: Tensor) -> Tensor:
+    """``fl32(X @ T)`` for a tall X [n, d] and a small T [d, d], the product in float64, the result
+    row-major float32. Computed as ``(Tᵀ Xᵀ)ᵀ``: the same float64 dot products (d terms each, so
+    ``_balanced_basis``'s bound holds whatever the order), and the BLAS runs the wide shape about
+    twice as fast."""
+    return (T.T @ X.T).float().T.contiguous()
 
 
 def _screen_margin(d: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -218,7 +245,7 @@ class _ScreenMargin:
     block's own largest value: ``|S_ij - a'_i·b'_j| <= margin`` for every entry of the block.
 
     Write ``â = fl(a')``, ``r_a = a' - â`` (computed exactly: ``â`` is ``a'`` rounded, so the
-    fp64 difference is exact by Sterbenz's lemma), likewise ``b̂``, ``r_b``. Then
+    float32 difference is exact by Sterbenz's lemma), likewise ``b̂``, ``r_b``. Then
     ``a'·b' - â·b̂ = â·r_b + r_a·b̂ + r_a·r_b``, at most ``‖â‖‖r_b‖ + ‖r_a‖‖b̂‖ + ‖r_a‖‖r_b‖``
     (Cauchy–Schwarz). The GEMM sums the d exact products ``â_k b̂_k`` in float32 in any order,
     error at most ``γ_d ‖â‖‖b̂‖`` (``γ_d = d u32 / (1 - d u32)``), giving ``s``; the output is
@@ -235,10 +262,11 @@ class _ScreenMargin:
     """
 
     def __init__(self, X: Tensor, Xs: Tensor):
-        """``X`` [n, d] float64 vectors, ``Xs`` their screen-dtype copy: per-vector norms."""
-        Xh = Xs.double()
-        self.norm_hat = torch.linalg.norm(Xh, dim=1)
-        self.norm_res = torch.linalg.norm(X - Xh, dim=1)
+        """``X`` [n, d] float32 vectors, ``Xs`` their screen-dtype copy: per-vector norms (in
+        float64). ``X - Xs`` is exact in float32 too (Sterbenz: ``Xs`` is ``X`` rounded)."""
+        Xh = Xs.to(X.dtype)
+        self.norm_hat = _norms(Xh)
+        self.norm_res = _norms(X - Xh)
 
     @staticmethod
     def bound(d: int, dtype: torch.dtype, a_hat: float, a_res: float, b_hat: float, b_res: float,
@@ -530,24 +558,26 @@ class _Screening:
         R, C, d = A64.shape[0], B64.shape[0], A64.shape[1]
         self.R, self.C = R, C
 
-        # Basis and margins.
-        Ab, Bb, c_T = _balanced_basis(A64, B64) if basis == "svd" else (A64, B64, 0.0)
-        alpha = torch.linalg.norm(Ab, dim=1)  # [R] ‖a'_i‖
-        beta = torch.linalg.norm(Bb, dim=1)  # [C]
+        # Basis (float32) and margins. Norms of the float32 vectors are computed in float64.
+        Ab, Bb, c_T, balanced = (_balanced_basis if basis == "svd" else _plain_basis)(A64, B64)
+        alpha = _norms(Ab)  # [R] ‖a'_i‖
+        beta = _norms(Bb)  # [C]
         self.Ab, self.Bb, self.alpha, self.beta = Ab, Bb, alpha, beta
-        # |a'_i·b'_j - a_i·b_j| <= c_T ‖a_i‖‖b_j‖ <= basis_err, for every entry.
-        a_max, b_max = float(torch.linalg.norm(A64, dim=1).max()), float(torch.linalg.norm(B64, dim=1).max())
-        self.basis_err = c_T * a_max * b_max
+        # |a'_i·b'_j - a_i·b_j| <= c_T ‖a_i‖‖b_j‖ + _ROUND32 ‖a'_i‖‖b'_j‖ for every entry: the
+        # first term is at most basis_err (with what float32 underflow may flush, entries below
+        # 2^-126); the second is carried as a relative term by every margin (c_round).
+        a_max, b_max = float(_norms(A64).max()), float(_norms(B64).max())
+        self.basis_err = c_T * a_max * b_max + 2.0**-120 * d * (1 + a_max) * (1 + b_max)
+        self.c_round = _ROUND32
         # Screen margin of a block: _ScreenMargin.bound of its rows' and columns' largest norms
         # and its largest |value|, plus the basis error (the screen computes a'·b', not a·b).
         self.screen_dtype = screen_dtype
         # Cell bounds are of a'·b' (so they miss M by up to basis_err) and rounded in fp64.
-        self.slack = self.basis_err + 1e-12 * float(alpha.max()) * float(beta.max())
+        self.slack = self.basis_err + (self.c_round + 1e-12) * float(alpha.max()) * float(beta.max())
 
         # Layout.
-        a1, b1 = Ab[:, 0], Bb[:, 0]
-        a_rest = torch.linalg.norm(Ab[:, 1:], dim=1)
-        b_rest = torch.linalg.norm(Bb[:, 1:], dim=1)
+        a1, b1 = Ab[:, 0].double(), Bb[:, 0].double()
+        a_rest, b_rest = _norms(Ab[:, 1:]), _norms(Bb[:, 1:])
         self.row_order, _, self.row_edges = _layout(alpha, a_rest, a1, max_block_cols, row_cell, 0)
         self.col_order, self.n_seed, self.col_edges = _layout(beta, b_rest, b1, max_block_cols,
                                                               cell_cols, seed_cols)
@@ -591,7 +621,7 @@ class _Screening:
         n_seed_blocks = (R + self.seed_rows - 1) // self.seed_rows if self.n_seed else 0
         n_blocks = (len(self.row_edges) - 1) * n_cells + n_seed_blocks
         self.stats = dict(rows=R, cols=C, d=d, entries_screened=0, blocks=n_blocks, blocks_computed=0,
-                          rescored=0, seed_cols=self.n_seed, basis="svd" if c_T > 0 else "none")
+                          rescored=0, seed_cols=self.n_seed, basis="svd" if balanced else "none")
 
     # -- phases ----------------------------------------------------------------------------
 
@@ -617,8 +647,9 @@ class _Screening:
                                         rmax=self.rows.t_max, rmin=self.rows.t_min,
                                         cmax=self.cols.t_max, cmin=self.cols.t_min)
         self._raise_role_thresholds()
-        full = _FullRows(self.A64, self.B64, self.Ab.float(), self.Bb.float(), self.alpha, self.beta,
-                         *_screen_margin(self.A64.shape[1], torch.float32), self.basis_err)
+        c32, eps32 = _screen_margin(self.A64.shape[1], torch.float32)
+        full = _FullRows(self.A64, self.B64, self.Ab, self.Bb, self.alpha, self.beta,
+                         c32 + self.c_round, eps32, self.basis_err)
         lists, n_candidates = [], 0
         for ext, order, by_cols in ((self.rows, self.row_order, False), (self.cols, self.col_order, True)):
             for largest in (True, False):
@@ -766,9 +797,9 @@ class _Screening:
         rmin = S.amin(1).double()
         # Every screened entry of the block is within this of its exact value.
         s_max = max(float(rmax.max()), -float(rmin.min()))
-        marg = _ScreenMargin.bound(lhs.shape[1], self.screen_dtype, *a_norms,
-                                   float(self.col_marg.norm_hat[cidx].max()),
-                                   float(self.col_marg.norm_res[cidx].max()), s_max) + self.basis_err
+        b_norms = (float(self.col_marg.norm_hat[cidx].max()), float(self.col_marg.norm_res[cidx].max()))
+        marg = (_ScreenMargin.bound(lhs.shape[1], self.screen_dtype, *a_norms, *b_norms, s_max)
+                + self.c_round * sum(a_norms) * sum(b_norms) + self.basis_err)
         self._fold_extremes(S, rows, cidx, marg, rmax, rmin)
         self._fold_entries(S, rows, cidx, marg, rmax, rmin)
         if self.square:
@@ -859,7 +890,8 @@ class _FullRows:
     """Full rows (or columns, ``by_cols``) of ``M`` for the few candidates the screen leaves:
     fp32 in the balanced basis, and fp64 from the original factors on the entries fp32 can't
     decide. The fp32 margin ``|fl32(a'·b') - a·b| <= c32 ‖a'‖‖b'‖ + eps32`` is ``_screen_margin``
-    for fp32 plus the basis error (``eps32 = eps + basis_err``)."""
+    for fp32 plus ``_ROUND32`` (``c32``: the basis vectors are float32 roundings) and the basis
+    error (``eps32 = eps + basis_err``)."""
 
     CHUNK = 256  # rows per fp32 pass
 
