@@ -522,33 +522,61 @@ class _ModelWriter:
 
     # -- heads -----------------------------------------------------------------------------
 
-    _FACTOR_ROWS = 2048  # vocabulary rows per float64 block in _factor (64 MB at d_model 4096)
+    _FACTOR_ROWS = 2048  # vocabulary rows per float64 block in _factors (64 MB at d_model 4096)
+    _FACTOR_BYTES = 256 * 2**20  # at most this much of factors from one pass over the basis
 
-    def _factor(self, side: str, W: torch.Tensor) -> torch.Tensor:
-        """float64 ``W_E @ W`` (side "E") or ``W_U^T @ W`` (side "U") for W [d_model, d_head]:
-        exact float64 products (docs/DESIGN.md §3). On a GPU from float64 bases built once; on the CPU
-        from the float32 projector bases, converted one block of vocabulary rows at a time."""
+    def _factors(self, side: str, Ws: list) -> list:
+        """float64 ``W_E @ W`` (side "E") or ``W_U^T @ W`` (side "U") for each W [d_model, d_head]
+        of ``Ws``, in one pass over the basis: exact float64 products (docs/DESIGN.md §3). On a GPU
+        from float64 bases built once; on the CPU from the float32 projector bases, converted one
+        block of vocabulary rows at a time."""
         V, d_model = self.model.embeddings.W_E.shape
-        with phase("circuit factors", flops=2 * V * d_model * W.shape[1], dtype="fp64"):
-            return self._factor_product(side, W)
+        flops = 2 * V * d_model * sum(W.shape[1] for W in Ws)
+        with phase("circuit factors", flops=flops, dtype="fp64"):
+            return self._factor_product(side, Ws)
 
-    def _factor_product(self, side: str, W: torch.Tensor) -> torch.Tensor:
-        W64 = W.to(self.device, torch.float64)
+    def _factor_product(self, side: str, Ws: list) -> list:
+        W64 = torch.cat([W.to(self.device, torch.float64) for W in Ws], dim=1)
+        widths = [W.shape[1] for W in Ws]
         if self.device != "cpu":
             E, UT = self._factors_base()
-            return (E if side == "E" else UT) @ W64
+            return list(((E if side == "E" else UT) @ W64).split(widths, dim=1))
         basis = (self.read if side == "E" else self.write_side).basis  # [d_model, d_vocab] float32
         V = basis.shape[1]
-        # Each block as W^T [d_head, d_model] @ basis block [d_model, rows], written transposed:
+        # Each block as W^T [widths, d_model] @ basis block [d_model, rows], written transposed:
         # the BLAS runs this wide shape about 2x faster than the tall [rows, d_model] @ [d_model,
-        # d_head] (measured on SmolLM2's factors, docs/BENCHMARKS.md §11). Both are float64 dot
-        # products of the same numbers; only the order of the additions may differ (last bits).
+        # d_head], and one pass for several factors converts each basis block once (measured on
+        # SmolLM2's factors, docs/BENCHMARKS.md §11). Every output is a float64 dot product of the
+        # same numbers; the factors came out bit for bit those of one tall GEMM per factor here.
         WT = W64.T.contiguous()
-        out = torch.empty(V, W64.shape[1], dtype=torch.float64)
+        outs = [torch.empty(V, w, dtype=torch.float64) for w in widths]
         for i in range(0, V, self._FACTOR_ROWS):
             j = min(V, i + self._FACTOR_ROWS)
-            out[i:j] = (WT @ basis[:, i:j].to(torch.float64)).T
-        return out
+            block = WT @ basis[:, i:j].to(torch.float64)
+            for out, part in zip(outs, block.split(widths, dim=0)):
+                out[i:j] = part.T
+        return outs
+
+    def _group_factors(self, lw, kv: int, heads: list) -> dict:
+        """The factors of one kv group's heads, keyed ("E_K",), ("E_V",), ("E_Q", h), ("OU", h), in
+        as few passes over each basis as ``_FACTOR_BYTES`` allows (one for SmolLM2's groups: 5 and
+        3 factors; one per factor for Llama-3-8B's 131 MB factors). Lazily, in that order: a
+        factor is built when first asked for, with the next ones of its side that fit."""
+        V = self.model.embeddings.W_E.shape[0]
+        d_head = lw.W_Q.shape[2]
+        per_pass = max(1, self._FACTOR_BYTES // (V * d_head * 8))
+        queues = {"E": [(("E_K",), lw.W_K[kv]), (("E_V",), lw.W_V[kv])] + [(("E_Q", h), lw.W_Q[h]) for h in heads],
+                  "U": [(("OU", h), lw.W_O[h].T) for h in heads]}  # (W_O W_U)^T = W_U^T W_O^T
+        ready: dict = {}
+
+        def get(key):
+            side = "U" if key[0] == "OU" else "E"
+            while key not in ready:
+                batch, queues[side] = queues[side][:per_pass], queues[side][per_pass:]
+                ready.update(zip([k for k, _ in batch], self._factors(side, [W for _, W in batch])))
+            return ready.pop(key) if key[0] in ("E_Q", "OU") else ready[key]
+
+        return get
 
     def _factors_base(self):
         """float64 W_E and W_U^T, built once (GPU only, see _factor)."""
@@ -564,7 +592,8 @@ class _ModelWriter:
         A pipeline (docs/PAIRS.md "Speed"): a head's two circuits run on the circuit workers
         (``submit_top_pairs``) while this thread builds the next head's factors (float64 GEMMs),
         then it finishes the older head (waits for its circuits, computes its metrics, makes its
-        rows). At most two heads are in flight: the factors of three heads at most are alive."""
+        rows). At most two heads are in flight; beside their factors, those of the current kv
+        group built ahead are alive (``_group_factors``: at most ``_FACTOR_BYTES`` a side)."""
         from schemas import TABLES
 
         from .kernels.pairs import submit_top_pairs
@@ -576,21 +605,21 @@ class _ModelWriter:
         # Only the current kv head's factors are held here (heads of a kv group are consecutive):
         # keeping every kv head's E_K and E_V held 2 GB at Llama-2-7B and Llama-3-8B shapes
         # (issue 12); heads in flight hold their own group's until they are finished.
-        factors_of, E_K, E_V = None, None, None
+        factors_of, factor = None, None
         try:
             for h in range(dims.n_heads):
                 kv = dims.kv_head(h)
                 if kv != factors_of:
-                    E_K = E_V = None  # freed before the next group's are built (unless in flight)
-                    E_K, E_V, factors_of = self._factor("E", lw.W_K[kv]), self._factor("E", lw.W_V[kv]), kv
-                A_qk = self._factor("E", lw.W_Q[h])
-                B_ov = self._factor("U", lw.W_O[h].T)  # (W_O W_U)^T = W_U^T W_O^T: [d_vocab, d_head]
+                    factor = None  # the last group's factors are freed (unless in flight)
+                    factor = self._group_factors(lw, kv, [g for g in range(h, dims.n_heads) if dims.kv_head(g) == kv])
+                    factors_of = kv
+                E_K, E_V, A_qk, B_ov = factor(("E_K",)), factor(("E_V",)), factor(("E_Q", h)), factor(("OU", h))
                 circuits = {}
                 if self.n_pairs > 0:
                     circuits = {"qk": submit_top_pairs(A_qk, E_K, self.n_pairs, self.k, square=True, device=dev),
                                 "ov": submit_top_pairs(E_V, B_ov, self.n_pairs, self.k, square=True, device=dev)}
                 in_flight.append((h, kv, {"E_Q": A_qk, "E_K": E_K, "E_V": E_V, "OU": B_ov}, circuits))
-                del A_qk, B_ov
+                del E_K, E_V, A_qk, B_ov
                 if len(in_flight) > 1:
                     self._finish_head(l, lw, *in_flight.popleft(), parts)
             while in_flight:
