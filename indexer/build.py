@@ -524,6 +524,7 @@ class _ModelWriter:
 
     _FACTOR_ROWS = 2048  # vocabulary rows per float64 block in _factors (64 MB at d_model 4096)
     _FACTOR_BYTES = 256 * 2**20  # at most this much of factors from one pass over the basis
+    _PIPELINE_BYTES = 128 * 2**20  # a head's factors up to this: two heads in flight (_heads)
 
     def _factors(self, side: str, Ws: list) -> list:
         """float64 ``W_E @ W`` (side "E") or ``W_U^T @ W`` (side "U") for each W [d_model, d_head]
@@ -592,8 +593,8 @@ class _ModelWriter:
         A pipeline (docs/PAIRS.md "Speed"): a head's two circuits run on the circuit workers
         (``submit_top_pairs``) while this thread builds the next head's factors (float64 GEMMs),
         then it finishes the older head (waits for its circuits, computes its metrics, makes its
-        rows). At most two heads are in flight; beside their factors, those of the current kv
-        group built ahead are alive (``_group_factors``: at most ``_FACTOR_BYTES`` a side)."""
+        rows). At most two heads are in flight (one at 7B shapes); beside their factors, those of
+        the current kv group built ahead are alive (``_group_factors``: ``_FACTOR_BYTES`` a side)."""
         from schemas import TABLES
 
         from .kernels.pairs import submit_top_pairs
@@ -602,6 +603,11 @@ class _ModelWriter:
         dev = self.device
         parts: dict = {"pairs": [], "head_tokens": [], "heads": []}
         in_flight: collections.deque = collections.deque()
+        # Two heads in flight overlap one head's factors with the other's circuits; where a head's
+        # four factors pass _PIPELINE_BYTES (Llama-2-7B: 4 x 33 MB) the memory goes first and
+        # one head is in flight (its factors, then its circuits): the 7B-shaped peak stays put.
+        V, d_head = self.model.embeddings.W_E.shape[0], lw.W_Q.shape[2]
+        heads_in_flight = 2 if 4 * V * d_head * 8 <= self._PIPELINE_BYTES else 1
         # Only the current kv head's factors are held here (heads of a kv group are consecutive):
         # keeping every kv head's E_K and E_V held 2 GB at Llama-2-7B and Llama-3-8B shapes
         # (issue 12); heads in flight hold their own group's until they are finished.
@@ -620,7 +626,7 @@ class _ModelWriter:
                                 "ov": submit_top_pairs(E_V, B_ov, self.n_pairs, self.k, square=True, device=dev)}
                 in_flight.append((h, kv, {"E_Q": A_qk, "E_K": E_K, "E_V": E_V, "OU": B_ov}, circuits))
                 del E_K, E_V, A_qk, B_ov
-                if len(in_flight) > 1:
+                if len(in_flight) >= heads_in_flight:
                     self._finish_head(l, lw, *in_flight.popleft(), parts)
             while in_flight:
                 self._finish_head(l, lw, *in_flight.popleft(), parts)

@@ -100,3 +100,18 @@ def test_two_circuits_at_once_build_the_tables_of_one_at_a_time(tmp_path, monkey
     monkeypatch.setattr(pairs, "submit_top_pairs", one_at_a_time)
     index_model(str(path), tmp_path / "in_turn", name="m", k=5, n_pairs=12, progress=None)
     assert _contents(tmp_path / "at_once") == _contents(tmp_path / "in_turn")
+
+
+def test_one_head_in_flight_builds_the_tables_of_two(tmp_path, monkeypatch):
+    # Where a head's factors are large (7B shapes) one head is in flight instead of two, and each
+    # factor is built in a pass of its own (_FACTOR_BYTES): the same tables.
+    from indexer.build import _ModelWriter, index_model
+    from tests.test_index import _contents
+    from tests.tiny_models import save_tiny
+
+    path = save_tiny("llama-gqa", tmp_path / "m")
+    index_model(str(path), tmp_path / "two", name="m", k=5, n_pairs=12, progress=None)
+    monkeypatch.setattr(_ModelWriter, "_PIPELINE_BYTES", 0)
+    monkeypatch.setattr(_ModelWriter, "_FACTOR_BYTES", 0)
+    index_model(str(path), tmp_path / "one", name="m", k=5, n_pairs=12, progress=None)
+    assert _contents(tmp_path / "two") == _contents(tmp_path / "one")
