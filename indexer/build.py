@@ -437,14 +437,23 @@ class _ModelWriter:
             return
         with phase("canonicalise and fold"):
             lw = self.model.layer(l)
-        if not self.build.has("vectors", layer=l):
-            self.build.write("vectors", self.vectors(l, lw), layer=l)
+        vectors = None if self.build.has("vectors", layer=l) else self.vectors(l, lw)
+
+        def write_vectors() -> None:
+            nonlocal vectors
+            if vectors is not None:
+                self.build.write("vectors", vectors, layer=l)
+                vectors = None
+
         if not all(self.build.has(t, layer=l) for t in self._HEAD_TABLES):
             # The circuits never use the projectors' score buffers (128 MB each): freed while they
             # run, they leave room for the second circuit that runs at once (docs/PAIRS.md).
             self.read.release_buffer()
             self.write_side.release_buffer()
-            self._heads(l, lw)  # the three head tables come from one pass: all or none
+            # the three head tables come from one pass: all or none; the vectors are written
+            # while the first head's circuits run
+            self._heads(l, lw, on_first_circuits=write_vectors)
+        write_vectors()
         self.build.mark_layer_done(l, ("vectors",) + self._HEAD_TABLES)
 
     def vectors(self, l: int, lw) -> pa.Table:
@@ -587,14 +596,16 @@ class _ModelWriter:
             self._U64T = self._E64 if self.same_basis else emb.W_U.T.to(self.device, torch.float64).contiguous()
         return self._E64, self._U64T
 
-    def _heads(self, l: int, lw) -> None:
+    def _heads(self, l: int, lw, on_first_circuits: Callable[[], None] = lambda: None) -> None:
         """Head tables of layer ``l``: per head its factors, both circuits and its metrics.
 
         A pipeline (docs/PAIRS.md "Speed"): a head's two circuits run on the circuit workers
         (``submit_top_pairs``) while this thread builds the next head's factors (float64 GEMMs),
         then it finishes the older head (waits for its circuits, computes its metrics, makes its
         rows). At most two heads are in flight (one at 7B shapes); beside their factors, those of
-        the current kv group built ahead are alive (``_group_factors``: ``_FACTOR_BYTES`` a side)."""
+        the current kv group built ahead are alive (``_group_factors``: ``_FACTOR_BYTES`` a side).
+        ``on_first_circuits`` runs once the first head's circuits are submitted (the layer's
+        vectors are written then, beside them)."""
         from schemas import TABLES
 
         from .kernels.pairs import submit_top_pairs
@@ -626,6 +637,8 @@ class _ModelWriter:
                                 "ov": submit_top_pairs(E_V, B_ov, self.n_pairs, self.k, square=True, device=dev)}
                 in_flight.append((h, kv, {"E_Q": A_qk, "E_K": E_K, "E_V": E_V, "OU": B_ov}, circuits))
                 del E_K, E_V, A_qk, B_ov
+                if h == 0:
+                    on_first_circuits()
                 if len(in_flight) >= heads_in_flight:
                     self._finish_head(l, lw, *in_flight.popleft(), parts)
             while in_flight:
