@@ -115,3 +115,18 @@ def test_one_head_in_flight_builds_the_tables_of_two(tmp_path, monkeypatch):
     monkeypatch.setattr(_ModelWriter, "_FACTOR_BYTES", 0)
     index_model(str(path), tmp_path / "one", name="m", k=5, n_pairs=12, progress=None)
     assert _contents(tmp_path / "two") == _contents(tmp_path / "one")
+
+
+def test_compare_builds_tells_an_identical_build_from_another(tmp_path, capsys):
+    # benchmarks/compare_builds.py is how docs/BENCHMARKS.md §11 shows a faster build's tables are
+    # today's: it must see two builds of the same settings as the same, and other lists as different.
+    from benchmarks.compare_builds import compare
+    from indexer.build import index_model
+    from tests.tiny_models import save_tiny
+
+    path = save_tiny("llama-gqa", tmp_path / "m")
+    for db, pairs in (("a", 12), ("b", 12), ("c", 10)):
+        index_model(str(path), tmp_path / db, name="m", k=5, n_pairs=pairs, progress=None)
+    assert compare(tmp_path / "a", tmp_path / "b")
+    assert not compare(tmp_path / "a", tmp_path / "c")
+    assert "pairs " in capsys.readouterr().out

@@ -26,11 +26,13 @@ Method (docs/PAIRS.md has the long version):
    smallest b_1) are screened against every row first: they give strong initial thresholds and
    prove most rows "not self" before any skip decision.
 3. *Screen.* For every row cell, the (row, column cell) pairs whose bound reaches a threshold
-   are screened as one block (needed rows × needed cells) in bfloat16 (fp32 accumulation);
-   every screened value carries a proven error margin ``c · ‖a_i‖‖b_j‖ + eps_abs`` (proof at
-   ``_screen_margin``). Undecided self rows additionally need the cells whose bound reaches their
-   diagonal: the best cells first, then the rest for the rows still undecided (a row is decided
-   when the fp64 value of its best screened off-diagonal entry beats the diagonal).
+   are screened in bfloat16 (fp32 accumulation), the needed cells in groups of 8, each against
+   the rows that need one of its cells; every screened value of a block is within a proven
+   margin of its exact value (``_ScreenMargin``: the inputs' actual rounding residuals and the
+   block's largest value). Undecided self rows additionally need the cells whose bound reaches
+   their diagonal: the best cells first, then the rest for the rows still undecided (a row is
+   decided when its best screened off-diagonal value, less the margin, or else that entry's
+   fp64 value, beats the diagonal).
 4. *Rescore.* Entries whose screened value could reach a threshold are recomputed in float64
    from the original factors. Rows / columns whose maximum could reach a role threshold, and
    rows whose self status is ambiguous, are recomputed in full in fp32 (proven fp32 margin), and
