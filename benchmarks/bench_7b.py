@@ -111,9 +111,9 @@ def child(args) -> None:
     vectors, heads = Writer.vectors, Writer._heads
 
     def timed(fn, what):
-        def run(self, l, lw):
+        def run(self, l, lw, **options):
             t = time.perf_counter()
-            out = fn(self, l, lw)
+            out = fn(self, l, lw, **options)
             per_layer.setdefault(l, {})[what] = time.perf_counter() - t
             # The peak so far after each half: shows which half of which layer set it.
             per_layer[l][what.replace("_s", "_peak_gb")] = round((_hwm() or 0) / 1e9, 3)
