@@ -670,6 +670,10 @@ class _ModelWriter:
         metrics = head_metrics(emb.W_E, emb.W_U, lw.W_Q[h], lw.W_K[kv], lw.W_V[kv], lw.W_O[h],
                                results.get("ov"), results.get("qk"), factors=factors)
         parts["heads"].append(dict(metrics, model=self.build.slug, layer=l, head=h, kv_head=kv, unit=head_unit(l, h)))
+        # Each circuit worker allocates in a glibc arena of its own, which keeps what a circuit
+        # freed: without a trim per head the 7B-shaped peak crept up head by head within a layer
+        # (3.9 -> 4.8 GB over one layer's 64 circuits, docs/BENCHMARKS.md §11). 0.2 ms a call.
+        _release_freed_memory()
 
     def _pair_table(self, l: int, h: int, circuit: str, res) -> pa.Table:
         sides = [("top", res.top_rows, res.top_cols, res.top_vals), ("bottom", res.bot_rows, res.bot_cols, res.bot_vals)]
