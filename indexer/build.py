@@ -615,8 +615,9 @@ class _ModelWriter:
         parts: dict = {"pairs": [], "head_tokens": [], "heads": []}
         in_flight: collections.deque = collections.deque()
         # Two heads in flight overlap one head's factors with the other's circuits; where a head's
-        # four factors pass _PIPELINE_BYTES (Llama-2-7B: 4 x 33 MB) the memory goes first and
-        # one head is in flight (its factors, then its circuits): the 7B-shaped peak stays put.
+        # four factors pass _PIPELINE_BYTES (Llama-2-7B: 4 x 33 MB) the memory goes first: one
+        # head is in flight (its factors, then its circuits) and freed memory is given back
+        # after each head (_finish_head's trim): the 7B-shaped peak stays put.
         V, d_head = self.model.embeddings.W_E.shape[0], lw.W_Q.shape[2]
         heads_in_flight = 2 if 4 * V * d_head * 8 <= self._PIPELINE_BYTES else 1
         # Only the current kv head's factors are held here (heads of a kv group are consecutive):
@@ -640,9 +641,9 @@ class _ModelWriter:
                 if h == 0:
                     on_first_circuits()
                 if len(in_flight) >= heads_in_flight:
-                    self._finish_head(l, lw, *in_flight.popleft(), parts)
+                    self._finish_head(l, lw, *in_flight.popleft(), parts, heads_in_flight == 1)
             while in_flight:
-                self._finish_head(l, lw, *in_flight.popleft(), parts)
+                self._finish_head(l, lw, *in_flight.popleft(), parts, heads_in_flight == 1)
         except BaseException:
             # Queued circuits are dropped; running ones end on their own (a thread can't be stopped).
             for *_, circuits in in_flight:
@@ -656,8 +657,10 @@ class _ModelWriter:
                 data = pa.concat_tables(rows) if rows else pa.Table.from_pylist([], schema=TABLES[table].schema)
             self.build.write(table, data, layer=l)
 
-    def _finish_head(self, l: int, lw, h: int, kv: int, factors: dict, circuits: dict, parts: dict) -> None:
-        """Wait for head ``h``'s circuits, then its pair / role rows and its metrics row."""
+    def _finish_head(self, l: int, lw, h: int, kv: int, factors: dict, circuits: dict, parts: dict,
+                     trim: bool) -> None:
+        """Wait for head ``h``'s circuits, then its pair / role rows and its metrics row; ``trim``:
+        give the memory the circuits freed back to the OS."""
         from .kernels.head_metrics import head_metrics
 
         with phase("waiting for the circuits"):
@@ -670,10 +673,13 @@ class _ModelWriter:
         metrics = head_metrics(emb.W_E, emb.W_U, lw.W_Q[h], lw.W_K[kv], lw.W_V[kv], lw.W_O[h],
                                results.get("ov"), results.get("qk"), factors=factors)
         parts["heads"].append(dict(metrics, model=self.build.slug, layer=l, head=h, kv_head=kv, unit=head_unit(l, h)))
-        # Each circuit worker allocates in a glibc arena of its own, which keeps what a circuit
-        # freed: without a trim per head the 7B-shaped peak crept up head by head within a layer
-        # (3.9 -> 4.8 GB over one layer's 64 circuits, docs/BENCHMARKS.md §11). 0.2 ms a call.
-        _release_freed_memory()
+        if trim:
+            # Each circuit worker allocates in a glibc arena of its own, which keeps what a circuit
+            # freed: without a trim per head the 7B-shaped peak crept up head by head within a
+            # layer (3.9 -> 4.8 GB over one layer's 64 circuits, docs/BENCHMARKS.md §11). Only
+            # where memory goes first: the pages given back are faulted in again by the next
+            # circuits (SmolLM2: +9 s of system time over six layers).
+            _release_freed_memory()
 
     def _pair_table(self, l: int, h: int, circuit: str, res) -> pa.Table:
         sides = [("top", res.top_rows, res.top_cols, res.top_vals), ("bottom", res.bot_rows, res.bot_cols, res.bot_vals)]
