@@ -567,14 +567,16 @@ class _ModelWriter:
                 out[i:j] = part.T
         return outs
 
-    def _group_factors(self, lw, kv: int, heads: list) -> dict:
+    def _factor_bytes(self, lw) -> int:
+        """Bytes of one float64 circuit factor [d_vocab, d_head]."""
+        return self.model.embeddings.W_E.shape[0] * lw.W_Q.shape[2] * 8
+
+    def _group_factors(self, lw, kv: int, heads: list) -> Callable[[tuple], torch.Tensor]:
         """The factors of one kv group's heads, keyed ("E_K",), ("E_V",), ("E_Q", h), ("OU", h), in
         as few passes over each basis as ``_FACTOR_BYTES`` allows (one for SmolLM2's groups: 5 and
         3 factors; one per factor for Llama-3-8B's 131 MB factors). Lazily, in that order: a
         factor is built when first asked for, with the next ones of its side that fit."""
-        V = self.model.embeddings.W_E.shape[0]
-        d_head = lw.W_Q.shape[2]
-        per_pass = max(1, self._FACTOR_BYTES // (V * d_head * 8))
+        per_pass = max(1, self._FACTOR_BYTES // self._factor_bytes(lw))
         queues = {"E": [(("E_K",), lw.W_K[kv]), (("E_V",), lw.W_V[kv])] + [(("E_Q", h), lw.W_Q[h]) for h in heads],
                   "U": [(("OU", h), lw.W_O[h].T) for h in heads]}  # (W_O W_U)^T = W_U^T W_O^T
         ready: dict = {}
@@ -589,7 +591,7 @@ class _ModelWriter:
         return get
 
     def _factors_base(self):
-        """float64 W_E and W_U^T, built once (GPU only, see _factor)."""
+        """float64 W_E and W_U^T, built once (GPU only, see _factors)."""
         if self._E64 is None:
             emb = self.model.embeddings
             self._E64 = emb.W_E.to(self.device, torch.float64)
@@ -618,8 +620,7 @@ class _ModelWriter:
         # four factors pass _PIPELINE_BYTES (Llama-2-7B: 4 x 33 MB) the memory goes first: one
         # head is in flight (its factors, then its circuits) and freed memory is given back
         # after each head (_finish_head's trim): the 7B-shaped peak stays put.
-        V, d_head = self.model.embeddings.W_E.shape[0], lw.W_Q.shape[2]
-        heads_in_flight = 2 if 4 * V * d_head * 8 <= self._PIPELINE_BYTES else 1
+        heads_in_flight = 2 if 4 * self._factor_bytes(lw) <= self._PIPELINE_BYTES else 1
         # Only the current kv head's factors are held here (heads of a kv group are consecutive):
         # keeping every kv head's E_K and E_V held 2 GB at Llama-2-7B and Llama-3-8B shapes
         # (issue 12); heads in flight hold their own group's until they are finished.
@@ -627,8 +628,7 @@ class _ModelWriter:
         try:
             for h in range(dims.n_heads):
                 kv = dims.kv_head(h)
-                if kv != factors_of:
-                    factor = None  # the last group's factors are freed (unless in flight)
+                if kv != factors_of:  # the last group's factors go with its closure (unless in flight)
                     factor = self._group_factors(lw, kv, [g for g in range(h, dims.n_heads) if dims.kv_head(g) == kv])
                     factors_of = kv
                 E_K, E_V, A_qk, B_ov = factor(("E_K",)), factor(("E_V",)), factor(("E_Q", h)), factor(("OU", h))

@@ -418,16 +418,16 @@ class _PlainArrays:
     for SmolLM2's tokenizer arrays), and every slice of an ``np.memmap`` runs memmap's Python
     ``__array_finalize__``: 3.4 s -> 1.1 s to read SmolLM2's header with plain views."""
 
+    def __init__(self):
+        import numpy
+
+        self._numpy = numpy
+
     def __getattr__(self, name):
-        import numpy
+        return getattr(self._numpy, name)
 
-        return getattr(numpy, name)
-
-    @staticmethod
-    def memmap(*args, **kwargs):
-        import numpy
-
-        return numpy.memmap(*args, **kwargs).view(numpy.ndarray)
+    def memmap(self, *args, **kwargs):
+        return self._numpy.memmap(*args, **kwargs).view(self._numpy.ndarray)
 
 
 @contextlib.contextmanager

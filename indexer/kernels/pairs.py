@@ -239,10 +239,9 @@ def _screen_margin(d: int, dtype: torch.dtype) -> tuple[float, float]:
     ``|S - x·y| <= [(1+u_in)^2 (1+γ_d)(1+u_out) - 1] ‖x‖‖y‖ + eps_abs``. We double the result for
     headroom against FTZ / fused-multiply-add variations.
     """
-    u32 = 2.0**-24
-    u_in = {torch.bfloat16: 2.0**-8, torch.float32: u32}[dtype]
+    u_in = {torch.bfloat16: 2.0**-8, torch.float32: _U32}[dtype]
     u_out = u_in
-    gam = d * u32 / (1 - d * u32)
+    gam = _gamma(d, _U32)
     c = (1 + u_in) ** 2 * (1 + gam) * (1 + u_out) - 1
     eps_abs = 4 * (d + 2) * 2.0**-126
     return 2 * c, 2 * eps_abs
@@ -279,8 +278,7 @@ class _ScreenMargin:
     @staticmethod
     def bound(d: int, dtype: torch.dtype, a_hat: float, a_res: float, b_hat: float, b_res: float,
               s_max: float) -> float:
-        u32 = 2.0**-24
-        gam = d * u32 / (1 - d * u32)
+        gam = _gamma(d, _U32)
         eps = torch.finfo(dtype).eps
         inputs = a_hat * b_res + a_res * b_hat + a_res * b_res
         tiny = 2.0**-120 * d * (1 + a_hat) * (1 + b_hat)
@@ -566,7 +564,7 @@ class _Screening:
         R, C, d = A64.shape[0], B64.shape[0], A64.shape[1]
         self.R, self.C = R, C
 
-        # Basis (float32) and margins. Norms of the float32 vectors are computed in float64.
+        # Basis (float32) and margins; norms are float64 upper bounds (_norms).
         Ab, Bb, c_T, balanced = (_balanced_basis if basis == "svd" else _plain_basis)(A64, B64)
         alpha = _norms(Ab)  # [R] ‖a'_i‖
         beta = _norms(Bb)  # [C]
@@ -589,7 +587,7 @@ class _Screening:
         self.row_order, _, self.row_edges = _layout(alpha, a_rest, a1, max_block_cols, row_cell, 0)
         self.col_order, self.n_seed, self.col_edges = _layout(beta, b_rest, b1, max_block_cols,
                                                               cell_cols, seed_cols)
-        self.alpha_s, self.beta_s = alpha[self.row_order], beta[self.col_order]
+        self.alpha_s = alpha[self.row_order]
         self.a1_s, self.a_rest_s = a1[self.row_order], a_rest[self.row_order]
         Ab_s, Bb_s = Ab[self.row_order], Bb[self.col_order]
         self.As = Ab_s.to(screen_dtype)
