@@ -93,6 +93,28 @@ def test_select_breaks_ties_by_lower_token_id(largest):
     assert got[1][1, :2].tolist() == [9, 650]
 
 
+@pytest.mark.parametrize("n_cols, k", [(16**3 - 5, 5), (16**4 - 100, 3), (2 * 16**4, 2)],
+                         ids=["two-levels", "three-levels", "four-levels"])
+@pytest.mark.parametrize("largest", [True, False], ids=["top", "bottom"])
+def test_select_ranks_groups_of_groups(n_cols, k, largest):
+    """Buffers of `padded_width` columns: the group extremes are grouped again (as many levels
+    as 16^level fits), and the padding (up to 255 columns) never wins. Rows of distinct values,
+    rows of few distinct values (ties at every level), a row whose best k share one group of
+    groups, and an all-equal row."""
+    g = torch.Generator().manual_seed(n_cols)
+    scores = torch.randn(12, n_cols, generator=g)
+    scores[6:] = torch.randint(-2, 3, (6, n_cols), generator=g).float()
+    scores[5] = 0.0
+    G = vectors.padded_width(n_cols) // vectors._GROUP
+    sign = 1.0 if largest else -1.0
+    scores[4, [7, 7 + G, 7 + 2 * G]] = 100.0 * sign  # members of one group
+    buf = torch.full((12, vectors.padded_width(n_cols)), float("nan"))
+    buf[:, :n_cols] = scores
+    got = vectors.select(buf, n_cols, k, largest)
+    want = _stable(scores, k, largest)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 def test_projector_with_exact_ties_matches_stable_sort():
     """Integer weights make the fp32 GEMM exact, so many scores tie exactly."""
     g = torch.Generator().manual_seed(2)

@@ -64,8 +64,8 @@ class Projector:
         self.d_vocab = self.basis.shape[1]
         self.k = min(k, self.d_vocab)
         self.device = device
-        # Score rows are padded to whole groups for `select`; the GEMM writes the first d_vocab columns.
-        self.width = -(-self.d_vocab // _GROUP) * _GROUP
+        # Score rows are padded for `select`; the GEMM writes the first d_vocab columns.
+        self.width = padded_width(self.d_vocab)
         self.block = max(1, _BLOCK_BYTES // (4 * self.width))
         self._buf: Tensor | None = None
 
@@ -121,30 +121,25 @@ def select(padded: Tensor, n_cols: int, k: int, largest: bool) -> tuple[Tensor, 
     best first, ties by the lower column: exactly
     ``torch.sort(padded[:, :n_cols], descending=largest, stable=True)[:, :k]``.
 
-    ``padded`` is [rows, G * _GROUP]; its columns from ``n_cols`` on (fewer than _GROUP) are
-    scratch, overwritten here with -inf / +inf so that they never win.
+    ``padded`` is [rows, G * _GROUP] (`padded_width` columns, or any whole number of groups); its
+    columns from ``n_cols`` on are scratch, overwritten here with -inf / +inf so that they never
+    win (fewer than _GROUP² of them: every group has a real member when G >= 16).
 
     Why it is exact: split the columns into G groups and take each group's max. The k groups with
     the highest maxima hold k distinct entries >= m_k (the k-th highest group max), so the k-th best
     entry is >= m_k; when m_k > m_{k+1}, every other group lies wholly below m_k and cannot hold a
-    top-k entry, not even a tied one. Rows where m_k == m_{k+1}, or where the candidates tie at the
-    k-th place, are ranked by a full stable sort instead (rare: e.g. an all-zero bias vector).
+    top-k entry, not even a tied one. The k best groups are found the same way, among the group
+    maxima grouped again (`_ranked`), so each ranking runs over about 16k values rather than the
+    G maxima. Rows where some level ties at the k-th place, or where the candidates do, are
+    ranked by a full stable sort instead (rare: e.g. an all-zero bias vector).
     """
     rows, width = padded.shape
-    G = width // _GROUP
-    if G <= k:  # small vocabularies: the full sort is cheap
+    if width // _GROUP <= k:  # small vocabularies: the full sort is cheap
         return _sorted(padded[:, :n_cols], k, largest)
     padded[:, n_cols:] = -math.inf if largest else math.inf
-    # Column c is member c // G of group c % G: the group maxima are an elementwise max over
-    # _GROUP contiguous slices. Each group has at most one padding column.
-    grouped = padded.view(rows, _GROUP, G)
-    extreme = grouped.amax(dim=1) if largest else grouped.amin(dim=1)
-    best = torch.topk(extreme, k + 1, dim=1, largest=largest, sorted=True)
-    members = torch.arange(_GROUP, device=padded.device) * G
-    cand = (members[None, :, None] + best.indices[:, None, :k]).reshape(rows, _GROUP * k)
-    top = torch.topk(padded.gather(1, cand), k + 1, dim=1, largest=largest, sorted=True)
-    val, idx = top.values[:, :k], cand.gather(1, top.indices[:, :k])
-    unsure = (best.values[:, k - 1] == best.values[:, k]) | (val[:, k - 1] == top.values[:, k])
+    vals, idx, unsure = _ranked(padded, k, largest)
+    val, idx = vals[:, :k], idx[:, :k]
+    unsure |= val[:, k - 1] == vals[:, k]
     tied = (val[:, 1:] == val[:, :-1]).any(dim=1) & ~unsure
     if bool(tied.any()):
         # torch.topk orders equal values arbitrarily: sort these rows' k by column, then stably by value.
@@ -157,6 +152,37 @@ def select(padded: Tensor, n_cols: int, k: int, largest: bool) -> tuple[Tensor, 
         r = unsure.nonzero().squeeze(1)
         val[r], idx[r] = _sorted(padded[r, :n_cols], k, largest)
     return val, idx
+
+
+def _ranked(x: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The k + 1 best values of each row of ``x`` [rows, n > k], best first, their columns, and
+    the rows where the grouping is unproven (a tie at the k-th place among group extremes); the
+    tie between the k-th and (k+1)-th values returned is the caller's to check.
+
+    Column c is member c // G of group c % G, so a group's extreme is an elementwise max over
+    _GROUP contiguous slices, and the k best groups are ranked by this same function over the G
+    extremes: grouped again when G is whole groups (`padded_width` makes it so at the vocabulary
+    sizes that gain), else all G at once. A ranking then runs over about 16k values instead of G
+    (GPT-2's vocabulary: 800 instead of 3142, and top-k's cost grows with its input)."""
+    rows, n = x.shape
+    G = n // _GROUP
+    if G <= k or n % _GROUP:
+        best = torch.topk(x, k + 1, dim=1, largest=largest, sorted=True)
+        return best.values, best.indices, torch.zeros(rows, dtype=torch.bool, device=x.device)
+    grouped = x.view(rows, _GROUP, G)
+    extreme = grouped.amax(dim=1) if largest else grouped.amin(dim=1)
+    g_vals, g_idx, unsure = _ranked(extreme, k, largest)
+    unsure |= g_vals[:, k - 1] == g_vals[:, k]
+    members = torch.arange(_GROUP, device=x.device) * G
+    cand = (members[None, :, None] + g_idx[:, None, :k]).reshape(rows, _GROUP * k)
+    best = torch.topk(x.gather(1, cand), k + 1, dim=1, largest=largest, sorted=True)
+    return best.values, cand.gather(1, best.indices), unsure
+
+
+def padded_width(n_cols: int) -> int:
+    """Columns of a score buffer for `select`: ``n_cols`` rounded up to whole groups of groups
+    (_GROUP² = 256), so that the group extremes can be grouped again (`_ranked`)."""
+    return -(-n_cols // _GROUP**2) * _GROUP**2
 
 
 def _sorted(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
