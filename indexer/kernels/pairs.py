@@ -62,6 +62,10 @@ __all__ = ["PairResult", "submit_top_pairs", "top_pairs"]
 _NEG_INF = -math.inf
 _POS_INF = math.inf
 
+# Gathers by an index tensor are written ``x.index_select(0, idx)`` rather than ``x[idx]``: the
+# same values, and on the CPU several times faster (rows of a screened block: 9x; 1-D: ~2x), in
+# loops that run thousands of times per circuit (docs/PAIRS.md "Speed").
+
 
 @dataclass
 class PairResult:
@@ -431,25 +435,24 @@ def _layout(norm: Tensor, rest: Tensor, first: Tensor, band: int, cell: int,
     cells and the (needed rows) × (needed cells) product screened is close to what is needed.
     """
     N = norm.numel()
-    by_norm = torch.argsort(norm, descending=True, stable=True)
+    is_seed = torch.zeros(N, dtype=torch.bool, device=norm.device)
     if seed_n > 0 and N > 3 * seed_n:
-        cand = torch.cat([by_norm[:seed_n], torch.topk(first, seed_n).indices,
+        cand = torch.cat([torch.topk(norm, seed_n).indices, torch.topk(first, seed_n).indices,
                           torch.topk(-first, seed_n).indices])
-        is_seed = torch.zeros(N, dtype=torch.bool, device=norm.device)
         is_seed[cand] = True
-        seed = by_norm[is_seed[by_norm]]
+        seed = torch.nonzero(is_seed).squeeze(1)
+        seed = seed.index_select(0, torch.argsort(norm.index_select(0, seed), descending=True, stable=True))
     else:
-        seed = by_norm[:0]
-        is_seed = torch.zeros(N, dtype=torch.bool, device=norm.device)
+        seed = torch.zeros(0, dtype=torch.long, device=norm.device)
     by_rest = torch.argsort(rest, descending=True, stable=True)
-    rest_idx = by_rest[~is_seed[by_rest]]
+    rest_idx = by_rest.index_select(0, torch.nonzero(~is_seed.index_select(0, by_rest)).squeeze(1))
     parts, edges = [seed], [seed.numel()]
     b0, size = 0, 4 * cell
     while b0 < rest_idx.numel():
         idx = rest_idx[b0 : b0 + size]
         b0 += size
         size = min(band, 2 * size)
-        idx = idx[torch.argsort(first[idx], stable=True)]
+        idx = idx.index_select(0, torch.argsort(first.index_select(0, idx), stable=True))
         parts.append(idx)
         base = edges[-1]
         for c0 in range(cell, idx.numel(), cell):
@@ -530,7 +533,7 @@ def _reduce_selected_rows(S: Tensor, keep: Tensor, op) -> Optional[Tensor]:
     if bool(keep.all()):
         return op(S, 0).double()
     if bool(keep.any()):
-        return op(S[keep], 0).double()
+        return op(S.index_select(0, torch.nonzero(keep).squeeze(1)), 0).double()
     return None
 
 
@@ -587,9 +590,9 @@ class _Screening:
         self.row_order, _, self.row_edges = _layout(alpha, a_rest, a1, max_block_cols, row_cell, 0)
         self.col_order, self.n_seed, self.col_edges = _layout(beta, b_rest, b1, max_block_cols,
                                                               cell_cols, seed_cols)
-        self.alpha_s = alpha[self.row_order]
-        self.a1_s, self.a_rest_s = a1[self.row_order], a_rest[self.row_order]
-        Ab_s, Bb_s = Ab[self.row_order], Bb[self.col_order]
+        self.alpha_s = alpha.index_select(0, self.row_order)
+        self.a1_s, self.a_rest_s = a1.index_select(0, self.row_order), a_rest.index_select(0, self.row_order)
+        Ab_s, Bb_s = Ab.index_select(0, self.row_order), Bb.index_select(0, self.col_order)
         self.As = Ab_s.to(screen_dtype)
         self.Bs = Bb_s.to(screen_dtype)  # [C, d]; blocks use Bs[cols].T
         self.row_marg = _ScreenMargin(Ab_s, self.As)
@@ -600,7 +603,7 @@ class _Screening:
         lens = torch.tensor(self.col_edges, device=dev).diff()
         n_cells = lens.numel()
         def per_cell(x, red):
-            return torch.segment_reduce(x[self.col_order][self.n_seed:], red, lengths=lens)
+            return torch.segment_reduce(x.index_select(0, self.col_order)[self.n_seed:], red, lengths=lens)
 
         self.cell_b1_lo, self.cell_b1_hi = per_cell(b1, "min"), per_cell(b1, "max")
         self.cell_rest_max, self.cell_norm_max = per_cell(b_rest, "max"), per_cell(beta, "max")
@@ -617,10 +620,10 @@ class _Screening:
         if square:
             # Row p is "self" iff M_ii >= max_j M_ij; it stays undecided until an off-diagonal
             # entry is proven to beat its diagonal.
-            self.diag = (A64 * B64).sum(1)[self.row_order]  # exact M_ii, per row position
+            self.diag = (A64 * B64).sum(1).index_select(0, self.row_order)  # exact M_ii, per row position
             col_pos = torch.empty(C, dtype=torch.long, device=dev)
             col_pos[self.col_order] = torch.arange(C, device=dev)
-            self.diag_col = col_pos[self.row_order]  # column position of each row's diagonal
+            self.diag_col = col_pos.index_select(0, self.row_order)  # column position of each row's diagonal
             self.off_diag_upper = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)
             self.undecided = torch.ones(R, dtype=torch.bool, device=dev)
             self.place_in_block = torch.full((C,), -1, dtype=torch.long, device=dev)  # scratch
@@ -718,7 +721,7 @@ class _Screening:
         if cells.numel() == 0:
             return
         ub, lb = _dot_bounds(x1[:, None], xr[:, None], xn[:, None],
-                             lo[cells], hi[cells], rho[cells], bm[cells])
+                             *(x.index_select(0, cells) for x in (lo, hi, rho, bm)))
         need = (ub >= th_hi) | (lb <= th_lo)
         self._screen_needed(r0, r1, cells, need)
         if self_pending:
@@ -760,10 +763,10 @@ class _Screening:
             rs = torch.nonzero(need.any(1)).squeeze(1)
             if rs.numel() == 0:
                 return
-            sub = need[rs]
+            sub = need.index_select(0, rs)
             take = torch.nonzero(sub.any(0)).squeeze(1)
             if best_only:
-                prio = torch.where(sub[:, take], ub[rs][:, take], _NEG_INF).amax(0)
+                prio = torch.where(sub[:, take], ub.index_select(0, rs)[:, take], _NEG_INF).amax(0)
                 take = take[torch.topk(prio, min(8, take.numel())).indices].sort().values
             self._screen(r0, r1, rs[sub[:, take].any(1)], self._cell_columns(cells[take]))
             if best_only:
@@ -791,7 +794,7 @@ class _Screening:
             pick = slice(r0, r1)
         else:
             rows = ridx + r0
-            lhs = self.As[rows]
+            lhs = self.As.index_select(0, rows)
             pick = rows
         a_norms = (float(self.row_marg.norm_hat[pick].max()), float(self.row_marg.norm_res[pick].max()))
         if isinstance(cols, slice):
@@ -821,7 +824,8 @@ class _Screening:
         rmin = S.amin(1).double()
         # Every screened entry of the block is within this of its exact value.
         s_max = max(float(rmax.max()), -float(rmin.min()))
-        b_norms = (float(self.col_marg.norm_hat[cidx].max()), float(self.col_marg.norm_res[cidx].max()))
+        b_norms = (float(self.col_marg.norm_hat.index_select(0, cidx).max()),
+                   float(self.col_marg.norm_res.index_select(0, cidx).max()))
         marg = (_ScreenMargin.bound(lhs.shape[1], self.screen_dtype, *a_norms, *b_norms, s_max)
                 + self.c_round * sum(a_norms) * sum(b_norms) + self.basis_err)
         self._fold_extremes(S, rows, cidx, marg, rmax, rmin)
@@ -831,9 +835,9 @@ class _Screening:
 
     def _exact(self, r_pos: Tensor, c_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Original indices and exact fp64 values of the entries at the given positions."""
-        ri, ci = self.row_order[r_pos], self.col_order[c_pos]
+        ri, ci = self.row_order.index_select(0, r_pos), self.col_order.index_select(0, c_pos)
         self.stats["rescored"] += int(ri.numel())
-        return ri, ci, (self.A64[ri] * self.B64[ci]).sum(1)
+        return ri, ci, (self.A64.index_select(0, ri) * self.B64.index_select(0, ci)).sum(1)
 
     def _fold_extremes(self, S, ridx, cidx, marg, rmax, rmin) -> None:
         self.rows.fold_max(ridx, rmax, marg)
@@ -865,7 +869,7 @@ class _Screening:
             rows = torch.nonzero(ext * sign >= t * sign - marg).squeeze(1)
             if rows.numel() == 0:
                 continue
-            sub = S[rows]
+            sub = S.index_select(0, rows)
             hit = torch.nonzero(sub * sign >= t * sign - marg)
             if hit.numel():
                 pool.add(*self._exact(ridx[rows[hit[:, 0]]], cidx[hit[:, 1]]))
@@ -893,14 +897,14 @@ class _Screening:
         inb = torch.nonzero(dc >= 0).squeeze(1)
         if inb.numel():
             S[und[inb], dc[inb]] = _NEG_INF
-            offv[inb] = S[und[inb]].amax(1).double()
+            offv[inb] = S.index_select(0, und[inb]).amax(1).double()
         self.off_diag_upper[rows_u] = torch.maximum(self.off_diag_upper[rows_u], offv + marg)
         dg = self.diag[rows_u]
         # Beaten by the screen alone: an off-diagonal entry is >= its screened value - marg > M_ii.
         self.undecided[rows_u[offv - marg > dg]] = False
         cand = torch.nonzero((offv + marg >= dg) & (offv - marg <= dg)).squeeze(1)
         if cand.numel():
-            offj = S[und[cand]].argmax(1)
+            offj = S.index_select(0, und[cand]).argmax(1)
             _, _, ex = self._exact(rows_u[cand], cidx[offj])
             beaten = cand[ex > dg[cand]]
             self.undecided[rows_u[beaten]] = False
@@ -938,14 +942,14 @@ class _FullRows:
         for s in range(0, idx.numel(), self.CHUNK):
             r = idx[s : s + self.CHUNK]
             add_flops("exact rescoring", 2.0 * r.numel() * Y32.shape[0] * Y32.shape[1], "fp32")
-            T = torch.mm(X32[r], Y32.T)
+            T = torch.mm(X32.index_select(0, r), Y32.T)
             if not largest:
                 T.neg_()
             m = self.c32 * xn[r] * ymax + self.eps32
             cut = (T.amax(1).double() - 2 * m - 1e-30).float()
             cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
             hit = torch.nonzero(T >= cut[:, None])
-            ex = (X64[r[hit[:, 0]]] * Y64[hit[:, 1]]).sum(1) * sgn
+            ex = (X64.index_select(0, r[hit[:, 0]]) * Y64.index_select(0, hit[:, 1])).sum(1) * sgn
             v = torch.full((r.numel(),), _NEG_INF, dtype=torch.float64, device=X64.device)
             v.scatter_reduce_(0, hit[:, 0], ex, "amax")
             out.append(v * sgn)
@@ -991,14 +995,14 @@ class _FullRows:
         for s in range(0, idx.numel(), self.CHUNK):
             r = idx[s : s + self.CHUNK]
             add_flops("exact rescoring", 2.0 * r.numel() * self.B32.shape[0] * self.B32.shape[1], "fp32")
-            T = torch.mm(self.A32[r], self.B32.T)
+            T = torch.mm(self.A32.index_select(0, r), self.B32.T)
             ar = torch.arange(r.numel(), device=T.device)
             T[ar, r] = _NEG_INF
             m = self.c32 * self.a_norm[r] * bmax + self.eps32
             cut = (dg[s : s + self.CHUNK] - m - 1e-30).float()
             cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
             hit = torch.nonzero(T >= cut[:, None])
-            ex = (self.A64[r[hit[:, 0]]] * self.B64[hit[:, 1]]).sum(1)
+            ex = (self.A64.index_select(0, r[hit[:, 0]]) * self.B64.index_select(0, hit[:, 1])).sum(1)
             beaten = torch.zeros(r.numel(), dtype=torch.bool, device=T.device)
             beaten[hit[:, 0][ex > dg[s : s + self.CHUNK][hit[:, 0]]]] = True
             n_self += int((~beaten).sum())
