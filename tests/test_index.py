@@ -457,3 +457,40 @@ def test_the_writer_never_commits_a_manifest_its_readers_refuse(tmp_path, synthe
     assert (db / "manifest.json").read_bytes() == before
     with Dataset(db) as ds:
         assert ds.sql("SELECT count(*) AS n FROM models").column("n").to_pylist() == [3]
+
+
+def test_a_vocabulary_sized_dictionary_is_not_copied_into_every_row_group(tmp_path):
+    """Parquet's writer copies an Arrow dictionary whole into each row group: the token texts
+    (the whole vocabulary) in every 16K-row group of a layer's `vectors` file were most of it.
+    `conform` decodes large dictionaries, so each row group gets a dictionary of its own texts:
+    same values back, a fraction of the bytes; small dictionaries (side, kind) stay encoded."""
+    from indexer.dataset import conform, write_parquet_atomic
+    from schemas import TABLES
+
+    n_vocab, n_rows = 50_000, 64 * 1024
+    rng = np.random.default_rng(0)
+    texts = pa.array([f"<b>{w}é" for w in rng.integers(0, 2**62, n_vocab).astype(str)])
+    token_id = np.sort(rng.integers(0, n_vocab, n_rows)).astype(np.int32)
+    cols = {}
+    for field in TABLES["vectors"].schema:
+        if field.name == "token":
+            cols["token"] = pa.DictionaryArray.from_arrays(pa.array(token_id), texts)
+        elif field.name == "side":
+            cols["side"] = pa.DictionaryArray.from_arrays(pa.array(token_id % 2), pa.array(["top", "bottom"]))
+        elif field.name == "token_id":
+            cols["token_id"] = pa.array(token_id)
+        elif not field.nullable:
+            cols[field.name] = pa.array(np.zeros(n_rows), type=field.type) if not pa.types.is_string(field.type) else pa.array(["x"] * n_rows)
+    data = pa.table(cols)
+    write_parquet_atomic(tmp_path, "as_built.parquet", conform("vectors", data), row_group_size=16 * 1024)
+    pq.write_table(data, tmp_path / "whole.parquet", compression="zstd", row_group_size=16 * 1024)
+    back = pq.read_table(tmp_path / "as_built.parquet")
+    assert back.column("token").to_pylist() == data.column("token").to_pylist()
+    assert pa.types.is_dictionary(back.schema.field("side").type)
+
+    def token_bytes(name):
+        meta = pq.ParquetFile(tmp_path / name).metadata
+        col = meta.schema.names.index("token")
+        return sum(meta.row_group(g).column(col).total_compressed_size for g in range(meta.num_row_groups))
+
+    assert token_bytes("as_built.parquet") < 0.4 * token_bytes("whole.parquet")
