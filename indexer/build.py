@@ -409,8 +409,7 @@ class _ModelWriter:
             # Bounded memory (issue 12): the projectors hold W_E^T / W_U as float32 [d_model, d_vocab];
             # point the model's embeddings at them (equal values) so W_E's own float32 copy can be
             # freed (2 GB at V 128256), and build the float64 circuit factors from them block by
-            # block (_factor_product) instead of holding float64 copies of both bases (8 GB at V
-            # 128256), unless those copies are small (_BASES64_BYTES).
+            # block (_factor) instead of holding float64 copies of both bases (8 GB at V 128256).
             model.embeddings = dataclasses.replace(emb, W_E=self.read.basis.T, W_U=self.write_side.basis)
 
     def _ids(self, positions: np.ndarray) -> np.ndarray:
@@ -535,9 +534,6 @@ class _ModelWriter:
     _FACTOR_ROWS = 2048  # vocabulary rows per float64 block in _factors (64 MB at d_model 4096)
     _FACTOR_BYTES = 256 * 2**20  # at most this much of factors from one pass over the basis
     _PIPELINE_BYTES = 128 * 2**20  # a head's factors up to this: two heads in flight (_heads)
-    # float64 copies of the bases kept for the whole build (CPU) when together at most this:
-    # SmolLM2's one (tied) basis is 226 MB, GPT-2's 309 MB, Llama-2-7B's two 2 GB (not kept).
-    _BASES64_BYTES = 512 * 2**20
 
     def _factors(self, side: str, Ws: list) -> list:
         """float64 ``W_E @ W`` (side "E") or ``W_U^T @ W`` (side "U") for each W [d_model, d_head]
@@ -556,24 +552,17 @@ class _ModelWriter:
             E, UT = self._factors_base()
             return list(((E if side == "E" else UT) @ W64).split(widths, dim=1))
         basis = (self.read if side == "E" else self.write_side).basis  # [d_model, d_vocab] float32
-        V, d_model = basis.shape[1], basis.shape[0]
-        # Small bases are converted to float64 once for the whole build (the per-block conversion
-        # was a third of this phase's time at SmolLM2's size); large ones a block at a time.
-        basis64 = None
-        if V * d_model * 8 * (1 if self.same_basis else 2) <= self._BASES64_BYTES:
-            E64, U64T = self._factors_base()
-            basis64 = (E64 if side == "E" else U64T).T  # [d_model, d_vocab], a view
+        V = basis.shape[1]
         # Each block as W^T [widths, d_model] @ basis block [d_model, rows], written transposed:
         # the BLAS runs this wide shape about 2x faster than the tall [rows, d_model] @ [d_model,
         # d_head], and one pass for several factors converts each basis block once (measured on
         # SmolLM2's factors, docs/BENCHMARKS.md §11). Every output is a float64 dot product of the
-        # same numbers; the factors came out bit for bit those of one tall GEMM per factor here,
-        # and those of a converted block the same as those of the kept float64 basis's view.
+        # same numbers; the factors came out bit for bit those of one tall GEMM per factor here.
         WT = W64.T.contiguous()
         outs = [torch.empty(V, w, dtype=torch.float64) for w in widths]
         for i in range(0, V, self._FACTOR_ROWS):
             j = min(V, i + self._FACTOR_ROWS)
-            block = WT @ (basis64[:, i:j] if basis64 is not None else basis[:, i:j].to(torch.float64))
+            block = WT @ basis[:, i:j].to(torch.float64)
             for out, part in zip(outs, block.split(widths, dim=0)):
                 out[i:j] = part.T
         return outs
@@ -602,7 +591,7 @@ class _ModelWriter:
         return get
 
     def _factors_base(self):
-        """float64 W_E and W_U^T, built once (on a GPU always, on the CPU when small: _factor_product)."""
+        """float64 W_E and W_U^T, built once (GPU only, see _factors)."""
         if self._E64 is None:
             emb = self.model.embeddings
             self._E64 = emb.W_E.to(self.device, torch.float64)
