@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,19 @@ def test_compare_builds_tells_an_identical_build_from_another(tmp_path, capsys):
     assert compare(tmp_path / "a", tmp_path / "b")
     assert not compare(tmp_path / "a", tmp_path / "c")
     assert "pairs " in capsys.readouterr().out
+
+
+def test_ab_pairs_loads_an_older_kernel_that_agrees_with_todays():
+    # benchmarks/ab_pairs.py is how docs/BENCHMARKS.md §11 measures a kernel change: the kernel it
+    # loads from git must be a working top_pairs of its own (not today's module under another name).
+    # (From the file's text: `old_kernel` adds only `git show REV:...`, and CI may have no git.)
+    import torch
+
+    import indexer.kernels.pairs as today
+    from benchmarks.ab_pairs import kernel_from_source
+    from benchmarks.bench_pairs import same
+
+    old = kernel_from_source(Path(today.__file__).read_text())
+    assert old is not today and old.top_pairs is not today.top_pairs
+    A, B = torch.randn(2, 700, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert same(old.top_pairs(A, B, n=20, k=5), today.top_pairs(A, B, n=20, k=5))
