@@ -124,3 +124,20 @@ def test_projector_with_exact_ties_matches_stable_sort():
     scores = X @ basis
     assert torch.equal(out.top_idx, _stable(scores, 12, True)[1])
     assert torch.equal(out.bot_idx, _stable(scores, 12, False)[1])
+
+
+@pytest.mark.parametrize("n_vocab", [1, 5, 17, 257, 4097])
+def test_projector_on_tiny_and_ragged_vocabularies_matches_stable_sort(n_vocab):
+    """Rows padded to 256 columns (`padded_width`): with one real column, with fewer real columns
+    than groups (whole groups of padding), and just past a multiple of 256; integer weights, so
+    most scores tie."""
+    g = torch.Generator().manual_seed(n_vocab)
+    basis = torch.randint(-2, 3, (6, n_vocab), generator=g).float()
+    X = torch.randint(-2, 3, (40, 6), generator=g).float()
+    scores = X @ basis
+    for k in (1, 3, 50):
+        out = Projector(basis, k)(X)
+        kk = min(k, n_vocab)
+        for largest, idx, val in ((True, out.top_idx, out.top_val), (False, out.bot_idx, out.bot_val)):
+            want_val, want_idx = _stable(scores, kk, largest)
+            assert torch.equal(idx, want_idx) and torch.equal(val, want_val), (k, largest)
