@@ -11,11 +11,10 @@ role lists, self fraction) is identical.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import sys
-import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -35,12 +34,9 @@ def old_kernel(rev: str):
 def kernel_from_source(src: str):
     """A pairs kernel module from its source text, imported as ``pairs_old``."""
     src = src.replace("from ..profile import", "from indexer.profile import")
-    path = Path(tempfile.mkdtemp()) / "pairs_old.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("pairs_old", path)
-    module = importlib.util.module_from_spec(spec)
+    module = types.ModuleType("pairs_old")
     sys.modules["pairs_old"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
+    exec(compile(src, "pairs_old.py", "exec"), module.__dict__)
     return module
 
 

@@ -62,9 +62,11 @@ __all__ = ["PairResult", "submit_top_pairs", "top_pairs"]
 _NEG_INF = -math.inf
 _POS_INF = math.inf
 
-# Gathers by an index tensor are written ``x.index_select(0, idx)`` rather than ``x[idx]``: the
-# same values, and on the CPU several times faster (rows of a screened block: 9x; 1-D: ~2x), in
-# loops that run thousands of times per circuit (docs/PAIRS.md "Speed").
+# Row gathers (of a screened block, of the factors) and the vocabulary-sized gathers of the
+# layout are written ``x.index_select(0, idx)`` rather than ``x[idx]``: the same values, and on
+# the CPU several times faster (rows of a screened block: 9x; the factors' rows: 6x), in loops
+# that run thousands of times per circuit (docs/PAIRS.md "Speed"). The small 1-D bookkeeping
+# gathers stay ``x[idx]`` (~2 µs a call more, next to a block's ~1 ms).
 
 
 @dataclass
