@@ -148,8 +148,18 @@ except ImportError:
 def local_ray():
     if ray is None:
         pytest.skip("ray is not installed (pip install 'zeropass[distributed]')")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    # The workers find this checkout through PYTHONPATH in the environment the raylet inherits, not
+    # through a runtime_env: with a runtime_env Ray leaves the two workers it prestarts at init idle
+    # and starts two more for the tasks (two more interpreter starts, ~10 s of a 2-core runner).
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([saved] if saved else []))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:  # later subprocesses of this test worker see the environment they saw before
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
     yield ray
     ray.shutdown()
 
@@ -182,8 +192,10 @@ def test_ray_build_equals_sequential_and_survives_a_killed_worker(local_ray, ckp
     def killer():
         deadline = time.time() + 60
         while time.time() < deadline and not killed:
+            # /proc is scanned only once a shard has written something: scanning it every 10 ms
+            # while the workers import torch took CPU from them.
             staged = list((db / ".builds" / "staging").glob("*/vectors/model=*/layer=*/*.parquet"))
-            pids = _ray_workers_running("_build_shard")
+            pids = _ray_workers_running("_build_shard") if staged else []
             if staged and pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])

