@@ -100,15 +100,30 @@ def test_hub_ids_of_two_organisations_with_one_name(tmp_path):
         (repo / "refs" / "main").write_text(rev)
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     db = tmp_path / "db"
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "cli", "index", *args, "--db", str(db), *SMALL],
-                              env=env, capture_output=True, text=True, timeout=300)
-
-    assert run("org1/x").returncode == 0
-    r = run("org2/x")
-    assert r.returncode == 1 and r.stderr.startswith("Error: ") and "org1/x" in r.stderr and "--replace" in r.stderr, r.stderr
+    # A process of its own for the environment (huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE
+    # when imported); both commands run in it, one after the other (one interpreter start, not two).
+    out = subprocess.run([sys.executable, "-c", _INDEX_EACH, str(db), *SMALL, "--", "org1/x", "org2/x"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, second = json.loads(out.stdout)
+    assert first["exit_code"] == 0, first
+    assert second["exit_code"] == 1, second
+    err = second["stderr"]
+    assert err.startswith("Error: ") and "org1/x" in err and "--replace" in err, err
     assert read_manifest(db)["models"]["x"]["source"] == "org1/x"
+
+
+# `zeropass index REF --db DB OPTIONS` for each REF in turn, in this one process (click's runner:
+# the console script's parsing, Error: lines and exit codes); a traceback fails the test.
+_INDEX_EACH = """
+import json, sys
+from click.testing import CliRunner
+from cli import cli
+db, rest = sys.argv[1], sys.argv[2:]
+options, refs = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+runs = [CliRunner().invoke(cli, ["index", ref, "--db", db, *options], catch_exceptions=False) for ref in refs]
+print(json.dumps([{"exit_code": r.exit_code, "stderr": r.stderr} for r in runs]))
+"""
 
 
 # -- 2. damage: the shared vocabulary ----------------------------------------------------------
