@@ -73,6 +73,13 @@ def _helpers(db: Path) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def pristine_helpers(synthetic_db) -> dict:
+    """What every helper answers on the synthetic dataset before anything is done to it: each test's
+    copy holds the same bytes, so it answers the same (computed once instead of once a test)."""
+    return _helpers(synthetic_db)
+
+
 def _assert_same(before: dict, after: dict) -> None:
     assert before.keys() == after.keys()
     for key in before:
@@ -85,9 +92,9 @@ def _compact(db: Path) -> dict:
     return compact(db)
 
 
-def test_answers_equal_after_compaction(synthetic_db, tmp_path):
+def test_answers_equal_after_compaction(synthetic_db, tmp_path, pristine_helpers):
     db = _copy(synthetic_db, tmp_path)
-    tables, sources, helpers = _tables(db), _sources(db), _helpers(db)
+    tables, sources, helpers = _tables(db), _sources(db), pristine_helpers
     n_files = sum(1 for _ in db.rglob("*.parquet"))
     section = _compact(db)
     assert set(section) == {"vectors", "vectors_by_token", "pairs", "pairs_by_token", "head_tokens", "heads", "models", "parameters"}
@@ -138,24 +145,25 @@ def test_reindex_after_compaction_reads_the_new_model(synthetic_db, tmp_path):
     _compact(db)
     from query import Dataset
 
+    want = _tables(plain)  # plain is not touched again
     with Dataset(db) as ds:  # a reader open across the re-index sees the new rows too
         ds.heads("paris")
         _beta_again(db, 99)
-        assert ds.sql("SELECT * FROM pairs ORDER BY ALL") == _tables(plain)["pairs"]
-    _assert_same(_tables(plain), _tables(db))
+        assert ds.sql("SELECT * FROM pairs ORDER BY ALL") == want["pairs"]
+    _assert_same(want, _tables(db))
     _assert_same(_sources(plain), _sources(db))
     _assert_same(_helpers(plain), _helpers(db))
     # and a second compaction folds the new build in
     _compact(db)
-    _assert_same(_tables(plain), _tables(db))
+    _assert_same(want, _tables(db))
 
 
-def test_damaged_compacted_file_is_skipped_and_named(synthetic_db, tmp_path):
+def test_damaged_compacted_file_is_skipped_and_named(synthetic_db, tmp_path, pristine_helpers):
     from indexer.check import check_dataset
     from schemas.layout import read_manifest
 
     db = _copy(synthetic_db, tmp_path)
-    helpers = _helpers(db)
+    helpers = pristine_helpers
     _compact(db)
     rel = read_manifest(db)["compacted"]["pairs"]["files"][0]
     (db / rel).write_bytes(b"not parquet at all")
@@ -193,11 +201,11 @@ print("done", flush=True)
 
 
 @pytest.mark.parametrize("after", [1, 3, 7])
-def test_sigkill_during_compaction_leaves_the_dataset_as_it_was(synthetic_db, tmp_path, after):
+def test_sigkill_during_compaction_leaves_the_dataset_as_it_was(synthetic_db, tmp_path, pristine_helpers, after):
     """SIGKILL after the n-th compacted file is written (before its rename, and later ones)."""
     db = _copy(synthetic_db, tmp_path)
     manifest, catalog = (db / "manifest.json").read_bytes(), (db / "catalog.duckdb").read_bytes()
-    helpers = _helpers(db)
+    helpers = pristine_helpers
     proc = subprocess.Popen([sys.executable, "-c", _KILLED.format(root=str(ROOT), db=str(db), after=after)],
                             stdout=subprocess.PIPE, text=True)
     for _ in range(after):
