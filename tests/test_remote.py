@@ -558,9 +558,9 @@ def test_refused_read_does_not_color_the_next_error(served, cache):
     pytest.param(["index", "./some-model"], id="index"), pytest.param(["diff", "a", "b"], id="diff"),
     pytest.param(["align", "a", "b"], id="align"), pytest.param(["check"], id="check"),
 ])
-def test_writing_commands_refuse_a_url_db(tmp_path, args):
-    r = subprocess.run(cli_argv(*args, "--db", "http://127.0.0.1:9/db"), capture_output=True,
-                       text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+def test_writing_commands_refuse_a_url_db(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)  # where a relative "http:" directory would be made
+    r = invoke_cli(*args, "--db", "http://127.0.0.1:9/db")  # in this process: no interpreter start per command
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and "read-only" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []  # no "http:" directory made on the way
 
