@@ -138,15 +138,13 @@ def test_series_directory_per_step(ckpts, tmp_path):
 
 # -- Ray ------------------------------------------------------------------------------------
 
-try:  # the Ray test only: the sequential ones run without the distributed extra
-    import ray
-except ImportError:
-    ray = None
-
-
 @pytest.fixture(scope="module")
 def local_ray():
-    if ray is None:
+    # Imported here, not at collection: the sequential tests run without the distributed extra, and
+    # a test worker that never runs the Ray test does not pay for importing it.
+    try:
+        import ray
+    except ImportError:
         pytest.skip("ray is not installed (pip install 'zeropass[distributed]')")
     # The workers find this checkout through PYTHONPATH in the environment the raylet inherits, not
     # through a runtime_env: with a runtime_env Ray leaves the two workers it prestarts at init idle
