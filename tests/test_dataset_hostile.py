@@ -59,6 +59,26 @@ def models(tmp_path_factory):
     return {"a": save_tiny("gpt2", base / "a" / "model", seed=1), "b": save_tiny("gpt2", base / "b" / "model", seed=2)}
 
 
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, models):
+    """``indexed(dst, ("a", "a"), ("b", "b"))``: a copy at ``dst`` of a dataset into which those
+    checkpoints were indexed under those names (None: the default name), in that order, with
+    ``SMALL``'s settings. Each list is built once per module and copied (a dataset is relocatable;
+    the copy is the test's to damage): the tests' starting points, not what they test."""
+    built: dict[tuple, Path] = {}
+
+    def copy(dst: Path, *builds: tuple[str, str | None]) -> Path:
+        if builds not in built:
+            src = tmp_path_factory.mktemp("indexed") / "db"
+            for model, name in builds:
+                index_model(str(models[model]), src, name=name, k=3, n_pairs=0, progress=None)
+            built[builds] = src
+        shutil.copytree(built[builds], dst, symlinks=True)
+        return dst
+
+    return copy
+
+
 # -- 1. default names that collide -------------------------------------------------------------
 
 def test_a_name_taken_by_another_checkpoint_is_refused_unless_replace(tmp_path, models):
@@ -79,10 +99,9 @@ def test_a_name_taken_by_another_checkpoint_is_refused_unless_replace(tmp_path, 
     assert manifest["models"]["model"]["origin"] == str(models["b"].resolve())
 
 
-def test_a_model_recorded_without_origin_is_replaced_as_before(tmp_path, models):
+def test_a_model_recorded_without_origin_is_replaced_as_before(tmp_path, models, indexed):
     """Manifests written before origins were recorded (and recovered ones) cannot tell."""
-    db = tmp_path / "db"
-    index_model(str(models["a"]), db, k=3, n_pairs=0, progress=None)
+    db = indexed(tmp_path / "db", ("a", None))
     manifest = json.loads((db / "manifest.json").read_text())
     manifest["models"]["model"]["origin"] = None
     (db / "manifest.json").write_text(json.dumps(manifest))
@@ -130,9 +149,8 @@ print(json.dumps([{"exit_code": r.exit_code, "stderr": r.stderr} for r in runs])
 # -- 2. damage: the shared vocabulary ----------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_a_damaged_shared_tokens_file_is_rewritten_by_the_next_commit(tmp_path, models, damage):
-    db = tmp_path / "db"
-    index_model(str(models["a"]), db, k=3, n_pairs=0, progress=None)
+def test_a_damaged_shared_tokens_file_is_rewritten_by_the_next_commit(tmp_path, models, indexed, damage):
+    db = indexed(tmp_path / "db", ("a", None))
     [vocab] = read_manifest(db)["vocabularies"].values()
     tokens = db / vocab["files"][0]
     good = tokens.read_bytes()
@@ -147,10 +165,8 @@ def test_a_damaged_shared_tokens_file_is_rewritten_by_the_next_commit(tmp_path, 
 
 # -- 3. a lost manifest ------------------------------------------------------------------------
 
-def test_a_lost_manifest_is_refused_and_recovered_from_the_files(tmp_path, models):
-    db = tmp_path / "db"
-    index_model(str(models["a"]), db, name="a", k=3, n_pairs=0, progress=None)
-    index_model(str(models["b"]), db, name="b", k=3, n_pairs=0, progress=None)
+def test_a_lost_manifest_is_refused_and_recovered_from_the_files(tmp_path, models, indexed):
+    db = indexed(tmp_path / "db", ("a", "a"), ("b", "b"))
     rows = invoke("sql", "SELECT model, count(*) AS n FROM vectors GROUP BY 1 ORDER BY 1", "--db", db, "--format", "json").stdout
     (db / "manifest.json").unlink()
     before = snapshot(db)
@@ -165,9 +181,8 @@ def test_a_lost_manifest_is_refused_and_recovered_from_the_files(tmp_path, model
     assert set(read_manifest(db)["models"]) == {"a", "b", "c"}
 
 
-def test_a_malformed_manifest_is_refused_and_kept_when_recovering(tmp_path, models):
-    db = tmp_path / "db"
-    index_model(str(models["a"]), db, name="a", k=3, n_pairs=0, progress=None)
+def test_a_malformed_manifest_is_refused_and_kept_when_recovering(tmp_path, models, indexed):
+    db = indexed(tmp_path / "db", ("a", "a"))
     (db / "manifest.json").write_text('{"models": ')
     line = one_error_line(invoke("index", models["b"], "--db", db, "--name", "b", *SMALL))
     assert "not valid JSON" in line and "--recover" in line
@@ -267,11 +282,11 @@ def _fill_before(monkeypatch, disk: Path, module, name: str, when=lambda *a, **k
 
 
 @pytest.mark.parametrize("step", ["catalog", "manifest", "tokens", "progress"])
-def test_a_full_disk_at_any_write_fails_and_leaves_the_dataset_as_it_was(tmp_path, small_disk, monkeypatch, models, step):
+def test_a_full_disk_at_any_write_fails_and_leaves_the_dataset_as_it_was(tmp_path, small_disk, monkeypatch, models, indexed,
+                                                                         step):
     import indexer.dataset as dataset
 
-    db = small_disk / "db"
-    index_model(str(models["a"]), db, name="ok", k=3, n_pairs=0, progress=None)
+    db = indexed(small_disk / "db", ("a", "ok"))
     if step == "tokens":  # a damaged shared vocabulary makes the next commit rewrite it
         [vocab] = read_manifest(db)["vocabularies"].values()
         (db / vocab["files"][0]).write_bytes(b"PAR1")
@@ -329,9 +344,8 @@ def _kill_after_first_layer(path: Path, db: Path, name: str) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_the_next_write_cleans_leftovers_and_keeps_resumable_builds(tmp_path, models):
-    db = tmp_path / "db"
-    index_model(str(models["a"]), db, name="a", k=3, n_pairs=0, progress=None)
+def test_the_next_write_cleans_leftovers_and_keeps_resumable_builds(tmp_path, models, indexed):
+    db = indexed(tmp_path / "db", ("a", "a"))
     _kill_after_first_layer(models["b"], db, "r")  # a resumable build: its files must stay
     resumable = set(json.loads((db / ".builds" / "r.json").read_text())["done"])
     committed = read_manifest(db)["models"]["a"]
@@ -363,9 +377,8 @@ def test_the_next_write_cleans_leftovers_and_keeps_resumable_builds(tmp_path, mo
     assert invoke("check", "--db", db).exit_code == 0 and not (db / ".builds").exists()
 
 
-def test_check_repair_removes_leftovers_and_rewrites_a_stale_catalog(tmp_path, models):
-    db = tmp_path / "db"
-    index_model(str(models["a"]), db, name="a", k=3, n_pairs=0, progress=None)
+def test_check_repair_removes_leftovers_and_rewrites_a_stale_catalog(tmp_path, models, indexed):
+    db = indexed(tmp_path / "db", ("a", "a"))
     old_catalog = (db / "catalog.duckdb").read_bytes()
     index_model(str(models["b"]), db, name="b", k=3, n_pairs=0, progress=None)
     (db / "catalog.duckdb").write_bytes(old_catalog)  # as if killed between manifest and catalog rename
@@ -379,12 +392,10 @@ def test_check_repair_removes_leftovers_and_rewrites_a_stale_catalog(tmp_path, m
 
 # -- 7. one commit path: remove_model and store_alignment take the lock -----------------------
 
-def test_remove_model_waits_for_the_writer_lock(tmp_path, models):
+def test_remove_model_waits_for_the_writer_lock(tmp_path, models, indexed):
     from indexer.dataset import remove_model
 
-    db = tmp_path / "db"
-    index_model(str(models["a"]), db, name="a", k=3, n_pairs=0, progress=None)
-    index_model(str(models["b"]), db, name="b", k=3, n_pairs=0, progress=None)
+    db = indexed(tmp_path / "db", ("a", "a"), ("b", "b"))
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import fcntl, os, sys, time
         fd = os.open({str(db / '.lock')!r}, os.O_RDWR)
@@ -416,7 +427,7 @@ def test_two_concurrent_first_index_runs_on_a_new_directory_both_land(tmp_path, 
 
 # -- 8. the per-layer completion record --------------------------------------------------------
 
-def test_a_layer_is_complete_only_by_its_record(tmp_path, models):
+def test_a_layer_is_complete_only_by_its_record(tmp_path, models, indexed):
     """Resume trusts the explicit per-layer record; a recorded partition whose file was lost
     (or truncated) since is recomputed, not published damaged."""
     db = tmp_path / "db"
@@ -427,7 +438,7 @@ def test_a_layer_is_complete_only_by_its_record(tmp_path, models):
     lost = db / progress["done"]["heads/model=m/layer=0"]["file"]
     lost.write_bytes(lost.read_bytes()[:50])
     index_model(str(models["a"]), db, name="m", k=3, n_pairs=0, progress=None)
-    index_model(str(models["a"]), tmp_path / "clean", name="m", k=3, n_pairs=0, progress=None)
+    clean = indexed(tmp_path / "clean", ("a", "m"))  # a build of m that was never interrupted
     assert invoke("check", "--db", db).exit_code == 0
     q = "SELECT * EXCLUDE (model) FROM heads ORDER BY ALL"
-    assert invoke("sql", q, "--db", db, "--format", "csv").stdout == invoke("sql", q, "--db", tmp_path / "clean", "--format", "csv").stdout
+    assert invoke("sql", q, "--db", db, "--format", "csv").stdout == invoke("sql", q, "--db", clean, "--format", "csv").stdout
