@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from indexer.build import index_model
 from indexer.load import load_canonical
 from query import Dataset
 from cli import cli
@@ -26,14 +25,17 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def moe_db(tmp_path_factory):
-    """One dataset with every tiny MoE family (k = the whole vocabulary) and one dense model."""
+    """One dataset with every tiny MoE family (k = the whole vocabulary) and one dense model, indexed
+    through `zeropass index` (in this process); ``runs``: what each command returned, for the test
+    of the CLI on each checkpoint (which used to index each one a second time, into a dataset of its own)."""
     root = tmp_path_factory.mktemp("moe")
     db = root / "db"
-    paths = {}
+    paths, runs = {}, {}
     for family in MOE + ("llama-gqa",):
         paths[family] = save_tiny(family, root / family)
-        index_model(str(paths[family]), db, name=family.replace("_", "-"), k=D_VOCAB, n_pairs=4, progress=None)
-    return db, paths
+        runs[family] = invoke("index", str(paths[family]), "--db", str(db), "--name", family.replace("_", "-"),
+                              "--k", str(D_VOCAB), "--pairs", "4", "--quiet")
+    return db, paths, runs
 
 
 def _router_scores(path, layer, expert):
@@ -43,21 +45,23 @@ def _router_scores(path, layer, expert):
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_coverage_and_index_cli_on_each_moe_checkpoint(moe_db, tmp_path, family):
-    _, paths = moe_db
+def test_coverage_and_index_cli_on_each_moe_checkpoint(moe_db, family):
+    db, paths, runs = moe_db
     r = invoke("coverage", str(paths[family]), "--format", "json")
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)
     assert not [x for x in rows if x["role"] == "unknown"]
     assert {"vectors:router", "vectors:ff_value"} <= {x["covered_by"] for x in rows}
-    r = invoke("index", str(paths[family]), "--db", str(tmp_path / "db"), "--k", "3", "--pairs", "2", "--quiet")
+    r = runs[family]  # `zeropass index CHECKPOINT ... --quiet`, run by the fixture
     assert r.exit_code == 0, r.stderr
+    with Dataset(db) as ds:
+        assert ds.sql("SELECT count(*) AS n FROM models WHERE model = $m", {"m": family.replace("_", "-")}).column("n").to_pylist() == [1]
 
 
 def test_tokens_routed_to_an_expert_show_and_sql(moe_db):
     """show L1.E3.router lists the tokens whose embedding has the largest router logit for expert 3;
     the same list is one SQL query on kind 'router'."""
-    db, paths = moe_db
+    db, paths, _ = moe_db
     want = torch.argsort(_router_scores(paths["mixtral"], 1, 3), descending=True, stable=True)[:5].tolist()
     with Dataset(db) as ds:
         shown = ds.show("mixtral", "L1.E3.router", limit=5)["vectors"].to_pylist()
@@ -79,7 +83,7 @@ def test_tokens_routed_to_an_expert_show_and_sql(moe_db):
 def test_expert_neurons_promoting_a_token(moe_db):
     """neurons X --kind ff_value finds routed experts' neurons (units L.E.N) with their expert, and
     each hit is the token's real rank in that expert neuron's W_out row @ W_U."""
-    db, paths = moe_db
+    db, paths, _ = moe_db
     c = load_canonical(str(paths["olmoe"])).canonical
     with Dataset(db) as ds:
         hits = ds.neurons("Paris", model="olmoe", kind="ff_value", max_rank=3, limit=None).to_pylist()
@@ -99,7 +103,7 @@ def test_expert_neurons_promoting_a_token(moe_db):
 
 
 def test_show_an_expert_neuron_and_the_cli(moe_db):
-    db, _ = moe_db
+    db, _, _ = moe_db
     with Dataset(db) as ds:
         rows = ds.show("qwen3-moe", "l1.e2.n5", limit=2)["vectors"].to_pylist()
     assert {r["unit"] for r in rows} == {"L1.E2.N5"} and {r["kind"] for r in rows} == {"ff_key", "ff_gate", "ff_value"}
@@ -122,7 +126,7 @@ def test_show_an_expert_neuron_and_the_cli(moe_db):
     ("mixtral", "L0.E1.routers", "malformed unit"),
 ])
 def test_bad_expert_units_are_one_line(moe_db, model, unit, match):
-    db, _ = moe_db
+    db, _, _ = moe_db
     with Dataset(db) as ds:
         if match is None:
             assert ds.show(model, unit)["vectors"].num_rows > 0
@@ -140,7 +144,7 @@ def test_enrich_counts_every_expert_list_as_a_test(moe_db, family):
     gate). Before, m was n_layers x d_ff and routers counted nothing (q-values too small)."""
     from query.enrich import _vector_lists
 
-    db, paths = moe_db
+    db, paths, _ = moe_db
     c = load_canonical(str(paths[family])).canonical
     d = c.dims
     ff = d.n_layers * (d.n_experts * d.d_ff + d.d_ff_shared)
