@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,11 +157,27 @@ FAMILIES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """``built(family)``: (checkpoint, dataset) of the tiny ``family`` model indexed as ``family`` with
+    K and N_PAIRS, made once per module: the tests that only read such a build share it (a test that
+    changes it works on a copy)."""
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in cache:
+            base = tmp_path_factory.mktemp(family)
+            path = save_tiny(family, base / family)
+            index_model(str(path), base / "db", name=family, k=K, n_pairs=N_PAIRS, progress=None)
+            cache[family] = path, base / "db"
+        return cache[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_vector_row_equals_dense_reference(tmp_path, family):
-    path = save_tiny(family, tmp_path / family)
-    db = tmp_path / "db"
-    index_model(str(path), db, name=family, k=K, n_pairs=N_PAIRS, progress=None)
+def test_every_vector_row_equals_dense_reference(built, family):
+    path, db = built(family)
     canonical = load_canonical(str(path)).canonical
     n = check_vectors_against_dense(db, family, canonical)
     assert n > 0
@@ -219,10 +236,8 @@ def test_folded_moe_equals_dense_reference_on_folded_weights(tmp_path):
 
 @pytest.mark.parametrize("family", [pytest.param("gpt2", id="mha"), pytest.param("llama-gqa", id="gqa"),
                                     pytest.param("gemma3_text", id="gemma3-qk-and-post-norms")])
-def test_pairs_and_roles_equal_dense_circuits(tmp_path, family):
-    path = save_tiny(family, tmp_path / family)
-    db = tmp_path / "db"
-    index_model(str(path), db, name="m", k=K, n_pairs=N_PAIRS, progress=None)
+def test_pairs_and_roles_equal_dense_circuits(built, family):
+    path, db = built(family)  # the build test_every_vector_row_equals_dense_reference checked
     model = load_canonical(str(path)).canonical
     E, U = model.embeddings.W_E.double(), model.embeddings.W_U.double()
     pairs = read_table(db, "pairs").to_pylist()
@@ -357,10 +372,8 @@ def test_two_models_and_reindexing_one_leaves_the_other_untouched(tmp_path):
     assert set(counts) == {"a", "b"}
 
 
-def test_dataset_survives_being_moved(tmp_path):
-    path = save_tiny("bert", tmp_path / "m")
-    db = tmp_path / "db"
-    index_model(str(path), db, name="m", k=K, n_pairs=N_PAIRS, progress=None)
+def test_dataset_survives_being_moved(tmp_path, built):
+    db = Path(shutil.copytree(built("bert")[1], tmp_path / "db", symlinks=True))
     before = _contents(db)
     moved = tmp_path / "elsewhere" / "copy"
     moved.parent.mkdir()
@@ -387,10 +400,9 @@ def test_unwritable_db_is_one_clear_error(tmp_path):
     assert (tmp_path / "notadataset" / "precious.txt").read_text() == "keep me"
 
 
-def test_dataset_of_another_schema_version_is_refused_untouched(tmp_path):
-    path = save_tiny("gpt2", tmp_path / "m")
-    db = tmp_path / "db"
-    index_model(str(path), db, name="old", k=K, n_pairs=N_PAIRS, progress=None)
+def test_dataset_of_another_schema_version_is_refused_untouched(tmp_path, built):
+    path, built_db = built("gpt2")
+    db = Path(shutil.copytree(built_db, tmp_path / "db", symlinks=True))
     manifest = json.loads((db / "manifest.json").read_text())
     manifest["schema_version"] = 1
     (db / "manifest.json").write_text(json.dumps(manifest))
