@@ -321,32 +321,61 @@ def test_a_full_disk_through_the_cli_is_one_line_and_exit_1(tmp_path, small_disk
 
 # -- 6. leftovers of killed writers ------------------------------------------------------------
 
-_SLOW_BUILD = textwrap.dedent("""
-    import sys, time
+# Builds that stall once their layer 0 is on disk, one after the other in one process (one import
+# of torch instead of one per build), which the test then SIGKILLs: each build is left as a kill
+# mid-build leaves it, the earlier ones parked in their progress callback on a thread of their own.
+_STALLED_BUILDS = textwrap.dedent("""
+    import os, sys, threading, time
     sys.path.insert(0, {repo!r})
     from indexer.build import index_model
-    def slow(msg):
-        if "done (" in msg:
-            print(msg, flush=True)
-            time.sleep(30)
-    index_model({path!r}, {db!r}, name={name!r}, k=3, n_pairs=0, progress=slow)
+    def build(path, db, name, stalled):
+        def slow(msg):
+            if "done (" in msg:
+                print(name, msg, flush=True)
+                stalled.set()
+                time.sleep(120)  # the test kills us here
+        try:
+            index_model(path, db, name=name, k=3, n_pairs=0, progress=slow)
+        finally:
+            os._exit(3)  # finished or failed without stalling: not the state the tests want
+    for path, db, name in {builds!r}:
+        stalled = threading.Event()
+        threading.Thread(target=build, args=(path, db, name, stalled), daemon=True).start()
+        if not stalled.wait(300):
+            os._exit(4)
+    time.sleep(300)
 """)
 
 
-def _kill_after_first_layer(path: Path, db: Path, name: str) -> None:
-    script = _SLOW_BUILD.format(repo=str(REPO), path=str(path), db=str(db), name=name)
+def _kill_after_first_layer(*builds: tuple[Path, Path, str]) -> None:
+    """Index each (checkpoint, dataset, name) up to its layer 0 in one process, then SIGKILL it."""
+    script = _STALLED_BUILDS.format(repo=str(REPO), builds=[(str(p), str(db), name) for p, db, name in builds])
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    waiting = [name for _, _, name in builds]
     for line in proc.stdout:
-        if "done (" in line:  # layer 0 is on disk
-            proc.send_signal(signal.SIGKILL)
-            break
+        if "done (" in line:  # that build's layer 0 is on disk
+            waiting.remove(line.split()[0])
+            if not waiting:
+                proc.send_signal(signal.SIGKILL)
+                break
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL and not waiting, (proc.returncode, waiting)
 
 
-def test_the_next_write_cleans_leftovers_and_keeps_resumable_builds(tmp_path, models, indexed):
-    db = indexed(tmp_path / "db", ("a", "a"))
-    _kill_after_first_layer(models["b"], db, "r")  # a resumable build: its files must stay
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, models, indexed):
+    """Two datasets with a build SIGKILLed after its layer 0, made by one killed process; tests copy them:
+    ``after_a``: a committed, then r (checkpoint b) killed; ``fresh``: m (checkpoint a), the first
+    write into a new directory, killed."""
+    base = tmp_path_factory.mktemp("killed")
+    after_a = indexed(base / "after-a", ("a", "a"))
+    fresh = base / "fresh"
+    _kill_after_first_layer((models["b"], after_a, "r"), (models["a"], fresh, "m"))
+    return {"after_a": after_a, "fresh": fresh}
+
+
+def test_the_next_write_cleans_leftovers_and_keeps_resumable_builds(tmp_path, models, killed):
+    db = Path(shutil.copytree(killed["after_a"], tmp_path / "db", symlinks=True))  # r: a resumable build, its files must stay
     resumable = set(json.loads((db / ".builds" / "r.json").read_text())["done"])
     committed = read_manifest(db)["models"]["a"]
     some = db / committed["files"]["vectors"][0]
@@ -427,11 +456,10 @@ def test_two_concurrent_first_index_runs_on_a_new_directory_both_land(tmp_path, 
 
 # -- 8. the per-layer completion record --------------------------------------------------------
 
-def test_a_layer_is_complete_only_by_its_record(tmp_path, models, indexed):
+def test_a_layer_is_complete_only_by_its_record(tmp_path, models, indexed, killed):
     """Resume trusts the explicit per-layer record; a recorded partition whose file was lost
     (or truncated) since is recomputed, not published damaged."""
-    db = tmp_path / "db"
-    _kill_after_first_layer(models["a"], db, "m")
+    db = Path(shutil.copytree(killed["fresh"], tmp_path / "db", symlinks=True))
     progress = json.loads((db / ".builds" / "m.json").read_text())
     assert list(progress["layers_done"]) == ["0"]
     assert sorted(progress["layers_done"]["0"]) == sorted(f"{t}/model=m/layer=0" for t in ("vectors", "pairs", "head_tokens", "heads"))
