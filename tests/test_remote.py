@@ -110,6 +110,13 @@ def test_cli_db_url_and_env(served, cache):
 
 # -- the SQL allow-list holds through the remote setup (the attacker's tests) -----------------
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One metadata cache for the 70 cases below: each opens the dataset again, from the footers the
+    first one cached (a cold open fetches every footer: half of each case's time)."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 @pytest.mark.parametrize("target", [
     pytest.param("{url}/../secret.txt", id="dotdot-over-http"),
     pytest.param("{root}/secret.txt", id="same-host-other-file"),
@@ -127,8 +134,9 @@ def test_cli_db_url_and_env(served, cache):
     pytest.param("memory://zp/x", id="memory-fs"),
 ])
 @pytest.mark.parametrize("reader", ["read_text", "read_blob", "read_parquet", "read_csv", "glob"])
-def test_user_sql_cannot_read_outside_the_listed_files(served, cache, target, reader):
+def test_user_sql_cannot_read_outside_the_listed_files(served, shared_cache, target, reader):
     srv, db, url = served
+    cache = shared_cache
     path = target.format(url=url, root=srv.url, port=srv.port, db=db)
     with Dataset(url, cache_dir=cache) as ds:
         srv.reset()
