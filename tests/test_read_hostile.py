@@ -73,6 +73,7 @@ import time  # noqa: E402
 from query import Dataset  # noqa: E402
 from query.errors import DatasetChanged, ForbiddenSQL, QueryTimeout, RemoteUnreachable  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
+from tests.dataset_helpers import invoke_cli  # noqa: E402
 from tests.rangeserver import RangeServer  # noqa: E402
 
 
@@ -190,8 +191,8 @@ def test_cache_clear_refuses_a_directory_it_did_not_write(tmp_path, how):
     (home / "docs" / "thesis.tex").write_text("years of work")
     (home / "notes.txt").write_text("keep")
     args = ["cache", "clear"] + (["--cache-dir", str(home)] if how == "option" else [])
-    env = None if how == "option" else {**__import__("os").environ, "ZEROPASS_CACHE": str(home)}
-    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    env = None if how == "option" else {"ZEROPASS_CACHE": str(home)}
+    r = invoke_cli(*args, env=env)  # in this process (click's runner sets the variable for the call)
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "not a zeropass cache" in r.stderr
     assert (home / "docs" / "thesis.tex").read_text() == "years of work" and (home / "notes.txt").exists()

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from query import BadSQL, Dataset, ForbiddenSQL, NotADataset, QueryError
 from cli import cli
-from tests.dataset_helpers import CLI_MODULE
+from tests.dataset_helpers import CLI_MODULE, invoke_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,13 @@ def _cli(*argv, env=None):
     """The real `zeropass` in a subprocess (signals, memory and exit codes are the real ones)."""
     return subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True, cwd=str(ROOT),
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="100", **(env or {})))
+
+
+def _cli_here(*argv):
+    """The same command line in this process (click's runner: the console script's parsing, Error:
+    lines and exit codes; an exception it does not turn into an Error: line propagates), for the
+    cases where no signal, memory bound or pipe is under test: no interpreter start."""
+    return invoke_cli(*argv, env={"COLUMNS": "100"})
 
 
 def _one_line(stderr: str, *fragments):
@@ -351,13 +358,13 @@ def test_statements_that_read_run(ds, synthetic_db, query):
 
 def test_explain_analyze_in_the_cli_is_not_a_traceback(synthetic_db):
     for q in ("/* c */ EXPLAIN ANALYZE SELECT 1", "EXPLAIN ANALYZE SELECT 1"):
-        r = _cli("sql", q, "--db", str(synthetic_db))
+        r = _cli_here("sql", q, "--db", str(synthetic_db))
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_import_database_left_nothing_behind(copy_db):
     _evil_import_dir(copy_db)
-    r = _cli("sql", f"PRAGMA import_database('{copy_db / 'evil'}')", "--db", str(copy_db))
+    r = _cli_here("sql", f"PRAGMA import_database('{copy_db / 'evil'}')", "--db", str(copy_db))
     assert r.returncode == 1
     _one_line(r.stderr, "import_database", "not allowed")
     assert not (copy_db / "pwned.csv").exists()
@@ -487,7 +494,7 @@ def test_json_streams_and_stays_one_valid_array(synthetic_db):
 
 
 def test_table_format_caps_rows_and_says_how_many_more(synthetic_db):
-    r = _cli("sql", "SELECT i FROM range(5000) t(i)", "--db", str(synthetic_db))
+    r = _cli_here("sql", "SELECT i FROM range(5000) t(i)", "--db", str(synthetic_db))
     assert r.returncode == 0
     from query.output import TABLE_ROWS
 
@@ -654,7 +661,7 @@ def test_damaged_and_missing_files_stay_with_their_model(copy_db):
             ds.show("alpha", "L1.N0")
         with pytest.raises(DamagedFile, match="beta"):  # heads reads beta's pairs through pairs_by_token
             ds.heads("paris", model="beta")
-    r = _cli("sql", "SELECT count(*) FROM pairs", "--db", str(copy_db))
+    r = _cli_here("sql", "SELECT count(*) FROM pairs", "--db", str(copy_db))
     assert r.returncode == 1
     _one_line(r.stderr, missing, "beta", "--replace")
 
