@@ -59,22 +59,19 @@ def models(tmp_path_factory):
     return {"a": save_tiny("gpt2", base / "a" / "model", seed=1), "b": save_tiny("gpt2", base / "b" / "model", seed=2)}
 
 
-@pytest.fixture(scope="module")
-def indexed(tmp_path_factory, models):
-    """``indexed(dst, ("a", "a"), ("b", "b"))``: a copy at ``dst`` of a dataset into which those
-    checkpoints were indexed under those names (None: the default name), in that order, with
-    ``SMALL``'s settings. Each list is built once per module and copied (a dataset is relocatable;
-    the copy is the test's to damage): the tests' starting points, not what they test."""
-    built: dict[tuple, Path] = {}
+def index_into(db: Path, *builds: tuple[str, str | None]) -> None:
+    """Each (checkpoint, name) indexed into ``db`` in turn (None: the default name), with ``SMALL``'s settings."""
+    for path, name in builds:
+        index_model(path, db, name=name, k=3, n_pairs=0, progress=None)
 
+
+@pytest.fixture(scope="module")
+def indexed(prebuilt, models):
+    """``indexed(dst, ("a", "a"), ("b", "b"))``: a copy at ``dst`` of a dataset into which those
+    checkpoints were indexed under those names, in that order (`index_into`), built once per test
+    run (`prebuilt`): the tests' starting points, not what they test; the copy is the test's to damage."""
     def copy(dst: Path, *builds: tuple[str, str | None]) -> Path:
-        if builds not in built:
-            src = tmp_path_factory.mktemp("indexed") / "db"
-            for model, name in builds:
-                index_model(str(models[model]), src, name=name, k=3, n_pairs=0, progress=None)
-            built[builds] = src
-        shutil.copytree(built[builds], dst, symlinks=True)
-        return dst
+        return prebuilt(index_into, dst, *((str(models[m]), name) for m, name in builds))
 
     return copy
 
@@ -213,24 +210,15 @@ ODD = [
 ]
 
 
-@pytest.fixture(scope="module")
-def decoy_dataset(tmp_path_factory, models):
-    """A dataset of one model, ``decoy``: built once, copied where a test wants one (a dataset is
-    relocatable: its catalog's paths are relative)."""
-    db = tmp_path_factory.mktemp("decoy") / "db"
-    index_model(str(models["b"]), db, name="decoy", k=3, n_pairs=0, progress=None)
-    return db
-
-
 @pytest.mark.parametrize("name,decoy", ODD)
-def test_odd_db_paths_work_end_to_end(tmp_path, models, decoy_dataset, name, decoy, monkeypatch):
+def test_odd_db_paths_work_end_to_end(tmp_path, models, indexed, name, decoy, monkeypatch):
     """index, models, sql, check through the CLI; a decoy dataset that DuckDB's globbing would
     also match (db[1] -> db1, d*b -> dxb) must not leak into the results."""
     import duckdb
 
     monkeypatch.chdir(tmp_path)
     if decoy:
-        shutil.copytree(decoy_dataset, tmp_path / decoy, symlinks=True)
+        indexed(tmp_path / decoy, ("b", "decoy"))
     db = tmp_path / name
     r = invoke("index", models["a"], f"--db={name}", "--name", "m", *SMALL)  # relative, as typed
     assert r.exit_code == 0, r.stderr

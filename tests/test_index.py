@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -157,20 +156,19 @@ FAMILIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """``built(family)``: (checkpoint, dataset) of the tiny ``family`` model indexed as ``family`` with
-    K and N_PAIRS, made once per module: the tests that only read such a build share it (a test that
-    changes it works on a copy)."""
-    cache: dict[str, tuple[Path, Path]] = {}
+def build_family(out: Path, family: str) -> None:
+    """The tiny ``family`` checkpoint at ``out/family``, indexed as ``family`` with K and N_PAIRS into ``out/db``."""
+    path = save_tiny(family, out / family)
+    index_model(str(path), out / "db", name=family, k=K, n_pairs=N_PAIRS, progress=None)
 
+
+@pytest.fixture
+def built(prebuilt, tmp_path):
+    """``built(family)``: (checkpoint, dataset) of `build_family`, a copy of one build per test run
+    (`prebuilt`): the dense-reference test checks it, the other tests read or damage their copy."""
     def get(family: str) -> tuple[Path, Path]:
-        if family not in cache:
-            base = tmp_path_factory.mktemp(family)
-            path = save_tiny(family, base / family)
-            index_model(str(path), base / "db", name=family, k=K, n_pairs=N_PAIRS, progress=None)
-            cache[family] = path, base / "db"
-        return cache[family]
+        out = prebuilt(build_family, tmp_path / f"built-{family}", family)
+        return out / family, out / "db"
 
     return get
 
@@ -373,7 +371,7 @@ def test_two_models_and_reindexing_one_leaves_the_other_untouched(tmp_path):
 
 
 def test_dataset_survives_being_moved(tmp_path, built):
-    db = Path(shutil.copytree(built("bert")[1], tmp_path / "db", symlinks=True))
+    _, db = built("bert")
     before = _contents(db)
     moved = tmp_path / "elsewhere" / "copy"
     moved.parent.mkdir()
@@ -401,8 +399,7 @@ def test_unwritable_db_is_one_clear_error(tmp_path):
 
 
 def test_dataset_of_another_schema_version_is_refused_untouched(tmp_path, built):
-    path, built_db = built("gpt2")
-    db = Path(shutil.copytree(built_db, tmp_path / "db", symlinks=True))
+    path, db = built("gpt2")
     manifest = json.loads((db / "manifest.json").read_text())
     manifest["schema_version"] = 1
     (db / "manifest.json").write_text(json.dumps(manifest))
