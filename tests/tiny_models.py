@@ -240,14 +240,50 @@ def _bloom_qkv(layer, x, dims):
 
 
 def _falcon_qkv(layer, x, dims):
-    """FalconAttention._split_heads; its new architecture broadcasts each kv head over its
-    group of query heads, so one head per group is kept."""
+    """FalconAttention's own split of its fused projection: ``_split_heads`` where transformers has
+    it (its new architecture broadcasts each kv head over its group of query heads, so one head per
+    group is kept); since transformers 5.25 the split is inline in ``forward``, so forward runs with
+    its rotary embedding as the identity and its attention function replaced by one that captures
+    the states it is given."""
     a = layer.self_attention
-    q, k, v = a._split_heads(a.query_key_value(x))  # [B, S, heads, d_head]
-    group = dims.n_heads // dims.n_kv_heads
-    if k.shape[2] == dims.n_heads and group > 1:
-        k, v = k[:, :, ::group], v[:, :, ::group]
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if hasattr(a, "_split_heads"):
+        q, k, v = a._split_heads(a.query_key_value(x))  # [B, S, heads, d_head]
+        group = dims.n_heads // dims.n_kv_heads
+        if k.shape[2] == dims.n_heads and group > 1:
+            k, v = k[:, :, ::group], v[:, :, ::group]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return _states_given_to_attention(__import__(type(a).__module__, fromlist=["_"]), a, x)
+
+
+class _Captured(Exception):
+    pass
+
+
+def _states_given_to_attention(modeling, attn, x):
+    """(q, k, v) [B, heads, S, d_head] that ``attn.forward`` passes to its attention function, before
+    any rotary embedding: ``modeling`` (the module's own file) is patched for the one call."""
+    captured = []
+
+    def capture(module, q, k, v, *args, **kwargs):
+        captured.extend((q, k, v))
+        raise _Captured
+
+    saved = {name: getattr(modeling, name) for name in ("apply_rotary_pos_emb", "eager_attention_forward")}
+    implementation = attn.config._attn_implementation
+    modeling.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
+    modeling.eager_attention_forward = capture
+    attn.config._attn_implementation = "eager"
+    try:
+        attn(x, attention_mask=None, position_embeddings=(None, None))
+    except _Captured:
+        pass
+    finally:
+        for name, value in saved.items():
+            setattr(modeling, name, value)
+        attn.config._attn_implementation = implementation
+    if len(captured) != 3:
+        raise AssertionError(f"{type(attn).__name__}.forward did not reach its attention function")
+    return tuple(captured)
 
 
 def _opt_mlp(layer, x):
