@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import json
 import numbers
+import os
 import re
 import sys
 import time
@@ -297,16 +298,21 @@ def index_canonical(model: Canonical, tokenizer, db: str | Path, *, slug: str, p
             build.write("vectors", writer.position_vectors(), layer="pos")
         if not build.has("parameters"):
             build.write("parameters", _parameters_table(model, slug))
-        for i, l in enumerate(layer_list):
-            t_layer = time.perf_counter()
-            set_layer(l)
-            writer.layer(l)
-            _release_freed_memory()
-            set_layer(None)
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / (i + 1) * (len(layer_list) - i - 1)
-            say(f"[{slug}] layer {l} done ({i + 1}/{len(layer_list)}) in {time.perf_counter() - t_layer:.1f}s, "
-                f"elapsed {_hms(elapsed)}, ETA {_hms(eta)}")
+        try:
+            for i, l in enumerate(layer_list):
+                t_layer = time.perf_counter()
+                set_layer(l)
+                writer.layer(l)
+                _release_freed_memory()
+                set_layer(None)
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / (i + 1) * (len(layer_list) - i - 1)
+                say(f"[{slug}] layer {l} done ({i + 1}/{len(layer_list)}) in {time.perf_counter() - t_layer:.1f}s, "
+                    f"elapsed {_hms(elapsed)}, ETA {_hms(eta)}")
+        except BaseException:  # an error or Ctrl-C: circuit worker processes stop now
+            writer.close(cancel=True)
+            raise
+        writer.close()  # every layer waited for its circuits
         model_row = {
             "source": provenance.source,
             "revision": provenance.revision,
@@ -405,6 +411,7 @@ class _ModelWriter:
         self.write_side = self.read if self.same_basis else Projector(emb.W_U, k, device)  # scores = w @ W_U
         self._E64: Optional[torch.Tensor] = None
         self._U64T: Optional[torch.Tensor] = None
+        self._processes = None  # CircuitProcesses, once a layer's circuits choose them (_circuit_workers)
         if device == "cpu":
             # Bounded memory (issue 12): the projectors hold W_E^T / W_U as float32 [d_model, d_vocab];
             # point the model's embeddings at them (equal values) so W_E's own float32 copy can be
@@ -610,8 +617,6 @@ class _ModelWriter:
         vectors are written then, beside them)."""
         from schemas import TABLES
 
-        from .kernels.pairs import submit_top_pairs
-
         dims = self.model.dims
         dev = self.device
         parts: dict = {"pairs": [], "head_tokens": [], "heads": []}
@@ -621,6 +626,7 @@ class _ModelWriter:
         # head is in flight (its factors, then its circuits) and freed memory is given back
         # after each head (_finish_head's trim): the 7B-shaped peak stays put.
         heads_in_flight = 2 if 4 * self._factor_bytes(lw) <= self._PIPELINE_BYTES else 1
+        submit_top_pairs = self._circuit_workers(lw, memory_first=heads_in_flight == 1)
         # Only the current kv head's factors are held here (heads of a kv group are consecutive):
         # keeping every kv head's E_K and E_V held 2 GB at Llama-2-7B and Llama-3-8B shapes
         # (issue 12); heads in flight hold their own group's until they are finished.
@@ -656,6 +662,33 @@ class _ModelWriter:
             else:
                 data = pa.concat_tables(rows) if rows else pa.Table.from_pylist([], schema=TABLES[table].schema)
             self.build.write(table, data, layer=l)
+
+    # A factor from this size on (V x d_head x 8 bytes; SmolLM2 and GPT-2: 25 MB) makes a circuit
+    # long enough (~0.5 s) that worker processes pay for their start (~2 s, once per build).
+    _PROCESS_FACTOR_BYTES = 16 * 2**20
+
+    def _circuit_workers(self, lw, memory_first: bool) -> Callable:
+        """``submit_top_pairs`` of the workers this build's circuits run on (docs/PAIRS.md
+        "Circuits in worker processes"): worker processes on the CPU for circuits of at least
+        ``_PROCESS_FACTOR_BYTES`` when memory does not come first (a worker process holds a
+        torch of its own, ~0.2 GB, which the 7B-shaped bound has no room for), otherwise the
+        circuit threads; ``ZEROPASS_CIRCUIT_WORKERS=threads`` or ``processes`` overrides."""
+        from .kernels.pairs import CircuitProcesses, submit_top_pairs
+
+        if self._processes is None:
+            choice = os.environ.get("ZEROPASS_CIRCUIT_WORKERS", "auto")
+            if choice not in ("auto", "threads", "processes"):
+                raise ZeropassError(f"ZEROPASS_CIRCUIT_WORKERS must be auto, threads or processes, not {choice!r}")
+            auto = not memory_first and self._factor_bytes(lw) >= self._PROCESS_FACTOR_BYTES
+            if self.device == "cpu" and (choice == "processes" or (choice == "auto" and auto)):
+                self._processes = CircuitProcesses()
+        return self._processes.submit if self._processes is not None else submit_top_pairs
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the circuit worker processes, if any (``cancel``: the build failed or was interrupted)."""
+        if self._processes is not None:
+            self._processes.close(cancel)
+            self._processes = None
 
     def _finish_head(self, l: int, lw, h: int, kv: int, factors: dict, circuits: dict, parts: dict,
                      trim: bool) -> None:

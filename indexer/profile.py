@@ -171,6 +171,32 @@ def add_flops(name: str, flops: float, dtype: str) -> None:
         _active.add_flops(name, flops, dtype)
 
 
+def profile_running() -> bool:
+    """Whether a profile runs in this process (a circuit worker process is told, and profiles its circuit)."""
+    return _active is not None
+
+
+def phases_of(prof: Profile) -> dict[str, tuple[float, float, Optional[str]]]:
+    """A finished profile's named phases as ``{name: (seconds, flops, dtype)}``, for ``add_background``."""
+    out = {name: (s, prof.flops.get(name, 0.0), prof.dtype.get(name)) for name, s in prof.by_phase().items()
+           if name != OTHER}
+    for name in prof.flops.keys() - out.keys():
+        out[name] = (0.0, prof.flops[name], prof.dtype.get(name))
+    return out
+
+
+def add_background(phases: dict[str, tuple[float, float, Optional[str]]]) -> None:
+    """Charge phases run in another process (``phases_of``) to the running profile as work on
+    other threads: their seconds overlap the main thread's, as a circuit thread's do."""
+    if _active is None:
+        return
+    for name, (seconds, flops, dtype) in phases.items():
+        with _active._lock:
+            _active.overlapped[name] = _active.overlapped.get(name, 0.0) + seconds
+        if flops:
+            _active.add_flops(name, flops, dtype or "fp32")
+
+
 def set_layer(layer: object) -> None:
     """Charge what follows to ``layer`` (None: model-wide work)."""
     if _active is not None:

@@ -45,8 +45,12 @@ only rise, so anything skipped at any time is provably outside the result.
 from __future__ import annotations
 
 import math
+import multiprocessing.context
+import os
+import sys
 import threading
 import time
+import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,7 +61,7 @@ from torch import Tensor
 
 from ..profile import add_flops, phase
 
-__all__ = ["PairResult", "submit_top_pairs", "top_pairs"]
+__all__ = ["CircuitProcesses", "PairResult", "submit_top_pairs", "top_pairs"]
 
 _NEG_INF = -math.inf
 _POS_INF = math.inf
@@ -412,6 +416,123 @@ def submit_top_pairs(A: Tensor, B: Tensor, n: int = 200, k: int = 50, **options)
         if _BACKGROUND is None:
             _BACKGROUND = ThreadPoolExecutor(max_workers=CIRCUIT_WORKERS, thread_name_prefix="zeropass-circuit")
     return _BACKGROUND.submit(top_pairs, A, B, n, k, **options)
+
+
+class CircuitProcesses:
+    """``CIRCUIT_WORKERS`` worker processes for one build's circuits; ``submit`` is
+    ``submit_top_pairs``'s (docs/PAIRS.md "Circuits in worker processes").
+
+    Why processes: between its short GEMMs a circuit is ~300 small tensor operations per screened
+    block, each of which holds the interpreter lock while torch dispatches it, so two circuit
+    threads and the main thread queue for the lock. Two SmolLM2 layer-5 circuit workers as
+    processes did the layer's 18 circuits in 15 % less CPU and 1.3x less wall time than as
+    threads (docs/BENCHMARKS.md §11, fifth round). The results are the same: ``top_pairs`` runs
+    on the same float64 factors, which travel through shared memory (torch's tensor pickling),
+    and its profile phases come back with its result.
+
+    The workers are spawned (a fork would copy the parent's OpenMP and BLAS thread pools, which
+    do not survive it), run one torch thread each, ignore Ctrl-C (the build's process handles it
+    and ``close`` stops them), and die with the process that started them (Linux
+    ``PR_SET_PDEATHSIG``): a SIGKILLed build leaves no worker behind.
+    """
+
+    def __init__(self, workers: int = CIRCUIT_WORKERS):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(workers, mp_context=_SpawnWithoutMain(), initializer=_circuit_worker_start,
+                                         initargs=(os.getpid(),))
+
+    def submit(self, A: Tensor, B: Tensor, n: int = 200, k: int = 50, **options) -> Future:
+        from concurrent.futures.process import BrokenProcessPool
+
+        from ..profile import add_background, profile_running
+
+        done: Future = Future()
+
+        def finish(job: Future) -> None:
+            if not done.set_running_or_notify_cancel():  # cancelled by the build (_heads): nobody waits
+                return
+            try:
+                res, phases = job.result()
+            except BrokenProcessPool:
+                done.set_exception(_worker_lost())
+                return
+            except BaseException as exc:  # the circuit's own error, raised again where it is waited for
+                done.set_exception(exc)
+                return
+            add_background(phases)
+            done.set_result(res)
+
+        try:
+            job = self._pool.submit(_circuit_in_worker, A, B, n, k, profile_running(), options)
+        except BrokenProcessPool:
+            raise _worker_lost() from None
+        job.add_done_callback(finish)
+        return done
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the workers: after their circuits, or at once with ``cancel`` (an error or Ctrl-C
+        in the build: nothing waits for what they would compute)."""
+        # ProcessPoolExecutor has no public way to stop a running task before Python 3.14's
+        # terminate_workers(); its worker table is read before shutdown empties it.
+        workers = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+        if cancel:
+            for proc in workers:
+                if proc.is_alive():
+                    proc.kill()
+
+
+def _worker_lost() -> Exception:
+    from ..errors import ZeropassError
+
+    return ZeropassError("a circuit worker process ended before its circuit did (killed, or out of memory?); "
+                         "the layers written so far are kept: run the same command again to resume")
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A spawned process that does not import the caller's ``__main__``: spawn runs the main
+    script again in every child (under ``__mp_main__``), so a plain script that calls
+    ``index_model`` at its top level, without ``if __name__ == "__main__":``, would build the
+    model again in each worker. The workers need nothing of it (their code is this module)."""
+
+    def start(self) -> None:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")  # what spawn's preparation data reads
+        try:
+            super().start()
+        finally:
+            sys.modules["__main__"] = main
+
+
+class _SpawnWithoutMain(multiprocessing.context.SpawnContext):
+    Process = _WorkerProcess
+
+
+def _circuit_worker_start(parent: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux / glibc: Ctrl-C and close() still stop the workers
+        pass
+    if os.getppid() != parent:  # the build died while this worker was starting: the signal came too early
+        os._exit(0)
+    torch.set_num_threads(1)
+
+
+def _circuit_in_worker(A: Tensor, B: Tensor, n: int, k: int, profiled: bool, options: dict):
+    """In a worker process: ``top_pairs``, and its profile phases when the build is profiled."""
+    from ..profile import phases_of, profiling
+
+    if not profiled:
+        return top_pairs(A, B, n, k, **options), {}
+    with profiling(True) as prof:
+        res = top_pairs(A, B, n, k, **options)
+    return res, phases_of(prof)
 
 
 # ----------------------------------------------------------------------------------------------
