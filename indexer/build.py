@@ -369,6 +369,12 @@ def _release_freed_memory() -> None:
         pass
 
 
+def _shared_empty(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory (what ``share_memory_`` would copy it into)."""
+    storage = torch.UntypedStorage._new_shared(shape[0] * shape[1] * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
 def _describe(dims) -> str:
     kv = f"/{dims.n_kv_heads} kv" if dims.n_kv_heads != dims.n_heads else ""
     return (f"{dims.architecture}, {dims.n_layers} layers x {dims.n_heads}{kv} heads, d_model {dims.d_model}, "
@@ -411,7 +417,7 @@ class _ModelWriter:
         self.write_side = self.read if self.same_basis else Projector(emb.W_U, k, device)  # scores = w @ W_U
         self._E64: Optional[torch.Tensor] = None
         self._U64T: Optional[torch.Tensor] = None
-        self._processes = None  # CircuitProcesses, once a layer's circuits choose them (_circuit_workers)
+        self._processes = None  # CircuitProcesses, once a layer's circuits choose them (_circuit_processes)
         if device == "cpu":
             # Bounded memory (issue 12): the projectors hold W_E^T / W_U as float32 [d_model, d_vocab];
             # point the model's embeddings at them (equal values) so W_E's own float32 copy can be
@@ -453,10 +459,12 @@ class _ModelWriter:
                 vectors = None
 
         if not all(self.build.has(t, layer=l) for t in self._HEAD_TABLES):
-            # The circuits never use the projectors' score buffers (128 MB each): freed while they
-            # run, they leave room for the second circuit that runs at once (docs/PAIRS.md).
-            self.read.release_buffer()
-            self.write_side.release_buffer()
+            if self._circuit_processes(lw) is None:
+                # The circuits never use the projectors' score buffers (128 MB each): freed while
+                # circuit threads run, they leave room for the second circuit (docs/PAIRS.md). Worker
+                # processes hold their circuits elsewhere: the buffers stay for the next layer.
+                self.read.release_buffer()
+                self.write_side.release_buffer()
             # the three head tables come from one pass: all or none; the vectors are written
             # while the first head's circuits run
             self._heads(l, lw, on_first_circuits=write_vectors)
@@ -566,7 +574,9 @@ class _ModelWriter:
         # SmolLM2's factors, docs/BENCHMARKS.md §11). Every output is a float64 dot product of the
         # same numbers; the factors came out bit for bit those of one tall GEMM per factor here.
         WT = W64.T.contiguous()
-        outs = [torch.empty(V, w, dtype=torch.float64) for w in widths]
+        # Factors for worker processes are made in shared memory: sent as they are, not copied there.
+        empty = _shared_empty if self._processes is not None else torch.empty
+        outs = [empty((V, w), dtype=torch.float64) for w in widths]
         for i in range(0, V, self._FACTOR_ROWS):
             j = min(V, i + self._FACTOR_ROWS)
             block = WT @ basis[:, i:j].to(torch.float64)
@@ -617,16 +627,15 @@ class _ModelWriter:
         vectors are written then, beside them)."""
         from schemas import TABLES
 
+        from .kernels.pairs import submit_top_pairs as threads_submit
+
         dims = self.model.dims
         dev = self.device
         parts: dict = {"pairs": [], "head_tokens": [], "heads": []}
         in_flight: collections.deque = collections.deque()
-        # Two heads in flight overlap one head's factors with the other's circuits; where a head's
-        # four factors pass _PIPELINE_BYTES (Llama-2-7B: 4 x 33 MB) the memory goes first: one
-        # head is in flight (its factors, then its circuits) and freed memory is given back
-        # after each head (_finish_head's trim): the 7B-shaped peak stays put.
-        heads_in_flight = 2 if 4 * self._factor_bytes(lw) <= self._PIPELINE_BYTES else 1
-        submit_top_pairs = self._circuit_workers(lw, memory_first=heads_in_flight == 1)
+        heads_in_flight = self._heads_in_flight(lw)
+        processes = self._circuit_processes(lw)
+        submit_top_pairs = processes.submit if processes is not None else threads_submit
         # Only the current kv head's factors are held here (heads of a kv group are consecutive):
         # keeping every kv head's E_K and E_V held 2 GB at Llama-2-7B and Llama-3-8B shapes
         # (issue 12); heads in flight hold their own group's until they are finished.
@@ -667,22 +676,29 @@ class _ModelWriter:
     # long enough (~0.5 s) that worker processes pay for their start (~2 s, once per build).
     _PROCESS_FACTOR_BYTES = 16 * 2**20
 
-    def _circuit_workers(self, lw, memory_first: bool) -> Callable:
-        """``submit_top_pairs`` of the workers this build's circuits run on (docs/PAIRS.md
-        "Circuits in worker processes"): worker processes on the CPU for circuits of at least
-        ``_PROCESS_FACTOR_BYTES`` when memory does not come first (a worker process holds a
-        torch of its own, ~0.2 GB, which the 7B-shaped bound has no room for), otherwise the
-        circuit threads; ``ZEROPASS_CIRCUIT_WORKERS=threads`` or ``processes`` overrides."""
-        from .kernels.pairs import CircuitProcesses, submit_top_pairs
+    def _heads_in_flight(self, lw) -> int:
+        """Two heads in flight overlap one head's factors with the other's circuits; where a
+        head's four factors pass _PIPELINE_BYTES (Llama-2-7B: 4 x 33 MB) the memory goes first:
+        one head is in flight (its factors, then its circuits) and freed memory is given back
+        after each head (_finish_head's trim): the 7B-shaped peak stays put."""
+        return 2 if 4 * self._factor_bytes(lw) <= self._PIPELINE_BYTES else 1
 
-        if self._processes is None:
+    def _circuit_processes(self, lw):
+        """The worker processes this build's circuits run on, or None for the circuit threads
+        (docs/PAIRS.md "Circuits in worker processes"): processes on the CPU for circuits of at
+        least ``_PROCESS_FACTOR_BYTES`` when memory does not come first (a worker process holds a
+        torch of its own, ~0.2 GB, which the 7B-shaped bound has no room for);
+        ``ZEROPASS_CIRCUIT_WORKERS=threads`` or ``processes`` overrides. Started once a build."""
+        from .kernels.pairs import CircuitProcesses
+
+        if self._processes is None and self.n_pairs > 0:
             choice = os.environ.get("ZEROPASS_CIRCUIT_WORKERS", "auto")
             if choice not in ("auto", "threads", "processes"):
                 raise ZeropassError(f"ZEROPASS_CIRCUIT_WORKERS must be auto, threads or processes, not {choice!r}")
-            auto = not memory_first and self._factor_bytes(lw) >= self._PROCESS_FACTOR_BYTES
+            auto = self._heads_in_flight(lw) == 2 and self._factor_bytes(lw) >= self._PROCESS_FACTOR_BYTES
             if self.device == "cpu" and (choice == "processes" or (choice == "auto" and auto)):
                 self._processes = CircuitProcesses()
-        return self._processes.submit if self._processes is not None else submit_top_pairs
+        return self._processes
 
     def close(self, cancel: bool = False) -> None:
         """Stop the circuit worker processes, if any (``cancel``: the build failed or was interrupted)."""
