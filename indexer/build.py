@@ -369,12 +369,6 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _shared_empty(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor in shared memory (what ``share_memory_`` would copy it into)."""
-    storage = torch.UntypedStorage._new_shared(shape[0] * shape[1] * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
 def _describe(dims) -> str:
     kv = f"/{dims.n_kv_heads} kv" if dims.n_kv_heads != dims.n_heads else ""
     return (f"{dims.architecture}, {dims.n_layers} layers x {dims.n_heads}{kv} heads, d_model {dims.d_model}, "
@@ -574,9 +568,7 @@ class _ModelWriter:
         # SmolLM2's factors, docs/BENCHMARKS.md §11). Every output is a float64 dot product of the
         # same numbers; the factors came out bit for bit those of one tall GEMM per factor here.
         WT = W64.T.contiguous()
-        # Factors for worker processes are made in shared memory: sent as they are, not copied there.
-        empty = _shared_empty if self._processes is not None else torch.empty
-        outs = [empty((V, w), dtype=torch.float64) for w in widths]
+        outs = [torch.empty(V, w, dtype=torch.float64) for w in widths]
         for i in range(0, V, self._FACTOR_ROWS):
             j = min(V, i + self._FACTOR_ROWS)
             block = WT @ basis[:, i:j].to(torch.float64)
