@@ -6,6 +6,7 @@ is tiny (``ZEROPASS_CIRCUIT_WORKERS=processes`` chooses them where ``auto`` woul
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def test_processes_build_the_tables_the_threads_build(tmp_path, model, monkeypat
 # workers, then multiprocessing's resource tracker); the tests signal it there.
 _PARKED = textwrap.dedent("""
     import os, sys, time
+    with open({starts!r}, "a") as f:  # a plain script, no __main__ guard: spawn must not run it again
+        print(os.getpid(), file=f)
     sys.path.insert(0, {repo!r})
     os.environ["ZEROPASS_CIRCUIT_WORKERS"] = "processes"
     from indexer.build import index_model
@@ -78,12 +81,19 @@ _PARKED = textwrap.dedent("""
 
 
 def _start_parked(model: Path, db: Path, then: str) -> tuple[subprocess.Popen, list[int]]:
-    script = _PARKED.format(repo=str(ROOT), model=str(model), db=str(db), then=then)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Run the parked build as a script file (``python build.py``, as a user would); once it is
+    parked, its top level has run once: in the build's process, not again in each worker."""
+    script, starts = db.parent / "build.py", db.parent / "starts.txt"
+    script.write_text(_PARKED.format(repo=str(ROOT), model=str(model), db=str(db), then=then, starts=str(starts)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not select.select([proc.stdout], [], [], 120)[0]:
+        proc.kill()
+        pytest.fail("the build did not park within 120 s")
     line = proc.stdout.readline()
     assert line.startswith("workers"), (line, proc.stderr.read() if proc.poll() is not None else "")
     workers = [int(p) for p in line.split()[1:]]
     assert len(workers) == 3  # two workers and the resource tracker
+    assert starts.read_text().split() == [str(proc.pid)]
     return proc, workers
 
 
@@ -113,7 +123,8 @@ def test_a_killed_worker_fails_the_build_in_one_line_and_keeps_what_was_written(
 
 def test_ctrl_c_stops_the_build_and_its_workers(tmp_path, model):
     env = dict(os.environ, ZEROPASS_CIRCUIT_WORKERS="processes")
-    script = _PARKED.format(repo=str(ROOT), model=str(model), db=str(tmp_path / "db"), then="time.sleep(120)")
+    script = _PARKED.format(repo=str(ROOT), model=str(model), db=str(tmp_path / "db"), then="time.sleep(120)",
+                            starts=str(tmp_path / "starts.txt"))
     # The real command would do the same; a script parks it where the workers are alive.
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
