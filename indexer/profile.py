@@ -84,8 +84,7 @@ class Profile:
             try:
                 yield self
             finally:
-                with self._lock:
-                    self.overlapped[name] = self.overlapped.get(name, 0.0) + time.perf_counter() - t
+                self.add_overlapped(name, time.perf_counter() - t)
             return
         self._charge(time.perf_counter())
         self._stack.append(name)
@@ -94,6 +93,11 @@ class Profile:
         finally:
             self._charge(time.perf_counter())
             self._stack.pop()
+
+    def add_overlapped(self, name: str, seconds: float) -> None:
+        """Seconds of a phase run beside the main thread (another thread's, or a worker process's)."""
+        with self._lock:
+            self.overlapped[name] = self.overlapped.get(name, 0.0) + seconds
 
     def add_flops(self, name: str, flops: float, dtype: str) -> None:
         with self._lock:
@@ -191,8 +195,7 @@ def add_background(phases: dict[str, tuple[float, float, Optional[str]]]) -> Non
     if _active is None:
         return
     for name, (seconds, flops, dtype) in phases.items():
-        with _active._lock:
-            _active.overlapped[name] = _active.overlapped.get(name, 0.0) + seconds
+        _active.add_overlapped(name, seconds)
         if flops:
             _active.add_flops(name, flops, dtype or "fp32")
 

@@ -80,12 +80,13 @@ _PARKED = textwrap.dedent("""
 """)
 
 
-def _start_parked(model: Path, db: Path, then: str) -> tuple[subprocess.Popen, list[int]]:
+def _start_parked(model: Path, db: Path, then: str, **popen) -> tuple[subprocess.Popen, list[int]]:
     """Run the parked build as a script file (``python build.py``, as a user would); once it is
     parked, its top level has run once: in the build's process, not again in each worker."""
     script, starts = db.parent / "build.py", db.parent / "starts.txt"
     script.write_text(_PARKED.format(repo=str(ROOT), model=str(model), db=str(db), then=then, starts=str(starts)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
     if not select.select([proc.stdout], [], [], 120)[0]:
         proc.kill()
         pytest.fail("the build did not park within 120 s")
@@ -124,14 +125,10 @@ def test_a_killed_worker_fails_the_build_in_one_line_and_keeps_what_was_written(
 
 
 def test_ctrl_c_stops_the_build_and_its_workers(tmp_path, model):
-    env = dict(os.environ, ZEROPASS_CIRCUIT_WORKERS="processes")
-    script = _PARKED.format(repo=str(ROOT), model=str(model), db=str(tmp_path / "db"), then="time.sleep(120)",
-                            starts=str(tmp_path / "starts.txt"))
-    # The real command would do the same; a script parks it where the workers are alive.
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
-    workers = [int(p) for p in proc.stdout.readline().split()[1:]]
-    assert len(workers) == 3 and not any(_gone(p) for p in workers)
+    # The real command would do the same; a script parks it where the workers are alive, in a
+    # process group of its own, as a terminal's foreground job is.
+    proc, workers = _start_parked(model, tmp_path / "db", "time.sleep(120)", start_new_session=True)
+    assert not any(_gone(p) for p in workers)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group, workers included
     out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and "finished" not in out

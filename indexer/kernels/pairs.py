@@ -513,23 +513,20 @@ def _circuit_worker_start(parent: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import ctypes
-
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        # Keep freed blocks for the next ones instead of returning them to the OS and faulting
+        # them in again: a screened block is 8-24 MB, above glibc's mmap threshold, so each one
+        # was a fresh mapping (memory: a worker keeps its largest working set, not more).
+        libc.mallopt(-3, 256 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1024 * 2**20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not Linux / glibc: Ctrl-C and close() still stop the workers
         pass
     if os.getppid() != parent:  # the build died while this worker was starting: the signal came too early
         os._exit(0)
-    try:
-        # Keep freed blocks for the next ones instead of returning them to the OS and faulting
-        # them in again: a screened block is 8-24 MB, above glibc's mmap threshold, so each one
-        # was a fresh mapping (memory: a worker keeps its largest working set, not more).
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 2**20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1024 * 2**20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
     torch.set_num_threads(1)
 
 
