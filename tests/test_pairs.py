@@ -271,3 +271,24 @@ def test_strict_matmul_stays_strict_until_the_last_circuit_leaves():
         assert (m.allow_tf32, m.allow_bf16_reduced_precision_reduction) == (True, True)
     finally:
         m.allow_tf32, m.allow_bf16_reduced_precision_reduction = saved
+
+
+@pytest.mark.parametrize("cols", [1, 255, 256, 1000, 4097])
+@pytest.mark.parametrize("largest", [True, False])
+def test_entries_reaching_a_cut_are_every_one_of_them(cols, largest):
+    """`_reaching` (the full rows' hits, found group by group) against comparing every entry:
+    whole groups and a ragged tail, values tied with the cut, cuts past every value."""
+    from indexer.kernels.pairs import _reaching
+
+    g = torch.Generator().manual_seed(cols)
+    T = torch.randn(7, cols, generator=g).round(decimals=1)  # rounded: many entries tie with a cut
+    ext = T.amax(1) if largest else T.amin(1)
+    cut = ext - 0.3 if largest else ext + 0.3
+    cut[0] = T[0, cols // 2]  # a cut equal to an entry
+    cut[1] = float("inf") if largest else float("-inf")  # nothing reaches it
+    cut[2] = float("-inf") if largest else float("inf")  # everything does
+    want = torch.nonzero(T >= cut[:, None] if largest else T <= cut[:, None])
+    row, col = _reaching(T, cut, largest)
+    got = sorted(zip(row.tolist(), col.tolist()))
+    assert got == sorted(map(tuple, want.tolist()))
+    assert len(got) > 0 and not any(r == 1 for r, _ in got) and sum(r == 2 for r, _ in got) == cols

@@ -286,6 +286,17 @@ class _ScreenMargin:
         self.norm_res = _norms(X - Xh)
 
     @staticmethod
+    def bounds(d: int, dtype: torch.dtype, a_hat: Tensor, a_res: Tensor, b_hat: float, b_res: float,
+               s_max: Tensor) -> Tensor:
+        """``bound`` for many rows at once (float64 tensors of per-row norms and largest |values|)
+        against one set of column norms."""
+        gam = _gamma(d, _U32)
+        eps = torch.finfo(dtype).eps
+        inputs = a_hat * b_res + a_res * b_hat + a_res * b_res
+        tiny = 2.0**-120 * d * (1 + a_hat) * (1 + b_hat)
+        return (inputs + gam * a_hat * b_hat + eps / (1 - eps) * s_max + tiny) * (1 + 2.0**-40)
+
+    @staticmethod
     def bound(d: int, dtype: torch.dtype, a_hat: float, a_res: float, b_hat: float, b_res: float,
               s_max: float) -> float:
         gam = _gamma(d, _U32)
@@ -786,8 +797,7 @@ class _Screening:
                                         cmax=self.cols.t_max, cmin=self.cols.t_min)
         self._raise_role_thresholds()
         c32, eps32 = _screen_margin(self.A64.shape[1], torch.float32)
-        full = _FullRows(self.A64, self.B64, self.Ab, self.Bb, self.alpha, self.beta,
-                         c32 + self.c_round, eps32, self.basis_err)
+        full = _FullRows(self, c32 + self.c_round, eps32)
         lists, n_candidates = [], 0
         for ext, order, by_cols in ((self.rows, self.row_order, False), (self.cols, self.col_order, True)):
             for largest in (True, False):
@@ -1043,46 +1053,98 @@ class _Screening:
 # full rows (phase 3)
 
 
+_REACH_GROUP = 256  # columns per group in `_reaching`
+
+
+def _reaching(T: Tensor, cut: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
+    """Rows and columns of the entries of ``T`` [n, C] at or above (``largest``; else at or
+    below) their row's ``cut`` [n]: ``torch.nonzero(T >= cut[:, None]).T``, in another order.
+
+    Why: a full row has tens of thousands of entries and a handful reach the cut; comparing all
+    of them and listing the hits took longer than the row's GEMM (7.7 ms for 80 SmolLM2 rows
+    against 5.0). The extremes of groups of ``_REACH_GROUP`` columns are compared instead, and
+    only the groups whose extreme reaches the cut are looked at entry by entry; a group none
+    of whose entries reach the cut has an extreme that does not either."""
+    n, C = T.shape
+    whole = C - C % _REACH_GROUP
+    rows, cols = [], []
+    if whole:
+        g = T[:, :whole].view(n, whole // _REACH_GROUP, _REACH_GROUP)
+        ext = g.amax(2) if largest else g.amin(2)
+        rg = torch.nonzero(ext >= cut[:, None] if largest else ext <= cut[:, None])  # [m, 2]: row, group
+        members = rg[:, 1:2] * _REACH_GROUP + torch.arange(_REACH_GROUP, device=T.device)  # [m, G] columns
+        vals = T.reshape(-1).index_select(0, (rg[:, 0:1] * C + members).reshape(-1)).view(members.shape)
+        c = cut.index_select(0, rg[:, 0])[:, None]
+        hit = torch.nonzero(vals >= c if largest else vals <= c)
+        rows.append(rg[hit[:, 0], 0])
+        cols.append(members[hit[:, 0], hit[:, 1]])
+    if whole < C:
+        tail = T[:, whole:]
+        hit = torch.nonzero(tail >= cut[:, None] if largest else tail <= cut[:, None])
+        rows.append(hit[:, 0])
+        cols.append(hit[:, 1] + whole)
+    return torch.cat(rows), torch.cat(cols)
+
+
 class _FullRows:
-    """Full rows (or columns, ``by_cols``) of ``M`` for the few candidates the screen leaves:
-    fp32 in the balanced basis, and fp64 from the original factors on the entries fp32 can't
-    decide. The fp32 margin ``|fl32(a'·b') - a·b| <= c32 ‖a'‖‖b'‖ + eps32`` is ``_screen_margin``
-    for fp32 plus ``_ROUND32`` (``c32``: the basis vectors are float32 roundings) and the basis
-    error (``eps32 = eps + basis_err``)."""
+    """Full rows (or columns, ``by_cols``) of ``M`` for the few candidates the screen leaves,
+    and float64 from the original factors on the entries they can't decide.
 
-    CHUNK = 256  # rows per fp32 pass
+    The role lists' rows are computed as the screen computes its blocks (``extremes``: the screen
+    dtype, each row's own ``_ScreenMargin``). The self counts' rows are fp32 in the balanced
+    basis (``count_self``), whose margin ``|fl32(a'·b') - a·b| <= c32 ‖a'‖‖b'‖ + eps32`` is
+    ``_screen_margin`` for fp32 plus ``_ROUND32`` (``c32``: the basis vectors are float32
+    roundings) and the basis error (``eps32 = eps + basis_err``): a row's diagonal is compared
+    with all its entries, and the tighter fp32 margin leaves fewer of them to rescore."""
 
-    def __init__(self, A64, B64, A32, B32, a_norm, b_norm, c32: float, eps: float, basis_err: float):
-        self.A64, self.B64, self.A32, self.B32, self.a_norm = A64, B64, A32, B32, a_norm
-        self.c32, self.eps32 = c32, eps + basis_err
-        # (X64, Y64, X32, Y32, ‖x'‖, max ‖y'‖): rows of X Yᵀ are rows of M, or columns (by_cols).
-        self.sides = {False: (A64, B64, A32, B32, a_norm, float(b_norm.max())),
-                      True: (B64, A64, B32, A32, b_norm, float(a_norm.max()))}
+    CHUNK = 256  # rows per pass
 
-    def extremes(self, idx: Tensor, largest: bool, by_cols: bool) -> Tensor:
-        """Exact max (largest) or min of the rows (columns) ``idx``: the rows in fp32, then fp64
-        dot products for the entries whose fp32 value is within twice the row's fp32 margin
-        ``m_i = c32 ‖x_i‖ max‖y‖ + eps32`` of the fp32 extreme. The true extreme entry is among
-        them: with T the fp32 row (sign-flipped for min), T_j* + m_i >= M_j* >= M_k >= T_k - m_i
-        for the fp32 arg-extreme k, so T_j* >= max T - 2 m_i (cut rounded down in fp32)."""
-        X64, Y64, X32, Y32, xn, ymax = self.sides[by_cols]
+    def __init__(self, screen: "_Screening", c32: float, eps: float):
+        self.screen = screen
+        self.A64, self.B64, self.A32, self.B32, self.a_norm = screen.A64, screen.B64, screen.Ab, screen.Bb, screen.alpha
+        self.c32, self.eps32 = c32, eps + screen.basis_err
+        self.b_norm_max = float(screen.beta.max())
+
+    def extremes(self, pos: Tensor, largest: bool, by_cols: bool) -> Tensor:
+        """Exact max (largest) or min of the rows (columns) at the laid-out positions ``pos``.
+
+        The rows in the screen dtype (``_Screening.As`` / ``Bs``), then float64 dot products for
+        the entries within twice the row's margin ``m_i`` of the row's screened extreme. ``m_i``
+        is ``_ScreenMargin``'s bound with the row's own norms, the largest column norms and the
+        row's largest |value|, plus the float32 rounding of the basis and the basis error, as
+        for a screened block: every entry T_j of the row is within m_i of M_ij. The true max
+        entry is among them: T_j* + m_i >= M_j* >= M_k >= T_k - m_i for the screened arg-max k,
+        so T_j* >= max T - 2 m_i (the cut rounded down in float32; the min mirrors it). Against
+        float32 rows (the first rounds' way) the GEMM is ~3x cheaper and a few more entries per
+        row reach float64 (docs/PAIRS.md "Speed", sixth round)."""
+        sc = self.screen
+        X, Y = (sc.Bs, sc.As) if by_cols else (sc.As, sc.Bs)
+        x_marg, y_marg = (sc.col_marg, sc.row_marg) if by_cols else (sc.row_marg, sc.col_marg)
+        x_order, y_order = (sc.col_order, sc.row_order) if by_cols else (sc.row_order, sc.col_order)
+        X64, Y64 = (self.B64, self.A64) if by_cols else (self.A64, self.B64)
+        d = X.shape[1]
+        b_hat, b_res = float(y_marg.norm_hat.max()), float(y_marg.norm_res.max())
         out = []
-        sgn = 1.0 if largest else -1.0
-        for s in range(0, idx.numel(), self.CHUNK):
-            r = idx[s : s + self.CHUNK]
-            add_flops("exact rescoring", 2.0 * r.numel() * Y32.shape[0] * Y32.shape[1], "fp32")
-            T = torch.mm(X32.index_select(0, r), Y32.T)
-            if not largest:
-                T.neg_()
-            m = self.c32 * xn[r] * ymax + self.eps32
-            cut = (T.amax(1).double() - 2 * m - 1e-30).float()
-            cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
-            hit = torch.nonzero(T >= cut[:, None])
-            ex = (X64.index_select(0, r[hit[:, 0]]) * Y64.index_select(0, hit[:, 1])).sum(1) * sgn
-            v = torch.full((r.numel(),), _NEG_INF, dtype=torch.float64, device=X64.device)
-            v.scatter_reduce_(0, hit[:, 0], ex, "amax")
-            out.append(v * sgn)
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=X64.device)
+        for s in range(0, pos.numel(), self.CHUNK):
+            p = pos[s : s + self.CHUNK]
+            add_flops("exact rescoring", 2.0 * p.numel() * Y.shape[0] * d, "bf16" if X.dtype == torch.bfloat16 else "fp32")
+            T = torch.mm(X.index_select(0, p), Y.T).float()  # widened: exact, and faster to pass over
+            hi, lo = T.amax(1), T.amin(1)
+            a_hat, a_res = x_marg.norm_hat[p], x_marg.norm_res[p]
+            m = (_ScreenMargin.bounds(d, sc.screen_dtype, a_hat, a_res, b_hat, b_res,
+                                      torch.maximum(hi.abs(), lo.abs()).double())
+                 + sc.c_round * (a_hat + a_res) * (b_hat + b_res) + sc.basis_err)
+            if largest:
+                cut = torch.nextafter((hi.double() - 2 * m - 1e-30).float(), torch.tensor(_NEG_INF))
+            else:
+                cut = torch.nextafter((lo.double() + 2 * m + 1e-30).float(), torch.tensor(_POS_INF))
+            row, col = _reaching(T, cut, largest)
+            ri, ci = x_order.index_select(0, p.index_select(0, row)), y_order.index_select(0, col)
+            ex = (X64.index_select(0, ri) * Y64.index_select(0, ci)).sum(1)
+            v = torch.full((p.numel(),), _NEG_INF if largest else _POS_INF, dtype=torch.float64, device=X64.device)
+            v.scatter_reduce_(0, row, ex, "amax" if largest else "amin")
+            out.append(v)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=X.device)
 
     def role_list(self, cand_pos: Tensor, bound: Tensor, t_floor: float, order: Tensor, k: int,
                   largest: bool, by_cols: bool) -> tuple[Tensor, Tensor]:
@@ -1105,9 +1167,9 @@ class _FullRows:
                     t_k = float(torch.topk(vv, k).values[-1])
                     if max(bnd[s], t_floor * sg) < t_k:
                         break
-            idx = order[cand_pos[s : s + self.CHUNK]]
-            done_i.append(idx)
-            done_v.append(self.extremes(idx, largest, by_cols))
+            pos = cand_pos[s : s + self.CHUNK]
+            done_i.append(order[pos])
+            done_v.append(self.extremes(pos, largest, by_cols))
         z = torch.empty(0, dtype=torch.long, device=cand_pos.device)
         idx = torch.cat(done_i) if done_i else z
         vals = torch.cat(done_v) if done_v else z.double()
@@ -1117,10 +1179,10 @@ class _FullRows:
     def count_self(self, idx: Tensor, dg: Tensor) -> int:
         """How many of the rows ``idx`` (original indices, square) have ``M_ii >= max_j M_ij``
         (``dg`` = exact M_ii). Full rows in fp32; an off-diagonal entry can reach the diagonal
-        only if its fp32 value is >= M_ii - m_i (margin as in ``extremes``); those are
-        recomputed in fp64 and the row is self iff none of them exceeds M_ii."""
+        only if its fp32 value is >= M_ii - m_i (``m_i = c32 ‖a'_i‖ max‖b'‖ + eps32``); those
+        are recomputed in fp64 and the row is self iff none of them exceeds M_ii."""
         n_self = 0
-        bmax = self.sides[False][5]
+        bmax = self.b_norm_max
         for s in range(0, idx.numel(), self.CHUNK):
             r = idx[s : s + self.CHUNK]
             add_flops("exact rescoring", 2.0 * r.numel() * self.B32.shape[0] * self.B32.shape[1], "fp32")
@@ -1130,9 +1192,9 @@ class _FullRows:
             m = self.c32 * self.a_norm[r] * bmax + self.eps32
             cut = (dg[s : s + self.CHUNK] - m - 1e-30).float()
             cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
-            hit = torch.nonzero(T >= cut[:, None])
-            ex = (self.A64.index_select(0, r[hit[:, 0]]) * self.B64.index_select(0, hit[:, 1])).sum(1)
+            row, col = _reaching(T, cut, True)
+            ex = (self.A64.index_select(0, r[row]) * self.B64.index_select(0, col)).sum(1)
             beaten = torch.zeros(r.numel(), dtype=torch.bool, device=T.device)
-            beaten[hit[:, 0][ex > dg[s : s + self.CHUNK][hit[:, 0]]]] = True
+            beaten[row[ex > dg[s : s + self.CHUNK][row]]] = True
             n_self += int((~beaten).sum())
         return n_self
