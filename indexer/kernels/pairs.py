@@ -34,9 +34,10 @@ Method (docs/PAIRS.md has the long version):
    decided when its best screened off-diagonal value, less the margin, or else that entry's
    fp64 value, beats the diagonal).
 4. *Rescore.* Entries whose screened value could reach a threshold are recomputed in float64
-   from the original factors. Rows / columns whose maximum could reach a role threshold, and
-   rows whose self status is ambiguous, are recomputed in full in fp32 (proven fp32 margin), and
-   in float64 on the few entries that fp32 cannot separate from the extreme / the diagonal.
+   from the original factors. Rows / columns whose maximum could reach a role threshold are
+   recomputed in full as the screen computes its blocks (bfloat16, each row's own proven
+   margin), rows whose self status is ambiguous in full in fp32 (proven fp32 margin), and both
+   in float64 on the few entries that cannot be separated from the extreme / the diagonal.
 
 Every threshold is a *lower bound* of the quantity it guards (the n-th largest entry, the k-th
 largest row maximum, ...) built from exactly computed or provably bounded values, and thresholds
