@@ -287,19 +287,9 @@ class _ScreenMargin:
         self.norm_res = _norms(X - Xh)
 
     @staticmethod
-    def bounds(d: int, dtype: torch.dtype, a_hat: Tensor, a_res: Tensor, b_hat: float, b_res: float,
-               s_max: Tensor) -> Tensor:
-        """``bound`` for many rows at once (float64 tensors of per-row norms and largest |values|)
-        against one set of column norms."""
-        gam = _gamma(d, _U32)
-        eps = torch.finfo(dtype).eps
-        inputs = a_hat * b_res + a_res * b_hat + a_res * b_res
-        tiny = 2.0**-120 * d * (1 + a_hat) * (1 + b_hat)
-        return (inputs + gam * a_hat * b_hat + eps / (1 - eps) * s_max + tiny) * (1 + 2.0**-40)
-
-    @staticmethod
-    def bound(d: int, dtype: torch.dtype, a_hat: float, a_res: float, b_hat: float, b_res: float,
-              s_max: float) -> float:
+    def bound(d: int, dtype: torch.dtype, a_hat, a_res, b_hat: float, b_res: float, s_max):
+        """The margin from the norms and the largest |value|: floats, or float64 tensors of
+        per-row values (``a_hat``, ``a_res``, ``s_max``) for many rows at once."""
         gam = _gamma(d, _U32)
         eps = torch.finfo(dtype).eps
         inputs = a_hat * b_res + a_res * b_hat + a_res * b_res
@@ -1132,13 +1122,12 @@ class _FullRows:
             T = torch.mm(X.index_select(0, p), Y.T).float()  # widened: exact, and faster to pass over
             hi, lo = T.amax(1), T.amin(1)
             a_hat, a_res = x_marg.norm_hat[p], x_marg.norm_res[p]
-            m = (_ScreenMargin.bounds(d, sc.screen_dtype, a_hat, a_res, b_hat, b_res,
-                                      torch.maximum(hi.abs(), lo.abs()).double())
+            m = (_ScreenMargin.bound(d, sc.screen_dtype, a_hat, a_res, b_hat, b_res,
+                                     torch.maximum(hi.abs(), lo.abs()).double())
                  + sc.c_round * (a_hat + a_res) * (b_hat + b_res) + sc.basis_err)
-            if largest:
-                cut = torch.nextafter((hi.double() - 2 * m - 1e-30).float(), torch.tensor(_NEG_INF))
-            else:
-                cut = torch.nextafter((lo.double() + 2 * m + 1e-30).float(), torch.tensor(_POS_INF))
+            # rounded outward in float32: the cut keeps every entry the proof needs
+            cut = ((hi.double() - 2 * m - 1e-30) if largest else (lo.double() + 2 * m + 1e-30)).float()
+            cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF if largest else _POS_INF))
             row, col = _reaching(T, cut, largest)
             ri, ci = x_order.index_select(0, p.index_select(0, row)), y_order.index_select(0, col)
             ex = (X64.index_select(0, ri) * Y64.index_select(0, ci)).sum(1)
