@@ -1091,10 +1091,8 @@ class _FullRows:
     CHUNK = 256  # rows per pass
 
     def __init__(self, screen: "_Screening", c32: float, eps: float):
-        self.screen = screen
-        self.A64, self.B64, self.A32, self.B32, self.a_norm = screen.A64, screen.B64, screen.Ab, screen.Bb, screen.alpha
+        self.screen = screen  # its factors, bases, norms, orders and margins
         self.c32, self.eps32 = c32, eps + screen.basis_err
-        self.b_norm_max = float(screen.beta.max())
 
     def extremes(self, pos: Tensor, largest: bool, by_cols: bool) -> Tensor:
         """Exact max (largest) or min of the rows (columns) at the laid-out positions ``pos``.
@@ -1112,7 +1110,7 @@ class _FullRows:
         X, Y = (sc.Bs, sc.As) if by_cols else (sc.As, sc.Bs)
         x_marg, y_marg = (sc.col_marg, sc.row_marg) if by_cols else (sc.row_marg, sc.col_marg)
         x_order, y_order = (sc.col_order, sc.row_order) if by_cols else (sc.row_order, sc.col_order)
-        X64, Y64 = (self.B64, self.A64) if by_cols else (self.A64, self.B64)
+        X64, Y64 = (sc.B64, sc.A64) if by_cols else (sc.A64, sc.B64)
         d = X.shape[1]
         b_hat, b_res = float(y_marg.norm_hat.max()), float(y_marg.norm_res.max())
         out = []
@@ -1171,19 +1169,20 @@ class _FullRows:
         (``dg`` = exact M_ii). Full rows in fp32; an off-diagonal entry can reach the diagonal
         only if its fp32 value is >= M_ii - m_i (``m_i = c32 ‖a'_i‖ max‖b'‖ + eps32``); those
         are recomputed in fp64 and the row is self iff none of them exceeds M_ii."""
+        sc = self.screen
         n_self = 0
-        bmax = self.b_norm_max
+        bmax = float(sc.beta.max())
         for s in range(0, idx.numel(), self.CHUNK):
             r = idx[s : s + self.CHUNK]
-            add_flops("exact rescoring", 2.0 * r.numel() * self.B32.shape[0] * self.B32.shape[1], "fp32")
-            T = torch.mm(self.A32.index_select(0, r), self.B32.T)
+            add_flops("exact rescoring", 2.0 * r.numel() * sc.Bb.shape[0] * sc.Bb.shape[1], "fp32")
+            T = torch.mm(sc.Ab.index_select(0, r), sc.Bb.T)
             ar = torch.arange(r.numel(), device=T.device)
             T[ar, r] = _NEG_INF
-            m = self.c32 * self.a_norm[r] * bmax + self.eps32
+            m = self.c32 * sc.alpha[r] * bmax + self.eps32
             cut = (dg[s : s + self.CHUNK] - m - 1e-30).float()
             cut = torch.nextafter(cut, torch.full_like(cut, _NEG_INF))
             row, col = _reaching(T, cut, True)
-            ex = (self.A64.index_select(0, r[row]) * self.B64.index_select(0, col)).sum(1)
+            ex = (sc.A64.index_select(0, r[row]) * sc.B64.index_select(0, col)).sum(1)
             beaten = torch.zeros(r.numel(), dtype=torch.bool, device=T.device)
             beaten[row[ex > dg[s : s + self.CHUNK][row]]] = True
             n_self += int((~beaten).sum())
