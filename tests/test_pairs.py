@@ -292,3 +292,76 @@ def test_entries_reaching_a_cut_are_every_one_of_them(cols, largest):
     got = sorted(zip(row.tolist(), col.tolist()))
     assert got == sorted(map(tuple, want.tolist()))
     assert len(got) > 0 and not any(r == 1 for r, _ in got) and sum(r == 2 for r, _ in got) == cols
+
+
+# -- the compiled folds (indexer/kernels/compiled_folds.py) against the torch folds ------------
+
+_COUNTERS = ("entries_screened", "blocks_computed", "rescored", "role_candidates", "self_ambiguous_rows")
+
+
+@pytest.mark.parametrize("A,B,n,k,square", CASES + [
+    pytest.param(rand(4000, 32, scale=1.0), rand(4000, 32, scale=1.0) + 0.3 * rand(4000, 32, seed=1),
+                 100, 20, True, id="copying-head"),
+    pytest.param(integer(600, 3, lo=-1, hi=2), integer(600, 3, seed=1, lo=-1, hi=2), 300, 40, True,
+                 id="zeros-and-ties"),
+])
+def test_compiled_folds_decide_as_the_torch_folds(A, B, n, k, square):
+    """Same results and the same work: every counter of the screen (entries screened, blocks,
+    entries rescored, role candidates, ambiguous self rows) is equal, so each block was folded
+    into the same state by both paths, not only ended at the same answer."""
+    runs = [top_pairs(A, B, n, k, square=square, compiled_folds=c, **SMALL) for c in (True, False)]
+    for key in ("top_rows", "top_cols", "top_vals", "bot_rows", "bot_cols", "bot_vals", "row_top_idx",
+                "row_top_vals", "row_bot_idx", "row_bot_vals", "col_top_idx", "col_top_vals", "col_bot_idx",
+                "col_bot_vals"):
+        assert torch.equal(getattr(runs[0], key), getattr(runs[1], key)), key
+    assert runs[0].self_top1_frac == runs[1].self_top1_frac
+    for key in _COUNTERS:
+        assert runs[0].stats.get(key) == runs[1].stats.get(key), key
+    assert_matches(runs[1], A, B, n, k, square)  # the torch path against the dense reference too
+
+
+def test_bfloat16_keys_order_like_their_values():
+    """Every one of the 65,536 bfloat16 patterns: its key sorts as its value does (NaN patterns
+    beyond ±inf), and the table gives each key its value back exactly."""
+    import numpy as np
+
+    from indexer.kernels import compiled_folds
+
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.bfloat16).double()
+    keys = (bits ^ ((bits >> 15) & 0x7FFF)).long()
+    table = torch.from_numpy(compiled_folds._key_values())
+    finite = ~values.isnan()
+    assert torch.equal(table[keys[finite] + 32768], values[finite])
+    order = torch.argsort(keys[finite])
+    assert bool((values[finite][order].diff() >= 0).all())
+    assert np.all(np.diff(compiled_folds._key_values()[~np.isinf(compiled_folds._key_values())]) >= 0)
+
+
+def test_threshold_keys_are_exact():
+    """``key >= key_at_least(c)`` is exactly ``value >= c`` (and ``key_at_most`` mirrors it) for
+    cuts on, between and beyond the bfloat16 values, ±0 and ±inf."""
+    from indexer.kernels.compiled_folds import _KEY0, _key_values
+
+    values = torch.from_numpy(_key_values())
+    keys = torch.arange(-32768, 32768)
+    finite = values.isfinite()
+    some = values[finite][:: 997]
+    cuts = torch.cat([some, torch.nextafter(some, torch.full_like(some, float("inf"))),
+                      torch.nextafter(some, torch.full_like(some, float("-inf"))), some * 1.0000001,
+                      torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38, -3.4e38])])
+    import numpy as np
+    table = values.numpy()
+    for c in cuts.tolist():
+        at_least = int(np.searchsorted(table, c, side="left")) - _KEY0
+        at_most = int(np.searchsorted(table, c, side="right")) - 1 - _KEY0
+        assert torch.equal((keys >= at_least)[finite], (values >= c)[finite]), c
+        assert torch.equal((keys <= at_most)[finite], (values <= c)[finite]), c
+
+
+def test_compiled_folds_where_they_cannot_apply_is_one_clear_error():
+    A, B = rand(300, 8), rand(300, 8, seed=1)
+    with pytest.raises(ValueError, match="bfloat16"):
+        top_pairs(A, B, 10, 5, screen_dtype=torch.float32, compiled_folds=True)
+    res = top_pairs(A, B, 10, 5, screen_dtype=torch.float32)  # auto: the torch folds
+    assert_matches(res, A, B, 10, 5, True)

@@ -45,6 +45,7 @@ only rise, so anything skipped at any time is provably outside the result.
 """
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing.context
 import os
@@ -57,6 +58,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -346,13 +348,16 @@ def top_pairs(
     basis: str = "svd",
     first_block_cols: int = 256,
     cell_cols: int = 256,
+    compiled_folds: Optional[bool] = None,
 ) -> PairResult:
     """Exact top/bottom-``n`` entries, top-``k`` role rows/columns and the self-top-1 fraction of
     ``M = A @ B.T`` (``A``: [rows, d], ``B``: [cols, d]), computed without building ``M``.
 
     ``block_rows`` is the row cell size, ``block_cols`` the widest block screened at once (and
     the largest column band), ``first_block_cols`` the number of seed columns of each kind and
-    ``cell_cols`` the column cell size (capped at ``block_cols``).
+    ``cell_cols`` the column cell size (capped at ``block_cols``). ``compiled_folds``: fold the
+    screened blocks with the compiled kernels (``compiled_folds.py``; CPU, bfloat16 screen) or
+    with torch operations; None: compiled where they apply and numba imports. Same results.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> A, B = torch.randn(2, 1000, 16, dtype=torch.float64, generator=g)
@@ -384,7 +389,8 @@ def top_pairs(
         with phase("circuit basis and layout"):
             scan = _Screening(A, B, n, k, square=square, device=dev, screen_dtype=screen_dtype,
                               basis=basis, row_cell=block_rows, max_block_cols=block_cols,
-                              seed_cols=first_block_cols, cell_cols=min(cell_cols, block_cols))
+                              seed_cols=first_block_cols, cell_cols=min(cell_cols, block_cols),
+                              compiled_folds=compiled_folds)
         with phase("screening"):
             scan.screen_seed_columns()
             scan.screen_cells()
@@ -689,7 +695,7 @@ class _Screening:
 
     def __init__(self, A: Tensor, B: Tensor, n: int, k: int, *, square: bool, device: torch.device,
                  screen_dtype: torch.dtype, basis: str, row_cell: int, max_block_cols: int,
-                 seed_cols: int, cell_cols: int):
+                 seed_cols: int, cell_cols: int, compiled_folds: Optional[bool] = None):
         dev = self.dev = device
         self.square = square
         self.max_block_cols = max_block_cols
@@ -758,6 +764,7 @@ class _Screening:
             self.off_diag_upper = torch.full((R,), _NEG_INF, dtype=torch.float64, device=dev)
             self.undecided = torch.ones(R, dtype=torch.bool, device=dev)
             self.place_in_block = torch.full((C,), -1, dtype=torch.long, device=dev)  # scratch
+        self.compiled = _CompiledFolds.choose(self, compiled_folds)
         n_seed_blocks = (R + self.seed_rows - 1) // self.seed_rows if self.n_seed else 0
         n_blocks = (len(self.row_edges) - 1) * n_cells + n_seed_blocks
         self.stats = dict(rows=R, cols=C, d=d, entries_screened=0, blocks=n_blocks, blocks_computed=0,
@@ -946,22 +953,30 @@ class _Screening:
         self.stats["blocks_computed"] += 1
         self.stats["entries_screened"] += int(rows.numel()) * int(cidx.numel())
         add_flops("screening", 2.0 * int(rows.numel()) * int(cidx.numel()) * lhs.shape[1], "bf16")
-        # [rows, q] screened values. Widened to float32 once (exact: every bfloat16 is a float32),
-        # because the passes below (row / column extremes, comparisons) run several times faster
-        # on float32 than on bfloat16 on a CPU; the values, hence every decision, are unchanged.
-        S = torch.mm(lhs, rhs.T).float()
+        S = torch.mm(lhs, rhs.T)  # [rows, q] screened values
+        if self.compiled is not None:
+            self.compiled.fold(self, S, rows, cidx, a_norms)
+            return
+        # Widened to float32 once (exact: every bfloat16 is a float32), because the passes below
+        # (row / column extremes, comparisons) run several times faster on float32 than on
+        # bfloat16 on a CPU; the values, hence every decision, are unchanged.
+        S = S.float()
         rmax = S.amax(1).double()
         rmin = S.amin(1).double()
-        # Every screened entry of the block is within this of its exact value.
-        s_max = max(float(rmax.max()), -float(rmin.min()))
         b_norms = (float(self.col_marg.norm_hat.index_select(0, cidx).max()),
                    float(self.col_marg.norm_res.index_select(0, cidx).max()))
-        marg = (_ScreenMargin.bound(lhs.shape[1], self.screen_dtype, *a_norms, *b_norms, s_max)
-                + self.c_round * sum(a_norms) * sum(b_norms) + self.basis_err)
+        marg = self._block_margin(a_norms, b_norms, max(float(rmax.max()), -float(rmin.min())))
         self._fold_extremes(S, rows, cidx, marg, rmax, rmin)
         self._fold_entries(S, rows, cidx, marg, rmax, rmin)
         if self.square:
             self._fold_self(S, rows, cidx, marg, rmax)  # last: masks S's diagonal in place
+
+    def _block_margin(self, a_norms: tuple[float, float], b_norms: tuple[float, float], s_max: float) -> float:
+        """Every screened entry of a block is within this of its exact value: ``_ScreenMargin``
+        of its rows' and columns' largest norms and its largest |value| (``s_max``), the float32
+        rounding of the basis, and the basis error."""
+        return (_ScreenMargin.bound(self.As.shape[1], self.screen_dtype, *a_norms, *b_norms, s_max)
+                + self.c_round * sum(a_norms) * sum(b_norms) + self.basis_err)
 
     def _exact(self, r_pos: Tensor, c_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Original indices and exact fp64 values of the entries at the given positions."""
@@ -983,26 +998,32 @@ class _Screening:
 
     def _fold_entries(self, S, ridx, cidx, marg, rmax, rmin) -> None:
         """Rescore in fp64 the entries whose screened value could reach a pool's threshold."""
-        q = int(cidx.numel())
         for pool, ext, sign in ((self.top, rmax, 1.0), (self.bottom, rmin, -1.0)):
-            t = pool.threshold
-            if pool.vals.numel() < pool.n:
-                # No threshold yet: the exact values of this block's best screened entries give one
-                # (any n exact entries bound the n-th value). They are not added here: the filter
-                # below catches every entry of the block that reaches the threshold, seeds included.
-                m = min(pool.n, S.numel())
-                flat = torch.topk(S.reshape(-1) * sign, m).indices
-                _, _, seed = self._exact(ridx[flat // q], cidx[flat % q])
-                known = torch.cat([pool.vals, seed]) * sign
-                if known.numel() >= pool.n:
-                    t = sign * float(torch.topk(known, pool.n).values[-1])
-            rows = torch.nonzero(ext * sign >= t * sign - marg).squeeze(1)
+            cut = self._pool_cut(pool, S, ridx, cidx, sign, marg)
+            rows = torch.nonzero(ext * sign >= cut).squeeze(1)
             if rows.numel() == 0:
                 continue
             sub = S.index_select(0, rows)
-            hit = torch.nonzero(sub * sign >= t * sign - marg)
+            hit = torch.nonzero(sub * sign >= cut)
             if hit.numel():
                 pool.add(*self._exact(ridx[rows[hit[:, 0]]], cidx[hit[:, 1]]))
+
+    def _pool_cut(self, pool: _EntryPool, S: Tensor, ridx: Tensor, cidx: Tensor, sign: float, marg: float) -> float:
+        """The cut ``c`` of a block for one pool: an entry whose screened value ``s`` has
+        ``s * sign < c`` is below the pool's threshold (top: ``sign`` 1) or above it (bottom: -1)."""
+        t = pool.threshold
+        if pool.vals.numel() < pool.n:
+            # No threshold yet: the exact values of this block's best screened entries give one
+            # (any n exact entries bound the n-th value). They are not added here: the filter
+            # that follows catches every entry of the block that reaches the threshold, seeds included.
+            q = int(cidx.numel())
+            m = min(pool.n, S.numel())
+            flat = torch.topk(S.float().reshape(-1) * sign, m).indices
+            _, _, seed = self._exact(ridx[flat // q], cidx[flat % q])
+            known = torch.cat([pool.vals, seed]) * sign
+            if known.numel() >= pool.n:
+                t = sign * float(torch.topk(known, pool.n).values[-1])
+        return t * sign - marg
 
     def _fold_self(self, S, ridx, cidx, marg, rmax) -> None:
         """Off-diagonal maxima of the undecided rows (decided rows stay decided; ``off_diag_upper``
@@ -1038,6 +1059,74 @@ class _Screening:
             _, _, ex = self._exact(rows_u[cand], cidx[offj])
             beaten = cand[ex > dg[cand]]
             self.undecided[rows_u[beaten]] = False
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_available() -> bool:
+    """Whether numba is installed (the ``index`` extra installs it; without it the torch folds run)."""
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
+class _CompiledFolds:
+    """``_Screening._screen_block``'s folds as two compiled calls a block (``compiled_folds.py``):
+    the same decisions on the same values as ``_fold_extremes``, ``_fold_entries`` and
+    ``_fold_self``, which stay the path for other devices and screen dtypes. The compiled code
+    updates the screen's state tensors in place, through numpy views of them."""
+
+    @staticmethod
+    def choose(screen: "_Screening", wanted: Optional[bool]) -> Optional["_CompiledFolds"]:
+        """The compiled folds where they apply (CPU, bfloat16 screen) and numba imports, unless
+        ``wanted`` is False; ``wanted`` True where they can't apply is an error."""
+        applies = screen.dev.type == "cpu" and screen.screen_dtype == torch.bfloat16
+        if wanted is False or (wanted is None and not (applies and _numba_available())):
+            return None
+        if not applies:
+            raise ValueError("compiled_folds=True needs the CPU and a bfloat16 screen")
+        if not _numba_available():
+            raise ValueError("compiled_folds=True needs numba (pip install 'zeropass[index]')")
+        return _CompiledFolds(screen)
+
+    def __init__(self, screen: "_Screening"):
+        from . import compiled_folds
+
+        # No reference back to the screen (``fold`` is given it): a cycle would keep each
+        # circuit's factors and bases alive until the cyclic garbage collector ran.
+        self.values = compiled_folds._key_values()
+        self.row_extremes, self.kernel = compiled_folds.row_extremes, compiled_folds.fold
+        np_ = lambda t: t.numpy()  # noqa: E731  (views: the kernels write the state in place)
+        rows, cols = screen.rows, screen.cols
+        self.state = [np_(x) for x in (rows.max_upper, rows.max_lower, rows.min_lower, rows.min_upper,
+                                       cols.max_upper, cols.max_lower, cols.min_lower, cols.min_upper)]
+        self.col_hat, self.col_res = np_(screen.col_marg.norm_hat), np_(screen.col_marg.norm_res)
+        if screen.square:
+            self.self_state = [np_(x) for x in (screen.undecided, screen.off_diag_upper, screen.diag,
+                                                 screen.diag_col, screen.place_in_block)]
+        else:
+            none = np.zeros(0, dtype=np.int64)
+            self.self_state = [np.zeros(0, dtype=bool), np.zeros(0), np.zeros(0), none, none]
+
+    def fold(self, sc: "_Screening", S: Tensor, rows: Tensor, cidx: Tensor, a_norms: tuple[float, float]) -> None:
+        """Fold the bfloat16 block ``S`` of row positions ``rows`` × column positions ``cidx``
+        into the state of ``sc``, the screen these folds were made for."""
+        S16, row_pos, col_pos = S.view(torch.int16).numpy(), rows.numpy(), cidx.numpy()
+        kmax, kmin, rmax, rmin, s_max, b_hat, b_res = self.row_extremes(S16, self.values, col_pos,
+                                                                         self.col_hat, self.col_res)
+        marg = sc._block_margin(a_norms, (b_hat, b_res), s_max)
+        # The pools' cuts, seeded from the block while a pool has no threshold yet (rare).
+        top_cut = sc._pool_cut(sc.top, S, rows, cidx, 1.0, marg)
+        bot_cut = sc._pool_cut(sc.bottom, S, rows, cidx, -1.0, marg)
+        top_i, top_j, bot_i, bot_j, self_i, self_j = self.kernel(
+            S16, kmax, kmin, rmax, rmin, self.values, row_pos, col_pos, marg, *self.state,
+            sc.cols.t_max, sc.cols.t_min, top_cut, bot_cut, sc.square, *self.self_state)
+        for pool, i, j in ((sc.top, top_i, top_j), (sc.bottom, bot_i, bot_j)):
+            if i.size:
+                pool.add(*sc._exact(rows[torch.from_numpy(i)], cidx[torch.from_numpy(j)]))
+        if self_i.size:  # rows the margin could not decide: the exact value of their best entry
+            r = rows[torch.from_numpy(self_i)]
+            _, _, ex = sc._exact(r, cidx[torch.from_numpy(self_j)])
+            sc.undecided[r[ex > sc.diag[r]]] = False
 
 
 # ----------------------------------------------------------------------------------------------
