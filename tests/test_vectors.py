@@ -141,3 +141,61 @@ def test_projector_on_tiny_and_ragged_vocabularies_matches_stable_sort(n_vocab):
         for largest, idx, val in ((True, out.top_idx, out.top_val), (False, out.bot_idx, out.bot_val)):
             want_val, want_idx = _stable(scores, kk, largest)
             assert torch.equal(idx, want_idx) and torch.equal(val, want_val), (k, largest)
+
+
+# -- the compiled selection (indexer/kernels/compiled_select.py) ---------------------------------
+
+@pytest.mark.parametrize("n_cols, k", [(16 * 40, 10), (16 * 40 - 7, 10), (1001, 10), (16 * 51, 50), (50257, 50),
+                                       (16 * 3 + 15, 2)])
+def test_compiled_selection_equals_stable_sort(n_cols, k):
+    """Both sides at once, against the stable sort: distinct values, few distinct values (ties
+    inside the k, at the k-th place, between groups), an all-equal row, ±0, a row whose best
+    entries share one group, and columns past the last whole group (the ragged tail)."""
+    from indexer.kernels.compiled_select import select_rows
+
+    g = torch.Generator().manual_seed(n_cols)
+    scores = torch.randn(16, n_cols, generator=g)
+    scores[6:12] = torch.randint(-2, 3, (6, n_cols), generator=g).float()
+    scores[12] = 0.0
+    scores[13] = torch.where(torch.rand(n_cols, generator=g) < 0.5, 0.0, -0.0)
+    G = n_cols // 16
+    scores[14, [3, 3 + G, 3 + 2 * G]] = 100.0  # members of one group
+    scores[15, n_cols - 1] = 1e6 if n_cols % 16 else scores[15, n_cols - 1]  # the tail wins
+    scores[15, n_cols - 2] = -1e6 if n_cols % 16 else scores[15, n_cols - 2]
+    buf = torch.full((16, n_cols + 9), float("nan"))  # columns past n_cols are never read
+    buf[:, :n_cols] = scores
+    out = [torch.empty(16, k), torch.empty(16, k, dtype=torch.int64), torch.empty(16, k),
+           torch.empty(16, k, dtype=torch.int64)]
+    select_rows(buf.numpy(), n_cols, k, 0, 16, *(t.numpy() for t in out))
+    for (val, idx), largest in (((out[0], out[1]), True), ((out[2], out[3]), False)):
+        want_val, want_idx = _stable(scores, k, largest)
+        assert torch.equal(idx, want_idx), largest
+        assert torch.equal(val, want_val), largest
+
+
+@pytest.mark.parametrize("n, V, k", [(700, 5000, 50), (3, 5000, 5), (130, 1000, 7)])
+def test_projector_compiled_and_torch_selection_agree(monkeypatch, n, V, k):
+    """The projector's compiled path (finite scores, split between threads) and torch's `select`
+    give the same lists, bit for bit, on a block of rows and a block too small to split."""
+    monkeypatch.setattr(vectors, "_BLOCK_BYTES", 4 * 5120 * 256)
+    g = torch.Generator().manual_seed(n)
+    basis, X = torch.randn(24, V, generator=g), torch.randn(n, 24, generator=g)
+    X[::7] = X[::7].round()  # some rows of a coarse grid: more ties
+    compiled = Projector(basis, k)
+    assert compiled._basis_max is not None
+    plain = Projector(basis, k)
+    plain._basis_max = None  # torch's select
+    a, b = compiled(X), plain(X)
+    for field in ("top_idx", "top_val", "bot_idx", "bot_val"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_scores_that_could_overflow_take_the_torch_selection_and_are_refused():
+    """Weights large enough that a score may overflow float32 are not given to the compiled
+    selection (it would skip a NaN); the torch path reports them as before."""
+    from indexer.errors import NonFiniteWeights
+
+    basis = torch.ones(4, 600)
+    X = torch.full((2, 4), 3e38)
+    with pytest.raises(NonFiniteWeights):
+        Projector(basis, 5)(X)

@@ -20,8 +20,11 @@ OPENBLAS_THREAD_TIMEOUT, which OpenBLAS reads once, when numpy is first imported
 """
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -68,6 +71,11 @@ class Projector:
         self.width = padded_width(self.d_vocab)
         self.block = max(1, _BLOCK_BYTES // (4 * self.width))
         self._buf: Tensor | None = None
+        # The compiled selection (`compiled_select`) needs finite scores; |x·b| <= ‖x‖₁ max|b|
+        # bounds every score and every partial sum of the GEMM, so a block whose bound stays far
+        # below float32's largest value (3.4e38) can't overflow. None: torch's `select`.
+        compiled = device == "cpu" and self.d_vocab // _GROUP > self.k and _numba_available()
+        self._basis_max = float(self.basis.abs().max()) if compiled else None
 
     def __call__(self, X: Tensor) -> TopK:
         """Top/bottom-k of ``X @ basis`` for X of shape [n, d_model]."""
@@ -85,6 +93,10 @@ class Projector:
             with phase("vector GEMMs", flops=2 * (stop - start) * X.shape[1] * self.d_vocab):
                 _matmul_into(X[start:stop], self.basis, padded[:, : self.d_vocab])
             with phase("top-k selection"):
+                if self._basis_max is not None and float(X[start:stop].abs().sum(1).max()) * self._basis_max < 1e37:
+                    _select_compiled(padded, self.d_vocab, k, [t[start:stop] for t in
+                                                               (out.top_val, out.top_idx, out.bot_val, out.bot_idx)])
+                    continue
                 for largest, val, idx in ((True, out.top_val, out.top_idx), (False, out.bot_val, out.bot_idx)):
                     val[start:stop], idx[start:stop] = select(padded, self.d_vocab, k, largest)
         _check_scores(out, X, self.basis)
@@ -98,6 +110,38 @@ class Projector:
         if self._buf is None or self._buf.shape[0] < rows:
             self._buf = torch.empty(rows, self.width, dtype=torch.float32, device=self.device)
         return self._buf[:rows]
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
+_SELECT_THREADS: Optional[ThreadPoolExecutor] = None
+
+
+def _select_compiled(scores: Tensor, n_cols: int, k: int, outs: list) -> None:
+    """`select`'s lists for both sides of every row of ``scores`` (finite), compiled
+    (`compiled_select`), the rows split between torch's thread count of threads."""
+    global _SELECT_THREADS
+    from .compiled_select import select_rows
+
+    rows = scores.shape[0]
+    parts = max(1, min(torch.get_num_threads(), rows // 64))
+    args = [scores.numpy(), n_cols, k] + [t.numpy() for t in outs]
+    edges = [rows * i // parts for i in range(parts + 1)]
+    if parts == 1:
+        select_rows(args[0], n_cols, k, 0, rows, *args[3:])
+        return
+    if _SELECT_THREADS is None:
+        _SELECT_THREADS = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="zeropass-select")
+    others = [_SELECT_THREADS.submit(select_rows, args[0], n_cols, k, a, b, *args[3:])
+              for a, b in zip(edges[1:-1], edges[2:])]
+    select_rows(args[0], n_cols, k, 0, edges[1], *args[3:])
+    for f in others:
+        f.result()
 
 
 def _check_scores(out: TopK, X: Tensor, basis: Tensor) -> None:
