@@ -365,3 +365,18 @@ def test_compiled_folds_where_they_cannot_apply_is_one_clear_error():
         top_pairs(A, B, 10, 5, screen_dtype=torch.float32, compiled_folds=True)
     res = top_pairs(A, B, 10, 5, screen_dtype=torch.float32)  # auto: the torch folds
     assert_matches(res, A, B, 10, 5, True)
+
+
+def test_without_numba_the_torch_folds_run_with_the_same_results(monkeypatch):
+    """Where the compiled kernels can't be had (numba missing, or no writable cache directory:
+    `indexer.kernels.compiled` gives None), the default is the torch folds, same results."""
+    from indexer.kernels import pairs
+
+    A, B = rand(900, 16, scale=0.7), rand(900, 16, seed=3, scale=0.7)
+    want = top_pairs(A, B, 60, 15, **SMALL)
+    monkeypatch.setattr(pairs, "compiled", lambda name: None)
+    got = top_pairs(A, B, 60, 15, **SMALL)
+    assert torch.equal(got.top_cols, want.top_cols) and torch.equal(got.col_bot_idx, want.col_bot_idx)
+    assert got.stats["entries_screened"] == want.stats["entries_screened"]
+    with pytest.raises(ValueError, match="numba"):
+        top_pairs(A, B, 60, 15, compiled_folds=True, **SMALL)

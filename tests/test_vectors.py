@@ -199,3 +199,15 @@ def test_scores_that_could_overflow_take_the_torch_selection_and_are_refused():
     X = torch.full((2, 4), 3e38)
     with pytest.raises(NonFiniteWeights):
         Projector(basis, 5)(X)
+
+
+def test_without_numba_the_torch_selection_runs(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    basis, X = torch.randn(12, 3000, generator=g), torch.randn(40, 12, generator=g)
+    want = Projector(basis, 9)(X)
+    monkeypatch.setattr(vectors, "compiled", lambda name: None)
+    p = Projector(basis, 9)
+    assert p._basis_max is None
+    got = p(X)
+    for field in ("top_idx", "top_val", "bot_idx", "bot_val"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field

@@ -45,7 +45,6 @@ only rise, so anything skipped at any time is provably outside the result.
 """
 from __future__ import annotations
 
-import functools
 import math
 import multiprocessing.context
 import os
@@ -63,6 +62,7 @@ import torch
 from torch import Tensor
 
 from ..profile import add_flops, phase
+from . import compiled
 
 __all__ = ["CircuitProcesses", "PairResult", "submit_top_pairs", "top_pairs"]
 
@@ -1061,14 +1061,6 @@ class _Screening:
             self.undecided[rows_u[beaten]] = False
 
 
-@functools.lru_cache(maxsize=1)
-def _numba_available() -> bool:
-    """Whether numba is installed (the ``index`` extra installs it; without it the torch folds run)."""
-    import importlib.util
-
-    return importlib.util.find_spec("numba") is not None
-
-
 class _CompiledFolds:
     """``_Screening._screen_block``'s folds as two compiled calls a block (``compiled_folds.py``):
     the same decisions on the same values as ``_fold_extremes``, ``_fold_entries`` and
@@ -1080,17 +1072,16 @@ class _CompiledFolds:
         """The compiled folds where they apply (CPU, bfloat16 screen) and numba imports, unless
         ``wanted`` is False; ``wanted`` True where they can't apply is an error."""
         applies = screen.dev.type == "cpu" and screen.screen_dtype == torch.bfloat16
-        if wanted is False or (wanted is None and not (applies and _numba_available())):
+        module = compiled("compiled_folds") if applies and wanted is not False else None
+        if wanted is False or (wanted is None and module is None):
             return None
         if not applies:
             raise ValueError("compiled_folds=True needs the CPU and a bfloat16 screen")
-        if not _numba_available():
+        if module is None:
             raise ValueError("compiled_folds=True needs numba (pip install 'zeropass[index]')")
-        return _CompiledFolds(screen)
+        return _CompiledFolds(screen, module)
 
-    def __init__(self, screen: "_Screening"):
-        from . import compiled_folds
-
+    def __init__(self, screen: "_Screening", compiled_folds):
         # No reference back to the screen (``fold`` is given it): a cycle would keep each
         # circuit's factors and bases alive until the cyclic garbage collector ran.
         self.values = compiled_folds._key_values()

@@ -20,7 +20,6 @@ OPENBLAS_THREAD_TIMEOUT, which OpenBLAS reads once, when numpy is first imported
 """
 from __future__ import annotations
 
-import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..profile import phase
+from . import compiled
 
 # ~128 MB of fp32 scores per block at V = 50k: large enough for GEMM efficiency, small enough
 # that top-k over the block stays in cache-friendly passes.
@@ -74,8 +74,8 @@ class Projector:
         # The compiled selection (`compiled_select`) needs finite scores; |x·b| <= ‖x‖₁ max|b|
         # bounds every score and every partial sum of the GEMM, so a block whose bound stays far
         # below float32's largest value (3.4e38) can't overflow. None: torch's `select`.
-        compiled = device == "cpu" and self.d_vocab // _GROUP > self.k and _numba_available()
-        self._basis_max = float(self.basis.abs().max()) if compiled else None
+        use = device == "cpu" and self.d_vocab // _GROUP > self.k and compiled("compiled_select") is not None
+        self._basis_max = float(self.basis.abs().max()) if use else None
 
     def __call__(self, X: Tensor) -> TopK:
         """Top/bottom-k of ``X @ basis`` for X of shape [n, d_model]."""
@@ -112,13 +112,6 @@ class Projector:
         return self._buf[:rows]
 
 
-@functools.lru_cache(maxsize=1)
-def _numba_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("numba") is not None
-
-
 _SELECT_THREADS: Optional[ThreadPoolExecutor] = None
 
 
@@ -126,7 +119,7 @@ def _select_compiled(scores: Tensor, n_cols: int, k: int, outs: list) -> None:
     """`select`'s lists for both sides of every row of ``scores`` (finite), compiled
     (`compiled_select`), the rows split between torch's thread count of threads."""
     global _SELECT_THREADS
-    from .compiled_select import select_rows
+    select_rows = compiled("compiled_select").select_rows
 
     rows = scores.shape[0]
     parts = max(1, min(torch.get_num_threads(), rows // 64))
