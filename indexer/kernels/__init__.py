@@ -21,3 +21,18 @@ def compiled(name: str) -> Optional[types.ModuleType]:
         return importlib.import_module(f"{__name__}.{name}")
     except (ImportError, RuntimeError, OSError):
         return None
+
+
+def compile_all() -> None:
+    """Compile every compiled kernel once, for the argument types the indexer gives it, into
+    numba's disk cache: ``make venv`` runs it, so that the test suite's many processes load the
+    kernels (~0.4 s) instead of each compiling its own (~10 s, all at once on a fresh clone)."""
+    import torch
+
+    from .pairs import top_pairs
+    from .vectors import Projector
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(2, 600, 8, dtype=torch.float64, generator=g)
+    top_pairs(A, B, 20, 5, compiled_folds=compiled("compiled_folds") is not None)
+    Projector(torch.randn(8, 1000, generator=g), 5)(torch.randn(3, 8, generator=g))
