@@ -14,7 +14,7 @@ screen dtypes.
 **Keys.** A bfloat16 bit pattern ``x`` read as int16 maps to ``key(x) = x ^ ((x >> 15) & 0x7FFF)``,
 which orders like the values (negative patterns have their magnitude bits flipped; -0 sorts just
 below +0, NaN patterns beyond ±inf). Maxima, minima and comparisons of a block run on the keys, in
-integer SIMD lanes, without widening the block; ``_KEY_VALUES`` turns a key back into its value
+integer SIMD lanes, without widening the block; ``_key_values()`` turns a key back into its value
 (exactly: every bfloat16 is a float64), and a threshold ``c`` becomes the first key whose value
 reaches it (``np.searchsorted`` on the table), so ``key >= K(c)`` is exactly ``value >= c``.
 Thresholds are compared as the torch path compares them: row extremes in float64, block entries
@@ -52,6 +52,18 @@ def _key_values() -> np.ndarray:
 # every process, so every circuit worker compiled ``fold`` again (seconds each).
 
 
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _key(x):
+    """The key of a bfloat16 bit pattern read as int16 (module docstring)."""
+    return x ^ ((x >> np.int16(15)) & np.int16(0x7FFF))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _value(values, key):
+    """The exact value of a key (``values``: ``_key_values()``)."""
+    return values[np.int32(key) + _KEY0]
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def key_at_least(values, c):
     """The smallest key whose value is >= c (one past the last key when none is)."""
@@ -75,8 +87,7 @@ def row_extremes(S, values, col_pos, col_hat, col_res):
         mx = np.int16(-32768)
         mn = np.int16(32767)
         for j in range(q):
-            x = S[i, j]
-            k = x ^ ((x >> np.int16(15)) & np.int16(0x7FFF))
+            k = _key(S[i, j])
             mx = max(mx, k)
             mn = min(mn, k)
         kmax[i] = mx
@@ -85,8 +96,8 @@ def row_extremes(S, values, col_pos, col_hat, col_res):
     rmin = np.empty(nr)
     s_max = 0.0
     for i in range(nr):
-        rmax[i] = values[np.int32(kmax[i]) + _KEY0]
-        rmin[i] = values[np.int32(kmin[i]) + _KEY0]
+        rmax[i] = _value(values, kmax[i])
+        rmin[i] = _value(values, kmin[i])
         s_max = max(s_max, rmax[i], -rmin[i])
     b_hat = -np.inf
     b_res = -np.inf
@@ -102,7 +113,7 @@ def fold(S, kmax, kmin, rmax, rmin, values, row_pos, col_pos, marg,
          col_max_upper, col_max_lower, col_min_lower, col_min_upper,
          col_t_max, col_t_min, top_cut, bot_cut,
          square, undecided, off_diag_upper, diag, diag_col, place_in_block):
-    """Fold a block into the state (see ``CompiledFolds.fold``); returns the entries to
+    """Fold a block into the state (see ``pairs._CompiledFolds.fold``); returns the entries to
     rescore for the top / bottom pools and the self rows' off-diagonal arg-max entries (local
     row and column indices)."""
     nr, q = S.shape
@@ -134,8 +145,7 @@ def fold(S, kmax, kmin, rmax, rmin, values, row_pos, col_pos, marg,
         if not (up or down or top or bot):
             continue
         for j in range(q):
-            x = S[i, j]
-            key[j] = x ^ ((x >> np.int16(15)) & np.int16(0x7FFF))
+            key[j] = _key(S[i, j])
         if up:
             any_max = True
             for j in range(q):
@@ -157,13 +167,13 @@ def fold(S, kmax, kmin, rmax, rmin, values, row_pos, col_pos, marg,
     if any_max:  # _Extremes.fold_max / fold_min of the columns
         for j in range(q):
             c = col_pos[j]
-            v = values[np.int32(cmax[j]) + _KEY0]
+            v = _value(values, cmax[j])
             col_max_upper[c] = max(col_max_upper[c], v + marg)
             col_max_lower[c] = max(col_max_lower[c], v - marg)
     if any_min:
         for j in range(q):
             c = col_pos[j]
-            v = values[np.int32(cmin[j]) + _KEY0]
+            v = _value(values, cmin[j])
             col_min_lower[c] = min(col_min_lower[c], v - marg)
             col_min_upper[c] = min(col_min_upper[c], v + marg)
     self_i = np.empty(nr, np.int64)  # at most one entry a row
@@ -181,19 +191,16 @@ def fold(S, kmax, kmin, rmax, rmin, values, row_pos, col_pos, marg,
             if dc >= 0:  # the diagonal is in the block: the off-diagonal maximum without it
                 off_key = np.int16(-32768)
                 for j in range(q):
-                    x = S[i, j]
-                    k = x ^ ((x >> np.int16(15)) & np.int16(0x7FFF))
                     if j != dc:
-                        off_key = max(off_key, k)
-            off = values[np.int32(off_key) + _KEY0]
+                        off_key = max(off_key, _key(S[i, j]))
+            off = _value(values, off_key)
             off_diag_upper[p] = max(off_diag_upper[p], off + marg)
             dg = diag[p]
             if off - marg > dg:
                 undecided[p] = False
             elif off + marg >= dg:  # the margin can't tell: the first column holding it
                 for j in range(q):
-                    x = S[i, j]
-                    if j != dc and values[np.int32(x ^ ((x >> np.int16(15)) & np.int16(0x7FFF))) + _KEY0] == off:
+                    if j != dc and _value(values, _key(S[i, j])) == off:
                         self_i[n_self] = i
                         self_j[n_self] = j
                         n_self += 1

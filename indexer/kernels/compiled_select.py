@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_GROUP = 16  # members per group (as vectors._GROUP)
+from .vectors import _GROUP  # members per group: `Projector` checks n_cols >= _GROUP * k with it
 
 
 @njit(cache=True, nogil=True, boundscheck=False)

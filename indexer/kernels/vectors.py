@@ -123,16 +123,15 @@ def _select_compiled(scores: Tensor, n_cols: int, k: int, outs: list) -> None:
 
     rows = scores.shape[0]
     parts = max(1, min(torch.get_num_threads(), rows // 64))
-    args = [scores.numpy(), n_cols, k] + [t.numpy() for t in outs]
+    S, outs = scores.numpy(), [t.numpy() for t in outs]
     edges = [rows * i // parts for i in range(parts + 1)]
     if parts == 1:
-        select_rows(args[0], n_cols, k, 0, rows, *args[3:])
+        select_rows(S, n_cols, k, 0, rows, *outs)
         return
     if _SELECT_THREADS is None:
         _SELECT_THREADS = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="zeropass-select")
-    others = [_SELECT_THREADS.submit(select_rows, args[0], n_cols, k, a, b, *args[3:])
-              for a, b in zip(edges[1:-1], edges[2:])]
-    select_rows(args[0], n_cols, k, 0, edges[1], *args[3:])
+    others = [_SELECT_THREADS.submit(select_rows, S, n_cols, k, a, b, *outs) for a, b in zip(edges[1:-1], edges[2:])]
+    select_rows(S, n_cols, k, 0, edges[1], *outs)
     for f in others:
         f.result()
 
