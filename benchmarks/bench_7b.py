@@ -28,6 +28,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,9 +111,23 @@ def child(args) -> None:
     Writer = build._ModelWriter
     vectors, heads = Writer.vectors, Writer._heads
 
+    # Where the peak is reached: a sampler thread reads the resident set every 50 ms and keeps
+    # its largest value with the stage the build was in then (VmHWM alone says how high, not when).
+    stage = {"now": "load", "peak": (0, "load")}
+
+    def sample() -> None:
+        while True:
+            rss = _rss() or 0
+            if rss > stage["peak"][0]:
+                stage["peak"] = (rss, stage["now"])
+            time.sleep(0.05)
+
+    threading.Thread(target=sample, daemon=True).start()
+
     def timed(fn, what):
         def run(self, l, lw, **options):
             t = time.perf_counter()
+            stage["now"] = f"layer {l} {what[:-2]}"
             out = fn(self, l, lw, **options)
             per_layer.setdefault(l, {})[what] = time.perf_counter() - t
             # The peak so far after each half: shows which half of which layer set it.
@@ -121,6 +136,13 @@ def child(args) -> None:
         return run
 
     Writer.vectors, Writer._heads = timed(vectors, "vectors_s"), timed(heads, "circuits_s")
+    finish_head = Writer._finish_head
+
+    def finishing(self, l, lw, h, *rest):
+        stage["now"] = f"layer {l} circuits, finishing head {h}"
+        return finish_head(self, l, lw, h, *rest)
+
+    Writer._finish_head = finishing
     events: list[tuple[str, float]] = []
     peaks: list[tuple[str, float, int | None]] = []
     t0 = time.perf_counter()
@@ -128,6 +150,7 @@ def child(args) -> None:
     def progress(m: str) -> None:
         events.append((m, time.perf_counter() - t0))
         peaks.append((m, events[-1][1], _hwm()))
+        stage["now"] = m[:80]
         print(m, file=sys.stderr, flush=True)
 
     build.index_model(args.child, args.db, name="m", k=args.k, n_pairs=args.pairs, device=args.device,
@@ -141,13 +164,23 @@ def child(args) -> None:
         "peak_rss_bytes": hwm, "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "wall_s": wall, "load_s": load, "peak_after_load_bytes": load_peak, "by_token_sort_s": sort, "per_layer": per_layer,
         "threads": torch.get_num_threads(), "device": args.device,
+        "sampled_peak_bytes": stage["peak"][0], "sampled_peak_at": stage["peak"][1],
     }))
+
+
+def _rss() -> int | None:
+    """This process's resident set now (VmRSS), in bytes; None off Linux."""
+    return _status_bytes("VmRSS:")
 
 
 def _hwm() -> int | None:
     """This process's peak resident set so far (VmHWM), in bytes; None off Linux."""
+    return _status_bytes("VmHWM:")
+
+
+def _status_bytes(field: str) -> int | None:
     status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
-    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith(field)), None)
 
 
 def run_index(path: Path, db: Path, *, k: int, pairs: int, device: str, only_layers: str | None = None) -> dict:
@@ -182,6 +215,7 @@ def summarise(shape: str, n_layers: int, rep: dict) -> dict:
         "device": rep["device"], "threads": rep["threads"],
         "peak_after_load_gb": round((rep.get("peak_after_load_bytes") or 0) / 1e9, 3),
         "peak_by_layer_gb": {l: [v.get("vectors_peak_gb"), v.get("circuits_peak_gb")] for l, v in layers.items()},
+        "sampled_peak_gb": round((rep.get("sampled_peak_bytes") or 0) / 1e9, 3), "sampled_peak_at": rep.get("sampled_peak_at"),
     }
 
 

@@ -9,7 +9,7 @@ An adapter (``indexer/adapters``) produces one :class:`Embeddings` for the model
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Optional
 
 from torch import Tensor
@@ -193,6 +193,13 @@ class LayerWeights:
     W_router: Optional[Tensor] = None  # [d_model, n_experts]; expert e's router vector is column e
     experts: Optional[Experts] = None
     W_shared_gate: Optional[Tensor] = None  # [d_model, 1]
+
+    def attention_only(self) -> "LayerWeights":
+        """This block without its MLP (weights, biases, router, experts set to None): what the
+        head circuits read, so that the MLP is not kept alive through them (Llama-2-7B shapes:
+        541 MB of float32, docs/BENCHMARKS.md §11)."""
+        return replace(self, W_in=None, W_out=None, W_gate=None, b_in=None, b_gate=None, b_out=None,
+                       W_router=None, experts=None, W_shared_gate=None)
 
     def check(self, dims: Dims, layer: int, names: Optional["TensorNames"] = None) -> None:
         """BadCheckpoint when a tensor's shape contradicts ``dims`` (i.e. config.json)."""

@@ -118,6 +118,36 @@ def test_one_head_in_flight_builds_the_tables_of_two(tmp_path, monkeypatch):
     assert _contents(tmp_path / "two") == _contents(tmp_path / "one")
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "phi3"])  # phi3: gate and up fused in one tensor
+def test_the_mlp_is_freed_before_the_heads_circuits_run(tmp_path, monkeypatch, family):
+    # A layer's peak is reached in its circuits (Llama-2-7B shapes, docs/BENCHMARKS.md §11): the
+    # MLP's weights, which the heads never read, must be gone by then, not merely unused.
+    import gc
+    import weakref
+
+    from indexer.build import _ModelWriter, index_model
+    from tests.tiny_models import save_tiny
+
+    mlp_refs, seen = [], []
+    vectors, heads = _ModelWriter.vectors, _ModelWriter._heads
+
+    def vectors_noting_the_mlp(self, l, lw):
+        mlp_refs.extend(weakref.ref(t) for t in (lw.W_in, lw.W_out, lw.W_gate) if t is not None)
+        return vectors(self, l, lw)
+
+    def heads_checking(self, l, lw, **options):
+        gc.collect()
+        seen.append((lw.W_in, lw.W_out, lw.W_gate, [r() is None for r in mlp_refs]))
+        return heads(self, l, lw, **options)
+
+    monkeypatch.setattr(_ModelWriter, "vectors", vectors_noting_the_mlp)
+    monkeypatch.setattr(_ModelWriter, "_heads", heads_checking)
+    index_model(str(save_tiny(family, tmp_path / "m")), tmp_path / "db", name="m", k=5, n_pairs=12, progress=None)
+    assert len(seen) == 2 and len(mlp_refs) == 6  # two layers, gated MLPs
+    assert all(w_in is None and w_out is None and w_gate is None and all(freed)
+               for w_in, w_out, w_gate, freed in seen)
+
+
 def test_compare_builds_tells_an_identical_build_from_another(tmp_path, capsys):
     # benchmarks/compare_builds.py is how docs/BENCHMARKS.md §11 shows a faster build's tables are
     # today's: it must see two builds of the same settings as the same, and other lists as different.

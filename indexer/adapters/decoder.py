@@ -489,18 +489,21 @@ class _Blocks:
         their biases, in row-vector form."""
         layout, r = self.layout, self.r
         gate, up, down = layout.mlp
-        w_gate = b_gate = None
+        # Each matrix is transposed as soon as it is read, so its checkpoint-order copy is freed
+        # before the next is read: holding them all to the end made loading a Llama-2-7B-shaped
+        # layer peak 0.54 GB above the layer itself (docs/BENCHMARKS.md §11).
+        rows = lambda w: w.T.contiguous()  # noqa: E731  [out, in] (checkpoint) -> [in, out]
+        W_gate = b_gate = None
         if layout.fused_gate_up:
-            w_gate, w_in = r.need(m + layout.fused_gate_up + ".weight").chunk(2, dim=0)
+            W_gate, W_in = map(rows, r.need(m + layout.fused_gate_up + ".weight").chunk(2, dim=0))
             b = r.opt(m + layout.fused_gate_up + ".bias")
             b_gate, b_in = (None, None) if b is None else b.chunk(2)
         else:
             if gate:
-                w_gate, b_gate = r.need(m + gate + ".weight"), r.opt(m + gate + ".bias")
-            w_in, b_in = r.need(m + up + ".weight"), r.opt(m + up + ".bias")
-        return dict(W_gate=None if w_gate is None else w_gate.T.contiguous(), b_gate=b_gate,
-                    W_in=w_in.T.contiguous(), b_in=b_in,
-                    W_out=r.need(m + down + ".weight").T.contiguous(), b_out=r.opt(m + down + ".bias"))
+                W_gate, b_gate = rows(r.need(m + gate + ".weight")), r.opt(m + gate + ".bias")
+            W_in, b_in = rows(r.need(m + up + ".weight")), r.opt(m + up + ".bias")
+        return dict(W_gate=W_gate, b_gate=b_gate, W_in=W_in, b_in=b_in,
+                    W_out=rows(r.need(m + down + ".weight")), b_out=r.opt(m + down + ".bias"))
 
     # -- norms --------------------------------------------------------------------------------
 
