@@ -148,6 +148,27 @@ def test_the_mlp_is_freed_before_the_heads_circuits_run(tmp_path, monkeypatch, f
                for w_in, w_out, w_gate, freed in seen)
 
 
+def test_make_bench_keeps_the_hand_written_sections_of_benchmarks_md():
+    # `make bench` regenerates docs/BENCHMARKS.md; the sections it does not rerun (issue 24's
+    # profiles, the cluster run) must survive it, in their place, while its own sections are new.
+    from benchmarks.run_all import with_hand_written
+
+    old = ("# Benchmarks\n\nold preamble\n\n## 1. Vectors\n\nold 1\n\n## 5. Query\n\nold 5\n\n"
+           "## 5b. HTTP (written by hand from bench_remote)\n\nhand 5b\n\n## 6. Align\n\nold 6\n\n"
+           "## 11. Profiles (written by hand: make bench does not rerun it)\n\nhand 11\n### Second round\n\nmore 11\n")
+    new = "# Benchmarks\n\nnew preamble\n\n## 1. Vectors\n\nnew 1\n\n## 5. Query\n\nnew 5\n\n## 6. Align\n\nnew 6\n"
+    page = with_hand_written(new, old)
+    assert "old" not in page
+    order = [page.index(x) for x in ("new preamble", "new 1", "new 5", "hand 5b", "new 6", "hand 11", "more 11")]
+    assert order == sorted(order)
+    assert with_hand_written(new, page) == page  # a second run changes nothing
+    # The real page: every hand-written section survives a page that has none.
+    real = (Path(__file__).parent.parent / "docs" / "BENCHMARKS.md").read_text()
+    kept = with_hand_written("# Benchmarks\n", real)
+    hand = [line for line in real.splitlines() if line.startswith("## ") and "written by hand" in line]
+    assert len(hand) >= 4 and all(line in kept.splitlines() for line in hand)
+
+
 def test_compare_builds_tells_an_identical_build_from_another(tmp_path, capsys):
     # benchmarks/compare_builds.py is how docs/BENCHMARKS.md §11 shows a faster build's tables are
     # today's: it must see two builds of the same settings as the same, and other lists as different.
