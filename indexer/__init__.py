@@ -10,22 +10,33 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
-def _one_malloc_arena() -> None:
-    """glibc allocates for every thread of this process from one arena. Set here, before torch
-    starts its threads: each thread that allocates otherwise grows an arena of its own whose freed
-    blocks no other thread reuses, and the circuit threads of a 7B-shaped build (memory first)
-    peaked at 4.68 GB with them against 4.01 GB with one (docs/BENCHMARKS.md §11, seventh round;
-    set later, from inside the build, it did not help: torch's threads had their arenas by then).
-    Measured with it: the 7B-shaped circuits 160 s a layer against 174 s, SmolLM2 layers 0-5 70.4 s
-    (one run each: no slowdown seen, none measured alternating)."""
-    if os.environ.get("MALLOC_ARENA_MAX"):  # the user's choice, read by glibc itself
-        return
+def _malloc_settings() -> None:
+    """Two glibc allocator settings, made here, before torch starts its threads and before the
+    build allocates (each was measured not to help when made later, from inside the build).
+    Either one in the environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, read by glibc
+    itself) wins. Both for memory-first builds (Llama-2-7B shapes, docs/BENCHMARKS.md §11):
+
+    - One arena for every thread: each thread that allocates otherwise grows an arena of its own
+      whose freed blocks no other thread reuses; the 7B-shaped circuit threads peaked at 4.68 GB
+      with them against 4.01 GB with one (seventh round; circuits 160 s a layer against 174 s).
+    - Blocks from 4 MB on get a mapping of their own, handed back to the OS when freed. By default
+      that threshold follows the largest block freed so far (up to 32 MB) and smaller blocks are
+      carved from the heap, where gaps freed between live blocks stay resident: a 7B-shaped
+      layer's circuits crept from 3.1 to 3.7-3.9 GB through its 32 heads, and stay under the
+      vectors' 3.04 GB with the threshold fixed (eighth round; circuits' seconds unchanged).
+      SmolLM2's layers 0-5: the same wall time (61.7 / 51.9 s against 65.3 / 51.0 s, alternating)
+      for ~5 s more system time (pages of such blocks are faulted in afresh), 1.85 GB peak
+      against 2.0."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        if not os.environ.get("MALLOC_ARENA_MAX"):
+            libc.mallopt(-8, 1)  # M_ARENA_MAX
+        if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+            libc.mallopt(-3, 4 * 2**20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
 
 
-_one_malloc_arena()
+_malloc_settings()

@@ -675,7 +675,8 @@ class _ModelWriter:
         """Two heads in flight overlap one head's factors with the other's circuits; where a
         head's four factors pass _PIPELINE_BYTES (Llama-2-7B: 4 x 33 MB) the memory goes first:
         one head is in flight (its factors, then its circuits) and freed memory is given back
-        after each head (_finish_head's trim): the 7B-shaped peak stays put."""
+        after each head (_finish_head's trim; with the allocator settings of indexer/__init__.py):
+        the 7B-shaped peak stays put."""
         return 2 if 4 * self._factor_bytes(lw) <= self._PIPELINE_BYTES else 1
 
     def _circuit_processes(self, lw):

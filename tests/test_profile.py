@@ -1,7 +1,10 @@
 """`zeropass index --profile`: every phase named, and its seconds add up to the wall time."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,6 +149,38 @@ def test_the_mlp_is_freed_before_the_heads_circuits_run(tmp_path, monkeypatch, f
     assert len(seen) == 2 and len(mlp_refs) == 6  # two layers, gated MLPs
     assert all(w_in is None and w_out is None and w_gate is None and all(freed)
                for w_in, w_out, w_gate, freed in seen)
+
+
+_FREED_BLOCK_MB = """
+import ctypes, os, sys
+if sys.argv[1] == "indexer":
+    import indexer  # noqa: F401  (its allocator settings, indexer/__init__.py)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+MB = 1 << 20
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def touched(n):
+    p = libc.malloc(n); ctypes.memset(p, 1, n); return p
+libc.free(touched(20 * MB))  # glibc's default threshold now moves up to 20 MB
+block = touched(5 * MB)
+pin = touched(256 * 1024)  # above the block in the heap: its top can't be trimmed back past it
+before = rss(); libc.free(block); print((before - rss()) / MB)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("imports, env, returned", [
+    ("indexer", {}, True),  # a 5 MB block has a mapping of its own: freed, it leaves the resident set
+    ("nothing", {}, False),  # glibc's default: it stays in the heap, resident
+    ("indexer", {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)}, False),  # the user's setting wins
+])
+def test_indexer_hands_freed_large_blocks_back(imports, env, returned):
+    # Memory-first builds (Llama-2-7B shapes) crept 0.7-0.9 GB through a layer's circuits on
+    # heap blocks that stayed resident once freed (docs/BENCHMARKS.md §11, eighth round).
+    run = subprocess.run([sys.executable, "-c", _FREED_BLOCK_MB, imports], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env, check=True)
+    assert (float(run.stdout) >= 4.9) is returned, run.stdout
 
 
 def test_make_bench_keeps_the_hand_written_sections_of_benchmarks_md():
