@@ -124,7 +124,7 @@ def with_hand_written(page: str, old: str) -> str:
     def sections(text: str) -> list[str]:
         return re.split(r"(?m)^(?=## )", text)
 
-    def number(section: str) -> tuple:
+    def number(section: str) -> tuple | None:
         m = re.match(r"## (\d+)([a-z]?)\.", section)
         return (int(m.group(1)), m.group(2)) if m else None
 

@@ -12,9 +12,10 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 def _malloc_settings() -> None:
     """Two glibc allocator settings, made here, before torch starts its threads and before the
-    build allocates (each was measured not to help when made later, from inside the build).
-    Either one in the environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, read by glibc
-    itself) wins. Both for memory-first builds (Llama-2-7B shapes, docs/BENCHMARKS.md §11):
+    build allocates (each was measured not to help when made later, from inside the build). They
+    apply to every process that imports ``indexer``, and matter where memory goes first (Llama-2-7B
+    shapes, docs/BENCHMARKS.md §11); either one in the environment (``MALLOC_ARENA_MAX``,
+    ``MALLOC_MMAP_THRESHOLD_``, read by glibc itself) wins:
 
     - One arena for every thread: each thread that allocates otherwise grows an arena of its own
       whose freed blocks no other thread reuses; the 7B-shaped circuit threads peaked at 4.68 GB
