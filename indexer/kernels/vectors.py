@@ -153,7 +153,7 @@ def _check_scores(out: TopK, X: Tensor, basis: Tensor) -> None:
         return
     from ..errors import NonFiniteWeights
 
-    largest = max(float(X.abs().max()), float(basis.abs().max()))
+    largest = max(_largest_magnitude(X), _largest_magnitude(basis))
     raise NonFiniteWeights(f"projecting {X.shape[0]} vectors gave scores too large for float32 (weights reach "
                            f"{largest:.3g}); such weights are not a trained model's: the checkpoint is damaged")
 
